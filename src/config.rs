@@ -1,0 +1,642 @@
+//! TOML configuration: types, defaults, loading and validation. Every error
+//! names its key and line; unknown keys are errors. Owns no runtime state.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::smtp::BareLineEndings;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Name used in the greeting, EHLO reply, Received header and backend EHLO.
+    #[serde(default = "default_hostname")]
+    pub hostname: String,
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub smtp: SmtpConfig,
+    #[serde(default, rename = "backend")]
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    #[default]
+    None,
+    Starttls,
+    Implicit,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub address: SocketAddr,
+    #[serde(default)]
+    pub tls: TlsMode,
+    #[serde(default)]
+    pub require_tls: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub certificate: PathBuf,
+    pub private_key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    pub max_command_line: usize,
+    pub max_text_line: usize,
+    pub max_bad_commands: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_size: 52_428_800,
+            max_recipients: 100,
+            max_command_line: 512,
+            max_text_line: 1000,
+            max_bad_commands: 20,
+        }
+    }
+}
+
+/// All in seconds (fractions allowed).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    pub command: f64,
+    pub data_block: f64,
+    pub data_end: f64,
+    pub tls_handshake: f64,
+    pub backend_connect: f64,
+    pub backend_command: f64,
+    pub backend_data_end: f64,
+    pub shutdown_grace: f64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            command: 300.0,
+            data_block: 180.0,
+            data_end: 600.0,
+            tls_handshake: 30.0,
+            backend_connect: 10.0,
+            backend_command: 300.0,
+            backend_data_end: 600.0,
+            shutdown_grace: 30.0,
+        }
+    }
+}
+
+impl Timeouts {
+    pub fn dur(secs: f64) -> Duration {
+        Duration::from_secs_f64(secs)
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpConfig {
+    /// What to do with bare CR / LF in message data.
+    pub bare_line_endings: BareLineEndingsConfig,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BareLineEndingsConfig {
+    #[default]
+    Reject,
+    Normalize,
+}
+
+impl From<BareLineEndingsConfig> for BareLineEndings {
+    fn from(v: BareLineEndingsConfig) -> Self {
+        match v {
+            BareLineEndingsConfig::Reject => BareLineEndings::Reject,
+            BareLineEndingsConfig::Normalize => BareLineEndings::Normalize,
+        }
+    }
+}
+
+/// How the client's identity is passed to an SMTP backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IdentityMode {
+    /// XFORWARD before every MAIL on pooled connections (Postfix
+    /// `smtpd_authorized_xforward_hosts`).
+    #[default]
+    Xforward,
+    /// XCLIENT once per client session on a dedicated backend connection.
+    Xclient,
+    /// Pass nothing (the Received header still names the client).
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// `host:port` of an SMTP backend.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Directory of the built-in Maildir backend.
+    #[serde(default)]
+    pub maildir: Option<PathBuf>,
+    #[serde(default)]
+    pub identity: IdentityMode,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Seconds an idle pooled connection is kept.
+    #[serde(default = "default_max_idle")]
+    pub max_idle: f64,
+    #[serde(default = "default_max_transactions")]
+    pub max_transactions: u32,
+}
+
+fn default_hostname() -> String {
+    "localhost".into()
+}
+fn default_max_connections() -> usize {
+    64
+}
+fn default_max_idle() -> f64 {
+    60.0
+}
+fn default_max_transactions() -> u32 {
+    1000
+}
+
+/// One configuration error: where and what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted key path, e.g. `backend[1].address`; empty for syntax errors.
+    pub key: String,
+    /// 1-based line; 0 when unknown.
+    pub line: usize,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.line, self.key.is_empty()) {
+            (0, true) => write!(f, "{}", self.message),
+            (0, false) => write!(f, "key `{}`: {}", self.key, self.message),
+            (l, true) => write!(f, "line {l}: {}", self.message),
+            (l, false) => write!(f, "line {l}: key `{}`: {}", self.key, self.message),
+        }
+    }
+}
+
+/// All the errors found in one file.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors {
+    pub file: String,
+    pub errors: Vec<ConfigError>,
+}
+
+impl std::fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}: {e}", self.file)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// The configuration used when smtp-edge runs without `--config`.
+pub const EMBEDDED_DEFAULT: &str = r#"
+hostname = "localhost"
+[[listener]]
+address = "127.0.0.1:2525"
+tls = "starttls"
+[[backend]]
+maildir = "var/mail"
+"#;
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+            file: file.clone(),
+            errors: vec![ConfigError {
+                key: String::new(),
+                line: 0,
+                message: format!("cannot read: {e}"),
+            }],
+        })?;
+        Config::parse(&text).map_err(|errors| ConfigErrors { file, errors })
+    }
+
+    /// Parses and validates TOML text, collecting every error found.
+    pub fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
+        let original = match toml_edit::Document::parse(text) {
+            Ok(d) => d,
+            Err(e) => {
+                return Err(vec![ConfigError {
+                    key: String::new(),
+                    line: e.span().map(|s| line_of(text, s.start)).unwrap_or(0),
+                    message: e.message().trim().to_string(),
+                }])
+            }
+        };
+        let orig_keys = key_spans(original.as_item());
+        let line_for = |key: &str| {
+            orig_keys
+                .iter()
+                .find(|(p, _)| p == key)
+                .map(|(_, s)| line_of(text, s.start))
+                .unwrap_or(0)
+        };
+        // Deserialize; on each error, record it, remove the offending key and
+        // try again, so one run reports every type error and unknown key.
+        let mut errors = Vec::new();
+        let mut current = text.to_string();
+        let mut config = None;
+        for _ in 0..64 {
+            match toml::from_str::<Config>(&current) {
+                Ok(c) => {
+                    config = Some(c);
+                    break;
+                }
+                Err(e) => {
+                    let cur_doc = toml_edit::Document::parse(current.as_str()).ok();
+                    let path = match (e.span(), &cur_doc) {
+                        (Some(span), Some(doc)) => path_at(doc, span.start),
+                        _ => None,
+                    };
+                    let message = e.message().trim().to_string();
+                    match path {
+                        Some(path) => {
+                            errors.push(ConfigError {
+                                line: line_for(&path),
+                                key: path.clone(),
+                                message,
+                            });
+                            let mut m: toml_edit::DocumentMut = match current.parse() {
+                                Ok(m) => m,
+                                Err(_) => break,
+                            };
+                            if !remove_path(m.as_item_mut(), &path) {
+                                break;
+                            }
+                            current = m.to_string();
+                        }
+                        None => {
+                            let line = e.span().map(|s| line_of(&current, s.start)).unwrap_or(0);
+                            // Line numbers of a rewritten text are not the
+                            // user's: only trust them on the first pass.
+                            let line = if current == text { line } else { 0 };
+                            errors.push(ConfigError {
+                                key: String::new(),
+                                line,
+                                message,
+                            });
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        let Some(config) = config else {
+            return Err(errors);
+        };
+        config.validate(&mut errors, &line_for);
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// The embedded default configuration.
+    pub fn embedded_default() -> Config {
+        Config::parse(EMBEDDED_DEFAULT).expect("embedded default config is valid")
+    }
+
+    fn validate(&self, errors: &mut Vec<ConfigError>, line_for: &dyn Fn(&str) -> usize) {
+        let mut err = |key: String, message: String| {
+            let line = line_for(&key);
+            errors.push(ConfigError { key, line, message });
+        };
+        if self.hostname.is_empty()
+            || !self
+                .hostname
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        {
+            err(
+                "hostname".into(),
+                "must be a domain name (letters, digits, '.', '-')".into(),
+            );
+        }
+        if self.listeners.is_empty() {
+            err(
+                "listener".into(),
+                "at least one [[listener]] is required".into(),
+            );
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            if l.require_tls && l.tls != TlsMode::Starttls {
+                err(
+                    format!("listener[{i}].require_tls"),
+                    "require_tls needs tls = \"starttls\"".into(),
+                );
+            }
+        }
+        if let Some(tls) = &self.tls {
+            for (k, p) in [
+                ("tls.certificate", &tls.certificate),
+                ("tls.private_key", &tls.private_key),
+            ] {
+                if !p.is_file() {
+                    err(k.into(), format!("file not found: {}", p.display()));
+                }
+            }
+        }
+        let l = &self.limits;
+        if l.max_message_size == 0 {
+            err("limits.max_message_size".into(), "must be > 0".into());
+        }
+        if l.max_recipients == 0 {
+            err("limits.max_recipients".into(), "must be > 0".into());
+        }
+        if l.max_command_line < 512 {
+            err(
+                "limits.max_command_line".into(),
+                "must be at least 512 (RFC 5321 4.5.3.1.4)".into(),
+            );
+        }
+        if l.max_text_line != 0 && l.max_text_line < 1000 {
+            err(
+                "limits.max_text_line".into(),
+                "must be 0 (no limit) or at least 1000 (RFC 5321 4.5.3.1.6)".into(),
+            );
+        }
+        let t = &self.timeouts;
+        for (k, v) in [
+            ("command", t.command),
+            ("data_block", t.data_block),
+            ("data_end", t.data_end),
+            ("tls_handshake", t.tls_handshake),
+            ("backend_connect", t.backend_connect),
+            ("backend_command", t.backend_command),
+            ("backend_data_end", t.backend_data_end),
+            ("shutdown_grace", t.shutdown_grace),
+        ] {
+            if !(v.is_finite() && v > 0.0 && v < 1e7) {
+                err(
+                    format!("timeouts.{k}"),
+                    "must be a number of seconds > 0".into(),
+                );
+            }
+        }
+        if self.backends.is_empty() {
+            err("backend".into(), "at least one [[backend]] is required".into());
+        }
+        for (i, b) in self.backends.iter().enumerate() {
+            match (&b.address, &b.maildir) {
+                (Some(_), Some(_)) | (None, None) => err(
+                    format!("backend[{i}]"),
+                    "set exactly one of `address` or `maildir`".into(),
+                ),
+                (Some(a), None) => {
+                    if split_host_port(a).is_none() {
+                        err(
+                            format!("backend[{i}].address"),
+                            format!("expected host:port, got {a:?}"),
+                        );
+                    }
+                }
+                (None, Some(_)) => {}
+            }
+            if b.max_connections == 0 {
+                err(
+                    format!("backend[{i}].max_connections"),
+                    "must be > 0".into(),
+                );
+            }
+            if !(b.max_idle.is_finite() && b.max_idle >= 0.0) {
+                err(
+                    format!("backend[{i}].max_idle"),
+                    "must be a number of seconds >= 0".into(),
+                );
+            }
+            if b.max_transactions == 0 {
+                err(
+                    format!("backend[{i}].max_transactions"),
+                    "must be > 0".into(),
+                );
+            }
+        }
+    }
+}
+
+/// Splits `host:port` (`[v6]:port` too) into its parts.
+pub fn split_host_port(s: &str) -> Option<(&str, u16)> {
+    let (host, port) = s.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() || port == 0 {
+        return None;
+    }
+    Some((host, port))
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+}
+
+/// Every key path in the document with the span from its key to its value.
+fn key_spans(root: &toml_edit::Item) -> Vec<(String, std::ops::Range<usize>)> {
+    fn walk(
+        item: &toml_edit::Item,
+        prefix: &str,
+        span: Option<std::ops::Range<usize>>,
+        out: &mut Vec<(String, std::ops::Range<usize>)>,
+    ) {
+        if let Some(s) = span.or_else(|| item.span()) {
+            if !prefix.is_empty() {
+                out.push((prefix.to_string(), s));
+            }
+        }
+        let join = |k: &str| {
+            if prefix.is_empty() {
+                k.to_string()
+            } else {
+                format!("{prefix}.{k}")
+            }
+        };
+        match item {
+            toml_edit::Item::Table(t) => {
+                for (k, v) in t.iter() {
+                    let ks = t.key(k).and_then(|key| key.span());
+                    let vs = v.span();
+                    let s = match (ks, vs) {
+                        (Some(a), Some(b)) => Some(a.start.min(b.start)..a.end.max(b.end)),
+                        (a, b) => a.or(b),
+                    };
+                    walk(v, &join(k), s, out);
+                }
+            }
+            toml_edit::Item::ArrayOfTables(a) => {
+                for (i, t) in a.iter().enumerate() {
+                    let p = format!("{prefix}[{i}]");
+                    let item = toml_edit::Item::Table(t.clone());
+                    walk(&item, &p, t.span(), out);
+                }
+            }
+            toml_edit::Item::Value(toml_edit::Value::InlineTable(t)) => {
+                for (k, v) in t.iter() {
+                    let item = toml_edit::Item::Value(v.clone());
+                    walk(&item, &join(k), v.span(), out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, "", None, &mut out);
+    out
+}
+
+/// The innermost key whose span contains `offset`.
+fn path_at(doc: &toml_edit::Document<&str>, offset: usize) -> Option<String> {
+    key_spans(doc.as_item())
+        .into_iter()
+        .filter(|(_, s)| s.start <= offset && offset < s.end.max(s.start + 1))
+        .min_by_key(|(_, s)| s.end - s.start)
+        .map(|(p, _)| p)
+}
+
+/// Removes the key at a dotted path (with `[i]` array indexes).
+fn remove_path(root: &mut toml_edit::Item, path: &str) -> bool {
+    let mut parts: Vec<(&str, Option<usize>)> = Vec::new();
+    for seg in path.split('.') {
+        match seg.split_once('[') {
+            Some((k, idx)) => parts.push((k, idx.trim_end_matches(']').parse().ok())),
+            None => parts.push((seg, None)),
+        }
+    }
+    let mut cur = root;
+    for (n, (key, idx)) in parts.iter().enumerate() {
+        let last = n + 1 == parts.len();
+        let Some(table) = cur.as_table_like_mut() else {
+            return false;
+        };
+        if last && idx.is_none() {
+            return table.remove(key).is_some();
+        }
+        let Some(next) = table.get_mut(key) else {
+            return false;
+        };
+        cur = next;
+        if let Some(i) = idx {
+            match cur {
+                toml_edit::Item::ArrayOfTables(a) => {
+                    if last {
+                        if *i < a.len() {
+                            a.remove(*i);
+                            return true;
+                        }
+                        return false;
+                    }
+                    let Some(t) = a.get_mut(*i) else {
+                        return false;
+                    };
+                    return remove_in_table(t, &parts[n + 1..]);
+                }
+                _ => return false,
+            }
+        }
+    }
+    false
+}
+
+fn remove_in_table(t: &mut toml_edit::Table, parts: &[(&str, Option<usize>)]) -> bool {
+    let path: Vec<String> = parts
+        .iter()
+        .map(|(k, i)| match i {
+            Some(i) => format!("{k}[{i}]"),
+            None => k.to_string(),
+        })
+        .collect();
+    let mut item = toml_edit::Item::Table(std::mem::take(t));
+    let ok = remove_path(&mut item, &path.join("."));
+    if let toml_edit::Item::Table(back) = item {
+        *t = back;
+    }
+    ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::embedded_default();
+        assert_eq!(c.listeners.len(), 1);
+        assert_eq!(c.listeners[0].tls, TlsMode::Starttls);
+        assert!(c.backends[0].maildir.is_some());
+    }
+
+    #[test]
+    fn every_error_named_with_key_and_line() {
+        let text = "hostname = \"mx.example.net\"\nbogus = 1\n[[listener]]\naddress = \"127.0.0.1:25\"\ntls = \"sometimes\"\n[limits]\nmax_recipients = \"many\"\n[[backend]]\naddress = \"nohostport\"\n";
+        let errs = Config::parse(text).unwrap_err();
+        let keys: Vec<(&str, usize)> = errs.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert!(keys.contains(&("bogus", 2)), "{errs:?}");
+        assert!(keys.contains(&("listener[0].tls", 5)), "{errs:?}");
+        assert!(keys.contains(&("limits.max_recipients", 7)), "{errs:?}");
+        assert!(keys.contains(&("backend[0].address", 9)), "{errs:?}");
+    }
+
+    #[test]
+    fn syntax_error_has_line() {
+        let errs = Config::parse("hostname = \"a\"\n[limits\n").unwrap_err();
+        assert_eq!(errs[0].line, 2, "{errs:?}");
+    }
+
+    #[test]
+    fn backend_needs_exactly_one_kind() {
+        let errs = Config::parse("[[listener]]\naddress = \"127.0.0.1:25\"\n[[backend]]\nmax_connections = 3\n")
+            .unwrap_err();
+        assert_eq!(errs[0].key, "backend[0]");
+        assert_eq!(errs[0].line, 3);
+    }
+
+    #[test]
+    fn host_port() {
+        assert_eq!(split_host_port("a.b:25"), Some(("a.b", 25)));
+        assert_eq!(split_host_port("[::1]:25"), Some(("::1", 25)));
+        assert_eq!(split_host_port("a.b"), None);
+    }
+}

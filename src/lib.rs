@@ -1,0 +1,11 @@
+//! smtp-edge: an inbound SMTP edge proxy. It answers clients itself (EHLO,
+//! STARTTLS), and relays each transaction to backend MTAs over pooled
+//! connections, never answering 250 before the backend did.
+
+pub mod config;
+pub mod relay;
+pub mod server;
+pub mod session;
+pub mod smtp;
+pub mod telemetry;
+pub mod tls;

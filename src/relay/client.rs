@@ -1,0 +1,343 @@
+//! Backend SMTP client connection: connect, greeting, EHLO and capabilities,
+//! reply reading with timeouts, XFORWARD / XCLIENT command building. One
+//! `BackendConn` is one TCP connection to one backend; pooling is elsewhere.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::smtp::{Reply, ReplyError};
+
+/// Why a backend conversation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("connect to {addr}: {err}")]
+    Connect { addr: String, err: std::io::Error },
+    #[error("backend i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("backend timed out")]
+    Timeout,
+    #[error("backend closed the connection")]
+    Closed,
+    #[error("backend sent a malformed reply: {0}")]
+    Protocol(#[from] ReplyError),
+    #[error("backend refused: {} {}", .0.code, .0.lines.join(" / "))]
+    Refused(Reply),
+    #[error("no backend connection available")]
+    Exhausted,
+}
+
+/// What the backend said it supports in its EHLO reply.
+#[derive(Debug, Clone, Default)]
+pub struct Caps {
+    pub esmtp: bool,
+    pub pipelining: bool,
+    pub size: Option<u64>,
+    pub eightbitmime: bool,
+    pub smtputf8: bool,
+    /// XFORWARD attribute names (upper case); empty when not offered.
+    pub xforward: Vec<String>,
+    /// XCLIENT attribute names (upper case); empty when not offered.
+    pub xclient: Vec<String>,
+}
+
+impl Caps {
+    pub fn from_ehlo(reply: &Reply) -> Caps {
+        let mut caps = Caps {
+            esmtp: true,
+            ..Caps::default()
+        };
+        for line in reply.lines.iter().skip(1) {
+            let mut words = line.split_ascii_whitespace();
+            let Some(kw) = words.next() else { continue };
+            match kw.to_ascii_uppercase().as_str() {
+                "PIPELINING" => caps.pipelining = true,
+                "SIZE" => caps.size = words.next().and_then(|w| w.parse().ok()).or(Some(0)),
+                "8BITMIME" => caps.eightbitmime = true,
+                "SMTPUTF8" => caps.smtputf8 = true,
+                "XFORWARD" => caps.xforward = words.map(|w| w.to_ascii_uppercase()).collect(),
+                "XCLIENT" => caps.xclient = words.map(|w| w.to_ascii_uppercase()).collect(),
+                _ => {}
+            }
+        }
+        caps
+    }
+}
+
+/// One connection to a backend, greeted and EHLO'd.
+pub struct BackendConn {
+    pub(crate) stream: TcpStream,
+    rbuf: Vec<u8>,
+    pub caps: Caps,
+    /// Transactions started on this connection.
+    pub txns: u32,
+    /// The connection is between transactions but needs RSET first.
+    pub needs_rset: bool,
+    /// Index of the backend this connection belongs to.
+    pub backend: usize,
+    pub peer: String,
+    pub(crate) _permit: Option<OwnedSemaphorePermit>,
+    pub(crate) idle_since: Instant,
+}
+
+impl std::fmt::Debug for BackendConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendConn")
+            .field("peer", &self.peer)
+            .field("txns", &self.txns)
+            .finish()
+    }
+}
+
+async fn timed<T>(
+    d: Duration,
+    f: impl std::future::Future<Output = Result<T, BackendError>>,
+) -> Result<T, BackendError> {
+    match tokio::time::timeout(d, f).await {
+        Ok(r) => r,
+        Err(_) => Err(BackendError::Timeout),
+    }
+}
+
+impl BackendConn {
+    /// Connects, reads the greeting and says EHLO (HELO if EHLO is refused).
+    pub async fn open(
+        addr: &str,
+        backend: usize,
+        helo_name: &str,
+        connect_timeout: Duration,
+        command_timeout: Duration,
+    ) -> Result<BackendConn, BackendError> {
+        let stream = timed(connect_timeout, async {
+            TcpStream::connect(addr)
+                .await
+                .map_err(|err| BackendError::Connect {
+                    addr: addr.to_string(),
+                    err,
+                })
+        })
+        .await?;
+        stream.set_nodelay(true)?;
+        let mut conn = BackendConn {
+            stream,
+            rbuf: Vec::with_capacity(512),
+            caps: Caps::default(),
+            txns: 0,
+            needs_rset: false,
+            backend,
+            peer: addr.to_string(),
+            _permit: None,
+            idle_since: Instant::now(),
+        };
+        conn.greet(helo_name, command_timeout).await?;
+        Ok(conn)
+    }
+
+    /// Reads a 220 greeting and sends EHLO, recording capabilities.
+    pub async fn greet(&mut self, helo_name: &str, t: Duration) -> Result<(), BackendError> {
+        let greeting = self.read_reply(t).await?;
+        if greeting.code != 220 {
+            return Err(BackendError::Refused(greeting));
+        }
+        self.ehlo(helo_name, t).await
+    }
+
+    /// EHLO (falling back to HELO); records capabilities.
+    pub async fn ehlo(&mut self, helo_name: &str, t: Duration) -> Result<(), BackendError> {
+        self.send(format!("EHLO {helo_name}\r\n").as_bytes()).await?;
+        let r = self.read_reply(t).await?;
+        if r.code == 250 {
+            self.caps = Caps::from_ehlo(&r);
+            return Ok(());
+        }
+        self.send(format!("HELO {helo_name}\r\n").as_bytes())
+            .await?;
+        let r = self.read_reply(t).await?;
+        if r.code != 250 {
+            return Err(BackendError::Refused(r));
+        }
+        self.caps = Caps::default();
+        Ok(())
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
+        self.stream.write_all(bytes).await?;
+        Ok(())
+    }
+
+    /// Reads one whole reply, waiting at most `t`.
+    pub async fn read_reply(&mut self, t: Duration) -> Result<Reply, BackendError> {
+        let deadline = tokio::time::Instant::now() + t;
+        loop {
+            if let Some((reply, used)) = Reply::parse(&self.rbuf)? {
+                self.rbuf.drain(..used);
+                return Ok(reply);
+            }
+            self.rbuf.reserve(512);
+            let n = match tokio::time::timeout_at(deadline, self.read_some()).await {
+                Ok(r) => r?,
+                Err(_) => return Err(BackendError::Timeout),
+            };
+            if n == 0 {
+                return Err(BackendError::Closed);
+            }
+        }
+    }
+
+    async fn read_some(&mut self) -> std::io::Result<usize> {
+        use tokio::io::AsyncReadExt;
+        self.stream.read_buf(&mut self.rbuf).await
+    }
+
+    /// True when the idle connection still looks usable: nothing to read
+    /// (a backend that said 421 or closed has something pending).
+    pub fn idle_ok(&self) -> bool {
+        if !self.rbuf.is_empty() {
+            return false;
+        }
+        let mut b = [0u8; 1];
+        matches!(self.stream.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    /// Sends QUIT and waits briefly for the reply; errors are ignored.
+    pub async fn quit(mut self) {
+        let _ = timed(Duration::from_secs(2), async {
+            self.send(b"QUIT\r\n").await?;
+            self.read_reply(Duration::from_secs(2)).await.map(|_| ())
+        })
+        .await;
+    }
+}
+
+/// The client as the backend should learn it.
+#[derive(Debug, Clone)]
+pub struct ClientIdentity {
+    pub addr: SocketAddr,
+    /// Reverse DNS name when known.
+    pub name: Option<String>,
+    pub helo: Option<String>,
+    /// `SMTP` or `ESMTP`.
+    pub proto: &'static str,
+}
+
+/// xtext (RFC 3461) encoding, as XFORWARD and XCLIENT values require.
+pub fn xtext(value: &str, out: &mut String) {
+    for b in value.bytes() {
+        if (33..=126).contains(&b) && b != b'+' && b != b'=' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("+{b:02X}"));
+        }
+    }
+}
+
+fn attribute_value(id: &ClientIdentity, attr: &str) -> Option<String> {
+    Some(match attr {
+        "NAME" => id.name.clone().unwrap_or_else(|| "[UNAVAILABLE]".into()),
+        "ADDR" => match id.addr.ip() {
+            std::net::IpAddr::V4(ip) => ip.to_string(),
+            std::net::IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
+                Some(v4) => v4.to_string(),
+                None => format!("IPV6:{ip}"),
+            },
+        },
+        "PORT" => id.addr.port().to_string(),
+        "HELO" => id.helo.clone().unwrap_or_else(|| "[UNAVAILABLE]".into()),
+        "PROTO" => id.proto.to_string(),
+        "SOURCE" => "REMOTE".into(),
+        _ => return None,
+    })
+}
+
+/// The XFORWARD / XCLIENT command lines (`verb` is either) carrying the
+/// attributes the backend offered, each line kept under 512 octets.
+pub fn identity_commands(verb: &str, offered: &[String], id: &ClientIdentity, out: &mut Vec<u8>) {
+    const ORDER: [&str; 6] = ["NAME", "ADDR", "PORT", "PROTO", "HELO", "SOURCE"];
+    let mut line = String::from(verb);
+    for attr in ORDER {
+        if !offered.iter().any(|o| o == attr) {
+            continue;
+        }
+        if verb == "XCLIENT" && attr == "SOURCE" {
+            continue;
+        }
+        let Some(v) = attribute_value(id, attr) else {
+            continue;
+        };
+        let mut item = format!(" {attr}=");
+        xtext(&v, &mut item);
+        if line.len() + item.len() > 500 && line.len() > verb.len() {
+            out.extend_from_slice(line.as_bytes());
+            out.extend_from_slice(b"\r\n");
+            line = String::from(verb);
+        }
+        line.push_str(&item);
+    }
+    if line.len() > verb.len() {
+        out.extend_from_slice(line.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id() -> ClientIdentity {
+        ClientIdentity {
+            addr: "192.0.2.7:4321".parse().unwrap(),
+            name: None,
+            helo: Some("client+x.example".into()),
+            proto: "ESMTP",
+        }
+    }
+
+    #[test]
+    fn xforward_only_offered_attributes() {
+        let mut out = Vec::new();
+        let offered = vec!["NAME".into(), "ADDR".into(), "HELO".into()];
+        identity_commands("XFORWARD", &offered, &id(), &mut out);
+        assert_eq!(
+            out,
+            b"XFORWARD NAME=[UNAVAILABLE] ADDR=192.0.2.7 HELO=client+2Bx.example\r\n"
+        );
+    }
+
+    #[test]
+    fn xforward_ipv6_and_split() {
+        let mut i = id();
+        i.addr = "[2001:db8::1]:25".parse().unwrap();
+        i.helo = Some("h".repeat(450));
+        let offered: Vec<String> = ["NAME", "ADDR", "PORT", "PROTO", "HELO", "SOURCE"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let mut out = Vec::new();
+        identity_commands("XFORWARD", &offered, &i, &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("ADDR=IPV6:2001:db8::1"));
+        assert!(text.lines().count() >= 2);
+        assert!(text.lines().all(|l| l.len() < 512 && l.starts_with("XFORWARD ")));
+    }
+
+    #[test]
+    fn caps_parse() {
+        let r = Reply {
+            code: 250,
+            enhanced: None,
+            lines: vec![
+                "sink".into(),
+                "PIPELINING".into(),
+                "SIZE 1000".into(),
+                "XFORWARD NAME ADDR PROTO HELO".into(),
+            ],
+        };
+        let c = Caps::from_ehlo(&r);
+        assert!(c.pipelining);
+        assert_eq!(c.size, Some(1000));
+        assert_eq!(c.xforward.len(), 4);
+    }
+}

@@ -1,0 +1,542 @@
+//! The backend side: the set of configured backends, selection with
+//! fail-over, and one mail transaction relayed to a backend (`Txn`):
+//! identity (XFORWARD / XCLIENT), pipelined MAIL/RCPT/DATA, streamed data,
+//! the final reply. Owns no queue: the backend's reply decides.
+
+pub mod client;
+pub mod maildir;
+pub mod pool;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{Config, IdentityMode};
+use crate::smtp::{Body, EnhancedCode, MailParams, Reply};
+use client::{identity_commands, BackendConn, BackendError, ClientIdentity};
+use maildir::{Maildir, MaildirWriter};
+use pool::{Pool, PoolSettings};
+
+enum Backend {
+    Smtp { pool: Pool, identity: IdentityMode },
+    Maildir(Maildir),
+}
+
+/// All configured backends.
+pub struct Relay {
+    backends: Vec<Backend>,
+    next: AtomicUsize,
+    command_timeout: Duration,
+    data_end_timeout: Duration,
+}
+
+fn temp_failure(text: &str) -> Reply {
+    Reply::new(451, EnhancedCode(4, 4, 1), text)
+}
+
+/// The reply a client gets when the backend failed before its final word.
+pub fn backend_lost() -> Reply {
+    Reply::new(
+        451,
+        EnhancedCode(4, 4, 2),
+        "Backend connection lost, try again later",
+    )
+}
+
+impl Relay {
+    pub fn new(cfg: &Config) -> std::io::Result<Arc<Relay>> {
+        let t = &cfg.timeouts;
+        let mut backends = Vec::new();
+        for (i, b) in cfg.backends.iter().enumerate() {
+            if let Some(addr) = &b.address {
+                backends.push(Backend::Smtp {
+                    pool: Pool::new(PoolSettings {
+                        addr: addr.clone(),
+                        backend: i,
+                        helo_name: cfg.hostname.clone(),
+                        max_connections: b.max_connections,
+                        max_idle: Duration::from_secs_f64(b.max_idle),
+                        max_transactions: b.max_transactions,
+                        connect_timeout: Duration::from_secs_f64(t.backend_connect),
+                        command_timeout: Duration::from_secs_f64(t.backend_command),
+                    }),
+                    identity: b.identity,
+                });
+            } else if let Some(dir) = &b.maildir {
+                backends.push(Backend::Maildir(Maildir::open(dir, &cfg.hostname)?));
+            }
+        }
+        Ok(Arc::new(Relay {
+            backends,
+            next: AtomicUsize::new(0),
+            command_timeout: Duration::from_secs_f64(t.backend_command),
+            data_end_timeout: Duration::from_secs_f64(t.backend_data_end),
+        }))
+    }
+
+    /// Starts the idle reaper; call once inside the runtime.
+    pub fn spawn_reaper(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let Some(relay) = weak.upgrade() else { return };
+                for b in &relay.backends {
+                    if let Backend::Smtp { pool, .. } = b {
+                        pool.reap();
+                    }
+                }
+            }
+        });
+    }
+
+    /// QUITs all idle backend connections.
+    pub async fn close_idle(&self) {
+        for b in &self.backends {
+            if let Backend::Smtp { pool, .. } = b {
+                pool.close_idle().await;
+            }
+        }
+    }
+
+    /// Idle connections held per backend (for tests and metrics).
+    pub fn idle_counts(&self) -> Vec<usize> {
+        self.backends
+            .iter()
+            .map(|b| match b {
+                Backend::Smtp { pool, .. } => pool.idle_count(),
+                Backend::Maildir(_) => 0,
+            })
+            .collect()
+    }
+
+    fn pool(&self, i: usize) -> Option<&Pool> {
+        match self.backends.get(i) {
+            Some(Backend::Smtp { pool, .. }) => Some(pool),
+            _ => None,
+        }
+    }
+
+    /// Begins a transaction for `id`: picks a backend (round robin, skipping
+    /// unreachable ones) and a connection, and queues the identity. A
+    /// dedicated (XCLIENT) connection of the session is used when given.
+    pub async fn begin(
+        self: &Arc<Self>,
+        id: &ClientIdentity,
+        dedicated: Option<BackendConn>,
+    ) -> Result<Txn, Reply> {
+        if let Some(conn) = dedicated {
+            return Ok(Txn::smtp(self.clone(), conn, false, true));
+        }
+        let n = self.backends.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut exhausted = false;
+        for k in 0..n {
+            let i = (start + k) % n;
+            match &self.backends[i] {
+                Backend::Maildir(md) => match md.begin().await {
+                    Ok(w) => {
+                        return Ok(Txn {
+                            relay: self.clone(),
+                            inner: Inner::Maildir {
+                                writer: Some(w),
+                                replies: VecDeque::new(),
+                                rcpts: 0,
+                            },
+                            pending: VecDeque::new(),
+                            name: md.root().display().to_string(),
+                        })
+                    }
+                    Err(e) => tracing::error!(maildir = %md.root().display(), "cannot create message file: {e}"),
+                },
+                Backend::Smtp { pool, identity } => {
+                    let opened = match identity {
+                        IdentityMode::Xclient => self
+                            .open_xclient(pool, id)
+                            .await
+                            .map(|c| (c, false, true)),
+                        _ => pool.checkout().await.map(|(c, reused)| (c, reused, false)),
+                    };
+                    match opened {
+                        Ok((conn, reused, dedicated)) => {
+                            let mut txn = Txn::smtp(self.clone(), conn, reused, dedicated);
+                            if *identity == IdentityMode::Xforward {
+                                txn.queue_xforward(id);
+                            }
+                            return Ok(txn);
+                        }
+                        Err(e) => {
+                            exhausted |= matches!(e, BackendError::Exhausted);
+                            tracing::warn!(backend = %pool.settings.addr, "backend unavailable: {e}");
+                        }
+                    }
+                }
+            }
+        }
+        Err(if exhausted {
+            Reply::new(
+                451,
+                EnhancedCode(4, 4, 5),
+                "All backend connections busy, try again later",
+            )
+        } else {
+            temp_failure("No backend available, try again later")
+        })
+    }
+
+    async fn open_xclient(
+        &self,
+        pool: &Pool,
+        id: &ClientIdentity,
+    ) -> Result<BackendConn, BackendError> {
+        let mut conn = pool.open().await?;
+        if conn.caps.xclient.is_empty() {
+            tracing::warn!(backend = %pool.settings.addr, "backend does not offer XCLIENT; identity not passed");
+            return Ok(conn);
+        }
+        let mut cmd = Vec::new();
+        identity_commands("XCLIENT", &conn.caps.xclient.clone(), id, &mut cmd);
+        // Each XCLIENT line is answered with a new greeting.
+        let lines = cmd.split(|&b| b == b'\n').filter(|l| !l.is_empty()).count();
+        conn.send(&cmd).await?;
+        for _ in 0..lines {
+            let r = conn.read_reply(self.command_timeout).await?;
+            if r.code != 220 {
+                return Err(BackendError::Refused(r));
+            }
+        }
+        conn.ehlo(&pool.settings.helo_name, self.command_timeout)
+            .await?;
+        Ok(conn)
+    }
+}
+
+enum Pend {
+    /// A reply the proxy consumes itself (RSET, XFORWARD).
+    Internal(&'static str),
+    /// A reply that goes to the client.
+    Client,
+}
+
+enum Inner {
+    Smtp {
+        conn: Option<BackendConn>,
+        wbuf: Vec<u8>,
+        /// Everything sent since checkout until the first reply, to replay
+        /// on a fresh connection if a reused one turns out dead.
+        replay: Option<Vec<u8>>,
+        reused: bool,
+        dedicated: bool,
+        completed: bool,
+    },
+    Maildir {
+        writer: Option<MaildirWriter>,
+        replies: VecDeque<Reply>,
+        rcpts: usize,
+    },
+}
+
+/// One mail transaction at one backend.
+pub struct Txn {
+    relay: Arc<Relay>,
+    inner: Inner,
+    pending: VecDeque<Pend>,
+    /// The backend's address or Maildir path, for logs.
+    pub name: String,
+}
+
+impl Txn {
+    fn smtp(relay: Arc<Relay>, mut conn: BackendConn, reused: bool, dedicated: bool) -> Txn {
+        let name = conn.peer.clone();
+        let mut txn = Txn {
+            relay,
+            inner: Inner::Smtp {
+                conn: None,
+                wbuf: Vec::with_capacity(256),
+                replay: Some(Vec::new()),
+                reused,
+                dedicated,
+                completed: false,
+            },
+            pending: VecDeque::new(),
+            name,
+        };
+        conn.txns += 1;
+        if std::mem::take(&mut conn.needs_rset) {
+            txn.queue_raw(b"RSET\r\n", Pend::Internal("RSET"));
+        }
+        if let Inner::Smtp { conn: c, .. } = &mut txn.inner {
+            *c = Some(conn);
+        }
+        txn
+    }
+
+    fn queue_raw(&mut self, bytes: &[u8], p: Pend) {
+        if let Inner::Smtp { wbuf, .. } = &mut self.inner {
+            wbuf.extend_from_slice(bytes);
+        }
+        self.pending.push_back(p);
+    }
+
+    fn queue_xforward(&mut self, id: &ClientIdentity) {
+        let Inner::Smtp { conn: Some(conn), .. } = &self.inner else {
+            return;
+        };
+        if conn.caps.xforward.is_empty() {
+            return;
+        }
+        let mut cmd = Vec::new();
+        identity_commands("XFORWARD", &conn.caps.xforward, id, &mut cmd);
+        for line in cmd.split_inclusive(|&b| b == b'\n') {
+            self.queue_raw(line, Pend::Internal("XFORWARD"));
+        }
+    }
+
+    /// Whether commands may be queued several at a time.
+    pub fn pipelining(&self) -> bool {
+        match &self.inner {
+            Inner::Smtp { conn, .. } => conn.as_ref().is_some_and(|c| c.caps.pipelining),
+            Inner::Maildir { .. } => true,
+        }
+    }
+
+    /// Replies still owed to the client.
+    pub fn has_pending(&self) -> bool {
+        match &self.inner {
+            Inner::Smtp { .. } => self.pending.iter().any(|p| matches!(p, Pend::Client)),
+            Inner::Maildir { replies, .. } => !replies.is_empty(),
+        }
+    }
+
+    pub fn queue_mail(&mut self, from: &str, params: &MailParams) {
+        if let Inner::Maildir { replies, .. } = &mut self.inner {
+            replies.push_back(Reply::new(250, EnhancedCode(2, 1, 0), "Ok"));
+            return;
+        }
+        let mut line = format!("MAIL FROM:<{from}>");
+        if let Some(size) = params.size {
+            line.push_str(&format!(" SIZE={size}"));
+        }
+        match params.body {
+            Some(Body::SevenBit) => line.push_str(" BODY=7BIT"),
+            Some(Body::EightBitMime) => line.push_str(" BODY=8BITMIME"),
+            None => {}
+        }
+        if params.smtputf8 {
+            line.push_str(" SMTPUTF8");
+        }
+        line.push_str("\r\n");
+        self.queue_raw(line.as_bytes(), Pend::Client);
+    }
+
+    pub fn queue_rcpt(&mut self, to: &str) {
+        if let Inner::Maildir { replies, rcpts, .. } = &mut self.inner {
+            *rcpts += 1;
+            replies.push_back(Reply::new(250, EnhancedCode(2, 1, 5), "Ok"));
+            return;
+        }
+        self.queue_raw(format!("RCPT TO:<{to}>\r\n").as_bytes(), Pend::Client);
+    }
+
+    pub fn queue_data(&mut self) {
+        if let Inner::Maildir { replies, rcpts, .. } = &mut self.inner {
+            replies.push_back(if *rcpts == 0 {
+                Reply::new(554, EnhancedCode(5, 5, 1), "No valid recipients")
+            } else {
+                Reply::new(354, EnhancedCode(2, 0, 0), "End data with <CR><LF>.<CR><LF>")
+            });
+            return;
+        }
+        self.queue_raw(b"DATA\r\n", Pend::Client);
+    }
+
+    /// Sends what is queued and collects, in order, the replies owed to the
+    /// client. A reused connection that proves dead before its first reply
+    /// is replaced by a fresh one and the commands replayed; any other
+    /// failure turns every owed reply into a 451.
+    pub async fn replies(&mut self, out: &mut Vec<Reply>) {
+        let t = self.relay.command_timeout;
+        let relay = self.relay.clone();
+        match &mut self.inner {
+            Inner::Maildir { replies, .. } => out.extend(replies.drain(..)),
+            Inner::Smtp {
+                conn,
+                wbuf,
+                replay,
+                reused,
+                ..
+            } => {
+                let mut failed = conn.is_none();
+                if !failed {
+                    if let Some(r) = replay.as_mut() {
+                        r.extend_from_slice(wbuf);
+                    }
+                    let c = conn.as_mut().expect("conn");
+                    if let Err(e) = c.send(wbuf).await {
+                        tracing::debug!("backend write failed: {e}");
+                    }
+                    wbuf.clear();
+                }
+                while !failed && !self.pending.is_empty() {
+                    let c = conn.as_mut().expect("conn");
+                    match c.read_reply(t).await {
+                        Ok(reply) => {
+                            *replay = None;
+                            match self.pending.pop_front() {
+                                Some(Pend::Client) => out.push(reply),
+                                Some(Pend::Internal(what)) => {
+                                    if !reply.is_positive() {
+                                        tracing::warn!(backend = %c.peer, "{what} refused: {} {}", reply.code, reply.lines.join(" "));
+                                    }
+                                }
+                                None => {}
+                            }
+                        }
+                        Err(e) => {
+                            if let (true, Some(bytes)) = (*reused, replay.take()) {
+                                tracing::debug!(backend = %c.peer, "reused connection dead ({e}), reconnecting");
+                                *reused = false;
+                                let backend = c.backend;
+                                *conn = None;
+                                let fresh = match relay.pool(backend) {
+                                    Some(pool) => pool.open().await,
+                                    None => Err(BackendError::Closed),
+                                };
+                                match fresh {
+                                    Ok(mut f) => {
+                                        f.txns += 1;
+                                        if f.send(&bytes).await.is_ok() {
+                                            *conn = Some(f);
+                                            continue;
+                                        }
+                                    }
+                                    Err(e) => tracing::warn!("backend reconnect failed: {e}"),
+                                }
+                            } else {
+                                tracing::warn!(backend = %c.peer, "backend failed: {e}");
+                            }
+                            *conn = None;
+                            failed = true;
+                        }
+                    }
+                }
+                if failed {
+                    for p in self.pending.drain(..) {
+                        if let Pend::Client = p {
+                            out.push(backend_lost());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// True when the backend connection is gone.
+    pub fn is_broken(&self) -> bool {
+        matches!(&self.inner, Inner::Smtp { conn: None, .. })
+    }
+
+    /// Streams message bytes (wire form) to the backend.
+    pub async fn send_data(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
+        match &mut self.inner {
+            Inner::Smtp { conn, .. } => match conn.as_mut() {
+                Some(c) => {
+                    let r = tokio::time::timeout(self.relay.command_timeout, c.send(bytes)).await;
+                    match r {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => {
+                            *conn = None;
+                            Err(e)
+                        }
+                        Err(_) => {
+                            *conn = None;
+                            Err(BackendError::Timeout)
+                        }
+                    }
+                }
+                None => Err(BackendError::Closed),
+            },
+            Inner::Maildir { writer, .. } => match writer.as_mut() {
+                Some(w) => w.write_wire(bytes).await.map_err(BackendError::Io),
+                None => Err(BackendError::Closed),
+            },
+        }
+    }
+
+    /// After the terminating `.\r\n` was sent: the backend's final reply, or
+    /// a 451 when the backend failed.
+    pub async fn finish_data(&mut self) -> Reply {
+        let t = self.relay.data_end_timeout;
+        match &mut self.inner {
+            Inner::Smtp {
+                conn, completed, ..
+            } => {
+                let Some(c) = conn.as_mut() else {
+                    return backend_lost();
+                };
+                match c.read_reply(t).await {
+                    Ok(r) => {
+                        *completed = true;
+                        r
+                    }
+                    Err(e) => {
+                        tracing::warn!(backend = %c.peer, "no final reply: {e}");
+                        *conn = None;
+                        backend_lost()
+                    }
+                }
+            }
+            Inner::Maildir { writer, .. } => match writer.take() {
+                Some(w) => {
+                    let id = w.id.clone();
+                    match w.commit().await {
+                        Ok(path) => {
+                            tracing::debug!(path = %path.display(), "delivered to maildir");
+                            Reply::new(250, EnhancedCode(2, 0, 0), format!("Ok: queued as {id}"))
+                        }
+                        Err(e) => {
+                            tracing::error!("maildir delivery failed: {e}");
+                            Reply::new(451, EnhancedCode(4, 3, 0), "Local delivery failed, try again later")
+                        }
+                    }
+                }
+                None => backend_lost(),
+            },
+        }
+    }
+
+    /// Drops the backend connection without finishing the data (no dot is
+    /// ever sent), so nothing partial is delivered.
+    pub fn abort(mut self) {
+        if let Inner::Smtp { conn, .. } = &mut self.inner {
+            conn.take();
+        }
+    }
+
+    /// Ends the transaction normally. A dedicated (XCLIENT) connection is
+    /// handed back to the session; a pooled one returns to its pool, marked
+    /// for RSET unless the transaction completed.
+    pub fn end(mut self) -> Option<BackendConn> {
+        if let Inner::Smtp {
+            conn,
+            completed,
+            dedicated,
+            ..
+        } = &mut self.inner
+        {
+            let mut c = conn.take()?;
+            if !*completed {
+                c.needs_rset = true;
+            }
+            if *dedicated {
+                return Some(c);
+            }
+            if let Some(pool) = self.relay.pool(c.backend) {
+                pool.checkin(c);
+            }
+        }
+        None
+    }
+}

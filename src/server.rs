@@ -1,0 +1,123 @@
+//! Listeners, the accept loop and graceful shutdown: stop accepting, let
+//! sessions finish within a deadline, QUIT pooled backend connections.
+//! Admission policy (limits, allow/deny) will hook in before a session starts.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::config::{Config, TlsMode};
+use crate::relay::Relay;
+use crate::session::{self, Listener, Shared};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("listener {addr}: {err}")]
+    Bind { addr: SocketAddr, err: std::io::Error },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("backend: {0}")]
+    Backend(std::io::Error),
+}
+
+/// Bound listeners plus everything sessions share; `serve` runs them.
+pub struct Server {
+    listeners: Vec<(TcpListener, Listener)>,
+    shared: Arc<Shared>,
+    shutdown_tx: watch::Sender<bool>,
+}
+
+impl Server {
+    /// Binds every listener and prepares TLS and backends.
+    pub async fn bind(cfg: Config) -> Result<Server, ServerError> {
+        let needs_tls = cfg.listeners.iter().any(|l| l.tls != TlsMode::None);
+        let tls = if needs_tls {
+            if cfg.tls.is_none() {
+                warn!("no [tls] configured: using a self-signed certificate for {}", cfg.hostname);
+            }
+            Some(crate::tls::acceptor(cfg.tls.as_ref(), &cfg.hostname)?)
+        } else {
+            None
+        };
+        let mut listeners = Vec::new();
+        for l in &cfg.listeners {
+            let sock = TcpListener::bind(l.address)
+                .await
+                .map_err(|err| ServerError::Bind { addr: l.address, err })?;
+            listeners.push((sock, Listener { tls: l.tls, require_tls: l.require_tls }));
+        }
+        let relay = Relay::new(&cfg).map_err(ServerError::Backend)?;
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        Ok(Server {
+            listeners,
+            shared: Arc::new(Shared { cfg: Arc::new(cfg), relay, tls, shutdown: shutdown_rx }),
+            shutdown_tx,
+        })
+    }
+
+    /// The addresses actually bound (useful with port 0).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().filter_map(|(l, _)| l.local_addr().ok()).collect()
+    }
+
+    /// Idle pooled connections per backend.
+    pub fn relay(&self) -> Arc<Relay> {
+        self.shared.relay.clone()
+    }
+
+    /// Accepts until `stop` completes, then shuts down gracefully.
+    pub async fn serve(self, stop: impl Future<Output = ()>) {
+        let Server { listeners, shared, shutdown_tx } = self;
+        shared.relay.spawn_reaper();
+        let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+        let mut accepts = Vec::new();
+        for (sock, listener) in listeners {
+            if let Ok(a) = sock.local_addr() {
+                info!(address = %a, tls = ?listener.tls, "listening");
+            }
+            let shared = shared.clone();
+            let done = done_tx.clone();
+            let mut sd = shutdown_tx.subscribe();
+            accepts.push(tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        r = sock.accept() => match r {
+                            Ok((stream, peer)) => {
+                                let shared = shared.clone();
+                                let done = done.clone();
+                                tokio::spawn(async move {
+                                    session::handle(stream, peer, shared, listener).await;
+                                    drop(done);
+                                });
+                            }
+                            Err(e) => {
+                                // EMFILE and friends: back off instead of spinning.
+                                warn!("accept failed: {e}");
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        },
+                        _ = async { let _ = sd.wait_for(|v| *v).await; } => return,
+                    }
+                }
+            }));
+        }
+        drop(done_tx);
+        stop.await;
+        info!("shutting down: no longer accepting; waiting for sessions");
+        let _ = shutdown_tx.send(true);
+        for a in accepts {
+            let _ = a.await;
+        }
+        let grace = Duration::from_secs_f64(shared.cfg.timeouts.shutdown_grace);
+        if tokio::time::timeout(grace, done_rx.recv()).await.is_err() {
+            warn!("shutdown grace period over; closing remaining sessions");
+        }
+        shared.relay.close_idle().await;
+        info!("stopped");
+    }
+}

@@ -1,0 +1,750 @@
+//! One client session: the inbound state machine that drives the sans-IO
+//! `smtp` core over a plain or TLS stream, answers EHLO/HELO/STARTTLS itself,
+//! relays transactions through `relay::Txn` with pipelining, and streams DATA.
+//! Admission (who may connect) is the server's; this is what happens after.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tracing::{field, info, warn, Instrument, Span};
+
+use crate::config::{Config, TlsMode};
+use crate::relay::client::{BackendConn, ClientIdentity};
+use crate::relay::{Relay, Txn};
+use crate::smtp::reply::write_reply;
+use crate::smtp::{self, BareLineEndings, Command, DataOptions, DataScanner, Reply, Scan};
+
+/// What every session shares: configuration, backends, TLS, shutdown signal.
+pub struct Shared {
+    pub cfg: Arc<Config>,
+    pub relay: Arc<Relay>,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// The listener a session came in on.
+#[derive(Debug, Clone, Copy)]
+pub struct Listener {
+    pub tls: TlsMode,
+    pub require_tls: bool,
+}
+
+/// Serves one accepted connection to its end.
+pub async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, listener: Listener) {
+    let span = tracing::info_span!("session", client = %peer, helo = field::Empty, tls = field::Empty);
+    async move {
+        let _ = stream.set_nodelay(true);
+        let cfg = shared.cfg.clone();
+        let handshake_timeout = Duration::from_secs_f64(cfg.timeouts.tls_handshake);
+        match (listener.tls, shared.tls.clone()) {
+            (TlsMode::Implicit, Some(acceptor)) => {
+                let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => return info!("TLS handshake failed: {e}"),
+                    Err(_) => return info!("TLS handshake timed out"),
+                };
+                let info = tls_info(tls.get_ref().1);
+                Span::current().record("tls", field::display(&info));
+                let mut s = Session::new(tls, peer, shared, listener, Some(info));
+                s.greet().await;
+                s.run().await;
+                s.finish().await;
+            }
+            _ => {
+                let mut s = Session::new(stream, peer, shared.clone(), listener, None);
+                s.greet().await;
+                let outcome = s.run().await;
+                if let Outcome::StartTls = outcome {
+                    let Session { io, st, .. } = s;
+                    if let Some(c) = st.dedicated {
+                        c.quit().await;
+                    }
+                    let Some(acceptor) = shared.tls.clone() else { return };
+                    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(io)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => return info!("STARTTLS handshake failed: {e}"),
+                        Err(_) => return info!("STARTTLS handshake timed out"),
+                    };
+                    let info = tls_info(tls.get_ref().1);
+                    Span::current().record("tls", field::display(&info));
+                    // Fresh state: the client must EHLO again (RFC 3207).
+                    let mut s = Session::new(tls, peer, shared, listener, Some(info));
+                    s.run().await;
+                    s.finish().await;
+                } else {
+                    s.finish().await;
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+fn tls_info(conn: &rustls::ServerConnection) -> TlsInfo {
+    let version = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+        _ => "TLS",
+    };
+    let cipher = conn
+        .negotiated_cipher_suite()
+        .map(|c| format!("{:?}", c.suite()))
+        .unwrap_or_else(|| "unknown".into());
+    TlsInfo { version, cipher }
+}
+
+/// What was negotiated, for the Received header and logs.
+#[derive(Debug, Clone)]
+pub struct TlsInfo {
+    pub version: &'static str,
+    pub cipher: String,
+}
+
+impl std::fmt::Display for TlsInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.version, self.cipher)
+    }
+}
+
+enum Outcome {
+    Quit,
+    Closed,
+    StartTls,
+}
+
+/// A reply the backend owes the client, in order.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Owed {
+    Mail,
+    Rcpt,
+    Data,
+}
+
+/// SMTP state; reset by STARTTLS.
+#[derive(Default)]
+struct State {
+    helo: Option<String>,
+    esmtp: bool,
+    /// MAIL was given (accepted, or still owed a reply); SMTPUTF8 flag.
+    mail: Option<bool>,
+    from: String,
+    rcpts_sent: usize,
+    rcpts_ok: usize,
+    txn: Option<Txn>,
+    txn_span: Option<Span>,
+    owed: VecDeque<Owed>,
+    /// DATA got its 354: read the message next.
+    data_go: bool,
+    bad: u32,
+    skipping_line: bool,
+    dedicated: Option<BackendConn>,
+    messages: u64,
+}
+
+struct Session<S> {
+    io: S,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    listener: Listener,
+    tls: Option<TlsInfo>,
+    inbuf: BytesMut,
+    out: Vec<u8>,
+    st: State,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// A session ending action decided while handling a command.
+enum Step {
+    Continue,
+    Quit,
+    Close,
+    StartTls,
+}
+
+const CMD_TIMEOUT_REPLY: (u16, &str, &str) = (421, "4.4.2", "Timeout exceeded, closing connection");
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    fn new(io: S, peer: SocketAddr, shared: Arc<Shared>, listener: Listener, tls: Option<TlsInfo>) -> Self {
+        let shutdown = shared.shutdown.clone();
+        Session {
+            io,
+            peer,
+            shared,
+            listener,
+            tls,
+            inbuf: BytesMut::with_capacity(1024),
+            out: Vec::with_capacity(512),
+            st: State::default(),
+            shutdown,
+        }
+    }
+
+    fn cfg(&self) -> &Config {
+        &self.shared.cfg
+    }
+
+    fn reply(&mut self, code: u16, enh: &str, text: &str) {
+        write_reply(&mut self.out, code, enh, text);
+    }
+
+    fn bad(&mut self, code: u16, enh: &str, text: &str) {
+        self.st.bad += 1;
+        self.reply(code, enh, text);
+    }
+
+    async fn flush(&mut self) -> bool {
+        if self.out.is_empty() {
+            return true;
+        }
+        let ok = self.io.write_all(&self.out).await.is_ok() && self.io.flush().await.is_ok();
+        self.out.clear();
+        ok
+    }
+
+    async fn greet(&mut self) {
+        let line = format!("220 {} ESMTP\r\n", self.cfg().hostname);
+        self.out.extend_from_slice(line.as_bytes());
+        self.flush().await;
+    }
+
+    /// Ends the session: the transaction in progress (if any) is given up
+    /// cleanly, a dedicated backend connection gets QUIT.
+    async fn finish(&mut self) {
+        self.end_txn();
+        if let Some(c) = self.st.dedicated.take() {
+            c.quit().await;
+        }
+    }
+
+    fn identity(&self) -> ClientIdentity {
+        ClientIdentity {
+            addr: self.peer,
+            name: None,
+            helo: self.st.helo.clone(),
+            proto: if self.st.esmtp { "ESMTP" } else { "SMTP" },
+        }
+    }
+
+    /// Forgets the transaction; its backend connection goes back to the
+    /// pool (with RSET pending) or to the session when dedicated.
+    fn end_txn(&mut self) {
+        if let Some(txn) = self.st.txn.take() {
+            if let Some(c) = txn.end() {
+                self.st.dedicated = Some(c);
+            }
+        }
+        self.st.mail = None;
+        self.st.from.clear();
+        self.st.rcpts_sent = 0;
+        self.st.rcpts_ok = 0;
+        self.st.owed.clear();
+        self.st.data_go = false;
+        self.st.txn_span = None;
+    }
+
+    /// Collects the backend replies owed to the client, in order, and
+    /// updates the state they decide.
+    async fn resolve(&mut self) {
+        if self.st.owed.is_empty() {
+            return;
+        }
+        let Some(txn) = self.st.txn.as_mut() else {
+            self.st.owed.clear();
+            return;
+        };
+        let mut replies = Vec::with_capacity(self.st.owed.len());
+        txn.replies(&mut replies).await;
+        let broken = txn.is_broken();
+        let mut mail_failed = false;
+        for reply in replies {
+            reply.write_to(&mut self.out);
+            match self.st.owed.pop_front() {
+                Some(Owed::Mail) => mail_failed |= !reply.is_positive(),
+                Some(Owed::Rcpt) => {
+                    if reply.is_positive() {
+                        self.st.rcpts_ok += 1;
+                    }
+                }
+                Some(Owed::Data) => self.st.data_go = reply.code == 354 && !broken,
+                None => {}
+            }
+        }
+        self.st.owed.clear();
+        if mail_failed || broken {
+            if broken {
+                if let Some(t) = self.st.txn.take() {
+                    t.abort();
+                }
+            }
+            self.end_txn();
+        }
+    }
+
+    async fn read_more(&mut self, timeout: Duration, watch_shutdown: bool) -> Result<usize, ReadErr> {
+        if self.inbuf.capacity() - self.inbuf.len() < 512 {
+            self.inbuf.reserve(4096);
+        }
+        let read = tokio::time::timeout(timeout, self.io.read_buf(&mut self.inbuf));
+        if watch_shutdown {
+            let mut sd = self.shutdown.clone();
+            tokio::select! {
+                r = read => map_read(r),
+                _ = async { let _ = sd.wait_for(|v| *v).await; } => Err(ReadErr::Shutdown),
+            }
+        } else {
+            map_read(read.await)
+        }
+    }
+
+    async fn run(&mut self) -> Outcome {
+        let cmd_timeout = Duration::from_secs_f64(self.cfg().timeouts.command);
+        loop {
+            match self.process_lines().await {
+                Step::Continue => {}
+                Step::Quit => {
+                    self.flush().await;
+                    return Outcome::Quit;
+                }
+                Step::Close => {
+                    self.flush().await;
+                    return Outcome::Closed;
+                }
+                Step::StartTls => {
+                    self.flush().await;
+                    if !self.inbuf.is_empty() {
+                        warn!(bytes = self.inbuf.len(), "discarding plaintext sent after STARTTLS");
+                    }
+                    self.inbuf.clear();
+                    return Outcome::StartTls;
+                }
+            }
+            if self.st.data_go {
+                self.st.data_go = false;
+                if !self.flush().await {
+                    return Outcome::Closed;
+                }
+                match self.data_phase().await {
+                    Ok(reply) => {
+                        reply.write_to(&mut self.out);
+                        self.st.messages += 1;
+                        self.end_txn();
+                        if *self.shutdown.borrow() {
+                            self.reply(421, "4.3.2", "Service shutting down, closing connection");
+                            self.flush().await;
+                            return Outcome::Closed;
+                        }
+                    }
+                    Err(()) => {
+                        self.flush().await;
+                        return Outcome::Closed;
+                    }
+                }
+                continue;
+            }
+            self.resolve().await;
+            if self.st.data_go {
+                continue;
+            }
+            if !self.flush().await {
+                return Outcome::Closed;
+            }
+            let idle = self.st.mail.is_none();
+            match self.read_more(cmd_timeout, idle).await {
+                Ok(0) | Err(ReadErr::Io) => return Outcome::Closed,
+                Ok(_) => {}
+                Err(ReadErr::Timeout) => {
+                    let (c, e, t) = CMD_TIMEOUT_REPLY;
+                    self.reply(c, e, t);
+                    self.flush().await;
+                    return Outcome::Closed;
+                }
+                Err(ReadErr::Shutdown) => {
+                    self.reply(421, "4.3.2", "Service shutting down, closing connection");
+                    self.flush().await;
+                    return Outcome::Closed;
+                }
+            }
+        }
+    }
+
+    /// Handles every complete command line in the input buffer.
+    async fn process_lines(&mut self) -> Step {
+        let max_line = self.cfg().limits.max_command_line;
+        loop {
+            if self.st.data_go {
+                return Step::Continue;
+            }
+            let Some(nl) = memchr::memchr(b'\n', &self.inbuf) else {
+                if self.inbuf.len() > max_line {
+                    // Too long and still no end: drop what we have, skip
+                    // the rest of the line.
+                    self.inbuf.clear();
+                    if !self.st.skipping_line {
+                        self.st.skipping_line = true;
+                        self.resolve().await;
+                        self.bad(500, "5.5.6", "Line too long");
+                    }
+                }
+                return self.check_bad();
+            };
+            let line = self.inbuf.split_to(nl + 1);
+            if std::mem::take(&mut self.st.skipping_line) {
+                continue;
+            }
+            if line.len() > max_line {
+                self.resolve().await;
+                self.bad(500, "5.5.6", "Line too long");
+            } else {
+                let step = self.command(&line[..nl]).await;
+                if !matches!(step, Step::Continue) {
+                    return step;
+                }
+            }
+            if let Step::Close = self.check_bad() {
+                return Step::Close;
+            }
+        }
+    }
+
+    fn check_bad(&mut self) -> Step {
+        if self.st.bad > self.cfg().limits.max_bad_commands {
+            self.reply(421, "4.7.0", "Too many errors, closing connection");
+            return Step::Close;
+        }
+        Step::Continue
+    }
+
+    async fn command(&mut self, line: &[u8]) -> Step {
+        let cmd = match smtp::command::parse(line) {
+            Ok(c) => c,
+            Err(e) => {
+                self.resolve().await;
+                self.st.bad += 1;
+                e.reply().write_to(&mut self.out);
+                return Step::Continue;
+            }
+        };
+        // Relayed commands queue without waiting; every other reply must
+        // come after the backend replies still owed.
+        if !matches!(cmd, Command::Mail { .. } | Command::Rcpt { .. }) {
+            self.resolve().await;
+        }
+        match cmd {
+            Command::Ehlo(name) | Command::Helo(name) => {
+                let esmtp = matches!(cmd, Command::Ehlo(_));
+                self.end_txn();
+                Span::current().record("helo", name);
+                self.st.helo = Some(name.to_string());
+                self.st.esmtp = esmtp;
+                if esmtp {
+                    self.ehlo_reply();
+                } else {
+                    let line = format!("250 {}\r\n", self.cfg().hostname);
+                    self.out.extend_from_slice(line.as_bytes());
+                }
+            }
+            Command::Mail { from, params } => self.mail(from, params).await,
+            Command::Rcpt { to } => self.rcpt(to).await,
+            Command::Data => self.data_cmd().await,
+            Command::Rset => {
+                self.end_txn();
+                self.reply(250, "2.0.0", "Ok");
+            }
+            Command::Noop => self.reply(250, "2.0.0", "Ok"),
+            Command::Vrfy => self.reply(
+                252,
+                "2.0.0",
+                "Cannot VRFY user, but will accept message and attempt delivery",
+            ),
+            Command::Help => self.reply(
+                214,
+                "2.0.0",
+                "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS",
+            ),
+            Command::Quit => {
+                self.end_txn();
+                self.reply(221, "2.0.0", "Bye");
+                return Step::Quit;
+            }
+            Command::StartTls => {
+                if self.tls.is_some() {
+                    self.bad(503, "5.5.1", "TLS already active");
+                } else if self.listener.tls != TlsMode::Starttls || self.shared.tls.is_none() {
+                    self.bad(502, "5.5.1", "STARTTLS not available");
+                } else if self.st.mail.is_some() {
+                    self.bad(503, "5.5.1", "STARTTLS not allowed during a mail transaction");
+                } else {
+                    self.reply(220, "2.0.0", "Ready to start TLS");
+                    return Step::StartTls;
+                }
+            }
+        }
+        Step::Continue
+    }
+
+    fn ehlo_reply(&mut self) {
+        let cfg = &self.shared.cfg;
+        let starttls = self.tls.is_none() && self.listener.tls == TlsMode::Starttls && self.shared.tls.is_some();
+        let mut s = format!(
+            "250-{}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n",
+            cfg.hostname, cfg.limits.max_message_size
+        );
+        if starttls {
+            s.push_str("250-SMTPUTF8\r\n250 STARTTLS\r\n");
+        } else {
+            s.push_str("250 SMTPUTF8\r\n");
+        }
+        self.out.extend_from_slice(s.as_bytes());
+    }
+
+    async fn mail(&mut self, from: &str, params: smtp::MailParams) {
+        if self.st.helo.is_none() {
+            self.resolve().await;
+            return self.bad(503, "5.5.1", "Send HELO/EHLO first");
+        }
+        if self.st.mail.is_some() {
+            self.resolve().await;
+            return self.bad(503, "5.5.1", "Nested MAIL command");
+        }
+        if self.listener.require_tls && self.tls.is_none() {
+            return self.reply(530, "5.7.0", "Must issue a STARTTLS command first");
+        }
+        let max = self.cfg().limits.max_message_size;
+        if params.size.is_some_and(|s| s > max) {
+            return self.reply(552, "5.3.4", "Message size exceeds fixed maximum message size");
+        }
+        let id = self.identity();
+        let dedicated = self.st.dedicated.take();
+        let mut txn = match self.shared.relay.begin(&id, dedicated).await {
+            Ok(t) => t,
+            Err(reply) => {
+                reply.write_to(&mut self.out);
+                return;
+            }
+        };
+        let span = tracing::info_span!(
+            "transaction",
+            sender = %from,
+            rcpts = field::Empty,
+            size = field::Empty,
+            backend = %txn.name,
+            reply = field::Empty
+        );
+        txn.queue_mail(from, &params);
+        self.st.txn_span = Some(span);
+        self.st.mail = Some(params.smtputf8);
+        self.st.from.clear();
+        self.st.from.push_str(from);
+        self.st.owed.push_back(Owed::Mail);
+        let pipelining = txn.pipelining();
+        self.st.txn = Some(txn);
+        if !pipelining {
+            self.resolve().await;
+        }
+    }
+
+    async fn rcpt(&mut self, to: &str) {
+        let Some(smtputf8) = self.st.mail else {
+            self.resolve().await;
+            return self.bad(503, "5.5.1", "Need MAIL command");
+        };
+        if self.st.rcpts_sent >= self.cfg().limits.max_recipients {
+            self.resolve().await;
+            return self.reply(452, "4.5.3", "Too many recipients");
+        }
+        if !smtputf8 && !to.is_ascii() {
+            self.resolve().await;
+            return self.reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8");
+        }
+        let Some(txn) = self.st.txn.as_mut() else {
+            return self.reply(503, "5.5.1", "Need MAIL command");
+        };
+        txn.queue_rcpt(to);
+        self.st.rcpts_sent += 1;
+        self.st.owed.push_back(Owed::Rcpt);
+        if !txn.pipelining() {
+            self.resolve().await;
+        }
+    }
+
+    async fn data_cmd(&mut self) {
+        if self.st.mail.is_none() {
+            return self.bad(503, "5.5.1", "Need MAIL command");
+        }
+        if self.st.rcpts_sent == 0 {
+            return self.bad(503, "5.5.1", "Need RCPT command");
+        }
+        if self.st.rcpts_ok == 0 {
+            return self.reply(554, "5.5.1", "No valid recipients");
+        }
+        let Some(txn) = self.st.txn.as_mut() else {
+            return self.reply(503, "5.5.1", "Need MAIL command");
+        };
+        txn.queue_data();
+        self.st.owed.push_back(Owed::Data);
+        self.resolve().await;
+    }
+
+    fn received_header(&self, out: &mut Vec<u8>) {
+        let cfg = &self.shared.cfg;
+        let helo = self.st.helo.as_deref().unwrap_or("unknown");
+        let proto = match (self.st.esmtp, self.tls.is_some()) {
+            (true, true) => "ESMTPS",
+            (true, false) => "ESMTP",
+            (false, true) => "SMTPS",
+            (false, false) => "SMTP",
+        };
+        let date = httpdate::fmt_http_date(std::time::SystemTime::now()).replace(" GMT", " +0000");
+        let mut h = format!(
+            "Received: from {} (unknown [{}])\r\n\tby {} (smtp-edge) with {}",
+            sanitize(helo),
+            self.peer.ip(),
+            cfg.hostname,
+            proto
+        );
+        if let Some(t) = &self.tls {
+            h.push_str(&format!("\r\n\t(using {} with cipher {})", t.version, t.cipher));
+        }
+        h.push_str(&format!(";\r\n\t{date}\r\n"));
+        out.extend_from_slice(h.as_bytes());
+    }
+
+    /// Reads the message after 354, streaming it to the backend; returns
+    /// the final reply for the client, or Err when the session must end
+    /// (client gone, or timeout, with the 421 already queued).
+    async fn data_phase(&mut self) -> Result<Reply, ()> {
+        let cfg = self.shared.cfg.clone();
+        let mode: BareLineEndings = cfg.smtp.bare_line_endings.into();
+        let mut scanner = DataScanner::new(DataOptions {
+            bare_line_endings: mode,
+            max_line: cfg.limits.max_text_line,
+        });
+        let block_timeout = Duration::from_secs_f64(cfg.timeouts.data_block);
+        let max_size = cfg.limits.max_message_size;
+        let mut fwd = Vec::with_capacity(16 * 1024);
+        self.received_header(&mut fwd);
+        let mut too_big = false;
+        let mut backend_ok = true;
+        let mut txn = self.st.txn.take();
+        loop {
+            if !self.inbuf.is_empty() {
+                let scan = scanner.feed(&self.inbuf, &mut fwd);
+                let consumed = match scan {
+                    Scan::More => self.inbuf.len(),
+                    Scan::End { consumed } => consumed,
+                };
+                self.inbuf.advance(consumed);
+                if !too_big && scanner.size() > max_size {
+                    too_big = true;
+                    scanner.set_discard();
+                }
+                let refused = too_big
+                    || (mode == BareLineEndings::Reject && scanner.bare_line_ending_seen())
+                    || scanner.long_line_seen();
+                if backend_ok && !refused && !fwd.is_empty() {
+                    if let Some(t) = txn.as_mut() {
+                        if let Err(e) = t.send_data(&fwd).await {
+                            warn!("backend failed during DATA: {e}");
+                            backend_ok = false;
+                        }
+                    }
+                }
+                fwd.clear();
+                if let Scan::End { .. } = scan {
+                    break;
+                }
+            }
+            if self.inbuf.capacity() - self.inbuf.len() < 8192 {
+                self.inbuf.reserve(64 * 1024);
+            }
+            match tokio::time::timeout(block_timeout, self.io.read_buf(&mut self.inbuf)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => {
+                    // Client gone mid-DATA: drop the backend connection
+                    // without the final dot, so nothing partial is delivered.
+                    info!("client disconnected during DATA; message discarded");
+                    if let Some(t) = txn {
+                        t.abort();
+                    }
+                    self.end_txn();
+                    return Err(());
+                }
+                Err(_) => {
+                    if let Some(t) = txn {
+                        t.abort();
+                    }
+                    self.end_txn();
+                    let (c, e, t) = CMD_TIMEOUT_REPLY;
+                    self.reply(c, e, t);
+                    return Err(());
+                }
+            }
+        }
+        let size = scanner.size();
+        let refusal = if too_big {
+            Some(Reply::new(552, smtp::EnhancedCode(5, 3, 4), "Message size exceeds fixed maximum message size"))
+        } else if mode == BareLineEndings::Reject && scanner.bare_line_ending_seen() {
+            Some(Reply::new(
+                550,
+                smtp::EnhancedCode(5, 5, 2),
+                "Message contains bare CR or LF line endings (SMTP smuggling defence); use CRLF",
+            ))
+        } else if scanner.long_line_seen() {
+            Some(Reply::new(
+                550,
+                smtp::EnhancedCode(5, 6, 0),
+                format!("Message contains a line longer than {} octets", cfg.limits.max_text_line),
+            ))
+        } else if !backend_ok {
+            Some(crate::relay::backend_lost())
+        } else {
+            None
+        };
+        let reply = match (refusal, txn.as_mut()) {
+            (Some(r), _) => {
+                if let Some(t) = txn.take() {
+                    t.abort();
+                }
+                r
+            }
+            (None, Some(t)) => t.finish_data().await,
+            (None, None) => crate::relay::backend_lost(),
+        };
+        if let Some(span) = &self.st.txn_span {
+            span.record("rcpts", self.st.rcpts_ok);
+            span.record("size", size);
+            span.record("reply", reply.code);
+            info!(parent: span, "message {} {}", reply.code, reply.lines.first().map(String::as_str).unwrap_or(""));
+        }
+        self.st.txn = txn;
+        Ok(reply)
+    }
+}
+
+/// Keeps a client-supplied name printable in a header.
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_ascii_graphic() || (!c.is_ascii() && !c.is_control()) { c } else { '?' })
+        .collect()
+}
+
+enum ReadErr {
+    Io,
+    Timeout,
+    Shutdown,
+}
+
+fn map_read(r: Result<std::io::Result<usize>, tokio::time::error::Elapsed>) -> Result<usize, ReadErr> {
+    match r {
+        Ok(Ok(n)) => Ok(n),
+        Ok(Err(_)) => Err(ReadErr::Io),
+        Err(_) => Err(ReadErr::Timeout),
+    }
+}

@@ -1,0 +1,541 @@
+//! Test harness shared by the integration tests: free ports, real peers
+//! (Postfix's smtp-sink, swaks) started on loopback, an in-process proxy,
+//! a raw SMTP client, and a scripted recording backend for byte-exact and
+//! fault assertions.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use smtp_edge::config::Config;
+use smtp_edge::server::Server;
+
+/// True when running under CI (`CI=true`): missing tools are failures there.
+pub fn ci() -> bool {
+    matches!(std::env::var("CI").as_deref(), Ok("true") | Ok("1"))
+}
+
+/// Finds `tool` on PATH (and /usr/sbin). Under CI a missing tool panics;
+/// elsewhere the caller skips with a message.
+pub fn require_tool(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    for dir in path.split(':').chain(["/usr/sbin", "/usr/bin", "/sbin"]) {
+        let p = Path::new(dir).join(tool);
+        if p.is_file() {
+            return Some(p);
+        }
+    }
+    if ci() {
+        panic!("{tool} is required when CI=true (install it in .ci/run)");
+    }
+    eprintln!("SKIP: {tool} not installed");
+    None
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Postfix's smtp-sink on a free loopback port, dumping each transaction
+/// into its own file and logging the conversation (`-v`) to a file.
+pub struct Sink {
+    child: Child,
+    pub addr: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl Sink {
+    /// Starts smtp-sink with extra options (e.g. `["-r", "RCPT"]`). None when
+    /// not installed (and not under CI).
+    pub fn start(extra: &[&str]) -> Option<Sink> {
+        let bin = require_tool("smtp-sink")?;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("dump")).unwrap();
+        // smtp-sink drops privileges to nobody when run as root.
+        let _ = Command::new("chmod").arg("-R").arg("777").arg(dir.path()).status();
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let log = std::fs::File::create(dir.path().join("sink.log")).unwrap();
+        let mut cmd = Command::new(bin);
+        if is_root() {
+            cmd.args(["-u", "nobody"]);
+        }
+        cmd.arg("-v")
+            .arg("-d")
+            .arg(format!("{}/dump/%H%M%S.", dir.path().display()))
+            .args(extra)
+            .arg(&addr)
+            .arg("100")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log));
+        let child = cmd.spawn().expect("spawn smtp-sink");
+        wait_port(&addr);
+        Some(Sink { child, addr, dir })
+    }
+
+    /// The dumped transactions, oldest first (LF line endings, as smtp-sink
+    /// writes them).
+    pub fn messages(&self) -> Vec<String> {
+        let mut files: Vec<_> = std::fs::read_dir(self.dir.path().join("dump"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .collect();
+        files.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+        files
+            .iter()
+            .map(|p| String::from_utf8_lossy(&std::fs::read(p).unwrap()).into_owned())
+            .collect()
+    }
+
+    /// Waits until `n` transactions were dumped (or the timeout passes).
+    pub fn wait_messages(&self, n: usize, timeout: Duration) -> Vec<String> {
+        let end = Instant::now() + timeout;
+        loop {
+            let m = self.messages();
+            if m.len() >= n || Instant::now() > end {
+                // Give a just-created dump file a moment to be completed.
+                std::thread::sleep(Duration::from_millis(100));
+                return self.messages();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The conversation log (`-v`): the commands smtp-sink received.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sink.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Blocks until something accepts on `addr` (5 s at most).
+pub fn wait_port(addr: &str) {
+    let end = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < end {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nothing listening on {addr}");
+}
+
+/// The proxy running in-process on free loopback ports.
+pub struct Proxy {
+    /// First listener's address.
+    pub addr: SocketAddr,
+    pub addrs: Vec<SocketAddr>,
+    pub relay: Arc<smtp_edge::relay::Relay>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    /// Scratch directory (Maildir backends, certificates) kept alive.
+    pub dir: tempfile::TempDir,
+}
+
+impl Proxy {
+    /// Starts the proxy on `toml`. In the text, `{DIR}` is replaced by a
+    /// scratch directory; listeners should use port 0.
+    pub async fn start(toml: &str) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let text = toml.replace("{DIR}", &dir.path().display().to_string());
+        let cfg = Config::parse(&text).unwrap_or_else(|e| panic!("test config invalid: {e:?}\n{text}"));
+        let server = Server::bind(cfg).await.expect("bind");
+        let addrs = server.local_addrs();
+        let relay = server.relay();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve(async move {
+            let _ = rx.await;
+        }));
+        Proxy {
+            addr: addrs[0],
+            addrs,
+            relay,
+            stop: Some(tx),
+            task: Some(task),
+            dir,
+        }
+    }
+
+    /// A proxy with one plain listener relaying to `backend` (host:port),
+    /// with extra TOML appended (e.g. a `[smtp]` table).
+    pub async fn to_backend(backend: &str, extra: &str) -> Proxy {
+        Proxy::start(&format!(
+            "hostname = \"edge.test\"\n{extra}\n[[listener]]\naddress = \"127.0.0.1:0\"\n[[backend]]\naddress = \"{backend}\"\n"
+        ))
+        .await
+    }
+
+    /// Graceful stop (as SIGTERM does).
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(40), t).await;
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A raw SMTP client: send exact bytes, read whole replies.
+pub struct Raw {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// One reply as the client saw it: code and the full text (all lines joined
+/// with '\n', without codes).
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub code: u16,
+    pub text: String,
+    pub raw: String,
+}
+
+impl Raw {
+    pub async fn connect(addr: SocketAddr) -> Raw {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        Raw { stream, buf: Vec::new() }
+    }
+
+    /// Connects and reads the greeting.
+    pub async fn greeted(addr: SocketAddr) -> Raw {
+        let mut r = Raw::connect(addr).await;
+        let g = r.reply().await;
+        assert_eq!(g.code, 220, "{g:?}");
+        r
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// Reads one whole reply (10 s at most). Panics on EOF.
+    pub async fn reply(&mut self) -> Seen {
+        self.try_reply(Duration::from_secs(10)).await.expect("reply")
+    }
+
+    /// One reply, or None on EOF / timeout.
+    pub async fn try_reply(&mut self, t: Duration) -> Option<Seen> {
+        let end = tokio::time::Instant::now() + t;
+        loop {
+            if let Some(s) = self.parse() {
+                return Some(s);
+            }
+            let mut tmp = [0u8; 4096];
+            let n = match tokio::time::timeout_at(end, self.stream.read(&mut tmp)).await {
+                Ok(Ok(n)) => n,
+                _ => return None,
+            };
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&tmp[..n]);
+        }
+    }
+
+    fn parse(&mut self) -> Option<Seen> {
+        let mut pos = 0;
+        let mut text = Vec::new();
+        loop {
+            let nl = self.buf[pos..].iter().position(|&b| b == b'\n')? + pos;
+            let line = String::from_utf8_lossy(&self.buf[pos..nl]).trim_end_matches('\r').to_string();
+            pos = nl + 1;
+            let last = line.as_bytes().get(3) != Some(&b'-');
+            text.push(line.get(4..).unwrap_or("").to_string());
+            if last {
+                let code = line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
+                let raw = String::from_utf8_lossy(&self.buf[..pos]).into_owned();
+                self.buf.drain(..pos);
+                return Some(Seen { code, text: text.join("\n"), raw });
+            }
+        }
+    }
+
+    /// Sends one command line (CRLF added) and reads the reply.
+    pub async fn cmd(&mut self, line: &str) -> Seen {
+        self.send(format!("{line}\r\n").as_bytes()).await;
+        self.reply().await
+    }
+
+    /// True when the server closed the connection (EOF within `t`).
+    pub async fn closed(&mut self, t: Duration) -> bool {
+        let mut tmp = [0u8; 256];
+        matches!(tokio::time::timeout(t, self.stream.read(&mut tmp)).await, Ok(Ok(0)) | Ok(Err(_)))
+    }
+}
+
+/// What a scripted backend does at one stage.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Act {
+    /// Reply with this full line (without CRLF), e.g. "250 2.0.0 Ok".
+    Reply(String),
+    /// Close the connection without replying.
+    Drop,
+    /// Wait this long, then reply normally.
+    Delay(Duration),
+}
+
+/// Behaviour of a scripted backend; `None` = the normal positive reply.
+#[derive(Debug, Clone, Default)]
+pub struct Script {
+    pub greeting: Option<Act>,
+    pub mail: Option<Act>,
+    pub rcpt: Option<Act>,
+    pub data: Option<Act>,
+    /// At the final dot.
+    pub dot: Option<Act>,
+    /// Close after receiving this many bytes of message data.
+    pub drop_mid_data_after: Option<usize>,
+    /// Advertise PIPELINING (default true via `Script::new`).
+    pub no_pipelining: bool,
+    /// EHLO keywords to add, e.g. "XFORWARD NAME ADDR PORT PROTO HELO SOURCE".
+    pub ehlo_extra: Vec<String>,
+}
+
+/// A backend written for the tests: speaks enough SMTP, records every byte
+/// it receives on every connection, and misbehaves as scripted. It is the
+/// place to assert exact wire bytes (what a real backend would read).
+pub struct Recorder {
+    pub addr: String,
+    /// Raw bytes received, one entry per connection.
+    pub conns: Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>>,
+    /// Complete messages (raw wire data between 354 and the final dot,
+    /// terminator excluded), one per accepted transaction.
+    pub messages: Arc<Mutex<Vec<Vec<u8>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Recorder {
+    pub async fn start(script: Script) -> Recorder {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let conns: Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>> = Arc::default();
+        let messages: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+        let (c2, m2) = (conns.clone(), messages.clone());
+        let script = Arc::new(script);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = listener.accept().await else { return };
+                let rec = Arc::new(Mutex::new(Vec::new()));
+                c2.lock().unwrap().push(rec.clone());
+                let (m, sc) = (m2.clone(), script.clone());
+                tokio::spawn(async move {
+                    let _ = recorder_conn(s, rec, m, sc).await;
+                });
+            }
+        });
+        Recorder { addr, conns, messages, task }
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns.lock().unwrap().len()
+    }
+
+    /// Everything received on all connections, concatenated.
+    pub fn all_bytes(&self) -> Vec<u8> {
+        let c = self.conns.lock().unwrap();
+        c.iter().flat_map(|r| r.lock().unwrap().clone()).collect()
+    }
+
+    pub fn all_text(&self) -> String {
+        String::from_utf8_lossy(&self.all_bytes()).into_owned()
+    }
+
+    pub fn messages(&self) -> Vec<Vec<u8>> {
+        self.messages.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn act(s: &mut TcpStream, a: &Option<Act>, normal: &str) -> std::io::Result<bool> {
+    match a {
+        None => s.write_all(format!("{normal}\r\n").as_bytes()).await.map(|_| true),
+        Some(Act::Reply(r)) => s.write_all(format!("{r}\r\n").as_bytes()).await.map(|_| true),
+        Some(Act::Drop) => Ok(false),
+        Some(Act::Delay(d)) => {
+            tokio::time::sleep(*d).await;
+            s.write_all(format!("{normal}\r\n").as_bytes()).await.map(|_| true)
+        }
+    }
+}
+
+async fn recorder_conn(
+    mut s: TcpStream,
+    rec: Arc<Mutex<Vec<u8>>>,
+    messages: Arc<Mutex<Vec<Vec<u8>>>>,
+    sc: Arc<Script>,
+) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    if !act(&mut s, &sc.greeting, "220 recorder ESMTP").await? {
+        return Ok(());
+    }
+    let mut buf: Vec<u8> = Vec::new();
+    let mut tmp = vec![0u8; 65536];
+    let mut in_data = false;
+    let mut data: Vec<u8> = Vec::new();
+    let mut mail_failed = false;
+    loop {
+        // Handle everything buffered.
+        loop {
+            if in_data {
+                if let Some(limit) = sc.drop_mid_data_after {
+                    if data.len() + buf.len() >= limit {
+                        return Ok(());
+                    }
+                }
+                // End of data for a real backend: "\r\n.\r\n" (data starts
+                // after a CRLF). Also stop at what Postfix would take as the
+                // end (LF "." optional CRs LF) so smuggling shows up here.
+                let mut probe = b"\r\n".to_vec();
+                probe.extend_from_slice(&data);
+                probe.extend_from_slice(&buf);
+                let Some(end) = find_end(&probe) else {
+                    data.extend_from_slice(&buf);
+                    buf.clear();
+                    break;
+                };
+                // probe[..end.0] is the message incl. the leading fake CRLF.
+                let msg_len = end.0.saturating_sub(2);
+                let total = data.len() + buf.len();
+                let consumed_total = end.1 - 2;
+                let mut all = std::mem::take(&mut data);
+                all.extend_from_slice(&buf);
+                buf = all.split_off(consumed_total.min(total));
+                all.truncate(msg_len);
+                in_data = false;
+                if act(&mut s, &sc.dot, "250 2.0.0 Ok: queued").await? {
+                    messages.lock().unwrap().push(all);
+                } else {
+                    return Ok(());
+                }
+                continue;
+            }
+            let Some(nl) = buf.iter().position(|&b| b == b'\n') else { break };
+            let line: Vec<u8> = buf.drain(..=nl).collect();
+            let text = String::from_utf8_lossy(&line).trim_end().to_string();
+            let upper = text.to_ascii_uppercase();
+            let ok = if upper.starts_with("EHLO") {
+                let mut r = String::from("250-recorder\r\n");
+                if !sc.no_pipelining {
+                    r.push_str("250-PIPELINING\r\n");
+                }
+                for e in &sc.ehlo_extra {
+                    r.push_str(&format!("250-{e}\r\n"));
+                }
+                r.push_str("250 ENHANCEDSTATUSCODES");
+                act(&mut s, &None, &r).await?
+            } else if upper.starts_with("HELO") || upper.starts_with("XFORWARD") || upper.starts_with("RSET") || upper.starts_with("NOOP") {
+                act(&mut s, &None, "250 2.0.0 Ok").await?
+            } else if upper.starts_with("XCLIENT") {
+                act(&mut s, &None, "220 recorder ESMTP").await?
+            } else if upper.starts_with("MAIL") {
+                mail_failed = matches!(&sc.mail, Some(Act::Reply(r)) if !r.starts_with('2'));
+                act(&mut s, &sc.mail, "250 2.1.0 Ok").await?
+            } else if upper.starts_with("RCPT") {
+                if mail_failed {
+                    act(&mut s, &None, "503 5.5.1 Error: need MAIL command").await?
+                } else {
+                    act(&mut s, &sc.rcpt, "250 2.1.5 Ok").await?
+                }
+            } else if upper.starts_with("DATA") {
+                let positive = matches!(&sc.data, None | Some(Act::Delay(_)));
+                let go = act(&mut s, &sc.data, "354 End data with <CR><LF>.<CR><LF>").await?;
+                if go && positive {
+                    in_data = true;
+                    data.clear();
+                }
+                go
+            } else if upper.starts_with("QUIT") {
+                let _ = act(&mut s, &None, "221 2.0.0 Bye").await;
+                return Ok(());
+            } else {
+                act(&mut s, &None, "502 5.5.1 Error: command not recognized").await?
+            };
+            if !ok {
+                return Ok(());
+            }
+        }
+        let n = s.read(&mut tmp).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        rec.lock().unwrap().extend_from_slice(&tmp[..n]);
+        buf.extend_from_slice(&tmp[..n]);
+    }
+}
+
+/// Finds the end of data in `p` (which starts with a CRLF): a "." line,
+/// where (like Postfix) a line ends at LF and trailing CRs are stripped.
+/// Returns (start of the "." line's preceding line break, index after the
+/// end-of-data line).
+fn find_end(p: &[u8]) -> Option<(usize, usize)> {
+    let mut i = 0;
+    while let Some(off) = p[i..].iter().position(|&b| b == b'\n') {
+        let lf = i + off;
+        let start = lf + 1;
+        // The line after this LF.
+        let Some(next_off) = p[start..].iter().position(|&b| b == b'\n') else { return None };
+        let next_lf = start + next_off;
+        let mut line = &p[start..next_lf];
+        while let Some(l) = line.strip_suffix(b"\r") {
+            line = l;
+        }
+        if line == b"." {
+            let brk = if lf > 0 && p[lf - 1] == b'\r' { lf - 1 } else { lf };
+            return Some((brk, next_lf + 1));
+        }
+        i = start;
+    }
+    None
+}
+
+/// Writes a self-signed certificate and key for `name` into `dir`, returning
+/// their paths.
+pub fn write_cert(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let ck = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    (cert, key)
+}
