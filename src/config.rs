@@ -84,7 +84,6 @@ impl Default for Limits {
 pub struct Timeouts {
     pub command: f64,
     pub data_block: f64,
-    pub data_end: f64,
     pub tls_handshake: f64,
     pub backend_connect: f64,
     pub backend_command: f64,
@@ -97,7 +96,6 @@ impl Default for Timeouts {
         Timeouts {
             command: 300.0,
             data_block: 180.0,
-            data_end: 600.0,
             tls_handshake: 30.0,
             backend_connect: 10.0,
             backend_command: 300.0,
@@ -400,7 +398,6 @@ impl Config {
         for (k, v) in [
             ("command", t.command),
             ("data_block", t.data_block),
-            ("data_end", t.data_end),
             ("tls_handshake", t.tls_handshake),
             ("backend_connect", t.backend_connect),
             ("backend_command", t.backend_command),

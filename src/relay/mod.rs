@@ -357,80 +357,112 @@ impl Txn {
     /// is replaced by a fresh one and the commands replayed; any other
     /// failure turns every owed reply into a 451.
     pub async fn replies(&mut self, out: &mut Vec<Reply>) {
+        if let Inner::Maildir { replies, .. } = &mut self.inner {
+            out.extend(replies.drain(..));
+            return;
+        }
+        // Without PIPELINING at the backend, one command per round trip.
+        let pipelining = self.pipelining();
+        let queued = match &mut self.inner {
+            Inner::Smtp { wbuf, .. } => std::mem::take(wbuf),
+            Inner::Maildir { .. } => Vec::new(),
+        };
+        let groups: Vec<&[u8]> = if pipelining {
+            vec![&queued[..]]
+        } else {
+            queued.split_inclusive(|&b| b == b'\n').collect()
+        };
+        let mut failed = false;
+        for group in groups {
+            let owed = if pipelining { self.pending.len() } else { 1 };
+            if failed || !self.exchange(group, owed, out).await {
+                failed = true;
+            }
+        }
+        if failed {
+            if let Inner::Smtp { conn, .. } = &mut self.inner {
+                *conn = None;
+            }
+            for p in self.pending.drain(..) {
+                if let Pend::Client = p {
+                    out.push(backend_lost());
+                }
+            }
+        }
+        if let Inner::Smtp { wbuf, .. } = &mut self.inner {
+            *wbuf = queued;
+            wbuf.clear();
+        }
+    }
+
+    /// Sends `bytes` and reads `owed` replies. A reused connection that
+    /// proves dead before its first reply is replaced by a fresh one and
+    /// everything since checkout replayed. False when the backend failed.
+    async fn exchange(&mut self, bytes: &[u8], owed: usize, out: &mut Vec<Reply>) -> bool {
         let t = self.relay.command_timeout;
         let relay = self.relay.clone();
-        match &mut self.inner {
-            Inner::Maildir { replies, .. } => out.extend(replies.drain(..)),
-            Inner::Smtp {
-                conn,
-                wbuf,
-                replay,
-                reused,
-                ..
-            } => {
-                let mut failed = conn.is_none();
-                if !failed {
-                    if let Some(r) = replay.as_mut() {
-                        r.extend_from_slice(wbuf);
-                    }
-                    let c = conn.as_mut().expect("conn");
-                    if let Err(e) = c.send(wbuf).await {
-                        tracing::debug!("backend write failed: {e}");
-                    }
-                    wbuf.clear();
-                }
-                while !failed && !self.pending.is_empty() {
-                    let c = conn.as_mut().expect("conn");
-                    match c.read_reply(t).await {
-                        Ok(reply) => {
-                            *replay = None;
-                            match self.pending.pop_front() {
-                                Some(Pend::Client) => out.push(reply),
-                                Some(Pend::Internal(what)) => {
-                                    if !reply.is_positive() {
-                                        tracing::warn!(backend = %c.peer, "{what} refused: {} {}", reply.code, reply.lines.join(" "));
-                                    }
-                                }
-                                None => {}
+        let Inner::Smtp {
+            conn,
+            replay,
+            reused,
+            ..
+        } = &mut self.inner
+        else {
+            return false;
+        };
+        let Some(c) = conn.as_mut() else {
+            return false;
+        };
+        if let Some(r) = replay.as_mut() {
+            r.extend_from_slice(bytes);
+        }
+        if let Err(e) = c.send(bytes).await {
+            tracing::debug!("backend write failed: {e}");
+        }
+        let mut got = 0;
+        while got < owed && !self.pending.is_empty() {
+            let c = conn.as_mut().expect("conn");
+            match c.read_reply(t).await {
+                Ok(reply) => {
+                    *replay = None;
+                    got += 1;
+                    match self.pending.pop_front() {
+                        Some(Pend::Client) => out.push(reply),
+                        Some(Pend::Internal(what)) => {
+                            if !reply.is_positive() {
+                                tracing::warn!(backend = %c.peer, "{what} refused: {} {}", reply.code, reply.lines.join(" "));
                             }
+                        }
+                        None => {}
+                    }
+                }
+                Err(e) => {
+                    let (true, Some(sent)) = (*reused, replay.take()) else {
+                        tracing::warn!(backend = %c.peer, "backend failed: {e}");
+                        return false;
+                    };
+                    tracing::debug!(backend = %c.peer, "reused connection dead ({e}), reconnecting");
+                    *reused = false;
+                    let pool = relay.pool(c.backend);
+                    *conn = None;
+                    let Some(pool) = pool else { return false };
+                    match pool.open().await {
+                        Ok(mut fresh) => {
+                            fresh.txns += 1;
+                            if fresh.send(&sent).await.is_err() {
+                                return false;
+                            }
+                            *conn = Some(fresh);
                         }
                         Err(e) => {
-                            if let (true, Some(bytes)) = (*reused, replay.take()) {
-                                tracing::debug!(backend = %c.peer, "reused connection dead ({e}), reconnecting");
-                                *reused = false;
-                                let backend = c.backend;
-                                *conn = None;
-                                let fresh = match relay.pool(backend) {
-                                    Some(pool) => pool.open().await,
-                                    None => Err(BackendError::Closed),
-                                };
-                                match fresh {
-                                    Ok(mut f) => {
-                                        f.txns += 1;
-                                        if f.send(&bytes).await.is_ok() {
-                                            *conn = Some(f);
-                                            continue;
-                                        }
-                                    }
-                                    Err(e) => tracing::warn!("backend reconnect failed: {e}"),
-                                }
-                            } else {
-                                tracing::warn!(backend = %c.peer, "backend failed: {e}");
-                            }
-                            *conn = None;
-                            failed = true;
-                        }
-                    }
-                }
-                if failed {
-                    for p in self.pending.drain(..) {
-                        if let Pend::Client = p {
-                            out.push(backend_lost());
+                            tracing::warn!("backend reconnect failed: {e}");
+                            return false;
                         }
                     }
                 }
             }
         }
+        true
     }
 
     /// True when the backend connection is gone.

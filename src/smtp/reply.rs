@@ -1,9 +1,28 @@
 //! SMTP replies: codes, enhanced status codes (RFC 3463), formatting of
 //! single- and multi-line replies and incremental parsing of backend replies.
 
+use std::fmt;
+
 /// An RFC 3463 enhanced status code, e.g. `5.5.1`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct EnhancedCode(pub u8, pub u16, pub u16);
+
+impl fmt::Display for EnhancedCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.0, self.1, self.2)
+    }
+}
+
+impl EnhancedCode {
+    /// Appends `x.y.z` to `out`.
+    fn write_to(&self, out: &mut Vec<u8>) {
+        write_dec(out, u16::from(self.0));
+        out.push(b'.');
+        write_dec(out, self.1);
+        out.push(b'.');
+        write_dec(out, self.2);
+    }
+}
 
 /// One SMTP reply: a three-digit code, an optional enhanced code and one or
 /// more text lines (without the code / enhanced code prefix, without CRLF).
@@ -28,32 +47,147 @@ pub enum ReplyError {
 impl Reply {
     /// A one-line reply with an enhanced code.
     pub fn new(code: u16, enhanced: EnhancedCode, text: impl Into<String>) -> Reply {
-        todo!()
+        Reply {
+            code,
+            enhanced: Some(enhanced),
+            lines: vec![text.into()],
+        }
     }
     /// 2xx or 3xx.
     pub fn is_positive(&self) -> bool {
-        todo!()
+        (200..400).contains(&self.code)
     }
     /// 4xx.
     pub fn is_transient(&self) -> bool {
-        todo!()
+        (400..500).contains(&self.code)
     }
     /// 5xx.
     pub fn is_permanent(&self) -> bool {
-        todo!()
+        (500..600).contains(&self.code)
+    }
+    /// The text lines joined with a single space (for logs and traces).
+    pub fn text(&self) -> String {
+        self.lines.join(" ")
     }
     /// Appends the wire form (`250-...\r\n` ... `250 ...\r\n`), each line
     /// carrying the enhanced code when there is one.
+    ///
+    /// A reply without lines is written as one line with empty text. An empty
+    /// text line is written without a trailing space (`250 2.0.0\r\n`).
     pub fn write_to(&self, out: &mut Vec<u8>) {
-        todo!()
+        let empty = [String::new()];
+        let lines: &[String] = if self.lines.is_empty() {
+            &empty
+        } else {
+            &self.lines
+        };
+        let per_line = 3 + 1 + if self.enhanced.is_some() { 12 } else { 0 } + 2;
+        out.reserve(lines.iter().map(|l| l.len() + per_line).sum());
+        let last = lines.len() - 1;
+        for (i, line) in lines.iter().enumerate() {
+            write_dec(out, self.code);
+            out.push(if i == last { b' ' } else { b'-' });
+            if let Some(enh) = &self.enhanced {
+                enh.write_to(out);
+                if !line.is_empty() {
+                    out.push(b' ');
+                }
+            }
+            // Never let a CR or LF inside the text break the reply framing.
+            for chunk in line.as_bytes().split(|&b| b == b'\r' || b == b'\n') {
+                out.extend_from_slice(chunk);
+            }
+            out.extend_from_slice(b"\r\n");
+        }
     }
     /// Parses one complete (possibly multi-line) reply from the front of
     /// `buf`. `Ok(None)`: incomplete, read more. `Ok(Some((reply, used)))`:
     /// `used` bytes were consumed. Enhanced codes are recognised only when the
     /// first digit matches the reply code's class. Bounded: line length
     /// `MAX_REPLY_LINE`, at most `MAX_REPLY_LINES` lines.
+    ///
+    /// Lines may end with CRLF or a lone LF. Every line must carry the same
+    /// code. The enhanced code is taken from the first line and stripped from
+    /// every line that starts with the same one. Text that is not UTF-8 is
+    /// converted lossily.
     pub fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
-        todo!()
+        // Pass 1: validate and find the end without allocating, so that an
+        // incomplete reply costs nothing.
+        let mut pos = 0;
+        let mut count = 0usize;
+        let mut code = 0u16;
+        let used = loop {
+            let rest = &buf[pos..];
+            let window = &rest[..rest.len().min(MAX_REPLY_LINE)];
+            let Some(lf) = memchr::memchr(b'\n', window) else {
+                if rest.len() >= MAX_REPLY_LINE {
+                    return Err(ReplyError::LineTooLong);
+                }
+                // Validate what we have so far so that garbage fails early.
+                check_partial(rest, if count == 0 { None } else { Some(code) })?;
+                return Ok(None);
+            };
+            let line = strip_cr(&rest[..lf]);
+            let (c, last, _) = split_line(line)?;
+            if count == 0 {
+                code = c;
+            } else if c != code {
+                return Err(ReplyError::Malformed);
+            }
+            count += 1;
+            pos += lf + 1;
+            if last {
+                break pos;
+            }
+            if count >= MAX_REPLY_LINES {
+                return Err(ReplyError::TooManyLines);
+            }
+        };
+
+        // Pass 2: build the reply.
+        let mut lines = Vec::with_capacity(count);
+        let mut enhanced = None;
+        let mut enhanced_text: &[u8] = b"";
+        for (i, raw) in buf[..used].split_inclusive(|&b| b == b'\n').enumerate() {
+            let line = strip_cr(&raw[..raw.len() - 1]);
+            let (_, _, mut text) = split_line(line)?;
+            if i == 0 {
+                if let Some((enh, len)) = parse_enhanced(text, code) {
+                    enhanced = Some(enh);
+                    enhanced_text = &text[..len];
+                }
+            }
+            if enhanced.is_some() && text.starts_with(enhanced_text) {
+                let after = &text[enhanced_text.len()..];
+                if after.is_empty() {
+                    text = after;
+                } else if after[0] == b' ' {
+                    text = &after[1..];
+                }
+            }
+            lines.push(String::from_utf8_lossy(text).into_owned());
+        }
+        Ok(Some((
+            Reply {
+                code,
+                enhanced,
+                lines,
+            },
+            used,
+        )))
+    }
+}
+
+impl fmt::Display for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.code)?;
+        if let Some(enh) = &self.enhanced {
+            write!(f, " {enh}")?;
+        }
+        for line in &self.lines {
+            write!(f, " {line}")?;
+        }
+        Ok(())
     }
 }
 
@@ -63,7 +197,421 @@ pub const MAX_REPLY_LINE: usize = 4096;
 pub const MAX_REPLY_LINES: usize = 128;
 
 /// Fast path for a fixed one-line reply: appends `"{code} {enh} {text}\r\n"`
-/// with no allocation.
+/// with no allocation. An empty `enhanced` is left out (`"{code} {text}\r\n"`).
 pub fn write_reply(out: &mut Vec<u8>, code: u16, enhanced: &str, text: &str) {
-    todo!()
+    out.reserve(5 + 1 + enhanced.len() + 1 + text.len() + 2);
+    write_dec(out, code);
+    out.push(b' ');
+    if !enhanced.is_empty() {
+        out.extend_from_slice(enhanced.as_bytes());
+        out.push(b' ');
+    }
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends the decimal form of `n` without allocating.
+fn write_dec(out: &mut Vec<u8>, n: u16) {
+    let mut buf = [0u8; 5];
+    let mut i = buf.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
+}
+
+fn strip_cr(line: &[u8]) -> &[u8] {
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+/// Splits a reply line (without its line ending) into code, "is the last
+/// line" and text.
+fn split_line(line: &[u8]) -> Result<(u16, bool, &[u8]), ReplyError> {
+    if line.len() < 3 {
+        return Err(ReplyError::Malformed);
+    }
+    let code = parse_code(&line[..3]).ok_or(ReplyError::Malformed)?;
+    match line.get(3) {
+        None => Ok((code, true, b"")),
+        Some(b' ') => Ok((code, true, &line[4..])),
+        Some(b'-') => Ok((code, false, &line[4..])),
+        Some(_) => Err(ReplyError::Malformed),
+    }
+}
+
+fn parse_code(d: &[u8]) -> Option<u16> {
+    match d {
+        [a @ b'1'..=b'5', b @ b'0'..=b'9', c @ b'0'..=b'9'] => {
+            Some(u16::from(a - b'0') * 100 + u16::from(b - b'0') * 10 + u16::from(c - b'0'))
+        }
+        _ => None,
+    }
+}
+
+/// Checks the start of an incomplete line, so that a peer that is not
+/// speaking SMTP is noticed before it fills the buffer.
+fn check_partial(rest: &[u8], code: Option<u16>) -> Result<(), ReplyError> {
+    let rest = strip_cr(rest);
+    for (i, &b) in rest.iter().take(3).enumerate() {
+        let ok = match i {
+            0 => (b'1'..=b'5').contains(&b),
+            _ => b.is_ascii_digit(),
+        };
+        if !ok {
+            return Err(ReplyError::Malformed);
+        }
+    }
+    if rest.len() >= 3 {
+        let c = parse_code(&rest[..3]).ok_or(ReplyError::Malformed)?;
+        if code.is_some_and(|code| code != c) {
+            return Err(ReplyError::Malformed);
+        }
+    }
+    if rest.len() >= 4 && rest[3] != b' ' && rest[3] != b'-' {
+        return Err(ReplyError::Malformed);
+    }
+    Ok(())
+}
+
+/// Parses `x.y.z` followed by a space or the end of the text, where `x` is
+/// the first digit of `code`. Returns the code and the length of `x.y.z`.
+fn parse_enhanced(text: &[u8], code: u16) -> Option<(EnhancedCode, usize)> {
+    let class = (code / 100) as u8;
+    let first = *text.first()?;
+    if first != b'0' + class || text.get(1) != Some(&b'.') {
+        return None;
+    }
+    let (subject, n1) = parse_num3(&text[2..])?;
+    if text.get(2 + n1) != Some(&b'.') {
+        return None;
+    }
+    let (detail, n2) = parse_num3(&text[3 + n1..])?;
+    let len = 3 + n1 + n2;
+    match text.get(len) {
+        None | Some(b' ') => Some((EnhancedCode(class, subject, detail), len)),
+        Some(_) => None,
+    }
+}
+
+/// One to three decimal digits (0-999): value and digit count.
+fn parse_num3(s: &[u8]) -> Option<(u16, usize)> {
+    let n = s.iter().take(4).take_while(|b| b.is_ascii_digit()).count();
+    if n == 0 || n > 3 {
+        return None;
+    }
+    let v = s[..n]
+        .iter()
+        .fold(0u16, |v, &d| v * 10 + u16::from(d - b'0'));
+    Some((v, n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire(r: &Reply) -> String {
+        let mut out = Vec::new();
+        r.write_to(&mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    fn parse_all(s: &str) -> (Reply, usize) {
+        Reply::parse(s.as_bytes()).unwrap().unwrap()
+    }
+
+    #[test]
+    fn new_and_classes() {
+        let r = Reply::new(550, EnhancedCode(5, 5, 1), "no");
+        assert_eq!(r.code, 550);
+        assert_eq!(r.enhanced, Some(EnhancedCode(5, 5, 1)));
+        assert_eq!(r.lines, vec!["no".to_string()]);
+        assert!(r.is_permanent() && !r.is_transient() && !r.is_positive());
+        let r = Reply::new(451, EnhancedCode(4, 3, 0), "later");
+        assert!(r.is_transient() && !r.is_permanent() && !r.is_positive());
+        for code in [220, 250, 354] {
+            let r = Reply::new(code, EnhancedCode(2, 0, 0), "ok");
+            assert!(r.is_positive() && !r.is_transient() && !r.is_permanent());
+        }
+        let r = Reply::new(199, EnhancedCode(2, 0, 0), "odd");
+        assert!(!r.is_positive() && !r.is_transient() && !r.is_permanent());
+    }
+
+    #[test]
+    fn write_single_and_multi() {
+        let r = Reply::new(502, EnhancedCode(5, 5, 1), "Command not recognized");
+        assert_eq!(wire(&r), "502 5.5.1 Command not recognized\r\n");
+        let r = Reply {
+            code: 250,
+            enhanced: None,
+            lines: vec!["mx.example".into(), "PIPELINING".into(), "8BITMIME".into()],
+        };
+        assert_eq!(wire(&r), "250-mx.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n");
+        let r = Reply {
+            code: 550,
+            enhanced: Some(EnhancedCode(5, 7, 1)),
+            lines: vec!["first".into(), "last".into()],
+        };
+        assert_eq!(wire(&r), "550-5.7.1 first\r\n550 5.7.1 last\r\n");
+        let r = Reply {
+            code: 421,
+            enhanced: Some(EnhancedCode(4, 100, 999)),
+            lines: vec![],
+        };
+        assert_eq!(wire(&r), "421 4.100.999\r\n");
+        let r = Reply {
+            code: 250,
+            enhanced: None,
+            lines: vec!["".into()],
+        };
+        assert_eq!(wire(&r), "250 \r\n");
+    }
+
+    #[test]
+    fn write_appends_and_strips_crlf_in_text() {
+        let mut out = b"x".to_vec();
+        let r = Reply::new(250, EnhancedCode(2, 0, 0), "a\r\n250 b\nc\r");
+        r.write_to(&mut out);
+        assert_eq!(out, b"x250 2.0.0 a250 bc\r\n");
+    }
+
+    #[test]
+    fn write_reply_fast_path() {
+        let mut out = Vec::new();
+        write_reply(&mut out, 250, "2.0.0", "Ok");
+        assert_eq!(out, b"250 2.0.0 Ok\r\n");
+        out.clear();
+        write_reply(&mut out, 354, "", "End data with <CR><LF>.<CR><LF>");
+        assert_eq!(out, b"354 End data with <CR><LF>.<CR><LF>\r\n");
+        out.clear();
+        write_reply(&mut out, 0, "", "");
+        assert_eq!(out, b"0 \r\n");
+    }
+
+    #[test]
+    fn round_trip() {
+        let r = Reply {
+            code: 250,
+            enhanced: Some(EnhancedCode(2, 1, 5)),
+            lines: vec!["one".into(), "two words".into(), "".into(), "three".into()],
+        };
+        let w = wire(&r);
+        let (p, used) = parse_all(&w);
+        assert_eq!(used, w.len());
+        assert_eq!(p, r);
+    }
+
+    #[test]
+    fn parse_single_line() {
+        let (r, used) = parse_all("250 2.1.0 Ok\r\n");
+        assert_eq!(used, 14);
+        assert_eq!(r.code, 250);
+        assert_eq!(r.enhanced, Some(EnhancedCode(2, 1, 0)));
+        assert_eq!(r.lines, vec!["Ok"]);
+
+        let (r, _) = parse_all("354 End data with <CR><LF>.<CR><LF>\r\n");
+        assert_eq!(r.code, 354);
+        assert_eq!(r.enhanced, None);
+        assert_eq!(r.lines, vec!["End data with <CR><LF>.<CR><LF>"]);
+    }
+
+    #[test]
+    fn parse_bare_code_and_empty_text() {
+        let (r, used) = parse_all("250\r\n");
+        assert_eq!((r.code, used), (250, 5));
+        assert_eq!(r.lines, vec![""]);
+        let (r, _) = parse_all("250 \r\n");
+        assert_eq!(r.lines, vec![""]);
+        let (r, _) = parse_all("250 2.0.0\r\n");
+        assert_eq!(r.enhanced, Some(EnhancedCode(2, 0, 0)));
+        assert_eq!(r.lines, vec![""]);
+    }
+
+    #[test]
+    fn parse_multi_line_ehlo() {
+        let s = "250-mx.example.org\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-ENHANCEDSTATUSCODES\r\n250 8BITMIME\r\nnext";
+        let (r, used) = parse_all(s);
+        assert_eq!(&s[used..], "next");
+        assert_eq!(r.enhanced, None);
+        assert_eq!(
+            r.lines,
+            vec![
+                "mx.example.org",
+                "PIPELINING",
+                "SIZE 10240000",
+                "ENHANCEDSTATUSCODES",
+                "8BITMIME"
+            ]
+        );
+    }
+
+    #[test]
+    fn parse_multi_line_enhanced_stripped() {
+        let s = "550-5.7.1 first\r\n550-5.7.1 second\r\n550 5.7.1 last\r\n";
+        let (r, used) = parse_all(s);
+        assert_eq!(used, s.len());
+        assert_eq!(r.enhanced, Some(EnhancedCode(5, 7, 1)));
+        assert_eq!(r.lines, vec!["first", "second", "last"]);
+        // A line carrying a different (or no) enhanced code keeps its text.
+        let s = "550-5.7.1 first\r\n550-no code\r\n550 5.1.1 other\r\n";
+        let (r, _) = parse_all(s);
+        assert_eq!(r.lines, vec!["first", "no code", "5.1.1 other"]);
+    }
+
+    #[test]
+    fn parse_enhanced_rules() {
+        // Class mismatch: not an enhanced code.
+        let (r, _) = parse_all("250 5.0.0 odd\r\n");
+        assert_eq!(r.enhanced, None);
+        assert_eq!(r.lines, vec!["5.0.0 odd"]);
+        // Ranges.
+        let (r, _) = parse_all("451 4.999.999 x\r\n");
+        assert_eq!(r.enhanced, Some(EnhancedCode(4, 999, 999)));
+        assert_eq!(r.lines, vec!["x"]);
+        let (r, _) = parse_all("451 4.1000.0 x\r\n");
+        assert_eq!(r.enhanced, None);
+        let (r, _) = parse_all("451 4.1.1000 x\r\n");
+        assert_eq!(r.enhanced, None);
+        let (r, _) = parse_all("451 4.1.1x\r\n");
+        assert_eq!(r.enhanced, None);
+        assert_eq!(r.lines, vec!["4.1.1x"]);
+        let (r, _) = parse_all("451 4..1 x\r\n");
+        assert_eq!(r.enhanced, None);
+        let (r, _) = parse_all("451 4.1. x\r\n");
+        assert_eq!(r.enhanced, None);
+        let (r, _) = parse_all("451 41.1.1 x\r\n");
+        assert_eq!(r.enhanced, None);
+        let (r, _) = parse_all("451 4.01.001 x\r\n");
+        assert_eq!(r.enhanced, Some(EnhancedCode(4, 1, 1)));
+    }
+
+    #[test]
+    fn parse_lf_only_and_mixed() {
+        let s = "250-a\n250-b\r\n250 c\n";
+        let (r, used) = parse_all(s);
+        assert_eq!(used, s.len());
+        assert_eq!(r.lines, vec!["a", "b", "c"]);
+    }
+
+    #[test]
+    fn parse_incomplete() {
+        let s = "250-mx.example.org\r\n250-PIPELINING\r\n250 8BITMIME\r\n";
+        for i in 0..s.len() {
+            assert_eq!(Reply::parse(&s.as_bytes()[..i]), Ok(None), "prefix {i}");
+        }
+        assert!(Reply::parse(s.as_bytes()).unwrap().is_some());
+        // An incomplete line ending in CR is still incomplete.
+        assert_eq!(Reply::parse(b"250 ok\r"), Ok(None));
+    }
+
+    #[test]
+    fn parse_malformed() {
+        for s in [
+            "25\r\n",
+            "abc ok\r\n",
+            "250x ok\r\n",
+            "250_ok\r\n",
+            "\r\n",
+            "650 nope\r\n",
+            "099 nope\r\n",
+            "250-a\r\n251 b\r\n",
+            "250-a\r\n\r\n",
+            "250-a\r\n550-b\r\n250 c\r\n",
+        ] {
+            assert_eq!(
+                Reply::parse(s.as_bytes()),
+                Err(ReplyError::Malformed),
+                "{s:?}"
+            );
+        }
+        // Garbage is noticed before the line is complete.
+        assert_eq!(Reply::parse(b"HTTP/1.1"), Err(ReplyError::Malformed));
+        assert_eq!(Reply::parse(b"250-a\r\n251"), Err(ReplyError::Malformed));
+        assert_eq!(Reply::parse(b"250x"), Err(ReplyError::Malformed));
+    }
+
+    #[test]
+    fn parse_too_long() {
+        // Exactly the limit, CRLF included: fine.
+        let mut s = b"250 ".to_vec();
+        s.resize(MAX_REPLY_LINE - 2, b'a');
+        s.extend_from_slice(b"\r\n");
+        assert_eq!(s.len(), MAX_REPLY_LINE);
+        assert!(Reply::parse(&s).unwrap().is_some());
+        // One more: too long.
+        let mut s = b"250 ".to_vec();
+        s.resize(MAX_REPLY_LINE - 1, b'a');
+        s.extend_from_slice(b"\r\n");
+        assert_eq!(Reply::parse(&s), Err(ReplyError::LineTooLong));
+        // Incomplete but already too long.
+        let mut s = b"250-ok\r\n250 ".to_vec();
+        s.resize(8 + MAX_REPLY_LINE, b'a');
+        assert_eq!(Reply::parse(&s), Err(ReplyError::LineTooLong));
+        // Incomplete, not yet too long.
+        s.truncate(8 + MAX_REPLY_LINE - 1);
+        assert_eq!(Reply::parse(&s), Ok(None));
+    }
+
+    #[test]
+    fn parse_too_many_lines() {
+        let mut s = String::new();
+        for _ in 0..MAX_REPLY_LINES - 1 {
+            s.push_str("250-x\r\n");
+        }
+        let mut ok = s.clone();
+        ok.push_str("250 end\r\n");
+        let (r, _) = parse_all(&ok);
+        assert_eq!(r.lines.len(), MAX_REPLY_LINES);
+        s.push_str("250-x\r\n");
+        assert_eq!(Reply::parse(s.as_bytes()), Err(ReplyError::TooManyLines));
+    }
+
+    #[test]
+    fn parse_non_utf8_lossy() {
+        let (r, _) = Reply::parse(b"550 5.1.1 bad \xff\xfe user\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.lines, vec!["bad \u{fffd}\u{fffd} user"]);
+    }
+
+    #[test]
+    fn parse_garbage_never_panics() {
+        let mut seed = 0x1234_5678_9abc_def0u64;
+        let alphabet = b"0123456789 -.\r\n25x";
+        for _ in 0..20_000 {
+            let len = (xorshift(&mut seed) % 40) as usize;
+            let buf: Vec<u8> = (0..len)
+                .map(|_| {
+                    let r = xorshift(&mut seed);
+                    if r % 4 == 0 {
+                        r as u8 >> 3
+                    } else {
+                        alphabet[(r >> 8) as usize % alphabet.len()]
+                    }
+                })
+                .collect();
+            if let Ok(Some((_, used))) = Reply::parse(&buf) {
+                assert!(used <= buf.len());
+            }
+        }
+    }
+
+    fn xorshift(s: &mut u64) -> u64 {
+        *s ^= *s << 13;
+        *s ^= *s >> 7;
+        *s ^= *s << 17;
+        *s
+    }
+
+    #[test]
+    fn display() {
+        let r = Reply::new(550, EnhancedCode(5, 7, 1), "denied");
+        assert_eq!(r.to_string(), "550 5.7.1 denied");
+        assert_eq!(r.text(), "denied");
+    }
 }
