@@ -1,1 +1,155 @@
-fn main(){}
+//! Micro-benchmarks of the sans-IO SMTP core: command parsing, reply
+//! formatting and the DATA scanner / un-stuffer.
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use smtp_edge::smtp::command;
+use smtp_edge::smtp::reply::{write_reply, EnhancedCode, Reply};
+use smtp_edge::smtp::{BareLineEndings, DataOptions, DataScanner, Scan, Unstuffer};
+
+fn command_parse(c: &mut Criterion) {
+    let mut g = c.benchmark_group("command_parse");
+    g.throughput(Throughput::Elements(1));
+    let lines: [(&str, &[u8]); 4] = [
+        ("ehlo", b"EHLO mail-yw1-f170.google.example.com"),
+        (
+            "mail_from_size_body",
+            b"MAIL FROM:<bounce+31a2f.ab12cd@mail.sender.example.org> SIZE=123456 BODY=8BITMIME",
+        ),
+        ("rcpt_to", b"RCPT TO:<first.last@recipient.example.net>"),
+        ("data", b"DATA"),
+    ];
+    for (name, line) in lines {
+        g.bench_function(name, |b| b.iter(|| command::parse(black_box(line)).is_ok()));
+    }
+    g.finish();
+}
+
+fn reply_format(c: &mut Criterion) {
+    let mut g = c.benchmark_group("reply_format");
+    g.throughput(Throughput::Elements(1));
+    let mut out = Vec::with_capacity(1024);
+    g.bench_function("write_reply", |b| {
+        b.iter(|| {
+            out.clear();
+            write_reply(&mut out, black_box(250), "2.0.0", "Ok");
+            black_box(out.len())
+        })
+    });
+    let ehlo = Reply {
+        code: 250,
+        enhanced: None,
+        lines: [
+            "mx.edge.example",
+            "PIPELINING",
+            "SIZE 52428800",
+            "STARTTLS",
+            "ENHANCEDSTATUSCODES",
+            "8BITMIME",
+            "SMTPUTF8",
+            "CHUNKING",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+    };
+    g.bench_function("write_to_multiline_ehlo", |b| {
+        b.iter(|| {
+            out.clear();
+            black_box(&ehlo).write_to(&mut out);
+            black_box(out.len())
+        })
+    });
+    let rejected = Reply {
+        code: 550,
+        enhanced: Some(EnhancedCode(5, 7, 1)),
+        lines: vec![
+            "Message rejected as spam by content filter".to_string(),
+            "see https://postmaster.example/why".to_string(),
+        ],
+    };
+    g.bench_function("write_to_enhanced_2_lines", |b| {
+        b.iter(|| {
+            out.clear();
+            black_box(&rejected).write_to(&mut out);
+            black_box(out.len())
+        })
+    });
+    g.finish();
+}
+
+/// About 1 MiB of 76-character lines (78 with CRLF), ending with `.\r\n`.
+/// Every `stuffed_every`-th line starts with a (stuffed) dot.
+fn body(stuffed_every: usize) -> Vec<u8> {
+    let text = b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod temp";
+    let mut v = Vec::with_capacity((1 << 20) + 1024);
+    let mut i = 0usize;
+    while v.len() < 1 << 20 {
+        if stuffed_every != 0 && i.is_multiple_of(stuffed_every) {
+            v.extend_from_slice(b".");
+            v.extend_from_slice(&text[1..]);
+        } else {
+            v.extend_from_slice(&text[..]);
+        }
+        v.extend_from_slice(b"\r\n");
+        i += 1;
+    }
+    v.extend_from_slice(b".\r\n");
+    v
+}
+
+/// Scans `input` in 64 KiB chunks, as it would arrive from a socket.
+fn scan(opts: DataOptions, input: &[u8], out: &mut Vec<u8>) -> usize {
+    out.clear();
+    let mut s = DataScanner::new(opts);
+    for chunk in input.chunks(64 * 1024) {
+        if let Scan::End { consumed } = s.feed(chunk, out) {
+            black_box(consumed);
+        }
+    }
+    out.len()
+}
+
+fn data_scan(c: &mut Criterion) {
+    let mut g = c.benchmark_group("data_scan");
+    let clean = body(0);
+    let stuffed = body(4);
+    let reject = DataOptions {
+        bare_line_endings: BareLineEndings::Reject,
+        max_line: 1000,
+    };
+    let normalize = DataOptions {
+        bare_line_endings: BareLineEndings::Normalize,
+        max_line: 1000,
+    };
+    let mut out = Vec::with_capacity(4 << 20);
+    g.throughput(Throughput::Bytes(clean.len() as u64));
+    g.bench_function("reject_clean_1MiB", |b| {
+        b.iter(|| scan(reject, black_box(&clean), &mut out))
+    });
+    g.bench_function("normalize_clean_1MiB", |b| {
+        b.iter(|| scan(normalize, black_box(&clean), &mut out))
+    });
+    g.throughput(Throughput::Bytes(stuffed.len() as u64));
+    g.bench_function("reject_dot_stuffed_1MiB", |b| {
+        b.iter(|| scan(reject, black_box(&stuffed), &mut out))
+    });
+    g.bench_function("normalize_dot_stuffed_1MiB", |b| {
+        b.iter(|| scan(normalize, black_box(&stuffed), &mut out))
+    });
+    g.bench_function("unstuffer_dot_stuffed_1MiB", |b| {
+        b.iter(|| {
+            out.clear();
+            let mut u = Unstuffer::new();
+            for chunk in black_box(&stuffed).chunks(64 * 1024) {
+                u.feed(chunk, &mut out);
+            }
+            out.len()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, command_parse, reply_format, data_scan);
+criterion_main!(benches);

@@ -412,7 +412,10 @@ impl Config {
             }
         }
         if self.backends.is_empty() {
-            err("backend".into(), "at least one [[backend]] is required".into());
+            err(
+                "backend".into(),
+                "at least one [[backend]] is required".into(),
+            );
         }
         for (i, b) in self.backends.iter().enumerate() {
             match (&b.address, &b.maildir) {
@@ -468,7 +471,11 @@ pub fn split_host_port(s: &str) -> Option<(&str, u16)> {
 
 fn line_of(text: &str, offset: usize) -> usize {
     let end = offset.min(text.len());
-    text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// Every key path in the document with the span from its key to its value.
@@ -624,8 +631,10 @@ mod tests {
 
     #[test]
     fn backend_needs_exactly_one_kind() {
-        let errs = Config::parse("[[listener]]\naddress = \"127.0.0.1:25\"\n[[backend]]\nmax_connections = 3\n")
-            .unwrap_err();
+        let errs = Config::parse(
+            "[[listener]]\naddress = \"127.0.0.1:25\"\n[[backend]]\nmax_connections = 3\n",
+        )
+        .unwrap_err();
         assert_eq!(errs[0].key, "backend[0]");
         assert_eq!(errs[0].line, 3);
     }

@@ -18,7 +18,10 @@ use crate::session::{self, Listener, Shared};
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("listener {addr}: {err}")]
-    Bind { addr: SocketAddr, err: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        err: std::io::Error,
+    },
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
     #[error("backend: {0}")]
@@ -38,7 +41,10 @@ impl Server {
         let needs_tls = cfg.listeners.iter().any(|l| l.tls != TlsMode::None);
         let tls = if needs_tls {
             if cfg.tls.is_none() {
-                warn!("no [tls] configured: using a self-signed certificate for {}", cfg.hostname);
+                warn!(
+                    "no [tls] configured: using a self-signed certificate for {}",
+                    cfg.hostname
+                );
             }
             Some(crate::tls::acceptor(cfg.tls.as_ref(), &cfg.hostname)?)
         } else {
@@ -48,21 +54,38 @@ impl Server {
         for l in &cfg.listeners {
             let sock = TcpListener::bind(l.address)
                 .await
-                .map_err(|err| ServerError::Bind { addr: l.address, err })?;
-            listeners.push((sock, Listener { tls: l.tls, require_tls: l.require_tls }));
+                .map_err(|err| ServerError::Bind {
+                    addr: l.address,
+                    err,
+                })?;
+            listeners.push((
+                sock,
+                Listener {
+                    tls: l.tls,
+                    require_tls: l.require_tls,
+                },
+            ));
         }
         let relay = Relay::new(&cfg).map_err(ServerError::Backend)?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         Ok(Server {
             listeners,
-            shared: Arc::new(Shared { cfg: Arc::new(cfg), relay, tls, shutdown: shutdown_rx }),
+            shared: Arc::new(Shared {
+                cfg: Arc::new(cfg),
+                relay,
+                tls,
+                shutdown: shutdown_rx,
+            }),
             shutdown_tx,
         })
     }
 
     /// The addresses actually bound (useful with port 0).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().filter_map(|(l, _)| l.local_addr().ok()).collect()
+        self.listeners
+            .iter()
+            .filter_map(|(l, _)| l.local_addr().ok())
+            .collect()
     }
 
     /// Idle pooled connections per backend.
@@ -72,7 +95,11 @@ impl Server {
 
     /// Accepts until `stop` completes, then shuts down gracefully.
     pub async fn serve(self, stop: impl Future<Output = ()>) {
-        let Server { listeners, shared, shutdown_tx } = self;
+        let Server {
+            listeners,
+            shared,
+            shutdown_tx,
+        } = self;
         shared.relay.spawn_reaper();
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
         let mut accepts = Vec::new();

@@ -37,18 +37,20 @@ pub struct Listener {
 
 /// Serves one accepted connection to its end.
 pub async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, listener: Listener) {
-    let span = tracing::info_span!("session", client = %peer, helo = field::Empty, tls = field::Empty);
+    let span =
+        tracing::info_span!("session", client = %peer, helo = field::Empty, tls = field::Empty);
     async move {
         let _ = stream.set_nodelay(true);
         let cfg = shared.cfg.clone();
         let handshake_timeout = Duration::from_secs_f64(cfg.timeouts.tls_handshake);
         match (listener.tls, shared.tls.clone()) {
             (TlsMode::Implicit, Some(acceptor)) => {
-                let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => return info!("TLS handshake failed: {e}"),
-                    Err(_) => return info!("TLS handshake timed out"),
-                };
+                let tls =
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => return info!("TLS handshake failed: {e}"),
+                        Err(_) => return info!("TLS handshake timed out"),
+                    };
                 let info = tls_info(tls.get_ref().1);
                 Span::current().record("tls", field::display(&info));
                 let mut s = Session::new(tls, peer, shared, listener, Some(info));
@@ -65,12 +67,15 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, li
                     if let Some(c) = st.dedicated {
                         c.quit().await;
                     }
-                    let Some(acceptor) = shared.tls.clone() else { return };
-                    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(io)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => return info!("STARTTLS handshake failed: {e}"),
-                        Err(_) => return info!("STARTTLS handshake timed out"),
+                    let Some(acceptor) = shared.tls.clone() else {
+                        return;
                     };
+                    let tls =
+                        match tokio::time::timeout(handshake_timeout, acceptor.accept(io)).await {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => return info!("STARTTLS handshake failed: {e}"),
+                            Err(_) => return info!("STARTTLS handshake timed out"),
+                        };
                     let info = tls_info(tls.get_ref().1);
                     Span::current().record("tls", field::display(&info));
                     // Fresh state: the client must EHLO again (RFC 3207).
@@ -142,6 +147,9 @@ struct State {
     owed: VecDeque<Owed>,
     /// DATA got its 354: read the message next.
     data_go: bool,
+    /// The backend was lost after it accepted MAIL: until RSET, every RCPT
+    /// and DATA gets 451 (never a 5xx the sender could bounce on).
+    lost: bool,
     bad: u32,
     skipping_line: bool,
     dedicated: Option<BackendConn>,
@@ -171,7 +179,13 @@ enum Step {
 const CMD_TIMEOUT_REPLY: (u16, &str, &str) = (421, "4.4.2", "Timeout exceeded, closing connection");
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    fn new(io: S, peer: SocketAddr, shared: Arc<Shared>, listener: Listener, tls: Option<TlsInfo>) -> Self {
+    fn new(
+        io: S,
+        peer: SocketAddr,
+        shared: Arc<Shared>,
+        listener: Listener,
+        tls: Option<TlsInfo>,
+    ) -> Self {
         let shutdown = shared.shutdown.clone();
         Session {
             io,
@@ -246,6 +260,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.st.rcpts_ok = 0;
         self.st.owed.clear();
         self.st.data_go = false;
+        self.st.lost = false;
         self.st.txn_span = None;
     }
 
@@ -267,27 +282,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             reply.write_to(&mut self.out);
             match self.st.owed.pop_front() {
                 Some(Owed::Mail) => mail_failed |= !reply.is_positive(),
-                Some(Owed::Rcpt) => {
-                    if reply.is_positive() {
-                        self.st.rcpts_ok += 1;
-                    }
-                }
+                Some(Owed::Rcpt) if reply.is_positive() => self.st.rcpts_ok += 1,
+                Some(Owed::Rcpt) => {}
                 Some(Owed::Data) => self.st.data_go = reply.code == 354 && !broken,
                 None => {}
             }
         }
         self.st.owed.clear();
-        if mail_failed || broken {
-            if broken {
-                if let Some(t) = self.st.txn.take() {
-                    t.abort();
-                }
+        if broken {
+            if let Some(t) = self.st.txn.take() {
+                t.abort();
             }
+        }
+        if mail_failed {
             self.end_txn();
+        } else if broken {
+            self.st.lost = true;
+            self.st.data_go = false;
         }
     }
 
-    async fn read_more(&mut self, timeout: Duration, watch_shutdown: bool) -> Result<usize, ReadErr> {
+    async fn read_more(
+        &mut self,
+        timeout: Duration,
+        watch_shutdown: bool,
+    ) -> Result<usize, ReadErr> {
         if self.inbuf.capacity() - self.inbuf.len() < 512 {
             self.inbuf.reserve(4096);
         }
@@ -319,7 +338,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Step::StartTls => {
                     self.flush().await;
                     if !self.inbuf.is_empty() {
-                        warn!(bytes = self.inbuf.len(), "discarding plaintext sent after STARTTLS");
+                        warn!(
+                            bytes = self.inbuf.len(),
+                            "discarding plaintext sent after STARTTLS"
+                        );
                     }
                     self.inbuf.clear();
                     return Outcome::StartTls;
@@ -433,13 +455,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         // Relayed commands queue without waiting; every other reply must
         // come after the backend replies still owed.
-        if !matches!(cmd, Command::Mail { .. } | Command::Rcpt { .. }) {
+        if !matches!(
+            cmd,
+            Command::Mail { .. } | Command::Rcpt { .. } | Command::Data
+        ) {
             self.resolve().await;
         }
         match cmd {
             Command::Ehlo(name) | Command::Helo(name) => {
                 let esmtp = matches!(cmd, Command::Ehlo(_));
                 self.end_txn();
+                // A dedicated (XCLIENT) backend connection carries the old
+                // identity: let it go.
+                if let Some(c) = self.st.dedicated.take() {
+                    tokio::spawn(c.quit());
+                }
                 Span::current().record("helo", name);
                 self.st.helo = Some(name.to_string());
                 self.st.esmtp = esmtp;
@@ -479,7 +509,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 } else if self.listener.tls != TlsMode::Starttls || self.shared.tls.is_none() {
                     self.bad(502, "5.5.1", "STARTTLS not available");
                 } else if self.st.mail.is_some() {
-                    self.bad(503, "5.5.1", "STARTTLS not allowed during a mail transaction");
+                    self.bad(
+                        503,
+                        "5.5.1",
+                        "STARTTLS not allowed during a mail transaction",
+                    );
                 } else {
                     self.reply(220, "2.0.0", "Ready to start TLS");
                     return Step::StartTls;
@@ -491,7 +525,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     fn ehlo_reply(&mut self) {
         let cfg = &self.shared.cfg;
-        let starttls = self.tls.is_none() && self.listener.tls == TlsMode::Starttls && self.shared.tls.is_some();
+        let starttls = self.tls.is_none()
+            && self.listener.tls == TlsMode::Starttls
+            && self.shared.tls.is_some();
         let mut s = format!(
             "250-{}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n",
             cfg.hostname, cfg.limits.max_message_size
@@ -518,7 +554,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let max = self.cfg().limits.max_message_size;
         if params.size.is_some_and(|s| s > max) {
-            return self.reply(552, "5.3.4", "Message size exceeds fixed maximum message size");
+            return self.reply(
+                552,
+                "5.3.4",
+                "Message size exceeds fixed maximum message size",
+            );
         }
         let id = self.identity();
         let dedicated = self.st.dedicated.take();
@@ -555,6 +595,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.resolve().await;
             return self.bad(503, "5.5.1", "Need MAIL command");
         };
+        if self.st.lost {
+            return crate::relay::backend_lost().write_to(&mut self.out);
+        }
         if self.st.rcpts_sent >= self.cfg().limits.max_recipients {
             self.resolve().await;
             return self.reply(452, "4.5.3", "Too many recipients");
@@ -574,14 +617,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
+    /// DATA rides in the same batch as the RCPTs still owed a reply (the
+    /// backend then judges whether any recipient was accepted).
     async fn data_cmd(&mut self) {
         if self.st.mail.is_none() {
+            self.resolve().await;
             return self.bad(503, "5.5.1", "Need MAIL command");
         }
+        if self.st.lost {
+            return crate::relay::backend_lost().write_to(&mut self.out);
+        }
         if self.st.rcpts_sent == 0 {
+            self.resolve().await;
             return self.bad(503, "5.5.1", "Need RCPT command");
         }
-        if self.st.rcpts_ok == 0 {
+        if self.st.owed.is_empty() && self.st.rcpts_ok == 0 {
             return self.reply(554, "5.5.1", "No valid recipients");
         }
         let Some(txn) = self.st.txn.as_mut() else {
@@ -610,7 +660,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             proto
         );
         if let Some(t) = &self.tls {
-            h.push_str(&format!("\r\n\t(using {} with cipher {})", t.version, t.cipher));
+            h.push_str(&format!(
+                "\r\n\t(using {} with cipher {})",
+                t.version, t.cipher
+            ));
         }
         h.push_str(&format!(";\r\n\t{date}\r\n"));
         out.extend_from_slice(h.as_bytes());
@@ -689,7 +742,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let size = scanner.size();
         let refusal = if too_big {
-            Some(Reply::new(552, smtp::EnhancedCode(5, 3, 4), "Message size exceeds fixed maximum message size"))
+            Some(Reply::new(
+                552,
+                smtp::EnhancedCode(5, 3, 4),
+                "Message size exceeds fixed maximum message size",
+            ))
         } else if mode == BareLineEndings::Reject && scanner.bare_line_ending_seen() {
             Some(Reply::new(
                 550,
@@ -700,7 +757,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Some(Reply::new(
                 550,
                 smtp::EnhancedCode(5, 6, 0),
-                format!("Message contains a line longer than {} octets", cfg.limits.max_text_line),
+                format!(
+                    "Message contains a line longer than {} octets",
+                    cfg.limits.max_text_line
+                ),
             ))
         } else if !backend_ok {
             Some(crate::relay::backend_lost())
@@ -731,7 +791,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 /// Keeps a client-supplied name printable in a header.
 fn sanitize(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_ascii_graphic() || (!c.is_ascii() && !c.is_control()) { c } else { '?' })
+        .map(|c| {
+            if c.is_ascii_graphic() || (!c.is_ascii() && !c.is_control()) {
+                c
+            } else {
+                '?'
+            }
+        })
         .collect()
 }
 
@@ -741,7 +807,9 @@ enum ReadErr {
     Shutdown,
 }
 
-fn map_read(r: Result<std::io::Result<usize>, tokio::time::error::Elapsed>) -> Result<usize, ReadErr> {
+fn map_read(
+    r: Result<std::io::Result<usize>, tokio::time::error::Elapsed>,
+) -> Result<usize, ReadErr> {
     match r {
         Ok(Ok(n)) => Ok(n),
         Ok(Err(_)) => Err(ReadErr::Io),

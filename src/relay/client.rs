@@ -147,7 +147,8 @@ impl BackendConn {
 
     /// EHLO (falling back to HELO); records capabilities.
     pub async fn ehlo(&mut self, helo_name: &str, t: Duration) -> Result<(), BackendError> {
-        self.send(format!("EHLO {helo_name}\r\n").as_bytes()).await?;
+        self.send(format!("EHLO {helo_name}\r\n").as_bytes())
+            .await?;
         let r = self.read_reply(t).await?;
         if r.code == 250 {
             self.caps = Caps::from_ehlo(&r);
@@ -320,7 +321,9 @@ mod tests {
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("ADDR=IPV6:2001:db8::1"));
         assert!(text.lines().count() >= 2);
-        assert!(text.lines().all(|l| l.len() < 512 && l.starts_with("XFORWARD ")));
+        assert!(text
+            .lines()
+            .all(|l| l.len() < 512 && l.starts_with("XFORWARD ")));
     }
 
     #[test]

@@ -35,6 +35,16 @@ fn temp_failure(text: &str) -> Reply {
     Reply::new(451, EnhancedCode(4, 4, 1), text)
 }
 
+/// A backend's 421 (it is closing the connection) as the client hears it:
+/// a 451 with the backend's text, since the client's session goes on.
+fn closing_to_451(r: &Reply) -> Reply {
+    let mut out = Reply::new(451, EnhancedCode(4, 4, 2), "Backend closed the connection");
+    if let Some(first) = r.lines.first().filter(|l| !l.is_empty()) {
+        out.lines[0] = format!("Backend closed the connection: {first}");
+    }
+    out
+}
+
 /// The reply a client gets when the backend failed before its final word.
 pub fn backend_lost() -> Reply {
     Reply::new(
@@ -149,14 +159,15 @@ impl Relay {
                             name: md.root().display().to_string(),
                         })
                     }
-                    Err(e) => tracing::error!(maildir = %md.root().display(), "cannot create message file: {e}"),
+                    Err(e) => {
+                        tracing::error!(maildir = %md.root().display(), "cannot create message file: {e}")
+                    }
                 },
                 Backend::Smtp { pool, identity } => {
                     let opened = match identity {
-                        IdentityMode::Xclient => self
-                            .open_xclient(pool, id)
-                            .await
-                            .map(|c| (c, false, true)),
+                        IdentityMode::Xclient => {
+                            self.open_xclient(pool, id).await.map(|c| (c, false, true))
+                        }
                         _ => pool.checkout().await.map(|(c, reused)| (c, reused, false)),
                     };
                     match opened {
@@ -207,8 +218,10 @@ impl Relay {
                 return Err(BackendError::Refused(r));
             }
         }
-        conn.ehlo(&pool.settings.helo_name, self.command_timeout)
-            .await?;
+        // Say EHLO as the client did (Postfix's XCLIENT_README): this EHLO
+        // is the HELO name the backend records for the session.
+        let helo = id.helo.as_deref().unwrap_or(&pool.settings.helo_name);
+        conn.ehlo(helo, self.command_timeout).await?;
         Ok(conn)
     }
 }
@@ -281,7 +294,10 @@ impl Txn {
     }
 
     fn queue_xforward(&mut self, id: &ClientIdentity) {
-        let Inner::Smtp { conn: Some(conn), .. } = &self.inner else {
+        let Inner::Smtp {
+            conn: Some(conn), ..
+        } = &self.inner
+        else {
             return;
         };
         if conn.caps.xforward.is_empty() {
@@ -315,20 +331,27 @@ impl Txn {
             replies.push_back(Reply::new(250, EnhancedCode(2, 1, 0), "Ok"));
             return;
         }
-        let mut line = format!("MAIL FROM:<{from}>");
+        let Inner::Smtp { wbuf, .. } = &mut self.inner else {
+            return;
+        };
+        // Written straight into the batch: no allocation per command.
+        wbuf.extend_from_slice(b"MAIL FROM:<");
+        wbuf.extend_from_slice(from.as_bytes());
+        wbuf.push(b'>');
         if let Some(size) = params.size {
-            line.push_str(&format!(" SIZE={size}"));
+            use std::io::Write;
+            let _ = write!(wbuf, " SIZE={size}");
         }
         match params.body {
-            Some(Body::SevenBit) => line.push_str(" BODY=7BIT"),
-            Some(Body::EightBitMime) => line.push_str(" BODY=8BITMIME"),
+            Some(Body::SevenBit) => wbuf.extend_from_slice(b" BODY=7BIT"),
+            Some(Body::EightBitMime) => wbuf.extend_from_slice(b" BODY=8BITMIME"),
             None => {}
         }
         if params.smtputf8 {
-            line.push_str(" SMTPUTF8");
+            wbuf.extend_from_slice(b" SMTPUTF8");
         }
-        line.push_str("\r\n");
-        self.queue_raw(line.as_bytes(), Pend::Client);
+        wbuf.extend_from_slice(b"\r\n");
+        self.pending.push_back(Pend::Client);
     }
 
     pub fn queue_rcpt(&mut self, to: &str) {
@@ -337,7 +360,12 @@ impl Txn {
             replies.push_back(Reply::new(250, EnhancedCode(2, 1, 5), "Ok"));
             return;
         }
-        self.queue_raw(format!("RCPT TO:<{to}>\r\n").as_bytes(), Pend::Client);
+        if let Inner::Smtp { wbuf, .. } = &mut self.inner {
+            wbuf.extend_from_slice(b"RCPT TO:<");
+            wbuf.extend_from_slice(to.as_bytes());
+            wbuf.extend_from_slice(b">\r\n");
+        }
+        self.pending.push_back(Pend::Client);
     }
 
     pub fn queue_data(&mut self) {
@@ -345,7 +373,11 @@ impl Txn {
             replies.push_back(if *rcpts == 0 {
                 Reply::new(554, EnhancedCode(5, 5, 1), "No valid recipients")
             } else {
-                Reply::new(354, EnhancedCode(2, 0, 0), "End data with <CR><LF>.<CR><LF>")
+                Reply::new(
+                    354,
+                    EnhancedCode(2, 0, 0),
+                    "End data with <CR><LF>.<CR><LF>",
+                )
             });
             return;
         }
@@ -426,14 +458,25 @@ impl Txn {
                 Ok(reply) => {
                     *replay = None;
                     got += 1;
+                    // 421: the backend is closing; the client gets a 451 (its
+                    // own session goes on) and the connection is not reused.
+                    let closing = reply.code == 421;
+                    let reply = if closing {
+                        closing_to_451(&reply)
+                    } else {
+                        reply
+                    };
                     match self.pending.pop_front() {
                         Some(Pend::Client) => out.push(reply),
-                        Some(Pend::Internal(what)) => {
-                            if !reply.is_positive() {
-                                tracing::warn!(backend = %c.peer, "{what} refused: {} {}", reply.code, reply.lines.join(" "));
-                            }
+                        Some(Pend::Internal(what)) if !reply.is_positive() => {
+                            tracing::warn!(backend = %c.peer, "{what} refused: {} {}", reply.code, reply.lines.join(" "));
                         }
+                        Some(Pend::Internal(_)) => {}
                         None => {}
+                    }
+                    if closing {
+                        tracing::warn!(backend = %c.peer, "backend said 421; dropping the connection");
+                        return false;
                     }
                 }
                 Err(e) => {
@@ -509,6 +552,10 @@ impl Txn {
                     return backend_lost();
                 };
                 match c.read_reply(t).await {
+                    Ok(r) if r.code == 421 => {
+                        *conn = None;
+                        closing_to_451(&r)
+                    }
                     Ok(r) => {
                         *completed = true;
                         r
@@ -530,7 +577,11 @@ impl Txn {
                         }
                         Err(e) => {
                             tracing::error!("maildir delivery failed: {e}");
-                            Reply::new(451, EnhancedCode(4, 3, 0), "Local delivery failed, try again later")
+                            Reply::new(
+                                451,
+                                EnhancedCode(4, 3, 0),
+                                "Local delivery failed, try again later",
+                            )
                         }
                     }
                 }

@@ -57,15 +57,13 @@ impl Pool {
     /// A new connection, waiting at most the connect timeout for a free slot.
     pub async fn open(&self) -> Result<BackendConn, BackendError> {
         let s = &self.settings;
-        let permit = match tokio::time::timeout(
-            s.connect_timeout,
-            self.permits.clone().acquire_owned(),
-        )
-        .await
-        {
-            Ok(Ok(p)) => p,
-            _ => return Err(BackendError::Exhausted),
-        };
+        let permit =
+            match tokio::time::timeout(s.connect_timeout, self.permits.clone().acquire_owned())
+                .await
+            {
+                Ok(Ok(p)) => p,
+                _ => return Err(BackendError::Exhausted),
+            };
         let mut conn = BackendConn::open(
             &s.addr,
             s.backend,

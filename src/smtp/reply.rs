@@ -351,7 +351,10 @@ mod tests {
             enhanced: None,
             lines: vec!["mx.example".into(), "PIPELINING".into(), "8BITMIME".into()],
         };
-        assert_eq!(wire(&r), "250-mx.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n");
+        assert_eq!(
+            wire(&r),
+            "250-mx.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+        );
         let r = Reply {
             code: 550,
             enhanced: Some(EnhancedCode(5, 7, 1)),
@@ -588,7 +591,7 @@ mod tests {
             let buf: Vec<u8> = (0..len)
                 .map(|_| {
                     let r = xorshift(&mut seed);
-                    if r % 4 == 0 {
+                    if r.is_multiple_of(4) {
                         r as u8 >> 3
                     } else {
                         alphabet[(r >> 8) as usize % alphabet.len()]

@@ -63,7 +63,11 @@ impl Sink {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("dump")).unwrap();
         // smtp-sink drops privileges to nobody when run as root.
-        let _ = Command::new("chmod").arg("-R").arg("777").arg(dir.path()).status();
+        let _ = Command::new("chmod")
+            .arg("-R")
+            .arg("777")
+            .arg(dir.path())
+            .status();
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let log = std::fs::File::create(dir.path().join("sink.log")).unwrap();
@@ -164,7 +168,8 @@ impl Proxy {
     pub async fn start(toml: &str) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
         let text = toml.replace("{DIR}", &dir.path().display().to_string());
-        let cfg = Config::parse(&text).unwrap_or_else(|e| panic!("test config invalid: {e:?}\n{text}"));
+        let cfg =
+            Config::parse(&text).unwrap_or_else(|e| panic!("test config invalid: {e:?}\n{text}"));
         let server = Server::bind(cfg).await.expect("bind");
         let addrs = server.local_addrs();
         let relay = server.relay();
@@ -229,7 +234,10 @@ impl Raw {
     pub async fn connect(addr: SocketAddr) -> Raw {
         let stream = TcpStream::connect(addr).await.unwrap();
         stream.set_nodelay(true).unwrap();
-        Raw { stream, buf: Vec::new() }
+        Raw {
+            stream,
+            buf: Vec::new(),
+        }
     }
 
     /// Connects and reads the greeting.
@@ -246,7 +254,9 @@ impl Raw {
 
     /// Reads one whole reply (10 s at most). Panics on EOF.
     pub async fn reply(&mut self) -> Seen {
-        self.try_reply(Duration::from_secs(10)).await.expect("reply")
+        self.try_reply(Duration::from_secs(10))
+            .await
+            .expect("reply")
     }
 
     /// One reply, or None on EOF / timeout.
@@ -273,7 +283,9 @@ impl Raw {
         let mut text = Vec::new();
         loop {
             let nl = self.buf[pos..].iter().position(|&b| b == b'\n')? + pos;
-            let line = String::from_utf8_lossy(&self.buf[pos..nl]).trim_end_matches('\r').to_string();
+            let line = String::from_utf8_lossy(&self.buf[pos..nl])
+                .trim_end_matches('\r')
+                .to_string();
             pos = nl + 1;
             let last = line.as_bytes().get(3) != Some(&b'-');
             text.push(line.get(4..).unwrap_or("").to_string());
@@ -281,7 +293,11 @@ impl Raw {
                 let code = line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
                 let raw = String::from_utf8_lossy(&self.buf[..pos]).into_owned();
                 self.buf.drain(..pos);
-                return Some(Seen { code, text: text.join("\n"), raw });
+                return Some(Seen {
+                    code,
+                    text: text.join("\n"),
+                    raw,
+                });
             }
         }
     }
@@ -295,9 +311,15 @@ impl Raw {
     /// True when the server closed the connection (EOF within `t`).
     pub async fn closed(&mut self, t: Duration) -> bool {
         let mut tmp = [0u8; 256];
-        matches!(tokio::time::timeout(t, self.stream.read(&mut tmp)).await, Ok(Ok(0)) | Ok(Err(_)))
+        matches!(
+            tokio::time::timeout(t, self.stream.read(&mut tmp)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
     }
 }
+
+/// Raw bytes received per connection.
+pub type Conns = Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>>;
 
 /// What a scripted backend does at one stage.
 #[derive(Debug, Clone, PartialEq)]
@@ -325,6 +347,9 @@ pub struct Script {
     pub no_pipelining: bool,
     /// EHLO keywords to add, e.g. "XFORWARD NAME ADDR PORT PROTO HELO SOURCE".
     pub ehlo_extra: Vec<String>,
+    /// Per-recipient RCPT behaviour: (address, act); the first entry whose
+    /// address appears (case-insensitively) in the RCPT line wins over `rcpt`.
+    pub rcpt_for: Vec<(String, Act)>,
 }
 
 /// A backend written for the tests: speaks enough SMTP, records every byte
@@ -333,7 +358,7 @@ pub struct Script {
 pub struct Recorder {
     pub addr: String,
     /// Raw bytes received, one entry per connection.
-    pub conns: Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>>,
+    pub conns: Conns,
     /// Complete messages (raw wire data between 354 and the final dot,
     /// terminator excluded), one per accepted transaction.
     pub messages: Arc<Mutex<Vec<Vec<u8>>>>,
@@ -344,13 +369,15 @@ impl Recorder {
     pub async fn start(script: Script) -> Recorder {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let conns: Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>> = Arc::default();
+        let conns: Conns = Arc::default();
         let messages: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
         let (c2, m2) = (conns.clone(), messages.clone());
         let script = Arc::new(script);
         let task = tokio::spawn(async move {
             loop {
-                let Ok((s, _)) = listener.accept().await else { return };
+                let Ok((s, _)) = listener.accept().await else {
+                    return;
+                };
                 let rec = Arc::new(Mutex::new(Vec::new()));
                 c2.lock().unwrap().push(rec.clone());
                 let (m, sc) = (m2.clone(), script.clone());
@@ -359,7 +386,12 @@ impl Recorder {
                 });
             }
         });
-        Recorder { addr, conns, messages, task }
+        Recorder {
+            addr,
+            conns,
+            messages,
+            task,
+        }
     }
 
     pub fn connection_count(&self) -> usize {
@@ -389,12 +421,20 @@ impl Drop for Recorder {
 
 async fn act(s: &mut TcpStream, a: &Option<Act>, normal: &str) -> std::io::Result<bool> {
     match a {
-        None => s.write_all(format!("{normal}\r\n").as_bytes()).await.map(|_| true),
-        Some(Act::Reply(r)) => s.write_all(format!("{r}\r\n").as_bytes()).await.map(|_| true),
+        None => s
+            .write_all(format!("{normal}\r\n").as_bytes())
+            .await
+            .map(|_| true),
+        Some(Act::Reply(r)) => s
+            .write_all(format!("{r}\r\n").as_bytes())
+            .await
+            .map(|_| true),
         Some(Act::Drop) => Ok(false),
         Some(Act::Delay(d)) => {
             tokio::time::sleep(*d).await;
-            s.write_all(format!("{normal}\r\n").as_bytes()).await.map(|_| true)
+            s.write_all(format!("{normal}\r\n").as_bytes())
+                .await
+                .map(|_| true)
         }
     }
 }
@@ -450,7 +490,9 @@ async fn recorder_conn(
                 }
                 continue;
             }
-            let Some(nl) = buf.iter().position(|&b| b == b'\n') else { break };
+            let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
+                break;
+            };
             let line: Vec<u8> = buf.drain(..=nl).collect();
             let text = String::from_utf8_lossy(&line).trim_end().to_string();
             let upper = text.to_ascii_uppercase();
@@ -464,7 +506,11 @@ async fn recorder_conn(
                 }
                 r.push_str("250 ENHANCEDSTATUSCODES");
                 act(&mut s, &None, &r).await?
-            } else if upper.starts_with("HELO") || upper.starts_with("XFORWARD") || upper.starts_with("RSET") || upper.starts_with("NOOP") {
+            } else if upper.starts_with("HELO")
+                || upper.starts_with("XFORWARD")
+                || upper.starts_with("RSET")
+                || upper.starts_with("NOOP")
+            {
                 act(&mut s, &None, "250 2.0.0 Ok").await?
             } else if upper.starts_with("XCLIENT") {
                 act(&mut s, &None, "220 recorder ESMTP").await?
@@ -475,7 +521,17 @@ async fn recorder_conn(
                 if mail_failed {
                     act(&mut s, &None, "503 5.5.1 Error: need MAIL command").await?
                 } else {
-                    act(&mut s, &sc.rcpt, "250 2.1.5 Ok").await?
+                    let per_rcpt = sc
+                        .rcpt_for
+                        .iter()
+                        .find(|(addr, _)| upper.contains(&addr.to_ascii_uppercase()))
+                        .map(|(_, a)| Some(a.clone()));
+                    act(
+                        &mut s,
+                        per_rcpt.as_ref().unwrap_or(&sc.rcpt),
+                        "250 2.1.5 Ok",
+                    )
+                    .await?
                 }
             } else if upper.starts_with("DATA") {
                 let positive = matches!(&sc.data, None | Some(Act::Delay(_)));
@@ -514,14 +570,18 @@ fn find_end(p: &[u8]) -> Option<(usize, usize)> {
         let lf = i + off;
         let start = lf + 1;
         // The line after this LF.
-        let Some(next_off) = p[start..].iter().position(|&b| b == b'\n') else { return None };
+        let next_off = p[start..].iter().position(|&b| b == b'\n')?;
         let next_lf = start + next_off;
         let mut line = &p[start..next_lf];
         while let Some(l) = line.strip_suffix(b"\r") {
             line = l;
         }
         if line == b"." {
-            let brk = if lf > 0 && p[lf - 1] == b'\r' { lf - 1 } else { lf };
+            let brk = if lf > 0 && p[lf - 1] == b'\r' {
+                lf - 1
+            } else {
+                lf
+            };
             return Some((brk, next_lf + 1));
         }
         i = start;
@@ -538,4 +598,132 @@ pub fn write_cert(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     std::fs::write(&cert, ck.cert.pem()).unwrap();
     std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
     (cert, key)
+}
+
+// ---------------------------------------------------------------------------
+// Added for tests/faults.rs: per-connection scripts, end-of-connection
+// tracking, a sink on a chosen address, access to a Raw client's stream.
+
+/// A `Recorder` whose n-th connection follows `scripts[n]` (the last script
+/// for every later connection), and which notes when each connection's
+/// conversation ended (peer closed or reset, QUIT, or the script dropped it).
+pub struct SeqRecorder {
+    pub rec: Recorder,
+    /// One flag per accepted connection, in accept order.
+    pub ended: Arc<Mutex<Vec<bool>>>,
+}
+
+impl SeqRecorder {
+    pub async fn start(scripts: Vec<Script>) -> SeqRecorder {
+        assert!(!scripts.is_empty(), "SeqRecorder needs at least one script");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let conns: Conns = Arc::default();
+        let messages: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+        let ended: Arc<Mutex<Vec<bool>>> = Arc::default();
+        let (c2, m2, e2) = (conns.clone(), messages.clone(), ended.clone());
+        let scripts: Vec<Arc<Script>> = scripts.into_iter().map(Arc::new).collect();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = listener.accept().await else {
+                    return;
+                };
+                let rec = Arc::new(Mutex::new(Vec::new()));
+                let idx = {
+                    let mut c = c2.lock().unwrap();
+                    c.push(rec.clone());
+                    c.len() - 1
+                };
+                e2.lock().unwrap().push(false);
+                let sc = scripts[idx.min(scripts.len() - 1)].clone();
+                let (m, e) = (m2.clone(), e2.clone());
+                tokio::spawn(async move {
+                    let _ = recorder_conn(s, rec, m, sc).await;
+                    e.lock().unwrap()[idx] = true;
+                });
+            }
+        });
+        SeqRecorder {
+            rec: Recorder {
+                addr,
+                conns,
+                messages,
+                task,
+            },
+            ended,
+        }
+    }
+
+    /// Raw bytes received on connection `i`.
+    pub fn conn_bytes(&self, i: usize) -> Vec<u8> {
+        self.rec.conns.lock().unwrap()[i].lock().unwrap().clone()
+    }
+
+    pub fn is_ended(&self, i: usize) -> bool {
+        self.ended.lock().unwrap().get(i).copied().unwrap_or(false)
+    }
+
+    /// Waits until connection `i` ended; false when it did not within `t`.
+    pub async fn wait_ended(&self, i: usize, t: Duration) -> bool {
+        let end = tokio::time::Instant::now() + t;
+        loop {
+            if self.is_ended(i) {
+                return true;
+            }
+            if tokio::time::Instant::now() > end {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl std::ops::Deref for SeqRecorder {
+    type Target = Recorder;
+    fn deref(&self) -> &Recorder {
+        &self.rec
+    }
+}
+
+impl Sink {
+    /// Like `Sink::start`, on a given address (e.g. the one of a sink that
+    /// was just dropped, to simulate a backend restart).
+    pub fn start_on(addr: &str, extra: &[&str]) -> Option<Sink> {
+        let bin = require_tool("smtp-sink")?;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("dump")).unwrap();
+        let _ = Command::new("chmod")
+            .arg("-R")
+            .arg("777")
+            .arg(dir.path())
+            .status();
+        let log = std::fs::File::create(dir.path().join("sink.log")).unwrap();
+        let mut cmd = Command::new(bin);
+        if is_root() {
+            cmd.args(["-u", "nobody"]);
+        }
+        cmd.arg("-v")
+            .arg("-d")
+            .arg(format!("{}/dump/%H%M%S.", dir.path().display()))
+            .args(extra)
+            .arg(addr)
+            .arg("100")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log));
+        let child = cmd.spawn().expect("spawn smtp-sink");
+        wait_port(addr);
+        Some(Sink {
+            child,
+            addr: addr.to_string(),
+            dir,
+        })
+    }
+}
+
+impl Raw {
+    /// The stream and any bytes already read but not yet returned as a reply
+    /// (e.g. to check nothing followed a reply, or to start TLS).
+    pub fn into_parts(self) -> (TcpStream, Vec<u8>) {
+        (self.stream, self.buf)
+    }
 }

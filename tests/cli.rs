@@ -1,0 +1,214 @@
+//! The `smtp-edge` binary as an operator uses it: `check-config`, and a run
+//! without `--config` (the embedded default: 127.0.0.1:2525, STARTTLS,
+//! Maildir ./var/mail) stopped with SIGTERM.
+mod common;
+use common::*;
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_smtp-edge");
+
+fn check_config(text: &str) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("smtp-edge.toml");
+    std::fs::write(&path, text).unwrap();
+    Command::new(BIN)
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .expect("run smtp-edge")
+}
+
+/// True when `text` says "line N" (not "line N0" and the like).
+fn names_line(text: &str, n: usize) -> bool {
+    let pat = format!("line {n}");
+    text.match_indices(&pat)
+        .any(|(i, _)| !text[i + pat.len()..].starts_with(|c: char| c.is_ascii_digit()))
+}
+
+#[test]
+fn check_config_accepts_a_good_file() {
+    let out = check_config(
+        "hostname = \"mx.example.net\"\n\
+         [[listener]]\naddress = \"127.0.0.1:2525\"\ntls = \"starttls\"\n\
+         [limits]\nmax_recipients = 50\n\
+         [timeouts]\ncommand = 120.5\n\
+         [[backend]]\naddress = \"127.0.0.1:10025\"\nidentity = \"xforward\"\nmax_connections = 8\n\
+         [[backend]]\nmaildir = \"/var/spool/smtp-edge\"\n",
+    );
+    assert!(
+        out.status.success(),
+        "check-config refused a good file: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn check_config_names_every_error_with_key_and_line() {
+    let text = "hostname = \"mx.example.net\"\n\
+                bogus_key = 1\n\
+                [[listener]]\n\
+                address = \"127.0.0.1:2525\"\n\
+                [limits]\n\
+                max_recipients = \"many\"\n\
+                [[backend]]\n\
+                address = \"nohostport\"\n";
+    let out = check_config(text);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "check-config accepted a broken file:\n{stderr}"
+    );
+    assert!(
+        out.status.code().is_some(),
+        "killed by a signal: {}",
+        out.status
+    );
+    for (key, line) in [
+        ("bogus_key", 2),
+        ("limits.max_recipients", 6),
+        ("backend[0].address", 8),
+    ] {
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.contains(key) && names_line(l, line)),
+            "stderr does not name `{key}` at line {line}:\n{stderr}"
+        );
+    }
+}
+
+/// Kills the child (by its own handle) if the test ends early.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn maildir_new(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| {
+                    String::from_utf8_lossy(&std::fs::read(e.path()).unwrap_or_default())
+                        .into_owned()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_embedded_default_without_config_and_stops_on_sigterm() {
+    const ADDR: &str = "127.0.0.1:2525";
+    match std::net::TcpListener::bind(ADDR) {
+        Ok(l) => drop(l),
+        Err(e) => {
+            if ci() {
+                panic!("{ADDR} is busy ({e}); the default-config test needs it under CI");
+            }
+            eprintln!("SKIP: {ADDR} is busy ({e})");
+            return;
+        }
+    }
+    let cwd = tempfile::tempdir().unwrap();
+    let log = std::fs::File::create(cwd.path().join("smtp-edge.log")).unwrap();
+    let child = Command::new(BIN)
+        .current_dir(cwd.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone().unwrap()))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("spawn smtp-edge");
+    let mut proc = Running(child);
+    let log_text = || std::fs::read_to_string(cwd.path().join("smtp-edge.log")).unwrap_or_default();
+
+    // Wait until it listens (or died).
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(Some(st)) = proc.0.try_wait() {
+            panic!("smtp-edge exited early: {st}\n{}", log_text());
+        }
+        if tokio::net::TcpStream::connect(ADDR).await.is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "smtp-edge is not listening on {ADDR}:\n{}",
+            log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let mut c = Raw::greeted(ADDR.parse().unwrap()).await;
+    let r = c.cmd("EHLO cli.client.test").await;
+    assert_eq!(r.code, 250, "{r:?}");
+    assert!(
+        r.text.lines().any(|l| l == "STARTTLS"),
+        "the default listener offers STARTTLS: {r:?}"
+    );
+    for (cmd, code) in [
+        ("MAIL FROM:<y@example.org>", 250),
+        ("RCPT TO:<x@example.org>", 250),
+        ("DATA", 354),
+    ] {
+        let r = c.cmd(cmd).await;
+        assert_eq!(r.code, code, "{cmd}: {r:?}");
+    }
+    c.send(b"Subject: default config\r\n\r\ndelivered by the embedded default\r\n.\r\n")
+        .await;
+    let r = c.reply().await;
+    assert_eq!(r.code, 250, "{r:?}");
+    assert_eq!(c.cmd("QUIT").await.code, 221);
+
+    let new = cwd.path().join("var/mail/new");
+    let msgs = maildir_new(&new);
+    assert_eq!(
+        msgs.len(),
+        1,
+        "expected one message in ./var/mail/new: {msgs:#?}"
+    );
+    assert!(
+        msgs[0].contains("delivered by the embedded default"),
+        "{}",
+        msgs[0]
+    );
+    assert!(msgs[0].contains("Subject: default config"), "{}", msgs[0]);
+
+    let pid = proc.0.id().to_string();
+    let st = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("run kill");
+    assert!(st.success(), "kill -TERM {pid} failed");
+    let end = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = proc.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < end,
+            "smtp-edge did not stop on SIGTERM:\n{}",
+            log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status after SIGTERM: {status}\n{}",
+        log_text()
+    );
+    assert!(
+        std::net::TcpStream::connect(ADDR).is_err(),
+        "{ADDR} still accepting after exit"
+    );
+}
