@@ -278,17 +278,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         txn.replies(&mut replies).await;
         let broken = txn.is_broken();
         let mut mail_failed = false;
+        let mut desync = false;
         for reply in replies {
-            reply.write_to(&mut self.out);
             match self.st.owed.pop_front() {
                 Some(Owed::Mail) => mail_failed |= !reply.is_positive(),
                 Some(Owed::Rcpt) if reply.is_positive() => self.st.rcpts_ok += 1,
                 Some(Owed::Rcpt) => {}
+                Some(Owed::Data) if reply.code == 354 && self.st.rcpts_ok == 0 => {
+                    // A backend that opens DATA with no recipient accepted
+                    // would deliver to nobody: refuse it here and drop the
+                    // connection, which is now inside DATA.
+                    desync = true;
+                    write_reply(&mut self.out, 554, "5.5.1", "No valid recipients");
+                    continue;
+                }
                 Some(Owed::Data) => self.st.data_go = reply.code == 354 && !broken,
                 None => {}
             }
+            reply.write_to(&mut self.out);
         }
         self.st.owed.clear();
+        if desync && !broken {
+            if let Some(t) = self.st.txn.take() {
+                t.abort();
+            }
+            self.end_txn();
+            return;
+        }
         if broken {
             if let Some(t) = self.st.txn.take() {
                 t.abort();
@@ -449,7 +465,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Err(e) => {
                 self.resolve().await;
                 self.st.bad += 1;
-                e.reply().write_to(&mut self.out);
+                e.write_reply(&mut self.out);
                 return Step::Continue;
             }
         };

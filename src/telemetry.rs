@@ -1,6 +1,8 @@
 //! Tracing setup: human-readable logs to stderr, filtered by `RUST_LOG`
 //! (default `info`). OpenTelemetry export is a later addition.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber; safe to call more than once.
@@ -10,5 +12,6 @@ pub fn init() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }

@@ -132,17 +132,14 @@ impl BackendConn {
             _permit: None,
             idle_since: Instant::now(),
         };
-        conn.greet(helo_name, command_timeout).await?;
-        Ok(conn)
-    }
-
-    /// Reads a 220 greeting and sends EHLO, recording capabilities.
-    pub async fn greet(&mut self, helo_name: &str, t: Duration) -> Result<(), BackendError> {
-        let greeting = self.read_reply(t).await?;
+        // The greeting is part of connecting: a backend that accepts but
+        // never greets must not hold the client longer than that.
+        let greeting = conn.read_reply(connect_timeout).await?;
         if greeting.code != 220 {
             return Err(BackendError::Refused(greeting));
         }
-        self.ehlo(helo_name, t).await
+        conn.ehlo(helo_name, command_timeout).await?;
+        Ok(conn)
     }
 
     /// EHLO (falling back to HELO); records capabilities.

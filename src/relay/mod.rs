@@ -138,7 +138,12 @@ impl Relay {
         dedicated: Option<BackendConn>,
     ) -> Result<Txn, Reply> {
         if let Some(conn) = dedicated {
-            return Ok(Txn::smtp(self.clone(), conn, false, true));
+            if conn.idle_ok() {
+                return Ok(Txn::smtp(self.clone(), conn, false, true));
+            }
+            // The backend closed the session's connection between two
+            // transactions: open a new one (with a new XCLIENT) below.
+            tracing::debug!(backend = %conn.peer, "dedicated connection closed; reopening");
         }
         let n = self.backends.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
