@@ -41,47 +41,22 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, li
         tracing::info_span!("session", client = %peer, helo = field::Empty, tls = field::Empty);
     async move {
         let _ = stream.set_nodelay(true);
-        let cfg = shared.cfg.clone();
-        let handshake_timeout = Duration::from_secs_f64(cfg.timeouts.tls_handshake);
         match (listener.tls, shared.tls.clone()) {
             (TlsMode::Implicit, Some(acceptor)) => {
-                let tls =
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => return info!("TLS handshake failed: {e}"),
-                        Err(_) => return info!("TLS handshake timed out"),
-                    };
-                let info = tls_info(tls.get_ref().1);
-                Span::current().record("tls", field::display(&info));
-                let mut s = Session::new(tls, peer, shared, listener, Some(info));
-                s.greet().await;
-                s.run().await;
-                s.finish().await;
+                serve_tls(stream, acceptor, peer, shared, listener, true).await;
             }
             _ => {
                 let mut s = Session::new(stream, peer, shared.clone(), listener, None);
                 s.greet().await;
-                let outcome = s.run().await;
-                if let Outcome::StartTls = outcome {
+                if let Outcome::StartTls = s.run().await {
                     let Session { io, st, .. } = s;
                     if let Some(c) = st.dedicated {
                         c.quit().await;
                     }
-                    let Some(acceptor) = shared.tls.clone() else {
-                        return;
-                    };
-                    let tls =
-                        match tokio::time::timeout(handshake_timeout, acceptor.accept(io)).await {
-                            Ok(Ok(s)) => s,
-                            Ok(Err(e)) => return info!("STARTTLS handshake failed: {e}"),
-                            Err(_) => return info!("STARTTLS handshake timed out"),
-                        };
-                    let info = tls_info(tls.get_ref().1);
-                    Span::current().record("tls", field::display(&info));
-                    // Fresh state: the client must EHLO again (RFC 3207).
-                    let mut s = Session::new(tls, peer, shared, listener, Some(info));
-                    s.run().await;
-                    s.finish().await;
+                    if let Some(acceptor) = shared.tls.clone() {
+                        // Fresh state: the client must EHLO again (RFC 3207).
+                        serve_tls(io, acceptor, peer, shared, listener, false).await;
+                    }
                 } else {
                     s.finish().await;
                 }
@@ -90,6 +65,33 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, li
     }
     .instrument(span)
     .await
+}
+
+/// TLS handshake (implicit TLS, or after STARTTLS), then a session on the
+/// encrypted stream with fresh state; `greet` for implicit TLS only.
+async fn serve_tls(
+    io: TcpStream,
+    acceptor: tokio_rustls::TlsAcceptor,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    listener: Listener,
+    greet: bool,
+) {
+    let handshake_timeout = Duration::from_secs_f64(shared.cfg.timeouts.tls_handshake);
+    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(io)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return info!("TLS handshake failed: {e}"),
+        Err(_) => return info!("TLS handshake timed out"),
+    };
+    let info = tls_info(tls.get_ref().1);
+    Span::current().record("tls", field::display(&info));
+    let mut s = Session::new(tls, peer, shared, listener, Some(info));
+    if greet {
+        s.greet().await;
+    }
+    // STARTTLS inside TLS is refused, so this run ends the session.
+    s.run().await;
+    s.finish().await;
 }
 
 fn tls_info(conn: &rustls::ServerConnection) -> TlsInfo {
