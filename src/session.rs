@@ -43,7 +43,7 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, li
         let _ = stream.set_nodelay(true);
         match (listener.tls, shared.tls.clone()) {
             (TlsMode::Implicit, Some(acceptor)) => {
-                serve_tls(stream, acceptor, peer, shared, listener, true).await;
+                Box::pin(serve_tls(stream, acceptor, peer, shared, listener, true)).await;
             }
             _ => {
                 let mut s = Session::new(stream, peer, shared.clone(), listener, None);
@@ -55,7 +55,7 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, li
                     }
                     if let Some(acceptor) = shared.tls.clone() {
                         // Fresh state: the client must EHLO again (RFC 3207).
-                        serve_tls(io, acceptor, peer, shared, listener, false).await;
+                        Box::pin(serve_tls(io, acceptor, peer, shared, listener, false)).await;
                     }
                 } else {
                     s.finish().await;
@@ -277,7 +277,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return;
         };
         let mut replies = Vec::with_capacity(self.st.owed.len());
-        txn.replies(&mut replies).await;
+        Box::pin(txn.replies(&mut replies)).await;
         let broken = txn.is_broken();
         let mut mail_failed = false;
         let mut desync = false;
@@ -370,7 +370,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 if !self.flush().await {
                     return Outcome::Closed;
                 }
-                match self.data_phase().await {
+                match Box::pin(self.data_phase()).await {
                     Ok(reply) => {
                         reply.write_to(&mut self.out);
                         self.st.messages += 1;
@@ -580,7 +580,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let id = self.identity();
         let dedicated = self.st.dedicated.take();
-        let mut txn = match self.shared.relay.begin(&id, dedicated).await {
+        let mut txn = match Box::pin(self.shared.relay.begin(&id, dedicated)).await {
             Ok(t) => t,
             Err(reply) => {
                 reply.write_to(&mut self.out);
@@ -832,5 +832,45 @@ fn map_read(
         Ok(Ok(n)) => Ok(n),
         Ok(Err(_)) => Err(ReadErr::Io),
         Err(_) => Err(ReadErr::Timeout),
+    }
+}
+
+#[cfg(test)]
+mod size_probe {
+    /// Every idle connection holds one session future: keep it small (the
+    /// TLS path, the DATA phase and backend work are boxed).
+    #[test]
+    fn session_future_stays_small() {
+        fn size<F: std::future::Future>(_: &F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let a = l.local_addr().unwrap();
+            let s = tokio::net::TcpStream::connect(a).await.unwrap();
+            let cfg = crate::config::Config::parse(
+                "[[listener]]\naddress = \"127.0.0.1:0\"\n[[backend]]\naddress = \"127.0.0.1:9\"\n",
+            )
+            .unwrap();
+            let relay = crate::relay::Relay::new(&cfg).unwrap();
+            let (_tx, rx) = tokio::sync::watch::channel(false);
+            let shared = std::sync::Arc::new(super::Shared {
+                cfg: std::sync::Arc::new(cfg),
+                relay,
+                tls: None,
+                shutdown: rx,
+            });
+            let listener = super::Listener {
+                tls: crate::config::TlsMode::None,
+                require_tls: false,
+            };
+            let f = super::handle(s, a, shared, listener);
+            let n = size(&f);
+            assert!(n <= 4096, "session future grew to {n} bytes");
+        });
     }
 }

@@ -1,0 +1,163 @@
+//! `smtp-load` command line: parses the flags, builds a multi-thread tokio
+//! runtime and runs `run`, `sink` or `idle`. Exit codes: 0 success, 1 the
+//! load did not fully succeed (see the counts), 2 bad flags or setup.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use smtp_load::cli::{threads, Cli, Cmd, IdleArgs, RunArgs, SinkArgs};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Many connections need many fds: use all the hard limit allows.
+    smtp_load::procstat::raise_nofile();
+    let n = match &cli.cmd {
+        Cmd::Run(a) => a.threads,
+        Cmd::Sink(a) => a.threads,
+        Cmd::Idle(a) => a.threads,
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads(n))
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    let code = rt.block_on(async {
+        match cli.cmd {
+            Cmd::Run(a) => run(a).await,
+            Cmd::Sink(a) => sink(a).await,
+            Cmd::Idle(a) => idle(a).await,
+        }
+    });
+    rt.shutdown_timeout(Duration::from_millis(100));
+    code
+}
+
+fn fail(msg: String) -> ExitCode {
+    eprintln!("smtp-load: {msg}");
+    ExitCode::from(2)
+}
+
+fn print(s: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(s.as_bytes());
+    let _ = out.flush();
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn interrupted() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+async fn run(a: RunArgs) -> ExitCode {
+    let cfg = match a.to_config() {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let quiet = a.quiet;
+    tokio::spawn(async move {
+        interrupted().await;
+        if !quiet {
+            eprintln!("smtp-load: interrupted, finishing the messages in progress");
+        }
+        s.store(true, Ordering::Relaxed);
+    });
+    match smtp_load::run(cfg, stop).await {
+        Ok(r) => {
+            if a.json {
+                print(&format!("{}\n", r.to_json()));
+            } else {
+                print(&r.to_table());
+            }
+            if r.ok {
+                ExitCode::SUCCESS
+            } else {
+                if a.json || a.quiet {
+                    let m = &r.messages;
+                    eprintln!(
+                        "smtp-load: not every message was accepted: attempted {} accepted {} rejected {} failed {} dropped {}",
+                        m.attempted, m.accepted, m.rejected, m.failed, m.dropped
+                    );
+                }
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => fail(e),
+    }
+}
+
+async fn sink(a: SinkArgs) -> ExitCode {
+    let cfg = match a.to_config() {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let server = match smtp_load::SinkServer::start(cfg).await {
+        Ok(s) => s,
+        Err(e) => return fail(format!("cannot listen on {}: {e}", a.listen)),
+    };
+    if !a.quiet {
+        eprintln!("smtp-load sink: listening on {}", server.local_addr());
+    }
+    tokio::select! {
+        _ = interrupted() => {}
+        _ = server.reached() => {
+            // Let the last replies and QUITs go out.
+            server.drain(Duration::from_secs(2)).await;
+        }
+    }
+    server.stop();
+    let r = server.report();
+    if a.json {
+        print(&format!(
+            "{}\n",
+            serde_json::to_string(&r).unwrap_or_default()
+        ));
+    } else {
+        print(&r.to_table());
+    }
+    ExitCode::SUCCESS
+}
+
+async fn idle(a: IdleArgs) -> ExitCode {
+    let cfg = match a.to_config() {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    match smtp_load::idle::idle(cfg).await {
+        Ok(r) => {
+            if a.json {
+                print(&format!(
+                    "{}\n",
+                    serde_json::to_string(&r).unwrap_or_default()
+                ));
+            } else {
+                print(&r.to_table());
+            }
+            if r.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => fail(e),
+    }
+}

@@ -1,0 +1,501 @@
+//! Short in-process runs of the generator against the in-process sink: exact
+//! counts (sent == sink received == 2xx replies), ordered non-zero
+//! percentiles, the JSON fields, STARTTLS, the open loop, misbehaving
+//! servers, and the binary's exit codes.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use smtp_load::message::SizeDist;
+use smtp_load::stats::{LatencySummary, PHASE_NAMES, STAGE_NAMES};
+use smtp_load::{run, Report, RunConfig, SinkConfig, SinkServer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+async fn sink(tls: bool) -> SinkServer {
+    let mut cfg = SinkConfig::new("127.0.0.1:0".parse().unwrap());
+    if tls {
+        cfg.tls = Some(smtp_load::tls::self_signed_server_config().unwrap());
+    }
+    SinkServer::start(cfg).await.unwrap()
+}
+
+fn config(target: SocketAddr, messages: u64, connections: usize, per_conn: u64) -> RunConfig {
+    let mut c = RunConfig::new(target);
+    c.messages = Some(messages);
+    c.connections = connections;
+    c.messages_per_conn = per_conn;
+    c.timeout = Duration::from_secs(10);
+    c
+}
+
+async fn go(cfg: RunConfig) -> Report {
+    run(cfg, Arc::new(AtomicBool::new(false))).await.unwrap()
+}
+
+/// Waits until the sink has counted `n` messages (its counter is bumped just
+/// before the reply goes out).
+async fn sink_messages(s: &SinkServer, n: u64) -> u64 {
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = s.stats().messages.load(Ordering::Relaxed);
+        if got >= n || Instant::now() > until {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn ordered(l: &LatencySummary, what: &str) {
+    assert!(l.count > 0, "{what}: no samples");
+    assert!(l.min > 0, "{what}: {l:?}");
+    assert!(
+        l.min <= l.p50 && l.p50 <= l.p90 && l.p90 <= l.p99 && l.p99 <= l.p999 && l.p999 <= l.max,
+        "{what}: {l:?}"
+    );
+}
+
+fn code(r: &Report, stage: &str, code: &str) -> u64 {
+    r.replies[stage].get(code).copied().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_loop_new_connection_per_message() {
+    let s = sink(false).await;
+    let r = go(config(s.local_addr(), 300, 4, 1)).await;
+    assert!(r.ok, "{}", r.to_table());
+    assert_eq!(r.messages.attempted, 300);
+    assert_eq!(r.messages.accepted, 300);
+    assert_eq!(sink_messages(&s, 300).await, 300);
+    assert_eq!(code(&r, "final", "250"), 300);
+    assert_eq!(code(&r, "mail", "250"), 300);
+    assert_eq!(code(&r, "data", "354"), 300);
+    assert_eq!(code(&r, "quit", "221"), 300);
+    assert_eq!(r.connections.opened, 300);
+    assert_eq!(s.stats().connections.load(Ordering::Relaxed), 300);
+    assert_eq!(r.bytes, 300 * 4096);
+    assert_eq!(s.stats().bytes.load(Ordering::Relaxed), 300 * 4096);
+    for p in ["connect_to_greeting", "mail_to_final", "transaction"] {
+        ordered(&r.latency_us[p], p);
+        assert_eq!(r.latency_us[p].count, 300);
+    }
+    // A new connection per message: the transaction includes the connect.
+    assert!(r.latency_us["transaction"].p50 >= r.latency_us["mail_to_final"].p50);
+    assert_eq!(r.latency_us["tls_handshake"].count, 0);
+    assert!(r.msgs_per_sec > 0.0 && r.conns_per_sec > 0.0 && r.bytes_per_sec > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_loop_persistent_without_pipelining() {
+    let s = sink(false).await;
+    let mut c = config(s.local_addr(), 300, 4, 0);
+    c.pipelining = false;
+    c.rcpts = 3;
+    c.sizes = SizeDist::parse("1000:1,20000:1").unwrap();
+    let r = go(c).await;
+    assert!(r.ok, "{}", r.to_table());
+    assert_eq!((r.messages.attempted, r.messages.accepted), (300, 300));
+    assert_eq!(sink_messages(&s, 300).await, 300);
+    assert_eq!(code(&r, "final", "250"), 300);
+    assert_eq!(code(&r, "rcpt", "250"), 900);
+    assert_eq!(s.stats().rcpts.load(Ordering::Relaxed), 900);
+    // One connection per worker for the whole run, closed with QUIT.
+    assert_eq!(r.connections.opened, 4);
+    assert_eq!(s.stats().connections.load(Ordering::Relaxed), 4);
+    assert_eq!(code(&r, "quit", "221"), 4);
+    assert_eq!(r.bytes, s.stats().bytes.load(Ordering::Relaxed));
+    ordered(&r.latency_us["mail_to_final"], "mail_to_final");
+    ordered(&r.latency_us["transaction"], "transaction");
+    assert_eq!(r.latency_us["connect_to_greeting"].count, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_few_messages_per_connection_with_pipelined_quit() {
+    let s = sink(false).await;
+    let r = go(config(s.local_addr(), 100, 3, 10)).await;
+    assert!(r.ok, "{}", r.to_table());
+    assert_eq!(sink_messages(&s, 100).await, 100);
+    assert_eq!(code(&r, "final", "250"), 100);
+    // 100 messages, 10 per connection, over 3 workers: at least 10 connections.
+    assert!(
+        (10..=13).contains(&r.connections.opened),
+        "{}",
+        r.connections.opened
+    );
+    assert_eq!(code(&r, "quit", "221"), r.connections.opened);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_loop_at_500_per_second() {
+    let s = sink(false).await;
+    let mut c = config(s.local_addr(), 0, 8, 0);
+    c.messages = None;
+    c.duration = Some(Duration::from_secs(1));
+    c.rate = Some(500.0);
+    c.max_inflight = 200;
+    let r = go(c).await;
+    assert!(r.ok, "{}", r.to_table());
+    assert_eq!(r.mode, "open");
+    assert_eq!(r.messages.dropped, 0);
+    assert_eq!(r.messages.attempted, 500);
+    assert_eq!(r.messages.accepted, 500);
+    assert_eq!(sink_messages(&s, 500).await, 500);
+    assert_eq!(code(&r, "final", "250"), 500);
+    let l = &r.latency_us["scheduled_to_final"];
+    ordered(l, "scheduled_to_final");
+    assert_eq!(l.count, 500);
+    // The schedule, not the server, sets the pace.
+    assert!(r.elapsed_s > 0.9 && r.elapsed_s < 3.0, "{}", r.elapsed_s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_loop_drops_over_max_inflight() {
+    // A server that greets and then never answers: every message stays in flight.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut s, _)) = l.accept().await {
+            let _ = s.write_all(b"220 slow\r\n").await;
+            held.push(s);
+        }
+    });
+    let mut c = config(addr, 50, 2, 0);
+    c.rate = Some(1000.0);
+    c.max_inflight = 5;
+    c.timeout = Duration::from_millis(300);
+    let r = go(c).await;
+    assert!(!r.ok);
+    assert!(r.messages.dropped >= 40, "{}", r.to_table());
+    assert_eq!(r.messages.attempted + r.messages.dropped, 50);
+    assert_eq!(r.messages.failed, r.messages.attempted);
+    assert!(r.errors["timeout"] > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_against_the_tls_sink() {
+    let s = sink(true).await;
+    let mut c = config(s.local_addr(), 40, 2, 5);
+    c.starttls = true;
+    let r = go(c).await;
+    assert!(r.ok, "{}", r.to_table());
+    assert_eq!(sink_messages(&s, 40).await, 40);
+    assert_eq!(code(&r, "final", "250"), 40);
+    // 5 messages per connection, 2 workers sharing 40: 8 or 9 connections.
+    let conns = r.connections.opened;
+    assert!((8..=9).contains(&conns), "{conns}");
+    assert_eq!(code(&r, "starttls", "220"), conns);
+    assert_eq!(s.stats().tls_handshakes.load(Ordering::Relaxed), conns);
+    let hs = &r.latency_us["tls_handshake"];
+    ordered(hs, "tls_handshake");
+    assert_eq!(hs.count, conns);
+    // Two EHLOs per connection (before and after STARTTLS).
+    assert_eq!(code(&r, "ehlo", "250"), 2 * conns);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_not_offered_is_an_error() {
+    let s = sink(false).await;
+    let mut c = config(s.local_addr(), 5, 1, 1);
+    c.starttls = true;
+    let r = go(c).await;
+    assert!(!r.ok);
+    assert_eq!(r.messages.failed, 5);
+    assert_eq!(r.errors["tls"], 5);
+    assert_eq!(s.stats().messages.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_sessions_and_warmup() {
+    let s = sink(false).await;
+    let mut c = config(s.local_addr(), 100, 4, 1);
+    c.churn = true;
+    let r = go(c).await;
+    assert!(r.ok, "{}", r.to_table());
+    assert_eq!(code(&r, "quit", "221"), 100);
+    assert_eq!(r.connections.opened, 100);
+    assert_eq!(s.stats().messages.load(Ordering::Relaxed), 0);
+    ordered(&r.latency_us["transaction"], "transaction");
+
+    let s = sink(false).await;
+    let mut c = config(s.local_addr(), 50, 2, 0);
+    c.warmup = Duration::from_millis(200);
+    let r = go(c).await;
+    assert!(r.ok, "{}", r.to_table());
+    assert!(r.messages.warmup > 0);
+    assert_eq!(r.messages.attempted, 50);
+    let total = 50 + r.messages.warmup;
+    assert_eq!(sink_messages(&s, total).await, total);
+    assert_eq!(code(&r, "final", "250"), 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_report_has_the_documented_fields() {
+    let s = sink(false).await;
+    let r = go(config(s.local_addr(), 20, 2, 1)).await;
+    let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+    for k in [
+        "tool",
+        "version",
+        "mode",
+        "target",
+        "config",
+        "elapsed_s",
+        "messages",
+        "connections",
+        "msgs_per_sec",
+        "conns_per_sec",
+        "bytes",
+        "bytes_per_sec",
+        "replies",
+        "errors",
+        "latency_us",
+        "server",
+        "ok",
+    ] {
+        assert!(v.get(k).is_some(), "missing {k}");
+    }
+    assert_eq!(v["tool"], "smtp-load");
+    assert_eq!(v["mode"], "closed");
+    for k in [
+        "attempted",
+        "accepted",
+        "rejected",
+        "failed",
+        "dropped",
+        "warmup",
+    ] {
+        assert!(v["messages"][k].is_u64(), "messages.{k}");
+    }
+    assert_eq!(v["messages"]["accepted"], 20);
+    for k in ["opened", "failed"] {
+        assert!(v["connections"][k].is_u64());
+    }
+    for k in ["connect", "io", "timeout", "protocol", "tls"] {
+        assert_eq!(v["errors"][k], 0, "errors.{k}");
+    }
+    for st in STAGE_NAMES {
+        assert!(v["replies"][st].is_object(), "replies.{st}");
+    }
+    assert_eq!(v["replies"]["final"]["250"], 20);
+    for p in PHASE_NAMES {
+        for f in ["count", "min", "p50", "p90", "p99", "p999", "max"] {
+            assert!(v["latency_us"][p][f].is_u64(), "latency_us.{p}.{f}");
+        }
+        assert!(v["latency_us"][p]["mean"].is_number());
+    }
+    for k in [
+        "connections",
+        "messages_per_conn",
+        "messages",
+        "duration_s",
+        "warmup_s",
+        "rcpts",
+        "sizes",
+        "starttls",
+        "pipelining",
+        "churn",
+        "rate",
+        "max_inflight",
+        "bind_addresses",
+        "threads",
+    ] {
+        assert!(v["config"].get(k).is_some(), "config.{k}");
+    }
+    assert_eq!(v["config"]["sizes"][0][0], 4096);
+    assert_eq!(v["ok"], true);
+    // It reads back (floats may differ in the last digit).
+    let back: Report = serde_json::from_value(v).unwrap();
+    assert_eq!(
+        (&back.messages, &back.replies, &back.errors),
+        (&r.messages, &r.replies, &r.errors)
+    );
+}
+
+/// A scripted bad server: each connection gets `script` (after reading
+/// whatever the client sends first, if `wait`), then is closed.
+async fn bad_server(script: &'static [u8], wait: bool) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(b"220 bad ESMTP\r\n").await;
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await; // EHLO
+                let _ = s.write_all(b"250-bad\r\n250 PIPELINING\r\n").await;
+                if wait {
+                    let _ = s.read(&mut buf).await;
+                }
+                let _ = s.write_all(script).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misbehaving_servers_are_counted_not_fatal() {
+    let cases: [(&[u8], bool, &str); 5] = [
+        (b"garbage\r\n", true, "protocol"),
+        (b"", true, "io"),
+        (b"250 ok\r\n250 ok\r\n354 go\r\n", true, "io"),
+        (b"421 4.3.2 bye\r\n", true, ""),
+        (b"250 ok\r\n550 no\r\n554 no rcpt\r\n", true, ""),
+    ];
+    for (script, wait, err) in cases {
+        let addr = bad_server(script, wait).await;
+        let mut c = config(addr, 6, 2, 1);
+        c.timeout = Duration::from_secs(2);
+        let r = go(c).await;
+        assert!(!r.ok, "{script:?}");
+        assert_eq!(r.messages.attempted, 6);
+        assert_eq!(r.messages.accepted, 0);
+        assert_eq!(r.messages.rejected + r.messages.failed, 6, "{script:?}");
+        if err.is_empty() {
+            assert_eq!(r.messages.rejected, 6, "{script:?}: {}", r.to_table());
+        } else {
+            assert_eq!(r.errors[err], 6, "{script:?}: {}", r.to_table());
+        }
+    }
+    // Nothing listening: connect errors.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    let r = go(config(addr, 5, 2, 1)).await;
+    assert_eq!(
+        (r.messages.failed, r.errors["connect"], r.connections.failed),
+        (5, 5, 5)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sink_batches_pipelined_replies_and_handles_odd_input() {
+    let s = sink(false).await;
+    let mut c = TcpStream::connect(s.local_addr()).await.unwrap();
+    let mut long = b"NOOP ".to_vec();
+    long.extend(std::iter::repeat_n(b'x', 10_000));
+    long.extend_from_slice(b"\r\n");
+    c.write_all(&long).await.unwrap();
+    c.write_all(
+        b"EHLO me\r\nXFORWARD NAME=x ADDR=1.2.3.4\r\nRCPT TO:<a@b>\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n.\r\n\
+          MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nx\r\n..\r\n.\r\nBOGUS\r\nQUIT\r\n",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    let got = String::from_utf8(got).unwrap();
+    let codes: Vec<&str> = got
+        .lines()
+        .map(|l| &l[..4])
+        .filter(|c| c.ends_with(' '))
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            "220 ", "500 ", "250 ", "250 ", "503 ", "250 ", "250 ", "354 ", "250 ", "250 ", "250 ",
+            "354 ", "250 ", "502 ", "221 "
+        ],
+        "{got}"
+    );
+    assert!(got.contains("250-XFORWARD NAME ADDR PORT PROTO HELO SOURCE\r\n"));
+    assert!(got.contains("250-PIPELINING\r\n"));
+    assert_eq!(s.stats().messages.load(Ordering::Relaxed), 2);
+    assert_eq!(s.stats().bytes.load(Ordering::Relaxed), 7); // "" and "x\r\n..\r\n" (raw, still dot-stuffed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sink_stops_after_max_messages() {
+    let mut cfg = SinkConfig::new("127.0.0.1:0".parse().unwrap());
+    cfg.max_messages = Some(30);
+    let s = SinkServer::start(cfg).await.unwrap();
+    let r = go(config(s.local_addr(), 30, 3, 0)).await;
+    assert!(r.ok);
+    tokio::time::timeout(Duration::from_secs(5), s.reached())
+        .await
+        .unwrap();
+    s.drain(Duration::from_secs(2)).await;
+    let rep = s.report();
+    assert_eq!(rep.messages, 30);
+    assert_eq!(rep.connections, 3);
+    assert!(rep.msgs_per_sec > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_holds_connections() {
+    let s = sink(false).await;
+    let mut cfg = smtp_load::idle::IdleConfig::new(s.local_addr(), 50, Duration::from_millis(300));
+    cfg.watch_pids = vec![std::process::id()];
+    let r = smtp_load::idle::idle(cfg).await.unwrap();
+    assert!(r.ok, "{}", r.to_table());
+    assert_eq!((r.opened, r.peak_open, r.closed_by_server), (50, 50, 0));
+    assert!(r.server.is_some());
+    assert_eq!(s.stats().connections.load(Ordering::Relaxed), 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_exit_codes_and_json() {
+    let s = sink(false).await;
+    let addr = s.local_addr().to_string();
+    let bin = env!("CARGO_BIN_EXE_smtp-load");
+    let out = tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || {
+            Command::new(bin)
+                .args([
+                    "run",
+                    "--target",
+                    &addr,
+                    "-n",
+                    "50",
+                    "-c",
+                    "2",
+                    "--json",
+                    "-q",
+                    "--threads",
+                    "1",
+                ])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["messages"]["accepted"], 50);
+    assert_eq!(v["ok"], true);
+    assert_eq!(sink_messages(&s, 50).await, 50);
+
+    // Nothing listening: exit 1 with the counts on stderr.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = l.local_addr().unwrap().to_string();
+    drop(l);
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(bin)
+            .args(["run", "--target", &dead, "-n", "3", "-q"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("FAILED"));
+    let out = Command::new(bin)
+        .args(["run", "--target", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
