@@ -166,6 +166,8 @@ struct Session<S> {
     tls: Option<TlsInfo>,
     inbuf: BytesMut,
     out: Vec<u8>,
+    /// Message bytes on their way to the backend; kept across messages.
+    fwd: Vec<u8>,
     st: State,
     shutdown: watch::Receiver<bool>,
 }
@@ -197,6 +199,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             tls,
             inbuf: BytesMut::with_capacity(1024),
             out: Vec::with_capacity(512),
+            fwd: Vec::new(),
             st: State::default(),
             shutdown,
         }
@@ -699,7 +702,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         });
         let block_timeout = Duration::from_secs_f64(cfg.timeouts.data_block);
         let max_size = cfg.limits.max_message_size;
-        let mut fwd = Vec::with_capacity(16 * 1024);
+        let mut fwd = std::mem::take(&mut self.fwd);
+        fwd.clear();
         self.received_header(&mut fwd);
         let mut too_big = false;
         let mut backend_ok = true;
@@ -801,6 +805,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             span.record("reply", reply.code);
             info!(parent: span, "message {} {}", reply.code, reply.lines.first().map(String::as_str).unwrap_or(""));
         }
+        fwd.clear();
+        self.fwd = fwd;
         self.st.txn = txn;
         Ok(reply)
     }

@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Shared helpers for the scenario scripts: build the release binaries, start
+# the sink backend and smtp-edge on free loopback ports, run smtp-load with
+# --json and pull fields out of its report, clean up on exit. Sourced only.
+set -euo pipefail
+
+LT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$LT_DIR/.." && pwd)
+LOAD="$ROOT/target/release/smtp-load"
+EDGE="$ROOT/target/release/smtp-edge"
+WORK=$(mktemp -d /tmp/smtp-edge-load.XXXXXX)
+PIDS=()
+
+cleanup() {
+  for p in "${PIDS[@]:-}"; do
+    [ -n "$p" ] && kill "$p" 2>/dev/null || true
+  done
+  for p in "${PIDS[@]:-}"; do
+    [ -n "$p" ] && wait "$p" 2>/dev/null || true
+  done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+
+build() {
+  (cd "$ROOT" && cargo build --release -q -p smtp-edge -p smtp-load)
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_port() {
+  for _ in $(seq 1 200); do
+    if python3 -c "import socket,sys; socket.create_connection(('127.0.0.1',$1),0.2)" 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.05
+  done
+  echo "nothing listening on port $1" >&2
+  return 1
+}
+
+# start_sink PORT: the smtp-load sink backend; sets SINK_PID.
+start_sink() {
+  "$LOAD" sink -l "127.0.0.1:$1" -q >"$WORK/sink.$1.log" 2>&1 &
+  SINK_PID=$!
+  PIDS+=("$SINK_PID")
+  wait_port "$1"
+}
+
+# start_edge PORT BACKEND_PORT [LISTENER_TLS] [EXTRA_TOML]: smtp-edge in front
+# of the backend; sets EDGE_PID.
+start_edge() {
+  local port=$1 backend=$2 tls=${3:-none} extra=${4:-}
+  cat >"$WORK/edge.$port.toml" <<TOML
+hostname = "edge.loadtest"
+$extra
+[[listener]]
+address = "127.0.0.1:$port"
+tls = "$tls"
+[[backend]]
+address = "127.0.0.1:$backend"
+max_connections = 1000
+TOML
+  ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+  RUST_LOG=warn "$EDGE" --config "$WORK/edge.$port.toml" >"$WORK/edge.$port.log" 2>&1 &
+  EDGE_PID=$!
+  PIDS+=("$EDGE_PID")
+  wait_port "$port"
+}
+
+stop_pid() {
+  kill "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}
+
+# load OUT ARGS...: smtp-load run --json -q ARGS, report saved to OUT.
+load() {
+  local out=$1
+  shift
+  if ! "$LOAD" run --json -q "$@" >"$out" 2>"$out.err"; then
+    echo "smtp-load run $* failed:" >&2
+    cat "$out.err" >&2
+    return 1
+  fi
+}
+
+# field FILE KEY.PATH: one value from a JSON report.
+field() {
+  python3 -c '
+import json, sys
+v = json.load(open(sys.argv[1]))
+for k in sys.argv[2].split("."):
+    v = v[k] if v is not None else None
+print(v if not isinstance(v, float) else round(v, 3))' "$1" "$2"
+}
+
+# median of the numbers on the command line
+median() {
+  python3 -c 'import statistics,sys; print(round(statistics.median(float(x) for x in sys.argv[1:]), 3))' "$@"
+}
+
+ratio() {
+  python3 -c 'import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(round(a/b,3) if b else "nan")' "$1" "$2"
+}
+
+machine() {
+  echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg); $(date -u +%Y-%m-%dT%H:%MZ)"
+}
