@@ -64,7 +64,7 @@ address = "127.0.0.1:$backend"
 max_connections = 1000
 TOML
   ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-  RUST_LOG=warn "$EDGE" --config "$WORK/edge.$port.toml" >"$WORK/edge.$port.log" 2>&1 &
+  TOKIO_WORKER_THREADS=${EDGE_THREADS:-$(nproc)} RUST_LOG=warn "$EDGE" --config "$WORK/edge.$port.toml" >"$WORK/edge.$port.log" 2>&1 &
   EDGE_PID=$!
   PIDS+=("$EDGE_PID")
   wait_port "$port"
@@ -80,6 +80,10 @@ load() {
   local out=$1
   shift
   if ! "$LOAD" run --json -q "$@" >"$out" 2>"$out.err"; then
+    # A report with refused or dropped messages is still a measurement.
+    if [ -n "${ALLOW_INCOMPLETE:-}" ] && [ -s "$out" ]; then
+      return 0
+    fi
     echo "smtp-load run $* failed:" >&2
     cat "$out.err" >&2
     return 1

@@ -19,7 +19,9 @@ PORT[smtp-edge]=$PROXY
 started=()
 for peer in haproxy nginx haraka; do
   p=$(free_port)
-  if "$PEERS/$peer.sh" start "$WORK/$peer" "$p" "127.0.0.1:$SINK" >"$WORK/$peer.start.log" 2>&1; then
+  args=("$WORK/$peer" "$p" "127.0.0.1:$SINK")
+  [ "$peer" = nginx ] && args+=("$(free_port)") # its auth_http port
+  if "$PEERS/$peer.sh" start "${args[@]}" >"$WORK/$peer.start.log" 2>&1; then
     PORT[$peer]=$p
     started+=("$peer")
   else
