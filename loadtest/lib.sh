@@ -109,6 +109,17 @@ ratio() {
   python3 -c 'import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(round(a/b,3) if b else "nan")' "$1" "$2"
 }
 
+# setup [LISTENER_TLS]: build, start the sink and smtp-edge in front of it
+# (sets SINK, PROXY, SINK_PID, EDGE_PID) and print the machine line.
+setup() {
+  build
+  SINK=$(free_port)
+  start_sink "$SINK"
+  PROXY=$(free_port)
+  start_edge "$PROXY" "$SINK" "${1:-none}"
+  machine
+}
+
 machine() {
   echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg); $(date -u +%Y-%m-%dT%H:%MZ)"
 }

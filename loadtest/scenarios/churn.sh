@@ -7,10 +7,7 @@ source "$(dirname "$0")/../lib.sh"
 SECS=${1:-5}
 REPS=${2:-3}
 CONNS=${3:-50}
-build
-SINK=$(free_port); start_sink "$SINK"
-PROXY=$(free_port); start_edge "$PROXY" "$SINK"
-machine
+setup
 d=(); e=(); cpu=()
 for _ in $(seq 1 "$REPS"); do
   load "$WORK/d.json" -t "127.0.0.1:$SINK" -c "$CONNS" --churn -d "$SECS" --warmup 1

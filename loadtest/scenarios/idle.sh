@@ -7,11 +7,8 @@
 source "$(dirname "$0")/../lib.sh"
 N=${1:-15000}
 HOLD=${2:-5}
-build
-SINK=$(free_port); start_sink "$SINK"
-PROXY=$(free_port); start_edge "$PROXY" "$SINK"
+setup
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-machine
 echo "fd limit: $(ulimit -n)"
 "$LOAD" idle -t "127.0.0.1:$PROXY" -c "$N" --hold "$HOLD" --bind 127.0.0.2-127.0.0.20 --watch-pid "$EDGE_PID" --json >"$WORK/idle.json" 2>"$WORK/idle.err" || true
 printf '%-10s %8s %10s %14s %14s %16s\n' requested opened failed "rss before" "rss peak" "bytes/conn"

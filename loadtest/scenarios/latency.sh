@@ -8,10 +8,7 @@
 source "$(dirname "$0")/../lib.sh"
 SECS=${1:-8}
 CONNS=${2:-200}
-build
-SINK=$(free_port); start_sink "$SINK"
-PROXY=$(free_port); start_edge "$PROXY" "$SINK"
-machine
+setup
 load "$WORK/max.json" -t "127.0.0.1:$PROXY" -c 50 -m 0 -d "$SECS" --warmup 1
 MAX=$(field "$WORK/max.json" msgs_per_sec)
 echo "closed-loop maximum through smtp-edge: $MAX msgs/s"

@@ -7,10 +7,7 @@ source "$(dirname "$0")/../lib.sh"
 SECS=${1:-5}
 REPS=${2:-3}
 CONNS=${3:-50}
-build
-SINK=$(free_port); start_sink "$SINK"
-PROXY=$(free_port); start_edge "$PROXY" "$SINK" starttls
-machine
+setup starttls
 printf '%-28s %12s %12s %7s %16s\n' load "plain/s" "starttls/s" ratio "tls handshake p50"
 for what in churn messages; do
   args=(--churn); [ "$what" = messages ] && args=(-m 1 -s 4096)

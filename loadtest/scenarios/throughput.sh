@@ -8,10 +8,7 @@ source "$(dirname "$0")/../lib.sh"
 SECS=${1:-5}
 REPS=${2:-3}
 CONNS=${3:-50}
-build
-SINK=$(free_port); start_sink "$SINK"
-PROXY=$(free_port); start_edge "$PROXY" "$SINK"
-machine
+setup
 printf '%-10s %-8s %-10s %10s %10s %7s %14s\n' mode size pipelining direct/s edge/s ratio "edge cpu/1k"
 for size in 4096 102400; do
   for mode in new persistent; do
