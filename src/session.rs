@@ -149,6 +149,9 @@ struct State {
     owed: VecDeque<Owed>,
     /// DATA got its 354: read the message next.
     data_go: bool,
+    /// The client got 354 before the backend answered DATA; the DATA
+    /// phase reads that answer before sending any message byte.
+    data_early: bool,
     /// The backend was lost after it accepted MAIL: until RSET, every RCPT
     /// and DATA gets 451 (never a 5xx the sender could bounce on).
     lost: bool,
@@ -265,6 +268,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.st.rcpts_ok = 0;
         self.st.owed.clear();
         self.st.data_go = false;
+        self.st.data_early = false;
         self.st.lost = false;
         self.st.txn_span = None;
     }
@@ -658,6 +662,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let Some(txn) = self.st.txn.as_mut() else {
             return self.reply(503, "5.5.1", "Need MAIL command");
         };
+        if self.st.owed.is_empty() && self.st.rcpts_ok > 0 {
+            // Every recipient is settled and one was accepted: send DATA and
+            // answer 354 without waiting for the backend, so the message
+            // travels while the backend answers (one round trip less per
+            // message). A backend refusal of DATA becomes the reply after
+            // the final dot, and no byte of the message is sent to it.
+            if !txn.send_data_command().await {
+                self.st.lost = true;
+                return crate::relay::backend_lost().write_to(&mut self.out);
+            }
+            self.reply(354, "2.0.0", "End data with <CR><LF>.<CR><LF>");
+            self.st.data_go = true;
+            self.st.data_early = true;
+            return;
+        }
         txn.queue_data();
         self.st.owed.push_back(Owed::Data);
         self.resolve().await;
@@ -708,6 +727,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut too_big = false;
         let mut backend_ok = true;
         let mut txn = self.st.txn.take();
+        let mut backend_refusal = None;
+        if std::mem::take(&mut self.st.data_early) {
+            if let Some(t) = txn.as_mut() {
+                let r = t.data_reply().await;
+                if r.code != 354 {
+                    // The backend is in command mode: read the client's
+                    // message to its end and send nothing.
+                    scanner.set_discard();
+                    fwd.clear();
+                    backend_refusal = Some(r);
+                }
+            }
+        }
         loop {
             if !self.inbuf.is_empty() {
                 let scan = scanner.feed(&self.inbuf, &mut fwd);
@@ -723,7 +755,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let refused = too_big
                     || (mode == BareLineEndings::Reject && scanner.bare_line_ending_seen())
                     || scanner.long_line_seen();
-                if backend_ok && !refused && !fwd.is_empty() {
+                if backend_ok && !refused && backend_refusal.is_none() && !fwd.is_empty() {
                     if let Some(t) = txn.as_mut() {
                         if let Err(e) = t.send_data(&fwd).await {
                             warn!("backend failed during DATA: {e}");
@@ -763,7 +795,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
         let size = scanner.size();
-        let refusal = if too_big {
+        let refusal = if let Some(r) = backend_refusal {
+            // The backend refused DATA and stays in sync, unless it broke.
+            if let Some(t) = txn.take() {
+                if t.is_broken() {
+                    t.abort();
+                } else if let Some(c) = t.end() {
+                    self.st.dedicated = Some(c);
+                }
+            }
+            Some(r)
+        } else if too_big {
             Some(Reply::new(
                 552,
                 smtp::EnhancedCode(5, 3, 4),

@@ -5,10 +5,12 @@
 # (smtp_forward) and smtp-edge, each in front of the same sink; msgs/s and the
 # ratio to direct, new connection per message and persistent. Peers that are
 # not installed (loadtest/peers/install.sh) are skipped.
-# Usage: peers.sh [SECONDS_PER_RUN=5] [CONNECTIONS=50]
+# Paths are interleaved within each repeat; the table shows medians.
+# Usage: peers.sh [SECONDS_PER_RUN=5] [CONNECTIONS=50] [REPEATS=3]
 source "$(dirname "$0")/../lib.sh"
 SECS=${1:-5}
 CONNS=${2:-50}
+REPS=${3:-3}
 PEERS="$LT_DIR/peers"
 build
 SINK=$(free_port); start_sink "$SINK"
@@ -32,20 +34,29 @@ stop_peers() { for peer in "${started[@]:-}"; do [ -n "$peer" ] && "$PEERS/$peer
 trap stop_peers EXIT INT TERM
 machine
 printf '%-10s %-11s %10s %7s\n' path mode msgs/s "vs direct"
+declare -A RATES
 for mode in new persistent; do
   m=1; [ "$mode" = persistent ] && m=0
-  direct=""
+  for _ in $(seq 1 "$REPS"); do
+    for path in direct haproxy nginx haraka smtp-edge; do
+      [ -n "${PORT[$path]:-}" ] || continue
+      if [ "$path" = haraka ]; then # Haraka is slow: a count, not a duration
+        run=(-n 2000)
+      else
+        run=(-d "$SECS" --warmup 1)
+      fi
+      if load "$WORK/r.json" -t "127.0.0.1:${PORT[$path]}" -c "$CONNS" -m "$m" -s 4096 --no-pipelining "${run[@]}"; then
+        RATES[$path.$mode]="${RATES[$path.$mode]:-} $(field "$WORK/r.json" msgs_per_sec)"
+      else
+        echo "$path $mode: failed" >&2
+      fi
+    done
+  done
+  direct=$(median ${RATES[direct.$mode]})
   for path in direct haproxy nginx haraka smtp-edge; do
-    [ -n "${PORT[$path]:-}" ] || continue
-    n=()
-    [ "$path" = haraka ] && n=(-n 2000) # Haraka is slow: a count, not a duration
-    if [ ${#n[@]} -gt 0 ]; then
-      load "$WORK/r.json" -t "127.0.0.1:${PORT[$path]}" -c "$CONNS" -m "$m" -s 4096 --no-pipelining "${n[@]}" || { echo "$path $mode: failed" >&2; continue; }
-    else
-      load "$WORK/r.json" -t "127.0.0.1:${PORT[$path]}" -c "$CONNS" -m "$m" -s 4096 --no-pipelining -d "$SECS" --warmup 1 || { echo "$path $mode: failed" >&2; continue; }
-    fi
-    rate=$(field "$WORK/r.json" msgs_per_sec)
-    [ "$path" = direct ] && direct=$rate
+    [ -n "${RATES[$path.$mode]:-}" ] || continue
+    # shellcheck disable=SC2086 # a list of numbers
+    rate=$(median ${RATES[$path.$mode]})
     printf '%-10s %-11s %10s %7s\n' "$path" "$mode" "$rate" "$(ratio "$rate" "$direct")"
   done
 done

@@ -513,6 +513,54 @@ impl Txn {
         true
     }
 
+    /// Sends DATA at once (nothing else may be owed); its reply is read by
+    /// `data_reply` before any message byte is sent. False when the backend
+    /// is gone.
+    pub async fn send_data_command(&mut self) -> bool {
+        match &mut self.inner {
+            Inner::Maildir { .. } => true,
+            Inner::Smtp { conn, .. } => match conn.as_mut() {
+                Some(c) => {
+                    if c.send(b"DATA\r\n").await.is_ok() {
+                        return true;
+                    }
+                    *conn = None;
+                    false
+                }
+                None => false,
+            },
+        }
+    }
+
+    /// The backend's reply to the DATA sent by `send_data_command`: 354, its
+    /// refusal, or a 451 when it failed (the connection is then dropped).
+    pub async fn data_reply(&mut self) -> Reply {
+        let t = self.relay.command_timeout;
+        let Inner::Smtp { conn, .. } = &mut self.inner else {
+            return Reply::new(354, EnhancedCode(2, 0, 0), "Go ahead");
+        };
+        let Some(c) = conn.as_mut() else {
+            return backend_lost();
+        };
+        match c.read_reply(t).await {
+            Ok(r) if r.code == 421 => {
+                *conn = None;
+                closing_to_451(&r)
+            }
+            Ok(r) if r.code == 354 || r.code >= 400 => r,
+            Ok(r) => {
+                tracing::warn!(backend = %c.peer, "unexpected reply to DATA: {}", r.code);
+                *conn = None;
+                backend_lost()
+            }
+            Err(e) => {
+                tracing::warn!(backend = %c.peer, "no reply to DATA: {e}");
+                *conn = None;
+                backend_lost()
+            }
+        }
+    }
+
     /// True when the backend connection is gone.
     pub fn is_broken(&self) -> bool {
         matches!(&self.inner, Inner::Smtp { conn: None, .. })
