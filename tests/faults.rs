@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
@@ -261,75 +261,9 @@ fn tls_connector() -> tokio_rustls::TlsConnector {
     tokio_rustls::TlsConnector::from(smtp_load::tls::client_config(true).unwrap())
 }
 
-/// An SMTP client over any stream (used over TLS).
-struct Client<S> {
-    s: S,
-    buf: Vec<u8>,
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
-    async fn send(&mut self, b: &[u8]) {
-        self.s.write_all(b).await.unwrap();
-        self.s.flush().await.unwrap();
-    }
-
-    async fn try_reply(&mut self, t: Duration) -> Option<Seen> {
-        let end = tokio::time::Instant::now() + t;
-        loop {
-            if let Some(s) = parse_reply(&mut self.buf) {
-                return Some(s);
-            }
-            let mut tmp = [0u8; 4096];
-            let n = match tokio::time::timeout_at(end, self.s.read(&mut tmp)).await {
-                Ok(Ok(n)) => n,
-                _ => return None,
-            };
-            if n == 0 {
-                return None;
-            }
-            self.buf.extend_from_slice(&tmp[..n]);
-        }
-    }
-
-    async fn reply(&mut self) -> Seen {
-        self.try_reply(Duration::from_secs(10))
-            .await
-            .expect("reply")
-    }
-
-    async fn cmd(&mut self, line: &str) -> Seen {
-        self.send(format!("{line}\r\n").as_bytes()).await;
-        self.reply().await
-    }
-}
-
-fn parse_reply(buf: &mut Vec<u8>) -> Option<Seen> {
-    let mut pos = 0;
-    let mut text = Vec::new();
-    loop {
-        let nl = buf[pos..].iter().position(|&b| b == b'\n')? + pos;
-        let line = String::from_utf8_lossy(&buf[pos..nl])
-            .trim_end_matches('\r')
-            .to_string();
-        pos = nl + 1;
-        let last = line.as_bytes().get(3) != Some(&b'-');
-        text.push(line.get(4..).unwrap_or("").to_string());
-        if last {
-            let code = line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
-            let raw = String::from_utf8_lossy(&buf[..pos]).into_owned();
-            buf.drain(..pos);
-            return Some(Seen {
-                code,
-                text: text.join("\n"),
-                raw,
-            });
-        }
-    }
-}
-
 /// Upgrades a plain client that just got its 220 to STARTTLS: asserts that
 /// nothing else came in plaintext, then completes the handshake.
-async fn start_tls(c: Raw) -> Client<tokio_rustls::client::TlsStream<TcpStream>> {
+async fn start_tls(c: Raw) -> Raw<tokio_rustls::client::TlsStream<TcpStream>> {
     let (mut stream, leftover) = c.into_parts();
     assert!(
         leftover.is_empty(),
@@ -347,10 +281,7 @@ async fn start_tls(c: Raw) -> Client<tokio_rustls::client::TlsStream<TcpStream>>
         .connect(name, stream)
         .await
         .expect("TLS handshake");
-    Client {
-        s: tls,
-        buf: Vec::new(),
-    }
+    Raw::from_parts(tls, Vec::new())
 }
 
 fn starttls_config(backend: &str, require_tls: bool) -> String {

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use smtp_edge::config::Config;
@@ -59,33 +59,7 @@ impl Sink {
     /// Starts smtp-sink with extra options (e.g. `["-r", "RCPT"]`). None when
     /// not installed (and not under CI).
     pub fn start(extra: &[&str]) -> Option<Sink> {
-        let bin = require_tool("smtp-sink")?;
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("dump")).unwrap();
-        // smtp-sink drops privileges to nobody when run as root.
-        let _ = Command::new("chmod")
-            .arg("-R")
-            .arg("777")
-            .arg(dir.path())
-            .status();
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
-        let log = std::fs::File::create(dir.path().join("sink.log")).unwrap();
-        let mut cmd = Command::new(bin);
-        if is_root() {
-            cmd.args(["-u", "nobody"]);
-        }
-        cmd.arg("-v")
-            .arg("-d")
-            .arg(format!("{}/dump/%H%M%S.", dir.path().display()))
-            .args(extra)
-            .arg(&addr)
-            .arg("100")
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log));
-        let child = cmd.spawn().expect("spawn smtp-sink");
-        wait_port(&addr);
-        Some(Sink { child, addr, dir })
+        Sink::start_on(&format!("127.0.0.1:{}", free_port()), extra)
     }
 
     /// The dumped transactions, oldest first (LF line endings, as smtp-sink
@@ -216,8 +190,8 @@ impl Drop for Proxy {
 }
 
 /// A raw SMTP client: send exact bytes, read whole replies.
-pub struct Raw {
-    pub stream: TcpStream,
+pub struct Raw<S = TcpStream> {
+    pub stream: S,
     buf: Vec<u8>,
 }
 
@@ -247,9 +221,19 @@ impl Raw {
         assert_eq!(g.code, 220, "{g:?}");
         r
     }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Raw<S> {
+    /// A client on an established stream (e.g. after a TLS handshake), with
+    /// bytes already read from it.
+    pub fn from_parts(stream: S, buf: Vec<u8>) -> Raw<S> {
+        Raw { stream, buf }
+    }
 
     pub async fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.unwrap();
+        // A no-op on TCP; pushes the record out on TLS.
+        self.stream.flush().await.unwrap();
     }
 
     /// Reads one whole reply (10 s at most). Panics on EOF.
@@ -692,6 +676,7 @@ impl Sink {
         let bin = require_tool("smtp-sink")?;
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("dump")).unwrap();
+        // smtp-sink drops privileges to nobody when run as root.
         let _ = Command::new("chmod")
             .arg("-R")
             .arg("777")
@@ -720,7 +705,7 @@ impl Sink {
     }
 }
 
-impl Raw {
+impl Raw<TcpStream> {
     /// The stream and any bytes already read but not yet returned as a reply
     /// (e.g. to check nothing followed a reply, or to start TLS).
     pub fn into_parts(self) -> (TcpStream, Vec<u8>) {
