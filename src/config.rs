@@ -542,62 +542,38 @@ fn path_at(doc: &toml_edit::Document<&str>, offset: usize) -> Option<String> {
 
 /// Removes the key at a dotted path (with `[i]` array indexes).
 fn remove_path(root: &mut toml_edit::Item, path: &str) -> bool {
-    let mut parts: Vec<(&str, Option<usize>)> = Vec::new();
-    for seg in path.split('.') {
-        match seg.split_once('[') {
-            Some((k, idx)) => parts.push((k, idx.trim_end_matches(']').parse().ok())),
-            None => parts.push((seg, None)),
-        }
-    }
-    let mut cur = root;
-    for (n, (key, idx)) in parts.iter().enumerate() {
-        let last = n + 1 == parts.len();
-        let Some(table) = cur.as_table_like_mut() else {
-            return false;
-        };
-        if last && idx.is_none() {
-            return table.remove(key).is_some();
-        }
-        let Some(next) = table.get_mut(key) else {
-            return false;
-        };
-        cur = next;
-        if let Some(i) = idx {
-            match cur {
-                toml_edit::Item::ArrayOfTables(a) => {
-                    if last {
-                        if *i < a.len() {
-                            a.remove(*i);
-                            return true;
-                        }
-                        return false;
-                    }
-                    let Some(t) = a.get_mut(*i) else {
-                        return false;
-                    };
-                    return remove_in_table(t, &parts[n + 1..]);
-                }
-                _ => return false,
-            }
-        }
-    }
-    false
-}
-
-fn remove_in_table(t: &mut toml_edit::Table, parts: &[(&str, Option<usize>)]) -> bool {
-    let path: Vec<String> = parts
-        .iter()
-        .map(|(k, i)| match i {
-            Some(i) => format!("{k}[{i}]"),
-            None => k.to_string(),
+    let parts: Vec<(&str, Option<usize>)> = path
+        .split('.')
+        .map(|seg| match seg.split_once('[') {
+            Some((k, idx)) => (k, idx.trim_end_matches(']').parse().ok()),
+            None => (seg, None),
         })
         .collect();
-    let mut item = toml_edit::Item::Table(std::mem::take(t));
-    let ok = remove_path(&mut item, &path.join("."));
-    if let toml_edit::Item::Table(back) = item {
-        *t = back;
+    root.as_table_like_mut()
+        .is_some_and(|t| remove_parts(t, &parts))
+}
+
+fn remove_parts(table: &mut dyn toml_edit::TableLike, parts: &[(&str, Option<usize>)]) -> bool {
+    let Some(((key, idx), rest)) = parts.split_first() else {
+        return false;
+    };
+    match (idx, table.get_mut(key)) {
+        (None, _) if rest.is_empty() => table.remove(key).is_some(),
+        (None, Some(item)) => item
+            .as_table_like_mut()
+            .is_some_and(|t| remove_parts(t, rest)),
+        (Some(i), Some(toml_edit::Item::ArrayOfTables(a))) if rest.is_empty() => {
+            let found = *i < a.len();
+            if found {
+                a.remove(*i);
+            }
+            found
+        }
+        (Some(i), Some(toml_edit::Item::ArrayOfTables(a))) => {
+            a.get_mut(*i).is_some_and(|t| remove_parts(t, rest))
+        }
+        _ => false,
     }
-    ok
 }
 
 #[cfg(test)]
@@ -621,6 +597,18 @@ mod tests {
         assert!(keys.contains(&("listener[0].tls", 5)), "{errs:?}");
         assert!(keys.contains(&("limits.max_recipients", 7)), "{errs:?}");
         assert!(keys.contains(&("backend[0].address", 9)), "{errs:?}");
+    }
+
+    #[test]
+    fn errors_in_several_array_elements() {
+        let text = "[[listener]]\naddress = \"127.0.0.1:25\"\n[[backend]]\naddress = \"a:25\"\nmax_connections = \"x\"\n[[backend]]\naddress = \"b:25\"\nbogus = 1\n";
+        let errs = Config::parse(text).unwrap_err();
+        let keys: Vec<(&str, usize)> = errs.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert!(
+            keys.contains(&("backend[0].max_connections", 5)),
+            "{errs:?}"
+        );
+        assert!(keys.contains(&("backend[1].bogus", 8)), "{errs:?}");
     }
 
     #[test]

@@ -323,14 +323,6 @@ impl Txn {
         }
     }
 
-    /// Replies still owed to the client.
-    pub fn has_pending(&self) -> bool {
-        match &self.inner {
-            Inner::Smtp { .. } => self.pending.iter().any(|p| matches!(p, Pend::Client)),
-            Inner::Maildir { replies, .. } => !replies.is_empty(),
-        }
-    }
-
     pub fn queue_mail(&mut self, from: &str, params: &MailParams) {
         if let Inner::Maildir { replies, .. } = &mut self.inner {
             replies.push_back(Reply::new(250, EnhancedCode(2, 1, 0), "Ok"));
