@@ -50,6 +50,18 @@ fn print(s: &str) {
     let _ = out.flush();
 }
 
+/// Prints a report as one JSON line or as the human table.
+fn print_report<T: serde::Serialize>(json: bool, r: &T, table: impl FnOnce() -> String) {
+    if json {
+        print(&format!(
+            "{}\n",
+            serde_json::to_string(r).unwrap_or_default()
+        ));
+    } else {
+        print(&table());
+    }
+}
+
 /// Resolves on SIGINT or SIGTERM.
 async fn interrupted() {
     let term = async {
@@ -126,14 +138,7 @@ async fn sink(a: SinkArgs) -> ExitCode {
     }
     server.stop();
     let r = server.report();
-    if a.json {
-        print(&format!(
-            "{}\n",
-            serde_json::to_string(&r).unwrap_or_default()
-        ));
-    } else {
-        print(&r.to_table());
-    }
+    print_report(a.json, &r, || r.to_table());
     ExitCode::SUCCESS
 }
 
@@ -144,14 +149,7 @@ async fn idle(a: IdleArgs) -> ExitCode {
     };
     match smtp_load::idle::idle(cfg).await {
         Ok(r) => {
-            if a.json {
-                print(&format!(
-                    "{}\n",
-                    serde_json::to_string(&r).unwrap_or_default()
-                ));
-            } else {
-                print(&r.to_table());
-            }
+            print_report(a.json, &r, || r.to_table());
             if r.ok {
                 ExitCode::SUCCESS
             } else {
