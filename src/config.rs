@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::policy::settings::PolicyConfig;
 use crate::smtp::BareLineEndings;
 
 /// The whole configuration file.
@@ -28,6 +29,9 @@ pub struct Config {
     pub smtp: SmtpConfig,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
+    /// Admission policy: lists, limits, HELO / rDNS / DNSBL checks.
+    #[serde(default)]
+    pub policy: PolicyConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -452,6 +456,7 @@ impl Config {
                 );
             }
         }
+        self.policy.validate(&mut err);
     }
 }
 

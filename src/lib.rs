@@ -3,6 +3,7 @@
 //! connections, never answering 250 before the backend did.
 
 pub mod config;
+pub mod policy;
 pub mod relay;
 pub mod server;
 pub mod session;

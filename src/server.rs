@@ -1,6 +1,7 @@
 //! Listeners, the accept loop and graceful shutdown: stop accepting, let
 //! sessions finish within a deadline, QUIT pooled backend connections.
-//! Admission policy (limits, allow/deny) will hook in before a session starts.
+//! Admission (`Policy::admit`: global cap, lists, per-IP limits) runs in the
+//! accept loop, so a refused client costs one write and no session task.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -12,6 +13,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::config::{Config, TlsMode};
+use crate::policy::Policy;
 use crate::relay::Relay;
 use crate::session::{self, Listener, Shared};
 
@@ -26,6 +28,17 @@ pub enum ServerError {
     Tls(#[from] crate::tls::TlsError),
     #[error("backend: {0}")]
     Backend(std::io::Error),
+    #[error("policy: {0}")]
+    Policy(String),
+}
+
+/// Answers a client refused at connect and closes: one non-blocking write
+/// (a fresh socket's send buffer always takes it), no session, no wait.
+fn refuse(stream: tokio::net::TcpStream, v: &crate::policy::Verdict) {
+    let (code, enh) = v.at_connect();
+    let mut line = Vec::with_capacity(96);
+    crate::smtp::reply::write_reply(&mut line, code, enh, &v.text);
+    let _ = stream.try_write(&line);
 }
 
 /// Bound listeners plus everything sessions share; `serve` runs them.
@@ -67,6 +80,7 @@ impl Server {
             ));
         }
         let relay = Relay::new(&cfg).map_err(ServerError::Backend)?;
+        let policy = Policy::new(&cfg.policy, &cfg.hostname).map_err(ServerError::Policy)?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         Ok(Server {
             listeners,
@@ -74,6 +88,7 @@ impl Server {
                 cfg: Arc::new(cfg),
                 relay,
                 tls,
+                policy,
                 shutdown: shutdown_rx,
             }),
             shutdown_tx,
@@ -86,6 +101,11 @@ impl Server {
             .iter()
             .filter_map(|(l, _)| l.local_addr().ok())
             .collect()
+    }
+
+    /// The admission policy (counters, limiters, DNS caches).
+    pub fn policy(&self) -> Arc<Policy> {
+        self.shared.policy.clone()
     }
 
     /// Idle pooled connections per backend.
@@ -101,6 +121,7 @@ impl Server {
             shutdown_tx,
         } = self;
         shared.relay.spawn_reaper();
+        shared.policy.start();
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
         let mut accepts = Vec::new();
         for (sock, listener) in listeners {
@@ -114,14 +135,17 @@ impl Server {
                 loop {
                     tokio::select! {
                         r = sock.accept() => match r {
-                            Ok((stream, peer)) => {
-                                let shared = shared.clone();
-                                let done = done.clone();
-                                tokio::spawn(async move {
-                                    session::handle(stream, peer, shared, listener).await;
-                                    drop(done);
-                                });
-                            }
+                            Ok((stream, peer)) => match shared.policy.admit(peer.ip()) {
+                                Ok(pol) => {
+                                    let shared = shared.clone();
+                                    let done = done.clone();
+                                    tokio::spawn(async move {
+                                        session::handle(stream, peer, shared, listener, pol).await;
+                                        drop(done);
+                                    });
+                                }
+                                Err(v) => refuse(stream, &v),
+                            },
                             Err(e) => {
                                 // EMFILE and friends: back off instead of spinning.
                                 warn!("accept failed: {e}");

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tracing::{field, info, warn, Instrument, Span};
 
 use crate::config::{Config, TlsMode};
+use crate::policy::{ClientPolicy, Policy, Verdict};
 use crate::relay::client::{BackendConn, ClientIdentity};
 use crate::relay::{Relay, Txn};
 use crate::smtp::reply::write_reply;
@@ -25,6 +26,7 @@ pub struct Shared {
     pub cfg: Arc<Config>,
     pub relay: Arc<Relay>,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub policy: Arc<Policy>,
     pub shutdown: watch::Receiver<bool>,
 }
 
@@ -36,26 +38,44 @@ pub struct Listener {
 }
 
 /// Serves one accepted connection to its end.
-pub async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, listener: Listener) {
-    let span =
-        tracing::info_span!("session", client = %peer, helo = field::Empty, tls = field::Empty);
+/// `pol` is the client's admission state, from `Policy::admit`.
+pub async fn handle(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    listener: Listener,
+    pol: ClientPolicy,
+) {
+    let span = tracing::info_span!(
+        "session",
+        client = %peer,
+        helo = field::Empty,
+        tls = field::Empty
+    );
     async move {
         let _ = stream.set_nodelay(true);
+        let local = stream
+            .local_addr()
+            .map(|a| a.ip())
+            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+        let at = Endpoints { peer, local };
         match (listener.tls, shared.tls.clone()) {
             (TlsMode::Implicit, Some(acceptor)) => {
-                Box::pin(serve_tls(stream, acceptor, peer, shared, listener, true)).await;
+                Box::pin(serve_tls(stream, acceptor, at, shared, listener, true, pol)).await;
             }
             _ => {
-                let mut s = Session::new(stream, peer, shared.clone(), listener, None);
-                s.greet().await;
+                let mut s = Session::new(stream, at, shared.clone(), listener, None, pol);
+                if !s.greet().await {
+                    return;
+                }
                 if let Outcome::StartTls = s.run().await {
-                    let Session { io, st, .. } = s;
+                    let Session { io, st, pol, .. } = s;
                     if let Some(c) = st.dedicated {
                         c.quit().await;
                     }
                     if let Some(acceptor) = shared.tls.clone() {
                         // Fresh state: the client must EHLO again (RFC 3207).
-                        Box::pin(serve_tls(io, acceptor, peer, shared, listener, false)).await;
+                        Box::pin(serve_tls(io, acceptor, at, shared, listener, false, pol)).await;
                     }
                 } else {
                     s.finish().await;
@@ -72,10 +92,11 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, li
 async fn serve_tls(
     io: TcpStream,
     acceptor: tokio_rustls::TlsAcceptor,
-    peer: SocketAddr,
+    at: Endpoints,
     shared: Arc<Shared>,
     listener: Listener,
     greet: bool,
+    pol: ClientPolicy,
 ) {
     let handshake_timeout = Duration::from_secs_f64(shared.cfg.timeouts.tls_handshake);
     let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(io)).await {
@@ -85,9 +106,9 @@ async fn serve_tls(
     };
     let info = tls_info(tls.get_ref().1);
     Span::current().record("tls", field::display(&info));
-    let mut s = Session::new(tls, peer, shared, listener, Some(info));
-    if greet {
-        s.greet().await;
+    let mut s = Session::new(tls, at, shared, listener, Some(info), pol);
+    if greet && !s.greet().await {
+        return;
     }
     // STARTTLS inside TLS is refused, so this run ends the session.
     s.run().await;
@@ -161,9 +182,21 @@ struct State {
     messages: u64,
 }
 
+/// The two ends of the client connection.
+#[derive(Debug, Clone, Copy)]
+struct Endpoints {
+    peer: SocketAddr,
+    local: std::net::IpAddr,
+}
+
 struct Session<S> {
     io: S,
     peer: SocketAddr,
+    local: std::net::IpAddr,
+    pol: ClientPolicy,
+    /// A connect verdict owed as the reply to the first command
+    /// (delay_reject off, the greeting had already begun).
+    refuse: Option<Verdict>,
     shared: Arc<Shared>,
     listener: Listener,
     tls: Option<TlsInfo>,
@@ -188,15 +221,19 @@ const CMD_TIMEOUT_REPLY: (u16, &str, &str) = (421, "4.4.2", "Timeout exceeded, c
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     fn new(
         io: S,
-        peer: SocketAddr,
+        at: Endpoints,
         shared: Arc<Shared>,
         listener: Listener,
         tls: Option<TlsInfo>,
+        pol: ClientPolicy,
     ) -> Self {
         let shutdown = shared.shutdown.clone();
         Session {
             io,
-            peer,
+            peer: at.peer,
+            local: at.local,
+            pol,
+            refuse: None,
             shared,
             listener,
             tls,
@@ -230,10 +267,53 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         ok
     }
 
-    async fn greet(&mut self) {
+    /// Sends the greeting, after the pregreet pause and (delay_reject off)
+    /// the connect verdict; false when the session ends here.
+    async fn greet(&mut self) -> bool {
+        let mut started = false;
+        if let Some(pause) = self.pol.pregreet_delay() {
+            let line = format!("220-{} ESMTP\r\n", self.cfg().hostname);
+            self.out.extend_from_slice(line.as_bytes());
+            if !self.flush().await {
+                return false;
+            }
+            started = true;
+            match tokio::time::timeout(pause, self.io.read_buf(&mut self.inbuf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return false,
+                Ok(Ok(_)) => self.pol.pregreet_hit(),
+                Err(_) => {}
+            }
+        }
+        if !self.pol.delay_reject() && (started || self.pol.greeting_waits()) {
+            if let Some(v) = Box::pin(self.pol.connect_verdict()).await {
+                if started {
+                    self.refuse = Some(v);
+                } else {
+                    self.tarpit().await;
+                    let (code, enh) = v.at_connect();
+                    self.reply(code, enh, &v.text);
+                    self.flush().await;
+                    return false;
+                }
+            }
+        }
         let line = format!("220 {} ESMTP\r\n", self.cfg().hostname);
         self.out.extend_from_slice(line.as_bytes());
-        self.flush().await;
+        self.flush().await
+    }
+
+    async fn tarpit(&self) {
+        let pause = self.pol.policy().tarpit();
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// An enforced policy verdict as the reply to the current command
+    /// (after the tarpit pause); it counts as an error.
+    async fn policy_reply(&mut self, v: &Verdict) {
+        self.tarpit().await;
+        self.bad(v.code, v.enh, &v.text);
     }
 
     /// Ends the session: the transaction in progress (if any) is given up
@@ -248,7 +328,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     fn identity(&self) -> ClientIdentity {
         ClientIdentity {
             addr: self.peer,
-            name: None,
+            name: self.pol.rdns_name().map(str::to_string),
             helo: self.st.helo.clone(),
             proto: if self.st.esmtp { "ESMTP" } else { "SMTP" },
         }
@@ -486,10 +566,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         ) {
             self.resolve().await;
         }
+        if let Some(v) = self.refuse.take() {
+            self.resolve().await;
+            self.tarpit().await;
+            let (code, enh) = v.at_connect();
+            self.reply(code, enh, &v.text);
+            return Step::Close;
+        }
         match cmd {
             Command::Ehlo(name) | Command::Helo(name) => {
                 let esmtp = matches!(cmd, Command::Ehlo(_));
                 self.end_txn();
+                if let Some(v) = Box::pin(self.pol.helo(name, self.local)).await {
+                    if self.pol.delay_reject() {
+                        self.pol.hold_helo(v);
+                    } else {
+                        self.st.helo = None;
+                        self.policy_reply(&v).await;
+                        return Step::Continue;
+                    }
+                }
                 // A dedicated (XCLIENT) backend connection carries the old
                 // identity: let it go.
                 if let Some(c) = self.st.dedicated.take() {
@@ -577,6 +673,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.listener.require_tls && self.tls.is_none() {
             return self.reply(530, "5.7.0", "Must issue a STARTTLS command first");
         }
+        if self.pol.unsettled() {
+            Box::pin(self.pol.connect_verdict()).await;
+        }
+        if let Some(v) = self.pol.mail() {
+            self.resolve().await;
+            return self.policy_reply(&v).await;
+        }
         let max = self.cfg().limits.max_message_size;
         if params.size.is_some_and(|s| s > max) {
             return self.reply(
@@ -630,6 +733,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if !smtputf8 && !to.is_ascii() {
             self.resolve().await;
             return self.reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8");
+        }
+        if let Some(v) = self.pol.rcpt() {
+            self.resolve().await;
+            return self.policy_reply(&v).await;
         }
         let Some(txn) = self.st.txn.as_mut() else {
             return self.reply(503, "5.5.1", "Need MAIL command");
@@ -693,8 +800,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         let date = httpdate::fmt_http_date(std::time::SystemTime::now()).replace(" GMT", " +0000");
         let mut h = format!(
-            "Received: from {} (unknown [{}])\r\n\tby {} (smtp-edge) with {}",
+            "Received: from {} ({} [{}])\r\n\tby {} (smtp-edge) with {}",
             sanitize(helo),
+            self.pol.rdns_name().unwrap_or("unknown"),
             self.peer.ip(),
             cfg.hostname,
             proto
@@ -906,17 +1014,20 @@ mod size_probe {
             .unwrap();
             let relay = crate::relay::Relay::new(&cfg).unwrap();
             let (_tx, rx) = tokio::sync::watch::channel(false);
+            let policy = crate::policy::Policy::new(&cfg.policy, &cfg.hostname).unwrap();
+            let pol = policy.admit(a.ip()).unwrap();
             let shared = std::sync::Arc::new(super::Shared {
                 cfg: std::sync::Arc::new(cfg),
                 relay,
                 tls: None,
+                policy,
                 shutdown: rx,
             });
             let listener = super::Listener {
                 tls: crate::config::TlsMode::None,
                 require_tls: false,
             };
-            let f = super::handle(s, a, shared, listener);
+            let f = super::handle(s, a, shared, listener, pol);
             let n = size(&f);
             assert!(n <= 4096, "session future grew to {n} bytes");
         });

@@ -3,6 +3,7 @@
 //! a raw SMTP client, and a scripted recording backend for byte-exact and
 //! fault assertions.
 #![allow(dead_code)]
+pub mod dns;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -130,6 +131,7 @@ pub struct Proxy {
     pub addr: SocketAddr,
     pub addrs: Vec<SocketAddr>,
     pub relay: Arc<smtp_edge::relay::Relay>,
+    pub policy: Arc<smtp_edge::policy::Policy>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     /// Scratch directory (Maildir backends, certificates) kept alive.
@@ -147,6 +149,7 @@ impl Proxy {
         let server = Server::bind(cfg).await.expect("bind");
         let addrs = server.local_addrs();
         let relay = server.relay();
+        let policy = server.policy();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(async move {
             let _ = rx.await;
@@ -155,6 +158,7 @@ impl Proxy {
             addr: addrs[0],
             addrs,
             relay,
+            policy,
             stop: Some(tx),
             task: Some(task),
             dir,
@@ -207,6 +211,23 @@ pub struct Seen {
 impl Raw {
     pub async fn connect(addr: SocketAddr) -> Raw {
         let stream = TcpStream::connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        Raw {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Connects from a chosen loopback source address (127.0.0.0/8 gives
+    /// the tests many distinct clients).
+    pub async fn connect_from(src: std::net::IpAddr, addr: SocketAddr) -> Raw {
+        let sock = match src {
+            std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+            std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+        }
+        .unwrap();
+        sock.bind(SocketAddr::new(src, 0)).unwrap();
+        let stream = sock.connect(addr).await.unwrap();
         stream.set_nodelay(true).unwrap();
         Raw {
             stream,

@@ -1,0 +1,1153 @@
+//! Connection caps and rate limits: a global session cap, concurrent
+//! sessions per IP and per prefix (dashmap counters released by guards), and
+//! GCRA rates (governor, keyed) per IP and per prefix, with idle-key eviction.
+//! Decides nothing about replies: it reports which limit was hit.
+//!
+//! # Keys
+//! Every limit is counted per client address and per network prefix (the
+//! address masked to `ipv4_prefix` / `ipv6_prefix` bits). IPv4-mapped IPv6
+//! addresses (`::ffff:a.b.c.d`) count as the IPv4 address.
+//!
+//! # State
+//! A limit whose action is `off` (or whose value is unset / 0) keeps no state
+//! and never reports a hit. Concurrency counters hold only clients with a
+//! live session: a [`ConnPermit`] removes its key when the count drops to 0.
+//!
+//! # Bounded memory
+//! Rate limiters keep one GCRA state per key. Idle keys (indistinguishable
+//! from a fresh key) are evicted by [`Limits::sweep`], run periodically by
+//! [`Limits::spawn_sweeper`]. Each rate limiter holds at most
+//! `max_tracked_keys` keys:
+//! - when a limiter reaches the bound, the checking path runs an immediate
+//!   eviction of that limiter (at most once per second per limiter);
+//! - if it is still full (a flood of distinct addresses all within their
+//!   window), a key it does not hold yet is judged as a fresh key and **not
+//!   stored**: that limiter fails open for new keys. Keys it already holds
+//!   are still limited, and so is the other scope: a flood of distinct
+//!   addresses from few networks still meets the per-prefix limit (only if
+//!   the per-prefix limiter is itself full do new prefixes pass too). Each
+//!   such unstored check counts in [`Limits::overflow`].
+//!
+//! Failing open rather than closed keeps a flood of spoofed-looking distinct
+//! sources from locking out every new legitimate client, and keeps memory at
+//! a fixed bound; the per-prefix limits, the concurrency limits and the global
+//! cap are what still contain such a flood.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use governor::clock::{Clock, DefaultClock, FakeRelativeClock, Reference};
+use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
+use governor::state::keyed::ShrinkableKeyedStateStore;
+use governor::state::StateStore;
+use governor::{Quota, RateLimiter};
+
+use super::settings::{LimitsConfig, Rate, RateConfig};
+
+/// Which limit a client went over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    Concurrency,
+    ConnectionRate,
+    MessageRate,
+    RecipientRate,
+}
+
+/// The key a limit was counted under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Ip,
+    Prefix,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitHit {
+    pub kind: LimitKind,
+    pub scope: Scope,
+}
+
+/// The limiters, shared by every session.
+pub struct Limits {
+    max_connections: usize,
+    /// Sessions holding a [`GlobalPermit`] (only counted with a cap).
+    global: Arc<AtomicUsize>,
+    v4_mask: u32,
+    v6_mask: u128,
+    /// None when concurrency is off or both limits are 0.
+    concurrency: Option<Arc<Concurrency>>,
+    connection_rate: RatePair,
+    message_rate: RatePair,
+    recipient_rate: RatePair,
+    /// New keys judged without being stored because a limiter was full.
+    overflow: Arc<AtomicU64>,
+    sweep_interval: Duration,
+}
+
+/// Holds one slot of the global cap; released on drop.
+pub struct GlobalPermit {
+    slot: Option<Arc<AtomicUsize>>,
+}
+
+/// Holds the per-IP and per-prefix concurrency slots; released on drop.
+pub struct ConnPermit {
+    held: Option<(Arc<Concurrency>, IpAddr, IpAddr)>,
+}
+
+impl Limits {
+    pub fn new(cfg: &LimitsConfig) -> Arc<Limits> {
+        Self::build(cfg, TimeSource::real())
+    }
+
+    /// Like [`Limits::new`], with the rate limiters (and the throttle of
+    /// their emergency eviction) on a manually advanced clock: for tests and
+    /// simulations.
+    pub fn with_fake_clock(cfg: &LimitsConfig, clock: FakeRelativeClock) -> Arc<Limits> {
+        Self::build(cfg, TimeSource::Fake(clock))
+    }
+
+    fn build(cfg: &LimitsConfig, clock: TimeSource) -> Arc<Limits> {
+        let overflow = Arc::new(AtomicU64::new(0));
+        let cap = cfg.max_tracked_keys.max(1);
+        let pair = |r: &RateConfig, kind| RatePair::new(r, kind, cap, &clock, &overflow);
+        let c = &cfg.concurrency;
+        let concurrency = (c.action.runs() && (c.per_ip > 0 || c.per_prefix > 0)).then(|| {
+            Arc::new(Concurrency {
+                per_ip: c.per_ip,
+                per_prefix: c.per_prefix,
+                ips: DashMap::new(),
+                prefixes: DashMap::new(),
+            })
+        });
+        let sweep_interval = Duration::try_from_secs_f64(cfg.sweep_interval)
+            .unwrap_or(Duration::from_secs(60))
+            .max(Duration::from_millis(1));
+        Arc::new(Limits {
+            max_connections: cfg.max_connections,
+            global: Arc::new(AtomicUsize::new(0)),
+            v4_mask: mask_bits::<u32>(cfg.ipv4_prefix.min(32)),
+            v6_mask: mask_bits::<u128>(cfg.ipv6_prefix.min(128)),
+            concurrency,
+            connection_rate: pair(&cfg.connection_rate, LimitKind::ConnectionRate),
+            message_rate: pair(&cfg.message_rate, LimitKind::MessageRate),
+            recipient_rate: pair(&cfg.recipient_rate, LimitKind::RecipientRate),
+            overflow,
+            sweep_interval,
+        })
+    }
+
+    /// A global slot, or None when `max_connections` sessions are running.
+    pub fn try_global(&self) -> Option<GlobalPermit> {
+        if self.max_connections == 0 {
+            return Some(GlobalPermit { slot: None });
+        }
+        let max = self.max_connections;
+        self.global
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(GlobalPermit {
+            slot: Some(self.global.clone()),
+        })
+    }
+
+    /// Sessions currently holding a global slot (0 when there is no cap).
+    pub fn global_in_use(&self) -> usize {
+        self.global.load(Ordering::Relaxed)
+    }
+
+    /// Counts a new session from `ip` (always: the permit must be dropped to
+    /// release it) and checks concurrency then connection rate.
+    ///
+    /// The concurrency hit is per IP first, then per prefix, counting this
+    /// session. The connection rate (per IP, then per prefix) is checked only
+    /// when concurrency was not hit, so a client refused for concurrency does
+    /// not also spend its connection-rate budget.
+    pub fn connect(&self, ip: IpAddr) -> (ConnPermit, Option<LimitHit>) {
+        let ip = ip.to_canonical();
+        let prefix = self.prefix_of(ip);
+        let mut hit = None;
+        let permit = match &self.concurrency {
+            None => ConnPermit { held: None },
+            Some(c) => {
+                // A limit of 0 keeps no counter.
+                let n_ip = if c.per_ip > 0 { acquire(&c.ips, ip) } else { 0 };
+                let n_prefix = if c.per_prefix > 0 {
+                    acquire(&c.prefixes, prefix)
+                } else {
+                    0
+                };
+                if n_ip > c.per_ip {
+                    hit = Some(Scope::Ip);
+                } else if n_prefix > c.per_prefix {
+                    hit = Some(Scope::Prefix);
+                }
+                ConnPermit {
+                    held: Some((c.clone(), ip, prefix)),
+                }
+            }
+        };
+        if let Some(scope) = hit {
+            let hit = LimitHit {
+                kind: LimitKind::Concurrency,
+                scope,
+            };
+            return (permit, Some(hit));
+        }
+        (permit, self.connection_rate.check(ip, prefix))
+    }
+
+    /// One message (MAIL FROM) from `ip`.
+    ///
+    /// Per IP, then per prefix. A message allowed per IP but refused per
+    /// prefix has still spent its per-IP cell (GCRA state is updated as it
+    /// is checked); this errs towards limiting, which is acceptable.
+    pub fn message(&self, ip: IpAddr) -> Option<LimitHit> {
+        let ip = ip.to_canonical();
+        self.message_rate.check(ip, self.prefix_of(ip))
+    }
+
+    /// One recipient (RCPT TO) from `ip`.
+    ///
+    /// Per IP, then per prefix; as with [`Limits::message`], the per-IP cell
+    /// is spent even when the per-prefix limit then refuses.
+    pub fn recipient(&self, ip: IpAddr) -> Option<LimitHit> {
+        let ip = ip.to_canonical();
+        self.recipient_rate.check(ip, self.prefix_of(ip))
+    }
+
+    /// Evicts idle keys from every limiter.
+    ///
+    /// Rate limiters drop keys whose state is indistinguishable from a fresh
+    /// key and release spare capacity; concurrency counters drop their keys
+    /// by themselves and are only shrunk.
+    pub fn sweep(&self) {
+        for t in self.rate_limiters() {
+            t.lim.retain_recent();
+            t.lim.shrink_to_fit();
+        }
+        if let Some(c) = &self.concurrency {
+            c.ips.shrink_to_fit();
+            c.prefixes.shrink_to_fit();
+        }
+    }
+
+    /// Keys held over all limiters and counters.
+    pub fn tracked_keys(&self) -> usize {
+        let rates: usize = self.rate_limiters().map(|t| t.lim.len()).sum();
+        let conc = self
+            .concurrency
+            .as_ref()
+            .map_or(0, |c| c.ips.len() + c.prefixes.len());
+        rates + conc
+    }
+
+    /// Checks of new keys that a full rate limiter judged without storing
+    /// them (see the module documentation).
+    pub fn overflow(&self) -> u64 {
+        self.overflow.load(Ordering::Relaxed)
+    }
+
+    /// Runs `sweep` every `sweep_interval` until the Limits are dropped.
+    ///
+    /// Must be called within a tokio runtime. The task holds only a weak
+    /// reference, and runs each sweep on the blocking pool (a sweep of a
+    /// large map takes milliseconds). Nothing is spawned when no limit keeps
+    /// state.
+    pub fn spawn_sweeper(self: &Arc<Self>) {
+        if self.rate_limiters().next().is_none() && self.concurrency.is_none() {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let every = self.sweep_interval;
+        tokio::spawn(async move {
+            let start = tokio::time::Instant::now() + every;
+            let mut tick = tokio::time::interval_at(start, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(limits) = weak.upgrade() else { break };
+                if tokio::task::spawn_blocking(move || limits.sweep())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+    }
+
+    fn prefix_of(&self, ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from_bits(a.to_bits() & self.v4_mask)),
+            IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from_bits(a.to_bits() & self.v6_mask)),
+        }
+    }
+
+    fn rate_limiters(&self) -> impl Iterator<Item = &Tracked> {
+        [
+            &self.connection_rate,
+            &self.message_rate,
+            &self.recipient_rate,
+        ]
+        .into_iter()
+        .flat_map(|p| [p.ip.as_ref(), p.prefix.as_ref()])
+        .flatten()
+    }
+}
+
+impl fmt::Debug for Limits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Limits")
+            .field("max_connections", &self.max_connections)
+            .field("global_in_use", &self.global_in_use())
+            .field("tracked_keys", &self.tracked_keys())
+            .field("overflow", &self.overflow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for GlobalPermit {
+    fn drop(&mut self) {
+        if let Some(slot) = &self.slot {
+            slot.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl fmt::Debug for GlobalPermit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GlobalPermit")
+            .field("counted", &self.slot.is_some())
+            .finish()
+    }
+}
+
+impl Drop for ConnPermit {
+    fn drop(&mut self) {
+        if let Some((c, ip, prefix)) = self.held.take() {
+            if c.per_ip > 0 {
+                release(&c.ips, ip);
+            }
+            if c.per_prefix > 0 {
+                release(&c.prefixes, prefix);
+            }
+        }
+    }
+}
+
+impl fmt::Debug for ConnPermit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("ConnPermit");
+        if let Some((_, ip, prefix)) = &self.held {
+            d.field("ip", ip).field("prefix", prefix);
+        }
+        d.finish()
+    }
+}
+
+/// Live sessions per IP and per prefix.
+struct Concurrency {
+    per_ip: u32,
+    per_prefix: u32,
+    ips: DashMap<IpAddr, u32>,
+    prefixes: DashMap<IpAddr, u32>,
+}
+
+/// Increments `key`'s count under the shard lock; returns the new count.
+fn acquire(map: &DashMap<IpAddr, u32>, key: IpAddr) -> u32 {
+    let mut n = map.entry(key).or_insert(0);
+    *n = n.saturating_add(1);
+    *n
+}
+
+/// Decrements `key`'s count and removes it at 0, under the same shard lock
+/// as `acquire`, so a concurrent increment either sees the entry before
+/// removal or creates a fresh one after it.
+fn release(map: &DashMap<IpAddr, u32>, key: IpAddr) {
+    if let Entry::Occupied(mut e) = map.entry(key) {
+        let n = e.get_mut();
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            e.remove();
+        }
+    }
+}
+
+/// The top `bits` bits set.
+fn mask_bits<T>(bits: u8) -> T
+where
+    T: Default + std::ops::Not<Output = T> + std::ops::Shl<u32, Output = T> + Copy,
+{
+    let width = (std::mem::size_of::<T>() * 8) as u32;
+    let bits = u32::from(bits).min(width);
+    if bits == 0 {
+        T::default()
+    } else {
+        !T::default() << (width - bits)
+    }
+}
+
+/// The per-IP and per-prefix limiters of one kind of event.
+struct RatePair {
+    kind: LimitKind,
+    ip: Option<Tracked>,
+    prefix: Option<Tracked>,
+}
+
+impl RatePair {
+    fn new(
+        cfg: &RateConfig,
+        kind: LimitKind,
+        cap: usize,
+        clock: &TimeSource,
+        overflow: &Arc<AtomicU64>,
+    ) -> RatePair {
+        let make = |r: &Option<Rate>| {
+            let quota = quota(r.as_ref()?)?;
+            cfg.action
+                .runs()
+                .then(|| Tracked::new(quota, cap, clock.clone(), overflow.clone()))
+        };
+        RatePair {
+            kind,
+            ip: make(&cfg.per_ip),
+            prefix: make(&cfg.per_prefix),
+        }
+    }
+
+    fn check(&self, ip: IpAddr, prefix: IpAddr) -> Option<LimitHit> {
+        let hit = |scope| {
+            Some(LimitHit {
+                kind: self.kind,
+                scope,
+            })
+        };
+        if let Some(t) = &self.ip {
+            if !t.check(&ip) {
+                return hit(Scope::Ip);
+            }
+        }
+        if let Some(t) = &self.prefix {
+            if !t.check(&prefix) {
+                return hit(Scope::Prefix);
+            }
+        }
+        None
+    }
+}
+
+/// `count` per `period`, `burst` at once, as a GCRA quota; None for a rate
+/// that cannot limit anything (rejected by config validation anyway).
+fn quota(r: &Rate) -> Option<Quota> {
+    if r.count == 0 || !(r.period.is_finite() && r.period > 0.0) {
+        return None;
+    }
+    let per = Duration::try_from_secs_f64(r.period / f64::from(r.count))
+        .ok()?
+        .max(Duration::from_nanos(1));
+    let burst = NonZeroU32::new(r.burst.unwrap_or(r.count)).unwrap_or(NonZeroU32::MIN);
+    Some(Quota::with_period(per)?.allow_burst(burst))
+}
+
+type Keyed = RateLimiter<IpAddr, KeyStore, TimeSource, NoOpMiddleware<Nanos>>;
+
+/// Spacing of emergency evictions of one limiter from the checking path.
+const EMERGENCY_SWEEP_EVERY: u64 = 1_000_000_000;
+
+/// One keyed GCRA limiter with its key bound.
+struct Tracked {
+    lim: Keyed,
+    cap: usize,
+    /// Clock reading (ns) before which no emergency eviction runs.
+    next_sweep: AtomicU64,
+}
+
+impl Tracked {
+    fn new(quota: Quota, cap: usize, clock: TimeSource, overflow: Arc<AtomicU64>) -> Tracked {
+        let store = KeyStore {
+            map: DashMap::new(),
+            len: AtomicUsize::new(0),
+            cap,
+            overflow,
+        };
+        Tracked {
+            lim: RateLimiter::new(quota, store, clock),
+            cap,
+            next_sweep: AtomicU64::new(0),
+        }
+    }
+
+    /// True when allowed.
+    fn check(&self, key: &IpAddr) -> bool {
+        if self.lim.len() >= self.cap {
+            self.emergency_sweep();
+        }
+        self.lim.check_key(key).is_ok()
+    }
+
+    /// Evicts idle keys now, unless another caller did within the last
+    /// second. Capacity is not shrunk: the map is about to fill again.
+    fn emergency_sweep(&self) {
+        let now = self.lim.clock().now().as_u64();
+        let next = self.next_sweep.load(Ordering::Relaxed);
+        if now >= next
+            && self
+                .next_sweep
+                .compare_exchange(
+                    next,
+                    now.saturating_add(EMERGENCY_SWEEP_EVERY),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            self.lim.retain_recent();
+        }
+    }
+}
+
+/// A governor state store: a dashmap of GCRA theoretical arrival times (ns
+/// since the limiter's start) that refuses to grow past `cap` keys. A key
+/// it cannot store is judged as a fresh key and counted in `overflow`.
+struct KeyStore {
+    map: DashMap<IpAddr, AtomicU64>,
+    /// Keys in `map`, maintained under the shard locks (dashmap's own `len`
+    /// locks every shard in turn).
+    len: AtomicUsize,
+    cap: usize,
+    overflow: Arc<AtomicU64>,
+}
+
+/// Governor's compare-and-swap update of one state.
+fn measure_and_replace_one<T, F, E>(state: &AtomicU64, f: F) -> Result<T, E>
+where
+    F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+{
+    let mut prev = state.load(Ordering::Acquire);
+    loop {
+        let (result, next) = f(Some(Nanos::from(prev)))?;
+        match state.compare_exchange_weak(prev, next.into(), Ordering::Release, Ordering::Relaxed) {
+            Ok(_) => return Ok(result),
+            Err(actual) => prev = actual,
+        }
+    }
+}
+
+impl StateStore for KeyStore {
+    type Key = IpAddr;
+
+    fn measure_and_replace<T, F, E>(&self, key: &IpAddr, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        if let Some(state) = self.map.get(key) {
+            return measure_and_replace_one(&state, f);
+        }
+        match self.map.entry(*key) {
+            Entry::Occupied(e) => measure_and_replace_one(e.get(), f),
+            Entry::Vacant(v) => {
+                // Reserve a place first so concurrent inserts cannot
+                // overshoot the bound.
+                if self.len.fetch_add(1, Ordering::Relaxed) >= self.cap {
+                    self.len.fetch_sub(1, Ordering::Relaxed);
+                    self.overflow.fetch_add(1, Ordering::Relaxed);
+                    return f(None).map(|(result, _)| result);
+                }
+                match f(None) {
+                    Ok((result, tat)) => {
+                        v.insert(AtomicU64::new(tat.into()));
+                        Ok(result)
+                    }
+                    Err(e) => {
+                        self.len.fetch_sub(1, Ordering::Relaxed);
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl ShrinkableKeyedStateStore<IpAddr> for KeyStore {
+    fn retain_recent(&self, drop_below: Nanos) {
+        let drop_below = drop_below.as_u64();
+        self.map.retain(|_, tat| {
+            let keep = tat.load(Ordering::Relaxed) > drop_below;
+            if !keep {
+                self.len.fetch_sub(1, Ordering::Relaxed);
+            }
+            keep
+        });
+    }
+
+    fn shrink_to_fit(&self) {
+        self.map.shrink_to_fit();
+    }
+
+    fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The rate limiters' clock: governor's default (quanta) clock, or a fake
+/// one for tests. Readings are ns since construction.
+#[derive(Clone)]
+enum TimeSource {
+    Real(DefaultClock, <DefaultClock as Clock>::Instant),
+    Fake(FakeRelativeClock),
+}
+
+impl TimeSource {
+    fn real() -> TimeSource {
+        let clock = DefaultClock::default();
+        let start = clock.now();
+        TimeSource::Real(clock, start)
+    }
+}
+
+impl Clock for TimeSource {
+    type Instant = Nanos;
+
+    fn now(&self) -> Nanos {
+        match self {
+            TimeSource::Real(clock, start) => clock.now().duration_since(*start),
+            TimeSource::Fake(clock) => clock.now(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::settings::{Action, ConcurrencyConfig};
+    use std::time::Instant;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn rate(count: u32, period: f64, burst: Option<u32>) -> Option<Rate> {
+        Some(Rate {
+            count,
+            period,
+            burst,
+        })
+    }
+
+    fn rates(per_ip: Option<Rate>, per_prefix: Option<Rate>) -> RateConfig {
+        RateConfig {
+            action: Action::Defer,
+            per_ip,
+            per_prefix,
+        }
+    }
+
+    fn conc(per_ip: u32, per_prefix: u32) -> ConcurrencyConfig {
+        ConcurrencyConfig {
+            action: Action::Reject,
+            per_ip,
+            per_prefix,
+        }
+    }
+
+    fn base() -> LimitsConfig {
+        LimitsConfig {
+            max_connections: 0,
+            ..LimitsConfig::default()
+        }
+    }
+
+    fn hit(kind: LimitKind, scope: Scope) -> Option<LimitHit> {
+        Some(LimitHit { kind, scope })
+    }
+
+    #[test]
+    fn global_cap_acquire_release() {
+        let l = Limits::new(&LimitsConfig {
+            max_connections: 2,
+            ..base()
+        });
+        let a = l.try_global().unwrap();
+        let b = l.try_global().unwrap();
+        assert!(l.try_global().is_none());
+        assert_eq!(l.global_in_use(), 2);
+        drop(a);
+        let c = l.try_global().unwrap();
+        assert!(l.try_global().is_none());
+        drop((b, c));
+        assert_eq!(l.global_in_use(), 0);
+    }
+
+    #[test]
+    fn global_unlimited() {
+        let l = Limits::new(&base());
+        let permits: Vec<_> = (0..1000).map(|_| l.try_global().unwrap()).collect();
+        assert_eq!(permits.len(), 1000);
+        assert_eq!(l.global_in_use(), 0);
+    }
+
+    #[test]
+    fn concurrency_per_ip_released_on_drop() {
+        let l = Limits::new(&LimitsConfig {
+            concurrency: conc(2, 0),
+            ..base()
+        });
+        let a = ip("192.0.2.1");
+        let (p1, h1) = l.connect(a);
+        let (p2, h2) = l.connect(a);
+        let (p3, h3) = l.connect(a);
+        assert_eq!((h1, h2), (None, None));
+        assert_eq!(h3, hit(LimitKind::Concurrency, Scope::Ip));
+        // Another address is counted apart.
+        let (p4, h4) = l.connect(ip("192.0.2.2"));
+        assert_eq!(h4, None);
+        // A rejected session releases its slot too.
+        drop(p3);
+        let (p5, h5) = l.connect(a);
+        assert_eq!(h5, hit(LimitKind::Concurrency, Scope::Ip));
+        drop((p1, p5));
+        let (p6, h6) = l.connect(a);
+        assert_eq!(h6, None);
+        drop((p2, p4, p6));
+        assert_eq!(l.tracked_keys(), 0);
+    }
+
+    #[test]
+    fn concurrency_per_prefix() {
+        let l = Limits::new(&LimitsConfig {
+            concurrency: conc(5, 3),
+            ..base()
+        });
+        let mut held: Vec<_> = (1..=3)
+            .map(|i| {
+                let (p, h) = l.connect(ip(&format!("198.51.100.{i}")));
+                assert_eq!(h, None);
+                p
+            })
+            .collect();
+        let (p, h) = l.connect(ip("198.51.100.200"));
+        assert_eq!(h, hit(LimitKind::Concurrency, Scope::Prefix));
+        drop(p);
+        // Another /24 is fine.
+        let (p, h) = l.connect(ip("198.51.101.1"));
+        assert_eq!(h, None);
+        held.push(p);
+        held.pop();
+        held.pop();
+        let (p, h) = l.connect(ip("198.51.100.9"));
+        assert_eq!(h, None);
+        held.push(p);
+        assert_eq!(l.tracked_keys(), 4); // 3 IPs + 1 prefix
+        held.clear();
+        assert_eq!(l.tracked_keys(), 0);
+    }
+
+    #[test]
+    fn ip_hit_reported_before_prefix() {
+        let l = Limits::new(&LimitsConfig {
+            concurrency: conc(1, 1),
+            ..base()
+        });
+        let (_a, h) = l.connect(ip("192.0.2.1"));
+        assert_eq!(h, None);
+        let (_b, h) = l.connect(ip("192.0.2.1"));
+        assert_eq!(h, hit(LimitKind::Concurrency, Scope::Ip));
+        let (_c, h) = l.connect(ip("192.0.2.2"));
+        assert_eq!(h, hit(LimitKind::Concurrency, Scope::Prefix));
+    }
+
+    #[test]
+    fn prefix_grouping() {
+        let l = Limits::new(&base());
+        assert_eq!(l.prefix_of(ip("192.0.2.77")), ip("192.0.2.0"));
+        assert_eq!(
+            l.prefix_of(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd")),
+            ip("2001:db8:1:2::")
+        );
+        let l = Limits::new(&LimitsConfig {
+            ipv4_prefix: 0,
+            ipv6_prefix: 128,
+            ..base()
+        });
+        assert_eq!(l.prefix_of(ip("192.0.2.77")), ip("0.0.0.0"));
+        assert_eq!(l.prefix_of(ip("2001:db8::1")), ip("2001:db8::1"));
+        let l = Limits::new(&LimitsConfig {
+            ipv4_prefix: 32,
+            ipv6_prefix: 0,
+            ..base()
+        });
+        assert_eq!(l.prefix_of(ip("192.0.2.77")), ip("192.0.2.77"));
+        assert_eq!(l.prefix_of(ip("2001:db8::1")), ip("::"));
+    }
+
+    #[test]
+    fn ipv6_64_grouping() {
+        let l = Limits::new(&LimitsConfig {
+            concurrency: conc(0, 2),
+            ..base()
+        });
+        let (_a, h) = l.connect(ip("2001:db8:0:1::1"));
+        assert_eq!(h, None);
+        let (_b, h) = l.connect(ip("2001:db8:0:1:ffff::2"));
+        assert_eq!(h, None);
+        let (_c, h) = l.connect(ip("2001:db8:0:1:1234:5678:9abc:def0"));
+        assert_eq!(h, hit(LimitKind::Concurrency, Scope::Prefix));
+        let (_d, h) = l.connect(ip("2001:db8:0:2::1"));
+        assert_eq!(h, None);
+        // Two prefixes counted, no per-IP counters (per_ip = 0).
+        assert_eq!(l.tracked_keys(), 2);
+    }
+
+    #[test]
+    fn ipv4_24_grouping_and_mapped() {
+        let l = Limits::with_fake_clock(
+            &LimitsConfig {
+                concurrency: conc(1, 2),
+                message_rate: rates(rate(1, 60.0, None), None),
+                ..base()
+            },
+            FakeRelativeClock::default(),
+        );
+        let (_a, h) = l.connect(ip("203.0.113.1"));
+        assert_eq!(h, None);
+        // The mapped form is the same client.
+        let (b, h) = l.connect(ip("::ffff:203.0.113.1"));
+        assert_eq!(h, hit(LimitKind::Concurrency, Scope::Ip));
+        drop(b);
+        let (_c, h) = l.connect(ip("::ffff:203.0.113.250"));
+        assert_eq!(h, None);
+        let (_d, h) = l.connect(ip("203.0.113.99"));
+        assert_eq!(h, hit(LimitKind::Concurrency, Scope::Prefix));
+        // Rates share the key too.
+        assert_eq!(l.message(ip("203.0.113.1")), None);
+        assert_eq!(
+            l.message(ip("::ffff:203.0.113.1")),
+            hit(LimitKind::MessageRate, Scope::Ip)
+        );
+    }
+
+    #[test]
+    fn rate_per_ip_burst_then_refill() {
+        let clock = FakeRelativeClock::default();
+        // 2 per 10 s (one cell every 5 s), 3 at once.
+        let l = Limits::with_fake_clock(
+            &LimitsConfig {
+                message_rate: rates(rate(2, 10.0, Some(3)), None),
+                ..base()
+            },
+            clock.clone(),
+        );
+        let a = ip("192.0.2.1");
+        for _ in 0..3 {
+            assert_eq!(l.message(a), None);
+        }
+        assert_eq!(l.message(a), hit(LimitKind::MessageRate, Scope::Ip));
+        assert_eq!(l.message(ip("192.0.2.2")), None);
+        clock.advance(Duration::from_millis(4_900));
+        assert_eq!(l.message(a), hit(LimitKind::MessageRate, Scope::Ip));
+        clock.advance(Duration::from_millis(100));
+        assert_eq!(l.message(a), None);
+        assert_eq!(l.message(a), hit(LimitKind::MessageRate, Scope::Ip));
+        clock.advance(Duration::from_secs(15));
+        for _ in 0..3 {
+            assert_eq!(l.message(a), None);
+        }
+        assert_eq!(l.message(a), hit(LimitKind::MessageRate, Scope::Ip));
+        // Other kinds are separate (and off here).
+        assert_eq!(l.recipient(a), None);
+    }
+
+    #[test]
+    fn rate_per_prefix_and_kinds() {
+        let clock = FakeRelativeClock::default();
+        let l = Limits::with_fake_clock(
+            &LimitsConfig {
+                recipient_rate: rates(rate(100, 60.0, None), rate(3, 60.0, None)),
+                connection_rate: rates(rate(1, 60.0, None), None),
+                ..base()
+            },
+            clock,
+        );
+        for i in 1..=3 {
+            assert_eq!(l.recipient(ip(&format!("192.0.2.{i}"))), None);
+        }
+        assert_eq!(
+            l.recipient(ip("192.0.2.4")),
+            hit(LimitKind::RecipientRate, Scope::Prefix)
+        );
+        assert_eq!(l.recipient(ip("192.0.3.4")), None);
+        let (_p, h) = l.connect(ip("192.0.2.1"));
+        assert_eq!(h, None);
+        let (_p, h) = l.connect(ip("192.0.2.1"));
+        assert_eq!(h, hit(LimitKind::ConnectionRate, Scope::Ip));
+    }
+
+    #[test]
+    fn connection_rate_not_spent_on_concurrency_hit() {
+        let l = Limits::with_fake_clock(
+            &LimitsConfig {
+                concurrency: conc(1, 0),
+                connection_rate: rates(rate(2, 60.0, None), None),
+                ..base()
+            },
+            FakeRelativeClock::default(),
+        );
+        let a = ip("192.0.2.1");
+        let (p1, h) = l.connect(a);
+        assert_eq!(h, None);
+        for _ in 0..5 {
+            let (_p, h) = l.connect(a);
+            assert_eq!(h, hit(LimitKind::Concurrency, Scope::Ip));
+        }
+        drop(p1);
+        let (p2, h) = l.connect(a);
+        assert_eq!(h, None); // second cell still there
+        drop(p2);
+        let (_p3, h) = l.connect(a);
+        assert_eq!(h, hit(LimitKind::ConnectionRate, Scope::Ip));
+    }
+
+    #[test]
+    fn off_keeps_no_state() {
+        let r = rate(1, 60.0, None);
+        let off = RateConfig {
+            action: Action::Off,
+            per_ip: r,
+            per_prefix: r,
+        };
+        let l = Limits::new(&LimitsConfig {
+            concurrency: ConcurrencyConfig {
+                action: Action::Off,
+                per_ip: 1,
+                per_prefix: 1,
+            },
+            connection_rate: off.clone(),
+            message_rate: off.clone(),
+            // On, but no values.
+            recipient_rate: rates(None, None),
+            ..base()
+        });
+        let a = ip("192.0.2.1");
+        let mut held = Vec::new();
+        for _ in 0..10 {
+            let (p, h) = l.connect(a);
+            assert_eq!(h, None);
+            held.push(p);
+            assert_eq!(l.message(a), None);
+            assert_eq!(l.recipient(a), None);
+        }
+        assert_eq!(l.tracked_keys(), 0);
+        assert_eq!(l.rate_limiters().count(), 0);
+        assert!(l.concurrency.is_none());
+        // Concurrency on with both limits 0 keeps nothing either.
+        let l = Limits::new(&LimitsConfig {
+            concurrency: conc(0, 0),
+            ..base()
+        });
+        let (_p, h) = l.connect(a);
+        assert_eq!(h, None);
+        assert_eq!(l.tracked_keys(), 0);
+    }
+
+    #[test]
+    fn idle_keys_swept() {
+        let clock = FakeRelativeClock::default();
+        let l = Limits::with_fake_clock(
+            &LimitsConfig {
+                message_rate: rates(rate(10, 60.0, None), rate(100, 60.0, None)),
+                ..base()
+            },
+            clock.clone(),
+        );
+        assert_eq!(l.message(ip("192.0.2.1")), None);
+        assert_eq!(l.message(ip("198.51.100.1")), None);
+        assert_eq!(l.tracked_keys(), 4);
+        l.sweep();
+        assert_eq!(l.tracked_keys(), 4); // still within their window
+        clock.advance(Duration::from_secs(30));
+        assert_eq!(l.message(ip("192.0.2.1")), None);
+        clock.advance(Duration::from_secs(5));
+        l.sweep();
+        // Only 192.0.2.1's per-IP state is still distinguishable from fresh.
+        assert_eq!(l.tracked_keys(), 1);
+        clock.advance(Duration::from_secs(60));
+        l.sweep();
+        assert_eq!(l.tracked_keys(), 0);
+    }
+
+    /// 1M distinct addresses: all tracked, then all evicted.
+    #[test]
+    fn million_distinct_keys_swept() {
+        let clock = FakeRelativeClock::default();
+        let l = Limits::with_fake_clock(
+            &LimitsConfig {
+                max_tracked_keys: 2_000_000,
+                message_rate: rates(rate(10, 60.0, None), rate(10_000, 60.0, None)),
+                ..base()
+            },
+            clock.clone(),
+        );
+        let t = Instant::now();
+        let base_ip = u32::from(Ipv4Addr::new(10, 0, 0, 0));
+        for i in 0..1_000_000u32 {
+            let a = IpAddr::V4(Ipv4Addr::from(base_ip + i));
+            assert_eq!(l.message(a), None);
+        }
+        let fed = t.elapsed();
+        // 1M IPs + 3907 /24s.
+        assert_eq!(l.tracked_keys(), 1_000_000 + 3_907);
+        assert_eq!(l.overflow(), 0);
+        clock.advance(Duration::from_secs(120));
+        let t = Instant::now();
+        l.sweep();
+        assert_eq!(l.tracked_keys(), 0);
+        eprintln!("fed 1M keys in {fed:?}, swept in {:?}", t.elapsed());
+    }
+
+    /// A flood of distinct addresses within their window: the per-IP map
+    /// stays at the bound, new keys pass uncounted, the prefix still limits.
+    #[test]
+    fn flood_is_bounded() {
+        let clock = FakeRelativeClock::default();
+        let l = Limits::with_fake_clock(
+            &LimitsConfig {
+                max_tracked_keys: 10_000,
+                message_rate: rates(rate(10, 60.0, None), rate(1_000, 60.0, None)),
+                ..base()
+            },
+            clock.clone(),
+        );
+        let mut prefix_hits = 0;
+        for i in 0..100_000u128 {
+            // One /64, distinct interface ids.
+            let a = IpAddr::V6(Ipv6Addr::from_bits((0x2001_0db8u128 << 96) | (i + 1)));
+            match l.message(a) {
+                None => {}
+                Some(h) => {
+                    assert_eq!(
+                        h,
+                        LimitHit {
+                            kind: LimitKind::MessageRate,
+                            scope: Scope::Prefix
+                        }
+                    );
+                    prefix_hits += 1;
+                }
+            }
+            assert!(l.message_rate.ip.as_ref().unwrap().lim.len() <= 10_000);
+            assert!(l.tracked_keys() <= 10_001);
+        }
+        assert_eq!(prefix_hits, 100_000 - 1_000);
+        assert_eq!(l.overflow(), 90_000);
+        // Keys already held are still limited per IP.
+        let first = IpAddr::V6(Ipv6Addr::from_bits((0x2001_0db8u128 << 96) | 1));
+        for _ in 0..9 {
+            let _ = l.message(first);
+        }
+        assert_eq!(l.message(first), hit(LimitKind::MessageRate, Scope::Ip));
+    }
+
+    /// A full limiter evicts idle keys from the checking path, at most once
+    /// a second.
+    #[test]
+    fn full_limiter_sweeps_itself() {
+        let clock = FakeRelativeClock::default();
+        let l = Limits::with_fake_clock(
+            &LimitsConfig {
+                max_tracked_keys: 100,
+                recipient_rate: rates(rate(1, 1.0, None), None),
+                ..base()
+            },
+            clock.clone(),
+        );
+        let key = |i: u32| IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
+        for i in 0..100 {
+            assert_eq!(l.recipient(key(i)), None);
+        }
+        assert_eq!(l.tracked_keys(), 100);
+        // Full and all recent: the first check sweeps (nothing to evict)...
+        assert_eq!(l.recipient(key(100)), None);
+        assert_eq!(l.overflow(), 1);
+        // ... and the next sweep waits a second even once keys are idle.
+        clock.advance(Duration::from_millis(900));
+        assert_eq!(l.recipient(key(101)), None);
+        assert_eq!(l.overflow(), 2);
+        assert_eq!(l.tracked_keys(), 100);
+        clock.advance(Duration::from_millis(1200));
+        assert_eq!(l.recipient(key(102)), None);
+        assert_eq!(l.overflow(), 2);
+        assert_eq!(l.tracked_keys(), 1);
+    }
+
+    /// Many threads connect and drop the same keys: the counters end empty.
+    #[test]
+    fn concurrent_connect_drop() {
+        let l = Limits::new(&LimitsConfig {
+            concurrency: conc(3, 5),
+            ..base()
+        });
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let l = l.clone();
+                std::thread::spawn(move || {
+                    let mut held = Vec::new();
+                    for i in 0..5_000u32 {
+                        let a = if i % 3 == 0 {
+                            ip("192.0.2.1")
+                        } else {
+                            IpAddr::V4(Ipv4Addr::new(192, 0, 2, (t * 2 + i % 2) as u8))
+                        };
+                        held.push(l.connect(a).0);
+                        if held.len() > (i as usize % 4) {
+                            held.remove(0);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(l.tracked_keys(), 0);
+        let c = l.concurrency.as_ref().unwrap();
+        assert!(c.ips.is_empty() && c.prefixes.is_empty());
+    }
+
+    #[tokio::test]
+    async fn sweeper_runs_and_stops() {
+        let clock = FakeRelativeClock::default();
+        let l = Limits::with_fake_clock(
+            &LimitsConfig {
+                sweep_interval: 0.01,
+                message_rate: rates(rate(1, 1.0, None), None),
+                ..base()
+            },
+            clock.clone(),
+        );
+        l.spawn_sweeper();
+        assert_eq!(l.message(ip("192.0.2.1")), None);
+        assert_eq!(l.tracked_keys(), 1);
+        clock.advance(Duration::from_secs(3));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while l.tracked_keys() != 0 {
+            assert!(Instant::now() < deadline, "sweeper did not run");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let weak = Arc::downgrade(&l);
+        drop(l);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(weak.upgrade().is_none());
+    }
+}

@@ -1,0 +1,730 @@
+//! Admission policy: which clients may connect and proceed, decided per
+//! phase (connect, helo, mail, rcpt) from lists, limits, HELO checks,
+//! reverse DNS, DNSBLs and pregreet, each with its own configured action.
+//! `Policy` is shared; `ClientPolicy` is one session's view and holds its
+//! concurrency slots. Writes no bytes: the session sends the replies.
+
+pub mod dns;
+pub mod helo;
+pub mod limits;
+pub mod settings;
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use self::dns::{Dns, DnsblResult, Rdns, Resolves};
+use self::helo::HeloName;
+use self::limits::{ConnPermit, GlobalPermit, LimitHit, LimitKind, Limits, Scope};
+use self::settings::{Action, PolicyConfig};
+
+/// Every check, for counting and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    Deny,
+    GlobalCap,
+    Concurrency,
+    ConnectionRate,
+    MessageRate,
+    RecipientRate,
+    Pregreet,
+    Rdns,
+    Dnsbl,
+    HeloSyntax,
+    HeloBareIp,
+    HeloLiteral,
+    HeloFqdn,
+    HeloOurs,
+    HeloResolves,
+    HeloRdns,
+}
+
+impl Check {
+    pub const ALL: [Check; 16] = [
+        Check::Deny,
+        Check::GlobalCap,
+        Check::Concurrency,
+        Check::ConnectionRate,
+        Check::MessageRate,
+        Check::RecipientRate,
+        Check::Pregreet,
+        Check::Rdns,
+        Check::Dnsbl,
+        Check::HeloSyntax,
+        Check::HeloBareIp,
+        Check::HeloLiteral,
+        Check::HeloFqdn,
+        Check::HeloOurs,
+        Check::HeloResolves,
+        Check::HeloRdns,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Check::Deny => "deny_list",
+            Check::GlobalCap => "max_connections",
+            Check::Concurrency => "concurrency",
+            Check::ConnectionRate => "connection_rate",
+            Check::MessageRate => "message_rate",
+            Check::RecipientRate => "recipient_rate",
+            Check::Pregreet => "pregreet",
+            Check::Rdns => "rdns",
+            Check::Dnsbl => "dnsbl",
+            Check::HeloSyntax => "helo_syntax",
+            Check::HeloBareIp => "helo_bare_ip",
+            Check::HeloLiteral => "helo_literal_mismatch",
+            Check::HeloFqdn => "helo_fqdn",
+            Check::HeloOurs => "helo_not_ours",
+            Check::HeloResolves => "helo_resolves",
+            Check::HeloRdns => "helo_match_rdns",
+        }
+    }
+}
+
+/// A failed check: the reply it gives and whether it is enforced (false:
+/// observe-only, logged and counted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub check: Check,
+    pub code: u16,
+    pub enh: &'static str,
+    pub text: String,
+    pub enforce: bool,
+}
+
+impl Verdict {
+    /// The same verdict given at connect (as the greeting or instead of
+    /// it): 554 for a permanent refusal, 421 for a temporary one.
+    pub fn at_connect(&self) -> (u16, &'static str) {
+        if self.code >= 500 {
+            (554, self.enh)
+        } else {
+            (421, self.enh)
+        }
+    }
+}
+
+/// Counts per check: how often it failed while observed, and enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckCount {
+    pub check: Check,
+    pub observed: u64,
+    pub enforced: u64,
+}
+
+/// The shared policy: configuration, limiters, DNS and the pregreet memory.
+pub struct Policy {
+    cfg: PolicyConfig,
+    hostname: String,
+    limits: Arc<Limits>,
+    dns: Option<Arc<Dns>>,
+    pregreeters: Option<moka::sync::Cache<IpAddr, ()>>,
+    observed: [AtomicU64; Check::ALL.len()],
+    enforced: [AtomicU64; Check::ALL.len()],
+}
+
+impl Policy {
+    /// Builds the policy; Err names what could not be set up (the resolver).
+    pub fn new(cfg: &PolicyConfig, hostname: &str) -> Result<Arc<Policy>, String> {
+        let needs_dns = cfg.rdns.lookup
+            || cfg.dnsbl.action.runs()
+            || cfg.helo.resolves.runs()
+            || cfg.helo.match_rdns.runs();
+        let dns = if needs_dns {
+            Some(Dns::new(&cfg.dns, &cfg.rdns, &cfg.dnsbl)?)
+        } else {
+            None
+        };
+        let pregreeters = (cfg.pregreet.action.runs() && cfg.pregreet.remember > 0.0).then(|| {
+            moka::sync::Cache::builder()
+                .max_capacity(cfg.dns.cache_size)
+                .time_to_live(Duration::from_secs_f64(cfg.pregreet.remember))
+                .build()
+        });
+        Ok(Arc::new(Policy {
+            cfg: cfg.clone(),
+            hostname: hostname.to_string(),
+            limits: Limits::new(&cfg.limits),
+            dns,
+            pregreeters,
+            observed: Default::default(),
+            enforced: Default::default(),
+        }))
+    }
+
+    /// Starts background work (idle-key eviction).
+    pub fn start(&self) {
+        self.limits.spawn_sweeper();
+    }
+
+    pub fn limits(&self) -> &Arc<Limits> {
+        &self.limits
+    }
+
+    pub fn dns(&self) -> Option<&Arc<Dns>> {
+        self.dns.as_ref()
+    }
+
+    pub fn config(&self) -> &PolicyConfig {
+        &self.cfg
+    }
+
+    /// Seconds to wait before an enforced policy reply.
+    pub fn tarpit(&self) -> Duration {
+        Duration::from_secs_f64(self.cfg.tarpit)
+    }
+
+    /// Counts of every check so far.
+    pub fn counts(&self) -> Vec<CheckCount> {
+        Check::ALL
+            .iter()
+            .enumerate()
+            .map(|(i, &check)| CheckCount {
+                check,
+                observed: self.observed[i].load(Ordering::Relaxed),
+                enforced: self.enforced[i].load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    fn index(check: Check) -> usize {
+        Check::ALL.iter().position(|&c| c == check).unwrap_or(0)
+    }
+
+    /// Turns a failed check into a verdict per its action, counting and
+    /// logging it; None when the action is Off. `defer_code` is the 4xx
+    /// used for `defer` (and for `reject` of a temporary failure).
+    fn verdict(
+        &self,
+        ip: IpAddr,
+        check: Check,
+        action: Action,
+        code: u16,
+        enh: &'static str,
+        text: String,
+    ) -> Option<Verdict> {
+        let (code, enh) = match action {
+            Action::Off => return None,
+            Action::Defer if code >= 500 => (if code == 554 { 421 } else { 450 }, defer_enh(enh)),
+            _ => (code, enh),
+        };
+        let enforce = action != Action::Observe;
+        let i = Self::index(check);
+        if enforce {
+            self.enforced[i].fetch_add(1, Ordering::Relaxed);
+            info!(client = %ip, check = check.name(), code, "policy: {text}");
+        } else {
+            self.observed[i].fetch_add(1, Ordering::Relaxed);
+            info!(client = %ip, check = check.name(), would = code, "policy (observe): {text}");
+        }
+        Some(Verdict {
+            check,
+            code,
+            enh,
+            text,
+            enforce,
+        })
+    }
+
+    /// The connect phase, run in the accept loop before a session exists:
+    /// global cap, deny list, remembered pregreeters, concurrency and
+    /// connection rate. Err is the refusal to send before closing.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ClientPolicy, Verdict> {
+        let global = if self.cfg.limits.max_connections > 0 {
+            match self.limits.try_global() {
+                Some(p) => Some(p),
+                None => {
+                    return Err(self
+                        .verdict(
+                            ip,
+                            Check::GlobalCap,
+                            Action::Reject,
+                            421,
+                            "4.3.2",
+                            "Too many connections, try again later".into(),
+                        )
+                        .expect("reject yields a verdict"));
+                }
+            }
+        } else {
+            None
+        };
+        let allowed = self.cfg.allow.iter().any(|n| contains(n, ip));
+        let mut client = ClientPolicy {
+            policy: self.clone(),
+            ip,
+            allowed,
+            _global: global,
+            _conn: None,
+            rdns: Pending::None,
+            dnsbl: Pending::None,
+            connect: None,
+            connect_done: false,
+            helo: None,
+        };
+        if !allowed {
+            self.screen(ip, &mut client)?;
+        }
+        if let Some(dns) = &self.dns {
+            if self.cfg.rdns.lookup {
+                let d = dns.clone();
+                client.rdns = Pending::Running(tokio::spawn(async move { d.rdns(ip).await }));
+            }
+            if self.cfg.dnsbl.action.runs() && !allowed {
+                let d = dns.clone();
+                client.dnsbl = Pending::Running(tokio::spawn(async move { d.dnsbl(ip).await }));
+            }
+        }
+        // Nothing to wait for: the connect phase is already settled.
+        client.connect_done =
+            matches!(client.rdns, Pending::None) && matches!(client.dnsbl, Pending::None);
+        Ok(client)
+    }
+
+    /// Deny list, remembered pregreeters, concurrency, connection rate.
+    fn screen(&self, ip: IpAddr, client: &mut ClientPolicy) -> Result<(), Verdict> {
+        if self.cfg.deny.iter().any(|n| contains(n, ip)) {
+            return Err(self
+                .verdict(
+                    ip,
+                    Check::Deny,
+                    Action::Reject,
+                    554,
+                    "5.7.1",
+                    format!("Access denied for [{ip}]"),
+                )
+                .expect("reject yields a verdict"));
+        }
+        if let Some(cache) = &self.pregreeters {
+            if cache.contains_key(&ip) {
+                if let Some(v) = self.pregreet_verdict(ip) {
+                    if v.enforce {
+                        return Err(v);
+                    }
+                }
+            }
+        }
+        let (permit, hit) = self.limits.connect(ip);
+        client._conn = Some(permit);
+        if let Some(hit) = hit {
+            if let Some(v) = self.limit_verdict(ip, hit) {
+                if v.enforce {
+                    return Err(v);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn pregreet_verdict(&self, ip: IpAddr) -> Option<Verdict> {
+        self.verdict(
+            ip,
+            Check::Pregreet,
+            self.cfg.pregreet.action,
+            554,
+            "5.5.1",
+            "Protocol error: talked before the greeting".into(),
+        )
+    }
+
+    fn limit_verdict(&self, ip: IpAddr, hit: LimitHit) -> Option<Verdict> {
+        let l = &self.cfg.limits;
+        let who = match hit.scope {
+            Scope::Ip => format!("[{ip}]"),
+            Scope::Prefix => "your network".to_string(),
+        };
+        let (check, action, code, enh, text) = match hit.kind {
+            LimitKind::Concurrency => (
+                Check::Concurrency,
+                l.concurrency.action,
+                421,
+                "4.7.0",
+                format!("Too many concurrent connections from {who}, try again later"),
+            ),
+            LimitKind::ConnectionRate => (
+                Check::ConnectionRate,
+                l.connection_rate.action,
+                421,
+                "4.7.0",
+                format!("Connection rate limit exceeded for {who}, try again later"),
+            ),
+            LimitKind::MessageRate => (
+                Check::MessageRate,
+                l.message_rate.action,
+                450,
+                "4.7.28",
+                format!("Message rate limit exceeded for {who}, try again later"),
+            ),
+            LimitKind::RecipientRate => (
+                Check::RecipientRate,
+                l.recipient_rate.action,
+                452,
+                "4.7.28",
+                format!("Recipient rate limit exceeded for {who}, try again later"),
+            ),
+        };
+        self.verdict(ip, check, action, code, enh, text)
+    }
+}
+
+fn defer_enh(enh: &'static str) -> &'static str {
+    match enh {
+        "5.7.1" => "4.7.1",
+        "5.7.25" => "4.7.25",
+        "5.5.1" => "4.5.1",
+        "5.5.2" => "4.5.2",
+        _ => "4.7.0",
+    }
+}
+
+fn contains(net: &IpNet, ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    net.contains(&ip)
+}
+
+/// A lookup started at accept and awaited where its answer is needed.
+enum Pending<T> {
+    None,
+    Running(JoinHandle<T>),
+    Done(T),
+}
+
+impl<T: Clone> Pending<T> {
+    async fn get(&mut self, failed: T) -> Option<T> {
+        if let Pending::Running(h) = self {
+            let v = match h.await {
+                Ok(v) => v,
+                Err(e) => {
+                    warn!("policy lookup task failed: {e}");
+                    failed
+                }
+            };
+            *self = Pending::Done(v);
+        }
+        match self {
+            Pending::Done(v) => Some(v.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// One session's policy state: its concurrency slots (released on drop),
+/// its DNS lookups and the verdicts held for delivery.
+pub struct ClientPolicy {
+    policy: Arc<Policy>,
+    ip: IpAddr,
+    allowed: bool,
+    _global: Option<GlobalPermit>,
+    _conn: Option<ConnPermit>,
+    rdns: Pending<Rdns>,
+    dnsbl: Pending<DnsblResult>,
+    /// The connect-phase verdict (pregreet, rDNS, DNSBL), once decided.
+    connect: Option<Verdict>,
+    connect_done: bool,
+    /// The HELO verdict held for MAIL (delay_reject).
+    helo: Option<Verdict>,
+}
+
+impl ClientPolicy {
+    pub fn policy(&self) -> &Arc<Policy> {
+        &self.policy
+    }
+
+    /// On the allow list: no checks apply.
+    pub fn allowed(&self) -> bool {
+        self.allowed
+    }
+
+    pub fn delay_reject(&self) -> bool {
+        self.policy.cfg.delay_reject
+    }
+
+    /// The pause between `220-` and `220 ` when pregreet detection runs.
+    pub fn pregreet_delay(&self) -> Option<Duration> {
+        let p = &self.policy.cfg.pregreet;
+        (p.action.runs() && p.delay > 0.0 && !self.allowed)
+            .then(|| Duration::from_secs_f64(p.delay))
+    }
+
+    /// The client talked before the greeting ended.
+    pub fn pregreet_hit(&mut self) {
+        if let Some(cache) = &self.policy.pregreeters {
+            cache.insert(self.ip, ());
+        }
+        if let Some(v) = self.policy.pregreet_verdict(self.ip) {
+            if self.connect.as_ref().is_none_or(|c| !c.enforce) {
+                self.connect = Some(v);
+            }
+        }
+    }
+
+    /// Whether the greeting must wait for the connect verdict (delay_reject
+    /// off and a DNS check that can refuse).
+    pub fn greeting_waits(&self) -> bool {
+        let c = &self.policy.cfg;
+        !c.delay_reject
+            && !self.allowed
+            && ((c.rdns.lookup
+                && [c.rdns.no_ptr, c.rdns.mismatch, c.rdns.temp_error]
+                    .iter()
+                    .any(|a| matches!(a, Action::Defer | Action::Reject)))
+                || matches!(c.dnsbl.action, Action::Defer | Action::Reject))
+    }
+
+    /// The client's forward-confirmed name, once the lookup has finished.
+    pub fn rdns_name(&self) -> Option<&str> {
+        match &self.rdns {
+            Pending::Done(Rdns::Pass(name)) => Some(name),
+            _ => None,
+        }
+    }
+
+    /// The connect-phase verdict: waits for the rDNS and DNSBL lookups
+    /// (once), then judges them. Returns the verdict only when enforced.
+    pub async fn connect_verdict(&mut self) -> Option<Verdict> {
+        let rdns = self.rdns.get(Rdns::TempError).await;
+        if !self.connect_done {
+            self.connect_done = true;
+            let held = self.connect.as_ref().is_some_and(|v| v.enforce);
+            if !self.allowed && !held {
+                let mut found = Vec::new();
+                if let Some(r) = rdns {
+                    found.extend(self.rdns_verdict(&r));
+                }
+                if let Some(bl) = self.dnsbl.get(DnsblResult::default()).await {
+                    found.extend(self.dnsbl_verdict(&bl));
+                }
+                if let Some(v) = found.into_iter().find(|v| v.enforce) {
+                    self.connect = Some(v);
+                }
+            }
+        }
+        self.connect.clone().filter(|v| v.enforce)
+    }
+
+    fn rdns_verdict(&self, r: &Rdns) -> Option<Verdict> {
+        let c = &self.policy.cfg.rdns;
+        let ip = self.ip;
+        let (action, code, enh, text) = match r {
+            Rdns::Pass(_) => return None,
+            Rdns::NoPtr => (
+                c.no_ptr,
+                550,
+                "5.7.25",
+                format!("Reverse DNS validation failed: no PTR record for [{ip}]"),
+            ),
+            Rdns::Mismatch(name) => (
+                c.mismatch,
+                550,
+                "5.7.25",
+                format!(
+                    "Reverse DNS validation failed: {} does not resolve to [{ip}]",
+                    clean(name)
+                ),
+            ),
+            Rdns::TempError => (
+                c.temp_error,
+                450,
+                "4.7.25",
+                format!("Temporary failure looking up the reverse DNS of [{ip}]"),
+            ),
+        };
+        self.policy
+            .verdict(ip, Check::Rdns, action, code, enh, text)
+    }
+
+    fn dnsbl_verdict(&self, bl: &DnsblResult) -> Option<Verdict> {
+        let c = &self.policy.cfg.dnsbl;
+        if bl.score < c.threshold {
+            return None;
+        }
+        let zones: Vec<&str> = bl.listed.iter().map(|(z, _)| &**z).collect();
+        self.policy.verdict(
+            self.ip,
+            Check::Dnsbl,
+            c.action,
+            554,
+            "5.7.1",
+            format!(
+                "Service unavailable; client [{}] blocked using {}",
+                self.ip,
+                zones.join(", ")
+            ),
+        )
+    }
+
+    /// HELO/EHLO checks in order; the first enforced failure is returned
+    /// (observe-only failures are logged and counted on the way). `local`
+    /// is the address the client connected to.
+    pub async fn helo(&mut self, name: &str, local: IpAddr) -> Option<Verdict> {
+        self.helo = None;
+        if self.allowed {
+            return None;
+        }
+        let p = self.policy.clone();
+        let c = &p.cfg.helo;
+        let ip = self.ip;
+        let shown = clean(name);
+        let kind = helo::classify(name);
+        let mut checks: Vec<Option<Verdict>> = Vec::new();
+        let v = |check, action, code, enh, why: &str| {
+            p.verdict(
+                ip,
+                check,
+                action,
+                code,
+                enh,
+                format!("<{shown}>: Helo command rejected: {why}"),
+            )
+        };
+        match kind {
+            HeloName::Invalid => {
+                checks.push(v(Check::HeloSyntax, c.syntax, 501, "5.5.2", "Invalid name"))
+            }
+            HeloName::BareIp(_) => checks.push(v(
+                Check::HeloBareIp,
+                c.bare_ip,
+                501,
+                "5.5.2",
+                "an address must be enclosed in brackets",
+            )),
+            HeloName::Literal(lit) if !helo::literal_matches(lit, ip) => checks.push(v(
+                Check::HeloLiteral,
+                c.literal_mismatch,
+                550,
+                "5.7.1",
+                "address literal is not your address",
+            )),
+            HeloName::Domain { fqdn: false } => checks.push(v(
+                Check::HeloFqdn,
+                c.fqdn,
+                504,
+                "5.5.2",
+                "need fully-qualified hostname",
+            )),
+            _ => {}
+        }
+        if c.not_ours.runs() && helo::is_ours(name, &kind, &p.hostname, local) {
+            checks.push(v(
+                Check::HeloOurs,
+                c.not_ours,
+                550,
+                "5.7.1",
+                "that is my name",
+            ));
+        }
+        if let Some(found) = checks.iter().flatten().find(|v| v.enforce) {
+            return Some(found.clone());
+        }
+        let is_domain = matches!(kind, HeloName::Domain { .. });
+        if is_domain && c.resolves.runs() {
+            if let Some(dns) = &p.dns {
+                let r = match dns.helo_resolves(name).await {
+                    Resolves::Yes => None,
+                    Resolves::No => v(
+                        Check::HeloResolves,
+                        c.resolves,
+                        550,
+                        "5.7.1",
+                        "Host not found",
+                    ),
+                    Resolves::TempError => v(
+                        Check::HeloResolves,
+                        c.resolves,
+                        450,
+                        "4.7.1",
+                        "temporary failure resolving the name",
+                    ),
+                };
+                if let Some(r) = r.filter(|r| r.enforce) {
+                    return Some(r);
+                }
+            }
+        }
+        if c.match_rdns.runs() {
+            let r = self.rdns.get(Rdns::TempError).await;
+            let bad = match (&kind, r) {
+                (HeloName::Domain { .. }, Some(Rdns::Pass(rn)))
+                    if helo::matches_rdns(name, &rn) =>
+                {
+                    None
+                }
+                (_, Some(Rdns::TempError)) | (_, None) => v(
+                    Check::HeloRdns,
+                    c.match_rdns,
+                    450,
+                    "4.7.25",
+                    "cannot verify your reverse DNS name now",
+                ),
+                _ => v(
+                    Check::HeloRdns,
+                    c.match_rdns,
+                    550,
+                    "5.7.1",
+                    "does not match your reverse DNS name",
+                ),
+            };
+            if let Some(r) = bad.filter(|r| r.enforce) {
+                return Some(r);
+            }
+        }
+        None
+    }
+
+    /// Holds a HELO verdict for delivery at MAIL (delay_reject).
+    pub fn hold_helo(&mut self, v: Verdict) {
+        self.helo = Some(v);
+    }
+
+    /// Whether lookups are still to be awaited and judged: call (and
+    /// await) `connect_verdict` before `mail` then.
+    pub fn unsettled(&self) -> bool {
+        !self.connect_done
+    }
+
+    /// The MAIL phase: held connect and HELO verdicts, then the message
+    /// rate. Synchronous: the connect verdict must be settled first.
+    pub fn mail(&mut self) -> Option<Verdict> {
+        if let Some(v) = self.connect.clone().filter(|v| v.enforce) {
+            return Some(v);
+        }
+        if self.allowed {
+            return None;
+        }
+        if let Some(v) = &self.helo {
+            return Some(v.clone());
+        }
+        let hit = self.policy.limits.message(self.ip)?;
+        self.policy
+            .limit_verdict(self.ip, hit)
+            .filter(|v| v.enforce)
+    }
+
+    /// The RCPT phase: the recipient rate.
+    pub fn rcpt(&mut self) -> Option<Verdict> {
+        if self.allowed {
+            return None;
+        }
+        let hit = self.policy.limits.recipient(self.ip)?;
+        self.policy
+            .limit_verdict(self.ip, hit)
+            .filter(|v| v.enforce)
+    }
+}
+
+/// Client-supplied text made safe for a reply line or log: printable ASCII,
+/// at most 255 characters.
+fn clean(s: &str) -> String {
+    s.chars()
+        .take(255)
+        .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+        .collect()
+}

@@ -1,0 +1,429 @@
+//! The `[policy]` configuration section: types, defaults and validation of
+//! admission policy settings (lists, limits, HELO, rDNS, DNSBL, pregreet,
+//! DNS). Plain data; the checks that use it live beside it in `policy/`.
+
+use std::net::SocketAddr;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// What a check does when it fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// The check is not run.
+    #[default]
+    Off,
+    /// Run, log and count, never enforce.
+    Observe,
+    /// Enforce with a temporary (4xx) reply.
+    Defer,
+    /// Enforce with the check's permanent (5xx) reply; checks whose failure
+    /// is temporary by nature (rate limits, DNS errors) still answer 4xx.
+    Reject,
+}
+
+impl Action {
+    pub fn runs(self) -> bool {
+        self != Action::Off
+    }
+}
+
+/// `[policy]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Deliver connect- and HELO-phase rejections as the reply to MAIL FROM
+    /// (Postfix `smtpd_delay_reject = yes`) instead of at connect / HELO.
+    pub delay_reject: bool,
+    /// Seconds to wait before sending any policy reject or defer reply.
+    pub tarpit: f64,
+    /// CIDRs that skip the whole policy (limits included).
+    pub allow: Vec<IpNet>,
+    /// CIDRs refused at connect with 554 5.7.1.
+    pub deny: Vec<IpNet>,
+    pub limits: LimitsConfig,
+    pub helo: HeloConfig,
+    pub rdns: RdnsConfig,
+    pub dnsbl: DnsblConfig,
+    pub pregreet: PregreetConfig,
+    pub dns: DnsConfig,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            delay_reject: true,
+            tarpit: 0.0,
+            allow: Vec::new(),
+            deny: Vec::new(),
+            limits: LimitsConfig::default(),
+            helo: HeloConfig::default(),
+            rdns: RdnsConfig::default(),
+            dnsbl: DnsblConfig::default(),
+            pregreet: PregreetConfig::default(),
+            dns: DnsConfig::default(),
+        }
+    }
+}
+
+/// `[policy.limits]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Sessions at once over all clients; 0 = no limit. Over it: 421 4.3.2.
+    pub max_connections: usize,
+    /// Prefix length that groups IPv4 clients into one "network".
+    pub ipv4_prefix: u8,
+    /// Prefix length that groups IPv6 clients into one "network".
+    pub ipv6_prefix: u8,
+    /// Upper bound on keys held by each rate limiter before idle keys are
+    /// evicted early (a flood of distinct addresses cannot grow it further).
+    pub max_tracked_keys: usize,
+    /// Seconds between sweeps that evict idle keys.
+    pub sweep_interval: f64,
+    pub concurrency: ConcurrencyConfig,
+    pub connection_rate: RateConfig,
+    pub message_rate: RateConfig,
+    pub recipient_rate: RateConfig,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 10_000,
+            ipv4_prefix: 24,
+            ipv6_prefix: 64,
+            max_tracked_keys: 1_000_000,
+            sweep_interval: 60.0,
+            concurrency: ConcurrencyConfig::default(),
+            connection_rate: RateConfig::default(),
+            message_rate: RateConfig::default(),
+            recipient_rate: RateConfig::default(),
+        }
+    }
+}
+
+/// `[policy.limits.concurrency]`: sessions at once per IP and per prefix.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConcurrencyConfig {
+    pub action: Action,
+    /// 0 = no limit.
+    pub per_ip: u32,
+    /// 0 = no limit.
+    pub per_prefix: u32,
+}
+
+/// `[policy.limits.connection_rate]` and friends: GCRA rates per IP and
+/// per prefix.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateConfig {
+    pub action: Action,
+    pub per_ip: Option<Rate>,
+    pub per_prefix: Option<Rate>,
+}
+
+/// `count` events per `period` seconds, with up to `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    pub count: u32,
+    #[serde(default = "default_period")]
+    pub period: f64,
+    /// Defaults to `count`.
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+fn default_period() -> f64 {
+    60.0
+}
+
+/// `[policy.helo]`: one action per HELO/EHLO check.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeloConfig {
+    /// RFC 5321 Domain or address literal. 501 5.5.2.
+    pub syntax: Action,
+    /// A dotted name, not a bare label. 504 5.5.2.
+    pub fqdn: Action,
+    /// Not our hostname or one of our listener addresses. 550 5.7.1.
+    pub not_ours: Action,
+    /// A bare IP address without brackets. 501 5.5.2.
+    pub bare_ip: Action,
+    /// An address literal must be the client's address. 550 5.7.1.
+    pub literal_mismatch: Action,
+    /// The name must have A, AAAA or MX records. 550 5.7.1 / 450 4.7.1.
+    pub resolves: Action,
+    /// The name must equal the client's forward-confirmed rDNS name or be
+    /// in its domain. 550 5.7.1.
+    pub match_rdns: Action,
+}
+
+impl Default for HeloConfig {
+    fn default() -> Self {
+        HeloConfig {
+            syntax: Action::Reject,
+            fqdn: Action::Observe,
+            not_ours: Action::Observe,
+            bare_ip: Action::Observe,
+            literal_mismatch: Action::Observe,
+            resolves: Action::Off,
+            match_rdns: Action::Off,
+        }
+    }
+}
+
+/// `[policy.rdns]`: reverse DNS with forward confirmation (FCrDNS).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RdnsConfig {
+    /// Look the client's name up at all (also feeds the Received header
+    /// and XFORWARD NAME).
+    pub lookup: bool,
+    /// No PTR record. 550 5.7.25.
+    pub no_ptr: Action,
+    /// No PTR name resolves back to the client. 550 5.7.25.
+    pub mismatch: Action,
+    /// The lookup failed temporarily (SERVFAIL, timeout). Always 4xx:
+    /// 450 4.7.25.
+    pub temp_error: Action,
+    /// PTR names tried for forward confirmation.
+    pub max_names: usize,
+}
+
+impl Default for RdnsConfig {
+    fn default() -> Self {
+        RdnsConfig {
+            lookup: false,
+            no_ptr: Action::Observe,
+            mismatch: Action::Observe,
+            temp_error: Action::Observe,
+            max_names: 2,
+        }
+    }
+}
+
+/// `[policy.dnsbl]`: postscreen-style weighted DNS lists.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsblConfig {
+    pub action: Action,
+    /// A client whose summed weights reach this is listed. 554 5.7.1.
+    pub threshold: i32,
+    #[serde(rename = "zone")]
+    pub zones: Vec<DnsblZone>,
+}
+
+impl Default for DnsblConfig {
+    fn default() -> Self {
+        DnsblConfig {
+            action: Action::Off,
+            threshold: 1,
+            zones: Vec::new(),
+        }
+    }
+}
+
+/// `[[policy.dnsbl.zone]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsblZone {
+    /// DNS zone, e.g. `zen.spamhaus.org`.
+    pub name: String,
+    /// Added to the score when listed; negative for allow lists.
+    #[serde(default = "default_weight")]
+    pub weight: i32,
+    /// Answers that count: addresses or inclusive ranges
+    /// (`127.0.0.2..127.0.0.11`); empty = any answer.
+    #[serde(default)]
+    pub codes: Vec<String>,
+}
+
+fn default_weight() -> i32 {
+    1
+}
+
+/// `[policy.pregreet]`: talk-before-greeting detection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PregreetConfig {
+    /// 554 5.5.1 for a client that talked first.
+    pub action: Action,
+    /// Seconds between the first line of a two-line greeting (`220-`) and
+    /// the last (`220 `). 0 = no delay.
+    pub delay: f64,
+    /// Seconds an offender is remembered (refused at connect meanwhile).
+    pub remember: f64,
+}
+
+impl Default for PregreetConfig {
+    fn default() -> Self {
+        PregreetConfig {
+            action: Action::Off,
+            delay: 0.0,
+            remember: 3600.0,
+        }
+    }
+}
+
+/// `[policy.dns]`: the resolver and the verdict caches.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Nameservers (`ip:port`); empty = the system's (/etc/resolv.conf).
+    pub nameservers: Vec<SocketAddr>,
+    /// Seconds per query attempt.
+    pub timeout: f64,
+    /// Attempts per query.
+    pub attempts: usize,
+    /// Entries per cache (rDNS, DNSBL, HELO names each).
+    pub cache_size: u64,
+    /// Cached answers live at least this many seconds...
+    pub min_ttl: f64,
+    /// ... and at most this many.
+    pub max_ttl: f64,
+    /// Seconds a negative answer lives when the zone gives no SOA minimum,
+    /// and a temporary failure always.
+    pub negative_ttl: f64,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            nameservers: Vec::new(),
+            timeout: 3.0,
+            attempts: 2,
+            cache_size: 100_000,
+            min_ttl: 60.0,
+            max_ttl: 86_400.0,
+            negative_ttl: 300.0,
+        }
+    }
+}
+
+impl PolicyConfig {
+    /// Semantic checks; `err(key, message)` with keys relative to the file.
+    pub fn validate(&self, err: &mut dyn FnMut(String, String)) {
+        let secs = |v: f64| v.is_finite() && (0.0..1e7).contains(&v);
+        if !secs(self.tarpit) {
+            err("policy.tarpit".into(), "must be seconds >= 0".into());
+        }
+        let l = &self.limits;
+        if l.ipv4_prefix > 32 {
+            err("policy.limits.ipv4_prefix".into(), "must be 0..=32".into());
+        }
+        if l.ipv6_prefix > 128 {
+            err("policy.limits.ipv6_prefix".into(), "must be 0..=128".into());
+        }
+        if l.max_tracked_keys == 0 {
+            err(
+                "policy.limits.max_tracked_keys".into(),
+                "must be > 0".into(),
+            );
+        }
+        if !(secs(l.sweep_interval) && l.sweep_interval > 0.0) {
+            err(
+                "policy.limits.sweep_interval".into(),
+                "must be seconds > 0".into(),
+            );
+        }
+        for (name, r) in [
+            ("connection_rate", &l.connection_rate),
+            ("message_rate", &l.message_rate),
+            ("recipient_rate", &l.recipient_rate),
+        ] {
+            for (which, rate) in [("per_ip", &r.per_ip), ("per_prefix", &r.per_prefix)] {
+                if let Some(rate) = rate {
+                    let key = format!("policy.limits.{name}.{which}");
+                    if rate.count == 0 {
+                        err(key.clone(), "count must be > 0".into());
+                    }
+                    if !(secs(rate.period) && rate.period > 0.0) {
+                        err(key.clone(), "period must be seconds > 0".into());
+                    }
+                    if rate.burst == Some(0) {
+                        err(key, "burst must be > 0".into());
+                    }
+                }
+            }
+        }
+        if self.rdns.max_names == 0 {
+            err("policy.rdns.max_names".into(), "must be > 0".into());
+        }
+        for (i, z) in self.dnsbl.zones.iter().enumerate() {
+            if z.name.is_empty() || z.name.starts_with('.') || z.name.contains("..") {
+                err(
+                    format!("policy.dnsbl.zone[{i}].name"),
+                    "must be a DNS zone name".into(),
+                );
+            }
+            for c in &z.codes {
+                if parse_code_range(c).is_none() {
+                    err(
+                        format!("policy.dnsbl.zone[{i}].codes"),
+                        format!("{c:?}: expected an IPv4 address or a range a.b.c.d..e.f.g.h"),
+                    );
+                }
+            }
+        }
+        if self.dnsbl.action.runs() && self.dnsbl.zones.is_empty() {
+            err(
+                "policy.dnsbl.zone".into(),
+                "dnsbl.action is set but no [[policy.dnsbl.zone]] is given".into(),
+            );
+        }
+        let p = &self.pregreet;
+        if !secs(p.delay) {
+            err(
+                "policy.pregreet.delay".into(),
+                "must be seconds >= 0".into(),
+            );
+        }
+        if !secs(p.remember) {
+            err(
+                "policy.pregreet.remember".into(),
+                "must be seconds >= 0".into(),
+            );
+        }
+        let d = &self.dns;
+        if !(secs(d.timeout) && d.timeout > 0.0) {
+            err("policy.dns.timeout".into(), "must be seconds > 0".into());
+        }
+        if d.attempts == 0 {
+            err("policy.dns.attempts".into(), "must be > 0".into());
+        }
+        if d.cache_size == 0 {
+            err("policy.dns.cache_size".into(), "must be > 0".into());
+        }
+        for (k, v) in [
+            ("min_ttl", d.min_ttl),
+            ("max_ttl", d.max_ttl),
+            ("negative_ttl", d.negative_ttl),
+        ] {
+            if !secs(v) {
+                err(format!("policy.dns.{k}"), "must be seconds >= 0".into());
+            }
+        }
+        if d.min_ttl > d.max_ttl {
+            err(
+                "policy.dns.min_ttl".into(),
+                "must not exceed policy.dns.max_ttl".into(),
+            );
+        }
+    }
+}
+
+/// Parses a DNSBL answer filter: `127.0.0.2` or `127.0.0.2..127.0.0.11`.
+pub fn parse_code_range(s: &str) -> Option<(std::net::Ipv4Addr, std::net::Ipv4Addr)> {
+    let (a, b) = match s.split_once("..") {
+        Some((a, b)) => (a.trim().parse().ok()?, b.trim().parse().ok()?),
+        None => {
+            let a = s.trim().parse().ok()?;
+            (a, a)
+        }
+    };
+    (a <= b).then_some((a, b))
+}
