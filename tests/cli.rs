@@ -81,6 +81,56 @@ fn check_config_names_every_error_with_key_and_line() {
     }
 }
 
+#[test]
+fn check_config_accepts_the_shipped_example() {
+    let out = Command::new(env!("CARGO_BIN_EXE_smtp-edge"))
+        .arg("check-config")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config/smtp-edge.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "config/smtp-edge.toml refused: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn check_config_names_policy_errors_with_key_and_line() {
+    let text = "[[listener]]\n\
+                address = \"127.0.0.1:2525\"\n\
+                [[backend]]\n\
+                address = \"127.0.0.1:10025\"\n\
+                [policy]\n\
+                deny = [\"10.0.0.0/33\"]\n\
+                [policy.helo]\n\
+                fqdn = \"maybe\"\n\
+                [policy.limits.message_rate]\n\
+                per_ip = { count = 0, period = 60 }\n\
+                [policy.dns]\n\
+                attempts = 0\n\
+                [[policy.dnsbl.zone]]\n\
+                name = \"bl.example\"\n\
+                codes = [\"127.0.0.9..127.0.0.2\"]\n";
+    let out = check_config(text);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "accepted:\n{stderr}");
+    for (key, line) in [
+        ("policy.deny", 6),
+        ("policy.helo.fqdn", 8),
+        ("policy.limits.message_rate.per_ip", 10),
+        ("policy.dns.attempts", 12),
+        ("policy.dnsbl.zone[0].codes", 15),
+    ] {
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.contains(key) && names_line(l, line)),
+            "stderr does not name `{key}` at line {line}:\n{stderr}"
+        );
+    }
+}
+
 /// Kills the child (by its own handle) if the test ends early.
 struct Running(Child);
 
