@@ -1,14 +1,26 @@
 //! Micro-benchmarks of the admission policy's hot paths: the limiters
-//! (global cap, concurrency counters, keyed GCRA rates). One function per
-//! group; add further groups (e.g. DNS cache hits) as their own function
-//! and list them in `criterion_group!` below.
+//! (global cap, concurrency counters, keyed GCRA rates), the DNS verdict
+//! caches on a hit, and `Policy::admit`. One function per group; add further
+//! groups as their own function and list them in `criterion_group!` below.
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use smtp_edge::policy::dns::{Dns, Rdns};
 use smtp_edge::policy::limits::Limits;
-use smtp_edge::policy::settings::{Action, ConcurrencyConfig, LimitsConfig, Rate, RateConfig};
+use smtp_edge::policy::settings::{
+    Action, ConcurrencyConfig, DnsConfig, DnsblConfig, DnsblZone, LimitsConfig, PolicyConfig, Rate,
+    RateConfig, RdnsConfig,
+};
+use smtp_edge::policy::Policy;
+
+/// The tests' in-process DNS server (hickory-server), see its docs.
+#[allow(dead_code)]
+#[path = "../tests/common/dns.rs"]
+mod test_dns;
 
 // ---------------------------------------------------------------------------
 // Limiters
@@ -74,5 +86,144 @@ fn limiters(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, limiters);
+// ---------------------------------------------------------------------------
+// DNS verdict caches
+// ---------------------------------------------------------------------------
+
+/// `Dns::rdns` and `Dns::dnsbl` answered from their caches, which were
+/// filled once from real answers of the in-process test DNS server. Each
+/// sample runs all its lookups inside one `block_on`, so the figure is the
+/// cost of one cached lookup (moka get, clone of the verdict), not of
+/// entering the runtime.
+fn dns_cache(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let server = rt.block_on(test_dns::TestDns::standard());
+    let zone = |name: &str| DnsblZone {
+        name: name.into(),
+        weight: 1,
+        codes: Vec::new(),
+    };
+    let dns = rt.block_on(async {
+        Dns::new(
+            &DnsConfig {
+                nameservers: vec![server.addr],
+                timeout: 2.0,
+                attempts: 1,
+                ..DnsConfig::default()
+            },
+            &RdnsConfig::default(),
+            &DnsblConfig {
+                action: Action::Reject,
+                zones: vec![zone("bl.test"), zone("bl2.test"), zone("wl.test")],
+                ..DnsblConfig::default()
+            },
+        )
+        .expect("Dns::new")
+    });
+    // 127.0.0.2 has a forward-confirmed PTR; 127.0.0.7 is listed in
+    // bl.test and bl2.test (see TestDns::standard).
+    let good = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+    let listed = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 7));
+    let (rdns, bl) = rt.block_on(async { (dns.rdns(good).await, dns.dnsbl(listed).await) });
+    assert_eq!(rdns, Rdns::Pass(Arc::from("good.example.test")));
+    assert_eq!(bl.score, 2, "DNSBL warm-up answer: {bl:?}");
+    let queries = server.total_queries();
+    assert!(queries >= 5, "the caches were not filled from DNS");
+
+    let mut g = c.benchmark_group("dns_cache");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("rdns_hit", |b| {
+        b.iter_custom(|n| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..n {
+                    black_box(dns.rdns(black_box(good)).await);
+                }
+                start.elapsed()
+            })
+        })
+    });
+    g.bench_function("dnsbl_hit_3_zones", |b| {
+        b.iter_custom(|n| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..n {
+                    black_box(dns.dnsbl(black_box(listed)).await);
+                }
+                start.elapsed()
+            })
+        })
+    });
+    g.finish();
+    assert_eq!(server.total_queries(), queries, "a lookup missed the cache");
+    let s = dns.stats();
+    assert_eq!((s.rdns_misses, s.dnsbl_misses), (1, 3), "{s:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Admission
+// ---------------------------------------------------------------------------
+
+/// `Policy::admit` + drop of the `ClientPolicy` (which releases its slots):
+/// the default policy (global cap only, no DNS), and one with per-IP
+/// concurrency and a connection rate that always allows. Inside the runtime
+/// context since `admit` may spawn lookups.
+fn admission(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let _guard = rt.enter();
+    let default = Policy::new(&PolicyConfig::default(), "edge.test").expect("policy");
+    let limited = Policy::new(
+        &PolicyConfig {
+            limits: LimitsConfig {
+                concurrency: ConcurrencyConfig {
+                    action: Action::Reject,
+                    per_ip: 100,
+                    per_prefix: 1_000,
+                },
+                connection_rate: generous(),
+                ..LimitsConfig::default()
+            },
+            ..PolicyConfig::default()
+        },
+        "edge.test",
+    )
+    .expect("policy");
+    let ip = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+
+    let mut g = c.benchmark_group("admit");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("default_admit_drop", |b| {
+        b.iter(|| {
+            let client = default.admit(black_box(ip));
+            black_box(client.is_ok())
+        })
+    });
+    g.bench_function("limits_admit_drop", |b| {
+        b.iter(|| {
+            let client = limited.admit(black_box(ip));
+            black_box(client.is_ok())
+        })
+    });
+    g.finish();
+    assert_eq!(
+        default.limits().global_in_use(),
+        0,
+        "a slot was not released"
+    );
+    assert_eq!(
+        limited.limits().global_in_use(),
+        0,
+        "a slot was not released"
+    );
+}
+
+criterion_group!(benches, limiters, dns_cache, admission);
 criterion_main!(benches);

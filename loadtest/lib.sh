@@ -109,14 +109,15 @@ ratio() {
   python3 -c 'import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(round(a/b,3) if b else "nan")' "$1" "$2"
 }
 
-# setup [LISTENER_TLS]: build, start the sink and smtp-edge in front of it
-# (sets SINK, PROXY, SINK_PID, EDGE_PID) and print the machine line.
+# setup [LISTENER_TLS] [EXTRA_TOML]: build, start the sink and smtp-edge in
+# front of it (sets SINK, PROXY, SINK_PID, EDGE_PID) and print the machine
+# line. EXTRA_TOML goes into smtp-edge's config (see start_edge).
 setup() {
   build
   SINK=$(free_port)
   start_sink "$SINK"
   PROXY=$(free_port)
-  start_edge "$PROXY" "$SINK" "${1:-none}"
+  start_edge "$PROXY" "$SINK" "${1:-none}" "${2:-}"
   machine
 }
 

@@ -41,6 +41,32 @@ fn refuse(stream: tokio::net::TcpStream, v: &crate::policy::Verdict) {
     let _ = stream.try_write(&line);
 }
 
+/// Policy counters for the log at shutdown (until metrics are exported).
+fn log_policy_totals(policy: &Policy) {
+    for c in policy.counts() {
+        if c.observed + c.enforced > 0 {
+            info!(
+                check = c.check.name(),
+                observed = c.observed,
+                enforced = c.enforced,
+                "policy totals"
+            );
+        }
+    }
+    if let Some(dns) = policy.dns() {
+        let s = dns.stats();
+        info!(
+            rdns_hits = s.rdns_hits,
+            rdns_misses = s.rdns_misses,
+            dnsbl_hits = s.dnsbl_hits,
+            dnsbl_misses = s.dnsbl_misses,
+            helo_hits = s.helo_hits,
+            helo_misses = s.helo_misses,
+            "dns cache totals"
+        );
+    }
+}
+
 /// Bound listeners plus everything sessions share; `serve` runs them.
 pub struct Server {
     listeners: Vec<(TcpListener, Listener)>,
@@ -169,6 +195,7 @@ impl Server {
             warn!("shutdown grace period over; closing remaining sessions");
         }
         shared.relay.close_idle().await;
+        log_policy_totals(&shared.policy);
         info!("stopped");
     }
 }

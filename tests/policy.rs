@@ -581,3 +581,55 @@ async fn tarpit_delays_policy_rejections_only() {
     assert_eq!(c.cmd("EHLO localhost").await.code, 504);
     assert!(t1.elapsed() >= Duration::from_millis(290));
 }
+
+/// Runs swaks from `src` and returns (success, stdout).
+async fn swaks_from(src: &str, addr: SocketAddr, helo: &str) -> Option<(bool, String)> {
+    let bin = common::require_tool("swaks")?;
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::process::Command::new(bin)
+            .args(["--server", &addr.to_string(), "--local-interface", src])
+            .args(["--from", "y@example.org", "--to", "x@example.net"])
+            .args(["--ehlo", helo, "--timeout", "10"])
+            .args(["--header", "Subject: policy", "--body", "policy body"])
+            .output(),
+    )
+    .await
+    .expect("swaks timed out")
+    .expect("run swaks");
+    Some((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn swaks_through_the_policy_into_smtp_sink() {
+    let Some(sink) = common::Sink::start(&[]) else {
+        return;
+    };
+    let dns = TestDns::standard().await;
+    let p = Proxy::to_backend(
+        &sink.addr,
+        &with_dns(&dns, "[policy.rdns]\nlookup = true\nno_ptr = \"reject\""),
+    )
+    .await;
+    // A client with forward-confirmed rDNS: delivered, named in XFORWARD.
+    let Some((ok, out)) = swaks_from("127.0.0.2", p.addr, "client.example.org").await else {
+        return;
+    };
+    assert!(ok, "{out}");
+    sink.wait_messages(1, Duration::from_secs(10));
+    let log = sink.log();
+    assert!(log.contains("XFORWARD NAME=good.example.test"), "{log}");
+    // No PTR: swaks sees the 550 5.7.25 at MAIL and nothing is delivered.
+    let (ok, out) = swaks_from("127.0.0.3", p.addr, "client.example.org")
+        .await
+        .unwrap();
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("<** 550 5.7.25 Reverse DNS validation failed"),
+        "{out}"
+    );
+    assert_eq!(sink.messages().len(), 1);
+}
