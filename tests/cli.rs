@@ -85,7 +85,10 @@ fn check_config_names_every_error_with_key_and_line() {
 fn check_config_accepts_the_shipped_example() {
     let out = Command::new(env!("CARGO_BIN_EXE_smtp-edge"))
         .arg("check-config")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config/smtp-edge.toml"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/smtp-edge.toml"
+        ))
         .output()
         .unwrap();
     assert!(

@@ -7,7 +7,10 @@
 source "$(dirname "$0")/../lib.sh"
 N=${1:-15000}
 HOLD=${2:-5}
-setup
+# The default global cap (policy.limits.max_connections = 10000) would
+# refuse past 10 000: lift it to what is asked.
+setup none "[policy.limits]
+max_connections = $((N + 100))"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 echo "fd limit: $(ulimit -n)"
 "$LOAD" idle -t "127.0.0.1:$PROXY" -c "$N" --hold "$HOLD" --bind 127.0.0.2-127.0.0.20 --watch-pid "$EDGE_PID" --json >"$WORK/idle.json" 2>"$WORK/idle.err" || true

@@ -433,6 +433,17 @@ pub struct ClientPolicy {
     helo: Option<Verdict>,
 }
 
+impl std::fmt::Debug for ClientPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientPolicy")
+            .field("ip", &self.ip)
+            .field("allowed", &self.allowed)
+            .field("connect", &self.connect)
+            .field("helo", &self.helo)
+            .finish_non_exhaustive()
+    }
+}
+
 impl ClientPolicy {
     pub fn policy(&self) -> &Arc<Policy> {
         &self.policy
@@ -727,4 +738,65 @@ fn clean(s: &str) -> String {
         .take(255)
         .map(|c| if c.is_ascii_graphic() { c } else { '?' })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_lists_match_v4_v6_and_mapped() {
+        let v4: IpNet = "192.0.2.0/24".parse().unwrap();
+        let v6: IpNet = "2001:db8::/32".parse().unwrap();
+        assert!(contains(&v4, "192.0.2.77".parse().unwrap()));
+        assert!(contains(&v4, "::ffff:192.0.2.77".parse().unwrap()));
+        assert!(!contains(&v4, "192.0.3.1".parse().unwrap()));
+        assert!(contains(&v6, "2001:db8:1::5".parse().unwrap()));
+        assert!(!contains(&v6, "2001:db9::5".parse().unwrap()));
+    }
+
+    #[tokio::test]
+    async fn actions_shape_the_verdict() {
+        let p = Policy::new(&PolicyConfig::default(), "edge.test").unwrap();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let v = |a, code, enh| p.verdict(ip, Check::Rdns, a, code, enh, "why".into());
+        assert_eq!(v(Action::Off, 550, "5.7.25"), None);
+        let r = v(Action::Reject, 550, "5.7.25").unwrap();
+        assert_eq!((r.code, r.enh, r.enforce), (550, "5.7.25", true));
+        let d = v(Action::Defer, 550, "5.7.25").unwrap();
+        assert_eq!((d.code, d.enh, d.enforce), (450, "4.7.25", true));
+        // A temporary failure stays temporary whatever the action.
+        let t = v(Action::Reject, 450, "4.7.25").unwrap();
+        assert_eq!(t.code, 450);
+        let o = v(Action::Observe, 550, "5.7.25").unwrap();
+        assert!(!o.enforce);
+        assert_eq!(r.at_connect(), (554, "5.7.25"));
+        assert_eq!(d.at_connect(), (421, "4.7.25"));
+        let c = p.counts();
+        let rdns = c.iter().find(|c| c.check == Check::Rdns).unwrap();
+        assert_eq!((rdns.observed, rdns.enforced), (1, 3));
+    }
+
+    #[tokio::test]
+    async fn allow_list_skips_limits_and_deny_refuses() {
+        let mut cfg = PolicyConfig {
+            allow: vec!["10.0.0.0/8".parse().unwrap()],
+            deny: vec![
+                "10.1.0.0/16".parse().unwrap(),
+                "2001:db8::/32".parse().unwrap(),
+            ],
+            ..PolicyConfig::default()
+        };
+        cfg.limits.concurrency.action = Action::Reject;
+        cfg.limits.concurrency.per_ip = 1;
+        let p = Policy::new(&cfg, "edge.test").unwrap();
+        let a = p.admit("10.1.2.3".parse().unwrap()).unwrap();
+        let b = p.admit("10.1.2.3".parse().unwrap()).unwrap();
+        assert!(a.allowed() && b.allowed());
+        let e = p.admit("2001:db8::1".parse().unwrap()).unwrap_err();
+        assert_eq!((e.code, e.enh), (554, "5.7.1"));
+        let _c = p.admit("192.0.2.1".parse().unwrap()).unwrap();
+        let e = p.admit("192.0.2.1".parse().unwrap()).unwrap_err();
+        assert_eq!(e.at_connect(), (421, "4.7.0"));
+    }
 }
