@@ -176,6 +176,9 @@ struct State {
     /// The backend was lost after it accepted MAIL: until RSET, every RCPT
     /// and DATA gets 451 (never a 5xx the sender could bounce on).
     lost: bool,
+    /// The last MAIL was refused: the RCPT and DATA a pipelining client
+    /// sent with it get 503 without counting as errors (RFC 2920).
+    mail_refused: bool,
     bad: u32,
     skipping_line: bool,
     dedicated: Option<BackendConn>,
@@ -401,6 +404,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         if mail_failed {
             self.end_txn();
+            self.st.mail_refused = true;
         } else if broken {
             self.st.lost = true;
             self.st.data_go = false;
@@ -606,6 +610,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Command::Data => self.data_cmd().await,
             Command::Rset => {
                 self.end_txn();
+                self.st.mail_refused = false;
                 self.reply(250, "2.0.0", "Ok");
             }
             Command::Noop => self.reply(250, "2.0.0", "Ok"),
@@ -661,7 +666,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.out.extend_from_slice(s.as_bytes());
     }
 
+    /// 503 to RCPT or DATA without a MAIL; an error unless it follows a
+    /// refused MAIL in the same pipeline.
+    fn need_mail(&mut self) {
+        if self.st.mail_refused {
+            self.reply(503, "5.5.1", "Need MAIL command");
+        } else {
+            self.bad(503, "5.5.1", "Need MAIL command");
+        }
+    }
+
     async fn mail(&mut self, from: &str, params: smtp::MailParams) {
+        self.st.mail_refused = true;
         if self.st.helo.is_none() {
             self.resolve().await;
             return self.bad(503, "5.5.1", "Send HELO/EHLO first");
@@ -708,6 +724,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         txn.queue_mail(from, &params);
         self.st.txn_span = Some(span);
         self.st.mail = Some(params.smtputf8);
+        self.st.mail_refused = false;
         self.st.from.clear();
         self.st.from.push_str(from);
         self.st.owed.push_back(Owed::Mail);
@@ -721,7 +738,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn rcpt(&mut self, to: &str) {
         let Some(smtputf8) = self.st.mail else {
             self.resolve().await;
-            return self.bad(503, "5.5.1", "Need MAIL command");
+            return self.need_mail();
         };
         if self.st.lost {
             return crate::relay::backend_lost().write_to(&mut self.out);
@@ -754,7 +771,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn data_cmd(&mut self) {
         if self.st.mail.is_none() {
             self.resolve().await;
-            return self.bad(503, "5.5.1", "Need MAIL command");
+            return self.need_mail();
         }
         if self.st.lost {
             return crate::relay::backend_lost().write_to(&mut self.out);

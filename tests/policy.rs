@@ -633,3 +633,25 @@ async fn swaks_through_the_policy_into_smtp_sink() {
     );
     assert_eq!(sink.messages().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pipelining_sender_over_its_rate_is_not_cut_off_for_the_503s() {
+    let rec = backend().await;
+    let p = proxy(
+        &rec,
+        "[policy.limits.message_rate]\naction = \"reject\"\nper_ip = { count = 1, period = 600 }",
+    )
+    .await;
+    let mut c = greeted_from("127.0.0.80", p.addr).await;
+    assert_eq!(send_message(&mut c, "client.example.org").await.code, 250);
+    // 15 refused pipelined transactions: 15 policy errors, the 30 503s to
+    // the RCPT and DATA that rode along are not counted (limit: 20).
+    for _ in 0..15 {
+        c.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
+            .await;
+        assert_eq!(c.reply().await.code, 450);
+        assert_eq!(c.reply().await.code, 503);
+        assert_eq!(c.reply().await.code, 503);
+    }
+    assert_eq!(c.cmd("NOOP").await.code, 250);
+}
