@@ -11,6 +11,20 @@ EDGE="$ROOT/target/release/smtp-edge"
 WORK=$(mktemp -d /tmp/smtp-edge-load.XXXXXX)
 PIDS=()
 
+# PIN=1: the proxy under test (smtp-edge, or a peer) runs on CPU 1 with one
+# worker thread, the load generator and the sink on CPU 0 - as in
+# production, where the proxy has a machine of its own. The load side then
+# has the same one core in the direct and the proxied run, and the ratio
+# says whether the proxy keeps up, not how it shares cores with the load.
+if [ -n "${PIN:-}" ]; then
+  LOAD_ON=(taskset -c 0)
+  EDGE_ON=(taskset -c 1)
+  EDGE_THREADS=${EDGE_THREADS:-1}
+else
+  LOAD_ON=()
+  EDGE_ON=()
+fi
+
 cleanup() {
   for p in "${PIDS[@]:-}"; do
     [ -n "$p" ] && kill "$p" 2>/dev/null || true
@@ -43,7 +57,7 @@ wait_port() {
 
 # start_sink PORT: the smtp-load sink backend; sets SINK_PID.
 start_sink() {
-  "$LOAD" sink -l "127.0.0.1:$1" -q >"$WORK/sink.$1.log" 2>&1 &
+  "${LOAD_ON[@]}" "$LOAD" sink -l "127.0.0.1:$1" -q >"$WORK/sink.$1.log" 2>&1 &
   SINK_PID=$!
   PIDS+=("$SINK_PID")
   wait_port "$1"
@@ -64,7 +78,7 @@ address = "127.0.0.1:$backend"
 max_connections = 1000
 TOML
   ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-  TOKIO_WORKER_THREADS=${EDGE_THREADS:-$(nproc)} RUST_LOG=warn "$EDGE" --config "$WORK/edge.$port.toml" >"$WORK/edge.$port.log" 2>&1 &
+  TOKIO_WORKER_THREADS=${EDGE_THREADS:-$(nproc)} RUST_LOG=warn "${EDGE_ON[@]}" "$EDGE" --config "$WORK/edge.$port.toml" >"$WORK/edge.$port.log" 2>&1 &
   EDGE_PID=$!
   PIDS+=("$EDGE_PID")
   wait_port "$port"
@@ -79,7 +93,7 @@ stop_pid() {
 load() {
   local out=$1
   shift
-  if ! "$LOAD" run --json -q "$@" >"$out" 2>"$out.err"; then
+  if ! "${LOAD_ON[@]}" "$LOAD" run --json -q "$@" >"$out" 2>"$out.err"; then
     # A report with refused or dropped messages is still a measurement.
     if [ -n "${ALLOW_INCOMPLETE:-}" ] && [ -s "$out" ]; then
       return 0

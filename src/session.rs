@@ -181,6 +181,12 @@ struct State {
     mail_refused: bool,
     bad: u32,
     skipping_line: bool,
+    /// The client's identity for the backend, built at the first MAIL after
+    /// each HELO (it caches its encoded XFORWARD lines).
+    ident: Option<ClientIdentity>,
+    /// The first part of the Received header (all but the date), built
+    /// once per HELO.
+    received: Vec<u8>,
     dedicated: Option<BackendConn>,
     messages: u64,
 }
@@ -329,12 +335,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     fn identity(&self) -> ClientIdentity {
-        ClientIdentity {
-            addr: self.peer,
-            name: self.pol.rdns_name().map(str::to_string),
-            helo: self.st.helo.clone(),
-            proto: if self.st.esmtp { "ESMTP" } else { "SMTP" },
-        }
+        ClientIdentity::new(
+            self.peer,
+            self.pol.rdns_name().map(str::to_string),
+            self.st.helo.clone(),
+            if self.st.esmtp { "ESMTP" } else { "SMTP" },
+        )
     }
 
     /// Forgets the transaction; its backend connection goes back to the
@@ -597,6 +603,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 Span::current().record("helo", name);
                 self.st.helo = Some(name.to_string());
+                self.st.ident = None;
+                self.st.received.clear();
                 self.st.esmtp = esmtp;
                 if esmtp {
                     self.ehlo_reply();
@@ -704,9 +712,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 "Message size exceeds fixed maximum message size",
             );
         }
-        let id = self.identity();
+        if self.st.ident.is_none() {
+            self.st.ident = Some(self.identity());
+        }
         let dedicated = self.st.dedicated.take();
-        let mut txn = match Box::pin(self.shared.relay.begin(&id, dedicated)).await {
+        let Some(id) = self.st.ident.as_ref() else {
+            return;
+        };
+        let mut txn = match Box::pin(self.shared.relay.begin(id, dedicated)).await {
             Ok(t) => t,
             Err(reply) => {
                 reply.write_to(&mut self.out);
@@ -806,32 +819,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.resolve().await;
     }
 
-    fn received_header(&self, out: &mut Vec<u8>) {
-        let cfg = &self.shared.cfg;
-        let helo = self.st.helo.as_deref().unwrap_or("unknown");
-        let proto = match (self.st.esmtp, self.tls.is_some()) {
-            (true, true) => "ESMTPS",
-            (true, false) => "ESMTP",
-            (false, true) => "SMTPS",
-            (false, false) => "SMTP",
-        };
-        let date = httpdate::fmt_http_date(std::time::SystemTime::now()).replace(" GMT", " +0000");
-        let mut h = format!(
-            "Received: from {} ({} [{}])\r\n\tby {} (smtp-edge) with {}",
-            sanitize(helo),
-            self.pol.rdns_name().unwrap_or("unknown"),
-            self.peer.ip(),
-            cfg.hostname,
-            proto
-        );
-        if let Some(t) = &self.tls {
-            h.push_str(&format!(
-                "\r\n\t(using {} with cipher {})",
-                t.version, t.cipher
-            ));
+    /// The Received header: the part fixed for the session is built once
+    /// per HELO, the date once per second per thread.
+    fn received_header(&mut self, out: &mut Vec<u8>) {
+        if self.st.received.is_empty() {
+            let cfg = &self.shared.cfg;
+            let helo = self.st.helo.as_deref().unwrap_or("unknown");
+            let proto = match (self.st.esmtp, self.tls.is_some()) {
+                (true, true) => "ESMTPS",
+                (true, false) => "ESMTP",
+                (false, true) => "SMTPS",
+                (false, false) => "SMTP",
+            };
+            let mut h = format!(
+                "Received: from {} ({} [{}])\r\n\tby {} (smtp-edge) with {}",
+                sanitize(helo),
+                self.pol.rdns_name().unwrap_or("unknown"),
+                self.peer.ip(),
+                cfg.hostname,
+                proto
+            );
+            if let Some(t) = &self.tls {
+                h.push_str(&format!(
+                    "\r\n\t(using {} with cipher {})",
+                    t.version, t.cipher
+                ));
+            }
+            h.push_str(";\r\n\t");
+            self.st.received = h.into_bytes();
         }
-        h.push_str(&format!(";\r\n\t{date}\r\n"));
-        out.extend_from_slice(h.as_bytes());
+        out.extend_from_slice(&self.st.received);
+        rfc5322_now(out);
+        out.extend_from_slice(b"\r\n");
     }
 
     /// Reads the message after 354, streaming it to the backend; returns
@@ -980,6 +999,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 }
 
 /// Keeps a client-supplied name printable in a header.
+/// The current time as an RFC 5322 date (`Mon, 30 Nov 2026 05:00:00
+/// +0000`), formatted at most once per second per thread.
+fn rfc5322_now(out: &mut Vec<u8>) {
+    use std::cell::RefCell;
+    thread_local! {
+        static DATE: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = std::time::SystemTime::now();
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.0 != secs {
+            let s = httpdate::fmt_http_date(now);
+            d.1 = s
+                .strip_suffix(" GMT")
+                .map_or(s.clone(), |t| format!("{t} +0000"));
+            d.0 = secs;
+        }
+        out.extend_from_slice(d.1.as_bytes());
+    });
+}
+
 fn sanitize(s: &str) -> String {
     s.chars()
         .map(|c| {

@@ -23,7 +23,8 @@ for peer in haproxy nginx haraka; do
   p=$(free_port)
   args=("$WORK/$peer" "$p" "127.0.0.1:$SINK")
   [ "$peer" = nginx ] && args+=("$(free_port)") # its auth_http port
-  if "$PEERS/$peer.sh" start "${args[@]}" >"$WORK/$peer.start.log" 2>&1; then
+  # With PIN=1 the peer gets smtp-edge's CPU (its worker processes inherit it).
+  if "${EDGE_ON[@]}" "$PEERS/$peer.sh" start "${args[@]}" >"$WORK/$peer.start.log" 2>&1; then
     PORT[$peer]=$p
     started+=("$peer")
   else

@@ -210,7 +210,9 @@ impl BackendConn {
     }
 }
 
-/// The client as the backend should learn it.
+/// The client as the backend should learn it. A session keeps one until
+/// its HELO changes, so the encoded XFORWARD lines (cached here, per set of
+/// offered attributes) are built once per session, not per message.
 #[derive(Debug, Clone)]
 pub struct ClientIdentity {
     pub addr: SocketAddr,
@@ -219,42 +221,89 @@ pub struct ClientIdentity {
     pub helo: Option<String>,
     /// `SMTP` or `ESMTP`.
     pub proto: &'static str,
+    xforward: std::sync::OnceLock<(Vec<String>, Vec<u8>)>,
 }
 
-/// xtext (RFC 3461) encoding, as XFORWARD and XCLIENT values require.
-pub fn xtext(value: &str, out: &mut String) {
-    for b in value.bytes() {
-        if (33..=126).contains(&b) && b != b'+' && b != b'=' {
-            out.push(b as char);
+impl ClientIdentity {
+    pub fn new(
+        addr: SocketAddr,
+        name: Option<String>,
+        helo: Option<String>,
+        proto: &'static str,
+    ) -> ClientIdentity {
+        ClientIdentity {
+            addr,
+            name,
+            helo,
+            proto,
+            xforward: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The XFORWARD lines for a backend offering `offered`, from the cache
+    /// when it was built for the same attributes.
+    pub fn xforward_lines(&self, offered: &[String], out: &mut Vec<u8>) {
+        let (for_offered, lines) = self.xforward.get_or_init(|| {
+            let mut lines = Vec::with_capacity(128);
+            identity_commands("XFORWARD", offered, self, &mut lines);
+            (offered.to_vec(), lines)
+        });
+        if for_offered.as_slice() == offered {
+            out.extend_from_slice(lines);
         } else {
-            out.push_str(&format!("+{b:02X}"));
+            identity_commands("XFORWARD", offered, self, out);
         }
     }
 }
 
-fn attribute_value(id: &ClientIdentity, attr: &str) -> Option<String> {
-    Some(match attr {
-        "NAME" => id.name.clone().unwrap_or_else(|| "[UNAVAILABLE]".into()),
-        "ADDR" => match id.addr.ip() {
-            std::net::IpAddr::V4(ip) => ip.to_string(),
-            std::net::IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
-                Some(v4) => v4.to_string(),
-                None => format!("IPV6:{ip}"),
-            },
-        },
-        "PORT" => id.addr.port().to_string(),
-        "HELO" => id.helo.clone().unwrap_or_else(|| "[UNAVAILABLE]".into()),
-        "PROTO" => id.proto.to_string(),
-        "SOURCE" => "REMOTE".into(),
-        _ => return None,
-    })
+/// xtext (RFC 3461) encoding, as XFORWARD and XCLIENT values require; runs
+/// of bytes that need no encoding are copied whole.
+pub fn xtext(bytes: &[u8], out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if !((33..=126).contains(&b) && b != b'+' && b != b'=') {
+            out.extend_from_slice(&bytes[start..i]);
+            out.extend_from_slice(&[b'+', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+            start = i + 1;
+        }
+    }
+    out.extend_from_slice(&bytes[start..]);
+}
+
+/// Writes one attribute's value (before xtext encoding) into `out`.
+fn attribute_value(id: &ClientIdentity, attr: &str, out: &mut Vec<u8>) -> bool {
+    use std::io::Write;
+    match attr {
+        "NAME" => out.extend_from_slice(id.name.as_deref().unwrap_or("[UNAVAILABLE]").as_bytes()),
+        "ADDR" => {
+            let _ = match id.addr.ip() {
+                std::net::IpAddr::V4(ip) => write!(out, "{ip}"),
+                std::net::IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
+                    Some(v4) => write!(out, "{v4}"),
+                    None => write!(out, "IPV6:{ip}"),
+                },
+            };
+        }
+        "PORT" => {
+            let _ = write!(out, "{}", id.addr.port());
+        }
+        "HELO" => out.extend_from_slice(id.helo.as_deref().unwrap_or("[UNAVAILABLE]").as_bytes()),
+        "PROTO" => out.extend_from_slice(id.proto.as_bytes()),
+        "SOURCE" => out.extend_from_slice(b"REMOTE"),
+        _ => return false,
+    }
+    true
 }
 
 /// The XFORWARD / XCLIENT command lines (`verb` is either) carrying the
 /// attributes the backend offered, each line kept under 512 octets.
 pub fn identity_commands(verb: &str, offered: &[String], id: &ClientIdentity, out: &mut Vec<u8>) {
     const ORDER: [&str; 6] = ["NAME", "ADDR", "PORT", "PROTO", "HELO", "SOURCE"];
-    let mut line = String::from(verb);
+    let mut line = Vec::with_capacity(128);
+    line.extend_from_slice(verb.as_bytes());
+    let mut raw = Vec::new();
+    let mut item = Vec::new();
     for attr in ORDER {
         if !offered.iter().any(|o| o == attr) {
             continue;
@@ -262,20 +311,24 @@ pub fn identity_commands(verb: &str, offered: &[String], id: &ClientIdentity, ou
         if verb == "XCLIENT" && attr == "SOURCE" {
             continue;
         }
-        let Some(v) = attribute_value(id, attr) else {
+        raw.clear();
+        if !attribute_value(id, attr, &mut raw) {
             continue;
-        };
-        let mut item = format!(" {attr}=");
-        xtext(&v, &mut item);
-        if line.len() + item.len() > 500 && line.len() > verb.len() {
-            out.extend_from_slice(line.as_bytes());
-            out.extend_from_slice(b"\r\n");
-            line = String::from(verb);
         }
-        line.push_str(&item);
+        item.clear();
+        item.push(b' ');
+        item.extend_from_slice(attr.as_bytes());
+        item.push(b'=');
+        xtext(&raw, &mut item);
+        if line.len() + item.len() > 500 && line.len() > verb.len() {
+            out.extend_from_slice(&line);
+            out.extend_from_slice(b"\r\n");
+            line.truncate(verb.len());
+        }
+        line.extend_from_slice(&item);
     }
     if line.len() > verb.len() {
-        out.extend_from_slice(line.as_bytes());
+        out.extend_from_slice(&line);
         out.extend_from_slice(b"\r\n");
     }
 }
@@ -285,12 +338,12 @@ mod tests {
     use super::*;
 
     fn id() -> ClientIdentity {
-        ClientIdentity {
-            addr: "192.0.2.7:4321".parse().unwrap(),
-            name: None,
-            helo: Some("client+x.example".into()),
-            proto: "ESMTP",
-        }
+        ClientIdentity::new(
+            "192.0.2.7:4321".parse().unwrap(),
+            None,
+            Some("client+x.example".into()),
+            "ESMTP",
+        )
     }
 
     #[test]

@@ -308,8 +308,8 @@ impl Txn {
         if conn.caps.xforward.is_empty() {
             return;
         }
-        let mut cmd = Vec::new();
-        identity_commands("XFORWARD", &conn.caps.xforward, id, &mut cmd);
+        let mut cmd = Vec::with_capacity(128);
+        id.xforward_lines(&conn.caps.xforward, &mut cmd);
         for line in cmd.split_inclusive(|&b| b == b'\n') {
             self.queue_raw(line, Pend::Internal("XFORWARD"));
         }
