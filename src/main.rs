@@ -1,12 +1,14 @@
 //! The `smtp-edge` command: run the proxy (on a config file or the embedded
-//! default) or check a configuration file.
+//! default) or check a configuration file. SIGTERM / Ctrl-C stop it
+//! gracefully; SIGHUP reloads the `[policy]` section of the config file.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use smtp_edge::config::Config;
-use smtp_edge::server::Server;
+use smtp_edge::server::{Reloader, Server};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 /// mimalloc: per-connection buffers come and go with every session; glibc's
 /// malloc returned them to the kernel and faulted them back in (measured).
@@ -69,6 +71,15 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(async move {
+        // Before the listeners exist: SIGHUP's default action would end
+        // the process.
+        let hup = match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("cannot handle SIGHUP (no policy reload): {e}");
+                None
+            }
+        };
         let server = match Server::bind(cfg).await {
             Ok(s) => s,
             Err(e) => {
@@ -76,13 +87,53 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        if let Some(hup) = hup {
+            tokio::spawn(reload_on_sighup(hup, cli.config, server.reload_handle()));
+        }
         server.serve(shutdown_signal()).await;
         ExitCode::SUCCESS
     })
 }
 
+/// On every SIGHUP: re-read and validate the config file and reload the
+/// policy; an invalid file is reported error by error and changes nothing.
+async fn reload_on_sighup(mut hup: Signal, path: Option<PathBuf>, reloader: Reloader) {
+    while hup.recv().await.is_some() {
+        match &path {
+            Some(path) => reload(path, &reloader),
+            None => tracing::info!(
+                "SIGHUP: running the embedded default configuration; nothing to reload"
+            ),
+        }
+    }
+}
+
+fn reload(path: &Path, reloader: &Reloader) {
+    tracing::info!(file = %path.display(), "SIGHUP: reloading the policy");
+    let cfg = match Config::load(path) {
+        Ok(c) => c,
+        Err(errs) => {
+            for e in &errs.errors {
+                tracing::error!("{}: {e}", errs.file);
+            }
+            tracing::error!(
+                file = %path.display(),
+                errors = errs.errors.len(),
+                "reload refused: invalid configuration; keeping the running policy"
+            );
+            return;
+        }
+    };
+    match reloader.reload(&cfg) {
+        Ok(()) => tracing::info!(file = %path.display(), "policy reloaded"),
+        Err(e) => tracing::error!(
+            file = %path.display(),
+            "reload failed: {e}; keeping the running policy"
+        ),
+    }
+}
+
 async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
     let mut term = match signal(SignalKind::terminate()) {
         Ok(s) => s,
         Err(_) => return std::future::pending().await,

@@ -2,6 +2,8 @@
 //! sessions finish within a deadline, QUIT pooled backend connections.
 //! Admission (`Policy::admit`: global cap, lists, per-IP limits) runs in the
 //! accept loop, so a refused client costs one write and no session task.
+//! A [`Reloader`] swaps in a new policy while running (SIGHUP in main.rs);
+//! the other sections need a restart.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -67,6 +69,61 @@ fn log_policy_totals(policy: &Policy) {
     }
 }
 
+/// Reloads the admission policy of a running [`Server`]; cloneable.
+///
+/// Only `[policy]` is applied. The other sections (hostname, listeners,
+/// TLS, limits, timeouts, SMTP, backends) keep their values from the start
+/// and a reload that changes them logs a warning naming them; the policy
+/// keeps the running hostname too. Sessions read the policy they were
+/// admitted under, never `Shared.cfg.policy` (which stays as started).
+#[derive(Clone)]
+pub struct Reloader {
+    policy: Arc<Policy>,
+    running: Arc<Config>,
+}
+
+impl Reloader {
+    /// Applies `cfg.policy` (carrying the limiter state, counters and
+    /// caches over); warns about changed sections that need a restart. On
+    /// Err the running policy stays.
+    pub fn reload(&self, cfg: &Config) -> Result<(), String> {
+        let pending = needs_restart(&self.running, cfg);
+        if !pending.is_empty() {
+            warn!(
+                sections = %pending.join(", "),
+                "reload: changed settings not applied; restart to apply"
+            );
+        }
+        self.policy
+            .reload(&cfg.policy, &self.running.hostname)
+            .map(drop)
+    }
+
+    /// The policy it reloads.
+    pub fn policy(&self) -> &Arc<Policy> {
+        &self.policy
+    }
+}
+
+/// The sections of `new` that differ from `running` and that a reload does
+/// not apply (everything but `[policy]`), by their names in the file.
+pub fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut check = |name, same: bool| {
+        if !same {
+            out.push(name);
+        }
+    };
+    check("hostname", running.hostname == new.hostname);
+    check("listener", running.listeners == new.listeners);
+    check("tls", running.tls == new.tls);
+    check("limits", running.limits == new.limits);
+    check("timeouts", running.timeouts == new.timeouts);
+    check("smtp", running.smtp == new.smtp);
+    check("backend", running.backends == new.backends);
+    out
+}
+
 /// Bound listeners plus everything sessions share; `serve` runs them.
 pub struct Server {
     listeners: Vec<(TcpListener, Listener)>,
@@ -129,9 +186,17 @@ impl Server {
             .collect()
     }
 
-    /// The admission policy (counters, limiters, DNS caches).
+    /// The admission policy (counters, limiters, DNS caches), reloadable.
     pub fn policy(&self) -> Arc<Policy> {
         self.shared.policy.clone()
+    }
+
+    /// A handle that reloads the policy while the server runs.
+    pub fn reload_handle(&self) -> Reloader {
+        Reloader {
+            policy: self.shared.policy.clone(),
+            running: self.shared.cfg.clone(),
+        }
     }
 
     /// Idle pooled connections per backend.

@@ -183,7 +183,7 @@ struct State {
     skipping_line: bool,
     /// The client's identity for the backend, built at the first MAIL after
     /// each HELO (it caches its encoded XFORWARD lines).
-    ident: Option<ClientIdentity>,
+    ident: Option<Box<ClientIdentity>>,
     /// The first part of the Received header (all but the date), built
     /// once per HELO.
     received: Vec<u8>,
@@ -713,7 +713,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             );
         }
         if self.st.ident.is_none() {
-            self.st.ident = Some(self.identity());
+            self.st.ident = Some(Box::new(self.identity()));
         }
         let dedicated = self.st.dedicated.take();
         let Some(id) = self.st.ident.as_ref() else {

@@ -13,6 +13,25 @@
 //! and never reports a hit. Concurrency counters hold only clients with a
 //! live session: a [`ConnPermit`] removes its key when the count drops to 0.
 //!
+//! # Reload
+//! [`Limits::reload`] builds the limiters for a new configuration from the
+//! running ones, carrying their state over so that nothing is miscounted:
+//! - the global session counter always (it counts every session, capped or
+//!   not, so raising or setting a cap counts the sessions already running);
+//! - the concurrency counters (per IP always, per prefix while the prefix
+//!   lengths are unchanged), judged against the new thresholds. A
+//!   [`ConnPermit`] releases into the counters it incremented, so sessions
+//!   admitted before a reload release correctly whatever changed. Sessions
+//!   admitted while a counter was not kept (concurrency off, that limit 0, or
+//!   another prefix length) are not counted in it until they end;
+//! - each rate limiter whose rate, key (IP, or prefix of an unchanged
+//!   length) and `max_tracked_keys` are unchanged, and that is still on:
+//!   the same limiter, with its state. Any other one starts fresh;
+//! - the count of overflowing checks ([`Limits::overflow`]).
+//!
+//! The old `Limits` is [`retired`](Limits::retire): its sweeper stops at its
+//! next tick, and the new one's sweeper sweeps the shared state.
+//!
 //! # Bounded memory
 //! Rate limiters keep one GCRA state per key. Idle keys (indistinguishable
 //! from a fresh key) are evicted by [`Limits::sweep`], run periodically by
@@ -36,7 +55,7 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -76,89 +95,229 @@ pub struct LimitHit {
 /// The limiters, shared by every session.
 pub struct Limits {
     max_connections: usize,
-    /// Sessions holding a [`GlobalPermit`] (only counted with a cap).
+    /// Sessions holding a [`GlobalPermit`] (all of them, capped or not).
     global: Arc<AtomicUsize>,
+    ipv4_prefix: u8,
+    ipv6_prefix: u8,
     v4_mask: u32,
     v6_mask: u128,
-    /// None when concurrency is off or both limits are 0.
-    concurrency: Option<Arc<Concurrency>>,
+    /// The thresholds; None when concurrency is off or both limits are 0.
+    concurrency: Option<Concurrency>,
+    /// Live sessions per IP and per prefix (kept even while concurrency is
+    /// off, so a reload that turns it back on still knows older sessions).
+    counts: Arc<ConcCounts>,
     connection_rate: RatePair,
     message_rate: RatePair,
     recipient_rate: RatePair,
+    max_tracked_keys: usize,
     /// New keys judged without being stored because a limiter was full.
     overflow: Arc<AtomicU64>,
     sweep_interval: Duration,
+    clock: TimeSource,
+    /// Set when replaced by a reload: the sweeper stops.
+    retired: AtomicBool,
 }
 
-/// Holds one slot of the global cap; released on drop.
+/// Holds one slot of the global count; released on drop.
 pub struct GlobalPermit {
-    slot: Option<Arc<AtomicUsize>>,
+    slot: Arc<AtomicUsize>,
 }
 
-/// Holds the per-IP and per-prefix concurrency slots; released on drop.
+/// Holds the per-IP and per-prefix concurrency slots; released on drop
+/// into the counters it incremented.
 pub struct ConnPermit {
-    held: Option<(Arc<Concurrency>, IpAddr, IpAddr)>,
+    held: Option<Held>,
+}
+
+struct Held {
+    counts: Arc<ConcCounts>,
+    /// The keys incremented (None: that limit kept no counter).
+    ip: Option<IpAddr>,
+    prefix: Option<IpAddr>,
 }
 
 impl Limits {
     pub fn new(cfg: &LimitsConfig) -> Arc<Limits> {
-        Self::build(cfg, TimeSource::real())
+        Self::build(cfg, TimeSource::real(), None)
     }
 
     /// Like [`Limits::new`], with the rate limiters (and the throttle of
     /// their emergency eviction) on a manually advanced clock: for tests and
     /// simulations.
     pub fn with_fake_clock(cfg: &LimitsConfig, clock: FakeRelativeClock) -> Arc<Limits> {
-        Self::build(cfg, TimeSource::Fake(clock))
+        Self::build(cfg, TimeSource::Fake(clock), None)
     }
 
-    fn build(cfg: &LimitsConfig, clock: TimeSource) -> Arc<Limits> {
-        let overflow = Arc::new(AtomicU64::new(0));
+    fn build(cfg: &LimitsConfig, clock: TimeSource, prev: Option<&Limits>) -> Arc<Limits> {
+        let (ipv4_prefix, ipv6_prefix) = (cfg.ipv4_prefix.min(32), cfg.ipv6_prefix.min(128));
         let cap = cfg.max_tracked_keys.max(1);
-        let pair = |r: &RateConfig, kind| RatePair::new(r, kind, cap, &clock, &overflow);
+        let same_prefixes =
+            prev.is_some_and(|p| (p.ipv4_prefix, p.ipv6_prefix) == (ipv4_prefix, ipv6_prefix));
+        let overflow = prev.map_or_else(|| Arc::new(AtomicU64::new(0)), |p| p.overflow.clone());
+        let global = prev.map_or_else(|| Arc::new(AtomicUsize::new(0)), |p| p.global.clone());
+        let counts = Arc::new(ConcCounts {
+            ips: prev.map_or_else(Arc::default, |p| p.counts.ips.clone()),
+            prefixes: match prev {
+                Some(p) if same_prefixes => p.counts.prefixes.clone(),
+                _ => Arc::default(),
+            },
+        });
+        let pair = |r: &RateConfig, kind, old: Option<&RatePair>| {
+            // A limiter is kept when it limits the same key at the same
+            // rate within the same bound.
+            let reuse = |t: Option<&Arc<Tracked>>, rate: &Rate, by_prefix: bool| {
+                t.filter(|t| t.rate == *rate && t.cap == cap && (!by_prefix || same_prefixes))
+                    .cloned()
+            };
+            RatePair::new(r, kind, cap, &clock, &overflow, |rate, by_prefix| {
+                let old = old?;
+                reuse(
+                    if by_prefix {
+                        old.prefix.as_ref()
+                    } else {
+                        old.ip.as_ref()
+                    },
+                    rate,
+                    by_prefix,
+                )
+            })
+        };
         let c = &cfg.concurrency;
-        let concurrency = (c.action.runs() && (c.per_ip > 0 || c.per_prefix > 0)).then(|| {
-            Arc::new(Concurrency {
+        let concurrency =
+            (c.action.runs() && (c.per_ip > 0 || c.per_prefix > 0)).then_some(Concurrency {
                 per_ip: c.per_ip,
                 per_prefix: c.per_prefix,
-                ips: DashMap::new(),
-                prefixes: DashMap::new(),
-            })
-        });
+            });
         let sweep_interval = Duration::try_from_secs_f64(cfg.sweep_interval)
             .unwrap_or(Duration::from_secs(60))
             .max(Duration::from_millis(1));
         Arc::new(Limits {
             max_connections: cfg.max_connections,
-            global: Arc::new(AtomicUsize::new(0)),
-            v4_mask: mask_bits::<u32>(cfg.ipv4_prefix.min(32)),
-            v6_mask: mask_bits::<u128>(cfg.ipv6_prefix.min(128)),
+            global,
+            ipv4_prefix,
+            ipv6_prefix,
+            v4_mask: mask_bits::<u32>(ipv4_prefix),
+            v6_mask: mask_bits::<u128>(ipv6_prefix),
             concurrency,
-            connection_rate: pair(&cfg.connection_rate, LimitKind::ConnectionRate),
-            message_rate: pair(&cfg.message_rate, LimitKind::MessageRate),
-            recipient_rate: pair(&cfg.recipient_rate, LimitKind::RecipientRate),
+            counts,
+            connection_rate: pair(
+                &cfg.connection_rate,
+                LimitKind::ConnectionRate,
+                prev.map(|p| &p.connection_rate),
+            ),
+            message_rate: pair(
+                &cfg.message_rate,
+                LimitKind::MessageRate,
+                prev.map(|p| &p.message_rate),
+            ),
+            recipient_rate: pair(
+                &cfg.recipient_rate,
+                LimitKind::RecipientRate,
+                prev.map(|p| &p.recipient_rate),
+            ),
+            max_tracked_keys: cap,
             overflow,
             sweep_interval,
+            clock,
+            retired: AtomicBool::new(false),
         })
+    }
+
+    /// The limiters for `cfg`, carrying over this one's state (see the
+    /// module documentation), on the same clock. This `Limits` keeps
+    /// working for the sessions that hold it; call [`Limits::retire`] on it
+    /// once the new one is in use.
+    pub fn reload(&self, cfg: &LimitsConfig) -> Arc<Limits> {
+        Self::build(cfg, self.clock.clone(), Some(self))
+    }
+
+    /// Stops this `Limits`' sweeper (at its next tick): a reload replaced
+    /// it, and the new one sweeps the state they share.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+    }
+
+    /// What `self` (built by [`Limits::reload`] from `old`) shares with
+    /// `old`: the names of the limiters and counters carried over, and of
+    /// those that started fresh. Limits that keep no state are in neither.
+    pub fn carried_from(&self, old: &Limits) -> (Vec<&'static str>, Vec<&'static str>) {
+        let (mut kept, mut fresh) = (Vec::new(), Vec::new());
+        let mut note = |name, same: bool| {
+            if same {
+                kept.push(name)
+            } else {
+                fresh.push(name)
+            }
+        };
+        note("sessions", Arc::ptr_eq(&self.global, &old.global));
+        // A counter is carried over when the old Limits kept it too.
+        let (c, o) = (self.concurrency, old.concurrency);
+        if let Some(c) = c {
+            if c.per_ip > 0 {
+                note(
+                    "concurrency.per_ip",
+                    o.is_some_and(|o| o.per_ip > 0)
+                        && Arc::ptr_eq(&self.counts.ips, &old.counts.ips),
+                );
+            }
+            if c.per_prefix > 0 {
+                note(
+                    "concurrency.per_prefix",
+                    o.is_some_and(|o| o.per_prefix > 0)
+                        && Arc::ptr_eq(&self.counts.prefixes, &old.counts.prefixes),
+                );
+            }
+        }
+        for (name, new, prev) in [
+            (
+                ["connection_rate.per_ip", "connection_rate.per_prefix"],
+                &self.connection_rate,
+                &old.connection_rate,
+            ),
+            (
+                ["message_rate.per_ip", "message_rate.per_prefix"],
+                &self.message_rate,
+                &old.message_rate,
+            ),
+            (
+                ["recipient_rate.per_ip", "recipient_rate.per_prefix"],
+                &self.recipient_rate,
+                &old.recipient_rate,
+            ),
+        ] {
+            for (name, n, o) in [
+                (name[0], &new.ip, &prev.ip),
+                (name[1], &new.prefix, &prev.prefix),
+            ] {
+                if let Some(n) = n {
+                    note(name, o.as_ref().is_some_and(|o| Arc::ptr_eq(n, o)));
+                }
+            }
+        }
+        (kept, fresh)
     }
 
     /// A global slot, or None when `max_connections` sessions are running.
+    ///
+    /// Every session is counted, also without a cap (one atomic add), so a
+    /// reload that sets a cap counts the sessions already running.
     pub fn try_global(&self) -> Option<GlobalPermit> {
-        if self.max_connections == 0 {
-            return Some(GlobalPermit { slot: None });
-        }
         let max = self.max_connections;
-        self.global
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()?;
+        if max == 0 {
+            self.global.fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.global
+                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                    (n < max).then_some(n + 1)
+                })
+                .ok()?;
+        }
         Some(GlobalPermit {
-            slot: Some(self.global.clone()),
+            slot: self.global.clone(),
         })
     }
 
-    /// Sessions currently holding a global slot (0 when there is no cap).
+    /// Sessions currently holding a global slot.
     pub fn global_in_use(&self) -> usize {
         self.global.load(Ordering::Relaxed)
     }
@@ -178,9 +337,13 @@ impl Limits {
             None => ConnPermit { held: None },
             Some(c) => {
                 // A limit of 0 keeps no counter.
-                let n_ip = if c.per_ip > 0 { acquire(&c.ips, ip) } else { 0 };
+                let n_ip = if c.per_ip > 0 {
+                    acquire(&self.counts.ips, ip)
+                } else {
+                    0
+                };
                 let n_prefix = if c.per_prefix > 0 {
-                    acquire(&c.prefixes, prefix)
+                    acquire(&self.counts.prefixes, prefix)
                 } else {
                     0
                 };
@@ -190,7 +353,11 @@ impl Limits {
                     hit = Some(Scope::Prefix);
                 }
                 ConnPermit {
-                    held: Some((c.clone(), ip, prefix)),
+                    held: Some(Held {
+                        counts: self.counts.clone(),
+                        ip: (c.per_ip > 0).then_some(ip),
+                        prefix: (c.per_prefix > 0).then_some(prefix),
+                    }),
                 }
             }
         };
@@ -233,20 +400,14 @@ impl Limits {
             t.lim.retain_recent();
             t.lim.shrink_to_fit();
         }
-        if let Some(c) = &self.concurrency {
-            c.ips.shrink_to_fit();
-            c.prefixes.shrink_to_fit();
-        }
+        self.counts.ips.shrink_to_fit();
+        self.counts.prefixes.shrink_to_fit();
     }
 
     /// Keys held over all limiters and counters.
     pub fn tracked_keys(&self) -> usize {
         let rates: usize = self.rate_limiters().map(|t| t.lim.len()).sum();
-        let conc = self
-            .concurrency
-            .as_ref()
-            .map_or(0, |c| c.ips.len() + c.prefixes.len());
-        rates + conc
+        rates + self.counts.ips.len() + self.counts.prefixes.len()
     }
 
     /// Checks of new keys that a full rate limiter judged without storing
@@ -255,7 +416,8 @@ impl Limits {
         self.overflow.load(Ordering::Relaxed)
     }
 
-    /// Runs `sweep` every `sweep_interval` until the Limits are dropped.
+    /// Runs `sweep` every `sweep_interval` until the Limits are dropped or
+    /// retired.
     ///
     /// Must be called within a tokio runtime. The task holds only a weak
     /// reference, and runs each sweep on the blocking pool (a sweep of a
@@ -274,6 +436,9 @@ impl Limits {
             loop {
                 tick.tick().await;
                 let Some(limits) = weak.upgrade() else { break };
+                if limits.retired.load(Ordering::Relaxed) {
+                    break;
+                }
                 if tokio::task::spawn_blocking(move || limits.sweep())
                     .await
                     .is_err()
@@ -298,7 +463,7 @@ impl Limits {
             &self.recipient_rate,
         ]
         .into_iter()
-        .flat_map(|p| [p.ip.as_ref(), p.prefix.as_ref()])
+        .flat_map(|p| [p.ip.as_deref(), p.prefix.as_deref()])
         .flatten()
     }
 }
@@ -307,6 +472,7 @@ impl fmt::Debug for Limits {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Limits")
             .field("max_connections", &self.max_connections)
+            .field("max_tracked_keys", &self.max_tracked_keys)
             .field("global_in_use", &self.global_in_use())
             .field("tracked_keys", &self.tracked_keys())
             .field("overflow", &self.overflow())
@@ -316,28 +482,24 @@ impl fmt::Debug for Limits {
 
 impl Drop for GlobalPermit {
     fn drop(&mut self) {
-        if let Some(slot) = &self.slot {
-            slot.fetch_sub(1, Ordering::AcqRel);
-        }
+        self.slot.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 impl fmt::Debug for GlobalPermit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GlobalPermit")
-            .field("counted", &self.slot.is_some())
-            .finish()
+        f.debug_struct("GlobalPermit").finish()
     }
 }
 
 impl Drop for ConnPermit {
     fn drop(&mut self) {
-        if let Some((c, ip, prefix)) = self.held.take() {
-            if c.per_ip > 0 {
-                release(&c.ips, ip);
+        if let Some(h) = self.held.take() {
+            if let Some(ip) = h.ip {
+                release(&h.counts.ips, ip);
             }
-            if c.per_prefix > 0 {
-                release(&c.prefixes, prefix);
+            if let Some(prefix) = h.prefix {
+                release(&h.counts.prefixes, prefix);
             }
         }
     }
@@ -346,19 +508,25 @@ impl Drop for ConnPermit {
 impl fmt::Debug for ConnPermit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("ConnPermit");
-        if let Some((_, ip, prefix)) = &self.held {
-            d.field("ip", ip).field("prefix", prefix);
+        if let Some(h) = &self.held {
+            d.field("ip", &h.ip).field("prefix", &h.prefix);
         }
         d.finish()
     }
 }
 
-/// Live sessions per IP and per prefix.
+/// Concurrency thresholds.
+#[derive(Clone, Copy)]
 struct Concurrency {
     per_ip: u32,
     per_prefix: u32,
-    ips: DashMap<IpAddr, u32>,
-    prefixes: DashMap<IpAddr, u32>,
+}
+
+/// Live sessions per IP and per prefix. Each map is its own Arc so that a
+/// reload can keep one (per IP) and replace the other (a new prefix length).
+struct ConcCounts {
+    ips: Arc<DashMap<IpAddr, u32>>,
+    prefixes: Arc<DashMap<IpAddr, u32>>,
 }
 
 /// Increments `key`'s count under the shard lock; returns the new count.
@@ -398,28 +566,41 @@ where
 /// The per-IP and per-prefix limiters of one kind of event.
 struct RatePair {
     kind: LimitKind,
-    ip: Option<Tracked>,
-    prefix: Option<Tracked>,
+    ip: Option<Arc<Tracked>>,
+    prefix: Option<Arc<Tracked>>,
 }
 
 impl RatePair {
+    /// `reuse(rate, by_prefix)` offers a running limiter to keep instead of
+    /// a new one.
     fn new(
         cfg: &RateConfig,
         kind: LimitKind,
         cap: usize,
         clock: &TimeSource,
         overflow: &Arc<AtomicU64>,
+        reuse: impl Fn(&Rate, bool) -> Option<Arc<Tracked>>,
     ) -> RatePair {
-        let make = |r: &Option<Rate>| {
-            let quota = quota(r.as_ref()?)?;
-            cfg.action
-                .runs()
-                .then(|| Tracked::new(quota, cap, clock.clone(), overflow.clone()))
+        let make = |r: &Option<Rate>, by_prefix| {
+            let rate = r.as_ref()?;
+            let quota = quota(rate)?;
+            if !cfg.action.runs() {
+                return None;
+            }
+            reuse(rate, by_prefix).or_else(|| {
+                Some(Arc::new(Tracked::new(
+                    *rate,
+                    quota,
+                    cap,
+                    clock.clone(),
+                    overflow.clone(),
+                )))
+            })
         };
         RatePair {
             kind,
-            ip: make(&cfg.per_ip),
-            prefix: make(&cfg.per_prefix),
+            ip: make(&cfg.per_ip, false),
+            prefix: make(&cfg.per_prefix, true),
         }
     }
 
@@ -465,13 +646,21 @@ const EMERGENCY_SWEEP_EVERY: u64 = 1_000_000_000;
 /// One keyed GCRA limiter with its key bound.
 struct Tracked {
     lim: Keyed,
+    /// As configured (compared on reload).
+    rate: Rate,
     cap: usize,
     /// Clock reading (ns) before which no emergency eviction runs.
     next_sweep: AtomicU64,
 }
 
 impl Tracked {
-    fn new(quota: Quota, cap: usize, clock: TimeSource, overflow: Arc<AtomicU64>) -> Tracked {
+    fn new(
+        rate: Rate,
+        quota: Quota,
+        cap: usize,
+        clock: TimeSource,
+        overflow: Arc<AtomicU64>,
+    ) -> Tracked {
         let store = KeyStore {
             map: DashMap::new(),
             len: AtomicUsize::new(0),
@@ -480,6 +669,7 @@ impl Tracked {
         };
         Tracked {
             lim: RateLimiter::new(quota, store, clock),
+            rate,
             cap,
             next_sweep: AtomicU64::new(0),
         }
@@ -695,6 +885,9 @@ mod tests {
         let l = Limits::new(&base());
         let permits: Vec<_> = (0..1000).map(|_| l.try_global().unwrap()).collect();
         assert_eq!(permits.len(), 1000);
+        // Counted all the same (for a reload that sets a cap).
+        assert_eq!(l.global_in_use(), 1000);
+        drop(permits);
         assert_eq!(l.global_in_use(), 0);
     }
 
@@ -1121,8 +1314,7 @@ mod tests {
             t.join().unwrap();
         }
         assert_eq!(l.tracked_keys(), 0);
-        let c = l.concurrency.as_ref().unwrap();
-        assert!(c.ips.is_empty() && c.prefixes.is_empty());
+        assert!(l.counts.ips.is_empty() && l.counts.prefixes.is_empty());
     }
 
     #[tokio::test]
@@ -1149,5 +1341,193 @@ mod tests {
         drop(l);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(weak.upgrade().is_none());
+    }
+    #[test]
+    fn reload_carries_the_global_count_with_the_new_cap() {
+        // No cap at first: sessions are counted all the same.
+        let l = Limits::new(&base());
+        let held: Vec<_> = (0..2).map(|_| l.try_global().unwrap()).collect();
+        let capped = l.reload(&LimitsConfig {
+            max_connections: 3,
+            ..base()
+        });
+        l.retire();
+        let third = capped.try_global().unwrap();
+        assert!(capped.try_global().is_none());
+        assert_eq!(capped.global_in_use(), 3);
+        // Old permits release into the same count.
+        drop(held);
+        assert_eq!(capped.global_in_use(), 1);
+        let lower = capped.reload(&LimitsConfig {
+            max_connections: 1,
+            ..base()
+        });
+        assert!(lower.try_global().is_none());
+        drop(third);
+        assert!(lower.try_global().is_some());
+        assert_eq!(lower.global_in_use(), 0);
+    }
+
+    #[test]
+    fn reload_keeps_concurrency_counts_with_new_thresholds() {
+        let l = Limits::new(&LimitsConfig {
+            concurrency: conc(2, 0),
+            ..base()
+        });
+        let a = ip("192.0.2.1");
+        let old: Vec<_> = (0..2).map(|_| l.connect(a)).collect();
+        assert!(old.iter().all(|(_, h)| h.is_none()));
+        let n = l.reload(&LimitsConfig {
+            concurrency: conc(3, 4),
+            ..base()
+        });
+        let (kept, fresh) = n.carried_from(&l);
+        assert!(kept.contains(&"concurrency.per_ip"), "{kept:?}");
+        // The prefix counter was not kept before: it starts now.
+        assert_eq!(fresh, vec!["concurrency.per_prefix"]);
+        let (p3, h) = n.connect(a);
+        assert_eq!(h, None);
+        let (p4, h) = n.connect(a);
+        assert_eq!(h, hit(LimitKind::Concurrency, Scope::Ip));
+        drop(p4);
+        // Old permits release into the counter they incremented.
+        drop(old);
+        assert_eq!(n.tracked_keys(), 2); // 192.0.2.1 and its /24, once each
+        drop(p3);
+        assert_eq!(n.tracked_keys(), 0);
+        assert_eq!(l.tracked_keys(), 0);
+    }
+
+    #[test]
+    fn reload_with_a_new_prefix_length_keeps_per_ip_counts_only() {
+        let l = Limits::new(&LimitsConfig {
+            concurrency: conc(1, 1),
+            ..base()
+        });
+        let (old, _) = l.connect(ip("192.0.2.1"));
+        let n = l.reload(&LimitsConfig {
+            ipv4_prefix: 16,
+            concurrency: conc(1, 1),
+            ..base()
+        });
+        let (_, fresh) = n.carried_from(&l);
+        assert_eq!(fresh, vec!["concurrency.per_prefix"]);
+        let (_p, h) = n.connect(ip("192.0.2.1"));
+        assert_eq!(h, hit(LimitKind::Concurrency, Scope::Ip));
+        drop(_p);
+        // Not in the new /16 counter: the old session is not counted there.
+        let (_q, h) = n.connect(ip("192.0.3.1"));
+        assert_eq!(h, None);
+        drop(old);
+        drop(_q);
+        assert_eq!(n.tracked_keys(), 0);
+        assert_eq!(l.tracked_keys(), 0);
+    }
+
+    #[test]
+    fn reload_turning_concurrency_off_and_on_keeps_counts() {
+        let on = LimitsConfig {
+            concurrency: conc(1, 0),
+            ..base()
+        };
+        let l = Limits::new(&on);
+        let (held, _) = l.connect(ip("192.0.2.1"));
+        let off = l.reload(&base());
+        let (p, h) = off.connect(ip("192.0.2.1"));
+        assert_eq!(h, None);
+        drop(p);
+        let again = off.reload(&on);
+        let (_p, h) = again.connect(ip("192.0.2.1"));
+        assert_eq!(h, hit(LimitKind::Concurrency, Scope::Ip));
+        drop((_p, held));
+        assert_eq!(again.tracked_keys(), 0);
+    }
+
+    #[test]
+    fn reload_keeps_unchanged_rate_limiters_only() {
+        let clock = FakeRelativeClock::default();
+        let cfg = LimitsConfig {
+            connection_rate: rates(rate(5, 60.0, None), None),
+            message_rate: rates(rate(1, 60.0, None), rate(100, 60.0, None)),
+            recipient_rate: rates(rate(1, 60.0, None), None),
+            ..base()
+        };
+        let l = Limits::with_fake_clock(&cfg, clock.clone());
+        let a = ip("192.0.2.1");
+        assert_eq!(l.message(a), None);
+        assert_eq!(l.recipient(a), None);
+        assert_eq!(l.message(a), hit(LimitKind::MessageRate, Scope::Ip));
+        let n = l.reload(&LimitsConfig {
+            // Same rate, another action: the same limiter.
+            message_rate: RateConfig {
+                action: Action::Observe,
+                ..cfg.message_rate.clone()
+            },
+            // Another rate: a fresh limiter.
+            recipient_rate: rates(rate(2, 60.0, None), None),
+            // Turned off: gone.
+            connection_rate: RateConfig {
+                action: Action::Off,
+                ..cfg.connection_rate.clone()
+            },
+            ..cfg.clone()
+        });
+        let (kept, fresh) = n.carried_from(&l);
+        assert_eq!(
+            kept,
+            vec!["sessions", "message_rate.per_ip", "message_rate.per_prefix"]
+        );
+        assert_eq!(fresh, vec!["recipient_rate.per_ip"]);
+        assert_eq!(n.message(a), hit(LimitKind::MessageRate, Scope::Ip));
+        assert_eq!(n.recipient(a), None);
+        // The carried limiter runs on the same clock.
+        clock.advance(Duration::from_secs(60));
+        assert_eq!(n.message(a), None);
+        // A new prefix length drops the per-prefix limiter's state only;
+        // a new max_tracked_keys drops them all.
+        let p = n.reload(&LimitsConfig {
+            ipv4_prefix: 16,
+            ..cfg.clone()
+        });
+        let (kept, _) = p.carried_from(&n);
+        assert!(kept.contains(&"message_rate.per_ip"), "{kept:?}");
+        assert!(!kept.contains(&"message_rate.per_prefix"), "{kept:?}");
+        let q = p.reload(&LimitsConfig {
+            max_tracked_keys: 10,
+            ..cfg.clone()
+        });
+        let (kept, _) = q.carried_from(&p);
+        assert_eq!(kept, vec!["sessions"]);
+    }
+
+    #[tokio::test]
+    async fn retired_sweeper_stops() {
+        let clock = FakeRelativeClock::default();
+        let cfg = LimitsConfig {
+            sweep_interval: 0.01,
+            message_rate: rates(rate(1, 1.0, None), None),
+            ..base()
+        };
+        let l = Limits::with_fake_clock(&cfg, clock.clone());
+        l.spawn_sweeper();
+        // The sweeper task holds the only weak reference.
+        assert_eq!(Arc::weak_count(&l), 1);
+        let n = l.reload(&cfg);
+        n.spawn_sweeper();
+        l.retire();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Arc::weak_count(&l) != 0 {
+            assert!(Instant::now() < deadline, "retired sweeper still runs");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The new one sweeps the limiter they share.
+        assert_eq!(l.message(ip("192.0.2.1")), None);
+        assert_eq!(n.tracked_keys(), 1);
+        clock.advance(Duration::from_secs(3));
+        while n.tracked_keys() != 0 {
+            assert!(Instant::now() < deadline, "sweeper did not run");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(Arc::weak_count(&n), 1);
     }
 }

@@ -1,8 +1,12 @@
 //! Admission policy: which clients may connect and proceed, decided per
 //! phase (connect, helo, mail, rcpt) from lists, limits, HELO checks,
 //! reverse DNS, DNSBLs and pregreet, each with its own configured action.
-//! `Policy` is shared; `ClientPolicy` is one session's view and holds its
-//! concurrency slots. Writes no bytes: the session sends the replies.
+//! `Policy` is shared and reloadable: it holds the current `Generation`
+//! (one configuration and the state built for it), which a reload replaces
+//! whole while carrying the counters, limiters and caches over.
+//! `ClientPolicy` is one session's view: it keeps the generation it was
+//! admitted under and holds its concurrency slots. Writes no bytes: the
+//! session sends the replies.
 
 pub mod dns;
 pub mod helo;
@@ -10,10 +14,11 @@ pub mod limits;
 pub mod settings;
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use ipnet::IpNet;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -117,49 +122,203 @@ pub struct CheckCount {
     pub enforced: u64,
 }
 
-/// The shared policy: configuration, limiters, DNS and the pregreet memory.
+/// The shared, reloadable policy: the current [`Generation`], swapped
+/// whole by [`Policy::reload`]. Admission loads it once per connection (a
+/// lock-free load); sessions keep the generation they were admitted under.
 pub struct Policy {
-    cfg: PolicyConfig,
-    hostname: String,
-    limits: Arc<Limits>,
-    dns: Option<Arc<Dns>>,
-    pregreeters: Option<moka::sync::Cache<IpAddr, ()>>,
-    observed: [AtomicU64; Check::ALL.len()],
-    enforced: [AtomicU64; Check::ALL.len()],
+    current: ArcSwap<Generation>,
+    /// Serializes reloads (each one builds on the generation before it).
+    reloading: Mutex<()>,
+    /// `start` was called: new generations start their sweeper.
+    started: AtomicBool,
+}
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policy")
+            .field("limits", &self.current().limits)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Policy {
     /// Builds the policy; Err names what could not be set up (the resolver).
     pub fn new(cfg: &PolicyConfig, hostname: &str) -> Result<Arc<Policy>, String> {
+        Ok(Arc::new(Policy {
+            current: ArcSwap::new(Generation::build(cfg, hostname, None)?),
+            reloading: Mutex::new(()),
+            started: AtomicBool::new(false),
+        }))
+    }
+
+    /// Starts background work (idle-key eviction), for this generation and
+    /// the ones reloads bring.
+    pub fn start(&self) {
+        let _one = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.started.swap(true, Ordering::Relaxed) {
+            self.current().limits.spawn_sweeper();
+        }
+    }
+
+    /// The generation new connections are admitted under.
+    pub fn current(&self) -> Arc<Generation> {
+        self.current.load_full()
+    }
+
+    /// Replaces the current generation with one built for `cfg`, carrying
+    /// the state over (see [`Generation::next`]). Sessions already admitted
+    /// keep theirs; new connections get the new one. On Err (a resolver
+    /// that cannot be set up) the running generation stays.
+    pub fn reload(&self, cfg: &PolicyConfig, hostname: &str) -> Result<Arc<Generation>, String> {
+        let _one = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.current();
+        let new = old.next(cfg, hostname)?;
+        self.current.store(new.clone());
+        old.limits.retire();
+        if self.started.load(Ordering::Relaxed) {
+            new.limits.spawn_sweeper();
+        }
+        let (kept, fresh) = new.carried_from(&old);
+        let list = |v: Vec<&str>| {
+            if v.is_empty() {
+                "-".into()
+            } else {
+                v.join(", ")
+            }
+        };
+        info!(
+            kept = %list(kept),
+            fresh = %list(fresh),
+            "policy: new generation; state carried over"
+        );
+        Ok(new)
+    }
+
+    /// The connect phase under the current generation: see
+    /// [`Generation::admit`].
+    pub fn admit(&self, ip: IpAddr) -> Result<ClientPolicy, Verdict> {
+        self.current.load_full().admit(ip)
+    }
+
+    /// The current generation's limiters.
+    pub fn limits(&self) -> Arc<Limits> {
+        self.current.load().limits.clone()
+    }
+
+    /// The current generation's resolver and caches.
+    pub fn dns(&self) -> Option<Arc<Dns>> {
+        self.current.load().dns.clone()
+    }
+
+    /// Counts of every check so far (over all generations).
+    pub fn counts(&self) -> Vec<CheckCount> {
+        self.current.load().counts()
+    }
+}
+
+/// Verdict counts per check, shared by every generation (monotonic).
+#[derive(Default)]
+struct Counters {
+    observed: [AtomicU64; Check::ALL.len()],
+    enforced: [AtomicU64; Check::ALL.len()],
+}
+
+/// One generation of the policy: a configuration and the state built for
+/// it (limiters, DNS caches, pregreet memory, counters), much of it shared
+/// with the generations before and after it.
+pub struct Generation {
+    cfg: PolicyConfig,
+    hostname: String,
+    limits: Arc<Limits>,
+    dns: Option<Arc<Dns>>,
+    pregreeters: Option<Arc<moka::sync::Cache<IpAddr, ()>>>,
+    counts: Arc<Counters>,
+}
+
+impl Generation {
+    fn build(
+        cfg: &PolicyConfig,
+        hostname: &str,
+        prev: Option<&Generation>,
+    ) -> Result<Arc<Generation>, String> {
         let needs_dns = cfg.rdns.lookup
             || cfg.dnsbl.action.runs()
             || cfg.helo.resolves.runs()
             || cfg.helo.match_rdns.runs();
         let dns = if needs_dns {
-            Some(Dns::new(&cfg.dns, &cfg.rdns, &cfg.dnsbl)?)
+            // The resolver and its caches: kept while what they were built
+            // from is unchanged (DNSBL answers are cached per zone index).
+            let same = |p: &&Generation| {
+                p.cfg.dns == cfg.dns
+                    && p.cfg.rdns.max_names == cfg.rdns.max_names
+                    && p.cfg.dnsbl.zones == cfg.dnsbl.zones
+            };
+            match prev.filter(same).and_then(|p| p.dns.clone()) {
+                Some(d) => Some(d),
+                None => Some(Dns::new(&cfg.dns, &cfg.rdns, &cfg.dnsbl)?),
+            }
         } else {
             None
         };
-        let pregreeters = (cfg.pregreet.action.runs() && cfg.pregreet.remember > 0.0).then(|| {
-            moka::sync::Cache::builder()
-                .max_capacity(cfg.dns.cache_size)
-                .time_to_live(Duration::from_secs_f64(cfg.pregreet.remember))
-                .build()
+        let p = &cfg.pregreet;
+        let pregreeters = (p.action.runs() && p.remember > 0.0).then(|| {
+            let same = |g: &&Generation| {
+                g.cfg.pregreet.remember == p.remember && g.cfg.dns.cache_size == cfg.dns.cache_size
+            };
+            prev.filter(same)
+                .and_then(|g| g.pregreeters.clone())
+                .unwrap_or_else(|| {
+                    Arc::new(
+                        moka::sync::Cache::builder()
+                            .max_capacity(cfg.dns.cache_size)
+                            .time_to_live(Duration::from_secs_f64(p.remember))
+                            .build(),
+                    )
+                })
         });
-        Ok(Arc::new(Policy {
+        Ok(Arc::new(Generation {
             cfg: cfg.clone(),
             hostname: hostname.to_string(),
-            limits: Limits::new(&cfg.limits),
+            limits: match prev {
+                Some(g) => g.limits.reload(&cfg.limits),
+                None => Limits::new(&cfg.limits),
+            },
             dns,
             pregreeters,
-            observed: Default::default(),
-            enforced: Default::default(),
+            counts: prev.map_or_else(Arc::default, |g| g.counts.clone()),
         }))
     }
 
-    /// Starts background work (idle-key eviction).
-    pub fn start(&self) {
-        self.limits.spawn_sweeper();
+    /// The generation for `cfg` that follows this one, carrying over: the
+    /// session count, the concurrency counts and the unchanged rate
+    /// limiters (see [`Limits::reload`]), the resolver and its caches while
+    /// `[policy.dns]`, `rdns.max_names` and the DNSBL zones are unchanged,
+    /// the pregreet memory while its lifetime and size are, and the verdict
+    /// counts always. Builds only: [`Policy::reload`] swaps it in.
+    pub fn next(&self, cfg: &PolicyConfig, hostname: &str) -> Result<Arc<Generation>, String> {
+        Self::build(cfg, hostname, Some(self))
+    }
+
+    /// What this generation shares with `old` (the one it was built from):
+    /// the names of the states carried over and of those started fresh.
+    pub fn carried_from(&self, old: &Generation) -> (Vec<&'static str>, Vec<&'static str>) {
+        let (mut kept, mut fresh) = self.limits.carried_from(&old.limits);
+        if let Some(d) = &self.dns {
+            if old.dns.as_ref().is_some_and(|o| Arc::ptr_eq(d, o)) {
+                kept.push("dns");
+            } else {
+                fresh.push("dns");
+            }
+        }
+        if let Some(p) = &self.pregreeters {
+            if old.pregreeters.as_ref().is_some_and(|o| Arc::ptr_eq(p, o)) {
+                kept.push("pregreet");
+            } else {
+                fresh.push("pregreet");
+            }
+        }
+        kept.push("counters");
+        (kept, fresh)
     }
 
     pub fn limits(&self) -> &Arc<Limits> {
@@ -168,6 +327,10 @@ impl Policy {
 
     pub fn dns(&self) -> Option<&Arc<Dns>> {
         self.dns.as_ref()
+    }
+
+    pub fn hostname(&self) -> &str {
+        &self.hostname
     }
 
     pub fn config(&self) -> &PolicyConfig {
@@ -186,8 +349,8 @@ impl Policy {
             .enumerate()
             .map(|(i, &check)| CheckCount {
                 check,
-                observed: self.observed[i].load(Ordering::Relaxed),
-                enforced: self.enforced[i].load(Ordering::Relaxed),
+                observed: self.counts.observed[i].load(Ordering::Relaxed),
+                enforced: self.counts.enforced[i].load(Ordering::Relaxed),
             })
             .collect()
     }
@@ -216,10 +379,10 @@ impl Policy {
         let enforce = action != Action::Observe;
         let i = Self::index(check);
         if enforce {
-            self.enforced[i].fetch_add(1, Ordering::Relaxed);
+            self.counts.enforced[i].fetch_add(1, Ordering::Relaxed);
             info!(client = %ip, check = check.name(), code, "policy: {text}");
         } else {
-            self.observed[i].fetch_add(1, Ordering::Relaxed);
+            self.counts.observed[i].fetch_add(1, Ordering::Relaxed);
             info!(client = %ip, check = check.name(), would = code, "policy (observe): {text}");
         }
         Some(Verdict {
@@ -235,24 +398,18 @@ impl Policy {
     /// global cap, deny list, remembered pregreeters, concurrency and
     /// connection rate. Err is the refusal to send before closing.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ClientPolicy, Verdict> {
-        let global = if self.cfg.limits.max_connections > 0 {
-            match self.limits.try_global() {
-                Some(p) => Some(p),
-                None => {
-                    return Err(self
-                        .verdict(
-                            ip,
-                            Check::GlobalCap,
-                            Action::Reject,
-                            421,
-                            "4.3.2",
-                            "Too many connections, try again later".into(),
-                        )
-                        .expect("reject yields a verdict"));
-                }
-            }
-        } else {
-            None
+        // Counted also without a cap: a reload may set one.
+        let Some(global) = self.limits.try_global() else {
+            return Err(self
+                .verdict(
+                    ip,
+                    Check::GlobalCap,
+                    Action::Reject,
+                    421,
+                    "4.3.2",
+                    "Too many connections, try again later".into(),
+                )
+                .expect("reject yields a verdict"));
         };
         let allowed = self.cfg.allow.iter().any(|n| contains(n, ip));
         let mut client = ClientPolicy {
@@ -419,10 +576,10 @@ impl<T: Clone> Pending<T> {
 /// One session's policy state: its concurrency slots (released on drop),
 /// its DNS lookups and the verdicts held for delivery.
 pub struct ClientPolicy {
-    policy: Arc<Policy>,
+    policy: Arc<Generation>,
     ip: IpAddr,
     allowed: bool,
-    _global: Option<GlobalPermit>,
+    _global: GlobalPermit,
     _conn: Option<ConnPermit>,
     rdns: Pending<Rdns>,
     dnsbl: Pending<DnsblResult>,
@@ -445,7 +602,8 @@ impl std::fmt::Debug for ClientPolicy {
 }
 
 impl ClientPolicy {
-    pub fn policy(&self) -> &Arc<Policy> {
+    /// The generation this session was admitted under.
+    pub fn policy(&self) -> &Arc<Generation> {
         &self.policy
     }
 
@@ -758,8 +916,9 @@ mod tests {
     #[tokio::test]
     async fn actions_shape_the_verdict() {
         let p = Policy::new(&PolicyConfig::default(), "edge.test").unwrap();
+        let g = p.current();
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
-        let v = |a, code, enh| p.verdict(ip, Check::Rdns, a, code, enh, "why".into());
+        let v = |a, code, enh| g.verdict(ip, Check::Rdns, a, code, enh, "why".into());
         assert_eq!(v(Action::Off, 550, "5.7.25"), None);
         let r = v(Action::Reject, 550, "5.7.25").unwrap();
         assert_eq!((r.code, r.enh, r.enforce), (550, "5.7.25", true));
@@ -798,5 +957,80 @@ mod tests {
         let _c = p.admit("192.0.2.1".parse().unwrap()).unwrap();
         let e = p.admit("192.0.2.1".parse().unwrap()).unwrap_err();
         assert_eq!(e.at_connect(), (421, "4.7.0"));
+    }
+    fn with_dns(mut cfg: PolicyConfig) -> PolicyConfig {
+        // A resolver that is built but never asked.
+        cfg.dns.nameservers = vec!["127.0.0.1:9".parse().unwrap()];
+        cfg.rdns.lookup = true;
+        cfg.pregreet.action = Action::Observe;
+        cfg
+    }
+
+    #[tokio::test]
+    async fn reload_swaps_for_new_clients_and_keeps_admitted_ones() {
+        let mut cfg = with_dns(PolicyConfig::default());
+        cfg.limits.concurrency.action = Action::Reject;
+        cfg.limits.concurrency.per_ip = 1;
+        let p = Policy::new(&cfg, "edge.test").unwrap();
+        p.start();
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let first = p.admit(a).unwrap();
+        assert!(p.admit(a).is_err());
+        let old = p.current();
+        let mut next = cfg.clone();
+        next.deny = vec!["192.0.2.0/24".parse().unwrap()];
+        next.limits.concurrency.per_ip = 2;
+        next.helo.fqdn = Action::Reject;
+        let new = p.reload(&next, "edge.test").unwrap();
+        assert!(Arc::ptr_eq(&new, &p.current()));
+        assert!(Arc::ptr_eq(first.policy(), &old));
+        let (kept, fresh) = new.carried_from(&old);
+        assert_eq!(fresh, Vec::<&str>::new());
+        for k in [
+            "sessions",
+            "concurrency.per_ip",
+            "dns",
+            "pregreet",
+            "counters",
+        ] {
+            assert!(kept.contains(&k), "{k} not kept: {kept:?}");
+        }
+        // New clients meet the new deny list; counters keep counting.
+        let e = p.admit(a).unwrap_err();
+        assert_eq!((e.code, e.enh), (554, "5.7.1"));
+        let deny = |p: &Policy| p.counts().into_iter().find(|c| c.check == Check::Deny);
+        assert_eq!(deny(&p).unwrap().enforced, 1);
+        assert_eq!(old.counts(), new.counts());
+        // The admitted session still counts, and releases into the new limits.
+        assert_eq!(p.limits().global_in_use(), 1);
+        assert_eq!(p.limits().tracked_keys(), 1);
+        drop(first);
+        assert_eq!(p.limits().global_in_use(), 0);
+        assert_eq!(p.limits().tracked_keys(), 0);
+    }
+
+    #[tokio::test]
+    async fn reload_rebuilds_what_changed() {
+        let cfg = with_dns(PolicyConfig::default());
+        let p = Policy::new(&cfg, "edge.test").unwrap();
+        let old = p.current();
+        let mut next = cfg.clone();
+        next.dns.timeout = 1.0;
+        next.pregreet.remember = 60.0;
+        let new = p.reload(&next, "edge.test").unwrap();
+        let (_, fresh) = new.carried_from(&old);
+        assert_eq!(fresh, vec!["dns", "pregreet"]);
+        // No DNS check left: no resolver.
+        let none = p.reload(&PolicyConfig::default(), "edge.test").unwrap();
+        assert!(none.dns().is_none() && p.dns().is_none());
+        // A resolver that cannot be built keeps the running generation.
+        let mut bad = with_dns(PolicyConfig::default());
+        bad.dnsbl.zones = vec![settings::DnsblZone {
+            name: " ".into(),
+            weight: 1,
+            codes: Vec::new(),
+        }];
+        assert!(p.reload(&bad, "edge.test").is_err());
+        assert!(Arc::ptr_eq(&p.current(), &none));
     }
 }

@@ -30,7 +30,7 @@ impl Action {
 }
 
 /// `[policy]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
     /// Deliver connect- and HELO-phase rejections as the reply to MAIL FROM
@@ -68,7 +68,7 @@ impl Default for PolicyConfig {
 }
 
 /// `[policy.limits]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Sessions at once over all clients; 0 = no limit. Over it: 421 4.3.2.
@@ -105,7 +105,7 @@ impl Default for LimitsConfig {
 }
 
 /// `[policy.limits.concurrency]`: sessions at once per IP and per prefix.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConcurrencyConfig {
     pub action: Action,
@@ -117,7 +117,7 @@ pub struct ConcurrencyConfig {
 
 /// `[policy.limits.connection_rate]` and friends: GCRA rates per IP and
 /// per prefix.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateConfig {
     pub action: Action,
@@ -142,7 +142,7 @@ fn default_period() -> f64 {
 }
 
 /// `[policy.helo]`: one action per HELO/EHLO check.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HeloConfig {
     /// RFC 5321 Domain or address literal. 501 5.5.2.
@@ -177,7 +177,7 @@ impl Default for HeloConfig {
 }
 
 /// `[policy.rdns]`: reverse DNS with forward confirmation (FCrDNS).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RdnsConfig {
     /// Look the client's name up at all (also feeds the Received header
@@ -207,7 +207,7 @@ impl Default for RdnsConfig {
 }
 
 /// `[policy.dnsbl]`: postscreen-style weighted DNS lists.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsblConfig {
     pub action: Action,
@@ -228,7 +228,7 @@ impl Default for DnsblConfig {
 }
 
 /// `[[policy.dnsbl.zone]]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DnsblZone {
     /// DNS zone, e.g. `zen.spamhaus.org`.
@@ -247,7 +247,7 @@ fn default_weight() -> i32 {
 }
 
 /// `[policy.pregreet]`: talk-before-greeting detection.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PregreetConfig {
     /// 554 5.5.1 for a client that talked first.
@@ -270,7 +270,7 @@ impl Default for PregreetConfig {
 }
 
 /// `[policy.dns]`: the resolver and the verdict caches.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsConfig {
     /// Nameservers (`ip:port`); empty = the system's (/etc/resolv.conf).

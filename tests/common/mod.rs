@@ -132,6 +132,8 @@ pub struct Proxy {
     pub addrs: Vec<SocketAddr>,
     pub relay: Arc<smtp_edge::relay::Relay>,
     pub policy: Arc<smtp_edge::policy::Policy>,
+    /// Reloads the policy as SIGHUP does (see `Proxy::reload`).
+    pub reloader: smtp_edge::server::Reloader,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     /// Scratch directory (Maildir backends, certificates) kept alive.
@@ -150,6 +152,7 @@ impl Proxy {
         let addrs = server.local_addrs();
         let relay = server.relay();
         let policy = server.policy();
+        let reloader = server.reload_handle();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(async move {
             let _ = rx.await;
@@ -159,6 +162,7 @@ impl Proxy {
             addrs,
             relay,
             policy,
+            reloader,
             stop: Some(tx),
             task: Some(task),
             dir,
@@ -172,6 +176,15 @@ impl Proxy {
             "hostname = \"edge.test\"\n{extra}\n[[listener]]\naddress = \"127.0.0.1:0\"\n[[backend]]\naddress = \"{backend}\"\n"
         ))
         .await
+    }
+
+    /// Reloads from `toml` (`{DIR}` replaced as in `start`), as SIGHUP does
+    /// with a valid file; panics when the text is not a valid config.
+    pub fn reload(&self, toml: &str) -> Result<(), String> {
+        let text = toml.replace("{DIR}", &self.dir.path().display().to_string());
+        let cfg =
+            Config::parse(&text).unwrap_or_else(|e| panic!("reload config invalid: {e:?}\n{text}"));
+        self.reloader.reload(&cfg)
     }
 
     /// Graceful stop (as SIGTERM does).
