@@ -634,6 +634,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             ),
             Command::Quit => {
                 self.end_txn();
+                self.pol.release();
                 self.reply(221, "2.0.0", "Bye");
                 return Step::Quit;
             }

@@ -660,3 +660,29 @@ async fn a_pipelining_sender_over_its_rate_is_not_cut_off_for_the_503s() {
     }
     assert_eq!(c.cmd("NOOP").await.code, 250);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_is_free_as_soon_as_the_221_arrives() {
+    let rec = backend().await;
+    let p = proxy(
+        &rec,
+        "[policy.limits.concurrency]\naction = \"reject\"\nper_ip = 4",
+    )
+    .await;
+    // Four clients from one address, each reconnecting the moment it has
+    // read its 221: none may find its old slot still taken.
+    let mut loops = Vec::new();
+    for _ in 0..4 {
+        let addr = p.addr;
+        loops.push(tokio::spawn(async move {
+            for i in 0..300 {
+                let (mut c, g) = first_reply("127.0.0.90", addr).await;
+                assert_eq!(g.code, 220, "connection {i}: {g:?}");
+                assert_eq!(c.cmd("QUIT").await.code, 221);
+            }
+        }));
+    }
+    for l in loops {
+        l.await.unwrap();
+    }
+}

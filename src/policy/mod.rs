@@ -416,7 +416,7 @@ impl Generation {
             policy: self.clone(),
             ip,
             allowed,
-            _global: global,
+            _global: Some(global),
             _conn: None,
             rdns: Pending::None,
             dnsbl: Pending::None,
@@ -579,7 +579,7 @@ pub struct ClientPolicy {
     policy: Arc<Generation>,
     ip: IpAddr,
     allowed: bool,
-    _global: GlobalPermit,
+    _global: Option<GlobalPermit>,
     _conn: Option<ConnPermit>,
     rdns: Pending<Rdns>,
     dnsbl: Pending<DnsblResult>,
@@ -602,6 +602,14 @@ impl std::fmt::Debug for ClientPolicy {
 }
 
 impl ClientPolicy {
+    /// Gives back the session's global and concurrency slots now (at QUIT,
+    /// before the 221 goes out, so a client that reconnects at once finds
+    /// its slot free); dropping the ClientPolicy does the same.
+    pub fn release(&mut self) {
+        self._global = None;
+        self._conn = None;
+    }
+
     /// The generation this session was admitted under.
     pub fn policy(&self) -> &Arc<Generation> {
         &self.policy
