@@ -467,13 +467,16 @@ impl Dns {
 
     async fn zone_verdict(&self, i: usize, z: &Zone, ip: IpAddr, labels: &str) -> Option<Ipv4Addr> {
         let idx = u32::try_from(i).ok()?;
-        let qname = Name::from_ascii(format!("{labels}.{}.", z.name)).ok()?;
         cached(
             &self.dnsbl_cache,
             (idx, ip),
             &self.dnsbl_hits,
             &self.dnsbl_misses,
             async move {
+                // The query name is only built on a miss.
+                let Ok(qname) = Name::from_ascii(format!("{labels}.{}.", z.name)) else {
+                    return (None, self.ttls.temp);
+                };
                 match self.query(qname, RecordType::A).await {
                     Answer::Records(recs, ttl) => {
                         let hit = recs.iter().find_map(|r| match &r.data {
