@@ -5,7 +5,7 @@ mod common;
 use common::*;
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_smtp-edge");
@@ -131,18 +131,6 @@ fn check_config_names_policy_errors_with_key_and_line() {
                 .any(|l| l.contains(key) && names_line(l, line)),
             "stderr does not name `{key}` at line {line}:\n{stderr}"
         );
-    }
-}
-
-/// Kills the child (by its own handle) if the test ends early.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
     }
 }
 

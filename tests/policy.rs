@@ -63,17 +63,7 @@ fn count(p: &Proxy, check: Check) -> (u64, u64) {
 
 async fn send_message(c: &mut Raw, helo: &str) -> Seen {
     assert_eq!(c.cmd(&format!("EHLO {helo}")).await.code, 250);
-    let m = c.cmd("MAIL FROM:<a@example.org>").await;
-    if m.code != 250 {
-        return m;
-    }
-    let r = c.cmd("RCPT TO:<b@example.net>").await;
-    if r.code != 250 {
-        return r;
-    }
-    assert_eq!(c.cmd("DATA").await.code, 354);
-    c.send(b"Subject: t\r\n\r\nhello\r\n.\r\n").await;
-    c.reply().await
+    common::transaction(c, b"Subject: t\r\n\r\nhello\r\n").await
 }
 
 async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, Proxy, Raw, Seen};
+use common::{free_port, Proxy, Raw, Running, Seen};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -42,20 +42,9 @@ async fn greeted_from(src: &str, addr: SocketAddr) -> Raw {
     c
 }
 
-/// One message on a session past EHLO: the reply to the end of data, or
-/// the first refusal on the way.
+/// One message on a session past EHLO.
 async fn message(c: &mut Raw) -> Seen {
-    let m = c.cmd("MAIL FROM:<a@example.org>").await;
-    if m.code != 250 {
-        return m;
-    }
-    let r = c.cmd("RCPT TO:<b@example.net>").await;
-    if r.code != 250 {
-        return r;
-    }
-    assert_eq!(c.cmd("DATA").await.code, 354);
-    c.send(b"Subject: reload\r\n\r\nstill here\r\n.\r\n").await;
-    c.reply().await
+    common::transaction(c, b"Subject: reload\r\n\r\nstill here\r\n").await
 }
 
 fn delivered(dir: &Path) -> usize {
@@ -186,18 +175,6 @@ async fn message_rate_state_carries_over_when_unchanged() {
     assert_eq!(c.cmd("EHLO client.example.org").await.code, 250);
     assert_eq!(message(&mut c).await.code, 250);
     assert_eq!(delivered(p.dir.path()), 2);
-}
-
-/// Kills the child (by its own handle) if the test ends early.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
 }
 
 fn signal(child: &Child, sig: &str) {

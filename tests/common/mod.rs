@@ -746,3 +746,35 @@ impl Raw<TcpStream> {
         (self.stream, self.buf)
     }
 }
+
+/// A child process (the real binary) killed by its own handle if the test
+/// ends early.
+pub struct Running(pub std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// One transaction on a session past EHLO: MAIL, RCPT, DATA and `body`
+/// (which must end with CRLF); the reply to the end of data, or the first
+/// refusal on the way.
+pub async fn transaction<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Raw<S>, body: &[u8]) -> Seen {
+    let m = c.cmd("MAIL FROM:<a@example.org>").await;
+    if m.code != 250 {
+        return m;
+    }
+    let r = c.cmd("RCPT TO:<b@example.net>").await;
+    if r.code != 250 {
+        return r;
+    }
+    let d = c.cmd("DATA").await;
+    assert_eq!(d.code, 354, "{d:?}");
+    c.send(body).await;
+    c.send(b".\r\n").await;
+    c.reply().await
+}
