@@ -676,3 +676,35 @@ async fn a_slot_is_free_as_soon_as_the_221_arrives() {
         l.await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ipv6_clients_are_limited_and_listed_like_ipv4() {
+    let rec = backend().await;
+    let listen = |policy: &str| {
+        format!(
+            "hostname = \"edge.test\"\n{policy}\n[[listener]]\naddress = \"[::1]:0\"\n[[backend]]\naddress = \"{}\"\n",
+            rec.addr
+        )
+    };
+    let p = Proxy::start(&listen(
+        "[policy.limits]\nipv6_prefix = 64\n[policy.limits.concurrency]\naction = \"reject\"\nper_prefix = 1",
+    ))
+    .await;
+    let mut a = greeted_from("::1", p.addr).await;
+    let (_b, g) = first_reply("::1", p.addr).await;
+    assert_eq!(g.code, 421, "{g:?}");
+    assert!(g.text.contains("from your network"), "{g:?}");
+    assert_eq!(send_message(&mut a, "client.example.org").await.code, 250);
+    assert!(
+        rec.all_text()
+            .contains("XFORWARD NAME=[UNAVAILABLE] ADDR=IPV6:::1"),
+        "{}",
+        rec.all_text()
+    );
+    let d = Proxy::start(&listen("[policy]\ndeny = [\"::1/128\"]")).await;
+    let (_c, g) = first_reply("::1", d.addr).await;
+    assert_eq!(
+        (g.code, g.text.as_str()),
+        (554, "5.7.1 Access denied for [::1]")
+    );
+}
