@@ -369,6 +369,24 @@ impl PolicyConfig {
                 }
             }
         }
+        for (k, a) in [
+            ("no_ptr", self.rdns.no_ptr),
+            ("mismatch", self.rdns.mismatch),
+            ("temp_error", self.rdns.temp_error),
+        ] {
+            if matches!(a, Action::Defer | Action::Reject) && !self.rdns.lookup {
+                err(
+                    format!("policy.rdns.{k}"),
+                    "is enforced but [policy.rdns] lookup = false: set lookup = true".into(),
+                );
+            }
+        }
+        if self.helo.match_rdns.runs() && !self.rdns.lookup {
+            err(
+                "policy.helo.match_rdns".into(),
+                "needs [policy.rdns] lookup = true (there is no name to match otherwise)".into(),
+            );
+        }
         if self.dnsbl.action.runs() && self.dnsbl.zones.is_empty() {
             err(
                 "policy.dnsbl.zone".into(),
@@ -426,4 +444,26 @@ pub fn parse_code_range(s: &str) -> Option<(std::net::Ipv4Addr, std::net::Ipv4Ad
         }
     };
     (a <= b).then_some((a, b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(p: &PolicyConfig) -> Vec<String> {
+        let mut out = Vec::new();
+        p.validate(&mut |k, _| out.push(k));
+        out
+    }
+
+    #[test]
+    fn enforced_rdns_checks_need_the_lookup() {
+        let mut p = PolicyConfig::default();
+        assert!(errors(&p).is_empty());
+        p.rdns.no_ptr = Action::Reject;
+        p.helo.match_rdns = Action::Observe;
+        assert_eq!(errors(&p), ["policy.rdns.no_ptr", "policy.helo.match_rdns"]);
+        p.rdns.lookup = true;
+        assert!(errors(&p).is_empty());
+    }
 }
