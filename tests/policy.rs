@@ -708,3 +708,26 @@ async fn ipv6_clients_are_limited_and_listed_like_ipv4() {
         (554, "5.7.1 Access denied for [::1]")
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pregreet_without_delay_reject_answers_the_first_command_and_closes() {
+    let rec = backend().await;
+    let p = proxy(
+        &rec,
+        "[policy]\ndelay_reject = false\n[policy.pregreet]\naction = \"reject\"\ndelay = 0.3\nremember = 0",
+    )
+    .await;
+    let mut bad = Raw::connect_from(ip("127.0.0.52"), p.addr).await;
+    bad.send(b"EHLO bot.example.org\r\n").await;
+    assert_eq!(bad.reply().await.code, 220);
+    let r = bad.reply().await;
+    assert_eq!(r.code, 554, "{r:?}");
+    assert!(r.text.starts_with("5.5.1 Protocol error"), "{r:?}");
+    assert!(bad.closed(Duration::from_secs(2)).await);
+    // remember = 0: nothing is held against the address afterwards.
+    let mut again = greeted_from("127.0.0.52", p.addr).await;
+    assert_eq!(
+        send_message(&mut again, "client.example.org").await.code,
+        250
+    );
+}
