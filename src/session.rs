@@ -298,9 +298,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 if started {
                     self.refuse = Some(v);
                 } else {
-                    self.tarpit().await;
-                    let (code, enh) = v.at_connect();
-                    self.reply(code, enh, &v.text);
+                    self.connect_refusal(&v).await;
                     self.flush().await;
                     return false;
                 }
@@ -318,6 +316,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
+    /// A connect-phase verdict as the session's last reply (554 or 421),
+    /// after the tarpit pause; the caller closes.
+    async fn connect_refusal(&mut self, v: &Verdict) {
+        self.tarpit().await;
+        let (code, enh) = v.at_connect();
+        self.reply(code, enh, &v.text);
+    }
+
     /// An enforced policy verdict as the reply to the current command
     /// (after the tarpit pause); it counts as an error.
     async fn policy_reply(&mut self, v: &Verdict) {
@@ -332,15 +338,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if let Some(c) = self.st.dedicated.take() {
             c.quit().await;
         }
-    }
-
-    fn identity(&self) -> ClientIdentity {
-        ClientIdentity::new(
-            self.peer,
-            self.pol.rdns_name().map(str::to_string),
-            self.st.helo.clone(),
-            if self.st.esmtp { "ESMTP" } else { "SMTP" },
-        )
     }
 
     /// Forgets the transaction; its backend connection goes back to the
@@ -578,9 +575,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         if let Some(v) = self.refuse.take() {
             self.resolve().await;
-            self.tarpit().await;
-            let (code, enh) = v.at_connect();
-            self.reply(code, enh, &v.text);
+            self.connect_refusal(&v).await;
             return Step::Close;
         }
         match cmd {
@@ -713,13 +708,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 "Message size exceeds fixed maximum message size",
             );
         }
-        if self.st.ident.is_none() {
-            self.st.ident = Some(Box::new(self.identity()));
-        }
         let dedicated = self.st.dedicated.take();
-        let Some(id) = self.st.ident.as_ref() else {
-            return;
-        };
+        let (peer, pol, st) = (self.peer, &self.pol, &mut self.st);
+        let id = st.ident.get_or_insert_with(|| {
+            Box::new(ClientIdentity::new(
+                peer,
+                pol.rdns_name().map(str::to_string),
+                st.helo.clone(),
+                if st.esmtp { "ESMTP" } else { "SMTP" },
+            ))
+        });
         let mut txn = match Box::pin(self.shared.relay.begin(id, dedicated)).await {
             Ok(t) => t,
             Err(reply) => {
@@ -1014,10 +1012,7 @@ fn rfc5322_now(out: &mut Vec<u8>) {
     DATE.with(|d| {
         let mut d = d.borrow_mut();
         if d.0 != secs {
-            let s = httpdate::fmt_http_date(now);
-            d.1 = s
-                .strip_suffix(" GMT")
-                .map_or(s.clone(), |t| format!("{t} +0000"));
+            d.1 = httpdate::fmt_http_date(now).replace(" GMT", " +0000");
             d.0 = secs;
         }
         out.extend_from_slice(d.1.as_bytes());

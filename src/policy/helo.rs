@@ -74,14 +74,14 @@ pub fn is_ours(helo: &str, kind: &HeloName, hostname: &str, local: IpAddr) -> bo
             .strip_suffix('.')
             .unwrap_or(helo)
             .eq_ignore_ascii_case(hostname),
-        HeloName::Literal(ip) | HeloName::BareIp(ip) => canonical(*ip) == canonical(local),
+        HeloName::Literal(ip) | HeloName::BareIp(ip) => ip.to_canonical() == local.to_canonical(),
         HeloName::Invalid => false,
     }
 }
 
 /// Whether an address literal names the client itself.
 pub fn literal_matches(ip: IpAddr, client: IpAddr) -> bool {
-    canonical(ip) == canonical(client)
+    ip.to_canonical() == client.to_canonical()
 }
 
 /// Whether `helo` equals the forward-confirmed rDNS name, or lies in the
@@ -100,13 +100,6 @@ pub fn matches_rdns(helo: &str, rdns: &str) -> bool {
         return false;
     }
     helo == parent || helo.ends_with(&format!(".{parent}"))
-}
-
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
 }
 
 #[cfg(test)]

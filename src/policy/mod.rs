@@ -360,8 +360,9 @@ impl Generation {
     }
 
     /// Turns a failed check into a verdict per its action, counting and
-    /// logging it; None when the action is Off. `defer_code` is the 4xx
-    /// used for `defer` (and for `reject` of a temporary failure).
+    /// logging it; None when the action is Off. `code` is the check's
+    /// reply; `defer` turns a 5xx into 450 (421 for a 554), and a 4xx
+    /// stays a 4xx whatever the action.
     fn verdict(
         &self,
         ip: IpAddr,
@@ -539,12 +540,9 @@ fn defer_enh(enh: &'static str) -> &'static str {
     }
 }
 
+/// IPv4-mapped IPv6 clients match IPv4 networks.
 fn contains(net: &IpNet, ip: IpAddr) -> bool {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    };
-    net.contains(&ip)
+    net.contains(&ip.to_canonical())
 }
 
 /// A lookup started at accept and awaited where its answer is needed.
