@@ -5,7 +5,7 @@ mod common;
 use common::*;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_smtp-edge");
@@ -161,33 +161,14 @@ async fn runs_embedded_default_without_config_and_stops_on_sigterm() {
         }
     }
     let cwd = tempfile::tempdir().unwrap();
-    let log = std::fs::File::create(cwd.path().join("smtp-edge.log")).unwrap();
-    let child = Command::new(BIN)
-        .current_dir(cwd.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(log.try_clone().unwrap()))
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("spawn smtp-edge");
-    let mut proc = Running(child);
-    let log_text = || std::fs::read_to_string(cwd.path().join("smtp-edge.log")).unwrap_or_default();
-
-    // Wait until it listens (or died).
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(Some(st)) = proc.0.try_wait() {
-            panic!("smtp-edge exited early: {st}\n{}", log_text());
-        }
-        if tokio::net::TcpStream::connect(ADDR).await.is_ok() {
-            break;
-        }
-        assert!(
-            Instant::now() < end,
-            "smtp-edge is not listening on {ADDR}:\n{}",
-            log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let log_path = cwd.path().join("smtp-edge.log");
+    let mut proc = Running::listening(
+        Command::new(BIN).current_dir(cwd.path()),
+        &log_path,
+        ADDR.parse().unwrap(),
+    )
+    .await;
+    let log_text = || std::fs::read_to_string(&log_path).unwrap_or_default();
 
     let mut c = Raw::greeted(ADDR.parse().unwrap()).await;
     let r = c.cmd("EHLO cli.client.test").await;

@@ -7,7 +7,7 @@ mod common;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::{free_port, Proxy, Raw, Running, Seen};
@@ -201,27 +201,16 @@ async fn sighup_reloads_the_binary_and_keeps_it_on_errors() {
     );
     std::fs::write(&file, &base).unwrap();
     let log_path = dir.path().join("smtp-edge.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_smtp-edge"))
-        .arg("--config")
-        .arg(&file)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(log.try_clone().unwrap()))
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("spawn smtp-edge");
-    let mut proc = Running(child);
+    let mut proc = Running::listening(
+        Command::new(env!("CARGO_BIN_EXE_smtp-edge"))
+            .arg("--config")
+            .arg(&file)
+            .env("RUST_LOG", "info"),
+        &log_path,
+        addr,
+    )
+    .await;
     let log_text = || std::fs::read_to_string(&log_path).unwrap_or_default();
-
-    let end = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        if let Ok(Some(st)) = proc.0.try_wait() {
-            panic!("smtp-edge exited early: {st}\n{}", log_text());
-        }
-        assert!(Instant::now() < end, "not listening:\n{}", log_text());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     let mut a = greeted_from("127.0.0.20", addr).await;
     assert_eq!(a.cmd("EHLO client.example.org").await.code, 250);
 

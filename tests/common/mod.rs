@@ -751,6 +751,36 @@ impl Raw<TcpStream> {
 /// ends early.
 pub struct Running(pub std::process::Child);
 
+impl Running {
+    /// Spawns `cmd` (the real binary) with stdout and stderr into the file
+    /// `log`, and waits until it listens on `addr`; panics with the log when
+    /// it exits first or does not listen within 10 s.
+    pub async fn listening(cmd: &mut Command, log: &Path, addr: SocketAddr) -> Running {
+        let file = std::fs::File::create(log).unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(file.try_clone().unwrap()))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .expect("spawn smtp-edge");
+        let mut proc = Running(child);
+        let log_text = || std::fs::read_to_string(log).unwrap_or_default();
+        let end = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(addr).await.is_err() {
+            if let Ok(Some(st)) = proc.0.try_wait() {
+                panic!("smtp-edge exited early: {st}\n{}", log_text());
+            }
+            assert!(
+                Instant::now() < end,
+                "smtp-edge is not listening on {addr}:\n{}",
+                log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        proc
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         if let Ok(None) = self.0.try_wait() {
