@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use smtp_edge::relay::pool::{Pool, PoolSettings};
+use smtp_edge::relay::pool::{Pool, PoolSettings, Wait};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
@@ -52,10 +52,14 @@ fn pool(c: &mut Criterion) {
         max_transactions: u32::MAX,
         connect_timeout: Duration::from_secs(5),
         command_timeout: Duration::from_secs(5),
+        pool_wait: Duration::from_secs(5),
+        down_after: 3,
+        probe_interval: Duration::from_secs(2),
+        probe_interval_max: Duration::from_secs(60),
     });
     // Warm the pool with one ready connection.
     rt.block_on(async {
-        let (conn, _) = pool.checkout().await.unwrap();
+        let (conn, _) = pool.checkout(Wait::No).await.unwrap();
         pool.checkin(conn);
     });
     let mut g = c.benchmark_group("pool");
@@ -65,7 +69,7 @@ fn pool(c: &mut Criterion) {
             rt.block_on(async {
                 let start = Instant::now();
                 for _ in 0..iters {
-                    let (conn, reused) = pool.checkout().await.unwrap();
+                    let (conn, reused) = pool.checkout(Wait::No).await.unwrap();
                     debug_assert!(reused);
                     pool.checkin(conn);
                 }

@@ -90,6 +90,7 @@ pub struct Timeouts {
     pub data_block: f64,
     pub tls_handshake: f64,
     pub backend_connect: f64,
+    pub backend_pool_wait: f64,
     pub backend_command: f64,
     pub backend_data_end: f64,
     pub shutdown_grace: f64,
@@ -102,6 +103,7 @@ impl Default for Timeouts {
             data_block: 180.0,
             tls_handshake: 30.0,
             backend_connect: 10.0,
+            backend_pool_wait: 30.0,
             backend_command: 300.0,
             backend_data_end: 600.0,
             shutdown_grace: 30.0,
@@ -171,6 +173,16 @@ pub struct BackendConfig {
     pub max_idle: f64,
     #[serde(default = "default_max_transactions")]
     pub max_transactions: u32,
+    /// Failed connects or greetings in a row that mark the backend down
+    /// (0 = never).
+    #[serde(default = "default_down_after")]
+    pub down_after: u32,
+    /// Seconds before the first probe of a down backend; doubles per failed
+    /// probe up to `probe_interval_max`.
+    #[serde(default = "default_probe_interval")]
+    pub probe_interval: f64,
+    #[serde(default = "default_probe_interval_max")]
+    pub probe_interval_max: f64,
 }
 
 fn default_hostname() -> String {
@@ -184,6 +196,15 @@ fn default_max_idle() -> f64 {
 }
 fn default_max_transactions() -> u32 {
     1000
+}
+fn default_down_after() -> u32 {
+    3
+}
+fn default_probe_interval() -> f64 {
+    2.0
+}
+fn default_probe_interval_max() -> f64 {
+    60.0
 }
 
 /// One configuration error: where and what.
@@ -404,6 +425,7 @@ impl Config {
             ("data_block", t.data_block),
             ("tls_handshake", t.tls_handshake),
             ("backend_connect", t.backend_connect),
+            ("backend_pool_wait", t.backend_pool_wait),
             ("backend_command", t.backend_command),
             ("backend_data_end", t.backend_data_end),
             ("shutdown_grace", t.shutdown_grace),
@@ -453,6 +475,23 @@ impl Config {
                 err(
                     format!("backend[{i}].max_transactions"),
                     "must be > 0".into(),
+                );
+            }
+            for (k, v) in [
+                ("probe_interval", b.probe_interval),
+                ("probe_interval_max", b.probe_interval_max),
+            ] {
+                if !(v.is_finite() && v > 0.0 && v < 1e7) {
+                    err(
+                        format!("backend[{i}].{k}"),
+                        "must be a number of seconds > 0".into(),
+                    );
+                }
+            }
+            if b.probe_interval_max < b.probe_interval {
+                err(
+                    format!("backend[{i}].probe_interval_max"),
+                    "must be >= probe_interval".into(),
                 );
             }
         }
@@ -614,6 +653,32 @@ mod tests {
             "{errs:?}"
         );
         assert!(keys.contains(&("backend[1].bogus", 8)), "{errs:?}");
+    }
+
+    #[test]
+    fn pool_and_health_keys_checked_with_lines() {
+        let text = "[timeouts]\nbackend_pool_wait = 0\n[[listener]]\naddress = \"127.0.0.1:25\"\n[[backend]]\naddress = \"a:25\"\nprobe_interval = 5\nprobe_interval_max = 1\ndown_after = -1\n";
+        let errs = Config::parse(text).unwrap_err();
+        let keys: Vec<(&str, usize)> = errs.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert!(
+            keys.contains(&("timeouts.backend_pool_wait", 2)),
+            "{errs:?}"
+        );
+        assert!(keys.contains(&("backend[0].down_after", 9)), "{errs:?}");
+        assert!(
+            keys.contains(&("backend[0].probe_interval_max", 8)),
+            "{errs:?}"
+        );
+        let ok = Config::parse(
+            "[[listener]]\naddress = \"127.0.0.1:25\"\n[[backend]]\naddress = \"a:25\"\n",
+        )
+        .unwrap();
+        let b = &ok.backends[0];
+        assert_eq!(
+            (b.down_after, b.probe_interval, b.probe_interval_max),
+            (3, 2.0, 60.0)
+        );
+        assert_eq!(ok.timeouts.backend_pool_wait, 30.0);
     }
 
     #[test]

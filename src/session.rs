@@ -16,7 +16,8 @@ use tracing::{field, info, warn, Instrument, Span};
 
 use crate::config::{Config, TlsMode};
 use crate::policy::{ClientPolicy, Policy, Verdict};
-use crate::relay::client::{BackendConn, ClientIdentity};
+use crate::relay::client::ClientIdentity;
+use crate::relay::pool::PooledConn;
 use crate::relay::{Relay, Txn};
 use crate::smtp::reply::write_reply;
 use crate::smtp::{self, BareLineEndings, Command, DataOptions, DataScanner, Reply, Scan};
@@ -68,10 +69,12 @@ pub async fn handle(
                 if !s.greet().await {
                     return;
                 }
-                if let Outcome::StartTls = s.run().await {
+                // Boxed: the session future is held by every idle
+                // connection; the command loop's state lives on the heap.
+                if let Outcome::StartTls = Box::pin(s.run()).await {
                     let Session { io, st, pol, .. } = s;
                     if let Some(c) = st.dedicated {
-                        c.quit().await;
+                        Box::pin(c.quit()).await;
                     }
                     if let Some(acceptor) = shared.tls.clone() {
                         // Fresh state: the client must EHLO again (RFC 3207).
@@ -187,7 +190,7 @@ struct State {
     /// The first part of the Received header (all but the date), built
     /// once per HELO.
     received: Vec<u8>,
-    dedicated: Option<BackendConn>,
+    dedicated: Option<PooledConn>,
     messages: u64,
 }
 
@@ -215,6 +218,8 @@ struct Session<S> {
     fwd: Vec<u8>,
     st: State,
     shutdown: watch::Receiver<bool>,
+    /// The client hung up while the session waited for the backend.
+    client_gone: bool,
 }
 
 /// A session ending action decided while handling a command.
@@ -223,6 +228,36 @@ enum Step {
     Quit,
     Close,
     StartTls,
+}
+
+/// Most pipelined input kept while waiting for a backend connection.
+const WAIT_INPUT_LIMIT: usize = 16 * 1024;
+
+/// Awaits `fut` (a wait in line for a backend connection) while reading the
+/// client: what it pipelines is kept in `inbuf` (up to a limit), and its
+/// hanging up gives None, dropping `fut` and so its place in line.
+async fn while_client_stays<S: AsyncRead + Unpin, T>(
+    io: &mut S,
+    inbuf: &mut BytesMut,
+    fut: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        if inbuf.len() >= WAIT_INPUT_LIMIT {
+            return Some(fut.await);
+        }
+        if inbuf.capacity() - inbuf.len() < 512 {
+            inbuf.reserve(4096);
+        }
+        tokio::select! {
+            biased;
+            r = &mut fut => return Some(r),
+            n = io.read_buf(inbuf) => match n {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            },
+        }
+    }
 }
 
 const CMD_TIMEOUT_REPLY: (u16, &str, &str) = (421, "4.4.2", "Timeout exceeded, closing connection");
@@ -251,6 +286,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             fwd: Vec::new(),
             st: State::default(),
             shutdown,
+            client_gone: false,
         }
     }
 
@@ -336,7 +372,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn finish(&mut self) {
         self.end_txn();
         if let Some(c) = self.st.dedicated.take() {
-            c.quit().await;
+            Box::pin(c.quit()).await;
         }
     }
 
@@ -537,6 +573,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.bad(500, "5.5.6", "Line too long");
             } else {
                 let step = self.command(&line[..nl]).await;
+                if self.client_gone {
+                    return Step::Close;
+                }
                 if !matches!(step, Step::Continue) {
                     return step;
                 }
@@ -718,7 +757,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 if st.esmtp { "ESMTP" } else { "SMTP" },
             ))
         });
-        let mut txn = match Box::pin(self.shared.relay.begin(id, dedicated)).await {
+        // The wait for a backend connection may be long under a burst:
+        // keep reading the client meanwhile, so one who hangs up gives up
+        // its place in line at once.
+        // One box for both keeps the session future small.
+        let begin = self.shared.relay.begin(id, dedicated);
+        let Some(begun) = Box::pin(while_client_stays(&mut self.io, &mut self.inbuf, begin)).await
+        else {
+            self.client_gone = true;
+            return;
+        };
+        let mut txn = match begun {
             Ok(t) => t,
             Err(reply) => {
                 reply.write_to(&mut self.out);

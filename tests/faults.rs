@@ -1882,7 +1882,7 @@ async fn backend_connections_exhausted_gives_451() {
     let rec = Recorder::start(Script::default()).await;
     let addr = rec.addr.clone();
     let proxy = Proxy::start(&format!(
-        "hostname = \"edge.test\"\n[timeouts]\nbackend_connect = 1.0\n[[listener]]\naddress = \"127.0.0.1:0\"\n[[backend]]\naddress = \"{addr}\"\nmax_connections = 1\n"
+        "hostname = \"edge.test\"\n[timeouts]\nbackend_connect = 1.0\nbackend_pool_wait = 1.0\n[[listener]]\naddress = \"127.0.0.1:0\"\n[[backend]]\naddress = \"{addr}\"\nmax_connections = 1\n"
     ))
     .await;
     let mut a = Raw::greeted(proxy.addr).await;

@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use crate::config::{Config, IdentityMode};
 use crate::smtp::{Body, EnhancedCode, MailParams, Reply};
-use client::{identity_commands, BackendConn, BackendError, ClientIdentity};
+use client::{identity_commands, BackendError, ClientIdentity};
 use maildir::{Maildir, MaildirWriter};
-use pool::{Pool, PoolSettings};
+use pool::{Pool, PoolSettings, PooledConn, Wait};
 
 enum Backend {
     Smtp { pool: Pool, identity: IdentityMode },
@@ -70,6 +70,10 @@ impl Relay {
                         max_transactions: b.max_transactions,
                         connect_timeout: Duration::from_secs_f64(t.backend_connect),
                         command_timeout: Duration::from_secs_f64(t.backend_command),
+                        pool_wait: Duration::from_secs_f64(t.backend_pool_wait),
+                        down_after: b.down_after,
+                        probe_interval: Duration::from_secs_f64(b.probe_interval),
+                        probe_interval_max: Duration::from_secs_f64(b.probe_interval_max),
                     }),
                     identity: b.identity,
                 });
@@ -129,13 +133,27 @@ impl Relay {
         }
     }
 
-    /// Begins a transaction for `id`: picks a backend (round robin, skipping
-    /// unreachable ones) and a connection, and queues the identity. A
+    /// Up/down per backend (a Maildir is always up), for tests and metrics.
+    pub fn backends_up(&self) -> Vec<bool> {
+        self.backends
+            .iter()
+            .map(|b| match b {
+                Backend::Smtp { pool, .. } => pool.is_up(),
+                Backend::Maildir(_) => true,
+            })
+            .collect()
+    }
+
+    /// Begins a transaction for `id`: picks a backend and a connection, and
+    /// queues the identity. Backends marked down are skipped. Round robin
+    /// first asks each backend for a connection without waiting; when every
+    /// backend that is up is busy, the transaction waits in line at the
+    /// first busy one (first come first served, `backend_pool_wait`). A
     /// dedicated (XCLIENT) connection of the session is used when given.
     pub async fn begin(
         self: &Arc<Self>,
         id: &ClientIdentity,
-        dedicated: Option<BackendConn>,
+        dedicated: Option<PooledConn>,
     ) -> Result<Txn, Reply> {
         if let Some(conn) = dedicated {
             if conn.idle_ok() {
@@ -147,7 +165,7 @@ impl Relay {
         }
         let n = self.backends.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut exhausted = false;
+        let mut busy = None;
         for k in 0..n {
             let i = (start + k) % n;
             match &self.backends[i] {
@@ -168,46 +186,77 @@ impl Relay {
                         tracing::error!(maildir = %md.root().display(), "cannot create message file: {e}")
                     }
                 },
-                Backend::Smtp { pool, identity } => {
-                    let opened = match identity {
-                        IdentityMode::Xclient => {
-                            self.open_xclient(pool, id).await.map(|c| (c, false, true))
-                        }
-                        _ => pool.checkout().await.map(|(c, reused)| (c, reused, false)),
-                    };
-                    match opened {
-                        Ok((conn, reused, dedicated)) => {
-                            let mut txn = Txn::smtp(self.clone(), conn, reused, dedicated);
-                            if *identity == IdentityMode::Xforward {
-                                txn.queue_xforward(id);
-                            }
-                            return Ok(txn);
-                        }
-                        Err(e) => {
-                            exhausted |= matches!(e, BackendError::Exhausted);
-                            tracing::warn!(backend = %pool.settings.addr, "backend unavailable: {e}");
-                        }
+                Backend::Smtp { pool, .. } if !pool.is_up() => {}
+                Backend::Smtp { .. } => match self.begin_smtp(i, id, Wait::No).await {
+                    Ok(txn) => return Ok(txn),
+                    Err(BackendError::Exhausted) => {
+                        busy.get_or_insert(i);
                     }
-                }
+                    Err(_) => {}
+                },
             }
         }
-        Err(if exhausted {
-            Reply::new(
+        let Some(i) = busy else {
+            return Err(temp_failure("No backend available, try again later"));
+        };
+        match self.begin_smtp(i, id, Wait::Yes).await {
+            Ok(txn) => Ok(txn),
+            Err(BackendError::Exhausted) => Err(Reply::new(
                 451,
                 EnhancedCode(4, 4, 5),
                 "All backend connections busy, try again later",
-            )
-        } else {
-            temp_failure("No backend available, try again later")
-        })
+            )),
+            Err(_) => Err(temp_failure("No backend available, try again later")),
+        }
+    }
+
+    /// A transaction on SMTP backend `i`: a pooled connection with XFORWARD
+    /// queued, or a new dedicated one with XCLIENT said.
+    async fn begin_smtp(
+        self: &Arc<Self>,
+        i: usize,
+        id: &ClientIdentity,
+        wait: Wait,
+    ) -> Result<Txn, BackendError> {
+        let Backend::Smtp { pool, identity } = &self.backends[i] else {
+            return Err(BackendError::Closed);
+        };
+        let opened = match identity {
+            IdentityMode::Xclient => self
+                .open_xclient(pool, id, wait)
+                .await
+                .map(|c| (c, false, true)),
+            _ => pool
+                .checkout(wait)
+                .await
+                .map(|(c, reused)| (c, reused, false)),
+        };
+        match opened {
+            Ok((conn, reused, dedicated)) => {
+                let mut txn = Txn::smtp(self.clone(), conn, reused, dedicated);
+                if *identity == IdentityMode::Xforward {
+                    txn.queue_xforward(id);
+                }
+                Ok(txn)
+            }
+            Err(e) => {
+                if !matches!(e, BackendError::Exhausted) {
+                    tracing::warn!(backend = %pool.settings.addr, "backend unavailable: {e}");
+                }
+                Err(e)
+            }
+        }
     }
 
     async fn open_xclient(
         &self,
         pool: &Pool,
         id: &ClientIdentity,
-    ) -> Result<BackendConn, BackendError> {
-        let mut conn = pool.open().await?;
+        wait: Wait,
+    ) -> Result<PooledConn, BackendError> {
+        // XCLIENT connections never return to the idle list, so this is a
+        // new connection (or the slot of one).
+        let (mut conn, _) = pool.checkout(wait).await?;
         if conn.caps.xclient.is_empty() {
             tracing::warn!(backend = %pool.settings.addr, "backend does not offer XCLIENT; identity not passed");
             return Ok(conn);
@@ -240,7 +289,7 @@ enum Pend {
 
 enum Inner {
     Smtp {
-        conn: Option<BackendConn>,
+        conn: Option<PooledConn>,
         wbuf: Vec<u8>,
         /// Everything sent since checkout until the first reply, to replay
         /// on a fresh connection if a reused one turns out dead.
@@ -266,7 +315,7 @@ pub struct Txn {
 }
 
 impl Txn {
-    fn smtp(relay: Arc<Relay>, mut conn: BackendConn, reused: bool, dedicated: bool) -> Txn {
+    fn smtp(relay: Arc<Relay>, mut conn: PooledConn, reused: bool, dedicated: bool) -> Txn {
         let name = conn.peer.clone();
         let mut txn = Txn {
             relay,
@@ -483,21 +532,23 @@ impl Txn {
                     };
                     tracing::debug!(backend = %c.peer, "reused connection dead ({e}), reconnecting");
                     *reused = false;
-                    let pool = relay.pool(c.backend);
-                    *conn = None;
-                    let Some(pool) = pool else { return false };
-                    match pool.open().await {
-                        Ok(mut fresh) => {
-                            fresh.txns += 1;
-                            if fresh.send(&sent).await.is_err() {
-                                return false;
-                            }
-                            *conn = Some(fresh);
+                    let replaced = match relay.pool(c.backend) {
+                        Some(pool) => pool.reconnect(c).await,
+                        None => Err(BackendError::Closed),
+                    };
+                    let resent = match replaced {
+                        Ok(()) => {
+                            c.txns += 1;
+                            c.send(&sent).await
                         }
                         Err(e) => {
                             tracing::warn!("backend reconnect failed: {e}");
-                            return false;
+                            Err(e)
                         }
+                    };
+                    if resent.is_err() {
+                        *conn = None;
+                        return false;
                     }
                 }
             }
@@ -646,7 +697,7 @@ impl Txn {
     /// Ends the transaction normally. A dedicated (XCLIENT) connection is
     /// handed back to the session; a pooled one returns to its pool, marked
     /// for RSET unless the transaction completed.
-    pub fn end(mut self) -> Option<BackendConn> {
+    pub fn end(mut self) -> Option<PooledConn> {
         if let Inner::Smtp {
             conn,
             completed,
@@ -658,10 +709,17 @@ impl Txn {
             if !*completed {
                 c.needs_rset = true;
             }
+            let pool = self.relay.pool(c.backend);
             if *dedicated {
+                // Others waiting for this backend's slots: give this one up
+                // (the session says XCLIENT again on its next MAIL).
+                if pool.is_some_and(|p| p.waiting() > 0) {
+                    tokio::spawn(c.quit());
+                    return None;
+                }
                 return Some(c);
             }
-            if let Some(pool) = self.relay.pool(c.backend) {
+            if let Some(pool) = pool {
                 pool.checkin(c);
             }
         }

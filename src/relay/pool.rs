@@ -1,10 +1,22 @@
-//! Per-backend pool of ready (greeted, EHLO'd) connections: bounded size,
-//! idle expiry, transaction cap per connection, liveness check at checkout.
-//! It does not speak transactions; `relay::Txn` does.
+//! Per-backend pool of ready (greeted, EHLO'd) connections on `deadpool`:
+//! first-come-first-served waiting for the next returned connection or freed
+//! slot, liveness check at checkout, idle expiry, transaction cap, and the
+//! backend's health (marked down after failed connects, probed back). It
+//! does not speak transactions; `relay::Txn` does.
+//!
+//! Two counts bound a backend: deadpool's slots (connections checked out or
+//! idle) and a TCP semaphore whose permit each `BackendConn` holds until its
+//! socket is closed, so a connection still saying QUIT after it left the
+//! pool keeps counting and the backend never sees more than
+//! `max_connections` at once.
 
-use std::sync::{Arc, Mutex};
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use deadpool::managed::{self, Metrics, Object, PoolError, RecycleResult, Timeouts, WeakPool};
+use deadpool::Runtime;
 use tokio::sync::Semaphore;
 
 use super::client::{BackendConn, BackendError};
@@ -20,84 +32,283 @@ pub struct PoolSettings {
     pub max_transactions: u32,
     pub connect_timeout: Duration,
     pub command_timeout: Duration,
+    /// Longest wait in line for a connection when all are busy.
+    pub pool_wait: Duration,
+    /// Failed connects (or greetings) in a row that mark the backend down;
+    /// 0 = never.
+    pub down_after: u32,
+    /// First wait before probing a down backend; doubles up to the max.
+    pub probe_interval: Duration,
+    pub probe_interval_max: Duration,
 }
 
-/// Connections to one backend.
+/// Whether a checkout may wait in line for a busy pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Only an idle connection or a free slot now.
+    No,
+    /// Up to `pool_wait`, first come first served.
+    Yes,
+}
+
+/// Up/down state of one backend, fed by every connect attempt.
 #[derive(Debug)]
-pub struct Pool {
-    pub settings: PoolSettings,
-    idle: Mutex<Vec<BackendConn>>,
-    permits: Arc<Semaphore>,
+struct Health {
+    failures: AtomicU32,
+    down: AtomicBool,
 }
 
-impl Pool {
-    pub fn new(settings: PoolSettings) -> Pool {
-        Pool {
-            permits: Arc::new(Semaphore::new(settings.max_connections)),
-            idle: Mutex::new(Vec::new()),
-            settings,
-        }
-    }
+/// Creates and checks connections for deadpool.
+#[derive(Debug)]
+pub struct Manager {
+    settings: PoolSettings,
+    tcp: Arc<Semaphore>,
+    health: Health,
+    /// The pool itself, for the prober a failure may start.
+    pool: OnceLock<WeakPool<Manager>>,
+}
 
-    /// A ready connection: the most recently used idle one that is still
-    /// alive, or a new one. Returns whether it was reused (a reused one may
-    /// still turn out dead on first use; the caller then asks `open`).
-    pub async fn checkout(&self) -> Result<(BackendConn, bool), BackendError> {
-        loop {
-            let candidate = self.idle.lock().expect("pool lock").pop();
-            let Some(conn) = candidate else { break };
-            if conn.idle_since.elapsed() <= self.settings.max_idle && conn.idle_ok() {
-                return Ok((conn, true));
-            }
-            tracing::debug!(backend = %self.settings.addr, "dropping stale idle connection");
-        }
-        self.open().await.map(|c| (c, false))
-    }
-
-    /// A new connection, waiting at most the connect timeout for a free slot.
-    pub async fn open(&self) -> Result<BackendConn, BackendError> {
+impl Manager {
+    /// Connects, greets and EHLOs, and records the outcome in the health.
+    async fn connect(&self) -> Result<BackendConn, BackendError> {
         let s = &self.settings;
-        let permit =
-            match tokio::time::timeout(s.connect_timeout, self.permits.clone().acquire_owned())
-                .await
-            {
-                Ok(Ok(p)) => p,
-                _ => return Err(BackendError::Exhausted),
-            };
-        let mut conn = BackendConn::open(
+        let r = BackendConn::open(
             &s.addr,
             s.backend,
             &s.helo_name,
             s.connect_timeout,
             s.command_timeout,
         )
-        .await?;
+        .await;
+        match &r {
+            Ok(_) => self.record_success(),
+            Err(e) => self.record_failure(e),
+        }
+        r
+    }
+
+    fn record_success(&self) {
+        self.health.failures.store(0, Ordering::Relaxed);
+        if self.health.down.swap(false, Ordering::AcqRel) {
+            tracing::info!(backend = %self.settings.addr, "backend is up again; back in rotation");
+        }
+    }
+
+    fn record_failure(&self, e: &BackendError) {
+        let s = &self.settings;
+        let n = self.health.failures.fetch_add(1, Ordering::AcqRel) + 1;
+        if s.down_after == 0 || n < s.down_after || self.health.down.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tracing::warn!(
+            backend = %s.addr,
+            "backend marked down after {n} failed connects in a row (last: {e}); skipped until a probe succeeds"
+        );
+        if let Some(pool) = self.pool.get().and_then(WeakPool::upgrade) {
+            tokio::spawn(probe(pool.weak(), s.probe_interval, s.probe_interval_max));
+        }
+    }
+}
+
+impl managed::Manager for Manager {
+    type Type = BackendConn;
+    type Error = BackendError;
+
+    async fn create(&self) -> Result<BackendConn, BackendError> {
+        // A socket of a connection that left the pool may still be closing:
+        // wait for it (bounded) rather than exceed max_connections.
+        let permit = tokio::time::timeout(
+            self.settings.connect_timeout,
+            self.tcp.clone().acquire_owned(),
+        )
+        .await
+        .map_err(|_| BackendError::Exhausted)?
+        .map_err(|_| BackendError::Closed)?;
+        let mut conn = self.connect().await?;
         conn._permit = Some(permit);
         Ok(conn)
     }
 
-    /// Gives a connection back after a transaction. Connections past their
-    /// transaction cap are closed with QUIT.
-    pub fn checkin(&self, mut conn: BackendConn) {
+    async fn recycle(&self, conn: &mut BackendConn, _: &Metrics) -> RecycleResult<BackendError> {
+        if conn.idle_since.elapsed() > self.settings.max_idle || !conn.idle_ok() {
+            tracing::debug!(backend = %self.settings.addr, "dropping stale idle connection");
+            return Err(managed::RecycleError::message("stale"));
+        }
+        Ok(())
+    }
+}
+
+/// Probes a down backend in the background, waiting longer after each
+/// failure, until a connect succeeds (the new connection joins the pool).
+async fn probe(weak: WeakPool<Manager>, first: Duration, max: Duration) {
+    let mut wait = first;
+    loop {
+        tokio::time::sleep(wait).await;
+        let Some(pool) = weak.upgrade() else { return };
+        let t = Timeouts {
+            wait: Some(Duration::ZERO),
+            create: None,
+            recycle: None,
+        };
+        match pool.timeout_get(&t).await {
+            // An idle connection that passed the liveness check proves the
+            // backend as well as a new one.
+            Ok(_) => pool.manager().record_success(),
+            // Every slot busy: nothing to probe with; try again.
+            Err(PoolError::Timeout(_)) => {}
+            Err(e) => {
+                wait = (wait * 2).min(max);
+                tracing::debug!(backend = %pool.manager().settings.addr, "probe failed: {e:?}; next in {wait:?}");
+            }
+        }
+        if !pool.manager().health.down.load(Ordering::Acquire) {
+            return;
+        }
+    }
+}
+
+/// A connection checked out of a pool. Dropping it discards the connection
+/// (its slot goes to the next waiter); only `Pool::checkin` returns it.
+pub struct PooledConn(Option<Object<Manager>>);
+
+impl Deref for PooledConn {
+    type Target = BackendConn;
+    fn deref(&self) -> &BackendConn {
+        self.0.as_ref().expect("pooled connection")
+    }
+}
+
+impl DerefMut for PooledConn {
+    fn deref_mut(&mut self) -> &mut BackendConn {
+        self.0.as_mut().expect("pooled connection")
+    }
+}
+
+impl Drop for PooledConn {
+    fn drop(&mut self) {
+        if let Some(obj) = self.0.take() {
+            drop(Object::take(obj));
+        }
+    }
+}
+
+impl std::fmt::Debug for PooledConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.as_deref().fmt(f)
+    }
+}
+
+impl PooledConn {
+    /// Leaves the pool (freeing its slot) and says QUIT; the socket keeps
+    /// its TCP permit until closed.
+    pub fn quit(mut self) -> impl std::future::Future<Output = ()> + Send {
+        let obj = self.0.take().expect("pooled connection");
+        Object::take(obj).quit()
+    }
+
+    /// Whether this connection came from the idle list (rather than being
+    /// opened for this checkout).
+    fn reused(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|o| Object::metrics(o).recycle_count > 0)
+    }
+}
+
+/// Connections to one backend.
+#[derive(Debug)]
+pub struct Pool {
+    pub settings: PoolSettings,
+    inner: managed::Pool<Manager>,
+}
+
+impl Pool {
+    pub fn new(settings: PoolSettings) -> Pool {
+        let manager = Manager {
+            tcp: Arc::new(Semaphore::new(settings.max_connections)),
+            health: Health {
+                failures: AtomicU32::new(0),
+                down: AtomicBool::new(false),
+            },
+            settings: settings.clone(),
+            pool: OnceLock::new(),
+        };
+        let inner = managed::Pool::builder(manager)
+            .max_size(settings.max_connections)
+            .queue_mode(managed::QueueMode::Lifo)
+            .runtime(Runtime::Tokio1)
+            .build()
+            .expect("pool with a runtime and no hooks");
+        let _ = inner.manager().pool.set(inner.weak());
+        Pool { settings, inner }
+    }
+
+    /// A ready connection: the most recently used idle one that is still
+    /// alive, a new one in a free slot, or, with `Wait::Yes`, the next one
+    /// any session returns (first come first served, at most `pool_wait`).
+    /// Returns whether it was reused (a reused one may still turn out dead
+    /// on first use; the caller then asks `reconnect`).
+    pub async fn checkout(&self, wait: Wait) -> Result<(PooledConn, bool), BackendError> {
+        let t = Timeouts {
+            wait: Some(match wait {
+                Wait::No => Duration::ZERO,
+                Wait::Yes => self.settings.pool_wait,
+            }),
+            create: None,
+            recycle: None,
+        };
+        match self.inner.timeout_get(&t).await {
+            Ok(obj) => {
+                let conn = PooledConn(Some(obj));
+                let reused = conn.reused();
+                Ok((conn, reused))
+            }
+            Err(PoolError::Backend(e)) => Err(e),
+            Err(PoolError::Timeout(_)) => Err(BackendError::Exhausted),
+            Err(_) => Err(BackendError::Closed),
+        }
+    }
+
+    /// Replaces a reused connection that proved dead with a new one in the
+    /// same slot (no new wait in line).
+    pub async fn reconnect(&self, conn: &mut PooledConn) -> Result<(), BackendError> {
+        let permit = conn._permit.take();
+        let mut fresh = self.inner.manager().connect().await?;
+        fresh._permit = permit;
+        *conn.deref_mut() = fresh;
+        Ok(())
+    }
+
+    /// Gives a connection back after a transaction: to the next waiter or
+    /// the idle list. Connections past their transaction cap are closed
+    /// with QUIT (in the background; the backend still counts them).
+    pub fn checkin(&self, mut conn: PooledConn) {
         if conn.txns >= self.settings.max_transactions || self.settings.max_idle.is_zero() {
             tokio::spawn(conn.quit());
             return;
         }
         conn.idle_since = Instant::now();
-        self.idle.lock().expect("pool lock").push(conn);
+        // Dropping the deadpool object (not the PooledConn) returns it.
+        drop(conn.0.take());
+    }
+
+    /// False while the backend is marked down (being probed).
+    pub fn is_up(&self) -> bool {
+        !self.inner.manager().health.down.load(Ordering::Acquire)
+    }
+
+    /// Sessions waiting in line for a connection now.
+    pub fn waiting(&self) -> usize {
+        self.inner.status().waiting
     }
 
     /// Closes idle connections that expired (QUIT, in the background).
     pub fn reap(&self) {
         let max_idle = self.settings.max_idle;
-        let expired: Vec<BackendConn> = {
-            let mut idle = self.idle.lock().expect("pool lock");
-            let (old, keep): (Vec<_>, Vec<_>) = idle
-                .drain(..)
-                .partition(|c| c.idle_since.elapsed() > max_idle);
-            *idle = keep;
-            old
-        };
+        let expired = self
+            .inner
+            .retain(|c, _| c.idle_since.elapsed() <= max_idle)
+            .removed;
         for c in expired {
             tokio::spawn(c.quit());
         }
@@ -105,7 +316,7 @@ impl Pool {
 
     /// QUITs every idle connection (shutdown).
     pub async fn close_idle(&self) {
-        let all: Vec<BackendConn> = self.idle.lock().expect("pool lock").drain(..).collect();
+        let all = self.inner.retain(|_, _| false).removed;
         let quits: Vec<_> = all.into_iter().map(|c| tokio::spawn(c.quit())).collect();
         for q in quits {
             let _ = q.await;
@@ -114,6 +325,6 @@ impl Pool {
 
     /// Idle connections now held.
     pub fn idle_count(&self) -> usize {
-        self.idle.lock().expect("pool lock").len()
+        self.inner.status().available
     }
 }

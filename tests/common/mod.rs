@@ -808,3 +808,88 @@ pub async fn transaction<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Raw<S>, body
     c.send(b".\r\n").await;
     c.reply().await
 }
+
+/// A TCP forwarder in front of a backend that counts the connections open
+/// through it at once: what "the backend never sees more than N" means. A
+/// connection counts from 10 ms after it was accepted (so a connection the
+/// proxy closed just before opening the next one has been seen closed)
+/// until the proxy's side ends.
+pub struct Tap {
+    pub addr: String,
+    open: Arc<std::sync::atomic::AtomicUsize>,
+    max: Arc<std::sync::atomic::AtomicUsize>,
+    total: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Tap {
+    pub async fn start(upstream: &str) -> Tap {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let open = Arc::new(AtomicUsize::new(0));
+        let max = Arc::new(AtomicUsize::new(0));
+        let total = Arc::new(AtomicUsize::new(0));
+        let (o, m, t, up) = (
+            open.clone(),
+            max.clone(),
+            total.clone(),
+            upstream.to_string(),
+        );
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = l.accept().await {
+                let (o, m, t, up) = (o.clone(), m.clone(), t.clone(), up.clone());
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(&up).await else {
+                        return;
+                    };
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    t.fetch_add(1, Ordering::SeqCst);
+                    let now = o.fetch_add(1, Ordering::SeqCst) + 1;
+                    m.fetch_max(now, Ordering::SeqCst);
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let back = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                        let _ = cw.shutdown().await;
+                    });
+                    // The proxy's side ending is the proxy closing it.
+                    let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                    o.fetch_sub(1, Ordering::SeqCst);
+                    let _ = sw.shutdown().await;
+                    let _ = back.await;
+                });
+            }
+        });
+        Tap {
+            addr,
+            open,
+            max,
+            total,
+            task,
+        }
+    }
+
+    /// The most connections open at once so far.
+    pub fn max_open(&self) -> usize {
+        self.max.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Connections made through the tap so far.
+    pub fn total(&self) -> usize {
+        self.total.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
