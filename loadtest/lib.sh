@@ -7,7 +7,9 @@ set -euo pipefail
 LT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$LT_DIR/.." && pwd)
 LOAD="$ROOT/target/release/smtp-load"
-EDGE="$ROOT/target/release/smtp-edge"
+# EDGE_BIN=/path/to/smtp-edge: test that binary (say, one built from another
+# commit) instead of building and running target/release/smtp-edge.
+EDGE=${EDGE_BIN:-$ROOT/target/release/smtp-edge}
 WORK=$(mktemp -d /tmp/smtp-edge-load.XXXXXX)
 PIDS=()
 
@@ -37,7 +39,11 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 build() {
-  (cd "$ROOT" && cargo build --release -q -p smtp-edge -p smtp-load)
+  if [ -n "${EDGE_BIN:-}" ]; then
+    (cd "$ROOT" && cargo build --release -q -p smtp-load)
+  else
+    (cd "$ROOT" && cargo build --release -q -p smtp-edge -p smtp-load)
+  fi
 }
 
 free_port() {
@@ -55,18 +61,23 @@ wait_port() {
   return 1
 }
 
-# start_sink PORT: the smtp-load sink backend; sets SINK_PID.
+# start_sink PORT [SINK_ARGS...]: the smtp-load sink backend, with its output
+# (e.g. the --json report it prints when stopped) in $WORK/sink.PORT.log;
+# sets SINK_PID.
 start_sink() {
-  "${LOAD_ON[@]}" "$LOAD" sink -l "127.0.0.1:$1" -q >"$WORK/sink.$1.log" 2>&1 &
+  local port=$1
+  shift
+  "${LOAD_ON[@]}" "$LOAD" sink -l "127.0.0.1:$port" -q "$@" >"$WORK/sink.$port.log" 2>&1 &
   SINK_PID=$!
   PIDS+=("$SINK_PID")
-  wait_port "$1"
+  wait_port "$port"
 }
 
-# start_edge PORT BACKEND_PORT [LISTENER_TLS] [EXTRA_TOML]: smtp-edge in front
-# of the backend; sets EDGE_PID.
+# start_edge PORT BACKEND_PORT [LISTENER_TLS] [EXTRA_TOML] [BACKEND_MAX=1000]:
+# smtp-edge in front of the backend, with the backend's max_connections
+# BACKEND_MAX; sets EDGE_PID.
 start_edge() {
-  local port=$1 backend=$2 tls=${3:-none} extra=${4:-}
+  local port=$1 backend=$2 tls=${3:-none} extra=${4:-} backend_max=${5:-1000}
   cat >"$WORK/edge.$port.toml" <<TOML
 hostname = "edge.loadtest"
 $extra
@@ -75,7 +86,7 @@ address = "127.0.0.1:$port"
 tls = "$tls"
 [[backend]]
 address = "127.0.0.1:$backend"
-max_connections = 1000
+max_connections = $backend_max
 TOML
   ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
   TOKIO_WORKER_THREADS=${EDGE_THREADS:-$(nproc)} RUST_LOG=warn "${EDGE_ON[@]}" "$EDGE" --config "$WORK/edge.$port.toml" >"$WORK/edge.$port.log" 2>&1 &

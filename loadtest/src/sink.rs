@@ -1,7 +1,8 @@
 //! The fast sink backend (`smtp-load sink`): accepts SMTP, answers every
 //! pipelined command of a read in one write, skims DATA for `\r\n.\r\n` with
 //! memchr's memmem without storing it, and counts messages, bytes and
-//! connections. Optional STARTTLS with a self-signed or given certificate.
+//! connections (also the most open at once). Optional STARTTLS with a
+//! self-signed or given certificate.
 
 use std::io;
 use std::net::SocketAddr;
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use memchr::memmem::Finder;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
@@ -23,6 +24,11 @@ static END_FINDER: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(END)
 
 /// Longest command line accepted (longer ones get a 500 and are skipped).
 const MAX_LINE: usize = 4096;
+
+/// Listen backlog (the kernel caps it at net.core.somaxconn). Not std's and
+/// tokio's 128: a proxy opening hundreds of backend connections at once must
+/// not have its SYNs dropped by the sink.
+const BACKLOG: u32 = 4096;
 
 /// Sink settings (the `sink` subcommand's flags).
 #[derive(Debug, Clone)]
@@ -60,7 +66,10 @@ impl SinkConfig {
 #[derive(Debug, Default)]
 pub struct SinkStats {
     pub connections: AtomicU64,
+    /// Connections open now.
     pub active: AtomicU64,
+    /// The most connections open at once.
+    pub peak_active: AtomicU64,
     pub messages: AtomicU64,
     pub rcpts: AtomicU64,
     pub bytes: AtomicU64,
@@ -87,6 +96,9 @@ pub struct SinkReport {
     pub tool: String,
     pub listen: String,
     pub connections: u64,
+    /// The most connections open at once.
+    #[serde(default)]
+    pub peak_connections: u64,
     pub messages: u64,
     pub rcpts: u64,
     /// DATA bytes received, without the final `.` line.
@@ -102,12 +114,13 @@ pub struct SinkReport {
 impl SinkReport {
     pub fn to_table(&self) -> String {
         format!(
-            "smtp-load sink {}: {} messages ({} rcpts, {} bytes) over {} connections in {:.3} s: {:.1} msg/s, {:.2} MB/s; {} TLS handshakes, {} errors\n",
+            "smtp-load sink {}: {} messages ({} rcpts, {} bytes) over {} connections (at most {} at once) in {:.3} s: {:.1} msg/s, {:.2} MB/s; {} TLS handshakes, {} errors\n",
             self.listen,
             self.messages,
             self.rcpts,
             self.bytes,
             self.connections,
+            self.peak_connections,
             self.elapsed_s,
             self.msgs_per_sec,
             self.bytes_per_sec / 1e6,
@@ -139,7 +152,14 @@ pub struct SinkServer {
 impl SinkServer {
     /// Binds and starts accepting (inside a tokio runtime).
     pub async fn start(cfg: SinkConfig) -> io::Result<SinkServer> {
-        let listener = TcpListener::bind(cfg.listen).await?;
+        let sock = if cfg.listen.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        sock.set_reuseaddr(true)?;
+        sock.bind(cfg.listen)?;
+        let listener = sock.listen(BACKLOG)?;
         let addr = listener.local_addr()?;
         let stats = Arc::new(SinkStats::default());
         stats.ns();
@@ -220,6 +240,7 @@ impl SinkServer {
             tool: "smtp-load-sink".into(),
             listen: self.addr.to_string(),
             connections: get(&s.connections),
+            peak_connections: get(&s.peak_active),
             messages,
             rcpts: get(&s.rcpts),
             bytes,
@@ -250,7 +271,8 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
                 let _ = sock.set_nodelay(true);
                 let s = &ctx.stats;
                 s.connections.fetch_add(1, Ordering::Relaxed);
-                s.active.fetch_add(1, Ordering::Relaxed);
+                let open = s.active.fetch_add(1, Ordering::Relaxed) + 1;
+                s.peak_active.fetch_max(open, Ordering::Relaxed);
                 let _ = s.first_conn_ns.compare_exchange(
                     0,
                     s.ns(),
