@@ -43,20 +43,23 @@ fn pool(c: &mut Criterion) {
         .build()
         .unwrap();
     let addr = rt.block_on(backend());
-    let pool = Pool::new(PoolSettings {
-        addr,
-        backend: 0,
-        helo_name: "bench.test".into(),
-        max_connections: 8,
-        max_idle: Duration::from_secs(600),
-        max_transactions: u32::MAX,
-        connect_timeout: Duration::from_secs(5),
-        command_timeout: Duration::from_secs(5),
-        pool_wait: Duration::from_secs(5),
-        down_after: 3,
-        probe_interval: Duration::from_secs(2),
-        probe_interval_max: Duration::from_secs(60),
-    });
+    let pool = Pool::new(
+        PoolSettings {
+            addr,
+            backend: 0,
+            helo_name: "bench.test".into(),
+            max_connections: 8,
+            max_idle: Duration::from_secs(600),
+            max_transactions: u32::MAX,
+            connect_timeout: Duration::from_secs(5),
+            command_timeout: Duration::from_secs(5),
+            pool_wait: Duration::from_secs(5),
+            down_after: 3,
+            probe_interval: Duration::from_secs(2),
+            probe_interval_max: Duration::from_secs(60),
+        },
+        smtp_edge::metrics::Metrics::new().backend("bench"),
+    );
     // Warm the pool with one ready connection.
     rt.block_on(async {
         let (conn, _) = pool.checkout(Wait::No).await.unwrap();

@@ -32,6 +32,16 @@ pub struct Config {
     /// Admission policy: lists, limits, HELO / rDNS / DNSBL checks.
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// The admin HTTP listener (metrics, health); absent: off.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+}
+
+/// `[admin]`: where `/metrics`, `/livez` and `/readyz` are served.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub address: SocketAddr,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -51,6 +61,13 @@ pub struct ListenerConfig {
     pub tls: TlsMode,
     #[serde(default)]
     pub require_tls: bool,
+    /// Listen queue length (the kernel caps it at net.core.somaxconn).
+    #[serde(default = "default_backlog")]
+    pub backlog: u32,
+}
+
+fn default_backlog() -> u32 {
+    1024
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -94,6 +111,9 @@ pub struct Timeouts {
     pub backend_command: f64,
     pub backend_data_end: f64,
     pub shutdown_grace: f64,
+    /// On SIGTERM: seconds `/readyz` answers 503 while the listeners still
+    /// accept, before they close (0: close at once).
+    pub drain_delay: f64,
 }
 
 impl Default for Timeouts {
@@ -107,6 +127,7 @@ impl Default for Timeouts {
             backend_command: 300.0,
             backend_data_end: 600.0,
             shutdown_grace: 30.0,
+            drain_delay: 0.0,
         }
     }
 }
@@ -435,6 +456,17 @@ impl Config {
                     format!("timeouts.{k}"),
                     "must be a number of seconds > 0".into(),
                 );
+            }
+        }
+        if !(t.drain_delay.is_finite() && t.drain_delay >= 0.0 && t.drain_delay < 1e7) {
+            err(
+                "timeouts.drain_delay".into(),
+                "must be a number of seconds >= 0".into(),
+            );
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            if l.backlog == 0 {
+                err(format!("listener[{i}].backlog"), "must be > 0".into());
             }
         }
         if self.backends.is_empty() {

@@ -2,7 +2,9 @@
 //! STARTTLS), and relays each transaction to backend MTAs over pooled
 //! connections, never answering 250 before the backend did.
 
+pub mod admin;
 pub mod config;
+pub mod metrics;
 pub mod policy;
 pub mod relay;
 pub mod server;

@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::config::{Config, TlsMode};
+use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::relay::Relay;
 use crate::session::{self, Listener, Shared};
@@ -41,6 +43,20 @@ fn refuse(stream: tokio::net::TcpStream, v: &crate::policy::Verdict) {
     let mut line = Vec::with_capacity(96);
     crate::smtp::reply::write_reply(&mut line, code, enh, &v.text);
     let _ = stream.try_write(&line);
+}
+
+/// A listening socket with a listen queue of `backlog` (std's and tokio's
+/// 128 drops the SYNs, or with SYN cookies the handshake's last ACK, of a
+/// burst of clients connecting at once).
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(backlog)
 }
 
 /// Policy counters for the log at shutdown (until metrics are exported).
@@ -121,14 +137,17 @@ pub fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
     check("timeouts", running.timeouts == new.timeouts);
     check("smtp", running.smtp == new.smtp);
     check("backend", running.backends == new.backends);
+    check("admin", running.admin == new.admin);
     out
 }
 
 /// Bound listeners plus everything sessions share; `serve` runs them.
 pub struct Server {
     listeners: Vec<(TcpListener, Listener)>,
+    admin: Option<TcpListener>,
     shared: Arc<Shared>,
     shutdown_tx: watch::Sender<bool>,
+    draining: Arc<AtomicBool>,
 }
 
 impl Server {
@@ -148,12 +167,10 @@ impl Server {
         };
         let mut listeners = Vec::new();
         for l in &cfg.listeners {
-            let sock = TcpListener::bind(l.address)
-                .await
-                .map_err(|err| ServerError::Bind {
-                    addr: l.address,
-                    err,
-                })?;
+            let sock = listen(l.address, l.backlog).map_err(|err| ServerError::Bind {
+                addr: l.address,
+                err,
+            })?;
             listeners.push((
                 sock,
                 Listener {
@@ -162,19 +179,37 @@ impl Server {
                 },
             ));
         }
-        let relay = Relay::new(&cfg).map_err(ServerError::Backend)?;
+        let admin = match &cfg.admin {
+            Some(a) => {
+                Some(
+                    TcpListener::bind(a.address)
+                        .await
+                        .map_err(|err| ServerError::Bind {
+                            addr: a.address,
+                            err,
+                        })?,
+                )
+            }
+            None => None,
+        };
+        let metrics = Arc::new(Metrics::new());
+        let relay = Relay::new(&cfg, &metrics).map_err(ServerError::Backend)?;
         let policy = Policy::new(&cfg.policy, &cfg.hostname).map_err(ServerError::Policy)?;
+        metrics.attach(policy.clone(), relay.clone());
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         Ok(Server {
             listeners,
+            admin,
             shared: Arc::new(Shared {
                 cfg: Arc::new(cfg),
                 relay,
                 tls,
                 policy,
+                metrics,
                 shutdown: shutdown_rx,
             }),
             shutdown_tx,
+            draining: Arc::default(),
         })
     }
 
@@ -204,15 +239,39 @@ impl Server {
         self.shared.relay.clone()
     }
 
+    /// The metrics (what `/metrics` serves).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
+    }
+
+    /// The admin listener's address, when `[admin]` is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// Accepts until `stop` completes, then shuts down gracefully.
     pub async fn serve(self, stop: impl Future<Output = ()>) {
         let Server {
             listeners,
+            admin,
             shared,
             shutdown_tx,
+            draining,
         } = self;
         shared.relay.spawn_reaper();
         shared.policy.start();
+        let (admin_stop, admin_stop_rx) = watch::channel(false);
+        if let Some(l) = admin {
+            if let Ok(a) = l.local_addr() {
+                info!(address = %a, "admin listening (/metrics, /livez, /readyz)");
+            }
+            let state = crate::admin::AdminState {
+                metrics: shared.metrics.clone(),
+                relay: shared.relay.clone(),
+                draining: draining.clone(),
+            };
+            tokio::spawn(crate::admin::serve(l, state, admin_stop_rx));
+        }
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
         let mut accepts = Vec::new();
         for (sock, listener) in listeners {
@@ -231,11 +290,20 @@ impl Server {
                                     let shared = shared.clone();
                                     let done = done.clone();
                                     tokio::spawn(async move {
+                                        let m = shared.metrics.clone();
+                                        m.connections_accepted.inc();
+                                        m.sessions_active.inc();
+                                        let t0 = std::time::Instant::now();
                                         session::handle(stream, peer, shared, listener, pol).await;
+                                        m.session_duration.observe(t0.elapsed().as_secs_f64());
+                                        m.sessions_active.dec();
                                         drop(done);
                                     });
                                 }
-                                Err(v) => refuse(stream, &v),
+                                Err(v) => {
+                                    shared.metrics.refused(v.check.name());
+                                    refuse(stream, &v)
+                                }
                             },
                             Err(e) => {
                                 // EMFILE and friends: back off instead of spinning.
@@ -250,6 +318,16 @@ impl Server {
         }
         drop(done_tx);
         stop.await;
+        draining.store(true, Ordering::Release);
+        shared.metrics.draining.set(1);
+        let delay = Duration::from_secs_f64(shared.cfg.timeouts.drain_delay);
+        if !delay.is_zero() {
+            info!(
+                "draining: /readyz answers 503; still accepting for {:?}",
+                delay
+            );
+            tokio::time::sleep(delay).await;
+        }
         info!("shutting down: no longer accepting; waiting for sessions");
         let _ = shutdown_tx.send(true);
         for a in accepts {
@@ -261,6 +339,7 @@ impl Server {
         }
         shared.relay.close_idle().await;
         log_policy_totals(&shared.policy);
+        let _ = admin_stop.send(true);
         info!("stopped");
     }
 }

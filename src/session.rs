@@ -28,6 +28,7 @@ pub struct Shared {
     pub relay: Arc<Relay>,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub policy: Arc<Policy>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub shutdown: watch::Receiver<bool>,
 }
 
@@ -102,12 +103,20 @@ async fn serve_tls(
     pol: ClientPolicy,
 ) {
     let handshake_timeout = Duration::from_secs_f64(shared.cfg.timeouts.tls_handshake);
+    let m = shared.metrics.clone();
     let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(io)).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return info!("TLS handshake failed: {e}"),
-        Err(_) => return info!("TLS handshake timed out"),
+        Ok(Err(e)) => {
+            m.tls("failed", "none");
+            return info!("TLS handshake failed: {e}");
+        }
+        Err(_) => {
+            m.tls("timeout", "none");
+            return info!("TLS handshake timed out");
+        }
     };
     let info = tls_info(tls.get_ref().1);
+    m.tls("ok", info.version);
     Span::current().record("tls", field::display(&info));
     let mut s = Session::new(tls, at, shared, listener, Some(info), pol);
     if greet && !s.greet().await {
@@ -170,6 +179,7 @@ struct State {
     rcpts_ok: usize,
     txn: Option<Txn>,
     txn_span: Option<Span>,
+    txn_started: Option<std::time::Instant>,
     owed: VecDeque<Owed>,
     /// DATA got its 354: read the message next.
     data_go: bool,
@@ -393,6 +403,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.st.data_early = false;
         self.st.lost = false;
         self.st.txn_span = None;
+        self.st.txn_started = None;
     }
 
     /// Collects the backend replies owed to the client, in order, and
@@ -784,6 +795,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         );
         txn.queue_mail(from, &params);
         self.st.txn_span = Some(span);
+        self.st.txn_started = Some(std::time::Instant::now());
         self.st.mail = Some(params.smtputf8);
         self.st.mail_refused = false;
         self.st.from.clear();
@@ -1033,6 +1045,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             (None, Some(t)) => t.finish_data().await,
             (None, None) => crate::relay::backend_lost(),
         };
+        let m = &self.shared.metrics;
+        m.transaction(reply.code);
+        if let Some(t0) = self.st.txn_started {
+            m.transaction_duration.observe(t0.elapsed().as_secs_f64());
+        }
+        if reply.is_positive() {
+            m.messages_relayed.inc();
+            m.bytes_relayed.inc_by(size);
+            m.recipients.inc_by(self.st.rcpts_ok as u64);
+        }
         if let Some(span) = &self.st.txn_span {
             span.record("rcpts", self.st.rcpts_ok);
             span.record("size", size);
@@ -1117,7 +1139,8 @@ mod size_probe {
                 "[[listener]]\naddress = \"127.0.0.1:0\"\n[[backend]]\naddress = \"127.0.0.1:9\"\n",
             )
             .unwrap();
-            let relay = crate::relay::Relay::new(&cfg).unwrap();
+            let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+            let relay = crate::relay::Relay::new(&cfg, &metrics).unwrap();
             let (_tx, rx) = tokio::sync::watch::channel(false);
             let policy = crate::policy::Policy::new(&cfg.policy, &cfg.hostname).unwrap();
             let pol = policy.admit(a.ip()).unwrap();
@@ -1126,6 +1149,7 @@ mod size_probe {
                 relay,
                 tls: None,
                 policy,
+                metrics,
                 shutdown: rx,
             });
             let listener = super::Listener {

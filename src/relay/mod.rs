@@ -13,10 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{Config, IdentityMode};
+use crate::metrics::Metrics;
 use crate::smtp::{Body, EnhancedCode, MailParams, Reply};
 use client::{identity_commands, BackendError, ClientIdentity};
 use maildir::{Maildir, MaildirWriter};
-use pool::{Pool, PoolSettings, PooledConn, Wait};
+use pool::{Pool, PoolSettings, PoolStat, PooledConn, Wait};
 
 enum Backend {
     Smtp { pool: Pool, identity: IdentityMode },
@@ -55,26 +56,29 @@ pub fn backend_lost() -> Reply {
 }
 
 impl Relay {
-    pub fn new(cfg: &Config) -> std::io::Result<Arc<Relay>> {
+    pub fn new(cfg: &Config, metrics: &Metrics) -> std::io::Result<Arc<Relay>> {
         let t = &cfg.timeouts;
         let mut backends = Vec::new();
         for (i, b) in cfg.backends.iter().enumerate() {
             if let Some(addr) = &b.address {
                 backends.push(Backend::Smtp {
-                    pool: Pool::new(PoolSettings {
-                        addr: addr.clone(),
-                        backend: i,
-                        helo_name: cfg.hostname.clone(),
-                        max_connections: b.max_connections,
-                        max_idle: Duration::from_secs_f64(b.max_idle),
-                        max_transactions: b.max_transactions,
-                        connect_timeout: Duration::from_secs_f64(t.backend_connect),
-                        command_timeout: Duration::from_secs_f64(t.backend_command),
-                        pool_wait: Duration::from_secs_f64(t.backend_pool_wait),
-                        down_after: b.down_after,
-                        probe_interval: Duration::from_secs_f64(b.probe_interval),
-                        probe_interval_max: Duration::from_secs_f64(b.probe_interval_max),
-                    }),
+                    pool: Pool::new(
+                        PoolSettings {
+                            addr: addr.clone(),
+                            backend: i,
+                            helo_name: cfg.hostname.clone(),
+                            max_connections: b.max_connections,
+                            max_idle: Duration::from_secs_f64(b.max_idle),
+                            max_transactions: b.max_transactions,
+                            connect_timeout: Duration::from_secs_f64(t.backend_connect),
+                            command_timeout: Duration::from_secs_f64(t.backend_command),
+                            pool_wait: Duration::from_secs_f64(t.backend_pool_wait),
+                            down_after: b.down_after,
+                            probe_interval: Duration::from_secs_f64(b.probe_interval),
+                            probe_interval_max: Duration::from_secs_f64(b.probe_interval_max),
+                        },
+                        metrics.backend(addr),
+                    ),
                     identity: b.identity,
                 });
             } else if let Some(dir) = &b.maildir {
@@ -131,6 +135,17 @@ impl Relay {
             Some(Backend::Smtp { pool, .. }) => Some(pool),
             _ => None,
         }
+    }
+
+    /// The state of every SMTP backend's pool (for metrics).
+    pub fn pool_stats(&self) -> Vec<PoolStat> {
+        self.backends
+            .iter()
+            .filter_map(|b| match b {
+                Backend::Smtp { pool, .. } => Some(pool.stat()),
+                Backend::Maildir(_) => None,
+            })
+            .collect()
     }
 
     /// Up/down per backend (a Maildir is always up), for tests and metrics.
@@ -647,7 +662,12 @@ impl Txn {
                 let Some(c) = conn.as_mut() else {
                     return backend_lost();
                 };
-                match c.read_reply(t).await {
+                let t0 = std::time::Instant::now();
+                let got = c.read_reply(t).await;
+                if let (Ok(_), Some(pool)) = (&got, self.relay.pool(c.backend)) {
+                    pool.metrics().reply.observe(t0.elapsed().as_secs_f64());
+                }
+                match got {
                     Ok(r) if r.code == 421 => {
                         *conn = None;
                         closing_to_451(&r)

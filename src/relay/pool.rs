@@ -20,6 +20,7 @@ use deadpool::Runtime;
 use tokio::sync::Semaphore;
 
 use super::client::{BackendConn, BackendError};
+use crate::metrics::BackendMetrics;
 
 /// Settings of one pool.
 #[derive(Debug, Clone)]
@@ -42,6 +43,16 @@ pub struct PoolSettings {
     pub probe_interval_max: Duration,
 }
 
+/// A pool's state at one moment (for metrics).
+#[derive(Debug, Clone)]
+pub struct PoolStat {
+    pub addr: String,
+    pub idle: usize,
+    pub in_use: usize,
+    pub waiting: usize,
+    pub up: bool,
+}
+
 /// Whether a checkout may wait in line for a busy pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wait {
@@ -62,6 +73,7 @@ struct Health {
 #[derive(Debug)]
 pub struct Manager {
     settings: PoolSettings,
+    metrics: BackendMetrics,
     tcp: Arc<Semaphore>,
     health: Health,
     /// The pool itself, for the prober a failure may start.
@@ -81,8 +93,14 @@ impl Manager {
         )
         .await;
         match &r {
-            Ok(_) => self.record_success(),
-            Err(e) => self.record_failure(e),
+            Ok(_) => {
+                self.metrics.created.inc();
+                self.record_success();
+            }
+            Err(e) => {
+                self.metrics.connect_failures.inc();
+                self.record_failure(e);
+            }
         }
         r
     }
@@ -223,8 +241,9 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(settings: PoolSettings) -> Pool {
+    pub fn new(settings: PoolSettings, metrics: BackendMetrics) -> Pool {
         let manager = Manager {
+            metrics,
             tcp: Arc::new(Semaphore::new(settings.max_connections)),
             health: Health {
                 failures: AtomicU32::new(0),
@@ -257,10 +276,16 @@ impl Pool {
             create: None,
             recycle: None,
         };
+        let t0 = Instant::now();
         match self.inner.timeout_get(&t).await {
             Ok(obj) => {
                 let conn = PooledConn(Some(obj));
                 let reused = conn.reused();
+                let m = &self.inner.manager().metrics;
+                m.pool_wait.observe(t0.elapsed().as_secs_f64());
+                if reused {
+                    m.reused.inc();
+                }
                 Ok((conn, reused))
             }
             Err(PoolError::Backend(e)) => Err(e),
@@ -300,6 +325,23 @@ impl Pool {
     /// Sessions waiting in line for a connection now.
     pub fn waiting(&self) -> usize {
         self.inner.status().waiting
+    }
+
+    /// This backend's metrics.
+    pub fn metrics(&self) -> &BackendMetrics {
+        &self.inner.manager().metrics
+    }
+
+    /// Idle, in use and waiting now, and whether the backend is up.
+    pub fn stat(&self) -> PoolStat {
+        let s = self.inner.status();
+        PoolStat {
+            addr: self.settings.addr.clone(),
+            idle: s.available,
+            in_use: s.size.saturating_sub(s.available),
+            waiting: s.waiting,
+            up: self.is_up(),
+        }
     }
 
     /// Closes idle connections that expired (QUIT, in the background).

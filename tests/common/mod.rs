@@ -132,6 +132,9 @@ pub struct Proxy {
     pub addrs: Vec<SocketAddr>,
     pub relay: Arc<smtp_edge::relay::Relay>,
     pub policy: Arc<smtp_edge::policy::Policy>,
+    pub metrics: Arc<smtp_edge::metrics::Metrics>,
+    /// The admin listener, when the config has `[admin]`.
+    pub admin: Option<SocketAddr>,
     /// Reloads the policy as SIGHUP does (see `Proxy::reload`).
     pub reloader: smtp_edge::server::Reloader,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -152,6 +155,8 @@ impl Proxy {
         let addrs = server.local_addrs();
         let relay = server.relay();
         let policy = server.policy();
+        let metrics = server.metrics();
+        let admin = server.admin_addr();
         let reloader = server.reload_handle();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(async move {
@@ -162,6 +167,8 @@ impl Proxy {
             addrs,
             relay,
             policy,
+            metrics,
+            admin,
             reloader,
             stop: Some(tx),
             task: Some(task),
@@ -892,4 +899,27 @@ impl Drop for Tap {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// `GET path` on `addr` over HTTP/1.1: the status code and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .expect("admin answered in time")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {head:?}"));
+    (status, body.to_string())
 }
