@@ -35,6 +35,57 @@ pub struct Config {
     /// The admin HTTP listener (metrics, health); absent: off.
     #[serde(default)]
     pub admin: Option<AdminConfig>,
+    /// Logs and OpenTelemetry trace export.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[telemetry]`: log format and OTLP trace export.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// `http://host:port` of an OTLP receiver; absent: no export.
+    pub otlp_endpoint: Option<String>,
+    pub otlp_protocol: OtlpProtocol,
+    pub service_name: String,
+    /// Share of new traces kept (parent-based), 0.0 to 1.0.
+    pub sample_ratio: f64,
+    pub log_format: LogFormat,
+    /// Envelope local parts in span attributes (domains only when false).
+    pub record_addresses: bool,
+    /// Most spans waiting for export; past it spans are dropped and counted.
+    pub export_queue: usize,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            otlp_endpoint: None,
+            otlp_protocol: OtlpProtocol::Grpc,
+            service_name: "smtp-edge".into(),
+            sample_ratio: 1.0,
+            log_format: LogFormat::Text,
+            record_addresses: false,
+            export_queue: 8192,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OtlpProtocol {
+    /// OTLP/gRPC (port 4317 by convention).
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies (port 4318; `/v1/traces` is added).
+    Http,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    /// JSON lines, with the span fields (the session's trace_id) on each.
+    Json,
 }
 
 /// `[admin]`: where `/metrics`, `/livez` and `/readyz` are served.
@@ -463,6 +514,29 @@ impl Config {
                 "timeouts.drain_delay".into(),
                 "must be a number of seconds >= 0".into(),
             );
+        }
+        let tm = &self.telemetry;
+        if !(tm.sample_ratio.is_finite() && (0.0..=1.0).contains(&tm.sample_ratio)) {
+            err(
+                "telemetry.sample_ratio".into(),
+                "must be between 0.0 and 1.0".into(),
+            );
+        }
+        if let Some(ep) = &tm.otlp_endpoint {
+            let ok = (ep.starts_with("http://") || ep.starts_with("https://"))
+                && ep.parse::<hyper::Uri>().is_ok_and(|u| u.host().is_some());
+            if !ok {
+                err(
+                    "telemetry.otlp_endpoint".into(),
+                    format!("expected http://host:port or https://host:port, got {ep:?}"),
+                );
+            }
+        }
+        if tm.export_queue == 0 {
+            err("telemetry.export_queue".into(), "must be > 0".into());
+        }
+        if tm.service_name.is_empty() {
+            err("telemetry.service_name".into(), "must not be empty".into());
         }
         for (i, l) in self.listeners.iter().enumerate() {
             if l.backlog == 0 {

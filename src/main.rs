@@ -46,7 +46,6 @@ fn main() -> ExitCode {
             }
         };
     }
-    smtp_edge::telemetry::init();
     let cfg = match &cli.config {
         Some(p) => match Config::load(p) {
             Ok(c) => c,
@@ -55,10 +54,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         },
-        None => {
-            tracing::info!("no --config given: running the embedded default (127.0.0.1:2525, STARTTLS, Maildir ./var/mail)");
-            Config::embedded_default()
-        }
+        None => Config::embedded_default(),
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -71,6 +67,11 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(async move {
+        // Inside the runtime: the gRPC trace exporter needs it.
+        let telemetry = smtp_edge::telemetry::install(&cfg.telemetry);
+        if cli.config.is_none() {
+            tracing::info!("no --config given: running the embedded default (127.0.0.1:2525, STARTTLS, Maildir ./var/mail)");
+        }
         // Before the listeners exist: SIGHUP's default action would end
         // the process.
         let hup = match signal(SignalKind::hangup()) {
@@ -91,6 +92,8 @@ fn main() -> ExitCode {
             tokio::spawn(reload_on_sighup(hup, cli.config, server.reload_handle()));
         }
         server.serve(shutdown_signal()).await;
+        // Flush the spans still queued; the exporters block.
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
         ExitCode::SUCCESS
     })
 }

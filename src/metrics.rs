@@ -311,6 +311,12 @@ impl Collector for LiveCollector {
         )?;
         counter(
             &mut enc,
+            "trace_spans_dropped",
+            "Spans dropped because the OTLP export queue was full (collector slow or down)",
+            &[(vec![], crate::telemetry::dropped_spans())],
+        )?;
+        counter(
+            &mut enc,
             "ratelimit_overflow",
             "Rate-limit checks passed unstored because a limiter map was full",
             &[(vec![], live.policy.limits().overflow())],

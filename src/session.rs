@@ -49,15 +49,30 @@ pub async fn handle(
     pol: ClientPolicy,
 ) {
     let span = tracing::info_span!(
-        "session",
-        client = %peer,
-        helo = field::Empty,
-        tls = field::Empty
+        "smtp.session",
+        "otel.kind" = "server",
+        "client.address" = %peer.ip(),
+        "client.port" = peer.port(),
+        "server.address" = field::Empty,
+        "server.port" = field::Empty,
+        "network.transport" = "tcp",
+        "smtp.helo" = field::Empty,
+        "tls.protocol.version" = field::Empty,
+        "tls.cipher" = field::Empty,
+        trace_id = field::Empty,
     );
+    // The trace id in every log line of the session (when traced).
+    if let Some(id) = crate::telemetry::trace_id(&span) {
+        span.record("trace_id", id);
+    }
     async move {
         let _ = stream.set_nodelay(true);
-        let local = stream
-            .local_addr()
+        let local_addr = stream.local_addr();
+        if let Ok(a) = &local_addr {
+            Span::current().record("server.address", field::display(a.ip()));
+            Span::current().record("server.port", a.port());
+        }
+        let local = local_addr
             .map(|a| a.ip())
             .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
         let at = Endpoints { peer, local };
@@ -104,20 +119,32 @@ async fn serve_tls(
 ) {
     let handshake_timeout = Duration::from_secs_f64(shared.cfg.timeouts.tls_handshake);
     let m = shared.metrics.clone();
-    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(io)).await {
+    let hs = tracing::info_span!("tls.handshake", "error.type" = field::Empty);
+    let accepted = tokio::time::timeout(handshake_timeout, acceptor.accept(io))
+        .instrument(hs.clone())
+        .await;
+    let tls = match accepted {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             m.tls("failed", "none");
+            hs.record("error.type", "handshake_failed");
             return info!("TLS handshake failed: {e}");
         }
         Err(_) => {
             m.tls("timeout", "none");
+            hs.record("error.type", "timeout");
             return info!("TLS handshake timed out");
         }
     };
+    drop(hs);
     let info = tls_info(tls.get_ref().1);
     m.tls("ok", info.version);
-    Span::current().record("tls", field::display(&info));
+    let cur = Span::current();
+    cur.record(
+        "tls.protocol.version",
+        info.version.trim_start_matches("TLSv"),
+    );
+    cur.record("tls.cipher", field::display(&info.cipher));
     let mut s = Session::new(tls, at, shared, listener, Some(info), pol);
     if greet && !s.greet().await {
         return;
@@ -238,6 +265,19 @@ enum Step {
     Quit,
     Close,
     StartTls,
+}
+
+/// The final reply of a transaction on its span (an error status for 4xx
+/// and 5xx).
+fn record_reply(span: &Span, reply: &Reply) {
+    span.record("smtp.reply.code", reply.code);
+    if let Some(e) = reply.enhanced {
+        span.record("smtp.reply.enhanced_code", field::display(e));
+    }
+    if reply.code >= 400 {
+        span.record("error.type", reply.code);
+        span.record("otel.status_code", "ERROR");
+    }
 }
 
 /// Most pipelined input kept while waiting for a backend connection.
@@ -646,7 +686,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 if let Some(c) = self.st.dedicated.take() {
                     tokio::spawn(c.quit());
                 }
-                Span::current().record("helo", name);
+                Span::current().record("smtp.helo", name);
                 self.st.helo = Some(name.to_string());
                 self.st.ident = None;
                 self.st.received.clear();
@@ -772,7 +812,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // keep reading the client meanwhile, so one who hangs up gives up
         // its place in line at once.
         // One box for both keeps the session future small.
-        let begin = self.shared.relay.begin(id, dedicated);
+        let span = tracing::info_span!(
+            "smtp.transaction",
+            "smtp.mail_from.domain" = from.rsplit_once('@').map_or("", |(_, d)| d),
+            "smtp.mail_from" = field::Empty,
+            "smtp.rcpt.count" = field::Empty,
+            "smtp.message.size" = field::Empty,
+            "smtp.reply.code" = field::Empty,
+            "smtp.reply.enhanced_code" = field::Empty,
+            "server.address" = field::Empty,
+            "error.type" = field::Empty,
+            "otel.status_code" = field::Empty,
+        );
+        if self.shared.cfg.telemetry.record_addresses {
+            span.record("smtp.mail_from", from);
+        }
+        let begin = self
+            .shared
+            .relay
+            .begin(id, dedicated)
+            .instrument(span.clone());
         let Some(begun) = Box::pin(while_client_stays(&mut self.io, &mut self.inbuf, begin)).await
         else {
             self.client_gone = true;
@@ -781,18 +840,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut txn = match begun {
             Ok(t) => t,
             Err(reply) => {
+                record_reply(&span, &reply);
                 reply.write_to(&mut self.out);
                 return;
             }
         };
-        let span = tracing::info_span!(
-            "transaction",
-            sender = %from,
-            rcpts = field::Empty,
-            size = field::Empty,
-            backend = %txn.name,
-            reply = field::Empty
-        );
+        span.record("server.address", field::display(&txn.name));
         txn.queue_mail(from, &params);
         self.st.txn_span = Some(span);
         self.st.txn_started = Some(std::time::Instant::now());
@@ -899,6 +952,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 cfg.hostname,
                 proto
             );
+            // Where Postfix puts its queue id: the session's trace id, so
+            // a delivered message leads to its trace.
+            if let Some(id) = crate::telemetry::trace_id(&Span::current()) {
+                h.push_str(" id ");
+                h.push_str(&id);
+            }
             if let Some(t) = &self.tls {
                 h.push_str(&format!(
                     "\r\n\t(using {} with cipher {})",
@@ -1056,9 +1115,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             m.recipients.inc_by(self.st.rcpts_ok as u64);
         }
         if let Some(span) = &self.st.txn_span {
-            span.record("rcpts", self.st.rcpts_ok);
-            span.record("size", size);
-            span.record("reply", reply.code);
+            span.record("smtp.rcpt.count", self.st.rcpts_ok);
+            span.record("smtp.message.size", size);
+            record_reply(span, &reply);
             info!(parent: span, "message {} {}", reply.code, reply.lines.first().map(String::as_str).unwrap_or(""));
         }
         fwd.clear();

@@ -1,17 +1,217 @@
-//! Tracing setup: human-readable logs to stderr, filtered by `RUST_LOG`
-//! (default `info`). OpenTelemetry export is a later addition.
+//! Logs and traces: the `tracing` subscriber (text or JSON lines to stderr,
+//! filtered by `RUST_LOG`, default `info`) and, with `[telemetry]
+//! otlp_endpoint`, the OpenTelemetry export of the same spans over OTLP
+//! (gRPC or HTTP/protobuf) through a bounded queue that never blocks a
+//! session: spans that do not fit are dropped and counted. Owns the span
+//! processor and the trace id helpers; the spans themselves are made where
+//! the work is (session, relay, policy).
 
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
-use tracing_subscriber::EnvFilter;
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry::Context;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider, Span, SpanData,
+    SpanExporter, SpanProcessor,
+};
+use opentelemetry_sdk::Resource;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
-/// Installs the global subscriber; safe to call more than once.
+use crate::config::{LogFormat, OtlpProtocol, TelemetryConfig};
+
+/// Spans the export queue could not take (collector slow, full or down).
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// Spans dropped so far because the export queue was full.
+pub fn dropped_spans() -> u64 {
+    DROPPED.load(Ordering::Relaxed)
+}
+
+/// Keeps the trace pipeline; `shutdown` flushes what is queued (call it from
+/// a blocking thread: the exporters block).
+#[must_use]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    pub fn shutdown(self) {
+        if let Some(p) = self.provider {
+            if let Err(e) = p.shutdown() {
+                eprintln!("trace export shutdown: {e}");
+            }
+        }
+    }
+}
+
+/// Installs the global subscriber (once; later calls change nothing) with
+/// logs only.
 pub fn init() {
+    let _ = install(&TelemetryConfig::default());
+}
+
+/// Installs the global subscriber for `cfg`, with OTLP export when an
+/// endpoint is set. Call inside the tokio runtime (the gRPC exporter needs
+/// it). An exporter that cannot be built is reported and mail goes on.
+pub fn install(cfg: &TelemetryConfig) -> Telemetry {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false);
+    let fmt = match cfg.log_format {
+        LogFormat::Text => fmt.with_ansi(std::io::stderr().is_terminal()).boxed(),
+        LogFormat::Json => fmt.json().with_current_span(true).boxed(),
+    };
+    let provider = match cfg.otlp_endpoint.as_deref() {
+        Some(ep) => match provider(cfg, ep) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("trace export to {ep} disabled: {e}");
+                None
+            }
+        },
+        None => None,
+    };
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("smtp-edge"))
+            .with_tracked_inactivity(false)
+            .with_threads(false)
+            .with_location(false)
+    });
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
         .try_init();
+    Telemetry { provider }
+}
+
+fn provider(cfg: &TelemetryConfig, ep: &str) -> Result<SdkTracerProvider, String> {
+    let timeout = Duration::from_secs(10);
+    let exporter = match cfg.otlp_protocol {
+        OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(ep)
+            .with_timeout(timeout)
+            .build(),
+        OtlpProtocol::Http => {
+            let url = if ep.trim_end_matches('/').ends_with("/v1/traces") {
+                ep.to_string()
+            } else {
+                format!("{}/v1/traces", ep.trim_end_matches('/'))
+            };
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_endpoint(url)
+                .with_timeout(timeout)
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .build()
+        }
+    }
+    .map_err(|e| e.to_string())?;
+    let inflight = Arc::new(AtomicUsize::new(0));
+    let batch = BatchSpanProcessor::new(
+        Counted {
+            inner: exporter,
+            inflight: inflight.clone(),
+        },
+        BatchConfigBuilder::default()
+            .with_max_queue_size(cfg.export_queue)
+            .with_max_export_batch_size(512.min(cfg.export_queue))
+            .with_scheduled_delay(Duration::from_millis(500))
+            .build(),
+    );
+    Ok(SdkTracerProvider::builder()
+        .with_span_processor(Bounded {
+            batch,
+            inflight,
+            capacity: cfg.export_queue,
+        })
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            cfg.sample_ratio,
+        ))))
+        .with_resource(
+            Resource::builder()
+                .with_service_name(cfg.service_name.clone())
+                .build(),
+        )
+        .build())
+}
+
+/// In front of the SDK's batch processor: counts the spans handed to it
+/// and not yet exported, and drops (counting) what would not fit its queue,
+/// so its queue never overflows and every drop is known.
+#[derive(Debug)]
+struct Bounded {
+    batch: BatchSpanProcessor,
+    inflight: Arc<AtomicUsize>,
+    capacity: usize,
+}
+
+impl SpanProcessor for Bounded {
+    fn on_start(&self, span: &mut Span, cx: &Context) {
+        self.batch.on_start(span, cx);
+    }
+
+    fn on_end(&self, span: SpanData) {
+        if self.inflight.fetch_add(1, Ordering::AcqRel) >= self.capacity {
+            self.inflight.fetch_sub(1, Ordering::AcqRel);
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.batch.on_end(span);
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.batch.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.batch.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.batch.set_resource(resource);
+    }
+}
+
+/// The exporter, telling `Bounded` when spans left the queue.
+#[derive(Debug)]
+struct Counted<E> {
+    inner: E,
+    inflight: Arc<AtomicUsize>,
+}
+
+impl<E: SpanExporter> SpanExporter for Counted<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let n = batch.len();
+        let r = self.inner.export(batch).await;
+        self.inflight.fetch_sub(n, Ordering::AcqRel);
+        r
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// The trace id of `span` (32 hex digits), or None when it is not traced
+/// (no export configured, or not sampled).
+pub fn trace_id(span: &tracing::Span) -> Option<String> {
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    (sc.is_valid() && sc.is_sampled()).then(|| sc.trace_id().to_string())
 }

@@ -194,6 +194,7 @@ impl Relay {
                                 rcpts: 0,
                             },
                             pending: VecDeque::new(),
+                            span: tracing::Span::none(),
                             name: md.root().display().to_string(),
                         })
                     }
@@ -236,6 +237,7 @@ impl Relay {
         let Backend::Smtp { pool, identity } = &self.backends[i] else {
             return Err(BackendError::Closed);
         };
+        let t0 = std::time::Instant::now();
         let opened = match identity {
             IdentityMode::Xclient => self
                 .open_xclient(pool, id, wait)
@@ -248,7 +250,18 @@ impl Relay {
         };
         match opened {
             Ok((conn, reused, dedicated)) => {
+                // One span per backend exchange: checkout to the end of
+                // the transaction (it ends when the Txn goes).
+                let span = tracing::info_span!(
+                    "smtp.backend",
+                    "otel.kind" = "client",
+                    "server.address" = %pool.settings.addr,
+                    "smtp.backend.connection_id" = conn.id().map(|i| i.to_string()),
+                    "smtp.backend.reused" = reused,
+                    "smtp.backend.pool_wait_ms" = t0.elapsed().as_secs_f64() * 1000.0,
+                );
                 let mut txn = Txn::smtp(self.clone(), conn, reused, dedicated);
+                txn.span = span;
                 if *identity == IdentityMode::Xforward {
                     txn.queue_xforward(id);
                 }
@@ -325,6 +338,8 @@ pub struct Txn {
     relay: Arc<Relay>,
     inner: Inner,
     pending: VecDeque<Pend>,
+    /// The `smtp.backend` span (disabled for a Maildir).
+    span: tracing::Span,
     /// The backend's address or Maildir path, for logs.
     pub name: String,
 }
@@ -343,6 +358,7 @@ impl Txn {
                 completed: false,
             },
             pending: VecDeque::new(),
+            span: tracing::Span::none(),
             name,
         };
         conn.txns += 1;

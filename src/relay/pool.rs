@@ -224,6 +224,11 @@ impl PooledConn {
         Object::take(obj).quit()
     }
 
+    /// The pool's id of this connection (for traces).
+    pub fn id(&self) -> Option<deadpool::managed::ObjectId> {
+        self.0.as_ref().map(Object::id)
+    }
+
     /// Whether this connection came from the idle list (rather than being
     /// opened for this checkout).
     fn reused(&self) -> bool {

@@ -4,6 +4,7 @@
 //! fault assertions.
 #![allow(dead_code)]
 pub mod dns;
+pub mod otlp;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,245 @@
+//! OpenTelemetry traces as an operator receives them: the real binary
+//! exports over OTLP/gRPC and OTLP/HTTP to a real receiver in the test; the
+//! span tree of a session (smtp.session > tls.handshake, smtp.transaction >
+//! smtp.backend), its attributes, and the trace id in the delivered
+//! message's Received header; a collector that answers slowly never slows
+//! mail, and what cannot be queued is dropped and counted.
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::otlp::{Got, Receiver};
+use common::*;
+use lettre::transport::smtp::client::{Tls, TlsParameters};
+use lettre::transport::smtp::extension::ClientId;
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+
+struct Edge {
+    _proc: Running,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    _dir: tempfile::TempDir,
+    log: std::path::PathBuf,
+}
+
+impl Edge {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+async fn start_edge(backend: &str, telemetry: &str) -> Edge {
+    let dir = tempfile::tempdir().unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let file = dir.path().join("smtp-edge.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "hostname = \"edge.test\"\n[telemetry]\n{telemetry}\n[admin]\naddress = \"{admin}\"\n[[listener]]\naddress = \"{addr}\"\ntls = \"starttls\"\n[[backend]]\naddress = \"{backend}\"\n"
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("smtp-edge.log");
+    let proc = Running::listening(
+        Command::new(env!("CARGO_BIN_EXE_smtp-edge"))
+            .arg("--config")
+            .arg(&file)
+            .env("RUST_LOG", "info"),
+        &log,
+        addr,
+    )
+    .await;
+    Edge {
+        _proc: proc,
+        addr,
+        admin,
+        _dir: dir,
+        log,
+    }
+}
+
+async fn plain_message(addr: SocketAddr, subject: &str) {
+    let mut c = Raw::greeted(addr).await;
+    assert_eq!(c.cmd("EHLO traced.client.test").await.code, 250);
+    let body = format!("Subject: {subject}\r\n\r\n{subject}\r\n");
+    assert_eq!(transaction(&mut c, body.as_bytes()).await.code, 250);
+    assert_eq!(c.cmd("QUIT").await.code, 221);
+}
+
+async fn starttls_message(addr: SocketAddr, subject: &str) {
+    let tls = TlsParameters::builder("edge.test".into())
+        .dangerous_accept_invalid_certs(true)
+        .build()
+        .unwrap();
+    let mailer: AsyncSmtpTransport<Tokio1Executor> =
+        AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous("127.0.0.1")
+            .port(addr.port())
+            .tls(Tls::Required(tls))
+            .hello_name(ClientId::Domain("tls.client.test".into()))
+            .build();
+    let m = Message::builder()
+        .from("a@client.example".parse().unwrap())
+        .to("b@example.org".parse().unwrap())
+        .subject(subject)
+        .body("tls body\n".to_string())
+        .unwrap();
+    let r = mailer.send(m).await.expect("lettre STARTTLS send");
+    assert_eq!(r.code().to_string(), "250");
+}
+
+fn by_id<'a>(spans: &'a [Got], id: &str) -> Option<&'a Got> {
+    spans.iter().find(|s| s.span_id == id)
+}
+
+/// The `id` of the smtp-edge Received header in a recorded message.
+fn received_id(msg: &[u8]) -> String {
+    let text = String::from_utf8_lossy(msg);
+    let head: String = text.split("\r\n").take(3).collect::<Vec<_>>().join(" ");
+    let i = head
+        .find(") with ")
+        .unwrap_or_else(|| panic!("no Received: {head}"));
+    head[i..]
+        .split_whitespace()
+        .skip_while(|w| *w != "id")
+        .nth(1)
+        .map(|w| w.trim_end_matches(';').to_string())
+        .unwrap_or_else(|| panic!("no id in {head}"))
+}
+
+async fn tree_over(rx: Receiver, protocol: &str) {
+    let rec = Recorder::start(Script::default()).await;
+    let edge = start_edge(
+        &rec.addr,
+        &format!(
+            "otlp_endpoint = \"{}\"\notlp_protocol = \"{protocol}\"\nservice_name = \"edge-under-test\"",
+            rx.endpoint
+        ),
+    )
+    .await;
+    plain_message(edge.addr, "plain").await;
+    starttls_message(edge.addr, "tls").await;
+    let spans = rx
+        .wait(Duration::from_secs(15), |s| {
+            s.iter()
+                .filter(|x| x.name == "smtp.session" && x.attr("smtp.helo").is_some())
+                .count()
+                >= 2
+                && s.iter().filter(|x| x.name == "smtp.backend").count() >= 2
+        })
+        .await;
+    let names: Vec<&str> = spans.iter().map(|s| s.name.as_str()).collect();
+    // Sessions that said EHLO (the start-up probe of the port only connects).
+    let sessions: Vec<&Got> = spans
+        .iter()
+        .filter(|s| s.name == "smtp.session" && s.attr("smtp.helo").is_some())
+        .collect();
+    assert_eq!(sessions.len(), 2, "{names:?}\n{}", edge.log());
+    for s in &sessions {
+        assert_eq!(s.parent, "", "a session is a root span");
+        assert_eq!(s.service, "edge-under-test");
+        assert_eq!(s.attr("client.address"), Some("127.0.0.1"), "{s:?}");
+        assert_eq!(s.attr("network.transport"), Some("tcp"));
+        assert_eq!(
+            s.attr("server.port"),
+            Some(edge.addr.port().to_string().as_str())
+        );
+    }
+    for t in spans.iter().filter(|s| s.name == "smtp.transaction") {
+        let parent = by_id(&spans, &t.parent).expect("transaction's parent received");
+        assert_eq!(parent.name, "smtp.session");
+        assert_eq!(t.trace_id, parent.trace_id);
+        assert_eq!(t.attr("smtp.reply.code"), Some("250"), "{t:?}");
+        let domain = t.attr("smtp.mail_from.domain");
+        assert!(
+            matches!(domain, Some("example.org") | Some("client.example")),
+            "{t:?}"
+        );
+        assert!(
+            t.attr("smtp.mail_from").is_none(),
+            "addresses are off by default"
+        );
+        assert_eq!(t.attr("server.address"), Some(rec.addr.as_str()));
+    }
+    let backends: Vec<&Got> = spans.iter().filter(|s| s.name == "smtp.backend").collect();
+    assert_eq!(backends.len(), 2, "{names:?}");
+    for b in &backends {
+        let parent = by_id(&spans, &b.parent).expect("backend span's parent received");
+        assert_eq!(parent.name, "smtp.transaction", "{b:?}");
+        assert_eq!(b.attr("server.address"), Some(rec.addr.as_str()));
+        assert!(b.attr("smtp.backend.pool_wait_ms").is_some(), "{b:?}");
+    }
+    // The second message reused the pooled connection of the first.
+    assert!(
+        backends
+            .iter()
+            .any(|b| b.attr("smtp.backend.reused") == Some("true")),
+        "{backends:?}"
+    );
+    let hs: Vec<&Got> = spans.iter().filter(|s| s.name == "tls.handshake").collect();
+    assert_eq!(hs.len(), 1, "{names:?}");
+    let tls_session = by_id(&spans, &hs[0].parent).expect("handshake's parent");
+    assert_eq!(tls_session.name, "smtp.session");
+    assert_eq!(tls_session.attr("tls.protocol.version"), Some("1.3"));
+    // Each delivered message carries its session's trace id.
+    let msgs = rec.messages();
+    assert_eq!(msgs.len(), 2);
+    let mut ids: Vec<String> = msgs.iter().map(|m| received_id(m)).collect();
+    let mut want: Vec<String> = sessions.iter().map(|s| s.trace_id.clone()).collect();
+    ids.sort();
+    want.sort();
+    assert_eq!(ids, want);
+    // And every log line of a traced session names it.
+    let log = edge.log();
+    assert!(log.contains(&format!("trace_id=\"{}\"", want[0])), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn span_tree_over_otlp_grpc() {
+    tree_over(Receiver::grpc().await, "grpc").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn span_tree_over_otlp_http() {
+    tree_over(Receiver::http(Duration::ZERO).await, "http").await;
+}
+
+/// A collector that takes 3 s per export: mail goes on at full speed (each
+/// message well under a second), and the spans the queue cannot hold are
+/// dropped and counted in the metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_collector_never_slows_mail() {
+    let rx = Receiver::http(Duration::from_secs(3)).await;
+    let rec = Recorder::start(Script::default()).await;
+    let edge = start_edge(
+        &rec.addr,
+        &format!(
+            "otlp_endpoint = \"{}\"\notlp_protocol = \"http\"\nexport_queue = 8",
+            rx.endpoint
+        ),
+    )
+    .await;
+    let t0 = Instant::now();
+    for i in 0..20 {
+        let t = Instant::now();
+        plain_message(edge.addr, &format!("m{i}")).await;
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "message {i}: {:?}",
+            t.elapsed()
+        );
+    }
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    assert_eq!(rec.messages().len(), 20);
+    let (status, metrics) = http_get(edge.admin, "/metrics").await;
+    assert_eq!(status, 200);
+    let dropped: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("smtp_edge_trace_spans_dropped_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no drop counter in {metrics}"));
+    // 20 sessions of 3 spans against a queue of 8 and one slow export.
+    assert!(dropped >= 20.0, "dropped {dropped}");
+}
