@@ -285,7 +285,11 @@ impl Server {
                 loop {
                     tokio::select! {
                         r = sock.accept() => match r {
-                            Ok((stream, peer)) => match shared.policy.admit(peer.ip()) {
+                            Ok((stream, peer)) => {
+                                let span = session::session_span(peer);
+                                // Admission's lookups start in this span.
+                                let admitted = span.in_scope(|| shared.policy.admit(peer.ip()));
+                                match admitted {
                                 Ok(pol) => {
                                     let shared = shared.clone();
                                     let done = done.clone();
@@ -294,7 +298,7 @@ impl Server {
                                         m.connections_accepted.inc();
                                         m.sessions_active.inc();
                                         let t0 = std::time::Instant::now();
-                                        session::handle(stream, peer, shared, listener, pol).await;
+                                        session::handle(stream, peer, shared, listener, pol, span).await;
                                         m.session_duration.observe(t0.elapsed().as_secs_f64());
                                         m.sessions_active.dec();
                                         drop(done);
@@ -302,9 +306,10 @@ impl Server {
                                 }
                                 Err(v) => {
                                     shared.metrics.refused(v.check.name());
+                                    session::record_refusal(&span, v.check.name());
                                     refuse(stream, &v)
                                 }
-                            },
+                            }},
                             Err(e) => {
                                 // EMFILE and friends: back off instead of spinning.
                                 warn!("accept failed: {e}");

@@ -41,13 +41,9 @@ pub struct Listener {
 
 /// Serves one accepted connection to its end.
 /// `pol` is the client's admission state, from `Policy::admit`.
-pub async fn handle(
-    stream: TcpStream,
-    peer: SocketAddr,
-    shared: Arc<Shared>,
-    listener: Listener,
-    pol: ClientPolicy,
-) {
+/// The root span of one client connection (`smtp.session`), made at accept
+/// so the admission's DNS lookups and a refusal belong to it.
+pub fn session_span(peer: SocketAddr) -> Span {
     let span = tracing::info_span!(
         "smtp.session",
         "otel.kind" = "server",
@@ -59,12 +55,33 @@ pub async fn handle(
         "smtp.helo" = field::Empty,
         "tls.protocol.version" = field::Empty,
         "tls.cipher" = field::Empty,
+        "smtp.policy.check" = field::Empty,
+        "error.type" = field::Empty,
+        "otel.status_code" = field::Empty,
         trace_id = field::Empty,
     );
     // The trace id in every log line of the session (when traced).
     if let Some(id) = crate::telemetry::trace_id(&span) {
         span.record("trace_id", id);
     }
+    span
+}
+
+/// Marks a session refused by the policy at accept (for tail sampling).
+pub fn record_refusal(span: &Span, check: &'static str) {
+    span.record("smtp.policy.check", check);
+    span.record("error.type", "refused");
+    span.record("otel.status_code", "ERROR");
+}
+
+pub async fn handle(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    listener: Listener,
+    pol: ClientPolicy,
+    span: Span,
+) {
     async move {
         let _ = stream.set_nodelay(true);
         let local_addr = stream.local_addr();
@@ -345,7 +362,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     fn reply(&mut self, code: u16, enh: &str, text: &str) {
-        write_reply(&mut self.out, code, enh, text);
+        let text = crate::telemetry::own_text(code, text);
+        write_reply(&mut self.out, code, enh, &text);
     }
 
     fn bad(&mut self, code: u16, enh: &str, text: &str) {
@@ -1094,6 +1112,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         } else {
             None
         };
+        let refusal = refusal.map(crate::telemetry::own);
         let reply = match (refusal, txn.as_mut()) {
             (Some(r), _) => {
                 if let Some(t) = txn.take() {
@@ -1215,7 +1234,7 @@ mod size_probe {
                 tls: crate::config::TlsMode::None,
                 require_tls: false,
             };
-            let f = super::handle(s, a, shared, listener, pol);
+            let f = super::handle(s, a, shared, listener, pol, super::session_span(a));
             let n = size(&f);
             assert!(n <= 4096, "session future grew to {n} bytes");
         });

@@ -215,3 +215,34 @@ pub fn trace_id(span: &tracing::Span) -> Option<String> {
     let sc = cx.span().span_context().clone();
     (sc.is_valid() && sc.is_sampled()).then(|| sc.trace_id().to_string())
 }
+
+/// A reply the proxy itself gives, with the session's trace id appended to
+/// its text when it is a 4xx or 5xx and the session is traced: a bounce or
+/// a sender's complaint quoting it leads to the trace.
+pub fn own(mut reply: crate::smtp::Reply) -> crate::smtp::Reply {
+    let tagged = reply
+        .lines
+        .last()
+        .is_some_and(|l| l.ends_with(')') && l.contains(" (trace "));
+    if reply.code >= 400 && !tagged {
+        if let (Some(id), Some(last)) =
+            (trace_id(&tracing::Span::current()), reply.lines.last_mut())
+        {
+            last.push_str(" (trace ");
+            last.push_str(&id);
+            last.push(')');
+        }
+    }
+    reply
+}
+
+/// `text` of a 4xx/5xx the proxy gives, with the trace id as `own` adds it.
+pub fn own_text(code: u16, text: &str) -> std::borrow::Cow<'_, str> {
+    match (code >= 400)
+        .then(|| trace_id(&tracing::Span::current()))
+        .flatten()
+    {
+        Some(id) => format!("{text} (trace {id})").into(),
+        None => text.into(),
+    }
+}

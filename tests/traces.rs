@@ -31,6 +31,10 @@ impl Edge {
 }
 
 async fn start_edge(backend: &str, telemetry: &str) -> Edge {
+    start_edge_with(backend, telemetry, "").await
+}
+
+async fn start_edge_with(backend: &str, telemetry: &str, extra: &str) -> Edge {
     let dir = tempfile::tempdir().unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -38,7 +42,7 @@ async fn start_edge(backend: &str, telemetry: &str) -> Edge {
     std::fs::write(
         &file,
         format!(
-            "hostname = \"edge.test\"\n[telemetry]\n{telemetry}\n[admin]\naddress = \"{admin}\"\n[[listener]]\naddress = \"{addr}\"\ntls = \"starttls\"\n[[backend]]\naddress = \"{backend}\"\n"
+            "hostname = \"edge.test\"\n{extra}\n[telemetry]\n{telemetry}\n[admin]\naddress = \"{admin}\"\n[[listener]]\naddress = \"{addr}\"\ntls = \"starttls\"\n[[backend]]\naddress = \"{backend}\"\n"
         ),
     )
     .unwrap();
@@ -242,4 +246,118 @@ async fn slow_collector_never_slows_mail() {
         .unwrap_or_else(|| panic!("no drop counter in {metrics}"));
     // 20 sessions of 3 spans against a queue of 8 and one slow export.
     assert!(dropped >= 20.0, "dropped {dropped}");
+}
+
+/// A 4xx/5xx the proxy itself gives names the session's trace: here the
+/// proxy's own 550 for a bare LF (SMTP smuggling defence).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_refusals_carry_the_trace_id() {
+    let rx = Receiver::grpc().await;
+    let rec = Recorder::start(Script::default()).await;
+    let edge = start_edge(&rec.addr, &format!("otlp_endpoint = \"{}\"", rx.endpoint)).await;
+    let mut c = Raw::greeted(edge.addr).await;
+    assert_eq!(c.cmd("EHLO refused.client.test").await.code, 250);
+    let r = transaction(&mut c, b"Subject: x\r\n\r\nbare\nLF\r\n").await;
+    assert_eq!(r.code, 550, "{r:?}");
+    assert_eq!(c.cmd("QUIT").await.code, 221);
+    let id = r
+        .text
+        .rsplit_once("(trace ")
+        .map(|(_, t)| t.trim_end_matches(')').to_string())
+        .unwrap_or_else(|| panic!("no trace id in {r:?}"));
+    let spans = rx
+        .wait(Duration::from_secs(15), |s| {
+            s.iter()
+                .any(|x| x.name == "smtp.transaction" && x.trace_id == id)
+        })
+        .await;
+    let t = spans
+        .iter()
+        .find(|x| x.name == "smtp.transaction" && x.trace_id == id)
+        .unwrap_or_else(|| panic!("no transaction span in trace {id}: {spans:?}"));
+    assert_eq!(t.attr("smtp.reply.code"), Some("550"));
+    assert_eq!(t.attr("error.type"), Some("550"));
+    assert!(rec.messages().is_empty());
+}
+
+/// The admission's DNS work belongs to the session's trace: the PTR lookup
+/// and its forward confirmation start at accept as `dns.lookup` children
+/// of `smtp.session`, with `cache.hit` false the first time and true when
+/// the same client comes back; a DNSBL zone gets its own span.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_lookups_are_spans_of_the_session() {
+    let dns = dns::TestDns::standard().await;
+    let rx = Receiver::grpc().await;
+    let rec = Recorder::start(Script::default()).await;
+    let policy = format!(
+        "[policy.rdns]\nlookup = true\n[policy.dnsbl]\naction = \"observe\"\nthreshold = 1\n[[policy.dnsbl.zone]]\nname = \"bl.test\"\nweight = 1\n[policy.dns]\nnameservers = [\"{}\"]\ntimeout = 0.5\nattempts = 1",
+        dns.addr
+    );
+    let edge = start_edge_with(
+        &rec.addr,
+        &format!("otlp_endpoint = \"{}\"", rx.endpoint),
+        &policy,
+    )
+    .await;
+    for _ in 0..2 {
+        let src: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+        let mut c = Raw::connect_from(src, edge.addr).await;
+        assert_eq!(c.reply().await.code, 220);
+        assert_eq!(c.cmd("EHLO dns.client.test").await.code, 250);
+        assert_eq!(
+            transaction(&mut c, b"Subject: d\r\n\r\nd\r\n").await.code,
+            250
+        );
+        assert_eq!(c.cmd("QUIT").await.code, 221);
+    }
+    let spans = rx
+        .wait(Duration::from_secs(15), |s| {
+            s.iter()
+                .filter(|x| {
+                    x.name == "smtp.session" && x.attr("client.address") == Some("127.0.0.2")
+                })
+                .count()
+                >= 2
+        })
+        .await;
+    let sessions: Vec<&Got> = spans
+        .iter()
+        .filter(|s| s.name == "smtp.session" && s.attr("client.address") == Some("127.0.0.2"))
+        .collect();
+    assert_eq!(sessions.len(), 2, "{spans:#?}\n{}", edge.log());
+    // (The start-up probe of the port, from 127.0.0.1, has its own.)
+    let ours = |x: &&Got| sessions.iter().any(|s| s.trace_id == x.trace_id);
+    let mut rdns: Vec<&Got> = spans
+        .iter()
+        .filter(|x| x.name == "dns.lookup" && x.attr("dns.lookup.kind") == Some("rdns"))
+        .filter(ours)
+        .collect();
+    assert_eq!(rdns.len(), 2, "{spans:#?}");
+    for r in &rdns {
+        let parent = by_id(&spans, &r.parent).expect("rdns span's parent");
+        assert_eq!(parent.name, "smtp.session", "{r:?}");
+        assert_eq!(r.attr("dns.question.type"), Some("PTR"));
+        assert_eq!(r.attr("dns.verdict"), Some("pass"), "{r:?}");
+    }
+    // First lookup asked DNS (with a forward confirmation under it), the
+    // second came from the cache.
+    rdns.sort_by_key(|r| r.attr("cache.hit") == Some("true"));
+    assert_eq!(rdns[0].attr("cache.hit"), Some("false"), "{rdns:?}");
+    assert_eq!(rdns[1].attr("cache.hit"), Some("true"), "{rdns:?}");
+    let fwd: Vec<&Got> = spans
+        .iter()
+        .filter(|x| x.attr("dns.lookup.kind") == Some("fcrdns_forward"))
+        .filter(ours)
+        .collect();
+    assert_eq!(fwd.len(), 1, "{spans:#?}");
+    assert_eq!(fwd[0].parent, rdns[0].span_id);
+    assert_eq!(fwd[0].attr("dns.question.name"), Some("good.example.test"));
+    let bl: Vec<&Got> = spans
+        .iter()
+        .filter(|x| x.attr("dns.lookup.kind") == Some("dnsbl"))
+        .filter(ours)
+        .collect();
+    assert!(!bl.is_empty(), "{spans:#?}");
+    assert_eq!(bl[0].attr("dns.zone"), Some("bl.test"));
+    assert_eq!(bl[0].attr("dns.verdict"), Some("not_listed"));
 }

@@ -34,6 +34,7 @@ use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 use hickory_resolver::{NameServerPool, PoolContext, TlsConfig};
 use moka::future::Cache;
 use moka::Expiry;
+use tracing::Instrument;
 
 use super::settings::{parse_code_range, DnsConfig, DnsblConfig, RdnsConfig};
 
@@ -48,6 +49,18 @@ pub enum Rdns {
     Mismatch(Arc<str>),
     /// SERVFAIL, timeout, or any other temporary failure.
     TempError,
+}
+
+impl Rdns {
+    /// The outcome's name in spans and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Rdns::Pass(_) => "pass",
+            Rdns::NoPtr => "no_ptr",
+            Rdns::Mismatch(_) => "mismatch",
+            Rdns::TempError => "temp_error",
+        }
+    }
 }
 
 /// DNSBL/DNSWL outcome for one client address.
@@ -321,14 +334,18 @@ impl Dns {
     /// FCrDNS for `ip`, cached; concurrent calls for one address share one lookup.
     pub async fn rdns(&self, ip: IpAddr) -> Rdns {
         let ip = ip.to_canonical();
-        cached(
+        let span = lookup_span("rdns", "PTR", None);
+        let v = cached(
             &self.rdns_cache,
             ip,
             &self.rdns_hits,
             &self.rdns_misses,
             self.rdns_lookup(ip),
         )
-        .await
+        .instrument(span.clone())
+        .await;
+        span.record("dns.verdict", v.name());
+        v
     }
 
     /// Every configured zone queried in parallel, each answer cached.
@@ -360,6 +377,7 @@ impl Dns {
         let Some((key, qname)) = helo_key(name) else {
             return Resolves::No;
         };
+        let span = lookup_span("helo", "A/AAAA/MX", Some(name));
         cached(
             &self.helo_cache,
             key,
@@ -367,6 +385,7 @@ impl Dns {
             &self.helo_misses,
             self.helo_lookup(qname),
         )
+        .instrument(span)
         .await
     }
 
@@ -431,9 +450,14 @@ impl Dns {
             RecordType::AAAA
         };
         let forward = join_all(names.iter().map(|n| {
+            let span = lookup_span(
+                "fcrdns_forward",
+                rtype.to_string().as_str(),
+                Some(&display_name(n)),
+            );
             let mut n = n.clone();
             n.set_fqdn(true);
-            self.query(n, rtype)
+            self.query(n, rtype).instrument(span)
         }))
         .await;
         let mut ttl = ptr_ttl;
@@ -467,7 +491,9 @@ impl Dns {
 
     async fn zone_verdict(&self, i: usize, z: &Zone, ip: IpAddr, labels: &str) -> Option<Ipv4Addr> {
         let idx = u32::try_from(i).ok()?;
-        cached(
+        let span = lookup_span("dnsbl", "A", None);
+        span.record("dns.zone", &*z.name);
+        let listed = cached(
             &self.dnsbl_cache,
             (idx, ip),
             &self.dnsbl_hits,
@@ -491,7 +517,17 @@ impl Dns {
                 }
             },
         )
-        .await
+        .instrument(span.clone())
+        .await;
+        span.record(
+            "dns.verdict",
+            if listed.is_some() {
+                "listed"
+            } else {
+                "not_listed"
+            },
+        );
+        listed
     }
 
     async fn helo_lookup(&self, qname: Name) -> (Resolves, Duration) {
@@ -645,7 +681,23 @@ where
     } else {
         hits.fetch_add(1, Ordering::Relaxed);
     }
+    tracing::Span::current().record("cache.hit", !ran);
     entry.value
+}
+
+/// A `dns.lookup` span: what is looked up (`kind`: rdns, fcrdns_forward,
+/// dnsbl, helo), the record type, the name when it is not the client's
+/// address, and (recorded later) whether the cache answered.
+fn lookup_span(kind: &'static str, rtype: &str, name: Option<&str>) -> tracing::Span {
+    tracing::info_span!(
+        "dns.lookup",
+        "dns.lookup.kind" = kind,
+        "dns.question.type" = rtype,
+        "dns.question.name" = name,
+        "dns.zone" = tracing::field::Empty,
+        "dns.verdict" = tracing::field::Empty,
+        "cache.hit" = tracing::field::Empty,
+    )
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tracing::Instrument;
 
 use arc_swap::ArcSwap;
 use ipnet::IpNet;
@@ -431,11 +432,15 @@ impl Generation {
         if let Some(dns) = &self.dns {
             if self.cfg.rdns.lookup {
                 let d = dns.clone();
-                client.rdns = Pending::Running(tokio::spawn(async move { d.rdns(ip).await }));
+                client.rdns = Pending::Running(tokio::spawn(
+                    async move { d.rdns(ip).await }.in_current_span(),
+                ));
             }
             if self.cfg.dnsbl.action.runs() && !allowed {
                 let d = dns.clone();
-                client.dnsbl = Pending::Running(tokio::spawn(async move { d.dnsbl(ip).await }));
+                client.dnsbl = Pending::Running(tokio::spawn(
+                    async move { d.dnsbl(ip).await }.in_current_span(),
+                ));
             }
         }
         // Nothing to wait for: the connect phase is already settled.

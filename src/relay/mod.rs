@@ -15,6 +15,7 @@ use std::time::Duration;
 use crate::config::{Config, IdentityMode};
 use crate::metrics::Metrics;
 use crate::smtp::{Body, EnhancedCode, MailParams, Reply};
+use crate::telemetry::own;
 use client::{identity_commands, BackendError, ClientIdentity};
 use maildir::{Maildir, MaildirWriter};
 use pool::{Pool, PoolSettings, PoolStat, PooledConn, Wait};
@@ -33,7 +34,7 @@ pub struct Relay {
 }
 
 fn temp_failure(text: &str) -> Reply {
-    Reply::new(451, EnhancedCode(4, 4, 1), text)
+    own(Reply::new(451, EnhancedCode(4, 4, 1), text))
 }
 
 /// A backend's 421 (it is closing the connection) as the client hears it:
@@ -43,16 +44,16 @@ fn closing_to_451(r: &Reply) -> Reply {
     if let Some(first) = r.lines.first().filter(|l| !l.is_empty()) {
         out.lines[0] = format!("Backend closed the connection: {first}");
     }
-    out
+    own(out)
 }
 
 /// The reply a client gets when the backend failed before its final word.
 pub fn backend_lost() -> Reply {
-    Reply::new(
+    own(Reply::new(
         451,
         EnhancedCode(4, 4, 2),
         "Backend connection lost, try again later",
-    )
+    ))
 }
 
 impl Relay {
@@ -217,11 +218,11 @@ impl Relay {
         };
         match self.begin_smtp(i, id, Wait::Yes).await {
             Ok(txn) => Ok(txn),
-            Err(BackendError::Exhausted) => Err(Reply::new(
+            Err(BackendError::Exhausted) => Err(own(Reply::new(
                 451,
                 EnhancedCode(4, 4, 5),
                 "All backend connections busy, try again later",
-            )),
+            ))),
             Err(_) => Err(temp_failure("No backend available, try again later")),
         }
     }
