@@ -57,6 +57,7 @@ fn pool(c: &mut Criterion) {
             down_after: 3,
             probe_interval: Duration::from_secs(2),
             probe_interval_max: Duration::from_secs(60),
+            generation: 1,
         },
         smtp_edge::metrics::Metrics::new().backend("bench"),
     );

@@ -1,7 +1,9 @@
 //! The admin HTTP listener (`[admin] address`): `/metrics` (Prometheus
-//! text), `/livez` (the process runs) and `/readyz` (listeners bound, a
-//! backend in rotation, not draining). HTTP/1.1 by hyper; what the answers
-//! say comes from `metrics` and `relay`, this module only serves them.
+//! text), `/livez` (the process runs), `/readyz` (listeners bound, a
+//! backend in rotation, not draining) and `POST /reload` (re-read the
+//! config file, as SIGHUP does; `smtp-edge reload` calls it). HTTP/1.1 by
+//! hyper; what the answers say comes from `metrics`, `relay` and the
+//! reload hook, this module only serves them.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,11 +22,17 @@ use tokio::sync::watch;
 use crate::metrics::Metrics;
 use crate::relay::Relay;
 
+/// Re-reads the configuration and applies it: Ok, or every error.
+pub type ReloadHook = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
 /// What the endpoints read.
 #[derive(Clone)]
 pub struct AdminState {
+    /// `POST /reload`; None: the endpoint answers 501.
+    pub reload: Option<ReloadHook>,
     pub metrics: Arc<Metrics>,
-    pub relay: Arc<Relay>,
+    /// The current backends (a reload may swap them).
+    pub relays: Arc<arc_swap::ArcSwap<Relay>>,
     /// Set when shutdown begins: `/readyz` answers 503 from then on.
     pub draining: Arc<AtomicBool>,
 }
@@ -35,7 +43,7 @@ impl AdminState {
         if self.draining.load(Ordering::Acquire) {
             return Err("draining");
         }
-        if !self.relay.backends_up().into_iter().any(|up| up) {
+        if !self.relays.load().backends_up().into_iter().any(|up| up) {
             return Err("no backend in rotation");
         }
         Ok(())
@@ -52,7 +60,26 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r
 }
 
-fn answer(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+async fn answer(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/reload" {
+        if req.method() != Method::POST {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "POST only\n");
+        }
+        let Some(hook) = state.reload.clone() else {
+            return text(
+                StatusCode::NOT_IMPLEMENTED,
+                "no configuration file to reload\n",
+            );
+        };
+        return match tokio::task::spawn_blocking(move || hook()).await {
+            Ok(Ok(())) => text(StatusCode::OK, "reloaded\n"),
+            Ok(Err(e)) => text(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("reload refused; the running configuration stays:\n{e}\n"),
+            ),
+            Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "reload failed\n"),
+        };
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
     }
@@ -94,8 +121,8 @@ pub async fn serve(listener: TcpListener, state: AdminState, mut stop: watch::Re
         let state = state.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let r = answer(&state, &req);
-                async move { Ok::<_, Infallible>(r) }
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(answer(&state, &req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc);

@@ -1,6 +1,7 @@
 //! The `smtp-edge` command: run the proxy (on a config file or the embedded
 //! default) or check a configuration file. SIGTERM / Ctrl-C stop it
-//! gracefully; SIGHUP reloads the `[policy]` section of the config file.
+//! gracefully; SIGHUP (or `smtp-edge reload`, through the admin listener)
+//! re-reads the config file and applies what can change while running.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -30,6 +31,16 @@ struct Cli {
 enum Cmd {
     /// Validate a configuration file; prints every error with key and line.
     CheckConfig { path: PathBuf },
+    /// Ask the running proxy to re-read its configuration file (as SIGHUP
+    /// does), through its admin listener: the address given, or `[admin]
+    /// address` of the --config file. Exit 0 when the new configuration
+    /// was taken, 1 when it was refused (the errors are printed), 2 when
+    /// the proxy could not be asked.
+    Reload {
+        /// The admin listener, host:port.
+        #[arg(long)]
+        admin: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -45,6 +56,9 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         };
+    }
+    if let Some(Cmd::Reload { admin }) = &cli.command {
+        return ask_reload(admin.as_deref(), cli.config.as_deref());
     }
     let cfg = match &cli.config {
         Some(p) => match Config::load(p) {
@@ -81,13 +95,17 @@ fn main() -> ExitCode {
                 None
             }
         };
-        let server = match Server::bind(cfg).await {
+        let mut server = match Server::bind(cfg).await {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("{e}");
                 return ExitCode::FAILURE;
             }
         };
+        if let Some(path) = cli.config.clone() {
+            let reloader = server.reload_handle();
+            server.set_reload_hook(std::sync::Arc::new(move || reload(&path, &reloader)));
+        }
         if let Some(hup) = hup {
             tokio::spawn(reload_on_sighup(hup, cli.config, server.reload_handle()));
         }
@@ -103,7 +121,9 @@ fn main() -> ExitCode {
 async fn reload_on_sighup(mut hup: Signal, path: Option<PathBuf>, reloader: Reloader) {
     while hup.recv().await.is_some() {
         match &path {
-            Some(path) => reload(path, &reloader),
+            Some(path) => {
+                let _ = reload(path, &reloader);
+            }
             None => tracing::info!(
                 "SIGHUP: running the embedded default configuration; nothing to reload"
             ),
@@ -111,8 +131,11 @@ async fn reload_on_sighup(mut hup: Signal, path: Option<PathBuf>, reloader: Relo
     }
 }
 
-fn reload(path: &Path, reloader: &Reloader) {
-    tracing::info!(file = %path.display(), "SIGHUP: reloading the policy");
+/// Re-reads `path` and applies it; an invalid file or a part that cannot
+/// be applied (a certificate that does not load) changes nothing. Logged
+/// either way; Err carries the errors, one per line.
+fn reload(path: &Path, reloader: &Reloader) -> Result<(), String> {
+    tracing::info!(file = %path.display(), "reloading the configuration");
     let cfg = match Config::load(path) {
         Ok(c) => c,
         Err(errs) => {
@@ -122,17 +145,86 @@ fn reload(path: &Path, reloader: &Reloader) {
             tracing::error!(
                 file = %path.display(),
                 errors = errs.errors.len(),
-                "reload refused: invalid configuration; keeping the running policy"
+                "reload refused: invalid configuration; keeping the running one"
             );
-            return;
+            return Err(errs.to_string());
         }
     };
     match reloader.reload(&cfg) {
-        Ok(()) => tracing::info!(file = %path.display(), "policy reloaded"),
-        Err(e) => tracing::error!(
-            file = %path.display(),
-            "reload failed: {e}; keeping the running policy"
-        ),
+        Ok(()) => {
+            tracing::info!(file = %path.display(), "configuration reloaded");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(
+                file = %path.display(),
+                "reload refused: {e}; keeping the running configuration"
+            );
+            Err(e)
+        }
+    }
+}
+
+/// `smtp-edge reload`: POST /reload to the admin listener.
+fn ask_reload(admin: Option<&str>, config: Option<&Path>) -> ExitCode {
+    use std::io::{Read, Write};
+    let addr = match (admin, config) {
+        (Some(a), _) => a.to_string(),
+        (None, Some(p)) => match Config::load(p) {
+            Ok(c) => match c.admin {
+                Some(a) => a.address.to_string(),
+                None => {
+                    eprintln!("{}: no [admin] address to ask; give --admin", p.display());
+                    return ExitCode::from(2);
+                }
+            },
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(2);
+            }
+        },
+        (None, None) => {
+            eprintln!("smtp-edge reload: give --admin HOST:PORT or --config FILE");
+            return ExitCode::from(2);
+        }
+    };
+    let ask = || -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect(&addr)?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
+        write!(
+            s,
+            "POST /reload HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    };
+    let answer = match ask() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("smtp-edge reload: cannot ask {addr}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head.split_whitespace().nth(1).unwrap_or("");
+    match status {
+        "200" => {
+            print!("{body}");
+            ExitCode::SUCCESS
+        }
+        "422" => {
+            eprint!("{body}");
+            ExitCode::from(1)
+        }
+        _ => {
+            eprintln!(
+                "smtp-edge reload: {addr} answered {}",
+                head.lines().next().unwrap_or("")
+            );
+            eprint!("{body}");
+            ExitCode::from(2)
+        }
     }
 }
 

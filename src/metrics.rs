@@ -6,7 +6,7 @@
 //! names, reply classes, TLS versions and configured backend addresses,
 //! never a client address, domain or envelope address.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -71,7 +71,7 @@ pub struct Metrics {
     backend_pool_wait: Family<Labels, Histogram>,
     backend_reply: Family<Labels, Histogram>,
     registry: Registry,
-    live: Arc<OnceLock<Live>>,
+    live: Arc<std::sync::Mutex<Option<Live>>>,
 }
 
 impl Default for Metrics {
@@ -204,9 +204,10 @@ impl Metrics {
         }
     }
 
-    /// Lets a scrape read the policy and the pools; once, after both exist.
+    /// Lets a scrape read the policy and the pools (again after a reload
+    /// replaced the backends).
     pub fn attach(&self, policy: Arc<Policy>, relay: Arc<Relay>) {
-        let _ = self.live.set(Live { policy, relay });
+        *self.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(Live { policy, relay });
     }
 
     /// A connection refused at accept by `check`.
@@ -260,7 +261,7 @@ impl std::fmt::Debug for Live {
 }
 
 #[derive(Debug)]
-struct LiveCollector(Arc<OnceLock<Live>>);
+struct LiveCollector(Arc<std::sync::Mutex<Option<Live>>>);
 
 fn counter(
     enc: &mut DescriptorEncoder,
@@ -290,7 +291,7 @@ fn gauge(
 
 impl Collector for LiveCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Some(live) = self.0.get() else {
+        let Some(live) = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
             return Ok(());
         };
         let mut verdicts = Vec::new();

@@ -8,6 +8,8 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
+
+use arc_swap::ArcSwap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -85,40 +87,108 @@ fn log_policy_totals(policy: &Policy) {
     }
 }
 
-/// Reloads the admission policy of a running [`Server`]; cloneable.
+/// Reloads a running [`Server`] (SIGHUP); cloneable.
 ///
-/// Only `[policy]` is applied. The other sections (hostname, listeners,
-/// TLS, limits, timeouts, SMTP, backends) keep their values from the start
-/// and a reload that changes them logs a warning naming them; the policy
-/// keeps the running hostname too. Sessions read the policy they were
-/// admitted under, never `Shared.cfg.policy` (which stays as started).
+/// Applied: `[policy]` (limiter state, counters and caches carried over),
+/// `[tls]` (the certificate files are read again even when the section is
+/// unchanged: renewal), `[[backend]]` and the backend timeouts (a new
+/// relay; the old one's idle connections get QUIT and its connections in
+/// use finish their transaction, then QUIT), `[limits]`, `[timeouts]`,
+/// `[smtp]`, `[telemetry] sample_ratio`. New connections get the new
+/// settings; a session keeps the limits, timeouts and TLS it started with
+/// and takes the current backends at each MAIL. `hostname`, listeners,
+/// `[admin]` and the rest of `[telemetry]` need a restart (logged). Nothing
+/// changes when any part fails.
 #[derive(Clone)]
 pub struct Reloader {
-    policy: Arc<Policy>,
-    running: Arc<Config>,
+    live: Arc<ArcSwap<Shared>>,
+    /// One reload at a time.
+    lock: Arc<std::sync::Mutex<()>>,
 }
 
 impl Reloader {
-    /// Applies `cfg.policy` (carrying the limiter state, counters and
-    /// caches over); warns about changed sections that need a restart. On
-    /// Err the running policy stays.
+    /// Applies `cfg`; on Err the running configuration stays whole.
     pub fn reload(&self, cfg: &Config) -> Result<(), String> {
-        let pending = needs_restart(&self.running, cfg);
+        let _one = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.live.load_full();
+        let running = &old.cfg;
+        let pending = needs_restart(running, cfg);
         if !pending.is_empty() {
             warn!(
                 sections = %pending.join(", "),
                 "reload: changed settings not applied; restart to apply"
             );
         }
-        self.policy
-            .reload(&cfg.policy, &self.running.hostname)
-            .map(drop)
+        // What a restart would take stays as running.
+        let mut next = cfg.clone();
+        next.hostname = running.hostname.clone();
+        next.listeners = running.listeners.clone();
+        next.admin = running.admin.clone();
+        let tls = tls_acceptor(&next).map_err(|e| format!("tls: {e}"))?;
+        let relay = if next.backends != running.backends || next.timeouts != running.timeouts {
+            let r = Relay::new(&next, &old.metrics).map_err(|e| format!("backend: {e}"))?;
+            Some(r)
+        } else {
+            None
+        };
+        old.policy
+            .reload(&next.policy, &running.hostname)
+            .map(drop)?;
+        crate::telemetry::set_sample_ratio(next.telemetry.sample_ratio);
+        let mut applied = vec!["policy", "tls"];
+        if let Some(r) = relay {
+            r.spawn_reaper();
+            let before = old.relays.swap(r.clone());
+            old.metrics.attach(old.policy.clone(), r.clone());
+            info!(
+                before = ?before.names(),
+                after = ?r.names(),
+                "reload: new backends; the old ones finish their transactions"
+            );
+            before.retire();
+            applied.push("backend");
+        }
+        for (name, same) in [
+            ("limits", next.limits == running.limits),
+            ("timeouts", next.timeouts == running.timeouts),
+            ("smtp", next.smtp == running.smtp),
+            ("telemetry", next.telemetry == running.telemetry),
+        ] {
+            if !same {
+                applied.push(name);
+            }
+        }
+        self.live.store(Arc::new(Shared {
+            cfg: Arc::new(next),
+            relays: old.relays.clone(),
+            tls,
+            policy: old.policy.clone(),
+            metrics: old.metrics.clone(),
+            shutdown: old.shutdown.clone(),
+        }));
+        info!(applied = %applied.join(", "), "reload: applied to new connections");
+        Ok(())
     }
 
     /// The policy it reloads.
-    pub fn policy(&self) -> &Arc<Policy> {
-        &self.policy
+    pub fn policy(&self) -> Arc<Policy> {
+        self.live.load().policy.clone()
     }
+}
+
+/// The TLS acceptor for `cfg` (certificate files read now), when a
+/// listener needs one.
+fn tls_acceptor(cfg: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, crate::tls::TlsError> {
+    if !cfg.listeners.iter().any(|l| l.tls != TlsMode::None) {
+        return Ok(None);
+    }
+    if cfg.tls.is_none() {
+        warn!(
+            "no [tls] configured: using a self-signed certificate for {}",
+            cfg.hostname
+        );
+    }
+    crate::tls::acceptor(cfg.tls.as_ref(), &cfg.hostname).map(Some)
 }
 
 /// The sections of `new` that differ from `running` and that a reload does
@@ -132,12 +202,13 @@ pub fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
     };
     check("hostname", running.hostname == new.hostname);
     check("listener", running.listeners == new.listeners);
-    check("tls", running.tls == new.tls);
-    check("limits", running.limits == new.limits);
-    check("timeouts", running.timeouts == new.timeouts);
-    check("smtp", running.smtp == new.smtp);
-    check("backend", running.backends == new.backends);
     check("admin", running.admin == new.admin);
+    let t = |c: &Config| {
+        let mut t = c.telemetry.clone();
+        t.sample_ratio = 0.0;
+        t
+    };
+    check("telemetry (all but sample_ratio)", t(running) == t(new));
     out
 }
 
@@ -145,26 +216,17 @@ pub fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
 pub struct Server {
     listeners: Vec<(TcpListener, Listener)>,
     admin: Option<TcpListener>,
-    shared: Arc<Shared>,
+    /// What new connections get; a reload swaps it.
+    live: Arc<ArcSwap<Shared>>,
     shutdown_tx: watch::Sender<bool>,
     draining: Arc<AtomicBool>,
+    reload_hook: Option<crate::admin::ReloadHook>,
 }
 
 impl Server {
     /// Binds every listener and prepares TLS and backends.
     pub async fn bind(cfg: Config) -> Result<Server, ServerError> {
-        let needs_tls = cfg.listeners.iter().any(|l| l.tls != TlsMode::None);
-        let tls = if needs_tls {
-            if cfg.tls.is_none() {
-                warn!(
-                    "no [tls] configured: using a self-signed certificate for {}",
-                    cfg.hostname
-                );
-            }
-            Some(crate::tls::acceptor(cfg.tls.as_ref(), &cfg.hostname)?)
-        } else {
-            None
-        };
+        let tls = tls_acceptor(&cfg)?;
         let mut listeners = Vec::new();
         for l in &cfg.listeners {
             let sock = listen(l.address, l.backlog).map_err(|err| ServerError::Bind {
@@ -200,16 +262,17 @@ impl Server {
         Ok(Server {
             listeners,
             admin,
-            shared: Arc::new(Shared {
+            live: Arc::new(ArcSwap::from_pointee(Shared {
                 cfg: Arc::new(cfg),
-                relay,
+                relays: Arc::new(ArcSwap::new(relay)),
                 tls,
                 policy,
                 metrics,
                 shutdown: shutdown_rx,
-            }),
+            })),
             shutdown_tx,
             draining: Arc::default(),
+            reload_hook: None,
         })
     }
 
@@ -223,25 +286,31 @@ impl Server {
 
     /// The admission policy (counters, limiters, DNS caches), reloadable.
     pub fn policy(&self) -> Arc<Policy> {
-        self.shared.policy.clone()
+        self.live.load().policy.clone()
     }
 
     /// A handle that reloads the policy while the server runs.
     pub fn reload_handle(&self) -> Reloader {
         Reloader {
-            policy: self.shared.policy.clone(),
-            running: self.shared.cfg.clone(),
+            live: self.live.clone(),
+            lock: Arc::default(),
         }
     }
 
-    /// Idle pooled connections per backend.
+    /// The current backends (a reload may replace them).
     pub fn relay(&self) -> Arc<Relay> {
-        self.shared.relay.clone()
+        self.live.load().relay()
     }
 
     /// The metrics (what `/metrics` serves).
     pub fn metrics(&self) -> Arc<Metrics> {
-        self.shared.metrics.clone()
+        self.live.load().metrics.clone()
+    }
+
+    /// What `POST /reload` on the admin listener runs (main.rs: re-read the
+    /// config file and apply it, as SIGHUP does).
+    pub fn set_reload_hook(&mut self, hook: crate::admin::ReloadHook) {
+        self.reload_hook = Some(hook);
     }
 
     /// The admin listener's address, when `[admin]` is configured.
@@ -254,11 +323,13 @@ impl Server {
         let Server {
             listeners,
             admin,
-            shared,
+            live,
             shutdown_tx,
             draining,
+            reload_hook,
         } = self;
-        shared.relay.spawn_reaper();
+        let shared = live.load_full();
+        shared.relay().spawn_reaper();
         shared.policy.start();
         let (admin_stop, admin_stop_rx) = watch::channel(false);
         if let Some(l) = admin {
@@ -266,8 +337,9 @@ impl Server {
                 info!(address = %a, "admin listening (/metrics, /livez, /readyz)");
             }
             let state = crate::admin::AdminState {
+                reload: reload_hook,
                 metrics: shared.metrics.clone(),
-                relay: shared.relay.clone(),
+                relays: shared.relays.clone(),
                 draining: draining.clone(),
             };
             tokio::spawn(crate::admin::serve(l, state, admin_stop_rx));
@@ -278,7 +350,7 @@ impl Server {
             if let Ok(a) = sock.local_addr() {
                 info!(address = %a, tls = ?listener.tls, "listening");
             }
-            let shared = shared.clone();
+            let live = live.clone();
             let done = done_tx.clone();
             let mut sd = shutdown_tx.subscribe();
             accepts.push(tokio::spawn(async move {
@@ -286,12 +358,12 @@ impl Server {
                     tokio::select! {
                         r = sock.accept() => match r {
                             Ok((stream, peer)) => {
+                                let shared = live.load_full();
                                 let span = session::session_span(peer);
                                 // Admission's lookups start in this span.
                                 let admitted = span.in_scope(|| shared.policy.admit(peer.ip()));
                                 match admitted {
                                 Ok(pol) => {
-                                    let shared = shared.clone();
                                     let done = done.clone();
                                     tokio::spawn(async move {
                                         let m = shared.metrics.clone();
@@ -338,11 +410,12 @@ impl Server {
         for a in accepts {
             let _ = a.await;
         }
+        let shared = live.load_full();
         let grace = Duration::from_secs_f64(shared.cfg.timeouts.shutdown_grace);
         if tokio::time::timeout(grace, done_rx.recv()).await.is_err() {
             warn!("shutdown grace period over; closing remaining sessions");
         }
-        shared.relay.close_idle().await;
+        shared.relay().close_idle().await;
         log_policy_totals(&shared.policy);
         let _ = admin_stop.send(true);
         info!("stopped");

@@ -25,11 +25,21 @@ use crate::smtp::{self, BareLineEndings, Command, DataOptions, DataScanner, Repl
 /// What every session shares: configuration, backends, TLS, shutdown signal.
 pub struct Shared {
     pub cfg: Arc<Config>,
-    pub relay: Arc<Relay>,
+    /// The current backends: a reload of `[[backend]]` swaps it, and each
+    /// new transaction takes the current one (a session keeps the rest of
+    /// its `Shared`).
+    pub relays: Arc<arc_swap::ArcSwap<Relay>>,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub policy: Arc<Policy>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub shutdown: watch::Receiver<bool>,
+}
+
+impl Shared {
+    /// The backends new transactions go to.
+    pub fn relay(&self) -> Arc<Relay> {
+        self.relays.load_full()
+    }
 }
 
 /// The listener a session came in on.
@@ -845,11 +855,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.shared.cfg.telemetry.record_addresses {
             span.record("smtp.mail_from", from);
         }
-        let begin = self
-            .shared
-            .relay
-            .begin(id, dedicated)
-            .instrument(span.clone());
+        let relay = self.shared.relay();
+        let begin = relay.begin(id, dedicated).instrument(span.clone());
         let Some(begun) = Box::pin(while_client_stays(&mut self.io, &mut self.inbuf, begin)).await
         else {
             self.client_gone = true;
@@ -1219,12 +1226,13 @@ mod size_probe {
             .unwrap();
             let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
             let relay = crate::relay::Relay::new(&cfg, &metrics).unwrap();
+            let relays = std::sync::Arc::new(arc_swap::ArcSwap::new(relay));
             let (_tx, rx) = tokio::sync::watch::channel(false);
             let policy = crate::policy::Policy::new(&cfg.policy, &cfg.hostname).unwrap();
             let pol = policy.admit(a.ip()).unwrap();
             let shared = std::sync::Arc::new(super::Shared {
                 cfg: std::sync::Arc::new(cfg),
-                relay,
+                relays,
                 tls: None,
                 policy,
                 metrics,

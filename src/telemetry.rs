@@ -136,9 +136,10 @@ fn provider(cfg: &TelemetryConfig, ep: &str) -> Result<SdkTracerProvider, String
             inflight,
             capacity: cfg.export_queue,
         })
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-            cfg.sample_ratio,
-        ))))
+        .with_sampler(Sampler::ParentBased(Box::new({
+            set_sample_ratio(cfg.sample_ratio);
+            Ratio
+        })))
         .with_resource(
             Resource::builder()
                 .with_service_name(cfg.service_name.clone())
@@ -244,5 +245,32 @@ pub fn own_text(code: u16, text: &str) -> std::borrow::Cow<'_, str> {
     {
         Some(id) => format!("{text} (trace {id})").into(),
         None => text.into(),
+    }
+}
+
+/// The share of new traces sampled, as f64 bits; a reload changes it.
+static RATIO: AtomicU64 = AtomicU64::new(0x3FF0_0000_0000_0000); // 1.0
+
+/// Sets the share of new traces sampled (0.0 to 1.0), at once.
+pub fn set_sample_ratio(r: f64) {
+    RATIO.store(r.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
+}
+
+/// Trace-id ratio sampling with a ratio that a reload can change.
+#[derive(Debug, Clone)]
+struct Ratio;
+
+impl opentelemetry_sdk::trace::ShouldSample for Ratio {
+    fn should_sample(
+        &self,
+        parent: Option<&Context>,
+        trace_id: opentelemetry::trace::TraceId,
+        name: &str,
+        kind: &opentelemetry::trace::SpanKind,
+        attributes: &[opentelemetry::KeyValue],
+        links: &[opentelemetry::trace::Link],
+    ) -> opentelemetry_sdk::trace::SamplingResult {
+        let r = f64::from_bits(RATIO.load(Ordering::Relaxed));
+        Sampler::TraceIdRatioBased(r).should_sample(parent, trace_id, name, kind, attributes, links)
     }
 }

@@ -253,7 +253,7 @@ async fn sighup_reloads_the_binary_and_keeps_it_on_errors() {
             "the log does not name `{key}` at line {line}:\n{text}"
         );
     }
-    assert!(!text.contains("policy reloaded"), "{text}");
+    assert!(!text.contains("configuration reloaded"), "{text}");
     assert!(proc.0.try_wait().unwrap().is_none(), "SIGHUP stopped it");
     let _still = greeted_from("127.0.0.21", addr).await;
 
@@ -264,7 +264,7 @@ async fn sighup_reloads_the_binary_and_keeps_it_on_errors() {
     )
     .unwrap();
     signal(&proc.0, "-HUP");
-    wait_log("policy reloaded", 1).await;
+    wait_log("configuration reloaded", 1).await;
     let (_c, g) = first_reply("127.0.0.21", addr).await;
     assert_eq!(g.code, 554, "{g:?}");
     // The session open through both reloads delivers.

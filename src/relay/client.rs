@@ -78,6 +78,8 @@ pub struct BackendConn {
     pub needs_rset: bool,
     /// Index of the backend this connection belongs to.
     pub backend: usize,
+    /// Generation of the relay whose pool it belongs to.
+    pub generation: u64,
     pub peer: String,
     pub(crate) _permit: Option<OwnedSemaphorePermit>,
     pub(crate) idle_since: Instant,
@@ -128,6 +130,7 @@ impl BackendConn {
             txns: 0,
             needs_rset: false,
             backend,
+            generation: 0,
             peer: addr.to_string(),
             _permit: None,
             idle_since: Instant::now(),

@@ -8,7 +8,7 @@ pub mod maildir;
 pub mod pool;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,10 +25,19 @@ enum Backend {
     Maildir(Maildir),
 }
 
+/// Relays made so far in this process: each gets its own generation, and
+/// its connections carry it.
+static GENERATIONS: AtomicU64 = AtomicU64::new(1);
+
 /// All configured backends.
 pub struct Relay {
     backends: Vec<Backend>,
     next: AtomicUsize,
+    /// This relay's generation (a reload of `[[backend]]` makes a new one).
+    generation: u64,
+    /// Replaced by a reload: connections are QUIT after their transaction
+    /// instead of pooled.
+    retired: std::sync::atomic::AtomicBool,
     command_timeout: Duration,
     data_end_timeout: Duration,
 }
@@ -59,6 +68,7 @@ pub fn backend_lost() -> Reply {
 impl Relay {
     pub fn new(cfg: &Config, metrics: &Metrics) -> std::io::Result<Arc<Relay>> {
         let t = &cfg.timeouts;
+        let generation = GENERATIONS.fetch_add(1, Ordering::Relaxed);
         let mut backends = Vec::new();
         for (i, b) in cfg.backends.iter().enumerate() {
             if let Some(addr) = &b.address {
@@ -77,6 +87,7 @@ impl Relay {
                             down_after: b.down_after,
                             probe_interval: Duration::from_secs_f64(b.probe_interval),
                             probe_interval_max: Duration::from_secs_f64(b.probe_interval_max),
+                            generation,
                         },
                         metrics.backend(addr),
                     ),
@@ -89,6 +100,8 @@ impl Relay {
         Ok(Arc::new(Relay {
             backends,
             next: AtomicUsize::new(0),
+            generation,
+            retired: std::sync::atomic::AtomicBool::new(false),
             command_timeout: Duration::from_secs_f64(t.backend_command),
             data_end_timeout: Duration::from_secs_f64(t.backend_data_end),
         }))
@@ -109,6 +122,25 @@ impl Relay {
                 }
             }
         });
+    }
+
+    /// Takes this relay out of service after a reload replaced it: idle
+    /// connections get QUIT now, those in use after their transaction.
+    pub fn retire(self: &Arc<Self>) {
+        self.retired.store(true, Ordering::Release);
+        let me = self.clone();
+        tokio::spawn(async move { me.close_idle().await });
+    }
+
+    /// The backend addresses (or Maildir paths), in configuration order.
+    pub fn names(&self) -> Vec<String> {
+        self.backends
+            .iter()
+            .map(|b| match b {
+                Backend::Smtp { pool, .. } => pool.settings.addr.clone(),
+                Backend::Maildir(md) => md.root().display().to_string(),
+            })
+            .collect()
     }
 
     /// QUITs all idle backend connections.
@@ -171,6 +203,15 @@ impl Relay {
         id: &ClientIdentity,
         dedicated: Option<PooledConn>,
     ) -> Result<Txn, Reply> {
+        // A session's XCLIENT connection from before a reload of the
+        // backends belongs to the old relay: let it go.
+        let dedicated = match dedicated {
+            Some(c) if c.generation != self.generation => {
+                tokio::spawn(c.quit());
+                None
+            }
+            other => other,
+        };
         if let Some(conn) = dedicated {
             if conn.idle_ok() {
                 return Ok(Txn::smtp(self.clone(), conn, false, true));
@@ -747,6 +788,10 @@ impl Txn {
                 c.needs_rset = true;
             }
             let pool = self.relay.pool(c.backend);
+            if self.relay.retired.load(Ordering::Acquire) {
+                tokio::spawn(c.quit());
+                return None;
+            }
             if *dedicated {
                 // Others waiting for this backend's slots: give this one up
                 // (the session says XCLIENT again on its next MAIL).

@@ -41,6 +41,8 @@ pub struct PoolSettings {
     /// First wait before probing a down backend; doubles up to the max.
     pub probe_interval: Duration,
     pub probe_interval_max: Duration,
+    /// The relay generation its connections belong to.
+    pub generation: u64,
 }
 
 /// A pool's state at one moment (for metrics).
@@ -144,6 +146,7 @@ impl managed::Manager for Manager {
         .map_err(|_| BackendError::Closed)?;
         let mut conn = self.connect().await?;
         conn._permit = Some(permit);
+        conn.generation = self.settings.generation;
         Ok(conn)
     }
 
@@ -305,6 +308,7 @@ impl Pool {
         let permit = conn._permit.take();
         let mut fresh = self.inner.manager().connect().await?;
         fresh._permit = permit;
+        fresh.generation = self.settings.generation;
         *conn.deref_mut() = fresh;
         Ok(())
     }

@@ -1,0 +1,271 @@
+//! Reload beyond the policy: a renewed certificate served to new handshakes
+//! while an open TLS session goes on, a broken certificate file keeping the
+//! running one, backends replaced (the removed one's transactions finish,
+//! its connections get QUIT), and limits that apply to new sessions only.
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+
+type Tls = tokio_rustls::client::TlsStream<TcpStream>;
+
+fn tls_config(dir: &Path, backend: &str, extra: &str) -> String {
+    format!(
+        "hostname = \"edge.test\"\n{extra}\n[tls]\ncertificate = \"{}\"\nprivate_key = \"{}\"\n[[listener]]\naddress = \"127.0.0.1:0\"\ntls = \"starttls\"\n[[backend]]\naddress = \"{backend}\"\n",
+        dir.join("cert.pem").display(),
+        dir.join("key.pem").display()
+    )
+}
+
+fn der_of(pem: &Path) -> Vec<u8> {
+    CertificateDer::from_pem_file(pem).unwrap().to_vec()
+}
+
+/// Greeting, EHLO, STARTTLS and the handshake; the client and the
+/// certificate the proxy presented.
+async fn starttls(addr: SocketAddr) -> (Raw<Tls>, Vec<u8>) {
+    let mut c = Raw::greeted(addr).await;
+    assert_eq!(c.cmd("EHLO tls.client.test").await.code, 250);
+    assert_eq!(c.cmd("STARTTLS").await.code, 220);
+    let (stream, _) = c.into_parts();
+    let connector = tokio_rustls::TlsConnector::from(smtp_load::tls::client_config(false).unwrap());
+    let tls = connector
+        .connect(ServerName::try_from("edge.test").unwrap(), stream)
+        .await
+        .expect("TLS handshake");
+    let cert = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    let mut c = Raw::from_parts(tls, Vec::new());
+    assert_eq!(c.cmd("EHLO tls.client.test").await.code, 250);
+    (c, cert)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewed_certificate_served_after_reload_open_session_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = Recorder::start(Script::default()).await;
+    write_cert(dir.path(), "edge.test");
+    let old = der_of(&dir.path().join("cert.pem"));
+    let cfg = tls_config(dir.path(), &rec.addr, "");
+    let proxy = Proxy::start(&cfg).await;
+    let (mut open, seen) = starttls(proxy.addr).await;
+    assert_eq!(seen, old);
+
+    // Renewal: new files in place, then SIGHUP (same config text).
+    write_cert(dir.path(), "edge.test");
+    let new = der_of(&dir.path().join("cert.pem"));
+    assert_ne!(old, new);
+    proxy.reload(&cfg).unwrap();
+    let (mut fresh, seen) = starttls(proxy.addr).await;
+    assert_eq!(
+        seen, new,
+        "a handshake after the reload sees the new certificate"
+    );
+
+    // Both sessions deliver: the open one on the TLS session it had.
+    assert_eq!(
+        transaction(&mut open, b"Subject: old\r\n\r\nold\r\n")
+            .await
+            .code,
+        250
+    );
+    assert_eq!(
+        transaction(&mut fresh, b"Subject: new\r\n\r\nnew\r\n")
+            .await
+            .code,
+        250
+    );
+    assert_eq!(rec.messages().len(), 2);
+
+    // A broken certificate file: the reload is refused, the running
+    // certificate stays.
+    std::fs::write(dir.path().join("cert.pem"), "not a certificate").unwrap();
+    let err = proxy.reload(&cfg).unwrap_err();
+    assert!(err.contains("tls"), "{err}");
+    let (_c, seen) = starttls(proxy.addr).await;
+    assert_eq!(seen, new);
+    proxy.stop().await;
+}
+
+fn two_step_config(backend: &str, extra: &str) -> String {
+    format!(
+        "hostname = \"edge.test\"\n{extra}\n[[listener]]\naddress = \"127.0.0.1:0\"\n[[backend]]\naddress = \"{backend}\"\n"
+    )
+}
+
+/// Ends with the QUIT the proxy sends a connection it gives up.
+fn quit_sent(bytes: &[u8]) -> bool {
+    bytes.ends_with(b"QUIT\r\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_replaced_by_reload() {
+    let a = Recorder::start(Script::default()).await;
+    let b = Recorder::start(Script::default()).await;
+    let proxy = Proxy::start(&two_step_config(&a.addr, "")).await;
+    // One transaction in flight on A, one connection idle in A's pool.
+    let mut inflight = Raw::greeted(proxy.addr).await;
+    assert_eq!(inflight.cmd("EHLO a.client.test").await.code, 250);
+    assert_eq!(inflight.cmd("MAIL FROM:<a@x.test>").await.code, 250);
+    let mut done = Raw::greeted(proxy.addr).await;
+    assert_eq!(done.cmd("EHLO a.client.test").await.code, 250);
+    assert_eq!(
+        transaction(&mut done, b"Subject: 1\r\n\r\n1\r\n")
+            .await
+            .code,
+        250
+    );
+    assert_eq!(proxy.relay.idle_counts(), vec![1]);
+
+    proxy.reload(&two_step_config(&b.addr, "")).unwrap();
+
+    // New transactions go to B, also on sessions opened before.
+    assert_eq!(
+        transaction(&mut done, b"Subject: 2\r\n\r\n2\r\n")
+            .await
+            .code,
+        250
+    );
+    let mut late = Raw::greeted(proxy.addr).await;
+    assert_eq!(late.cmd("EHLO b.client.test").await.code, 250);
+    assert_eq!(
+        transaction(&mut late, b"Subject: 3\r\n\r\n3\r\n")
+            .await
+            .code,
+        250
+    );
+    assert_eq!(b.messages().len(), 2);
+    // The transaction in flight on A finishes there.
+    assert_eq!(inflight.cmd("RCPT TO:<b@y.test>").await.code, 250);
+    assert_eq!(inflight.cmd("DATA").await.code, 354);
+    inflight
+        .send(b"Subject: inflight\r\n\r\ninflight\r\n.\r\n")
+        .await;
+    assert_eq!(inflight.reply().await.code, 250);
+    assert_eq!(a.messages().len(), 2);
+    // A's idle connection and, after its transaction, the busy one got QUIT.
+    let end = Instant::now() + Duration::from_secs(3);
+    loop {
+        let conns: Vec<Vec<u8>> = a
+            .conns
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|c| c.lock().unwrap().clone())
+            .collect();
+        if conns.len() == 2 && conns.iter().all(|c| quit_sent(c)) {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "A's connections were not given up: {:?}",
+            conns
+                .iter()
+                .map(|c| String::from_utf8_lossy(c).into_owned())
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // B's two transactions shared one pooled connection.
+    assert_eq!(b.connection_count(), 1);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_apply_to_new_sessions_only() {
+    let rec = Recorder::start(Script::default()).await;
+    let proxy = Proxy::start(&two_step_config(&rec.addr, "")).await;
+    let mut before = Raw::greeted(proxy.addr).await;
+    assert_eq!(before.cmd("EHLO before.test").await.code, 250);
+    proxy
+        .reload(&two_step_config(&rec.addr, "[limits]\nmax_recipients = 1"))
+        .unwrap();
+    let mut after = Raw::greeted(proxy.addr).await;
+    assert_eq!(after.cmd("EHLO after.test").await.code, 250);
+    for (c, second) in [(&mut before, 250), (&mut after, 452)] {
+        assert_eq!(c.cmd("MAIL FROM:<a@x.test>").await.code, 250);
+        assert_eq!(c.cmd("RCPT TO:<one@y.test>").await.code, 250);
+        assert_eq!(c.cmd("RCPT TO:<two@y.test>").await.code, second);
+        assert_eq!(c.cmd("RSET").await.code, 250);
+    }
+    proxy.stop().await;
+}
+
+/// `smtp-edge reload` asks the running binary through its admin listener:
+/// exit 0 when the new file was taken, 1 with the errors (key and line)
+/// when it was refused, and the running configuration stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_command_reports_whether_the_file_was_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let file = dir.path().join("smtp-edge.toml");
+    let base = format!(
+        "hostname = \"edge.test\"\n[admin]\naddress = \"{admin}\"\n[[listener]]\naddress = \"{addr}\"\n[[backend]]\nmaildir = \"{}\"\n",
+        dir.path().join("mail").display()
+    );
+    std::fs::write(&file, &base).unwrap();
+    let log = dir.path().join("log");
+    let _proc = Running::listening(
+        std::process::Command::new(env!("CARGO_BIN_EXE_smtp-edge"))
+            .arg("--config")
+            .arg(&file),
+        &log,
+        addr,
+    )
+    .await;
+    let run = |file: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_smtp-edge"))
+            .arg("--config")
+            .arg(file)
+            .arg("reload")
+            .output()
+            .unwrap()
+    };
+    // A limit changed: taken.
+    std::fs::write(&file, format!("{base}[limits]\nmax_recipients = 1\n")).unwrap();
+    let out = tokio::task::spawn_blocking({
+        let file = file.clone();
+        move || run(&file)
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "reloaded\n");
+    let mut c = Raw::greeted(addr).await;
+    assert_eq!(c.cmd("EHLO a.test").await.code, 250);
+    assert_eq!(c.cmd("MAIL FROM:<a@x.test>").await.code, 250);
+    assert_eq!(c.cmd("RCPT TO:<one@y.test>").await.code, 250);
+    assert_eq!(c.cmd("RCPT TO:<two@y.test>").await.code, 452);
+
+    // An invalid file (read from the --config path by the proxy; the
+    // command finds the admin address in a valid copy): refused, with the
+    // key and line, and the running limits stay.
+    let copy = dir.path().join("copy.toml");
+    std::fs::copy(&file, &copy).unwrap();
+    std::fs::write(
+        &file,
+        format!("{base}[limits]\nmax_recipients = \"many\"\n"),
+    )
+    .unwrap();
+    let out = tokio::task::spawn_blocking(move || run(&copy))
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = base.lines().count() + 2;
+    assert!(
+        err.contains("limits.max_recipients") && err.contains(&format!("line {line}")),
+        "{err}"
+    );
+    let mut c = Raw::greeted(addr).await;
+    assert_eq!(c.cmd("EHLO a.test").await.code, 250);
+    assert_eq!(c.cmd("MAIL FROM:<a@x.test>").await.code, 250);
+    assert_eq!(c.cmd("RCPT TO:<one@y.test>").await.code, 250);
+    assert_eq!(c.cmd("RCPT TO:<two@y.test>").await.code, 452);
+}
