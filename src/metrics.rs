@@ -341,6 +341,17 @@ impl Collector for LiveCollector {
                 "DNS verdict cache lookups by cache and result (a miss queries DNS)",
                 &rows,
             )?;
+            let lat = dns.latencies();
+            let mut m = enc.encode_descriptor(
+                "dns_lookup_duration",
+                "Time of the DNS lookups behind cache misses, by cache",
+                Some(&Unit::Seconds),
+                lat[0].1.metric_type(),
+            )?;
+            for (cache, h) in lat {
+                let l: Labels = vec![("cache", cache.into())];
+                h.encode(m.encode_family(&l)?)?;
+            }
         }
         let pools = live.relay.pool_stats();
         let mut conns = Vec::new();

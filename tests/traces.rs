@@ -361,3 +361,64 @@ async fn dns_lookups_are_spans_of_the_session() {
     assert_eq!(bl[0].attr("dns.zone"), Some("bl.test"));
     assert_eq!(bl[0].attr("dns.verdict"), Some("not_listed"));
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn timed_messages(addr: SocketAddr, n: usize) -> Duration {
+    let t0 = Instant::now();
+    let mut c = Raw::greeted(addr).await;
+    assert_eq!(c.cmd("EHLO rate.client.test").await.code, 250);
+    for i in 0..n {
+        let body = format!("Subject: r{i}\r\n\r\nr{i}\r\n");
+        assert_eq!(transaction(&mut c, body.as_bytes()).await.code, 250);
+    }
+    assert_eq!(c.cmd("QUIT").await.code, 221);
+    t0.elapsed()
+}
+
+/// A collector that accepts connections and never answers (a hung one):
+/// mail flows at the rate of a proxy without export, memory stays flat,
+/// and the spans that do not fit the queue are counted as dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_collector_keeps_mail_rate_and_memory() {
+    let hung_addr = format!("127.0.0.1:{}", free_port());
+    let _hung = std::net::TcpListener::bind(&hung_addr).unwrap();
+    let rec = Recorder::start(Script::default()).await;
+    let plain = start_edge(&rec.addr, "").await;
+    let traced = start_edge(
+        &rec.addr,
+        &format!("otlp_endpoint = \"http://{hung_addr}\"\nexport_queue = 64"),
+    )
+    .await;
+    // Warm both, then time the same work on each.
+    timed_messages(plain.addr, 20).await;
+    timed_messages(traced.addr, 20).await;
+    let pid = traced._proc.0.id();
+    let rss0 = rss_kib(pid);
+    let base = timed_messages(plain.addr, 200).await;
+    let hung = timed_messages(traced.addr, 200).await;
+    let rss1 = rss_kib(pid);
+    assert!(
+        hung.as_secs_f64() < base.as_secs_f64() * 1.5 + 0.5,
+        "with a hung collector {hung:?}, without export {base:?}"
+    );
+    assert!(
+        rss1 < rss0 + 8 * 1024,
+        "RSS grew from {rss0} KiB to {rss1} KiB over 200 messages"
+    );
+    let (_, metrics) = http_get(traced.admin, "/metrics").await;
+    let dropped: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("smtp_edge_trace_spans_dropped_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert!(dropped > 0.0, "{metrics}");
+    eprintln!("200 messages: {base:?} without export, {hung:?} with a hung collector; RSS {rss0} -> {rss1} KiB; {dropped} spans dropped");
+}

@@ -34,6 +34,7 @@ use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 use hickory_resolver::{NameServerPool, PoolContext, TlsConfig};
 use moka::future::Cache;
 use moka::Expiry;
+use prometheus_client::metrics::histogram::Histogram;
 use tracing::Instrument;
 
 use super::settings::{parse_code_range, DnsConfig, DnsblConfig, RdnsConfig};
@@ -172,6 +173,10 @@ pub struct Dns {
     rdns_cache: Cache<IpAddr, Cached<Rdns>>,
     dnsbl_cache: Cache<(u32, IpAddr), Cached<Option<Ipv4Addr>>>,
     helo_cache: Cache<Box<str>, Cached<Resolves>>,
+    /// Time of the lookups behind cache misses, per cache.
+    rdns_latency: Histogram,
+    dnsbl_latency: Histogram,
+    helo_latency: Histogram,
     rdns_hits: AtomicU64,
     rdns_misses: AtomicU64,
     dnsbl_hits: AtomicU64,
@@ -322,6 +327,9 @@ impl Dns {
             rdns_cache: cache(dns.cache_size),
             dnsbl_cache: cache(dns.cache_size),
             helo_cache: cache(dns.cache_size),
+            rdns_latency: latency_histogram(),
+            dnsbl_latency: latency_histogram(),
+            helo_latency: latency_histogram(),
             rdns_hits: AtomicU64::new(0),
             rdns_misses: AtomicU64::new(0),
             dnsbl_hits: AtomicU64::new(0),
@@ -338,8 +346,7 @@ impl Dns {
         let v = cached(
             &self.rdns_cache,
             ip,
-            &self.rdns_hits,
-            &self.rdns_misses,
+            (&self.rdns_hits, &self.rdns_misses, &self.rdns_latency),
             self.rdns_lookup(ip),
         )
         .instrument(span.clone())
@@ -381,12 +388,20 @@ impl Dns {
         cached(
             &self.helo_cache,
             key,
-            &self.helo_hits,
-            &self.helo_misses,
+            (&self.helo_hits, &self.helo_misses, &self.helo_latency),
             self.helo_lookup(qname),
         )
         .instrument(span)
         .await
+    }
+
+    /// Lookup time behind cache misses, per cache (rdns, dnsbl, helo).
+    pub fn latencies(&self) -> [(&'static str, &Histogram); 3] {
+        [
+            ("rdns", &self.rdns_latency),
+            ("dnsbl", &self.dnsbl_latency),
+            ("helo", &self.helo_latency),
+        ]
     }
 
     pub fn stats(&self) -> DnsStats {
@@ -496,8 +511,7 @@ impl Dns {
         let listed = cached(
             &self.dnsbl_cache,
             (idx, ip),
-            &self.dnsbl_hits,
-            &self.dnsbl_misses,
+            (&self.dnsbl_hits, &self.dnsbl_misses, &self.dnsbl_latency),
             async move {
                 // The query name is only built on a miss.
                 let Ok(qname) = Name::from_ascii(format!("{labels}.{}.", z.name)) else {
@@ -656,8 +670,7 @@ fn remaining<V>(c: Option<Cached<V>>) -> Option<Duration> {
 async fn cached<K, V>(
     cache: &Cache<K, Cached<V>>,
     key: K,
-    hits: &AtomicU64,
-    misses: &AtomicU64,
+    (hits, misses, latency): (&AtomicU64, &AtomicU64, &Histogram),
     init: impl Future<Output = (V, Duration)>,
 ) -> V
 where
@@ -668,7 +681,9 @@ where
     let entry = cache
         .get_with(key, async {
             ran = true;
+            let t0 = Instant::now();
             let (value, ttl) = init.await;
+            latency.observe(t0.elapsed().as_secs_f64());
             Cached {
                 value,
                 ttl,
@@ -773,4 +788,11 @@ mod tests {
         assert_eq!(secs(-1.0), Duration::ZERO);
         assert_eq!(secs(f64::INFINITY), Duration::ZERO);
     }
+}
+
+/// DNS latency buckets: 1 ms to about 8 s.
+fn latency_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.001, 2.0, 14,
+    ))
 }
