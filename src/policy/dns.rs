@@ -715,6 +715,13 @@ fn lookup_span(kind: &'static str, rtype: &str, name: Option<&str>) -> tracing::
     )
 }
 
+/// DNS latency buckets: 1 ms to about 8 s.
+fn latency_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.001, 2.0, 14,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -788,11 +795,4 @@ mod tests {
         assert_eq!(secs(-1.0), Duration::ZERO);
         assert_eq!(secs(f64::INFINITY), Duration::ZERO);
     }
-}
-
-/// DNS latency buckets: 1 ms to about 8 s.
-fn latency_histogram() -> Histogram {
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-        0.001, 2.0, 14,
-    ))
 }
