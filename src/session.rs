@@ -836,10 +836,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 if st.esmtp { "ESMTP" } else { "SMTP" },
             ))
         });
-        // The wait for a backend connection may be long under a burst:
-        // keep reading the client meanwhile, so one who hangs up gives up
-        // its place in line at once.
-        // One box for both keeps the session future small.
+        // MAIL to the final reply, the wait for a backend inside it.
         let span = tracing::info_span!(
             "smtp.transaction",
             "smtp.mail_from.domain" = from.rsplit_once('@').map_or("", |(_, d)| d),
@@ -855,6 +852,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.shared.cfg.telemetry.record_addresses {
             span.record("smtp.mail_from", from);
         }
+        // The wait for a backend connection may be long under a burst:
+        // keep reading the client meanwhile, so one who hangs up gives up
+        // its place in line at once. One box for both keeps the session
+        // future small.
         let relay = self.shared.relay();
         let begin = relay.begin(id, dedicated).instrument(span.clone());
         let Some(begun) = Box::pin(while_client_stays(&mut self.io, &mut self.inbuf, begin)).await

@@ -391,13 +391,7 @@ async fn xclient_once_per_client_session() {
         2,
         "XCLIENT needs one backend connection per client session"
     );
-    let conns: Vec<Vec<u8>> = rec
-        .conns
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|c| c.lock().unwrap().clone())
-        .collect();
+    let conns = rec.all_conn_bytes();
     for (s, bytes) in conns.iter().enumerate() {
         let cmds = command_lines(bytes);
         let xc: Vec<usize> = (0..cmds.len())

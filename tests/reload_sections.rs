@@ -151,13 +151,7 @@ async fn backend_replaced_by_reload() {
     // A's idle connection and, after its transaction, the busy one got QUIT.
     let end = Instant::now() + Duration::from_secs(3);
     loop {
-        let conns: Vec<Vec<u8>> = a
-            .conns
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|c| c.lock().unwrap().clone())
-            .collect();
+        let conns = a.all_conn_bytes();
         if conns.len() == 2 && conns.iter().all(|c| quit_sent(c)) {
             break;
         }

@@ -424,6 +424,16 @@ impl Recorder {
         self.conns.lock().unwrap().len()
     }
 
+    /// The bytes received so far, one entry per connection.
+    pub fn all_conn_bytes(&self) -> Vec<Vec<u8>> {
+        self.conns
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|c| c.lock().unwrap().clone())
+            .collect()
+    }
+
     /// Everything received on all connections, concatenated.
     pub fn all_bytes(&self) -> Vec<u8> {
         let c = self.conns.lock().unwrap();
