@@ -382,10 +382,11 @@ impl Generation {
         let i = Self::index(check);
         if enforce {
             self.counts.enforced[i].fetch_add(1, Ordering::Relaxed);
-            info!(client = %ip, check = check.name(), code, "policy: {text}");
+            // In a session's span: an event of its trace as well.
+            info!(client = %ip, check = check.name(), action = action.name(), code, "policy: {text}");
         } else {
             self.counts.observed[i].fetch_add(1, Ordering::Relaxed);
-            info!(client = %ip, check = check.name(), would = code, "policy (observe): {text}");
+            info!(client = %ip, check = check.name(), action = "observe", would = code, "policy (observe): {text}");
         }
         Some(Verdict {
             check,

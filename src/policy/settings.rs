@@ -24,6 +24,16 @@ pub enum Action {
 }
 
 impl Action {
+    /// The action's name in the configuration and in logs and traces.
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Off => "off",
+            Action::Observe => "observe",
+            Action::Defer => "defer",
+            Action::Reject => "reject",
+        }
+    }
+
     pub fn runs(self) -> bool {
         self != Action::Off
     }
