@@ -66,9 +66,18 @@ pub fn install(cfg: &TelemetryConfig) -> Telemetry {
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false);
+    // RUST_LOG filters the log output only: trace export takes the
+    // proxy's spans at info whatever the log level.
     let fmt = match cfg.log_format {
-        LogFormat::Text => fmt.with_ansi(std::io::stderr().is_terminal()).boxed(),
-        LogFormat::Json => fmt.json().with_current_span(true).boxed(),
+        LogFormat::Text => fmt
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => fmt
+            .json()
+            .with_current_span(true)
+            .with_filter(filter)
+            .boxed(),
     };
     let provider = match cfg.otlp_endpoint.as_deref() {
         Some(ep) => match provider(cfg, ep) {
@@ -86,9 +95,9 @@ pub fn install(cfg: &TelemetryConfig) -> Telemetry {
             .with_tracked_inactivity(false)
             .with_threads(false)
             .with_location(false)
+            .with_filter(EnvFilter::new("smtp_edge=info"))
     });
     let _ = tracing_subscriber::registry()
-        .with(filter)
         .with(fmt)
         .with(otel)
         .try_init();

@@ -31,10 +31,10 @@ impl Edge {
 }
 
 async fn start_edge(backend: &str, telemetry: &str) -> Edge {
-    start_edge_with(backend, telemetry, "").await
+    start_edge_with(backend, telemetry, "", "info").await
 }
 
-async fn start_edge_with(backend: &str, telemetry: &str, extra: &str) -> Edge {
+async fn start_edge_with(backend: &str, telemetry: &str, extra: &str, level: &str) -> Edge {
     let dir = tempfile::tempdir().unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -51,7 +51,7 @@ async fn start_edge_with(backend: &str, telemetry: &str, extra: &str) -> Edge {
         Command::new(env!("CARGO_BIN_EXE_smtp-edge"))
             .arg("--config")
             .arg(&file)
-            .env("RUST_LOG", "info"),
+            .env("RUST_LOG", level),
         &log,
         addr,
     )
@@ -297,6 +297,7 @@ async fn dns_lookups_are_spans_of_the_session() {
         &rec.addr,
         &format!("otlp_endpoint = \"{}\"", rx.endpoint),
         &policy,
+        "info",
     )
     .await;
     for _ in 0..2 {
@@ -421,4 +422,30 @@ async fn hung_collector_keeps_mail_rate_and_memory() {
         .unwrap();
     assert!(dropped > 0.0, "{metrics}");
     eprintln!("200 messages: {base:?} without export, {hung:?} with a hung collector; RSS {rss0} -> {rss1} KiB; {dropped} spans dropped");
+}
+
+/// RUST_LOG filters the log output only: with `warn` the spans are still
+/// exported (and the per-message log line is not written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_does_not_depend_on_the_log_level() {
+    let rx = Receiver::grpc().await;
+    let rec = Recorder::start(Script::default()).await;
+    let edge = start_edge_with(
+        &rec.addr,
+        &format!("otlp_endpoint = \"{}\"", rx.endpoint),
+        "",
+        "warn",
+    )
+    .await;
+    plain_message(edge.addr, "quiet").await;
+    let spans = rx
+        .wait(Duration::from_secs(15), |s| {
+            s.iter().any(|x| x.name == "smtp.backend")
+        })
+        .await;
+    assert!(
+        spans.iter().any(|x| x.name == "smtp.transaction"),
+        "{spans:?}"
+    );
+    assert!(!edge.log().contains("message 250"), "{}", edge.log());
 }

@@ -1,5 +1,5 @@
-//! Command line (clap derive): `run`, `sink` and `idle`, and their mapping to
-//! the library's configurations.
+//! Command line (clap derive): `run`, `sink`, `idle` and `otlp-sink`, and
+//! their mapping to the library's configurations.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::idle::IdleConfig;
 use crate::message::{parse_size, SizeDist};
+use crate::otlp::OtlpProtocol;
 use crate::run::RunConfig;
 use crate::sink::SinkConfig;
 
@@ -15,7 +16,7 @@ use crate::sink::SinkConfig;
 #[command(
     name = "smtp-load",
     version,
-    about = "SMTP load generator, fast sink backend and idle-connection holder for smtp-edge load tests"
+    about = "SMTP load generator, fast sink backend, idle-connection holder and OTLP trace receiver for smtp-edge load tests"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -30,6 +31,9 @@ pub enum Cmd {
     Sink(SinkArgs),
     /// Open many connections, say EHLO, and hold them idle.
     Idle(IdleArgs),
+    /// An OTLP trace receiver (gRPC, or HTTP/protobuf): counts the spans
+    /// exported to it and prints the counts when stopped.
+    OtlpSink(OtlpSinkArgs),
 }
 
 /// Flags of `smtp-load run`.
@@ -199,6 +203,36 @@ pub struct IdleArgs {
     pub quiet: bool,
 }
 
+/// Flags of `smtp-load otlp-sink`.
+#[derive(Debug, Args)]
+pub struct OtlpSinkArgs {
+    /// Address to listen on (port 0: any free port, printed on stderr).
+    #[arg(long, short = 'l', default_value = "127.0.0.1:4317")]
+    pub listen: String,
+    /// OTLP/HTTP (`POST /v1/traces`, protobuf) instead of OTLP/gRPC.
+    #[arg(long)]
+    pub http: bool,
+    /// Runtime worker threads (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Print the counts as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// Don't print the listening address on stderr.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+impl OtlpSinkArgs {
+    pub fn protocol(&self) -> OtlpProtocol {
+        if self.http {
+            OtlpProtocol::Http
+        } else {
+            OtlpProtocol::Grpc
+        }
+    }
+}
+
 /// Resolves HOST:PORT to its first address.
 pub fn resolve(s: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = s.parse() {
@@ -350,5 +384,25 @@ mod tests {
         assert!(run_args(&["-c", "0"]).is_err());
         assert!(run_args(&["--rate", "-1"]).is_err());
         assert!(run_args(&["--from", "a>b"]).is_err());
+    }
+
+    #[test]
+    fn otlp_sink_flags() {
+        let parse = |args: &[&str]| {
+            let mut v = vec!["smtp-load", "otlp-sink"];
+            v.extend_from_slice(args);
+            match Cli::try_parse_from(v).unwrap().cmd {
+                Cmd::OtlpSink(a) => a,
+                _ => unreachable!(),
+            }
+        };
+        let a = parse(&[]);
+        assert_eq!(
+            (a.listen.as_str(), a.protocol()),
+            ("127.0.0.1:4317", OtlpProtocol::Grpc)
+        );
+        let a = parse(&["-l", "127.0.0.1:0", "--http", "--json", "-q"]);
+        assert_eq!(a.protocol(), OtlpProtocol::Http);
+        assert!(a.json && a.quiet);
     }
 }

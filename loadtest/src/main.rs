@@ -1,5 +1,5 @@
 //! `smtp-load` command line: parses the flags, builds a multi-thread tokio
-//! runtime and runs `run`, `sink` or `idle`. Exit codes: 0 success, 1 the
+//! runtime and runs `run`, `sink`, `idle` or `otlp-sink`. Exit codes: 0 success, 1 the
 //! load did not fully succeed (see the counts), 2 bad flags or setup.
 
 use std::io::Write;
@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use smtp_load::cli::{threads, Cli, Cmd, IdleArgs, RunArgs, SinkArgs};
+use smtp_load::cli::{threads, Cli, Cmd, IdleArgs, OtlpSinkArgs, RunArgs, SinkArgs};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -19,6 +19,7 @@ fn main() -> ExitCode {
         Cmd::Run(a) => a.threads,
         Cmd::Sink(a) => a.threads,
         Cmd::Idle(a) => a.threads,
+        Cmd::OtlpSink(a) => a.threads,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads(n))
@@ -33,6 +34,7 @@ fn main() -> ExitCode {
             Cmd::Run(a) => run(a).await,
             Cmd::Sink(a) => sink(a).await,
             Cmd::Idle(a) => idle(a).await,
+            Cmd::OtlpSink(a) => otlp_sink(a).await,
         }
     });
     rt.shutdown_timeout(Duration::from_millis(100));
@@ -158,4 +160,27 @@ async fn idle(a: IdleArgs) -> ExitCode {
         }
         Err(e) => fail(e),
     }
+}
+
+async fn otlp_sink(a: OtlpSinkArgs) -> ExitCode {
+    let listen = match smtp_load::cli::resolve(&a.listen) {
+        Ok(l) => l,
+        Err(e) => return fail(e),
+    };
+    let server = match smtp_load::OtlpSink::start(listen, a.protocol()).await {
+        Ok(s) => s,
+        Err(e) => return fail(format!("cannot listen on {}: {e}", a.listen)),
+    };
+    if !a.quiet {
+        eprintln!(
+            "smtp-load otlp-sink: listening on {} (OTLP/{})",
+            server.local_addr(),
+            a.protocol().name()
+        );
+    }
+    interrupted().await;
+    server.stop();
+    let r = server.report();
+    print_report(a.json, &r, || r.to_table());
+    ExitCode::SUCCESS
 }

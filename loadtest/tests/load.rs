@@ -1,7 +1,7 @@
 //! Short in-process runs of the generator against the in-process sink: exact
 //! counts (sent == sink received == 2xx replies), ordered non-zero
 //! percentiles, the JSON fields, STARTTLS, the open loop, misbehaving
-//! servers, and the binary's exit codes.
+//! servers, the binary's exit codes, and the OTLP sink's span counts.
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -577,4 +577,155 @@ async fn binary_exit_codes_and_json() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// An OTLP trace export with `names.len()` spans, one resource and scope.
+fn export_request(
+    names: &[&str],
+) -> opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+    let spans = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| Span {
+            trace_id: vec![1; 16],
+            span_id: vec![i as u8 + 1; 8],
+            name: n.to_string(),
+            ..Default::default()
+        })
+        .collect();
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            scope_spans: vec![ScopeSpans {
+                spans,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_sink_counts_the_spans_of_grpc_exports() {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+    let s = smtp_load::OtlpSink::start(
+        "127.0.0.1:0".parse().unwrap(),
+        smtp_load::OtlpProtocol::Grpc,
+    )
+    .await
+    .unwrap();
+    let mut client = TraceServiceClient::connect(format!("http://{}", s.local_addr()))
+        .await
+        .unwrap();
+    let names = ["smtp.session", "smtp.transaction", "smtp.backend"];
+    client.export(export_request(&names)).await.unwrap();
+    let r = s.report();
+    assert_eq!(
+        (r.exports, r.spans, r.errors),
+        (1, 3, 0),
+        "{}",
+        r.to_table()
+    );
+    client
+        .export(export_request(&["smtp.transaction", "smtp.backend"]))
+        .await
+        .unwrap();
+    let r = s.report();
+    assert_eq!((r.exports, r.spans), (2, 5));
+    assert_eq!(r.spans_by_name["smtp.session"], 1);
+    assert_eq!(r.spans_by_name["smtp.backend"], 2);
+    assert_eq!(r.tool, "smtp-load-otlp-sink");
+    let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+    assert_eq!(v["protocol"], "grpc");
+    assert!(
+        r.to_table().contains("5 spans in 2 exports"),
+        "{}",
+        r.to_table()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_sink_counts_the_spans_of_http_exports() {
+    use prost::Message;
+    let s = smtp_load::OtlpSink::start(
+        "127.0.0.1:0".parse().unwrap(),
+        smtp_load::OtlpProtocol::Http,
+    )
+    .await
+    .unwrap();
+    let post = |path: &str, body: Vec<u8>| {
+        let mut req = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(&body);
+        req
+    };
+    for (path, body, status) in [
+        (
+            "/v1/traces",
+            export_request(&["a", "b"]).encode_to_vec(),
+            "200",
+        ),
+        ("/v1/traces", b"\xff\xff\xff".to_vec(), "400"),
+        ("/v1/logs", Vec::new(), "404"),
+    ] {
+        let mut c = TcpStream::connect(s.local_addr()).await.unwrap();
+        c.write_all(&post(path, body)).await.unwrap();
+        let mut resp = Vec::new();
+        c.read_to_end(&mut resp).await.unwrap();
+        let resp = String::from_utf8_lossy(&resp);
+        assert!(resp.starts_with(&format!("HTTP/1.1 {status}")), "{resp}");
+    }
+    let r = s.report();
+    assert_eq!(
+        (r.exports, r.spans, r.errors),
+        (1, 2, 2),
+        "{}",
+        r.to_table()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_sink_binary_prints_the_count_on_sigterm() {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_smtp-load"))
+        .args(["otlp-sink", "-l", "127.0.0.1:0", "--json", "--threads", "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kept open to the end: a closed stderr would fail the binary's writes.
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    // "smtp-load otlp-sink: listening on 127.0.0.1:PORT (OTLP/grpc)"
+    let addr = line
+        .split_whitespace()
+        .find(|w| w.starts_with("127.0.0.1:"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    let mut client = TraceServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    client
+        .export(export_request(&["smtp.session", "smtp.transaction"]))
+        .await
+        .unwrap();
+    // SAFETY: kill has no memory preconditions; the pid is our child's.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["tool"], "smtp-load-otlp-sink");
+    assert_eq!(v["spans"], 2);
+    assert_eq!(v["exports"], 1);
+    assert_eq!(v["spans_by_name"]["smtp.session"], 1);
+    assert!(v["cpu_s"].as_f64().is_some());
+    drop(stderr);
 }
