@@ -131,3 +131,35 @@ pub async fn serve(listener: TcpListener, state: AdminState, mut stop: watch::Re
         });
     }
 }
+
+/// The running admin listener: started by `Server::serve`, moved to another
+/// address or stopped by a reload.
+#[derive(Default)]
+pub struct AdminCtl {
+    /// What the endpoints serve (set when the server starts).
+    pub state: Option<AdminState>,
+    stop: Option<watch::Sender<bool>>,
+}
+
+impl AdminCtl {
+    /// Serves on `listener` from now on, stopping the listener before.
+    pub fn start(&mut self, listener: TcpListener) {
+        self.stop();
+        let Some(state) = self.state.clone() else {
+            return;
+        };
+        if let Ok(a) = listener.local_addr() {
+            tracing::info!(address = %a, "admin listening (/metrics, /livez, /readyz, POST /reload)");
+        }
+        let (tx, rx) = watch::channel(false);
+        tokio::spawn(serve(listener, state, rx));
+        self.stop = Some(tx);
+    }
+
+    /// Stops accepting admin connections (answers in progress finish).
+    pub fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(true);
+        }
+    }
+}

@@ -96,12 +96,13 @@ fn log_policy_totals(policy: &Policy) {
 /// use finish their transaction, then QUIT), `[limits]`, `[timeouts]`,
 /// `[smtp]`, `[telemetry] sample_ratio`. New connections get the new
 /// settings; a session keeps the limits, timeouts and TLS it started with
-/// and takes the current backends at each MAIL. `hostname`, listeners,
-/// `[admin]` and the rest of `[telemetry]` need a restart (logged). Nothing
+/// and takes the current backends at each MAIL. `hostname`, listeners
+/// and the rest of `[telemetry]` need a restart (logged). Nothing
 /// changes when any part fails.
 #[derive(Clone)]
 pub struct Reloader {
     live: Arc<ArcSwap<Shared>>,
+    admin: Arc<std::sync::Mutex<crate::admin::AdminCtl>>,
     /// One reload at a time.
     lock: Arc<std::sync::Mutex<()>>,
 }
@@ -123,8 +124,19 @@ impl Reloader {
         let mut next = cfg.clone();
         next.hostname = running.hostname.clone();
         next.listeners = running.listeners.clone();
-        next.admin = running.admin.clone();
         let tls = tls_acceptor(&next).map_err(|e| format!("tls: {e}"))?;
+        // A moved admin listener is bound now (an address in use refuses
+        // the reload) and started once everything else is in place.
+        let admin = if next.admin != running.admin {
+            Some(match &next.admin {
+                Some(a) => {
+                    Some(bind_now(a.address).map_err(|e| format!("admin {}: {e}", a.address))?)
+                }
+                None => None,
+            })
+        } else {
+            None
+        };
         let relay = if next.backends != running.backends || next.timeouts != running.timeouts {
             let r = Relay::new(&next, &old.metrics).map_err(|e| format!("backend: {e}"))?;
             Some(r)
@@ -147,6 +159,17 @@ impl Reloader {
             );
             before.retire();
             applied.push("backend");
+        }
+        if let Some(l) = admin {
+            let mut ctl = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+            match l {
+                Some(l) => ctl.start(l),
+                None => {
+                    info!("reload: admin listener closed");
+                    ctl.stop();
+                }
+            }
+            applied.push("admin");
         }
         for (name, same) in [
             ("limits", next.limits == running.limits),
@@ -176,6 +199,13 @@ impl Reloader {
     }
 }
 
+/// A listening socket bound at once (from any thread inside the runtime).
+fn bind_now(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let l = std::net::TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    TcpListener::from_std(l)
+}
+
 /// The TLS acceptor for `cfg` (certificate files read now), when a
 /// listener needs one.
 fn tls_acceptor(cfg: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, crate::tls::TlsError> {
@@ -202,7 +232,6 @@ pub fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
     };
     check("hostname", running.hostname == new.hostname);
     check("listener", running.listeners == new.listeners);
-    check("admin", running.admin == new.admin);
     let t = |c: &Config| {
         let mut t = c.telemetry.clone();
         t.sample_ratio = 0.0;
@@ -221,6 +250,7 @@ pub struct Server {
     shutdown_tx: watch::Sender<bool>,
     draining: Arc<AtomicBool>,
     reload_hook: Option<crate::admin::ReloadHook>,
+    admin_ctl: Arc<std::sync::Mutex<crate::admin::AdminCtl>>,
 }
 
 impl Server {
@@ -273,6 +303,7 @@ impl Server {
             shutdown_tx,
             draining: Arc::default(),
             reload_hook: None,
+            admin_ctl: Arc::default(),
         })
     }
 
@@ -293,6 +324,7 @@ impl Server {
     pub fn reload_handle(&self) -> Reloader {
         Reloader {
             live: self.live.clone(),
+            admin: self.admin_ctl.clone(),
             lock: Arc::default(),
         }
     }
@@ -327,22 +359,22 @@ impl Server {
             shutdown_tx,
             draining,
             reload_hook,
+            admin_ctl,
         } = self;
         let shared = live.load_full();
         shared.relay().spawn_reaper();
         shared.policy.start();
-        let (admin_stop, admin_stop_rx) = watch::channel(false);
-        if let Some(l) = admin {
-            if let Ok(a) = l.local_addr() {
-                info!(address = %a, "admin listening (/metrics, /livez, /readyz)");
-            }
-            let state = crate::admin::AdminState {
+        {
+            let mut ctl = admin_ctl.lock().unwrap_or_else(|e| e.into_inner());
+            ctl.state = Some(crate::admin::AdminState {
                 reload: reload_hook,
                 metrics: shared.metrics.clone(),
                 relays: shared.relays.clone(),
                 draining: draining.clone(),
-            };
-            tokio::spawn(crate::admin::serve(l, state, admin_stop_rx));
+            });
+            if let Some(l) = admin {
+                ctl.start(l);
+            }
         }
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
         let mut accepts = Vec::new();
@@ -417,7 +449,7 @@ impl Server {
         }
         shared.relay().close_idle().await;
         log_policy_totals(&shared.policy);
-        let _ = admin_stop.send(true);
+        admin_ctl.lock().unwrap_or_else(|e| e.into_inner()).stop();
         info!("stopped");
     }
 }

@@ -263,3 +263,45 @@ async fn reload_command_reports_whether_the_file_was_taken() {
     assert_eq!(c.cmd("RCPT TO:<one@y.test>").await.code, 250);
     assert_eq!(c.cmd("RCPT TO:<two@y.test>").await.code, 452);
 }
+
+/// True once nothing accepts on `addr` (within 2 s): the admin task stops
+/// accepting when it sees the reload's stop signal.
+async fn closed_soon(addr: SocketAddr) -> bool {
+    let end = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < end {
+        if TcpStream::connect(addr).await.is_err() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// `[admin]` moved by a reload: the new address answers, the old one is
+/// closed; removed: closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_listener_moved_and_closed_by_reload() {
+    let rec = Recorder::start(Script::default()).await;
+    let proxy = Proxy::start(&two_step_config(
+        &rec.addr,
+        "[admin]\naddress = \"127.0.0.1:0\"",
+    ))
+    .await;
+    let old = proxy.admin.unwrap();
+    assert_eq!(http_get(old, "/livez").await.0, 200);
+    let new: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    proxy
+        .reload(&two_step_config(
+            &rec.addr,
+            &format!("[admin]\naddress = \"{new}\""),
+        ))
+        .unwrap();
+    assert_eq!(http_get(new, "/livez").await.0, 200);
+    assert!(
+        TcpStream::connect(old).await.is_err(),
+        "old admin still open"
+    );
+    proxy.reload(&two_step_config(&rec.addr, "")).unwrap();
+    assert!(closed_soon(new).await, "admin still open");
+    proxy.stop().await;
+}
