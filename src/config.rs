@@ -55,6 +55,8 @@ pub struct TelemetryConfig {
     pub record_addresses: bool,
     /// Most spans waiting for export; past it spans are dropped and counted.
     pub export_queue: usize,
+    /// Seconds between pushes of the metrics over OTLP (0: never).
+    pub metrics_interval: f64,
 }
 
 impl Default for TelemetryConfig {
@@ -67,6 +69,7 @@ impl Default for TelemetryConfig {
             log_format: LogFormat::Text,
             record_addresses: false,
             export_queue: 8192,
+            metrics_interval: 10.0,
         }
     }
 }
@@ -531,6 +534,12 @@ impl Config {
                     format!("expected http://host:port or https://host:port, got {ep:?}"),
                 );
             }
+        }
+        if !(tm.metrics_interval.is_finite() && (0.0..1e7).contains(&tm.metrics_interval)) {
+            err(
+                "telemetry.metrics_interval".into(),
+                "must be a number of seconds >= 0".into(),
+            );
         }
         if tm.export_queue == 0 {
             err("telemetry.export_queue".into(), "must be > 0".into());

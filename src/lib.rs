@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod config;
 pub mod metrics;
+pub mod otlp_metrics;
 pub mod policy;
 pub mod relay;
 pub mod server;

@@ -363,6 +363,11 @@ impl Server {
         } = self;
         let shared = live.load_full();
         shared.relay().spawn_reaper();
+        crate::otlp_metrics::spawn(
+            &shared.cfg.telemetry,
+            shared.metrics.clone(),
+            shutdown_tx.subscribe(),
+        );
         shared.policy.start();
         {
             let mut ctl = admin_ctl.lock().unwrap_or_else(|e| e.into_inner());
