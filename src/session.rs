@@ -54,7 +54,8 @@ pub struct Listener {
 /// The root span of one client connection (`smtp.session`), made at accept
 /// so the admission's DNS lookups and a refusal belong to it.
 pub fn session_span(peer: SocketAddr) -> Span {
-    let span = tracing::info_span!(
+    let span = crate::span!(
+        crate::telemetry::sample_session(),
         "smtp.session",
         "otel.kind" = "server",
         "client.address" = %peer.ip(),
@@ -146,7 +147,11 @@ async fn serve_tls(
 ) {
     let handshake_timeout = Duration::from_secs_f64(shared.cfg.timeouts.tls_handshake);
     let m = shared.metrics.clone();
-    let hs = tracing::info_span!("tls.handshake", "error.type" = field::Empty);
+    let hs = crate::span!(
+        crate::telemetry::in_traced(),
+        "tls.handshake",
+        "error.type" = field::Empty
+    );
     let accepted = tokio::time::timeout(handshake_timeout, acceptor.accept(io))
         .instrument(hs.clone())
         .await;
@@ -837,7 +842,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             ))
         });
         // MAIL to the final reply, the wait for a backend inside it.
-        let span = tracing::info_span!(
+        let span = crate::span!(
+            crate::telemetry::in_traced(),
             "smtp.transaction",
             "smtp.mail_from.domain" = from.rsplit_once('@').map_or("", |(_, d)| d),
             "smtp.mail_from" = field::Empty,

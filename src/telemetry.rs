@@ -27,6 +27,66 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{LogFormat, OtlpProtocol, TelemetryConfig};
 
+/// The target of the spans of sessions chosen for tracing: only these reach
+/// the OpenTelemetry layer, so an untraced session's spans cost no more
+/// than with export off.
+pub const TRACED: &str = "smtp_edge::traced";
+
+/// An info span, under the `TRACED` target when `$traced`: the spans of a
+/// session all follow the head-sampling decision made at accept
+/// (`sample_session`), children by `in_traced`.
+#[macro_export]
+macro_rules! span {
+    ($traced:expr, $($rest:tt)*) => {
+        if $traced {
+            tracing::info_span!(target: "smtp_edge::traced", $($rest)*)
+        } else {
+            tracing::info_span!($($rest)*)
+        }
+    };
+}
+
+/// True when trace export is on (an OTLP endpoint is configured).
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The head-sampling decision for a new session: export on and a draw
+/// under the sample ratio.
+pub fn sample_session() -> bool {
+    if !EXPORTING.load(Ordering::Relaxed) {
+        return false;
+    }
+    let r = f64::from_bits(RATIO.load(Ordering::Relaxed));
+    r >= 1.0 || (r > 0.0 && draw() < r)
+}
+
+/// Whether the current span belongs to a traced session.
+pub fn in_traced() -> bool {
+    tracing::Span::current()
+        .metadata()
+        .is_some_and(|m| m.target() == TRACED)
+}
+
+/// A uniform draw in [0, 1) from a per-thread xorshift generator.
+fn draw() -> f64 {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            (t ^ (&t as *const u64 as u64)) | 1
+        });
+    }
+    STATE.with(|c| {
+        let mut x = c.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.set(x);
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    })
+}
+
 /// Spans the export queue could not take (collector slow, full or down).
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 
@@ -95,8 +155,13 @@ pub fn install(cfg: &TelemetryConfig) -> Telemetry {
             .with_tracked_inactivity(false)
             .with_threads(false)
             .with_location(false)
-            .with_filter(EnvFilter::new("smtp_edge=info"))
+            .with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target(TRACED, tracing::Level::INFO)
+                    .with_target("smtp_edge::policy", tracing::Level::INFO),
+            )
     });
+    EXPORTING.store(provider.is_some(), Ordering::Relaxed);
     let _ = tracing_subscriber::registry()
         .with(fmt)
         .with(otel)
@@ -145,10 +210,12 @@ fn provider(cfg: &TelemetryConfig, ep: &str) -> Result<SdkTracerProvider, String
             inflight,
             capacity: cfg.export_queue,
         })
-        .with_sampler(Sampler::ParentBased(Box::new({
+        // The head-sampling decision is made at accept (`sample_session`);
+        // the spans that reach the SDK are those of traced sessions.
+        .with_sampler({
             set_sample_ratio(cfg.sample_ratio);
-            Ratio
-        })))
+            Sampler::AlwaysOn
+        })
         .with_resource(
             Resource::builder()
                 .with_service_name(cfg.service_name.clone())
@@ -263,23 +330,4 @@ static RATIO: AtomicU64 = AtomicU64::new(0x3FF0_0000_0000_0000); // 1.0
 /// Sets the share of new traces sampled (0.0 to 1.0), at once.
 pub fn set_sample_ratio(r: f64) {
     RATIO.store(r.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
-}
-
-/// Trace-id ratio sampling with a ratio that a reload can change.
-#[derive(Debug, Clone)]
-struct Ratio;
-
-impl opentelemetry_sdk::trace::ShouldSample for Ratio {
-    fn should_sample(
-        &self,
-        parent: Option<&Context>,
-        trace_id: opentelemetry::trace::TraceId,
-        name: &str,
-        kind: &opentelemetry::trace::SpanKind,
-        attributes: &[opentelemetry::KeyValue],
-        links: &[opentelemetry::trace::Link],
-    ) -> opentelemetry_sdk::trace::SamplingResult {
-        let r = f64::from_bits(RATIO.load(Ordering::Relaxed));
-        Sampler::TraceIdRatioBased(r).should_sample(parent, trace_id, name, kind, attributes, links)
-    }
 }

@@ -492,3 +492,55 @@ async fn metrics_over_otlp_grpc() {
 async fn metrics_over_otlp_http() {
     metrics_over(Receiver::http(Duration::ZERO).await, "http").await;
 }
+
+/// Head sampling at accept: at 0.5 some sessions are traced, each one
+/// whole (no transaction or backend span without its session), and the
+/// others leave nothing in the collector; at 0.0 nothing is exported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampled_sessions_are_whole_traces() {
+    let rx = Receiver::grpc().await;
+    let rec = Recorder::start(Script::default()).await;
+    let edge = start_edge(
+        &rec.addr,
+        &format!("otlp_endpoint = \"{}\"\nsample_ratio = 0.5", rx.endpoint),
+    )
+    .await;
+    for i in 0..40 {
+        plain_message(edge.addr, &format!("s{i}")).await;
+    }
+    let spans = rx
+        .wait(Duration::from_secs(3), |s| {
+            s.iter().filter(|x| x.name == "smtp.backend").count() >= 40
+        })
+        .await;
+    let sessions: Vec<&Got> = spans
+        .iter()
+        .filter(|s| s.name == "smtp.session" && s.attr("smtp.helo").is_some())
+        .collect();
+    assert!(
+        (4..=36).contains(&sessions.len()),
+        "{} of 40 sessions traced at 0.5",
+        sessions.len()
+    );
+    for t in spans.iter().filter(|s| s.name != "smtp.session") {
+        assert!(by_id(&spans, &t.parent).is_some(), "orphan span {t:?}");
+    }
+    let txns = spans
+        .iter()
+        .filter(|s| s.name == "smtp.transaction")
+        .count();
+    assert_eq!(txns, sessions.len());
+    drop(edge);
+
+    let rx = Receiver::grpc().await;
+    let edge = start_edge(
+        &rec.addr,
+        &format!("otlp_endpoint = \"{}\"\nsample_ratio = 0.0", rx.endpoint),
+    )
+    .await;
+    for i in 0..5 {
+        plain_message(edge.addr, &format!("z{i}")).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(rx.spans().is_empty(), "{:?}", rx.spans());
+}

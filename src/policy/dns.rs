@@ -704,7 +704,8 @@ where
 /// dnsbl, helo), the record type, the name when it is not the client's
 /// address, and (recorded later) whether the cache answered.
 fn lookup_span(kind: &'static str, rtype: &str, name: Option<&str>) -> tracing::Span {
-    tracing::info_span!(
+    crate::span!(
+        crate::telemetry::in_traced(),
         "dns.lookup",
         "dns.lookup.kind" = kind,
         "dns.question.type" = rtype,

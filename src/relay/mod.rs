@@ -294,7 +294,8 @@ impl Relay {
             Ok((conn, reused, dedicated)) => {
                 // One span per backend exchange: checkout to the end of
                 // the transaction (it ends when the Txn goes).
-                let span = tracing::info_span!(
+                let span = crate::span!(
+                    crate::telemetry::in_traced(),
                     "smtp.backend",
                     "otel.kind" = "client",
                     "server.address" = %pool.settings.addr,
