@@ -153,6 +153,10 @@ pub fn install(cfg: &TelemetryConfig) -> Telemetry {
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("smtp-edge"))
             .with_tracked_inactivity(false)
+            // Parents come from the tracing span tree; nothing here reads
+            // the active OpenTelemetry context, and activating it on every
+            // poll of a session cost CPU per message.
+            .with_context_activation(false)
             .with_threads(false)
             .with_location(false)
             .with_filter(
