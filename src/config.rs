@@ -48,7 +48,7 @@ pub struct TelemetryConfig {
     pub otlp_endpoint: Option<String>,
     pub otlp_protocol: OtlpProtocol,
     pub service_name: String,
-    /// Share of new traces kept (parent-based), 0.0 to 1.0.
+    /// Share of sessions traced (decided at accept), 0.0 to 1.0.
     pub sample_ratio: f64,
     pub log_format: LogFormat,
     /// Envelope local parts in span attributes (domains only when false).

@@ -1101,32 +1101,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             Some(r)
         } else if too_big {
-            Some(Reply::new(
+            Some(crate::telemetry::own(Reply::new(
                 552,
                 smtp::EnhancedCode(5, 3, 4),
                 "Message size exceeds fixed maximum message size",
-            ))
+            )))
         } else if mode == BareLineEndings::Reject && scanner.bare_line_ending_seen() {
-            Some(Reply::new(
+            Some(crate::telemetry::own(Reply::new(
                 550,
                 smtp::EnhancedCode(5, 5, 2),
                 "Message contains bare CR or LF line endings (SMTP smuggling defence); use CRLF",
-            ))
+            )))
         } else if scanner.long_line_seen() {
-            Some(Reply::new(
+            Some(crate::telemetry::own(Reply::new(
                 550,
                 smtp::EnhancedCode(5, 6, 0),
                 format!(
                     "Message contains a line longer than {} octets",
                     cfg.limits.max_text_line
                 ),
-            ))
+            )))
         } else if !backend_ok {
             Some(crate::relay::backend_lost())
         } else {
             None
         };
-        let refusal = refusal.map(crate::telemetry::own);
         let reply = match (refusal, txn.as_mut()) {
             (Some(r), _) => {
                 if let Some(t) = txn.take() {

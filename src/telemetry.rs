@@ -112,12 +112,6 @@ impl Telemetry {
     }
 }
 
-/// Installs the global subscriber (once; later calls change nothing) with
-/// logs only.
-pub fn init() {
-    let _ = install(&TelemetryConfig::default());
-}
-
 /// Installs the global subscriber for `cfg`, with OTLP export when an
 /// endpoint is set. Call inside the tokio runtime (the gRPC exporter needs
 /// it). An exporter that cannot be built is reported and mail goes on.
@@ -297,33 +291,28 @@ pub fn trace_id(span: &tracing::Span) -> Option<String> {
     (sc.is_valid() && sc.is_sampled()).then(|| sc.trace_id().to_string())
 }
 
-/// A reply the proxy itself gives, with the session's trace id appended to
-/// its text when it is a 4xx or 5xx and the session is traced: a bounce or
-/// a sender's complaint quoting it leads to the trace.
+/// ` (trace <id>)` for a 4xx/5xx the proxy itself gives in a traced
+/// session: a bounce or a sender's complaint quoting it leads to the trace.
+fn trace_suffix(code: u16) -> Option<String> {
+    if code < 400 {
+        return None;
+    }
+    trace_id(&tracing::Span::current()).map(|id| format!(" (trace {id})"))
+}
+
+/// A reply the proxy itself gives (never a backend's passed through), with
+/// the trace suffix on its last line.
 pub fn own(mut reply: crate::smtp::Reply) -> crate::smtp::Reply {
-    let tagged = reply
-        .lines
-        .last()
-        .is_some_and(|l| l.ends_with(')') && l.contains(" (trace "));
-    if reply.code >= 400 && !tagged {
-        if let (Some(id), Some(last)) =
-            (trace_id(&tracing::Span::current()), reply.lines.last_mut())
-        {
-            last.push_str(" (trace ");
-            last.push_str(&id);
-            last.push(')');
-        }
+    if let (Some(suffix), Some(last)) = (trace_suffix(reply.code), reply.lines.last_mut()) {
+        last.push_str(&suffix);
     }
     reply
 }
 
-/// `text` of a 4xx/5xx the proxy gives, with the trace id as `own` adds it.
+/// The text of a reply the proxy itself gives, with the trace suffix.
 pub fn own_text(code: u16, text: &str) -> std::borrow::Cow<'_, str> {
-    match (code >= 400)
-        .then(|| trace_id(&tracing::Span::current()))
-        .flatten()
-    {
-        Some(id) => format!("{text} (trace {id})").into(),
+    match trace_suffix(code) {
+        Some(suffix) => format!("{text}{suffix}").into(),
         None => text.into(),
     }
 }

@@ -544,3 +544,25 @@ async fn sampled_sessions_are_whole_traces() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(rx.spans().is_empty(), "{:?}", rx.spans());
 }
+
+/// A backend's own refusal is passed through as it said it: the trace id
+/// goes only into replies the proxy itself gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_refusals_pass_through_without_the_trace_id() {
+    let rx = Receiver::grpc().await;
+    let rec = Recorder::start(Script {
+        data: Some(Act::Reply("554 5.7.1 Not from you".into())),
+        ..Script::default()
+    })
+    .await;
+    let edge = start_edge(&rec.addr, &format!("otlp_endpoint = \"{}\"", rx.endpoint)).await;
+    let mut c = Raw::greeted(edge.addr).await;
+    assert_eq!(c.cmd("EHLO refused.client.test").await.code, 250);
+    let r = transaction(&mut c, b"Subject: x\r\n\r\nx\r\n").await;
+    assert_eq!(
+        (r.code, r.text.as_str()),
+        (554, "5.7.1 Not from you"),
+        "{r:?}"
+    );
+    assert_eq!(c.cmd("QUIT").await.code, 221);
+}
