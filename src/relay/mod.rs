@@ -137,7 +137,7 @@ impl Relay {
         self.backends
             .iter()
             .map(|b| match b {
-                Backend::Smtp { pool, .. } => pool.settings.addr.clone(),
+                Backend::Smtp { pool, .. } => pool.settings().addr.clone(),
                 Backend::Maildir(md) => md.root().display().to_string(),
             })
             .collect()
@@ -298,7 +298,7 @@ impl Relay {
                     crate::telemetry::in_traced(),
                     "smtp.backend",
                     "otel.kind" = "client",
-                    "server.address" = %pool.settings.addr,
+                    "server.address" = %pool.settings().addr,
                     "smtp.backend.connection_id" = conn.id().map(|i| i.to_string()),
                     "smtp.backend.reused" = reused,
                     "smtp.backend.pool_wait_ms" = t0.elapsed().as_secs_f64() * 1000.0,
@@ -312,7 +312,7 @@ impl Relay {
             }
             Err(e) => {
                 if !matches!(e, BackendError::Exhausted) {
-                    tracing::warn!(backend = %pool.settings.addr, "backend unavailable: {e}");
+                    tracing::warn!(backend = %pool.settings().addr, "backend unavailable: {e}");
                 }
                 Err(e)
             }
@@ -329,7 +329,7 @@ impl Relay {
         // new connection (or the slot of one).
         let (mut conn, _) = pool.checkout(wait).await?;
         if conn.caps.xclient.is_empty() {
-            tracing::warn!(backend = %pool.settings.addr, "backend does not offer XCLIENT; identity not passed");
+            tracing::warn!(backend = %pool.settings().addr, "backend does not offer XCLIENT; identity not passed");
             return Ok(conn);
         }
         let mut cmd = Vec::new();
@@ -345,7 +345,7 @@ impl Relay {
         }
         // Say EHLO as the client did (Postfix's XCLIENT_README): this EHLO
         // is the HELO name the backend records for the session.
-        let helo = id.helo.as_deref().unwrap_or(&pool.settings.helo_name);
+        let helo = id.helo.as_deref().unwrap_or(&pool.settings().helo_name);
         conn.ehlo(helo, self.command_timeout).await?;
         Ok(conn)
     }

@@ -86,7 +86,7 @@ impl Manager {
     /// Connects, greets and EHLOs, and records the outcome in the health.
     async fn connect(&self) -> Result<BackendConn, BackendError> {
         let s = &self.settings;
-        let r = BackendConn::open(
+        let mut r = BackendConn::open(
             &s.addr,
             s.backend,
             &s.helo_name,
@@ -94,8 +94,9 @@ impl Manager {
             s.command_timeout,
         )
         .await;
-        match &r {
-            Ok(_) => {
+        match &mut r {
+            Ok(conn) => {
+                conn.generation = s.generation;
                 self.metrics.created.inc();
                 self.record_success();
             }
@@ -146,7 +147,6 @@ impl managed::Manager for Manager {
         .map_err(|_| BackendError::Closed)?;
         let mut conn = self.connect().await?;
         conn._permit = Some(permit);
-        conn.generation = self.settings.generation;
         Ok(conn)
     }
 
@@ -244,7 +244,6 @@ impl PooledConn {
 /// Connections to one backend.
 #[derive(Debug)]
 pub struct Pool {
-    pub settings: PoolSettings,
     inner: managed::Pool<Manager>,
 }
 
@@ -257,17 +256,23 @@ impl Pool {
                 failures: AtomicU32::new(0),
                 down: AtomicBool::new(false),
             },
-            settings: settings.clone(),
+            settings,
             pool: OnceLock::new(),
         };
+        let max = manager.settings.max_connections;
         let inner = managed::Pool::builder(manager)
-            .max_size(settings.max_connections)
+            .max_size(max)
             .queue_mode(managed::QueueMode::Lifo)
             .runtime(Runtime::Tokio1)
             .build()
             .expect("pool with a runtime and no hooks");
         let _ = inner.manager().pool.set(inner.weak());
-        Pool { settings, inner }
+        Pool { inner }
+    }
+
+    /// The pool's settings (kept by its manager).
+    pub fn settings(&self) -> &PoolSettings {
+        &self.inner.manager().settings
     }
 
     /// A ready connection: the most recently used idle one that is still
@@ -279,7 +284,7 @@ impl Pool {
         let t = Timeouts {
             wait: Some(match wait {
                 Wait::No => Duration::ZERO,
-                Wait::Yes => self.settings.pool_wait,
+                Wait::Yes => self.settings().pool_wait,
             }),
             create: None,
             recycle: None,
@@ -308,7 +313,6 @@ impl Pool {
         let permit = conn._permit.take();
         let mut fresh = self.inner.manager().connect().await?;
         fresh._permit = permit;
-        fresh.generation = self.settings.generation;
         *conn.deref_mut() = fresh;
         Ok(())
     }
@@ -317,7 +321,7 @@ impl Pool {
     /// the idle list. Connections past their transaction cap are closed
     /// with QUIT (in the background; the backend still counts them).
     pub fn checkin(&self, mut conn: PooledConn) {
-        if conn.txns >= self.settings.max_transactions || self.settings.max_idle.is_zero() {
+        if conn.txns >= self.settings().max_transactions || self.settings().max_idle.is_zero() {
             tokio::spawn(conn.quit());
             return;
         }
@@ -345,7 +349,7 @@ impl Pool {
     pub fn stat(&self) -> PoolStat {
         let s = self.inner.status();
         PoolStat {
-            addr: self.settings.addr.clone(),
+            addr: self.settings().addr.clone(),
             idle: s.available,
             in_use: s.size.saturating_sub(s.available),
             waiting: s.waiting,
@@ -355,7 +359,7 @@ impl Pool {
 
     /// Closes idle connections that expired (QUIT, in the background).
     pub fn reap(&self) {
-        let max_idle = self.settings.max_idle;
+        let max_idle = self.settings().max_idle;
         let expired = self
             .inner
             .retain(|c, _| c.idle_since.elapsed() <= max_idle)
