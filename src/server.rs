@@ -137,7 +137,7 @@ impl Reloader {
         } else {
             None
         };
-        let relay = if next.backends != running.backends || next.timeouts != running.timeouts {
+        let relay = if relay_inputs(&next) != relay_inputs(running) {
             let r = Relay::new(&next, &old.metrics).map_err(|e| format!("backend: {e}"))?;
             Some(r)
         } else {
@@ -197,6 +197,21 @@ impl Reloader {
     pub fn policy(&self) -> Arc<Policy> {
         self.live.load().policy.clone()
     }
+}
+
+/// What `Relay::new` builds from: a reload makes a new relay only when
+/// these changed (a session timeout alone keeps the pooled connections).
+fn relay_inputs(c: &Config) -> (&[crate::config::BackendConfig], [f64; 4]) {
+    let t = &c.timeouts;
+    (
+        &c.backends,
+        [
+            t.backend_connect,
+            t.backend_command,
+            t.backend_pool_wait,
+            t.backend_data_end,
+        ],
+    )
 }
 
 /// A listening socket bound at once (from any thread inside the runtime).
@@ -272,16 +287,10 @@ impl Server {
             ));
         }
         let admin = match &cfg.admin {
-            Some(a) => {
-                Some(
-                    TcpListener::bind(a.address)
-                        .await
-                        .map_err(|err| ServerError::Bind {
-                            addr: a.address,
-                            err,
-                        })?,
-                )
-            }
+            Some(a) => Some(bind_now(a.address).map_err(|err| ServerError::Bind {
+                addr: a.address,
+                err,
+            })?),
             None => None,
         };
         let metrics = Arc::new(Metrics::new());

@@ -302,3 +302,27 @@ async fn admin_listener_moved_and_closed_by_reload() {
     assert!(closed_soon(new).await, "admin still open");
     proxy.stop().await;
 }
+
+/// A reload that changes only a session timeout keeps the backends and
+/// their pooled connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_timeout_reload_keeps_the_pool() {
+    let rec = Recorder::start(Script::default()).await;
+    let proxy = Proxy::start(&two_step_config(&rec.addr, "")).await;
+    let mut c = Raw::greeted(proxy.addr).await;
+    assert_eq!(c.cmd("EHLO a.test").await.code, 250);
+    assert_eq!(
+        transaction(&mut c, b"Subject: 1\r\n\r\n1\r\n").await.code,
+        250
+    );
+    proxy
+        .reload(&two_step_config(&rec.addr, "[timeouts]\ncommand = 60"))
+        .unwrap();
+    assert_eq!(
+        transaction(&mut c, b"Subject: 2\r\n\r\n2\r\n").await.code,
+        250
+    );
+    assert_eq!(rec.connection_count(), 1);
+    assert!(!quit_sent(&rec.all_conn_bytes()[0]));
+    proxy.stop().await;
+}
