@@ -312,6 +312,14 @@ fn record_reply(span: &Span, reply: &Reply) {
     }
 }
 
+/// Room to read more command input into: grown in 4 KiB steps only when
+/// less than 512 octets are free.
+fn room_for_commands(inbuf: &mut BytesMut) {
+    if inbuf.capacity() - inbuf.len() < 512 {
+        inbuf.reserve(4096);
+    }
+}
+
 /// Most pipelined input kept while waiting for a backend connection.
 const WAIT_INPUT_LIMIT: usize = 16 * 1024;
 
@@ -328,9 +336,7 @@ async fn while_client_stays<S: AsyncRead + Unpin, T>(
         if inbuf.len() >= WAIT_INPUT_LIMIT {
             return Some(fut.await);
         }
-        if inbuf.capacity() - inbuf.len() < 512 {
-            inbuf.reserve(4096);
-        }
+        room_for_commands(inbuf);
         tokio::select! {
             biased;
             r = &mut fut => return Some(r),
@@ -539,9 +545,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         timeout: Duration,
         watch_shutdown: bool,
     ) -> Result<usize, ReadErr> {
-        if self.inbuf.capacity() - self.inbuf.len() < 512 {
-            self.inbuf.reserve(4096);
-        }
+        room_for_commands(&mut self.inbuf);
         let read = tokio::time::timeout(timeout, self.io.read_buf(&mut self.inbuf));
         if watch_shutdown {
             let mut sd = self.shutdown.clone();
