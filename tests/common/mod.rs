@@ -40,13 +40,32 @@ pub fn require_tool(tool: &str) -> Option<PathBuf> {
     None
 }
 
-/// A loopback port nobody listens on right now.
+/// A loopback port nobody listens on right now, for a child process to bind.
+///
+/// Taken below the kernel's ephemeral range (32768-60999 on Linux), never
+/// from it: a port the kernel handed out as free can be given to the very
+/// next outgoing connection as its source port before the child binds it
+/// (CI saw `Address already in use` that way). Ports are handed out in turn
+/// from an offset that depends on the process, so parallel tests in one
+/// binary never get the same one, and each is checked bindable.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000; // 20000..32000
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id().wrapping_mul(7919)) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {LOW}..{}", LOW + SPAN);
 }
 
 /// Postfix's smtp-sink on a free loopback port, dumping each transaction
