@@ -118,6 +118,20 @@ pub struct ListenerConfig {
     /// Listen queue length (the kernel caps it at net.core.somaxconn).
     #[serde(default = "default_backlog")]
     pub backlog: u32,
+    /// Every connection starts with a PROXY protocol v1 or v2 header from a
+    /// load balancer; its addresses are the client's for everything.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// Sources allowed to send that header; others are closed at accept.
+    #[serde(default)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Seconds for the whole header to arrive.
+    #[serde(default = "default_proxy_header_timeout")]
+    pub proxy_header_timeout: f64,
+}
+
+fn default_proxy_header_timeout() -> f64 {
+    5.0
 }
 
 fn default_backlog() -> u32 {
@@ -551,6 +565,27 @@ impl Config {
             if l.backlog == 0 {
                 err(format!("listener[{i}].backlog"), "must be > 0".into());
             }
+            if l.proxy_protocol && l.trusted_proxies.is_empty() {
+                err(
+                    format!("listener[{i}].proxy_protocol"),
+                    "needs trusted_proxies (the balancers' addresses, e.g. [\"10.0.0.0/8\"]); without it every connection is refused".into(),
+                );
+            }
+            if !l.proxy_protocol && !l.trusted_proxies.is_empty() {
+                err(
+                    format!("listener[{i}].trusted_proxies"),
+                    "has no effect without proxy_protocol = true".into(),
+                );
+            }
+            if !(l.proxy_header_timeout.is_finite()
+                && l.proxy_header_timeout > 0.0
+                && l.proxy_header_timeout < 1e7)
+            {
+                err(
+                    format!("listener[{i}].proxy_header_timeout"),
+                    "must be a number of seconds > 0".into(),
+                );
+            }
         }
         if self.backends.is_empty() {
             err(
@@ -756,6 +791,34 @@ mod tests {
         assert!(keys.contains(&("listener[0].tls", 5)), "{errs:?}");
         assert!(keys.contains(&("limits.max_recipients", 7)), "{errs:?}");
         assert!(keys.contains(&("backend[0].address", 9)), "{errs:?}");
+    }
+
+    #[test]
+    fn proxy_protocol_keys_checked() {
+        let ok = "[[listener]]\naddress = \"127.0.0.1:2525\"\nproxy_protocol = true\ntrusted_proxies = [\"10.0.0.0/8\", \"127.0.0.1/32\"]\nproxy_header_timeout = 2.5\n[[backend]]\naddress = \"a:25\"\n";
+        let c = Config::parse(ok).unwrap();
+        assert!(c.listeners[0].proxy_protocol);
+        assert_eq!(c.listeners[0].trusted_proxies.len(), 2);
+        assert_eq!(c.listeners[0].proxy_header_timeout, 2.5);
+        let bad = "[[listener]]\naddress = \"127.0.0.1:2525\"\nproxy_protocol = true\nproxy_header_timeout = 0\n[[listener]]\naddress = \"127.0.0.1:2526\"\ntrusted_proxies = [\"10.0.0.0/8\"]\n[[listener]]\naddress = \"127.0.0.1:2527\"\nproxy_protocol = true\ntrusted_proxies = [\"10.0.0.0/33\"]\n[[backend]]\naddress = \"a:25\"\n";
+        let errs = Config::parse(bad).unwrap_err();
+        let keys: Vec<(&str, usize)> = errs.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert!(
+            keys.contains(&("listener[0].proxy_protocol", 3)),
+            "{errs:?}"
+        );
+        assert!(
+            keys.contains(&("listener[0].proxy_header_timeout", 4)),
+            "{errs:?}"
+        );
+        assert!(
+            keys.contains(&("listener[1].trusted_proxies", 7)),
+            "{errs:?}"
+        );
+        assert!(
+            keys.contains(&("listener[2].trusted_proxies", 11)),
+            "{errs:?}"
+        );
     }
 
     #[test]

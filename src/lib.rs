@@ -7,6 +7,7 @@ pub mod config;
 pub mod metrics;
 pub mod otlp_metrics;
 pub mod policy;
+pub mod proxy;
 pub mod relay;
 pub mod server;
 pub mod session;

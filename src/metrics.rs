@@ -56,6 +56,7 @@ pub struct BackendMetrics {
 pub struct Metrics {
     pub connections_accepted: Counter,
     pub connections_refused: Family<Labels, Counter>,
+    pub proxy_headers: Family<Labels, Counter>,
     pub sessions_active: Gauge,
     pub session_duration: Histogram,
     pub tls_handshakes: Family<Labels, Counter>,
@@ -86,6 +87,7 @@ impl Metrics {
         let m = Metrics {
             connections_accepted: Counter::default(),
             connections_refused: Family::default(),
+            proxy_headers: Family::default(),
             sessions_active: Gauge::default(),
             session_duration: histogram(),
             tls_handshakes: Family::default(),
@@ -112,6 +114,11 @@ impl Metrics {
             "connections_refused",
             "Client connections refused at accept, by policy check",
             m.connections_refused.clone(),
+        );
+        r.register(
+            "proxy_headers",
+            "Connections on PROXY protocol listeners by header outcome: accepted, local (health check), or why closed before a greeting (untrusted, timeout, malformed, too_long, unsupported, closed, busy)",
+            m.proxy_headers.clone(),
         );
         r.register(
             "sessions_active",
@@ -214,6 +221,13 @@ impl Metrics {
     pub fn refused(&self, check: &'static str) {
         self.connections_refused
             .get_or_create(&vec![("reason", check.to_string())])
+            .inc();
+    }
+
+    /// A connection on a PROXY protocol listener: how its header went.
+    pub fn proxy_header(&self, result: &'static str) {
+        self.proxy_headers
+            .get_or_create(&vec![("result", result.to_string())])
             .inc();
     }
 

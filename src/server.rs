@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
-use tracing::{info, warn};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tracing::{debug, info, warn};
 
 use crate::config::{Config, TlsMode};
 use crate::metrics::Metrics;
@@ -45,6 +45,112 @@ fn refuse(stream: tokio::net::TcpStream, v: &crate::policy::Verdict) {
     let mut line = Vec::with_capacity(96);
     crate::smtp::reply::write_reply(&mut line, code, enh, &v.text);
     let _ = stream.try_write(&line);
+}
+
+/// Admits a client at accept (global cap, lists, per-IP limits) and starts
+/// its session, or refuses it with one write. `via` is the balancer when
+/// `peer` came in a PROXY header (whose destination is `destination`).
+fn admit(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    proxied: Option<(SocketAddr, SocketAddr)>,
+    shared: Arc<Shared>,
+    listener: Listener,
+    done: &mpsc::Sender<()>,
+) {
+    let via = proxied.map(|(via, _)| via);
+    let span = session::session_span(peer, via);
+    // Admission's lookups start in this span.
+    let admitted = span.in_scope(|| shared.policy.admit(peer.ip()));
+    match admitted {
+        Ok(pol) => {
+            let done = done.clone();
+            tokio::spawn(async move {
+                let m = shared.metrics.clone();
+                m.connections_accepted.inc();
+                m.sessions_active.inc();
+                let t0 = std::time::Instant::now();
+                let destination = proxied.map(|(_, d)| d);
+                session::handle(stream, peer, destination, shared, listener, pol, span).await;
+                m.session_duration.observe(t0.elapsed().as_secs_f64());
+                m.sessions_active.dec();
+                drop(done);
+            });
+        }
+        Err(v) => {
+            shared.metrics.refused(v.check.name());
+            session::record_refusal(&span, v.check.name());
+            refuse(stream, &v)
+        }
+    }
+}
+
+/// A listener's PROXY protocol settings.
+struct ProxyListen {
+    trusted: Arc<[ipnet::IpNet]>,
+    timeout: Duration,
+    /// Connections whose header is still being read: at most the listen
+    /// backlog, so even trusted sources cannot hold sockets without bound.
+    pending: Arc<Semaphore>,
+}
+
+impl ProxyListen {
+    /// A connection on a PROXY protocol listener: an untrusted source is
+    /// closed at once; a trusted one's header is read in its own task (the
+    /// accept loop never waits on a client), then admission judges the
+    /// address in it. Nothing is written before a valid header: a refused
+    /// connection is closed without a greeting.
+    fn accept(
+        &self,
+        mut stream: tokio::net::TcpStream,
+        via: SocketAddr,
+        shared: Arc<Shared>,
+        listener: Listener,
+        done: &mpsc::Sender<()>,
+    ) {
+        let m = &shared.metrics;
+        if !crate::proxy::trusted(&self.trusted, via.ip()) {
+            m.proxy_header(crate::proxy::Refusal::Untrusted.name());
+            debug!(source = %via, "PROXY protocol: untrusted source closed");
+            return;
+        }
+        let Ok(permit) = self.pending.clone().try_acquire_owned() else {
+            m.proxy_header("busy");
+            return;
+        };
+        let timeout = self.timeout;
+        let done = done.clone();
+        tokio::spawn(async move {
+            let header = crate::proxy::read_header(&mut stream, timeout).await;
+            drop(permit);
+            let m = &shared.metrics;
+            match header {
+                Ok(crate::proxy::Header::Proxied {
+                    client,
+                    destination,
+                }) => {
+                    m.proxy_header("accepted");
+                    admit(
+                        stream,
+                        client,
+                        Some((via, destination)),
+                        shared,
+                        listener,
+                        &done,
+                    );
+                }
+                Ok(crate::proxy::Header::Local) => {
+                    // A health check: close cleanly, nothing said.
+                    m.proxy_header("local");
+                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+                }
+                Err(r) => {
+                    m.proxy_header(r.name());
+                    debug!(source = %via, reason = r.name(), "PROXY protocol: header refused; closed");
+                }
+            }
+        });
+    }
 }
 
 /// A listening socket with a listen queue of `backlog` (std's and tokio's
@@ -258,7 +364,7 @@ pub fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
 
 /// Bound listeners plus everything sessions share; `serve` runs them.
 pub struct Server {
-    listeners: Vec<(TcpListener, Listener)>,
+    listeners: Vec<(TcpListener, Listener, Option<ProxyListen>)>,
     admin: Option<TcpListener>,
     /// What new connections get; a reload swaps it.
     live: Arc<ArcSwap<Shared>>,
@@ -278,12 +384,18 @@ impl Server {
                 addr: l.address,
                 err,
             })?;
+            let proxy = l.proxy_protocol.then(|| ProxyListen {
+                trusted: l.trusted_proxies.clone().into(),
+                timeout: Duration::from_secs_f64(l.proxy_header_timeout),
+                pending: Arc::new(Semaphore::new(l.backlog as usize)),
+            });
             listeners.push((
                 sock,
                 Listener {
                     tls: l.tls,
                     require_tls: l.require_tls,
                 },
+                proxy,
             ));
         }
         let admin = match &cfg.admin {
@@ -320,7 +432,7 @@ impl Server {
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.listeners
             .iter()
-            .filter_map(|(l, _)| l.local_addr().ok())
+            .filter_map(|(l, _, _)| l.local_addr().ok())
             .collect()
     }
 
@@ -392,9 +504,9 @@ impl Server {
         }
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
         let mut accepts = Vec::new();
-        for (sock, listener) in listeners {
+        for (sock, listener, proxy) in listeners {
             if let Ok(a) = sock.local_addr() {
-                info!(address = %a, tls = ?listener.tls, "listening");
+                info!(address = %a, tls = ?listener.tls, proxy_protocol = proxy.is_some(), "listening");
             }
             let live = live.clone();
             let done = done_tx.clone();
@@ -405,29 +517,11 @@ impl Server {
                         r = sock.accept() => match r {
                             Ok((stream, peer)) => {
                                 let shared = live.load_full();
-                                let span = session::session_span(peer);
-                                // Admission's lookups start in this span.
-                                let admitted = span.in_scope(|| shared.policy.admit(peer.ip()));
-                                match admitted {
-                                Ok(pol) => {
-                                    let done = done.clone();
-                                    tokio::spawn(async move {
-                                        let m = shared.metrics.clone();
-                                        m.connections_accepted.inc();
-                                        m.sessions_active.inc();
-                                        let t0 = std::time::Instant::now();
-                                        session::handle(stream, peer, shared, listener, pol, span).await;
-                                        m.session_duration.observe(t0.elapsed().as_secs_f64());
-                                        m.sessions_active.dec();
-                                        drop(done);
-                                    });
+                                match &proxy {
+                                    None => admit(stream, peer, None, shared, listener, &done),
+                                    Some(p) => p.accept(stream, peer, shared, listener, &done),
                                 }
-                                Err(v) => {
-                                    shared.metrics.refused(v.check.name());
-                                    session::record_refusal(&span, v.check.name());
-                                    refuse(stream, &v)
-                                }
-                            }},
+                            }
                             Err(e) => {
                                 // EMFILE and friends: back off instead of spinning.
                                 warn!("accept failed: {e}");

@@ -53,7 +53,9 @@ pub struct Listener {
 /// `pol` is the client's admission state, from `Policy::admit`.
 /// The root span of one client connection (`smtp.session`), made at accept
 /// so the admission's DNS lookups and a refusal belong to it.
-pub fn session_span(peer: SocketAddr) -> Span {
+/// `via` is the load balancer's address when the client's came in a PROXY
+/// protocol header (`network.peer.*`, the socket's other end).
+pub fn session_span(peer: SocketAddr, via: Option<SocketAddr>) -> Span {
     let span = crate::span!(
         crate::telemetry::sample_session(),
         "smtp.session",
@@ -63,6 +65,8 @@ pub fn session_span(peer: SocketAddr) -> Span {
         "server.address" = field::Empty,
         "server.port" = field::Empty,
         "network.transport" = "tcp",
+        "network.peer.address" = field::Empty,
+        "network.peer.port" = field::Empty,
         "smtp.helo" = field::Empty,
         "tls.protocol.version" = field::Empty,
         "tls.cipher" = field::Empty,
@@ -71,6 +75,10 @@ pub fn session_span(peer: SocketAddr) -> Span {
         "otel.status_code" = field::Empty,
         trace_id = field::Empty,
     );
+    if let Some(v) = via {
+        span.record("network.peer.address", field::display(v.ip()));
+        span.record("network.peer.port", v.port());
+    }
     // The trace id in every log line of the session (when traced).
     if let Some(id) = crate::telemetry::trace_id(&span) {
         span.record("trace_id", id);
@@ -85,9 +93,12 @@ pub fn record_refusal(span: &Span, check: &'static str) {
     span.record("otel.status_code", "ERROR");
 }
 
+/// `peer` is the client; `destination` the address it connected to when a
+/// PROXY header said so (else the socket's own address).
 pub async fn handle(
     stream: TcpStream,
     peer: SocketAddr,
+    destination: Option<SocketAddr>,
     shared: Arc<Shared>,
     listener: Listener,
     pol: ClientPolicy,
@@ -95,7 +106,7 @@ pub async fn handle(
 ) {
     async move {
         let _ = stream.set_nodelay(true);
-        let local_addr = stream.local_addr();
+        let local_addr = destination.map_or_else(|| stream.local_addr(), Ok);
         if let Ok(a) = &local_addr {
             Span::current().record("server.address", field::display(a.ip()));
             Span::current().record("server.port", a.port());
@@ -1252,7 +1263,15 @@ mod size_probe {
                 tls: crate::config::TlsMode::None,
                 require_tls: false,
             };
-            let f = super::handle(s, a, shared, listener, pol, super::session_span(a));
+            let f = super::handle(
+                s,
+                a,
+                None,
+                shared,
+                listener,
+                pol,
+                super::session_span(a, None),
+            );
             let n = size(&f);
             assert!(n <= 4096, "session future grew to {n} bytes");
         });

@@ -1,0 +1,466 @@
+//! PROXY protocol inbound: behind a real HAProxy (deploy/haproxy/haproxy.cfg,
+//! `send-proxy-v2` and `send-proxy`) the original client's address reaches a
+//! real Postfix through XFORWARD and is the one the policy judges; raw
+//! connections for the bad cases (untrusted source, no header, garbage, too
+//! long, too slow, LOCAL) are closed without a greeting and counted; TLS
+//! (implicit and STARTTLS) starts after the header; a flood of connections
+//! that never send a header holds no socket past the header timeout.
+//! Skips when haproxy / Postfix are missing (fails under CI=true).
+mod common;
+mod postfix_instance;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use postfix_instance::Postfix;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A v2 PROXY header for a TCP connection from `client` to `dest`.
+fn v2_header(client: SocketAddr, dest: SocketAddr) -> Vec<u8> {
+    ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+        ppp::v2::Protocol::Stream,
+        (client, dest),
+    )
+    // An unknown TLV, as some balancers send: ignored.
+    .write_tlv(0xE7, b"opaque")
+    .unwrap()
+    .build()
+    .unwrap()
+}
+
+fn v2_local() -> Vec<u8> {
+    ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Local,
+        ppp::v2::Protocol::Unspecified,
+        ppp::v2::Addresses::Unspecified,
+    )
+    .build()
+    .unwrap()
+}
+
+/// `smtp_edge_proxy_headers_total{result=...}` now.
+fn headers(proxy: &Proxy, result: &str) -> u64 {
+    let needle = format!("smtp_edge_proxy_headers_total{{result=\"{result}\"}} ");
+    proxy
+        .metrics
+        .encode()
+        .lines()
+        .find_map(|l| l.strip_prefix(&needle).map(|v| v.trim().parse().unwrap()))
+        .unwrap_or(0)
+}
+
+/// Waits until the counter reaches `n` (the header task counts after the
+/// client sees the close).
+async fn wait_headers(proxy: &Proxy, result: &str, n: u64) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while headers(proxy, result) < n {
+        assert!(
+            Instant::now() < end,
+            "{result}: {} < {n}\n{}",
+            headers(proxy, result),
+            proxy.metrics.encode()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Everything the server sends until it closes (within `t`): closed with
+/// nothing said is `Some(empty)`; still open after `t` is None.
+async fn said_before_close(s: &mut TcpStream, t: Duration) -> Option<Vec<u8>> {
+    let mut all = Vec::new();
+    let end = tokio::time::Instant::now() + t;
+    loop {
+        let mut buf = [0u8; 512];
+        match tokio::time::timeout_at(end, s.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(all),
+            Ok(Ok(n)) => all.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+fn edge_toml(backend: &str, trusted: &str, extra: &str, listener_extra: &str) -> String {
+    format!(
+        "hostname = \"edge.test\"\n{extra}\n[[listener]]\naddress = \"127.0.0.1:0\"\nproxy_protocol = true\ntrusted_proxies = [{trusted}]\n{listener_extra}\n[[backend]]\naddress = \"{backend}\"\n"
+    )
+}
+
+/// HAProxy run in the foreground on deploy/haproxy/haproxy.cfg (with
+/// `send-proxy-v2` replaced by `version`), both servers pointing at `edge`.
+struct Haproxy {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Haproxy {
+    fn start(edge: SocketAddr, version: &str) -> Option<Haproxy> {
+        let bin = require_tool("haproxy")?;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/haproxy/haproxy.cfg"),
+        )
+        .unwrap();
+        assert!(cfg.contains("send-proxy-v2"), "the deploy file sends v2");
+        let path = dir.path().join("haproxy.cfg");
+        std::fs::write(&path, cfg.replace("send-proxy-v2", version)).unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log = std::fs::File::create(dir.path().join("haproxy.log")).unwrap();
+        let child = Command::new(bin)
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .env("HAPROXY_BIND", addr.to_string())
+            .env("EDGE1", edge.to_string())
+            .env("EDGE2", edge.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn haproxy");
+        wait_port(&addr.to_string());
+        Some(Haproxy {
+            child,
+            addr,
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_postfix() -> Option<Postfix> {
+    match tokio::task::spawn_blocking(|| Postfix::start("")).await {
+        Ok(pf) => pf,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+/// One message from `src` through `addr`; the client's port and the final
+/// reply's queue id.
+async fn send_from(src: IpAddr, addr: SocketAddr) -> (u16, String) {
+    let mut c = Raw::connect_from(src, addr).await;
+    let port = c.stream.local_addr().unwrap().port();
+    let g = c.reply().await;
+    assert_eq!(g.code, 220, "{g:?}");
+    assert_eq!(c.cmd("EHLO client.example").await.code, 250);
+    let r = transaction(&mut c, b"Subject: via haproxy\r\n\r\nhi\r\n").await;
+    assert_eq!(r.code, 250, "{r:?}");
+    let id = r
+        .text
+        .rsplit_once("queued as ")
+        .unwrap()
+        .1
+        .trim()
+        .to_string();
+    assert_eq!(c.cmd("QUIT").await.code, 221);
+    (port, id)
+}
+
+/// Postfix's smtpd line for `qid` shows `orig_client=unknown[ip]:port`.
+/// (Postfix writes its log through postlogd: waits up to 5 s for the line.)
+async fn assert_orig_client(pf: &Postfix, qid: &str, ip: &str, port: u16) {
+    let end = Instant::now() + Duration::from_secs(5);
+    let line = loop {
+        let found = pf
+            .log_of(qid)
+            .into_iter()
+            .find(|l| l.contains("/smtpd[") && l.contains(" client="));
+        match found {
+            Some(l) => break l,
+            None if Instant::now() < end => tokio::time::sleep(Duration::from_millis(50)).await,
+            None => panic!("no client= line for {qid}:\n{}", pf.log()),
+        }
+    };
+    assert!(
+        line.contains(&format!(" orig_client=unknown[{ip}]:{port}")),
+        "{line}"
+    );
+}
+
+async fn through_haproxy(version: &str) {
+    let Some(pf) = start_postfix().await else {
+        return;
+    };
+    // HAProxy connects from 127.0.0.1, which is trusted and not denied; the
+    // clients come from 127.0.0.5 (allowed) and 127.0.0.6 (deny-listed).
+    let proxy = Proxy::start(&edge_toml(
+        &pf.addr,
+        "\"127.0.0.1/32\"",
+        "[policy]\ndeny = [\"127.0.0.6/32\"]",
+        "",
+    ))
+    .await;
+    let Some(hap) = Haproxy::start(proxy.addr, version) else {
+        return;
+    };
+    let good: IpAddr = "127.0.0.5".parse().unwrap();
+    let (port, qid) = send_from(good, hap.addr).await;
+    assert_orig_client(&pf, &qid, "127.0.0.5", port).await;
+
+    let mut c = Raw::connect_from("127.0.0.6".parse().unwrap(), hap.addr).await;
+    let r = c.reply().await;
+    assert_eq!(r.code, 554, "the original address is deny-listed: {r:?}");
+    assert!(r.text.starts_with("5.7.1"), "{r:?}");
+    let refused = proxy.metrics.encode();
+    assert!(
+        refused.contains("smtp_edge_connections_refused_total{reason=\"deny_list\"} 1"),
+        "{refused}"
+    );
+    // Both clients' headers, and maybe health checks' (HAProxy sends v2
+    // health checks as LOCAL, v1 ones as UNKNOWN or with its own address).
+    assert!(headers(&proxy, "accepted") >= 2, "{refused}");
+    if version == "send-proxy-v2" {
+        wait_headers(&proxy, "local", 1).await;
+    }
+    assert_eq!(headers(&proxy, "malformed"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_send_proxy_v2_passes_the_client_to_postfix_and_policy() {
+    through_haproxy("send-proxy-v2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_send_proxy_v1_passes_the_client_to_postfix_and_policy() {
+    through_haproxy("send-proxy").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_headers_are_closed_without_a_greeting_and_counted() {
+    let backend = Recorder::start(Script::default()).await;
+    let proxy = Proxy::start(&edge_toml(
+        &backend.addr,
+        "\"127.0.0.1/32\"",
+        "",
+        "proxy_header_timeout = 0.5",
+    ))
+    .await;
+    let quiet = Duration::from_secs(3);
+    let dest: SocketAddr = "198.51.100.1:25".parse().unwrap();
+
+    // A client speaking SMTP straight away (no header).
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"EHLO client.example\r\n").await.unwrap();
+    assert_eq!(said_before_close(&mut s, quiet).await, Some(vec![]));
+    // A v2 header claiming 64 KiB of TLVs.
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\xff\xff".to_vec();
+    h.extend_from_slice(&[0; 64]);
+    s.write_all(&h).await.unwrap();
+    assert_eq!(said_before_close(&mut s, quiet).await, Some(vec![]));
+    // A v1 line that never ends.
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(format!("PROXY TCP4 {}", "9".repeat(120)).as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(said_before_close(&mut s, quiet).await, Some(vec![]));
+    // Half a header, then silence: closed at proxy_header_timeout.
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let full = v2_header("192.0.2.7:40000".parse().unwrap(), dest);
+    s.write_all(&full[..10]).await.unwrap();
+    let t0 = Instant::now();
+    assert_eq!(said_before_close(&mut s, quiet).await, Some(vec![]));
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(400) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
+    // LOCAL: the balancer's health check, closed cleanly.
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(&v2_local()).await.unwrap();
+    assert_eq!(said_before_close(&mut s, quiet).await, Some(vec![]));
+    // Gone before the header was whole.
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"PROXY TCP4 192.0.2.7").await.unwrap();
+    drop(s);
+
+    wait_headers(&proxy, "closed", 1).await;
+    assert_eq!(headers(&proxy, "malformed"), 1);
+    assert_eq!(headers(&proxy, "too_long"), 2);
+    assert_eq!(headers(&proxy, "timeout"), 1);
+    assert_eq!(headers(&proxy, "local"), 1);
+    assert_eq!(headers(&proxy, "accepted"), 0);
+    assert_eq!(
+        backend.connection_count(),
+        0,
+        "no session reached a backend"
+    );
+
+    // A header arriving in pieces, with the client's first command in the
+    // same write as its end: both taken, nothing of the command lost.
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let h = b"PROXY TCP4 192.0.2.7 198.51.100.1 40000 25\r\n";
+    s.write_all(&h[..9]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(&h[9..]).await.unwrap();
+    let mut c = Raw::from_parts(s, Vec::new());
+    assert_eq!(c.reply().await.code, 220);
+    assert_eq!(c.cmd("EHLO client.example").await.code, 250);
+    assert_eq!(
+        transaction(&mut c, b"Subject: t\r\n\r\nx\r\n").await.code,
+        250
+    );
+    let msg = String::from_utf8_lossy(&backend.messages()[0]).to_string();
+    assert!(
+        msg.starts_with("Received: from client.example (unknown [192.0.2.7])"),
+        "the header's address is the client's: {msg}"
+    );
+    assert_eq!(headers(&proxy, "accepted"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_sources_are_closed_at_once() {
+    let backend = Recorder::start(Script::default()).await;
+    let proxy = Proxy::start(&edge_toml(
+        &backend.addr,
+        "\"10.0.0.0/8\", \"127.0.0.9/32\"",
+        "",
+        "",
+    ))
+    .await;
+    // A perfectly good header, from a source that may not send one.
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let _ = s
+        .write_all(&v2_header(
+            "192.0.2.7:40000".parse().unwrap(),
+            "198.51.100.1:25".parse().unwrap(),
+        ))
+        .await;
+    assert_eq!(
+        said_before_close(&mut s, Duration::from_secs(3)).await,
+        Some(vec![])
+    );
+    wait_headers(&proxy, "untrusted", 1).await;
+    // From the trusted 127.0.0.9 it works.
+    let mut c = Raw::connect_from("127.0.0.9".parse().unwrap(), proxy.addr).await;
+    c.send(&v2_header(
+        "192.0.2.8:40000".parse().unwrap(),
+        "198.51.100.1:25".parse().unwrap(),
+    ))
+    .await;
+    assert_eq!(c.reply().await.code, 220);
+    assert_eq!(headers(&proxy, "accepted"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_starts_after_the_header() {
+    let backend = Recorder::start(Script::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = write_cert(dir.path(), "edge.test");
+    let tls = format!(
+        "[tls]\ncertificate = \"{}\"\nprivate_key = \"{}\"",
+        cert.display(),
+        key.display()
+    );
+    let header = v2_header(
+        "192.0.2.7:40000".parse().unwrap(),
+        "198.51.100.1:465".parse().unwrap(),
+    );
+    for mode in ["implicit", "starttls"] {
+        let proxy = Proxy::start(&edge_toml(
+            &backend.addr,
+            "\"127.0.0.1/32\"",
+            &tls,
+            &format!("tls = \"{mode}\""),
+        ))
+        .await;
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(&header).await.unwrap();
+        let s = if mode == "starttls" {
+            let mut c = Raw::from_parts(s, Vec::new());
+            assert_eq!(c.reply().await.code, 220);
+            assert_eq!(c.cmd("EHLO client.example").await.code, 250);
+            assert_eq!(c.cmd("STARTTLS").await.code, 220);
+            let (s, rest) = c.into_parts();
+            assert!(rest.is_empty());
+            s
+        } else {
+            s
+        };
+        let tls = tls_client(s, &cert).await;
+        let mut c = Raw::from_parts(tls, Vec::new());
+        if mode == "implicit" {
+            assert_eq!(c.reply().await.code, 220);
+        }
+        assert_eq!(c.cmd("EHLO client.example").await.code, 250, "{mode}");
+        assert_eq!(
+            transaction(&mut c, b"Subject: t\r\n\r\nx\r\n").await.code,
+            250,
+            "{mode}"
+        );
+        assert_eq!(headers(&proxy, "accepted"), 1);
+    }
+    for m in backend.messages() {
+        let m = String::from_utf8_lossy(&m).to_string();
+        assert!(m.contains("[192.0.2.7]"), "{m}");
+        assert!(m.contains("with ESMTPS"), "{m}");
+    }
+}
+
+/// A TLS client trusting `cert` for edge.test.
+async fn tls_client(s: TcpStream, cert: &Path) -> tokio_rustls::client::TlsStream<TcpStream> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(cert).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let conn = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+    conn.connect("edge.test".try_into().unwrap(), s)
+        .await
+        .expect("TLS handshake after the PROXY header")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_without_headers_holds_no_socket() {
+    let backend = Recorder::start(Script::default()).await;
+    let proxy = Proxy::start(&edge_toml(
+        &backend.addr,
+        "\"127.0.0.1/32\"",
+        "",
+        "proxy_header_timeout = 0.5\nbacklog = 64",
+    ))
+    .await;
+    // 300 connections that never speak: at most 64 wait for a header (the
+    // backlog), the others are closed at once; all are closed by the
+    // timeout.
+    let mut socks = Vec::new();
+    for _ in 0..300 {
+        socks.push(TcpStream::connect(proxy.addr).await.unwrap());
+    }
+    let t0 = Instant::now();
+    for s in &mut socks {
+        assert_eq!(
+            said_before_close(s, Duration::from_secs(5)).await,
+            Some(vec![])
+        );
+    }
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    wait_headers(&proxy, "timeout", 1).await;
+    let timeouts = headers(&proxy, "timeout");
+    let busy = headers(&proxy, "busy");
+    assert_eq!(timeouts + busy, 300, "timeouts {timeouts} busy {busy}");
+    assert!(timeouts <= 64, "{timeouts}");
+    // And a real session is served right after.
+    let mut c = Raw::connect(proxy.addr).await;
+    c.send(&v2_header(
+        "192.0.2.7:40000".parse().unwrap(),
+        "198.51.100.1:25".parse().unwrap(),
+    ))
+    .await;
+    assert_eq!(c.reply().await.code, 220);
+    assert_eq!(c.cmd("EHLO client.example").await.code, 250);
+}
