@@ -3,6 +3,14 @@
 //! GCRA rates (governor, keyed) per IP and per prefix, with idle-key eviction.
 //! Decides nothing about replies: it reports which limit was hit.
 //!
+//! # Stores
+//! A rate with `store = "redis"` keeps its governor limiter and puts a
+//! [`Remote`](super::redis_rate::Remote) in front of it: the fleet's state
+//! is in Redis, the local limiter judges provisional checks and is the
+//! fallback while Redis is unreachable (see `redis_rate.rs` for the scheme
+//! and its error bound). Checks stay synchronous and report the same
+//! [`LimitHit`] whatever the store.
+//!
 //! # Keys
 //! Every limit is counted per client address and per network prefix (the
 //! address masked to `ipv4_prefix` / `ipv6_prefix` bits). IPv4-mapped IPv6
@@ -27,7 +35,11 @@
 //! - each rate limiter whose rate, key (IP, or prefix of an unchanged
 //!   length) and `max_tracked_keys` are unchanged, and that is still on:
 //!   the same limiter, with its state. Any other one starts fresh;
-//! - the count of overflowing checks ([`Limits::overflow`]).
+//! - the count of overflowing checks ([`Limits::overflow`]);
+//! - the Redis link while `[policy.limits.redis]` is unchanged (a
+//!   Redis-backed limiter is kept only on the same link; a new one starts
+//!   with an empty local allowance and finds the fleet's state in Redis),
+//!   and the Redis counters always.
 //!
 //! The old `Limits` is [`retired`](Limits::retire): its sweeper stops at its
 //! next tick, and the new one's sweeper sweeps the shared state.
@@ -1610,6 +1622,72 @@ mod tests {
         });
         let (kept, _) = q.carried_from(&p);
         assert_eq!(kept, vec!["sessions"]);
+    }
+
+    fn redis_cfg(url: &str) -> Option<crate::policy::settings::RedisConfig> {
+        Some(crate::policy::settings::RedisConfig {
+            url: Some(url.into()),
+            ..Default::default()
+        })
+    }
+
+    /// Without a runtime to run the Redis client on (as here) the link is
+    /// degraded from the start: the local limiter decides (on_failure =
+    /// local), counted as fallback checks. A reload keeps a Redis-backed
+    /// limiter only on the same link.
+    #[test]
+    fn redis_store_falls_back_and_reloads_by_link() {
+        let clock = FakeRelativeClock::default();
+        let cfg = LimitsConfig {
+            connection_rate: RateConfig {
+                store: Store::Redis,
+                ..rates(rate(2, 60.0, None), None)
+            },
+            message_rate: rates(rate(1, 60.0, None), None),
+            redis: redis_cfg("redis://127.0.0.1:1"),
+            ..base()
+        };
+        let l = Limits::with_fake_clock(&cfg, clock.clone());
+        let a = ip("192.0.2.1");
+        let hits: Vec<_> = (0..3).map(|_| l.connect(a).1).collect();
+        assert_eq!(
+            hits,
+            [None, None, hit(LimitKind::ConnectionRate, Scope::Ip)]
+        );
+        let st = l.redis_status().unwrap();
+        assert!(st.degraded);
+        assert_eq!(st.fallback_checks, 3);
+        // Unchanged: the same limiter on the same link, state kept.
+        let same = l.reload(&cfg);
+        let (kept, _) = same.carried_from(&l);
+        assert!(kept.contains(&"connection_rate.per_ip"), "{kept:?}");
+        assert_eq!(same.connect(a).1, hit(LimitKind::ConnectionRate, Scope::Ip));
+        // The counters carry over.
+        assert_eq!(same.redis_status().unwrap().fallback_checks, 4);
+        // Another Redis, or the local store: a fresh limiter.
+        for next in [
+            LimitsConfig {
+                redis: redis_cfg("redis://127.0.0.1:2"),
+                ..cfg.clone()
+            },
+            LimitsConfig {
+                connection_rate: rates(rate(2, 60.0, None), None),
+                ..cfg.clone()
+            },
+        ] {
+            let n = same.reload(&next);
+            let (_, fresh) = n.carried_from(&same);
+            assert_eq!(fresh, ["connection_rate.per_ip"]);
+            assert!(n.redis_status().is_some());
+        }
+        // No Redis-backed rate: no link, no client.
+        let local = same.reload(&LimitsConfig {
+            connection_rate: rates(rate(2, 60.0, None), None),
+            ..cfg.clone()
+        });
+        assert!(local.redis.is_none());
+        let never = Limits::new(&base());
+        assert!(never.redis_status().is_none());
     }
 
     #[tokio::test]
