@@ -33,11 +33,12 @@
 //! goes to the worker task through a bounded queue (`try_send`, never a
 //! wait). The worker sends everything queued as one pipeline (one round trip
 //! for any number of keys, each key's update one atomic script run) and
-//! applies the answers. A key asks for `want = min(lease_max, max(1, demand))`
-//! tokens, `demand` being its checks since its previous request, and
-//! `lease_max = clamp(burst / 8, 1, 64)`: a quiet key keeps one token ahead
-//! (so its next event is decided on fleet state), a busy key leases more and
-//! costs one Redis call per lease, not per event.
+//! applies the answers. With `demand` a key's checks since its previous
+//! request and `lease_max = clamp(burst / 8, 1, 64)`, a key is short when
+//! its credit is below `min(lease_max, max(1, demand))`, and then leases up
+//! to `min(lease_max, 2 x demand)` (one token for a quiet key): a quiet key
+//! keeps one token ahead, so its next event is decided on fleet state; a
+//! busy key leases more and costs one Redis call per lease, not per event.
 //!
 //! # Error bound
 //! Every event the fleet admits is charged to the key's bucket exactly once
@@ -54,11 +55,15 @@
 //!   local limiter, so one instance adds at most one local burst per Redis
 //!   round trip: the worst case is a burst that reaches all N instances at
 //!   their first sight of a key, N x burst instead of burst for about one
-//!   round trip. A client that keeps hammering all N instances gets at most
-//!   one extra event per instance each time its refusal ends, repaid by a
-//!   longer refusal. A client that alternates between instances one event
-//!   at a time is held at exactly the fleet burst once each instance holds a
-//!   lookahead token (tests/redis_limits.rs).
+//!   round trip. A client that keeps hammering all N instances gets, each
+//!   time its refusal ends, at most what it sends an instance within one
+//!   round trip (one event if it waits for each reply) per instance, repaid
+//!   by a longer refusal. A client that alternates between instances one
+//!   event at a time, with Redis answering in between, is held at exactly
+//!   the fleet burst when the burst covers two tokens per instance (each
+//!   instance's first, provisional event and its lookahead token), and at
+//!   most one more per instance otherwise (tests/redis_limits.rs, and the
+//!   unit tests below on a Rust twin of the script).
 //! - the other way round, tokens leased by an instance the client no longer
 //!   uses are lost to it: at most `lease_max` per instance per key, until
 //!   Redis refills them.
