@@ -144,13 +144,17 @@ const EMERGENCY_SWEEP_EVERY: u64 = 1_000_000_000;
 /// Checks that `url` is one the Redis client can connect to (without
 /// connecting): for `check-config`.
 pub fn check_url(url: &str) -> Result<(), String> {
+    if url.starts_with("rediss://") {
+        return Err(format!(
+            "{url:?}: TLS to Redis (rediss://) is not built in; use redis:// on a private network, or unix://"
+        ));
+    }
     if !(url.starts_with("redis://")
-        || url.starts_with("rediss://")
         || url.starts_with("unix://")
         || url.starts_with("redis+unix://"))
     {
         return Err(format!(
-            "{url:?}: expected redis://host[:port][/db] (or rediss://, unix://)"
+            "{url:?}: expected redis://[user:password@]host[:port][/db] or unix:///path"
         ));
     }
     match url.into_connection_info() {

@@ -135,7 +135,8 @@ impl Default for LimitsConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host[:port][/db]` (or `unix:///path`).
+    /// `redis://[user:password@]host[:port][/db]` or `unix:///path`; TLS
+    /// (`rediss://`) is not built in.
     pub url: Option<String>,
     /// Seconds a Redis call may take before it counts as failed and the
     /// limits follow `on_failure`. Sessions never wait for Redis.
