@@ -38,6 +38,7 @@ fn generous() -> RateConfig {
         action: Action::Defer,
         per_ip: rate,
         per_prefix: rate,
+        ..RateConfig::default()
     }
 }
 

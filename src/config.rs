@@ -376,12 +376,18 @@ impl Config {
             }
         };
         let orig_keys = key_spans(original.as_item());
+        // A key's line; for a key that is missing, its table's line.
         let line_for = |key: &str| {
-            orig_keys
-                .iter()
-                .find(|(p, _)| p == key)
-                .map(|(_, s)| line_of(text, s.start))
-                .unwrap_or(0)
+            let mut k = key;
+            loop {
+                if let Some((_, s)) = orig_keys.iter().find(|(p, _)| p == k) {
+                    return line_of(text, s.start);
+                }
+                match k.rsplit_once('.') {
+                    Some((parent, _)) => k = parent,
+                    None => return 0,
+                }
+            }
         };
         // Deserialize; on each error, record it, remove the offending key and
         // try again, so one run reports every type error and unknown key.
@@ -819,6 +825,31 @@ mod tests {
             keys.contains(&("listener[2].trusted_proxies", 11)),
             "{errs:?}"
         );
+    }
+
+    #[test]
+    fn redis_store_errors_named_with_key_and_line() {
+        let text = "[[listener]]\naddress = \"127.0.0.1:25\"\n[[backend]]\naddress = \"a:25\"\n\
+                    [policy.limits.connection_rate]\nstore = \"redis\"\n\
+                    [policy.limits.message_rate]\nstore = \"memcached\"\n\
+                    [policy.limits.redis]\ntimeout = 0\non_failure = \"closed\"\n";
+        let errs = Config::parse(text).unwrap_err();
+        let keys: Vec<(&str, usize)> = errs.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        for want in [
+            ("policy.limits.message_rate.store", 8),
+            ("policy.limits.redis.on_failure", 11),
+            ("policy.limits.connection_rate.store", 6),
+            ("policy.limits.redis.url", 9),
+            ("policy.limits.redis.timeout", 10),
+        ] {
+            assert!(keys.contains(&want), "{want:?} in {errs:?}");
+        }
+        assert_eq!(keys.len(), 5, "{errs:?}");
+        let text = "[[listener]]\naddress = \"127.0.0.1:25\"\n[[backend]]\naddress = \"a:25\"\n\
+                    [policy.limits.recipient_rate]\nstore = \"redis\"\n\
+                    [policy.limits.redis]\nurl = \"redis://10.0.0.5:6379/1\"\n";
+        let c = Config::parse(text).unwrap();
+        assert!(c.policy.limits.uses_redis());
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Prometheus metrics: the counters and histograms updated where things
 //! happen (accept loop, session, pool), and the values read at scrape time
 //! from the live objects (policy verdict counts, DNS caches, rate-limiter
-//! overflow, pool sizes, backend health). Owns the registry and its text
-//! encoding; the HTTP endpoint is `admin.rs`. Labels are bounded: check
+//! overflow, the Redis store's calls, failures and health, pool sizes,
+//! backend health). Owns the registry and its text encoding; the HTTP
+//! endpoint is `admin.rs`. Labels are bounded: check
 //! names, reply classes, TLS versions and configured backend addresses,
 //! never a client address, domain or envelope address.
 
@@ -336,6 +337,43 @@ impl Collector for LiveCollector {
             "Rate-limit checks passed unstored because a limiter map was full",
             &[(vec![], live.policy.limits().overflow())],
         )?;
+        if let Some(r) = live.policy.limits().redis_status() {
+            counter(
+                &mut enc,
+                "redis_calls",
+                "Redis round trips answered for the shared rate limits (each carries the updates of many keys)",
+                &[(vec![], r.calls)],
+            )?;
+            let failures: Vec<(Labels, u64)> = r
+                .failures
+                .iter()
+                .map(|(why, n)| (vec![("reason", why.name().to_string())], *n))
+                .collect();
+            counter(
+                &mut enc,
+                "redis_failures",
+                "Redis calls that failed or timed out (probes included), and updates not sent because the queue was full",
+                &failures,
+            )?;
+            counter(
+                &mut enc,
+                "redis_outages",
+                "Times the shared rate limits went from working to degraded (Redis unreachable)",
+                &[(vec![], r.outages)],
+            )?;
+            counter(
+                &mut enc,
+                "redis_fallback_checks",
+                "Rate-limit checks decided by on_failure because Redis was unreachable",
+                &[(vec![], r.fallback_checks)],
+            )?;
+            gauge(
+                &mut enc,
+                "redis_degraded",
+                "1 while Redis is unreachable and the shared rate limits follow on_failure",
+                &[(vec![], i64::from(r.degraded))],
+            )?;
+        }
         if let Some(dns) = live.policy.dns() {
             let s = dns.stats();
             let mut rows = Vec::new();

@@ -3,6 +3,14 @@
 //! GCRA rates (governor, keyed) per IP and per prefix, with idle-key eviction.
 //! Decides nothing about replies: it reports which limit was hit.
 //!
+//! # Stores
+//! A rate with `store = "redis"` keeps its governor limiter and puts a
+//! [`Remote`](super::redis_rate::Remote) in front of it: the fleet's state
+//! is in Redis, the local limiter judges provisional checks and is the
+//! fallback while Redis is unreachable (see `redis_rate.rs` for the scheme
+//! and its error bound). Checks stay synchronous and report the same
+//! [`LimitHit`] whatever the store.
+//!
 //! # Keys
 //! Every limit is counted per client address and per network prefix (the
 //! address masked to `ipv4_prefix` / `ipv6_prefix` bits). IPv4-mapped IPv6
@@ -27,7 +35,11 @@
 //! - each rate limiter whose rate, key (IP, or prefix of an unchanged
 //!   length) and `max_tracked_keys` are unchanged, and that is still on:
 //!   the same limiter, with its state. Any other one starts fresh;
-//! - the count of overflowing checks ([`Limits::overflow`]).
+//! - the count of overflowing checks ([`Limits::overflow`]);
+//! - the Redis link while `[policy.limits.redis]` is unchanged (a
+//!   Redis-backed limiter is kept only on the same link; a new one starts
+//!   with an empty local allowance and finds the fleet's state in Redis),
+//!   and the Redis counters always.
 //!
 //! The old `Limits` is [`retired`](Limits::retire): its sweeper stops at its
 //! next tick, and the new one's sweeper sweeps the shared state.
@@ -68,7 +80,8 @@ use governor::state::keyed::ShrinkableKeyedStateStore;
 use governor::state::StateStore;
 use governor::{Quota, RateLimiter};
 
-use super::settings::{LimitsConfig, Rate, RateConfig};
+use super::redis_rate::{Link, RedisStats, RedisStatus, Remote};
+use super::settings::{LimitsConfig, Rate, RateConfig, Store};
 
 /// Which limit a client went over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +90,18 @@ pub enum LimitKind {
     ConnectionRate,
     MessageRate,
     RecipientRate,
+}
+
+impl LimitKind {
+    /// The limit's section name under `[policy.limits]`.
+    pub fn name(self) -> &'static str {
+        match self {
+            LimitKind::Concurrency => "concurrency",
+            LimitKind::ConnectionRate => "connection_rate",
+            LimitKind::MessageRate => "message_rate",
+            LimitKind::RecipientRate => "recipient_rate",
+        }
+    }
 }
 
 /// The key a limit was counted under.
@@ -112,6 +137,13 @@ pub struct Limits {
     max_tracked_keys: usize,
     /// New keys judged without being stored because a limiter was full.
     overflow: Arc<AtomicU64>,
+    /// The Redis link of the `store = "redis"` rates (None when no rate
+    /// uses it), kept by reloads while `[policy.limits.redis]` is unchanged.
+    redis: Option<Arc<Link>>,
+    /// Counters of the Redis store, over all links (carried by reloads).
+    redis_stats: Arc<RedisStats>,
+    /// A Redis store was ever configured (its metrics are shown).
+    redis_seen: bool,
     sweep_interval: Duration,
     clock: TimeSource,
     /// Set when replaced by a reload: the sweeper stops.
@@ -162,14 +194,44 @@ impl Limits {
                 _ => Arc::default(),
             },
         });
+        let redis_stats = prev.map_or_else(Arc::default, |p| p.redis_stats.clone());
+        let redis = match &cfg.redis {
+            Some(rc) if cfg.uses_redis() && rc.url.is_some() => Some(
+                prev.and_then(|p| p.redis.clone())
+                    .filter(|l| l.is_for(rc))
+                    .unwrap_or_else(|| Link::new(rc, redis_stats.clone())),
+            ),
+            _ => None,
+        };
+        let env = RateEnv {
+            cap,
+            clock: &clock,
+            overflow: &overflow,
+            prefixes: (ipv4_prefix, ipv6_prefix),
+            redis: redis.as_ref(),
+        };
         let pair = |r: &RateConfig, kind, old: Option<&RatePair>| {
             // A limiter is kept when it limits the same key at the same
-            // rate within the same bound.
-            let reuse = |t: Option<&Arc<Tracked>>, rate: &Rate, by_prefix: bool| {
-                t.filter(|t| t.rate == *rate && t.cap == cap && (!by_prefix || same_prefixes))
-                    .cloned()
+            // rate within the same bound, in the same store (for Redis, on
+            // the same link).
+            let link = match r.store {
+                Store::Redis => redis.as_ref(),
+                Store::Local => None,
             };
-            RatePair::new(r, kind, cap, &clock, &overflow, |rate, by_prefix| {
+            let reuse = |t: Option<&Arc<Tracked>>, rate: &Rate, by_prefix: bool| {
+                t.filter(|t| {
+                    t.rate == *rate
+                        && t.cap == cap
+                        && (!by_prefix || same_prefixes)
+                        && match (&t.remote, link) {
+                            (None, None) => true,
+                            (Some(r), Some(l)) => Arc::ptr_eq(r.link(), l),
+                            _ => false,
+                        }
+                })
+                .cloned()
+            };
+            RatePair::new(r, kind, &env, |rate, by_prefix| {
                 let old = old?;
                 reuse(
                     if by_prefix {
@@ -182,6 +244,21 @@ impl Limits {
                 )
             })
         };
+        let connection_rate = pair(
+            &cfg.connection_rate,
+            LimitKind::ConnectionRate,
+            prev.map(|p| &p.connection_rate),
+        );
+        let message_rate = pair(
+            &cfg.message_rate,
+            LimitKind::MessageRate,
+            prev.map(|p| &p.message_rate),
+        );
+        let recipient_rate = pair(
+            &cfg.recipient_rate,
+            LimitKind::RecipientRate,
+            prev.map(|p| &p.recipient_rate),
+        );
         let c = &cfg.concurrency;
         let concurrency =
             (c.action.runs() && (c.per_ip > 0 || c.per_prefix > 0)).then_some(Concurrency {
@@ -200,23 +277,14 @@ impl Limits {
             v6_mask: mask_bits::<u128>(ipv6_prefix),
             concurrency,
             counts,
-            connection_rate: pair(
-                &cfg.connection_rate,
-                LimitKind::ConnectionRate,
-                prev.map(|p| &p.connection_rate),
-            ),
-            message_rate: pair(
-                &cfg.message_rate,
-                LimitKind::MessageRate,
-                prev.map(|p| &p.message_rate),
-            ),
-            recipient_rate: pair(
-                &cfg.recipient_rate,
-                LimitKind::RecipientRate,
-                prev.map(|p| &p.recipient_rate),
-            ),
+            connection_rate,
+            message_rate,
+            recipient_rate,
             max_tracked_keys: cap,
             overflow,
+            redis_seen: redis.is_some() || prev.is_some_and(|p| p.redis_seen),
+            redis,
+            redis_stats,
             sweep_interval,
             clock,
             retired: AtomicBool::new(false),
@@ -399,6 +467,9 @@ impl Limits {
         for t in self.rate_limiters() {
             t.lim.retain_recent();
             t.lim.shrink_to_fit();
+            if let Some(r) = &t.remote {
+                r.sweep();
+            }
         }
         self.counts.ips.shrink_to_fit();
         self.counts.prefixes.shrink_to_fit();
@@ -406,7 +477,10 @@ impl Limits {
 
     /// Keys held over all limiters and counters.
     pub fn tracked_keys(&self) -> usize {
-        let rates: usize = self.rate_limiters().map(|t| t.lim.len()).sum();
+        let rates: usize = self
+            .rate_limiters()
+            .map(|t| t.lim.len() + t.remote.as_ref().map_or(0, |r| r.keys_held()))
+            .sum();
         rates + self.counts.ips.len() + self.counts.prefixes.len()
     }
 
@@ -414,6 +488,18 @@ impl Limits {
     /// them (see the module documentation).
     pub fn overflow(&self) -> u64 {
         self.overflow.load(Ordering::Relaxed)
+    }
+
+    /// The Redis store's counters and health; None when no Redis store was
+    /// ever configured.
+    pub fn redis_status(&self) -> Option<RedisStatus> {
+        if !self.redis_seen {
+            return None;
+        }
+        Some(match &self.redis {
+            Some(l) => l.status(),
+            None => super::redis_rate::status(&self.redis_stats, false),
+        })
     }
 
     /// Runs `sweep` every `sweep_interval` until the Limits are dropped or
@@ -570,30 +656,53 @@ struct RatePair {
     prefix: Option<Arc<Tracked>>,
 }
 
+/// What every rate limiter of one `Limits` is built with.
+struct RateEnv<'a> {
+    cap: usize,
+    clock: &'a TimeSource,
+    overflow: &'a Arc<AtomicU64>,
+    /// Prefix lengths (IPv4, IPv6): named in Redis prefix keys.
+    prefixes: (u8, u8),
+    /// The link for `store = "redis"` rates.
+    redis: Option<&'a Arc<Link>>,
+}
+
 impl RatePair {
     /// `reuse(rate, by_prefix)` offers a running limiter to keep instead of
     /// a new one.
     fn new(
         cfg: &RateConfig,
         kind: LimitKind,
-        cap: usize,
-        clock: &TimeSource,
-        overflow: &Arc<AtomicU64>,
+        env: &RateEnv<'_>,
         reuse: impl Fn(&Rate, bool) -> Option<Arc<Tracked>>,
     ) -> RatePair {
-        let make = |r: &Option<Rate>, by_prefix| {
+        let make = |r: &Option<Rate>, by_prefix: bool| {
             let rate = r.as_ref()?;
             let quota = quota(rate)?;
             if !cfg.action.runs() {
                 return None;
             }
             reuse(rate, by_prefix).or_else(|| {
+                let remote = match (cfg.store, env.redis) {
+                    (Store::Redis, Some(link)) => Remote::new(
+                        link.clone(),
+                        kind.name(),
+                        if by_prefix { Scope::Prefix } else { Scope::Ip },
+                        env.prefixes,
+                        rate,
+                        env.cap,
+                        env.clock.clone(),
+                        env.overflow.clone(),
+                    ),
+                    _ => None,
+                };
                 Some(Arc::new(Tracked::new(
                     *rate,
                     quota,
-                    cap,
-                    clock.clone(),
-                    overflow.clone(),
+                    env.cap,
+                    env.clock.clone(),
+                    env.overflow.clone(),
+                    remote,
                 )))
             })
         };
@@ -643,9 +752,12 @@ type Keyed = RateLimiter<IpAddr, KeyStore, TimeSource, NoOpMiddleware<Nanos>>;
 /// Spacing of emergency evictions of one limiter from the checking path.
 const EMERGENCY_SWEEP_EVERY: u64 = 1_000_000_000;
 
-/// One keyed GCRA limiter with its key bound.
+/// One keyed GCRA limiter with its key bound; with a Redis store, the
+/// local allowance in front of the shared bucket (the local limiter then
+/// judges provisional and fallback checks).
 struct Tracked {
     lim: Keyed,
+    remote: Option<Arc<Remote>>,
     /// As configured (compared on reload).
     rate: Rate,
     cap: usize,
@@ -660,6 +772,7 @@ impl Tracked {
         cap: usize,
         clock: TimeSource,
         overflow: Arc<AtomicU64>,
+        remote: Option<Arc<Remote>>,
     ) -> Tracked {
         let store = KeyStore {
             map: DashMap::new(),
@@ -669,6 +782,7 @@ impl Tracked {
         };
         Tracked {
             lim: RateLimiter::new(quota, store, clock),
+            remote,
             rate,
             cap,
             next_sweep: AtomicU64::new(0),
@@ -677,6 +791,14 @@ impl Tracked {
 
     /// True when allowed.
     fn check(&self, key: &IpAddr) -> bool {
+        match &self.remote {
+            None => self.check_local(key),
+            Some(r) => r.check(*key, || self.check_local(key)),
+        }
+    }
+
+    /// The local limiter alone.
+    fn check_local(&self, key: &IpAddr) -> bool {
         if self.lim.len() >= self.cap {
             self.emergency_sweep();
         }
@@ -794,7 +916,7 @@ impl ShrinkableKeyedStateStore<IpAddr> for KeyStore {
 /// The rate limiters' clock: governor's default (quanta) clock, or a fake
 /// one for tests. Readings are ns since construction.
 #[derive(Clone)]
-enum TimeSource {
+pub(super) enum TimeSource {
     Real(DefaultClock, <DefaultClock as Clock>::Instant),
     Fake(FakeRelativeClock),
 }
@@ -841,6 +963,7 @@ mod tests {
             action: Action::Defer,
             per_ip,
             per_prefix,
+            store: Store::Local,
         }
     }
 
@@ -1119,6 +1242,7 @@ mod tests {
             action: Action::Off,
             per_ip: r,
             per_prefix: r,
+            store: Store::Local,
         };
         let l = Limits::new(&LimitsConfig {
             concurrency: ConcurrencyConfig {
@@ -1498,6 +1622,72 @@ mod tests {
         });
         let (kept, _) = q.carried_from(&p);
         assert_eq!(kept, vec!["sessions"]);
+    }
+
+    fn redis_cfg(url: &str) -> Option<crate::policy::settings::RedisConfig> {
+        Some(crate::policy::settings::RedisConfig {
+            url: Some(url.into()),
+            ..Default::default()
+        })
+    }
+
+    /// Without a runtime to run the Redis client on (as here) the link is
+    /// degraded from the start: the local limiter decides (on_failure =
+    /// local), counted as fallback checks. A reload keeps a Redis-backed
+    /// limiter only on the same link.
+    #[test]
+    fn redis_store_falls_back_and_reloads_by_link() {
+        let clock = FakeRelativeClock::default();
+        let cfg = LimitsConfig {
+            connection_rate: RateConfig {
+                store: Store::Redis,
+                ..rates(rate(2, 60.0, None), None)
+            },
+            message_rate: rates(rate(1, 60.0, None), None),
+            redis: redis_cfg("redis://127.0.0.1:1"),
+            ..base()
+        };
+        let l = Limits::with_fake_clock(&cfg, clock.clone());
+        let a = ip("192.0.2.1");
+        let hits: Vec<_> = (0..3).map(|_| l.connect(a).1).collect();
+        assert_eq!(
+            hits,
+            [None, None, hit(LimitKind::ConnectionRate, Scope::Ip)]
+        );
+        let st = l.redis_status().unwrap();
+        assert!(st.degraded);
+        assert_eq!(st.fallback_checks, 3);
+        // Unchanged: the same limiter on the same link, state kept.
+        let same = l.reload(&cfg);
+        let (kept, _) = same.carried_from(&l);
+        assert!(kept.contains(&"connection_rate.per_ip"), "{kept:?}");
+        assert_eq!(same.connect(a).1, hit(LimitKind::ConnectionRate, Scope::Ip));
+        // The counters carry over.
+        assert_eq!(same.redis_status().unwrap().fallback_checks, 4);
+        // Another Redis, or the local store: a fresh limiter.
+        for next in [
+            LimitsConfig {
+                redis: redis_cfg("redis://127.0.0.1:2"),
+                ..cfg.clone()
+            },
+            LimitsConfig {
+                connection_rate: rates(rate(2, 60.0, None), None),
+                ..cfg.clone()
+            },
+        ] {
+            let n = same.reload(&next);
+            let (_, fresh) = n.carried_from(&same);
+            assert_eq!(fresh, ["connection_rate.per_ip"]);
+            assert!(n.redis_status().is_some());
+        }
+        // No Redis-backed rate: no link, no client.
+        let local = same.reload(&LimitsConfig {
+            connection_rate: rates(rate(2, 60.0, None), None),
+            ..cfg.clone()
+        });
+        assert!(local.redis.is_none());
+        let never = Limits::new(&base());
+        assert!(never.redis_status().is_none());
     }
 
     #[tokio::test]

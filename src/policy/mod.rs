@@ -11,6 +11,7 @@
 pub mod dns;
 pub mod helo;
 pub mod limits;
+pub mod redis_rate;
 pub mod settings;
 
 use std::net::IpAddr;

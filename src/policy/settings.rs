@@ -96,6 +96,21 @@ pub struct LimitsConfig {
     pub connection_rate: RateConfig,
     pub message_rate: RateConfig,
     pub recipient_rate: RateConfig,
+    /// `[policy.limits.redis]`: the Redis the `store = "redis"` rates share.
+    pub redis: Option<RedisConfig>,
+}
+
+impl LimitsConfig {
+    /// True when some rate limit keeps its state on Redis.
+    pub fn uses_redis(&self) -> bool {
+        [
+            &self.connection_rate,
+            &self.message_rate,
+            &self.recipient_rate,
+        ]
+        .iter()
+        .any(|r| r.store == Store::Redis)
+    }
 }
 
 impl Default for LimitsConfig {
@@ -110,8 +125,65 @@ impl Default for LimitsConfig {
             connection_rate: RateConfig::default(),
             message_rate: RateConfig::default(),
             recipient_rate: RateConfig::default(),
+            redis: None,
         }
     }
+}
+
+/// `[policy.limits.redis]`: where the shared rate limits live and what the
+/// limits do while it cannot be reached.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host[:port][/db]` or `unix:///path`; TLS
+    /// (`rediss://`) is not built in.
+    pub url: Option<String>,
+    /// Seconds a Redis call may take before it counts as failed and the
+    /// limits follow `on_failure`. Sessions never wait for Redis.
+    pub timeout: f64,
+    pub on_failure: OnFailure,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: None,
+            timeout: 0.05,
+            on_failure: OnFailure::Local,
+        }
+    }
+}
+
+/// What a Redis-backed limit does while Redis is slow or down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    /// Enforce with this instance's own limiter (the same rate, counted
+    /// per instance).
+    #[default]
+    Local,
+    /// Admit: the limit is not enforced until Redis is back.
+    Open,
+}
+
+impl OnFailure {
+    pub fn name(self) -> &'static str {
+        match self {
+            OnFailure::Local => "local",
+            OnFailure::Open => "open",
+        }
+    }
+}
+
+/// Where a rate limit keeps its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Store {
+    /// In this process: each instance counts on its own.
+    #[default]
+    Local,
+    /// On `[policy.limits.redis]`: the instances sharing it count together.
+    Redis,
 }
 
 /// `[policy.limits.concurrency]`: sessions at once per IP and per prefix.
@@ -133,6 +205,8 @@ pub struct RateConfig {
     pub action: Action,
     pub per_ip: Option<Rate>,
     pub per_prefix: Option<Rate>,
+    /// `local` (default) or `redis` (shared by the instances on one Redis).
+    pub store: Store,
 }
 
 /// `count` events per `period` seconds, with up to `burst` at once.
@@ -359,6 +433,32 @@ impl PolicyConfig {
                     }
                 }
             }
+            let has_url = l.redis.as_ref().is_some_and(|r| r.url.is_some());
+            if r.store == Store::Redis && !has_url {
+                err(
+                    format!("policy.limits.{name}.store"),
+                    "\"redis\" needs a [policy.limits.redis] section with a url".into(),
+                );
+            }
+        }
+        if let Some(r) = &l.redis {
+            match &r.url {
+                None => err(
+                    "policy.limits.redis.url".into(),
+                    "is required in [policy.limits.redis]".into(),
+                ),
+                Some(url) => {
+                    if let Err(e) = super::redis_rate::check_url(url) {
+                        err("policy.limits.redis.url".into(), e);
+                    }
+                }
+            }
+            if !(secs(r.timeout) && r.timeout > 0.0) {
+                err(
+                    "policy.limits.redis.timeout".into(),
+                    "must be seconds > 0".into(),
+                );
+            }
         }
         if self.rdns.max_names == 0 {
             err("policy.rdns.max_names".into(), "must be > 0".into());
@@ -464,6 +564,91 @@ mod tests {
         let mut out = Vec::new();
         p.validate(&mut |k, _| out.push(k));
         out
+    }
+
+    fn parse(toml: &str) -> PolicyConfig {
+        #[derive(Deserialize)]
+        struct File {
+            policy: PolicyConfig,
+        }
+        match toml::from_str::<File>(toml) {
+            Ok(f) => f.policy,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn redis_store_keys_parse() {
+        let p = parse(
+            "[policy.limits.redis]\nurl = \"redis://127.0.0.1:6379/2\"\ntimeout = 0.2\n\
+             on_failure = \"open\"\n[policy.limits.connection_rate]\nstore = \"redis\"\n\
+             [policy.limits.recipient_rate]\nstore = \"local\"\n",
+        );
+        let r = p.limits.redis.clone().unwrap_or_default();
+        assert_eq!(r.url.as_deref(), Some("redis://127.0.0.1:6379/2"));
+        assert_eq!((r.timeout, r.on_failure), (0.2, OnFailure::Open));
+        assert_eq!(p.limits.connection_rate.store, Store::Redis);
+        assert_eq!(p.limits.message_rate.store, Store::Local);
+        assert_eq!(p.limits.recipient_rate.store, Store::Local);
+        assert!(p.limits.uses_redis());
+        assert!(errors(&p).is_empty(), "{:?}", errors(&p));
+        // Defaults: 50 ms, fall back to the local limiter.
+        let d = parse("[policy.limits.redis]\nurl = \"redis://localhost\"\n");
+        let r = d.limits.redis.clone().unwrap_or_default();
+        assert_eq!((r.timeout, r.on_failure), (0.05, OnFailure::Local));
+        assert!(!d.limits.uses_redis());
+        assert!(errors(&d).is_empty());
+    }
+
+    #[test]
+    fn redis_store_validation_names_the_key() {
+        // store = "redis" with no [policy.limits.redis] at all.
+        let mut p = PolicyConfig::default();
+        p.limits.message_rate.store = Store::Redis;
+        assert_eq!(errors(&p), ["policy.limits.message_rate.store"]);
+        // A section without a url: the url is missing, and the store too.
+        p.limits.redis = Some(RedisConfig::default());
+        assert_eq!(
+            errors(&p),
+            [
+                "policy.limits.message_rate.store",
+                "policy.limits.redis.url"
+            ]
+        );
+        // A bad url, a timeout <= 0, a timeout that is not a number.
+        for url in ["http://127.0.0.1:6379", "redis://", "not a url", ""] {
+            p.limits.redis = Some(RedisConfig {
+                url: Some(url.into()),
+                ..RedisConfig::default()
+            });
+            assert_eq!(errors(&p), ["policy.limits.redis.url"], "{url:?}");
+        }
+        for timeout in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            p.limits.redis = Some(RedisConfig {
+                url: Some("redis://127.0.0.1:6379".into()),
+                timeout,
+                ..RedisConfig::default()
+            });
+            assert_eq!(errors(&p), ["policy.limits.redis.timeout"], "{timeout}");
+        }
+        p.limits.redis = Some(RedisConfig {
+            url: Some("redis://127.0.0.1:6379".into()),
+            ..RedisConfig::default()
+        });
+        assert!(errors(&p).is_empty());
+        // Unknown values and keys are refused by the parser.
+        for bad in [
+            "[policy.limits.redis]\non_failure = \"closed\"\n",
+            "[policy.limits.message_rate]\nstore = \"memcached\"\n",
+            "[policy.limits.redis]\nurl = \"redis://x\"\nprefix = \"a\"\n",
+        ] {
+            #[derive(Debug, Deserialize)]
+            #[allow(dead_code)]
+            struct File {
+                policy: PolicyConfig,
+            }
+            assert!(toml::from_str::<File>(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
