@@ -698,12 +698,6 @@ mod files {
 
     // -- smtp-edge configurations ------------------------------------------
 
-    /// Keys of issue 15 (PROXY protocol listener, Redis limit store) that
-    /// the deploy files use before this branch's config knows them.
-    const NEW_LISTENER_KEYS: [&str; 3] =
-        ["proxy_protocol", "trusted_proxies", "proxy_header_timeout"];
-    const RATE_TABLES: [&str; 3] = ["connection_rate", "message_rate", "recipient_rate"];
-
     /// Every smtp-edge configuration in deploy/: the `.toml` files and the
     /// `smtp-edge.toml` of each ConfigMap, as (where, text).
     pub fn deploy_configs() -> Vec<(String, String)> {
@@ -742,39 +736,6 @@ mod files {
     fn doc(text: &str) -> toml_edit::DocumentMut {
         text.parse()
             .unwrap_or_else(|e| panic!("not TOML: {e}\n{text}"))
-    }
-
-    /// Does `text` use a key of issue 15?
-    pub fn uses_new_keys(text: &str) -> bool {
-        strip_new_keys(text) != doc(text).to_string()
-    }
-
-    /// `text` without the keys of issue 15.
-    fn strip_new_keys(text: &str) -> String {
-        let mut d = doc(text);
-        if let Some(ls) = d
-            .get_mut("listener")
-            .and_then(|l| l.as_array_of_tables_mut())
-        {
-            for l in ls.iter_mut() {
-                for k in NEW_LISTENER_KEYS {
-                    l.remove(k);
-                }
-            }
-        }
-        if let Some(limits) = d
-            .get_mut("policy")
-            .and_then(|p| p.get_mut("limits"))
-            .and_then(|l| l.as_table_like_mut())
-        {
-            limits.remove("redis");
-            for t in RATE_TABLES {
-                if let Some(t) = limits.get_mut(t).and_then(|t| t.as_table_like_mut()) {
-                    t.remove("store");
-                }
-            }
-        }
-        d.to_string()
     }
 
     /// `text` with its [tls] files replaced by a real certificate and key
@@ -831,10 +792,7 @@ mod files {
     }
 
     /// Every smtp-edge configuration in deploy/ passes `smtp-edge
-    /// check-config`. Those that use the keys of issue 15 (not known on
-    /// every branch yet) pass either whole, or with errors about those
-    /// keys only and whole once the keys are removed; deploy/README.md
-    /// names them. Certificate paths are pointed at real files.
+    /// check-config` whole (certificate paths pointed at real files).
     #[test]
     fn deploy_configs_pass_check_config() {
         let configs = deploy_configs();
@@ -846,72 +804,13 @@ mod files {
         ] {
             assert!(names.contains(&expected), "{expected} not among {names:?}");
         }
-        let readme = read("deploy/README.md");
         for (name, text) in &configs {
             let dir = tempfile::tempdir().unwrap();
             let text = with_certificates(text, dir.path());
-            let new_keys = uses_new_keys(&text);
-            let file = name.split(' ').next().unwrap();
-            let marked = readme.lines().any(|l| {
-                l.contains(file.strip_prefix("deploy/").unwrap()) && l.contains("issue 15")
-            });
-            assert_eq!(
-                marked, new_keys,
-                "deploy/README.md must say on {file}'s line whether it uses the keys of issue 15 (it does: {new_keys})"
-            );
-            match check_config(&text) {
-                Ok(()) => eprintln!("{name}: check-config ok"),
-                Err(errs) => {
-                    assert!(
-                        new_keys,
-                        "{name}: check-config refused it:\n{}",
-                        errs.join("\n")
-                    );
-                    let new = |l: &String| {
-                        NEW_LISTENER_KEYS
-                            .iter()
-                            .chain(&["store", "redis"])
-                            .any(|k| l.contains(&format!("unknown field `{k}`")))
-                    };
-                    let other: Vec<_> = errs.iter().filter(|l| !new(l)).collect();
-                    assert!(
-                        other.is_empty(),
-                        "{name}: check-config errors beyond the keys of issue 15:\n{}",
-                        errs.join("\n")
-                    );
-                    eprintln!(
-                        "{name}: check-config knows no keys of issue 15 yet ({} errors, all about them)",
-                        errs.len()
-                    );
-                }
-            }
-            if new_keys {
-                let stripped = strip_new_keys(&text);
-                if let Err(errs) = check_config(&stripped) {
-                    panic!(
-                        "{name} without the keys of issue 15: check-config refused it:\n{}\n{stripped}",
-                        errs.join("\n")
-                    );
-                }
+            if let Err(errs) = check_config(&text) {
+                panic!("{name}: check-config refused it:\n{}", errs.join("\n"));
             }
         }
-    }
-
-    #[test]
-    fn strip_new_keys_removes_them_and_nothing_else() {
-        let text = "[[listener]]\naddress = \"0.0.0.0:2525\"\nproxy_protocol = true\n\
-                    trusted_proxies = [\"10.0.0.0/8\"]\nproxy_header_timeout = 5\n\
-                    [policy.limits.redis]\nurl = \"redis://r:6379\"\n\
-                    [policy.limits.connection_rate]\nstore = \"redis\"\naction = \"reject\"\n";
-        assert!(uses_new_keys(text));
-        let stripped = strip_new_keys(text);
-        assert!(!uses_new_keys(&stripped));
-        assert_eq!(
-            stripped,
-            "[[listener]]\naddress = \"0.0.0.0:2525\"\n\
-             [policy.limits.connection_rate]\naction = \"reject\"\n"
-        );
-        assert!(!uses_new_keys(&read("deploy/systemd/smtp-edge.toml")));
     }
 
     // -- HAProxy -------------------------------------------------------------
