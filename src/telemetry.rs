@@ -153,6 +153,9 @@ pub fn install(cfg: &TelemetryConfig) -> Telemetry {
             .with_context_activation(false)
             .with_threads(false)
             .with_location(false)
+            // The target of every exported span is `smtp_edge::traced`: no
+            // information, an attribute per span to build, ship and store.
+            .with_target(false)
             .with_filter(
                 tracing_subscriber::filter::Targets::new()
                     .with_target(TRACED, tracing::Level::INFO)

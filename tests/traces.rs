@@ -166,6 +166,16 @@ async fn tree_over(rx: Receiver, protocol: &str) {
             "addresses are off by default"
         );
         assert_eq!(t.attr("server.address"), Some(rec.addr.as_str()));
+        assert_eq!(t.attr("smtp.rcpt.count"), Some("1"), "{t:?}");
+        assert!(
+            t.attr("smtp.message.size")
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|n| n > 0),
+            "{t:?}"
+        );
+        assert!(t.attr("smtp.reply.enhanced_code").is_some(), "{t:?}");
+        assert!(t.attr("error.type").is_none(), "{t:?}");
+        assert!(t.attr("target").is_none(), "no target attribute: {t:?}");
     }
     let backends: Vec<&Got> = spans.iter().filter(|s| s.name == "smtp.backend").collect();
     assert_eq!(backends.len(), 2, "{names:?}");
