@@ -18,24 +18,12 @@ fn admin_proxy_config(backend: &str, extra: &str) -> String {
 async fn scrape(proxy: &Proxy) -> prometheus_parse::Scrape {
     let (status, body) = http_get(proxy.admin.expect("admin address"), "/metrics").await;
     assert_eq!(status, 200, "{body}");
-    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
-        .unwrap_or_else(|e| panic!("not Prometheus text: {e}\n{body}"))
+    parse_metrics(&body)
 }
 
 /// The value of `name` whose labels include all of `labels` (0 when absent).
 fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    s.samples
-        .iter()
-        .filter(|x| x.metric == name)
-        .filter(|x| labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
-        .map(|x| match &x.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => *v,
-            prometheus_parse::Value::Histogram(h) => h.last().map_or(0.0, |b| b.count),
-            prometheus_parse::Value::Summary(_) => 0.0,
-        })
-        .sum()
+    metric_value(s, name, labels)
 }
 
 async fn session(proxy: &Proxy, bodies: &[&[u8]]) -> Vec<u16> {

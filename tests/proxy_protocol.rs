@@ -45,13 +45,8 @@ fn v2_local() -> Vec<u8> {
 
 /// `smtp_edge_proxy_headers_total{result=...}` now.
 fn headers(proxy: &Proxy, result: &str) -> u64 {
-    let needle = format!("smtp_edge_proxy_headers_total{{result=\"{result}\"}} ");
-    proxy
-        .metrics
-        .encode()
-        .lines()
-        .find_map(|l| l.strip_prefix(&needle).map(|v| v.trim().parse().unwrap()))
-        .unwrap_or(0)
+    let s = parse_metrics(&proxy.metrics.encode());
+    metric_value(&s, "smtp_edge_proxy_headers_total", &[("result", result)]) as u64
 }
 
 /// Waits until the counter reaches `n` (the header task counts after the

@@ -164,19 +164,7 @@ impl Edge {
     async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         let (status, body) = http_get(self.admin, "/metrics").await;
         assert_eq!(status, 200, "{body}");
-        let s = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
-            .unwrap_or_else(|e| panic!("not Prometheus text: {e}\n{body}"));
-        s.samples
-            .iter()
-            .filter(|x| x.metric == name)
-            .filter(|x| labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
-            .map(|x| match &x.value {
-                prometheus_parse::Value::Counter(v)
-                | prometheus_parse::Value::Gauge(v)
-                | prometheus_parse::Value::Untyped(v) => *v,
-                _ => 0.0,
-            })
-            .sum()
+        metric_value(&parse_metrics(&body), name, labels)
     }
 
     /// Waits until metric `name` satisfies `ok`; its last value.

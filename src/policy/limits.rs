@@ -752,6 +752,21 @@ type Keyed = RateLimiter<IpAddr, KeyStore, TimeSource, NoOpMiddleware<Nanos>>;
 /// Spacing of emergency evictions of one limiter from the checking path.
 const EMERGENCY_SWEEP_EVERY: u64 = 1_000_000_000;
 
+/// Whether the caller at `now` (nanoseconds) runs an emergency sweep: true
+/// for one caller per `EMERGENCY_SWEEP_EVERY`, whose time `next` holds.
+pub(crate) fn claim_emergency_sweep(next: &std::sync::atomic::AtomicU64, now: u64) -> bool {
+    let at = next.load(Ordering::Relaxed);
+    now >= at
+        && next
+            .compare_exchange(
+                at,
+                now.saturating_add(EMERGENCY_SWEEP_EVERY),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+}
+
 /// One keyed GCRA limiter with its key bound; with a Redis store, the
 /// local allowance in front of the shared bucket (the local limiter then
 /// judges provisional and fallback checks).
@@ -809,18 +824,7 @@ impl Tracked {
     /// second. Capacity is not shrunk: the map is about to fill again.
     fn emergency_sweep(&self) {
         let now = self.lim.clock().now().as_u64();
-        let next = self.next_sweep.load(Ordering::Relaxed);
-        if now >= next
-            && self
-                .next_sweep
-                .compare_exchange(
-                    next,
-                    now.saturating_add(EMERGENCY_SWEEP_EVERY),
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-        {
+        if claim_emergency_sweep(&self.next_sweep, now) {
             self.lim.retain_recent();
         }
     }

@@ -138,8 +138,6 @@ const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// A probe (and a connection attempt) may take this long at least,
 /// whatever `timeout` is: it runs in the background.
 const PROBE_TIMEOUT_MIN: Duration = Duration::from_secs(1);
-/// Spacing of emergency evictions of a full key map (ns).
-const EMERGENCY_SWEEP_EVERY: u64 = 1_000_000_000;
 
 /// Checks that `url` is one the Redis client can connect to (without
 /// connecting): for `check-config`.
@@ -552,18 +550,7 @@ impl Remote {
     }
 
     fn emergency_sweep(&self, now: u64) {
-        let next = self.next_sweep.load(Ordering::Relaxed);
-        if now >= next
-            && self
-                .next_sweep
-                .compare_exchange(
-                    next,
-                    now.saturating_add(EMERGENCY_SWEEP_EVERY),
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-        {
+        if super::limits::claim_emergency_sweep(&self.next_sweep, now) {
             self.retain_idle(now);
         }
     }
