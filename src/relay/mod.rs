@@ -298,7 +298,7 @@ impl Relay {
                     crate::telemetry::in_traced(),
                     "smtp.backend",
                     "otel.kind" = "client",
-                    "server.address" = %pool.settings().addr,
+                    "server.address" = pool.settings().addr.as_str(),
                     "smtp.backend.connection_id" = conn.id().map(|i| i.to_string()),
                     "smtp.backend.reused" = reused,
                     "smtp.backend.pool_wait_ms" = t0.elapsed().as_secs_f64() * 1000.0,
