@@ -62,6 +62,7 @@ pub struct Metrics {
     pub session_duration: Histogram,
     pub tls_handshakes: Family<Labels, Counter>,
     pub transactions: Family<Labels, Counter>,
+    transaction_classes: std::sync::OnceLock<[Counter; 3]>,
     pub transaction_duration: Histogram,
     pub messages_relayed: Counter,
     pub bytes_relayed: Counter,
@@ -93,6 +94,7 @@ impl Metrics {
             session_duration: histogram(),
             tls_handshakes: Family::default(),
             transactions: Family::default(),
+            transaction_classes: std::sync::OnceLock::new(),
             transaction_duration: histogram(),
             messages_relayed: Counter::default(),
             bytes_relayed: Counter::default(),
@@ -242,16 +244,22 @@ impl Metrics {
             .inc();
     }
 
-    /// A message's final reply `code` (2xx, 4xx or 5xx).
+    /// A message's final reply `code` (2xx, 4xx or 5xx). The three series
+    /// are made at the first message: no label vector per message.
     pub fn transaction(&self, code: u16) {
-        let class = match code {
-            200..=299 => "2xx",
-            400..=499 => "4xx",
-            _ => "5xx",
+        let counters = self.transaction_classes.get_or_init(|| {
+            ["2xx", "4xx", "5xx"].map(|c| {
+                self.transactions
+                    .get_or_create(&vec![("class", c.to_string())])
+                    .clone()
+            })
+        });
+        let i = match code {
+            200..=299 => 0,
+            400..=499 => 1,
+            _ => 2,
         };
-        self.transactions
-            .get_or_create(&vec![("class", class.to_string())])
-            .inc();
+        counters[i].inc();
     }
 
     /// The Prometheus text exposition (format 0.0.4).
