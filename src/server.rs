@@ -79,7 +79,7 @@ fn admit(
         }
         Err(v) => {
             shared.metrics.refused(v.check.name());
-            session::record_refusal(&span, v.check.name());
+            session::record_refusal(&span, &v);
             refuse(stream, &v)
         }
     }

@@ -71,6 +71,7 @@ pub fn session_span(peer: SocketAddr, via: Option<SocketAddr>) -> Span {
         "tls.protocol.version" = field::Empty,
         "tls.cipher" = field::Empty,
         "smtp.policy.check" = field::Empty,
+        "smtp.policy.action" = field::Empty,
         "error.type" = field::Empty,
         "otel.status_code" = field::Empty,
         trace_id = field::Empty,
@@ -87,10 +88,34 @@ pub fn session_span(peer: SocketAddr, via: Option<SocketAddr>) -> Span {
 }
 
 /// Marks a session refused by the policy at accept (for tail sampling).
-pub fn record_refusal(span: &Span, check: &'static str) {
+pub fn record_refusal(span: &Span, v: &Verdict) {
+    let (code, _) = v.at_connect();
+    record_policy(span, v.check.name(), action_of(code));
+}
+
+/// The action an enforced verdict took, by its reply.
+fn action_of(code: u16) -> &'static str {
+    if code >= 500 {
+        "reject"
+    } else {
+        "defer"
+    }
+}
+
+/// An enforced policy verdict on the session span: the check, the action
+/// (`reject` for a 5xx, `defer` for a 4xx) and an error status, so that the
+/// collector's tail sampling keeps the session (the last verdict wins).
+fn record_policy(span: &Span, check: &'static str, action: &'static str) {
     span.record("smtp.policy.check", check);
+    span.record("smtp.policy.action", action);
     span.record("error.type", "refused");
     span.record("otel.status_code", "ERROR");
+}
+
+/// `record_policy` for a verdict given inside the session (whose span is the
+/// current one: the session future is instrumented with it).
+fn record_verdict(code: u16, v: &Verdict) {
+    record_policy(&Span::current(), v.check.name(), action_of(code));
 }
 
 /// `peer` is the client; `destination` the address it connected to when a
@@ -477,6 +502,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn connect_refusal(&mut self, v: &Verdict) {
         self.tarpit().await;
         let (code, enh) = v.at_connect();
+        record_verdict(code, v);
         self.reply(code, enh, &v.text);
     }
 
@@ -484,6 +510,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// (after the tarpit pause); it counts as an error.
     async fn policy_reply(&mut self, v: &Verdict) {
         self.tarpit().await;
+        record_verdict(v.code, v);
         self.bad(v.code, v.enh, &v.text);
     }
 
@@ -740,6 +767,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Command::Ehlo(name) | Command::Helo(name) => {
                 let esmtp = matches!(cmd, Command::Ehlo(_));
                 self.end_txn();
+                // The name the client gave, accepted or refused.
+                Span::current().record("smtp.helo", name);
                 if let Some(v) = Box::pin(self.pol.helo(name, self.local)).await {
                     if self.pol.delay_reject() {
                         self.pol.hold_helo(v);
@@ -754,7 +783,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 if let Some(c) = self.st.dedicated.take() {
                     tokio::spawn(c.quit());
                 }
-                Span::current().record("smtp.helo", name);
                 self.st.helo = Some(name.to_string());
                 self.st.ident = None;
                 self.st.received.clear();

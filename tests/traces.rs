@@ -290,6 +290,50 @@ async fn own_refusals_carry_the_trace_id() {
     assert!(rec.messages().is_empty());
 }
 
+/// A policy verdict enforced inside a session (here HELO naming the proxy
+/// itself, `not_ours = "reject"`) is on the session span as attributes:
+/// the check, the action and an error status, which the collector's tail
+/// sampling keeps; a session refused at accept (deny list) the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_verdicts_are_session_attributes() {
+    let rx = Receiver::grpc().await;
+    let rec = Recorder::start(Script::default()).await;
+    let edge = start_edge_with(
+        &rec.addr,
+        &format!("otlp_endpoint = \"{}\"", rx.endpoint),
+        "[policy]\ndelay_reject = false\ndeny = [\"127.0.0.9/32\"]\n[policy.helo]\nnot_ours = \"reject\"",
+        "info",
+    )
+    .await;
+    let mut c = Raw::greeted(edge.addr).await;
+    let r = c.cmd("EHLO edge.test").await;
+    assert_eq!(r.code, 550, "{r:?}");
+    assert_eq!(c.cmd("QUIT").await.code, 221);
+    let mut d = Raw::connect_from("127.0.0.9".parse().unwrap(), edge.addr).await;
+    assert_eq!(d.reply().await.code, 554);
+    let spans = rx
+        .wait(Duration::from_secs(15), |s| {
+            s.iter()
+                .filter(|x| x.name == "smtp.session" && x.attr("smtp.policy.check").is_some())
+                .count()
+                >= 2
+        })
+        .await;
+    let by_check = |check: &str| {
+        spans
+            .iter()
+            .find(|x| x.name == "smtp.session" && x.attr("smtp.policy.check") == Some(check))
+            .unwrap_or_else(|| panic!("no session span with {check}: {spans:?}"))
+    };
+    let helo = by_check("helo_not_ours");
+    assert_eq!(helo.attr("smtp.policy.action"), Some("reject"), "{helo:?}");
+    assert_eq!(helo.attr("error.type"), Some("refused"), "{helo:?}");
+    assert_eq!(helo.attr("smtp.helo"), Some("edge.test"), "{helo:?}");
+    let deny = by_check("deny_list");
+    assert_eq!(deny.attr("smtp.policy.action"), Some("reject"), "{deny:?}");
+    assert_eq!(deny.attr("client.address"), Some("127.0.0.9"), "{deny:?}");
+}
+
 /// The admission's DNS work belongs to the session's trace: the PTR lookup
 /// and its forward confirmation start at accept as `dns.lookup` children
 /// of `smtp.session`, with `cache.hit` false the first time and true when
