@@ -36,9 +36,10 @@
 //! applies the answers. With `demand` a key's checks since its previous
 //! request and `lease_max = clamp(burst / 8, 1, 64)`, a key is short when
 //! its credit is below `min(lease_max, max(1, demand))`, and then leases up
-//! to `min(lease_max, 2 x demand)` (one token for a quiet key): a quiet key
-//! keeps one token ahead, so its next event is decided on fleet state; a
-//! busy key leases more and costs one Redis call per lease, not per event.
+//! to `min(lease_max, 2 x demand)` (`min(lease_max, 4)` for a quiet key,
+//! `QUIET_LEASE`): a quiet key keeps a few tokens ahead and costs one Redis
+//! call per four events, not per event; a busy key leases more and costs
+//! one Redis call per lease.
 //!
 //! # Error bound
 //! Every event the fleet admits is charged to the key's bucket exactly once
@@ -318,6 +319,15 @@ pub struct Request {
     want: u32,
 }
 
+/// The lease of a quiet key (bounded by `lease_max`, so a limit whose
+/// burst is under 16 still leases one token at a time). One token per
+/// call cost a Redis update per event: on an MX most keys are quiet (a
+/// client connects every few seconds), and the fleet load test measured 3
+/// script runs per message and 13-28 % more CPU per message in the
+/// instances (loadtest/RESULTS.md section 10). Four is still within the
+/// error bound of `lease_max` per instance.
+const QUIET_LEASE: u32 = 4;
+
 /// One key's local allowance (see the module documentation).
 #[derive(Debug, Default, Clone, Copy)]
 struct KeyState {
@@ -472,12 +482,12 @@ impl Remote {
             return None;
         }
         // Short: less credit than the checks since the last request.
-        // Then top up to twice that (one token for a quiet key), so a busy
+        // Then top up to twice that (`QUIET_LEASE` for a quiet key), so a busy
         // key's next lease is asked for before this one runs out.
         let want = self.lease_max.min(s.demand.max(1));
         let lease = if now >= s.refused_until && s.credit < want {
             let target = if s.demand <= 1 {
-                1
+                self.lease_max.min(QUIET_LEASE)
             } else {
                 self.lease_max.min(s.demand.saturating_mul(2))
             };
@@ -1046,7 +1056,7 @@ mod tests {
         assert!(a.check(quiet));
         a.serve(&mut bucket, &clock);
         let s = *a.lim.keys.get(&quiet).unwrap();
-        assert_eq!((s.credit, s.debt, s.queued), (1, 0, false));
+        assert_eq!((s.credit, s.debt, s.queued), (QUIET_LEASE, 0, false));
     }
 
     /// Degraded: `local` enforces the local limiter, `open` admits all; no
