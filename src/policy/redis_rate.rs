@@ -737,7 +737,14 @@ impl Worker {
         budget: Duration,
     ) -> Result<(), (FailReason, String)> {
         let probe = async {
-            redis::cmd("PING").query_async::<String>(con).await?;
+            // The connection manager answers the first command after an
+            // outage with the result of the reconnect it started while
+            // Redis was down (a stale "Connection refused", seen in the
+            // fleet load test: recovery took a probe more); that failure
+            // starts a fresh reconnect, which a second try awaits.
+            if redis::cmd("PING").query_async::<String>(con).await.is_err() {
+                redis::cmd("PING").query_async::<String>(con).await?;
+            }
             script.load_async(con).await?;
             RedisResult::Ok(())
         };
