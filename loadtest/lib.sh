@@ -153,3 +153,24 @@ setup() {
 machine() {
   echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg); $(date -u +%Y-%m-%dT%H:%MZ)"
 }
+
+# interleaved_runs REPS CONFIG...: the caller's `one_run CONFIG M OUT` for
+# each mode (new connection per message: M=1; persistent: M=0), repeat and
+# config, the configs' order rotated per repeat so that none always runs
+# first; OUT is $WORK/MODE.CONFIG.REPEAT.json.
+interleaved_runs() {
+  local reps=$1 mode m rep i n cfg
+  shift
+  local cfgs=("$@")
+  n=${#cfgs[@]}
+  for mode in new persistent; do
+    m=1
+    [ "$mode" = persistent ] && m=0
+    for rep in $(seq 1 "$reps"); do
+      for i in $(seq 0 $((n - 1))); do
+        cfg=${cfgs[$(((i + rep - 1) % n))]}
+        one_run "$cfg" "$m" "$WORK/$mode.$cfg.$rep.json"
+      done
+    done
+  done
+}

@@ -315,17 +315,7 @@ one_run() {
 
 head -1 /proc/stat >"$WORK/stat.0"
 times >"$WORK/times.0"
-for mode in new persistent; do
-  m=1
-  [ "$mode" = persistent ] && m=0
-  for rep in $(seq 1 "$REPS"); do
-    n=${#CONFIGS[@]}
-    for i in $(seq 0 $((n - 1))); do
-      cfg=${CONFIGS[$(((i + rep - 1) % n))]}
-      one_run "$cfg" "$m" "$WORK/$mode.$cfg.$rep.json"
-    done
-  done
-done
+interleaved_runs "$REPS" "${CONFIGS[@]}"
 head -1 /proc/stat >"$WORK/stat.1"
 times >"$WORK/times.1"
 

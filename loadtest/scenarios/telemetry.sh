@@ -131,18 +131,7 @@ sample_ratio = $sample"
 }
 
 head -1 /proc/stat >"$WORK/stat.0"
-for mode in new persistent; do
-  m=1
-  [ "$mode" = persistent ] && m=0
-  for rep in $(seq 1 "$REPS"); do
-    # Rotate the order per repeat, so that no config always runs first.
-    n=${#CONFIGS[@]}
-    for i in $(seq 0 $((n - 1))); do
-      cfg=${CONFIGS[$(((i + rep - 1) % n))]}
-      one_run "$cfg" "$m" "$WORK/$mode.$cfg.$rep.json"
-    done
-  done
-done
+interleaved_runs "$REPS" "${CONFIGS[@]}"
 
 head -1 /proc/stat >"$WORK/stat.1"
 # Other work on the machine (a niced build, say) competes with every run.
