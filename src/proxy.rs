@@ -22,6 +22,9 @@ use tokio::net::TcpStream;
 /// The v2 signature (12 bytes) that starts every binary header.
 const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
 
+/// The longest v1 header, CRLF included (the spec's 107 bytes).
+const V1_MAX: usize = 107;
+
 /// The longest header taken: a v1 header is at most 107 bytes; a v2 header
 /// is 16 bytes and the addresses (at most 216 for UNIX sockets) plus TLVs.
 /// Balancers send a few hundred bytes of TLVs at most (AWS, Azure, GCP);
@@ -59,6 +62,9 @@ pub enum Refusal {
     Unsupported,
     /// The peer closed (or the socket failed) before the header was whole.
     Closed,
+    /// The listener already had `backlog` connections waiting for their
+    /// header: closed at accept, unread.
+    Busy,
 }
 
 impl Refusal {
@@ -70,6 +76,7 @@ impl Refusal {
             Refusal::TooLong => "too_long",
             Refusal::Unsupported => "unsupported",
             Refusal::Closed => "closed",
+            Refusal::Busy => "busy",
         }
     }
 }
@@ -108,12 +115,11 @@ fn scan(buf: &[u8]) -> Scan {
     let v2_start = buf.len().min(12);
     let v1_start = buf.len().min(6);
     if buf[..v2_start] != V2_SIGNATURE[..v2_start] {
-        let lf = memchr::memchr(b'\n', buf);
         if buf[..v1_start] != b"PROXY "[..v1_start] {
             return Scan::Invalid(Refusal::Malformed);
         }
-        if lf.is_none() {
-            return if buf.len() >= 107 {
+        if memchr::memchr(b'\n', buf).is_none() {
+            return if buf.len() >= V1_MAX {
                 Scan::Invalid(Refusal::TooLong)
             } else {
                 Scan::Incomplete

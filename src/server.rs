@@ -48,8 +48,8 @@ fn refuse(stream: tokio::net::TcpStream, v: &crate::policy::Verdict) {
 }
 
 /// Admits a client at accept (global cap, lists, per-IP limits) and starts
-/// its session, or refuses it with one write. `via` is the balancer when
-/// `peer` came in a PROXY header (whose destination is `destination`).
+/// its session, or refuses it with one write. `proxied` is (the balancer,
+/// the destination in the header) when `peer` came in a PROXY header.
 fn admit(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
@@ -115,7 +115,7 @@ impl ProxyListen {
             return;
         }
         let Ok(permit) = self.pending.clone().try_acquire_owned() else {
-            m.proxy_header("busy");
+            m.proxy_header(crate::proxy::Refusal::Busy.name());
             return;
         };
         let timeout = self.timeout;

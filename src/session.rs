@@ -89,33 +89,19 @@ pub fn session_span(peer: SocketAddr, via: Option<SocketAddr>) -> Span {
 
 /// Marks a session refused by the policy at accept (for tail sampling).
 pub fn record_refusal(span: &Span, v: &Verdict) {
-    let (code, _) = v.at_connect();
-    record_policy(span, v.check.name(), action_of(code));
+    record_verdict(span, v.at_connect().0, v);
 }
 
-/// The action an enforced verdict took, by its reply.
-fn action_of(code: u16) -> &'static str {
-    if code >= 500 {
-        "reject"
-    } else {
-        "defer"
-    }
-}
-
-/// An enforced policy verdict on the session span: the check, the action
-/// (`reject` for a 5xx, `defer` for a 4xx) and an error status, so that the
-/// collector's tail sampling keeps the session (the last verdict wins).
-fn record_policy(span: &Span, check: &'static str, action: &'static str) {
-    span.record("smtp.policy.check", check);
+/// An enforced policy verdict, answered with `code`, on the session span:
+/// the check, the action (`reject` for a 5xx, `defer` for a 4xx) and an
+/// error status, so that the collector's tail sampling keeps the session
+/// (the last verdict wins).
+fn record_verdict(span: &Span, code: u16, v: &Verdict) {
+    let action = if code >= 500 { "reject" } else { "defer" };
+    span.record("smtp.policy.check", v.check.name());
     span.record("smtp.policy.action", action);
     span.record("error.type", "refused");
     span.record("otel.status_code", "ERROR");
-}
-
-/// `record_policy` for a verdict given inside the session (whose span is the
-/// current one: the session future is instrumented with it).
-fn record_verdict(code: u16, v: &Verdict) {
-    record_policy(&Span::current(), v.check.name(), action_of(code));
 }
 
 /// `peer` is the client; `destination` the address it connected to when a
@@ -502,7 +488,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn connect_refusal(&mut self, v: &Verdict) {
         self.tarpit().await;
         let (code, enh) = v.at_connect();
-        record_verdict(code, v);
+        // The current span is the session's: its future is instrumented.
+        record_verdict(&Span::current(), code, v);
         self.reply(code, enh, &v.text);
     }
 
@@ -510,7 +497,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// (after the tarpit pause); it counts as an error.
     async fn policy_reply(&mut self, v: &Verdict) {
         self.tarpit().await;
-        record_verdict(v.code, v);
+        record_verdict(&Span::current(), v.code, v);
         self.bad(v.code, v.enh, &v.text);
     }
 
