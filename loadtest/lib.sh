@@ -104,6 +104,13 @@ stop_pid() {
   wait "$1" 2>/dev/null || true
 }
 
+# forget PID: drop a stopped process from the cleanup list.
+forget() {
+  local keep=() p
+  for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
+  PIDS=("${keep[@]}")
+}
+
 # load OUT ARGS...: smtp-load run --json -q ARGS, report saved to OUT.
 load() {
   local out=$1

@@ -70,13 +70,6 @@ sink_report() {
   [ -s "$2" ] || { echo "the sink printed no report:" >&2; cat "$1" >&2; return 1; }
 }
 
-# forget PID: drop a stopped process from the cleanup list.
-forget() {
-  local keep=() p
-  for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
-  PIDS=("${keep[@]}")
-}
-
 # codes FILE...: non-2xx replies by stage, sessions without a greeting, and
 # errors, summed over the reports.
 codes() {

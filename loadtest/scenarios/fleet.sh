@@ -125,13 +125,6 @@ echo "smtp-edge: $EDGE, sha256 $(sha256sum "$EDGE" | cut -c1-12), commit $(git -
 echo "$("$HAPROXY" -v | head -1); $("$REDIS_SERVER" --version | cut -d' ' -f1-3)"
 echo "fleet: $CONNS connections from $BIND, 4 KiB, pipelining on, ${SECS} s per run after a 1 s warm-up, $REPS repeat(s)${PIN:+, PIN=1 (HAProxy + instances on CPU 1; load, sink, redis-server on CPU 0)}"
 
-# forget PID: drop a stopped process from the cleanup list.
-forget() {
-  local keep=() p
-  for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
-  PIDS=("${keep[@]}")
-}
-
 # halt PID: stop a process started here and drop it from the cleanup list.
 halt() {
   stop_pid "$1"

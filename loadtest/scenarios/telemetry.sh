@@ -53,13 +53,6 @@ machine
 echo "smtp-edge: $EDGE, sha256 $(sha256sum "$EDGE" | cut -c1-12)"
 echo "telemetry: $CONNS connections, 4 KiB, pipelining on, ${SECS} s per run after a 1 s warm-up, $REPS repeat(s)${PIN:+, PIN=1}"
 
-# forget PID: drop a stopped process from the cleanup list.
-forget() {
-  local keep=() p
-  for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
-  PIDS=("${keep[@]}")
-}
-
 # scrape_loop PORT COUNT_FILE: GET /metrics once per second until killed
 # (with PIN=1 on the load side's CPU); the successful scrapes are counted in
 # COUNT_FILE.
