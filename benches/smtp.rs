@@ -37,10 +37,10 @@ fn reply_format(c: &mut Criterion) {
             black_box(out.len())
         })
     });
-    let ehlo = Reply {
-        code: 250,
-        enhanced: None,
-        lines: [
+    let ehlo = Reply::from_lines(
+        250,
+        None,
+        [
             "mx.edge.example",
             "PIPELINING",
             "SIZE 52428800",
@@ -49,11 +49,8 @@ fn reply_format(c: &mut Criterion) {
             "8BITMIME",
             "SMTPUTF8",
             "CHUNKING",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
-    };
+        ],
+    );
     g.bench_function("write_to_multiline_ehlo", |b| {
         b.iter(|| {
             out.clear();
@@ -61,14 +58,14 @@ fn reply_format(c: &mut Criterion) {
             black_box(out.len())
         })
     });
-    let rejected = Reply {
-        code: 550,
-        enhanced: Some(EnhancedCode(5, 7, 1)),
-        lines: vec![
-            "Message rejected as spam by content filter".to_string(),
-            "see https://postmaster.example/why".to_string(),
+    let rejected = Reply::from_lines(
+        550,
+        Some(EnhancedCode(5, 7, 1)),
+        [
+            "Message rejected as spam by content filter",
+            "see https://postmaster.example/why",
         ],
-    };
+    );
     g.bench_function("write_to_enhanced_2_lines", |b| {
         b.iter(|| {
             out.clear();

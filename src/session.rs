@@ -1198,7 +1198,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         if let Some(span) = &self.st.txn_span {
             record_end(span, Some((self.st.rcpts_ok, size)), &reply);
-            info!(parent: span, "message {} {}", reply.code, reply.lines.first().map(String::as_str).unwrap_or(""));
+            info!(parent: span, "message {} {}", reply.code, reply.first_line());
         }
         fwd.clear();
         self.fwd = fwd;

@@ -306,8 +306,8 @@ fn trace_suffix(code: u16) -> Option<String> {
 /// A reply the proxy itself gives (never a backend's passed through), with
 /// the trace suffix on its last line.
 pub fn own(mut reply: crate::smtp::Reply) -> crate::smtp::Reply {
-    if let (Some(suffix), Some(last)) = (trace_suffix(reply.code), reply.lines.last_mut()) {
-        last.push_str(&suffix);
+    if let Some(suffix) = trace_suffix(reply.code) {
+        reply.push_text(&suffix);
     }
     reply
 }

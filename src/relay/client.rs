@@ -24,7 +24,7 @@ pub enum BackendError {
     Closed,
     #[error("backend sent a malformed reply: {0}")]
     Protocol(#[from] ReplyError),
-    #[error("backend refused: {} {}", .0.code, .0.lines.join(" / "))]
+    #[error("backend refused: {} {}", .0.code, .0.text())]
     Refused(Reply),
     #[error("no backend connection available")]
     Exhausted,
@@ -50,7 +50,7 @@ impl Caps {
             esmtp: true,
             ..Caps::default()
         };
-        for line in reply.lines.iter().skip(1) {
+        for line in reply.lines().skip(1) {
             let mut words = line.split_ascii_whitespace();
             let Some(kw) = words.next() else { continue };
             match kw.to_ascii_uppercase().as_str() {
@@ -381,16 +381,16 @@ mod tests {
 
     #[test]
     fn caps_parse() {
-        let r = Reply {
-            code: 250,
-            enhanced: None,
-            lines: vec![
-                "sink".into(),
-                "PIPELINING".into(),
-                "SIZE 1000".into(),
-                "XFORWARD NAME ADDR PROTO HELO".into(),
+        let r = Reply::from_lines(
+            250,
+            None,
+            [
+                "sink",
+                "PIPELINING",
+                "SIZE 1000",
+                "XFORWARD NAME ADDR PROTO HELO",
             ],
-        };
+        );
         let c = Caps::from_ehlo(&r);
         assert!(c.pipelining);
         assert_eq!(c.size, Some(1000));

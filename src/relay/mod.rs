@@ -50,8 +50,10 @@ fn temp_failure(text: &str) -> Reply {
 /// a 451 with the backend's text, since the client's session goes on.
 fn closing_to_451(r: &Reply) -> Reply {
     let mut out = Reply::new(451, EnhancedCode(4, 4, 2), "Backend closed the connection");
-    if let Some(first) = r.lines.first().filter(|l| !l.is_empty()) {
-        out.lines[0] = format!("Backend closed the connection: {first}");
+    let first = r.first_line();
+    if !first.is_empty() {
+        out.push_text(": ");
+        out.push_text(first);
     }
     own(out)
 }
@@ -299,7 +301,7 @@ impl Relay {
                     "smtp.backend",
                     "otel.kind" = "client",
                     "server.address" = pool.settings().addr.as_str(),
-                    "smtp.backend.connection_id" = conn.id().map(|i| i.to_string()),
+                    "smtp.backend.connection_id" = conn.id().map(tracing::field::display),
                     "smtp.backend.reused" = reused,
                     "smtp.backend.pool_wait_ms" = t0.elapsed().as_secs_f64() * 1000.0,
                 );
@@ -589,7 +591,7 @@ impl Txn {
                     match self.pending.pop_front() {
                         Some(Pend::Client) => out.push(reply),
                         Some(Pend::Internal(what)) if !reply.is_positive() => {
-                            tracing::warn!(backend = %c.peer, "{what} refused: {} {}", reply.code, reply.lines.join(" "));
+                            tracing::warn!(backend = %c.peer, "{what} refused: {} {}", reply.code, reply.text());
                         }
                         Some(Pend::Internal(_)) => {}
                         None => {}

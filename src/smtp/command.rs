@@ -562,7 +562,10 @@ mod tests {
         let r = CommandError::Unrecognized.reply();
         assert_eq!(r.code, 502);
         assert_eq!(r.enhanced, Some(EnhancedCode(5, 5, 1)));
-        assert_eq!(r.lines, vec!["Command not recognized"]);
+        assert_eq!(
+            r.lines().collect::<Vec<_>>(),
+            vec!["Command not recognized"]
+        );
     }
 
     #[test]
@@ -605,7 +608,7 @@ mod tests {
         );
         let r = p("EHLO").unwrap_err().reply();
         assert_eq!((r.code, r.enhanced), (501, Some(EnhancedCode(5, 5, 4))));
-        assert_eq!(r.lines, vec!["Syntax: EHLO hostname"]);
+        assert_eq!(r.lines().collect::<Vec<_>>(), vec!["Syntax: EHLO hostname"]);
     }
 
     #[test]
@@ -831,7 +834,7 @@ mod tests {
         }
         let r = CommandError::UnknownParameter.reply();
         assert_eq!((r.code, r.enhanced), (555, Some(EnhancedCode(5, 5, 4))));
-        assert_eq!(r.lines, vec!["Unsupported parameter"]);
+        assert_eq!(r.lines().collect::<Vec<_>>(), vec!["Unsupported parameter"]);
     }
 
     #[test]
@@ -857,7 +860,10 @@ mod tests {
         );
         let r = CommandError::NeedsSmtputf8.reply();
         assert_eq!((r.code, r.enhanced), (553, Some(EnhancedCode(5, 6, 7))));
-        assert_eq!(r.lines, vec!["Non-ASCII address requires SMTPUTF8"]);
+        assert_eq!(
+            r.lines().collect::<Vec<_>>(),
+            vec!["Non-ASCII address requires SMTPUTF8"]
+        );
         // RCPT accepts UTF-8; the session checks against MAIL's SMTPUTF8.
         assert_eq!(
             rcpt_ok("RCPT TO:<\u{4f60}\u{597d}@example.\u{4e2d}\u{56fd}>"),

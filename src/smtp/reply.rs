@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use smallvec::SmallVec;
+
 /// An RFC 3463 enhanced status code, e.g. `5.5.1`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct EnhancedCode(pub u8, pub u16, pub u16);
@@ -26,11 +28,28 @@ impl EnhancedCode {
 
 /// One SMTP reply: a three-digit code, an optional enhanced code and one or
 /// more text lines (without the code / enhanced code prefix, without CRLF).
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// The lines are kept in one small buffer, separated by `\n`, inline up to
+/// `INLINE` bytes: the one-line replies of a relayed message (a backend's
+/// `250 2.1.0 Ok`) cost no allocation.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Reply {
     pub code: u16,
     pub enhanced: Option<EnhancedCode>,
-    pub lines: Vec<String>,
+    text: SmallVec<[u8; INLINE]>,
+}
+
+/// Bytes of reply text kept without a heap allocation.
+const INLINE: usize = 48;
+
+impl fmt::Debug for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reply")
+            .field("code", &self.code)
+            .field("enhanced", &self.enhanced)
+            .field("lines", &self.lines().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 /// Why a backend reply could not be parsed.
@@ -46,12 +65,53 @@ pub enum ReplyError {
 
 impl Reply {
     /// A one-line reply with an enhanced code.
-    pub fn new(code: u16, enhanced: EnhancedCode, text: impl Into<String>) -> Reply {
-        Reply {
+    pub fn new(code: u16, enhanced: EnhancedCode, text: impl AsRef<str>) -> Reply {
+        let mut r = Reply {
             code,
             enhanced: Some(enhanced),
-            lines: vec![text.into()],
+            text: SmallVec::new(),
+        };
+        r.push_text(text.as_ref());
+        r
+    }
+    /// A reply of several lines (none: one empty line).
+    pub fn from_lines<S: AsRef<str>>(
+        code: u16,
+        enhanced: Option<EnhancedCode>,
+        lines: impl IntoIterator<Item = S>,
+    ) -> Reply {
+        let mut r = Reply {
+            code,
+            enhanced,
+            text: SmallVec::new(),
+        };
+        for (i, line) in lines.into_iter().enumerate() {
+            if i > 0 {
+                r.text.push(b'\n');
+            }
+            r.push_text(line.as_ref());
         }
+        r
+    }
+    /// Appends `text` to the last line; a CR or LF in it is dropped, so it
+    /// can never break the reply's framing.
+    pub fn push_text(&mut self, text: &str) {
+        for chunk in text.as_bytes().split(|&b| b == b'\r' || b == b'\n') {
+            self.text.extend_from_slice(chunk);
+        }
+    }
+    /// The text lines (at least one, maybe empty).
+    pub fn lines(&self) -> impl Iterator<Item = &str> + '_ {
+        self.text_str().split('\n')
+    }
+    /// The first line of text.
+    pub fn first_line(&self) -> &str {
+        self.lines().next().unwrap_or("")
+    }
+    fn text_str(&self) -> &str {
+        // Only ever filled from `&str`s and valid UTF-8 (`parse` converts
+        // lossily), so this never fails.
+        std::str::from_utf8(&self.text).unwrap_or("")
     }
     /// 2xx or 3xx.
     pub fn is_positive(&self) -> bool {
@@ -67,7 +127,7 @@ impl Reply {
     }
     /// The text lines joined with a single space (for logs and traces).
     pub fn text(&self) -> String {
-        self.lines.join(" ")
+        self.text_str().replace('\n', " ")
     }
     /// Appends the wire form (`250-...\r\n` ... `250 ...\r\n`), each line
     /// carrying the enhanced code when there is one.
@@ -75,28 +135,21 @@ impl Reply {
     /// A reply without lines is written as one line with empty text. An empty
     /// text line is written without a trailing space (`250 2.0.0\r\n`).
     pub fn write_to(&self, out: &mut Vec<u8>) {
-        let empty = [String::new()];
-        let lines: &[String] = if self.lines.is_empty() {
-            &empty
-        } else {
-            &self.lines
-        };
         let per_line = 3 + 1 + if self.enhanced.is_some() { 12 } else { 0 } + 2;
-        out.reserve(lines.iter().map(|l| l.len() + per_line).sum());
-        let last = lines.len() - 1;
-        for (i, line) in lines.iter().enumerate() {
+        let count = 1 + memchr::memchr_iter(b'\n', &self.text).count();
+        out.reserve(self.text.len() + count * per_line);
+        let mut lines = self.text.split(|&b| b == b'\n').peekable();
+        while let Some(line) = lines.next() {
             write_dec(out, self.code);
-            out.push(if i == last { b' ' } else { b'-' });
+            out.push(if lines.peek().is_none() { b' ' } else { b'-' });
             if let Some(enh) = &self.enhanced {
                 enh.write_to(out);
                 if !line.is_empty() {
                     out.push(b' ');
                 }
             }
-            // Never let a CR or LF inside the text break the reply framing.
-            for chunk in line.as_bytes().split(|&b| b == b'\r' || b == b'\n') {
-                out.extend_from_slice(chunk);
-            }
+            // The text holds no CR, and LF only between lines.
+            out.extend_from_slice(line);
             out.extend_from_slice(b"\r\n");
         }
     }
@@ -145,7 +198,11 @@ impl Reply {
         };
 
         // Pass 2: build the reply.
-        let mut lines = Vec::with_capacity(count);
+        let mut reply = Reply {
+            code,
+            enhanced: None,
+            text: SmallVec::new(),
+        };
         let mut enhanced = None;
         let mut enhanced_text: &[u8] = b"";
         for (i, raw) in buf[..used].split_inclusive(|&b| b == b'\n').enumerate() {
@@ -165,16 +222,16 @@ impl Reply {
                     text = &after[1..];
                 }
             }
-            lines.push(String::from_utf8_lossy(text).into_owned());
+            if i > 0 {
+                reply.text.push(b'\n');
+            }
+            match std::str::from_utf8(text) {
+                Ok(t) => reply.push_text(t),
+                Err(_) => reply.push_text(&String::from_utf8_lossy(text)),
+            }
         }
-        Ok(Some((
-            Reply {
-                code,
-                enhanced,
-                lines,
-            },
-            used,
-        )))
+        reply.enhanced = enhanced;
+        Ok(Some((reply, used)))
     }
 }
 
@@ -184,7 +241,7 @@ impl fmt::Display for Reply {
         if let Some(enh) = &self.enhanced {
             write!(f, " {enh}")?;
         }
-        for line in &self.lines {
+        for line in self.lines() {
             write!(f, " {line}")?;
         }
         Ok(())
@@ -330,7 +387,7 @@ mod tests {
         let r = Reply::new(550, EnhancedCode(5, 5, 1), "no");
         assert_eq!(r.code, 550);
         assert_eq!(r.enhanced, Some(EnhancedCode(5, 5, 1)));
-        assert_eq!(r.lines, vec!["no".to_string()]);
+        assert_eq!(r.lines().collect::<Vec<_>>(), vec!["no"]);
         assert!(r.is_permanent() && !r.is_transient() && !r.is_positive());
         let r = Reply::new(451, EnhancedCode(4, 3, 0), "later");
         assert!(r.is_transient() && !r.is_permanent() && !r.is_positive());
@@ -346,32 +403,16 @@ mod tests {
     fn write_single_and_multi() {
         let r = Reply::new(502, EnhancedCode(5, 5, 1), "Command not recognized");
         assert_eq!(wire(&r), "502 5.5.1 Command not recognized\r\n");
-        let r = Reply {
-            code: 250,
-            enhanced: None,
-            lines: vec!["mx.example".into(), "PIPELINING".into(), "8BITMIME".into()],
-        };
+        let r = Reply::from_lines(250, None, vec!["mx.example", "PIPELINING", "8BITMIME"]);
         assert_eq!(
             wire(&r),
             "250-mx.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
         );
-        let r = Reply {
-            code: 550,
-            enhanced: Some(EnhancedCode(5, 7, 1)),
-            lines: vec!["first".into(), "last".into()],
-        };
+        let r = Reply::from_lines(550, Some(EnhancedCode(5, 7, 1)), vec!["first", "last"]);
         assert_eq!(wire(&r), "550-5.7.1 first\r\n550 5.7.1 last\r\n");
-        let r = Reply {
-            code: 421,
-            enhanced: Some(EnhancedCode(4, 100, 999)),
-            lines: vec![],
-        };
+        let r = Reply::from_lines(421, Some(EnhancedCode(4, 100, 999)), Vec::<&str>::new());
         assert_eq!(wire(&r), "421 4.100.999\r\n");
-        let r = Reply {
-            code: 250,
-            enhanced: None,
-            lines: vec!["".into()],
-        };
+        let r = Reply::from_lines(250, None, vec![""]);
         assert_eq!(wire(&r), "250 \r\n");
     }
 
@@ -398,11 +439,11 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let r = Reply {
-            code: 250,
-            enhanced: Some(EnhancedCode(2, 1, 5)),
-            lines: vec!["one".into(), "two words".into(), "".into(), "three".into()],
-        };
+        let r = Reply::from_lines(
+            250,
+            Some(EnhancedCode(2, 1, 5)),
+            vec!["one", "two words", "", "three"],
+        );
         let w = wire(&r);
         let (p, used) = parse_all(&w);
         assert_eq!(used, w.len());
@@ -415,24 +456,27 @@ mod tests {
         assert_eq!(used, 14);
         assert_eq!(r.code, 250);
         assert_eq!(r.enhanced, Some(EnhancedCode(2, 1, 0)));
-        assert_eq!(r.lines, vec!["Ok"]);
+        assert_eq!(r.lines().collect::<Vec<_>>(), vec!["Ok"]);
 
         let (r, _) = parse_all("354 End data with <CR><LF>.<CR><LF>\r\n");
         assert_eq!(r.code, 354);
         assert_eq!(r.enhanced, None);
-        assert_eq!(r.lines, vec!["End data with <CR><LF>.<CR><LF>"]);
+        assert_eq!(
+            r.lines().collect::<Vec<_>>(),
+            vec!["End data with <CR><LF>.<CR><LF>"]
+        );
     }
 
     #[test]
     fn parse_bare_code_and_empty_text() {
         let (r, used) = parse_all("250\r\n");
         assert_eq!((r.code, used), (250, 5));
-        assert_eq!(r.lines, vec![""]);
+        assert_eq!(r.lines().collect::<Vec<_>>(), vec![""]);
         let (r, _) = parse_all("250 \r\n");
-        assert_eq!(r.lines, vec![""]);
+        assert_eq!(r.lines().collect::<Vec<_>>(), vec![""]);
         let (r, _) = parse_all("250 2.0.0\r\n");
         assert_eq!(r.enhanced, Some(EnhancedCode(2, 0, 0)));
-        assert_eq!(r.lines, vec![""]);
+        assert_eq!(r.lines().collect::<Vec<_>>(), vec![""]);
     }
 
     #[test]
@@ -442,7 +486,7 @@ mod tests {
         assert_eq!(&s[used..], "next");
         assert_eq!(r.enhanced, None);
         assert_eq!(
-            r.lines,
+            r.lines().collect::<Vec<_>>(),
             vec![
                 "mx.example.org",
                 "PIPELINING",
@@ -459,11 +503,17 @@ mod tests {
         let (r, used) = parse_all(s);
         assert_eq!(used, s.len());
         assert_eq!(r.enhanced, Some(EnhancedCode(5, 7, 1)));
-        assert_eq!(r.lines, vec!["first", "second", "last"]);
+        assert_eq!(
+            r.lines().collect::<Vec<_>>(),
+            vec!["first", "second", "last"]
+        );
         // A line carrying a different (or no) enhanced code keeps its text.
         let s = "550-5.7.1 first\r\n550-no code\r\n550 5.1.1 other\r\n";
         let (r, _) = parse_all(s);
-        assert_eq!(r.lines, vec!["first", "no code", "5.1.1 other"]);
+        assert_eq!(
+            r.lines().collect::<Vec<_>>(),
+            vec!["first", "no code", "5.1.1 other"]
+        );
     }
 
     #[test]
@@ -471,18 +521,18 @@ mod tests {
         // Class mismatch: not an enhanced code.
         let (r, _) = parse_all("250 5.0.0 odd\r\n");
         assert_eq!(r.enhanced, None);
-        assert_eq!(r.lines, vec!["5.0.0 odd"]);
+        assert_eq!(r.lines().collect::<Vec<_>>(), vec!["5.0.0 odd"]);
         // Ranges.
         let (r, _) = parse_all("451 4.999.999 x\r\n");
         assert_eq!(r.enhanced, Some(EnhancedCode(4, 999, 999)));
-        assert_eq!(r.lines, vec!["x"]);
+        assert_eq!(r.lines().collect::<Vec<_>>(), vec!["x"]);
         let (r, _) = parse_all("451 4.1000.0 x\r\n");
         assert_eq!(r.enhanced, None);
         let (r, _) = parse_all("451 4.1.1000 x\r\n");
         assert_eq!(r.enhanced, None);
         let (r, _) = parse_all("451 4.1.1x\r\n");
         assert_eq!(r.enhanced, None);
-        assert_eq!(r.lines, vec!["4.1.1x"]);
+        assert_eq!(r.lines().collect::<Vec<_>>(), vec!["4.1.1x"]);
         let (r, _) = parse_all("451 4..1 x\r\n");
         assert_eq!(r.enhanced, None);
         let (r, _) = parse_all("451 4.1. x\r\n");
@@ -498,7 +548,7 @@ mod tests {
         let s = "250-a\n250-b\r\n250 c\n";
         let (r, used) = parse_all(s);
         assert_eq!(used, s.len());
-        assert_eq!(r.lines, vec!["a", "b", "c"]);
+        assert_eq!(r.lines().collect::<Vec<_>>(), vec!["a", "b", "c"]);
     }
 
     #[test]
@@ -569,7 +619,7 @@ mod tests {
         let mut ok = s.clone();
         ok.push_str("250 end\r\n");
         let (r, _) = parse_all(&ok);
-        assert_eq!(r.lines.len(), MAX_REPLY_LINES);
+        assert_eq!(r.lines().count(), MAX_REPLY_LINES);
         s.push_str("250-x\r\n");
         assert_eq!(Reply::parse(s.as_bytes()), Err(ReplyError::TooManyLines));
     }
@@ -579,7 +629,10 @@ mod tests {
         let (r, _) = Reply::parse(b"550 5.1.1 bad \xff\xfe user\r\n")
             .unwrap()
             .unwrap();
-        assert_eq!(r.lines, vec!["bad \u{fffd}\u{fffd} user"]);
+        assert_eq!(
+            r.lines().collect::<Vec<_>>(),
+            vec!["bad \u{fffd}\u{fffd} user"]
+        );
     }
 
     #[test]
