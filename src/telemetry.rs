@@ -20,8 +20,9 @@ use opentelemetry_sdk::trace::{
     SpanExporter, SpanProcessor,
 };
 use opentelemetry_sdk::Resource;
+use tracing::span::Id;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::layer::{Context as LayerContext, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
@@ -144,23 +145,25 @@ pub fn install(cfg: &TelemetryConfig) -> Telemetry {
         None => None,
     };
     let otel = provider.as_ref().map(|p| {
-        tracing_opentelemetry::layer()
-            .with_tracer(p.tracer("smtp-edge"))
-            .with_tracked_inactivity(false)
-            // Parents come from the tracing span tree; nothing here reads
-            // the active OpenTelemetry context, and activating it on every
-            // poll of a session cost CPU per message.
-            .with_context_activation(false)
-            .with_threads(false)
-            .with_location(false)
-            // The target of every exported span is `smtp_edge::traced`: no
-            // information, an attribute per span to build, ship and store.
-            .with_target(false)
-            .with_filter(
-                tracing_subscriber::filter::Targets::new()
-                    .with_target(TRACED, tracing::Level::INFO)
-                    .with_target("smtp_edge::policy", tracing::Level::INFO),
-            )
+        Unentered(
+            tracing_opentelemetry::layer()
+                .with_tracer(p.tracer("smtp-edge"))
+                .with_tracked_inactivity(false)
+                // Parents come from the tracing span tree; nothing here reads
+                // the active OpenTelemetry context, and activating it on every
+                // poll of a session cost CPU per message.
+                .with_context_activation(false)
+                .with_threads(false)
+                .with_location(false)
+                // The target of every exported span is `smtp_edge::traced`: no
+                // information, an attribute per span to build, ship and store.
+                .with_target(false),
+        )
+        .with_filter(
+            tracing_subscriber::filter::Targets::new()
+                .with_target(TRACED, tracing::Level::INFO)
+                .with_target("smtp_edge::policy", tracing::Level::INFO),
+        )
     });
     EXPORTING.store(provider.is_some(), Ordering::Relaxed);
     let _ = tracing_subscriber::registry()
@@ -173,11 +176,15 @@ pub fn install(cfg: &TelemetryConfig) -> Telemetry {
 fn provider(cfg: &TelemetryConfig, ep: &str) -> Result<SdkTracerProvider, String> {
     let timeout = Duration::from_secs(10);
     let exporter = match cfg.otlp_protocol {
-        OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(ep)
-            .with_timeout(timeout)
-            .build(),
+        OtlpProtocol::Grpc => {
+            // The channel's tasks are spawned where it is built.
+            let _rt = export_runtime().enter();
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(ep)
+                .with_timeout(timeout)
+                .build()
+        }
         OtlpProtocol::Http => {
             let url = if ep.trim_end_matches('/').ends_with("/v1/traces") {
                 ep.to_string()
@@ -223,6 +230,66 @@ fn provider(cfg: &TelemetryConfig, ep: &str) -> Result<SdkTracerProvider, String
                 .build(),
         )
         .build())
+}
+
+/// The OpenTelemetry layer without its enter and exit hooks. With context
+/// activation and inactivity tracking off, all that is left of them is the
+/// span's end time, taken on every exit: a lock, a clock read and two map
+/// lookups on every poll of a session (its future is instrumented). A span
+/// closed without it ends at its close, which here is right after its last
+/// exit.
+struct Unentered<L>(L);
+
+impl<S, L> Layer<S> for Unentered<L>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    L: Layer<S>,
+{
+    fn on_register_dispatch(&self, subscriber: &tracing::Dispatch) {
+        self.0.on_register_dispatch(subscriber);
+    }
+    fn on_layer(&mut self, subscriber: &mut S) {
+        self.0.on_layer(subscriber);
+    }
+    fn register_callsite(
+        &self,
+        metadata: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        self.0.register_callsite(metadata)
+    }
+    fn enabled(&self, metadata: &tracing::Metadata<'_>, ctx: LayerContext<'_, S>) -> bool {
+        self.0.enabled(metadata, ctx)
+    }
+    fn on_new_span(&self, a: &tracing::span::Attributes<'_>, id: &Id, ctx: LayerContext<'_, S>) {
+        self.0.on_new_span(a, id, ctx);
+    }
+    fn on_record(&self, id: &Id, values: &tracing::span::Record<'_>, ctx: LayerContext<'_, S>) {
+        self.0.on_record(id, values, ctx);
+    }
+    fn on_follows_from(&self, span: &Id, follows: &Id, ctx: LayerContext<'_, S>) {
+        self.0.on_follows_from(span, follows, ctx);
+    }
+    fn event_enabled(&self, event: &tracing::Event<'_>, ctx: LayerContext<'_, S>) -> bool {
+        self.0.event_enabled(event, ctx)
+    }
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: LayerContext<'_, S>) {
+        self.0.on_event(event, ctx);
+    }
+    fn on_close(&self, id: Id, ctx: LayerContext<'_, S>) {
+        self.0.on_close(id, ctx);
+    }
+    fn on_id_change(&self, old: &Id, new: &Id, ctx: LayerContext<'_, S>) {
+        self.0.on_id_change(old, new, ctx);
+    }
+    // `span.context()` (the trace id) finds the inner layer through this.
+    unsafe fn downcast_raw(&self, id: std::any::TypeId) -> Option<*const ()> {
+        if id == std::any::TypeId::of::<Self>() {
+            return Some(self as *const Self as *const ());
+        }
+        // SAFETY: forwarded to the inner layer, whose pointers stay valid
+        // as long as `self` does.
+        unsafe { self.0.downcast_raw(id) }
+    }
 }
 
 /// In front of the SDK's batch processor: counts the spans handed to it
@@ -326,4 +393,22 @@ static RATIO: AtomicU64 = AtomicU64::new(0x3FF0_0000_0000_0000); // 1.0
 /// Sets the share of new traces sampled (0.0 to 1.0), at once.
 pub fn set_sample_ratio(r: f64) {
     RATIO.store(r.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
+}
+
+/// The runtime of the gRPC exporter's connection (hyper and h2 tasks), on
+/// a thread of its own so that they never run on a session's worker.
+fn export_runtime() -> &'static tokio::runtime::Handle {
+    static RT: std::sync::OnceLock<tokio::runtime::Handle> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for the OTLP exporter");
+        let h = rt.handle().clone();
+        std::thread::Builder::new()
+            .name("otlp-grpc".into())
+            .spawn(move || rt.block_on(std::future::pending::<()>()))
+            .expect("the OTLP exporter's thread");
+        h
+    })
 }

@@ -8,6 +8,7 @@
 #       code; this adds the listener and the scrapes)
 #   (c) OTLP/gRPC span export at sample_ratio = 0.01 to `smtp-load otlp-sink`
 #   (d) the same at sample_ratio = 1.0
+#   (e) (d) over OTLP/HTTP (protobuf, `otlp-sink --http`) instead of gRPC
 # plus a reference row, (a) with RUST_LOG=warn as the other scenarios run it.
 # (a)-(d) run with RUST_LOG=info, the default when RUST_LOG is unset: spans
 # below the log level are not created, so with RUST_LOG=warn nothing would
@@ -30,12 +31,13 @@ source "$(dirname "$0")/../lib.sh"
 SECS=${1:-5}
 REPS=${2:-3}
 CONNS=${3:-50}
-CONFIGS=(a b c d ref)
+CONFIGS=(a b c d e ref)
 declare -A LABEL=(
   [a]="(a) baseline"
   [b]="(b) metrics, scraped 1/s"
   [c]="(c) export 0.01"
   [d]="(d) export 1.0"
+  [e]="(e) export 1.0, HTTP"
   [ref]="ref: (a), RUST_LOG=warn"
 )
 
@@ -72,25 +74,27 @@ scrape_loop() {
 one_run() {
   local cfg=$1 m=$2 out=$3 extra="" admin="" otlp="" scraper="" log=info
   case $cfg in
-    b | c | d)
+    b | c | d | e)
       admin=$(free_port)
       extra="[admin]
 address = \"127.0.0.1:$admin\""
       ;;
   esac
   case $cfg in
-    c | d)
+    c | d | e)
       otlp=$(free_port)
-      "${LOAD_ON[@]}" "$LOAD" otlp-sink -l "127.0.0.1:$otlp" --threads 1 --json -q >"$out.otlp" 2>"$out.otlp.err" &
+      local proto=grpc http=()
+      [ "$cfg" = e ] && proto=http http=(--http)
+      "${LOAD_ON[@]}" "$LOAD" otlp-sink -l "127.0.0.1:$otlp" "${http[@]}" --threads 1 --json -q >"$out.otlp" 2>"$out.otlp.err" &
       OTLP_PID=$!
       PIDS+=("$OTLP_PID")
       wait_port "$otlp"
       local sample=0.01
-      [ "$cfg" = d ] && sample=1.0
+      [ "$cfg" != c ] && sample=1.0
       extra="$extra
 [telemetry]
 otlp_endpoint = \"http://127.0.0.1:$otlp\"
-otlp_protocol = \"grpc\"
+otlp_protocol = \"$proto\"
 sample_ratio = $sample"
       ;;
     ref) log=warn ;;
