@@ -307,6 +307,8 @@ struct Session<S> {
     out: Vec<u8>,
     /// Message bytes on their way to the backend; kept across messages.
     fwd: Vec<u8>,
+    /// Backend replies being resolved; kept across messages.
+    replies: Vec<crate::smtp::Reply>,
     st: State,
     shutdown: watch::Receiver<bool>,
     /// The client hung up while the session waited for the backend.
@@ -414,6 +416,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             inbuf: BytesMut::with_capacity(1024),
             out: Vec::with_capacity(512),
             fwd: Vec::new(),
+            replies: Vec::new(),
             st: State::default(),
             shutdown,
             client_gone: false,
@@ -540,12 +543,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.st.owed.clear();
             return;
         };
-        let mut replies = Vec::with_capacity(self.st.owed.len());
-        Box::pin(txn.replies(&mut replies)).await;
+        let mut replies = std::mem::take(&mut self.replies);
+        txn.replies(&mut replies).await;
         let broken = txn.is_broken();
         let mut mail_failed = false;
         let mut desync = false;
-        for reply in replies {
+        for reply in replies.drain(..) {
             match self.st.owed.pop_front() {
                 Some(Owed::Mail) => mail_failed |= !reply.is_positive(),
                 Some(Owed::Rcpt) if reply.is_positive() => self.st.rcpts_ok += 1,
@@ -563,6 +566,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             reply.write_to(&mut self.out);
         }
+        self.replies = replies;
         self.st.owed.clear();
         if desync && !broken {
             if let Some(t) = self.st.txn.take() {
@@ -633,7 +637,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 if !self.flush().await {
                     return Outcome::Closed;
                 }
-                match Box::pin(self.data_phase()).await {
+                match self.data_phase().await {
                     Ok(reply) => {
                         reply.write_to(&mut self.out);
                         self.st.messages += 1;
@@ -910,12 +914,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         // The wait for a backend connection may be long under a burst:
         // keep reading the client meanwhile, so one who hangs up gives up
-        // its place in line at once. One box for both keeps the session
-        // future small.
+        // its place in line at once. Not boxed (nor the replies and the
+        // DATA phase): the steady-state path allocates nothing per message
+        // (tests/allocs.rs); the command loop's future, boxed once per
+        // session, holds them.
         let relay = self.shared.relay();
         let begin = relay.begin(id, dedicated).instrument(span.clone());
-        let Some(begun) = Box::pin(while_client_stays(&mut self.io, &mut self.inbuf, begin)).await
-        else {
+        let Some(begun) = while_client_stays(&mut self.io, &mut self.inbuf, begin).await else {
             self.client_gone = true;
             return;
         };
@@ -1260,7 +1265,7 @@ fn map_read(
 #[cfg(test)]
 mod size_probe {
     /// Every idle connection holds one session future: keep it small (the
-    /// TLS path, the DATA phase and backend work are boxed).
+    /// TLS path and the command loop are boxed, once per session).
     #[test]
     fn session_future_stays_small() {
         fn size<F: std::future::Future>(_: &F) -> usize {

@@ -80,7 +80,9 @@ pub struct BackendConn {
     pub backend: usize,
     /// Generation of the relay whose pool it belongs to.
     pub generation: u64,
-    pub peer: String,
+    pub peer: std::sync::Arc<str>,
+    /// The buffers of the last transaction, for the next one.
+    pub(crate) spare: crate::relay::TxnBufs,
     pub(crate) _permit: Option<OwnedSemaphorePermit>,
     pub(crate) idle_since: Instant,
 }
@@ -131,7 +133,8 @@ impl BackendConn {
             needs_rset: false,
             backend,
             generation: 0,
-            peer: addr.to_string(),
+            peer: addr.into(),
+            spare: Default::default(),
             _permit: None,
             idle_since: Instant::now(),
         };

@@ -228,7 +228,7 @@ impl Relay {
         for k in 0..n {
             let i = (start + k) % n;
             match &self.backends[i] {
-                Backend::Maildir(md) => match md.begin().await {
+                Backend::Maildir(md) => match Box::pin(md.begin()).await {
                     Ok(w) => {
                         return Ok(Txn {
                             relay: self.clone(),
@@ -239,7 +239,7 @@ impl Relay {
                             },
                             pending: VecDeque::new(),
                             span: tracing::Span::none(),
-                            name: md.root().display().to_string(),
+                            name: md.root().display().to_string().into(),
                         })
                     }
                     Err(e) => {
@@ -283,8 +283,9 @@ impl Relay {
         };
         let t0 = std::time::Instant::now();
         let opened = match identity {
-            IdentityMode::Xclient => self
-                .open_xclient(pool, id, wait)
+            // Boxed: its connect and XCLIENT exchange would make every
+            // checkout's future large.
+            IdentityMode::Xclient => Box::pin(self.open_xclient(pool, id, wait))
                 .await
                 .map(|c| (c, false, true)),
             _ => pool
@@ -353,11 +354,21 @@ impl Relay {
     }
 }
 
-enum Pend {
+pub(crate) enum Pend {
     /// A reply the proxy consumes itself (RSET, XFORWARD).
     Internal(&'static str),
     /// A reply that goes to the client.
     Client,
+}
+
+/// A transaction's buffers, kept with its backend connection between
+/// transactions: a steady stream of messages over pooled connections
+/// allocates none of them.
+#[derive(Default)]
+pub(crate) struct TxnBufs {
+    wbuf: Vec<u8>,
+    replay: Vec<u8>,
+    pending: VecDeque<Pend>,
 }
 
 enum Inner {
@@ -365,8 +376,10 @@ enum Inner {
         conn: Option<PooledConn>,
         wbuf: Vec<u8>,
         /// Everything sent since checkout until the first reply, to replay
-        /// on a fresh connection if a reused one turns out dead.
-        replay: Option<Vec<u8>>,
+        /// on a fresh connection if a reused one turns out dead (while
+        /// `replaying`).
+        replay: Vec<u8>,
+        replaying: bool,
         reused: bool,
         dedicated: bool,
         completed: bool,
@@ -386,23 +399,33 @@ pub struct Txn {
     /// The `smtp.backend` span (disabled for a Maildir).
     span: tracing::Span,
     /// The backend's address or Maildir path, for logs.
-    pub name: String,
+    pub name: Arc<str>,
 }
 
 impl Txn {
     fn smtp(relay: Arc<Relay>, mut conn: PooledConn, reused: bool, dedicated: bool) -> Txn {
         let name = conn.peer.clone();
+        let TxnBufs {
+            mut wbuf,
+            mut replay,
+            mut pending,
+        } = std::mem::take(&mut conn.spare);
+        wbuf.clear();
+        wbuf.reserve(256);
+        replay.clear();
+        pending.clear();
         let mut txn = Txn {
             relay,
             inner: Inner::Smtp {
                 conn: None,
-                wbuf: Vec::with_capacity(256),
-                replay: Some(Vec::new()),
+                wbuf,
+                replay,
+                replaying: true,
                 reused,
                 dedicated,
                 completed: false,
             },
-            pending: VecDeque::new(),
+            pending,
             span: tracing::Span::none(),
             name,
         };
@@ -425,18 +448,21 @@ impl Txn {
 
     fn queue_xforward(&mut self, id: &ClientIdentity) {
         let Inner::Smtp {
-            conn: Some(conn), ..
-        } = &self.inner
+            conn: Some(conn),
+            wbuf,
+            ..
+        } = &mut self.inner
         else {
             return;
         };
         if conn.caps.xforward.is_empty() {
             return;
         }
-        let mut cmd = Vec::with_capacity(128);
-        id.xforward_lines(&conn.caps.xforward, &mut cmd);
-        for line in cmd.split_inclusive(|&b| b == b'\n') {
-            self.queue_raw(line, Pend::Internal("XFORWARD"));
+        // Straight into the batch, a reply owed per line.
+        let start = wbuf.len();
+        id.xforward_lines(&conn.caps.xforward, wbuf);
+        for _ in memchr::memchr_iter(b'\n', &wbuf[start..]) {
+            self.pending.push_back(Pend::Internal("XFORWARD"));
         }
     }
 
@@ -521,13 +547,19 @@ impl Txn {
             Inner::Smtp { wbuf, .. } => std::mem::take(wbuf),
             Inner::Maildir { .. } => Vec::new(),
         };
-        let groups: Vec<&[u8]> = if pipelining {
-            vec![&queued[..]]
-        } else {
-            queued.split_inclusive(|&b| b == b'\n').collect()
-        };
+        // Pipelined: all of it at once (even nothing: replies may be owed);
+        // else line by line.
+        let mut rest = &queued[..];
         let mut failed = false;
-        for group in groups {
+        let mut first = true;
+        while first && pipelining || !rest.is_empty() {
+            first = false;
+            let n = match memchr::memchr(b'\n', rest) {
+                Some(i) if !pipelining => i + 1,
+                _ => rest.len(),
+            };
+            let (group, after) = rest.split_at(n);
+            rest = after;
             let owed = if pipelining { self.pending.len() } else { 1 };
             if failed || !self.exchange(group, owed, out).await {
                 failed = true;
@@ -558,6 +590,7 @@ impl Txn {
         let Inner::Smtp {
             conn,
             replay,
+            replaying,
             reused,
             ..
         } = &mut self.inner
@@ -567,8 +600,8 @@ impl Txn {
         let Some(c) = conn.as_mut() else {
             return false;
         };
-        if let Some(r) = replay.as_mut() {
-            r.extend_from_slice(bytes);
+        if *replaying {
+            replay.extend_from_slice(bytes);
         }
         if let Err(e) = c.send(bytes).await {
             tracing::debug!("backend write failed: {e}");
@@ -578,7 +611,7 @@ impl Txn {
             let c = conn.as_mut().expect("conn");
             match c.read_reply(t).await {
                 Ok(reply) => {
-                    *replay = None;
+                    *replaying = false;
                     got += 1;
                     // 421: the backend is closing; the client gets a 451 (its
                     // own session goes on) and the connection is not reused.
@@ -602,10 +635,11 @@ impl Txn {
                     }
                 }
                 Err(e) => {
-                    let (true, Some(sent)) = (*reused, replay.take()) else {
+                    if !(*reused && std::mem::take(replaying)) {
                         tracing::warn!(backend = %c.peer, "backend failed: {e}");
                         return false;
-                    };
+                    }
+                    let sent = &replay[..];
                     tracing::debug!(backend = %c.peer, "reused connection dead ({e}), reconnecting");
                     *reused = false;
                     let replaced = match relay.pool(c.backend) {
@@ -615,7 +649,7 @@ impl Txn {
                     let resent = match replaced {
                         Ok(()) => {
                             c.txns += 1;
-                            c.send(&sent).await
+                            c.send(sent).await
                         }
                         Err(e) => {
                             tracing::warn!("backend reconnect failed: {e}");
@@ -783,10 +817,17 @@ impl Txn {
             conn,
             completed,
             dedicated,
+            wbuf,
+            replay,
             ..
         } = &mut self.inner
         {
             let mut c = conn.take()?;
+            c.spare = TxnBufs {
+                wbuf: std::mem::take(wbuf),
+                replay: std::mem::take(replay),
+                pending: std::mem::take(&mut self.pending),
+            };
             if !*completed {
                 c.needs_rset = true;
             }

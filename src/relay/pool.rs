@@ -145,7 +145,9 @@ impl managed::Manager for Manager {
         .await
         .map_err(|_| BackendError::Exhausted)?
         .map_err(|_| BackendError::Closed)?;
-        let mut conn = self.connect().await?;
+        // Boxed: opening a connection is the rare path; the checkout a
+        // transaction awaits stays small without it.
+        let mut conn = Box::pin(self.connect()).await?;
         conn._permit = Some(permit);
         Ok(conn)
     }
