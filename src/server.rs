@@ -197,7 +197,8 @@ fn log_policy_totals(policy: &Policy) {
 ///
 /// Applied: `[policy]` (limiter state, counters and caches carried over),
 /// `[tls]` (the certificate files are read again even when the section is
-/// unchanged: renewal), `[[backend]]` and the backend timeouts (a new
+/// unchanged: renewal; the ticket keys and the session cache carry over
+/// while `session_tickets` and `session_cache_size` stay), `[[backend]]` and the backend timeouts (a new
 /// relay; the old one's idle connections get QUIT and its connections in
 /// use finish their transaction, then QUIT), `[limits]`, `[timeouts]`,
 /// `[smtp]`, `[telemetry] sample_ratio`. New connections get the new
