@@ -138,11 +138,80 @@ fn default_backlog() -> u32 {
     1024
 }
 
+/// `[tls]`: the certificates (one pair, or a list of pairs chosen per
+/// handshake by the client's signature algorithms and SNI) and session
+/// resumption.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
+    /// The short form: one pair. Exclusive with `certificates`.
+    pub certificate: Option<PathBuf>,
+    pub private_key: Option<PathBuf>,
+    /// `[[tls.certificates]]`: several pairs (RSA and ECDSA side by side,
+    /// other names); the first that fits is the default.
+    pub certificates: Option<Vec<CertificateConfig>>,
+    /// TLS 1.3 and 1.2 session tickets, keys rotated by rustls.
+    #[serde(default = "default_true")]
+    pub session_tickets: bool,
+    /// Sessions kept in memory for resumption by session id (TLS 1.2) or
+    /// stateful ticket (TLS 1.3 without tickets); 0: none.
+    #[serde(default = "default_session_cache_size")]
+    pub session_cache_size: usize,
+}
+
+/// One `[[tls.certificates]]` entry.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
     pub certificate: PathBuf,
     pub private_key: PathBuf,
+    /// Names SNI selects it by; absent: the certificate's subjectAltName.
+    pub names: Option<Vec<String>>,
+}
+
+/// A certificate pair of `[tls]` with the key its settings are under
+/// (`tls` or `tls.certificates[i]`), for error messages.
+pub struct CertificateEntry<'a> {
+    pub key: String,
+    pub certificate: &'a Path,
+    pub private_key: &'a Path,
+    pub names: Option<&'a [String]>,
+}
+
+/// Most sessions `session_cache_size` may keep (a few hundred bytes each).
+pub const MAX_SESSION_CACHE: usize = 1_000_000;
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_session_cache_size() -> usize {
+    10_240
+}
+
+impl TlsConfig {
+    /// The pairs, in the order of the file (one for the short form).
+    pub fn entries(&self) -> Vec<CertificateEntry<'_>> {
+        match (&self.certificates, &self.certificate, &self.private_key) {
+            (Some(list), _, _) => list
+                .iter()
+                .enumerate()
+                .map(|(i, c)| CertificateEntry {
+                    key: format!("tls.certificates[{i}]"),
+                    certificate: &c.certificate,
+                    private_key: &c.private_key,
+                    names: c.names.as_deref(),
+                })
+                .collect(),
+            (None, Some(c), Some(k)) => vec![CertificateEntry {
+                key: "tls".into(),
+                certificate: c,
+                private_key: k,
+                names: None,
+            }],
+            _ => Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -486,14 +555,7 @@ impl Config {
             }
         }
         if let Some(tls) = &self.tls {
-            for (k, p) in [
-                ("tls.certificate", &tls.certificate),
-                ("tls.private_key", &tls.private_key),
-            ] {
-                if !p.is_file() {
-                    err(k.into(), format!("file not found: {}", p.display()));
-                }
-            }
+            validate_tls(tls, &mut err);
         }
         let l = &self.limits;
         if l.max_message_size == 0 {
@@ -652,6 +714,62 @@ impl Config {
             }
         }
         self.policy.validate(&mut err);
+    }
+}
+
+/// `[tls]`: one form or the other, and every pair loads (files readable,
+/// the key the certificate's, `names` DNS names).
+fn validate_tls(tls: &TlsConfig, err: &mut dyn FnMut(String, String)) {
+    use crate::tls::certs::{self, PairError};
+    let short = tls.certificate.is_some() || tls.private_key.is_some();
+    match (&tls.certificates, short) {
+        (Some(_), true) => {
+            return err(
+                "tls.certificates".into(),
+                "set either `certificate` and `private_key` or [[tls.certificates]], not both"
+                    .into(),
+            )
+        }
+        (Some(list), false) if list.is_empty() => {
+            return err(
+                "tls.certificates".into(),
+                "must list at least one certificate".into(),
+            )
+        }
+        (None, false) => {
+            return err(
+                "tls".into(),
+                "no certificate: set `certificate` and `private_key`, or add [[tls.certificates]]"
+                    .into(),
+            )
+        }
+        (None, true) if tls.certificate.is_none() => {
+            return err(
+                "tls.certificate".into(),
+                "required with tls.private_key".into(),
+            )
+        }
+        (None, true) if tls.private_key.is_none() => {
+            return err(
+                "tls.private_key".into(),
+                "required with tls.certificate".into(),
+            )
+        }
+        _ => {}
+    }
+    for e in tls.entries() {
+        match certs::load(e.certificate, e.private_key, e.names) {
+            Ok(_) => {}
+            Err(PairError::Certificate(m)) => err(format!("{}.certificate", e.key), m),
+            Err(PairError::Key(m)) => err(format!("{}.private_key", e.key), m),
+            Err(PairError::Names(m)) => err(format!("{}.names", e.key), m),
+        }
+    }
+    if tls.session_cache_size > MAX_SESSION_CACHE {
+        err(
+            "tls.session_cache_size".into(),
+            format!("at most {MAX_SESSION_CACHE} (0 turns the cache off)"),
+        );
     }
 }
 
@@ -911,5 +1029,145 @@ mod tests {
         assert_eq!(split_host_port("a.b:25"), Some(("a.b", 25)));
         assert_eq!(split_host_port("[::1]:25"), Some(("::1", 25)));
         assert_eq!(split_host_port("a.b"), None);
+    }
+
+    /// Writes an ECDSA (rcgen's default) pair for `name` as `<stem>.crt` /
+    /// `<stem>.key`.
+    fn pair(dir: &Path, stem: &str, name: &str) -> (String, String) {
+        let ck = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+        let (c, k) = (
+            dir.join(format!("{stem}.crt")),
+            dir.join(format!("{stem}.key")),
+        );
+        std::fs::write(&c, ck.cert.pem()).unwrap();
+        std::fs::write(&k, ck.signing_key.serialize_pem()).unwrap();
+        (c.display().to_string(), k.display().to_string())
+    }
+
+    fn tls_errors(tls: &str) -> Vec<(String, usize, String)> {
+        let text = format!(
+            "[[listener]]\naddress = \"127.0.0.1:25\"\n[[backend]]\naddress = \"a:25\"\n{tls}"
+        );
+        match Config::parse(&text) {
+            Ok(_) => Vec::new(),
+            Err(errs) => errs
+                .into_iter()
+                .map(|e| (e.key, e.line, e.message))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn tls_both_forms_and_the_list_form() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c1, k1) = pair(dir.path(), "a", "a.test");
+        let (c2, k2) = pair(dir.path(), "b", "b.test");
+        // The short form, and the list form with names, parse.
+        assert!(tls_errors(&format!(
+            "[tls]\ncertificate = \"{c1}\"\nprivate_key = \"{k1}\"\n"
+        ))
+        .is_empty());
+        let list = format!(
+            "[tls]\nsession_tickets = false\nsession_cache_size = 0\n\
+             [[tls.certificates]]\ncertificate = \"{c1}\"\nprivate_key = \"{k1}\"\n\
+             [[tls.certificates]]\ncertificate = \"{c2}\"\nprivate_key = \"{k2}\"\nnames = [\"mx.b.test\", \"*.b.test\"]\n"
+        );
+        assert!(tls_errors(&list).is_empty(), "{:?}", tls_errors(&list));
+        let c = Config::parse(&format!(
+            "[[listener]]\naddress = \"127.0.0.1:25\"\n[[backend]]\naddress = \"a:25\"\n{list}"
+        ))
+        .unwrap();
+        let t = c.tls.unwrap();
+        assert!(!t.session_tickets);
+        assert_eq!(t.session_cache_size, 0);
+        let e = t.entries();
+        assert_eq!(e.len(), 2);
+        assert_eq!(e[1].key, "tls.certificates[1]");
+        // Defaults: tickets on, a cache of 10240.
+        let c = Config::parse(&format!("[[listener]]\naddress = \"127.0.0.1:25\"\n[[backend]]\naddress = \"a:25\"\n[tls]\ncertificate = \"{c1}\"\nprivate_key = \"{k1}\"\n")).unwrap();
+        let t = c.tls.unwrap();
+        assert!(t.session_tickets);
+        assert_eq!(t.session_cache_size, 10_240);
+    }
+
+    #[test]
+    fn tls_errors_named_with_key_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c1, k1) = pair(dir.path(), "a", "a.test");
+        let (c2, k2) = pair(dir.path(), "b", "b.test");
+        let has = |errs: &[(String, usize, String)], key: &str, line: usize, msg: &str| {
+            assert!(
+                errs.iter()
+                    .any(|(k, l, m)| k == key && *l == line && m.contains(msg)),
+                "want {key} line {line} ~ {msg:?}: {errs:?}"
+            );
+        };
+        // Lines 1-4 are the listener and backend.
+        let both = format!(
+            "[tls]\ncertificate = \"{c1}\"\nprivate_key = \"{k1}\"\n[[tls.certificates]]\ncertificate = \"{c2}\"\nprivate_key = \"{k2}\"\n"
+        );
+        has(&tls_errors(&both), "tls.certificates", 8, "not both");
+        let mismatch = format!(
+            "[tls]\n[[tls.certificates]]\ncertificate = \"{c1}\"\nprivate_key = \"{k1}\"\n[[tls.certificates]]\ncertificate = \"{c2}\"\nprivate_key = \"{k1}\"\n"
+        );
+        has(
+            &tls_errors(&mismatch),
+            "tls.certificates[1].private_key",
+            11,
+            "does not match",
+        );
+        let short = format!("[tls]\ncertificate = \"{c1}\"\nprivate_key = \"{k2}\"\n");
+        has(&tls_errors(&short), "tls.private_key", 7, "does not match");
+        let missing = format!(
+            "[tls]\ncertificate = \"{}/none.crt\"\nprivate_key = \"{k1}\"\n",
+            dir.path().display()
+        );
+        has(&tls_errors(&missing), "tls.certificate", 6, "none.crt");
+        let garbage = dir.path().join("garbage.key");
+        std::fs::write(&garbage, "not a key\n").unwrap();
+        let bad_key = format!(
+            "[tls]\ncertificate = \"{c1}\"\nprivate_key = \"{}\"\n",
+            garbage.display()
+        );
+        has(&tls_errors(&bad_key), "tls.private_key", 7, "garbage.key");
+        has(
+            &tls_errors("[tls]\ncertificates = []\n"),
+            "tls.certificates",
+            6,
+            "at least one",
+        );
+        has(
+            &tls_errors("[tls]\nsession_tickets = true\n"),
+            "tls",
+            5,
+            "no certificate",
+        );
+        has(
+            &tls_errors(&format!("[tls]\ncertificate = \"{c1}\"\n")),
+            "tls.private_key",
+            5,
+            "required",
+        );
+        let names = format!(
+            "[tls]\n[[tls.certificates]]\ncertificate = \"{c1}\"\nprivate_key = \"{k1}\"\nnames = [\"a b\"]\n"
+        );
+        has(
+            &tls_errors(&names),
+            "tls.certificates[0].names",
+            9,
+            "not a DNS name",
+        );
+        let cache = format!(
+            "[tls]\ncertificate = \"{c1}\"\nprivate_key = \"{k1}\"\nsession_cache_size = 2000000\n"
+        );
+        has(&tls_errors(&cache), "tls.session_cache_size", 8, "at most");
+        has(
+            &tls_errors(&format!(
+                "[tls]\ncertificate = \"{c1}\"\nprivate_key = \"{k1}\"\nsession_cache_size = -1\n"
+            )),
+            "tls.session_cache_size",
+            8,
+            "",
+        );
     }
 }

@@ -61,6 +61,8 @@ pub struct Metrics {
     pub sessions_active: Gauge,
     pub session_duration: Histogram,
     pub tls_handshakes: Family<Labels, Counter>,
+    /// Successful handshakes that resumed a session (ticket or cache).
+    pub tls_resumed: Counter,
     pub transactions: Family<Labels, Counter>,
     transaction_classes: std::sync::OnceLock<[Counter; 3]>,
     pub transaction_duration: Histogram,
@@ -93,6 +95,7 @@ impl Metrics {
             sessions_active: Gauge::default(),
             session_duration: histogram(),
             tls_handshakes: Family::default(),
+            tls_resumed: Counter::default(),
             transactions: Family::default(),
             transaction_classes: std::sync::OnceLock::new(),
             transaction_duration: histogram(),
@@ -138,6 +141,11 @@ impl Metrics {
             "tls_handshakes",
             "TLS handshakes (STARTTLS and implicit) by outcome and version",
             m.tls_handshakes.clone(),
+        );
+        r.register(
+            "tls_resumed",
+            "TLS handshakes that resumed a session (ticket or session cache); part of tls_handshakes{outcome=\"ok\"}",
+            m.tls_resumed.clone(),
         );
         r.register(
             "transactions",
@@ -242,6 +250,11 @@ impl Metrics {
                 ("version", version.to_string()),
             ])
             .inc();
+    }
+
+    /// A successful TLS handshake that resumed a session.
+    pub fn tls_resumed(&self) {
+        self.tls_resumed.inc();
     }
 
     /// A message's final reply `code` (2xx, 4xx or 5xx). The three series

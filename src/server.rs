@@ -197,7 +197,8 @@ fn log_policy_totals(policy: &Policy) {
 ///
 /// Applied: `[policy]` (limiter state, counters and caches carried over),
 /// `[tls]` (the certificate files are read again even when the section is
-/// unchanged: renewal), `[[backend]]` and the backend timeouts (a new
+/// unchanged: renewal; the ticket keys and the session cache carry over
+/// while `session_tickets` and `session_cache_size` stay), `[[backend]]` and the backend timeouts (a new
 /// relay; the old one's idle connections get QUIT and its connections in
 /// use finish their transaction, then QUIT), `[limits]`, `[timeouts]`,
 /// `[smtp]`, `[telemetry] sample_ratio`. New connections get the new
@@ -230,7 +231,13 @@ impl Reloader {
         let mut next = cfg.clone();
         next.hostname = running.hostname.clone();
         next.listeners = running.listeners.clone();
-        let tls = tls_acceptor(&next).map_err(|e| format!("tls: {e}"))?;
+        // Ticket keys and cached sessions carry over while the session
+        // settings stay; the certificates are always read again.
+        let keep = old
+            .tls
+            .as_ref()
+            .filter(|_| crate::tls::keeps_sessions(running.tls.as_ref(), next.tls.as_ref()));
+        let tls = tls_acceptor(&next, keep).map_err(|e| e.to_string())?;
         // A moved admin listener is bound now (an address in use refuses
         // the reload) and started once everything else is in place.
         let admin = if next.admin != running.admin {
@@ -328,8 +335,12 @@ fn bind_now(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// The TLS acceptor for `cfg` (certificate files read now), when a
-/// listener needs one.
-fn tls_acceptor(cfg: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, crate::tls::TlsError> {
+/// listener needs one; `keep`: the running one, whose session state
+/// (ticket keys, session cache) the new one takes over.
+fn tls_acceptor(
+    cfg: &Config,
+    keep: Option<&tokio_rustls::TlsAcceptor>,
+) -> Result<Option<tokio_rustls::TlsAcceptor>, crate::tls::TlsError> {
     if !cfg.listeners.iter().any(|l| l.tls != TlsMode::None) {
         return Ok(None);
     }
@@ -339,7 +350,8 @@ fn tls_acceptor(cfg: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, crate
             cfg.hostname
         );
     }
-    crate::tls::acceptor(cfg.tls.as_ref(), &cfg.hostname).map(Some)
+    let keep = keep.map(|a| a.config().as_ref());
+    crate::tls::acceptor(cfg.tls.as_ref(), &cfg.hostname, keep).map(Some)
 }
 
 /// The sections of `new` that differ from `running` and that a reload does
@@ -377,7 +389,7 @@ pub struct Server {
 impl Server {
     /// Binds every listener and prepares TLS and backends.
     pub async fn bind(cfg: Config) -> Result<Server, ServerError> {
-        let tls = tls_acceptor(&cfg)?;
+        let tls = tls_acceptor(&cfg, None)?;
         let mut listeners = Vec::new();
         for l in &cfg.listeners {
             let sock = listen(l.address, l.backlog).map_err(|err| ServerError::Bind {

@@ -172,6 +172,7 @@ async fn serve_tls(
     let hs = crate::span!(
         crate::telemetry::in_traced(),
         "tls.handshake",
+        "tls.resumed" = field::Empty,
         "error.type" = field::Empty
     );
     let accepted = tokio::time::timeout(handshake_timeout, acceptor.accept(io))
@@ -190,9 +191,14 @@ async fn serve_tls(
             return info!("TLS handshake timed out");
         }
     };
-    drop(hs);
     let info = tls_info(tls.get_ref().1);
     m.tls("ok", info.version);
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    if resumed {
+        m.tls_resumed();
+    }
+    hs.record("tls.resumed", resumed);
+    drop(hs);
     let cur = Span::current();
     cur.record(
         "tls.protocol.version",

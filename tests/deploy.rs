@@ -1218,8 +1218,8 @@ mod files {
             "ExecReload of an invalid file: {}",
             said(&out)
         );
-        // A valid file the proxy refuses (the certificate does not load):
-        // asked, refused (1), the errors printed.
+        // A certificate that does not load makes the file invalid (the
+        // check reads it): not asked (2), the key named.
         std::fs::write(&cfg, &good).unwrap();
         let cert = d["tls"]["certificate"].as_str().unwrap().to_string();
         let pem = std::fs::read(&cert).unwrap();
@@ -1227,7 +1227,12 @@ mod files {
         let out = run(&mut command("ExecReload"));
         assert_eq!(
             out.status.code(),
-            Some(1),
+            Some(2),
+            "ExecReload, certificate broken: {}",
+            said(&out)
+        );
+        assert!(
+            said(&out).contains("key `tls.certificate`"),
             "ExecReload, certificate broken: {}",
             said(&out)
         );

@@ -194,6 +194,8 @@ async fn tree_over(rx: Receiver, protocol: &str) {
     );
     let hs: Vec<&Got> = spans.iter().filter(|s| s.name == "tls.handshake").collect();
     assert_eq!(hs.len(), 1, "{names:?}");
+    // A first connection: a full handshake.
+    assert_eq!(hs[0].attr("tls.resumed"), Some("false"), "{:?}", hs[0]);
     let tls_session = by_id(&spans, &hs[0].parent).expect("handshake's parent");
     assert_eq!(tls_session.name, "smtp.session");
     assert_eq!(tls_session.attr("tls.protocol.version"), Some("1.3"));
