@@ -37,6 +37,8 @@ pub struct RunConfig {
     pub sizes: SizeDist,
     pub starttls: bool,
     pub tls_resume: bool,
+    /// Offer TLS 1.2 only.
+    pub tls12: bool,
     pub sni: Option<String>,
     /// Pipeline MAIL + RCPTs + DATA when the server offers PIPELINING.
     pub pipelining: bool,
@@ -76,6 +78,7 @@ impl RunConfig {
             sizes: SizeDist::fixed(4096),
             starttls: false,
             tls_resume: false,
+            tls12: false,
             sni: None,
             pipelining: true,
             churn: false,
@@ -230,7 +233,7 @@ pub async fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<Report, String
         None => BindPool::none(),
     };
     let tls = if cfg.starttls {
-        let c = crate::tls::client_config(cfg.tls_resume).map_err(|e| e.to_string())?;
+        let c = crate::tls::client_config(cfg.tls_resume, cfg.tls12).map_err(|e| e.to_string())?;
         Some(TlsClient::new(c, cfg.sni.as_deref(), cfg.target)?)
     } else {
         None
@@ -316,6 +319,7 @@ pub async fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<Report, String
         failed: total.failed,
         dropped: sh.dropped.load(Ordering::Relaxed),
         warmup: sh.warmup_msgs.load(Ordering::Relaxed),
+        pipelined: total.pipelined,
     };
     let ok =
         messages.attempted > 0 && messages.accepted == messages.attempted && messages.dropped == 0;
@@ -333,6 +337,8 @@ pub async fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<Report, String
             rcpts: cfg.rcpts,
             sizes: cfg.sizes.entries.clone(),
             starttls: cfg.starttls,
+            tls_resume: cfg.tls_resume,
+            tls12: cfg.tls12,
             pipelining: cfg.pipelining,
             churn: cfg.churn,
             rate: cfg.rate,
@@ -353,6 +359,7 @@ pub async fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<Report, String
         errors: errors_map(&total),
         latency_us: sh.hists.summaries(),
         server: usage_start.finish(total.accepted),
+        tls: cfg.starttls.then(|| total.tls.clone()),
         messages,
         ok,
     };
@@ -571,6 +578,9 @@ async fn greet(
         let hs = Instant::now();
         conn.upgrade_tls(&tls.connector, tls.name.clone()).await?;
         out.lat(Phase::TlsHandshake, hs.elapsed());
+        if let Some((resumed, tls13)) = conn.tls_info() {
+            out.t.tls_handshake(resumed, tls13);
+        }
         match ehlo(sh, conn, out).await? {
             Some(c) => caps = c,
             None => return Ok(None),
@@ -692,6 +702,7 @@ async fn transaction(
     let mut mail_ok = false;
     let mut closing = false;
     if pipelining {
+        out.t.pipelined += 1;
         conn.write_all(if s.caps.size {
             &tmpl.pipelined_size
         } else {
