@@ -92,6 +92,10 @@ pub struct RunArgs {
     /// counts as one "message".
     #[arg(long)]
     pub churn: bool,
+    /// After the reply to QUIT, close at once (default: wait up to 500 ms
+    /// for the server to close first, so that the TIME_WAIT is its).
+    #[arg(long)]
+    pub no_wait_close: bool,
     /// EHLO name.
     #[arg(long, default_value = "loadgen.example.com")]
     pub helo: String,
@@ -284,6 +288,7 @@ impl RunArgs {
         c.sni = self.sni.clone();
         c.pipelining = !self.no_pipelining;
         c.churn = self.churn;
+        c.no_wait_close = self.no_wait_close;
         c.helo = self.helo.clone();
         c.from = self.from.clone();
         c.to = self.to.clone();
@@ -370,6 +375,7 @@ mod tests {
             "--starttls",
             "--tls12",
             "--tls-resume",
+            "--no-wait-close",
             "--watch-pid",
             "1",
             "--watch-pid",
@@ -383,6 +389,7 @@ mod tests {
         assert_eq!(c.duration, Some(Duration::from_millis(2500)));
         assert_eq!(c.sizes.entries.len(), 2);
         assert!(!c.pipelining && !c.progress && c.starttls && c.tls12 && c.tls_resume);
+        assert!(c.no_wait_close);
         assert!(!run_args(&[]).unwrap().tls12);
         assert_eq!(c.rate, Some(100.0));
         assert_eq!(c.watch_pids, vec![1, 2]);

@@ -44,6 +44,9 @@ pub struct RunConfig {
     pub pipelining: bool,
     /// Sessions without mail: connect, EHLO, [STARTTLS, EHLO], QUIT.
     pub churn: bool,
+    /// After the reply to QUIT, close at once instead of waiting (at most
+    /// 500 ms) for the server to close first.
+    pub no_wait_close: bool,
     pub helo: String,
     pub from: String,
     pub to: String,
@@ -82,6 +85,7 @@ impl RunConfig {
             sni: None,
             pipelining: true,
             churn: false,
+            no_wait_close: false,
             helo: "loadgen.example.com".into(),
             from: "sender@example.com".into(),
             to: "rcpt@example.org".into(),
@@ -158,6 +162,15 @@ struct Shared {
 }
 
 impl Shared {
+    /// How long to wait for the server to close after QUIT.
+    fn close_wait(&self) -> Duration {
+        if self.cfg.no_wait_close {
+            Duration::ZERO
+        } else {
+            self.cfg.timeout.min(Duration::from_millis(500))
+        }
+    }
+
     async fn next_job(&self) -> Option<Job> {
         if self.stop.load(Ordering::Relaxed) {
             return None;
@@ -341,6 +354,7 @@ pub async fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<Report, String
             tls12: cfg.tls12,
             pipelining: cfg.pipelining,
             churn: cfg.churn,
+            wait_close: !cfg.no_wait_close,
             rate: cfg.rate,
             max_inflight: cfg.rate.map(|_| cfg.max_inflight),
             bind_addresses: sh.bind.len(),
@@ -605,9 +619,7 @@ async fn quit(sh: &Shared, mut s: Session, out: &mut Out<'_, '_>) {
             out.t.code(Stage::Quit, code);
         }
     }
-    s.conn
-        .wait_close(sh.cfg.timeout.min(Duration::from_millis(500)))
-        .await;
+    s.conn.wait_close(sh.close_wait()).await;
 }
 
 /// `--churn`: one session without mail; accepted when QUIT gets 221.
@@ -625,9 +637,7 @@ async fn churn_session(sh: &Shared, out: &mut Out<'_, '_>) -> Fate {
         Ok(code) => {
             out.t.code(Stage::Quit, code);
             out.lat(Phase::Transaction, s.connect_start.elapsed());
-            s.conn
-                .wait_close(sh.cfg.timeout.min(Duration::from_millis(500)))
-                .await;
+            s.conn.wait_close(sh.close_wait()).await;
             if code == 221 {
                 Fate::Accepted
             } else {
@@ -665,9 +675,7 @@ async fn message(
         Ok((fate, keep)) => {
             if !keep {
                 if let Some(s) = sess.take() {
-                    s.conn
-                        .wait_close(sh.cfg.timeout.min(Duration::from_millis(500)))
-                        .await;
+                    s.conn.wait_close(sh.close_wait()).await;
                 }
             } else if last {
                 if let Some(s) = sess.take() {

@@ -366,6 +366,8 @@ pub struct ConfigEcho {
     pub tls12: bool,
     pub pipelining: bool,
     pub churn: bool,
+    #[serde(default)]
+    pub wait_close: bool,
     pub rate: Option<f64>,
     pub max_inflight: Option<usize>,
     pub bind_addresses: usize,

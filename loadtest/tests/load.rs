@@ -130,6 +130,17 @@ async fn a_few_messages_per_connection_with_pipelined_quit() {
         r.connections.opened
     );
     assert_eq!(code(&r, "quit", "221"), r.connections.opened);
+
+    // The same, closing right after the 221 instead of waiting for the
+    // server to close.
+    let s = sink(false).await;
+    let mut c = config(s.local_addr(), 100, 3, 10);
+    c.no_wait_close = true;
+    let r = go(c).await;
+    assert!(r.ok, "{}", r.to_table());
+    assert_eq!(sink_messages(&s, 100).await, 100);
+    assert_eq!(code(&r, "quit", "221"), r.connections.opened);
+    assert!(!r.config.wait_close);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -406,6 +417,7 @@ async fn json_report_has_the_documented_fields() {
         "tls12",
         "pipelining",
         "churn",
+        "wait_close",
         "rate",
         "max_inflight",
         "bind_addresses",
