@@ -27,12 +27,20 @@ else
   EDGE_ON=()
 fi
 
+# Peers (loadtest/peers/NAME.sh) started with start_peer, as "NAME DIR";
+# stopped on exit.
+PEERS_STARTED=()
+
 cleanup() {
-  for p in "${PIDS[@]:-}"; do
-    [ -n "$p" ] && kill "$p" 2>/dev/null || true
+  local e
+  for e in "${PEERS_STARTED[@]:-}"; do
+    if [ -n "$e" ]; then "$LT_DIR/peers/${e%% *}.sh" stop "${e#* }" >/dev/null 2>&1 || true; fi
   done
   for p in "${PIDS[@]:-}"; do
-    [ -n "$p" ] && wait "$p" 2>/dev/null || true
+    if [ -n "$p" ]; then kill "$p" 2>/dev/null || true; fi
+  done
+  for p in "${PIDS[@]:-}"; do
+    if [ -n "$p" ]; then wait "$p" 2>/dev/null || true; fi
   done
   rm -rf "$WORK"
 }
@@ -109,6 +117,47 @@ forget() {
   local keep=() p
   for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
   PIDS=("${keep[@]}")
+}
+
+# start_peer NAME CMD PORT BACKEND_PORT [ARGS...]: loadtest/peers/NAME.sh
+# CMD (start, start-tls, ...) on 127.0.0.1:PORT in front of
+# 127.0.0.1:BACKEND_PORT, state in $WORK/NAME.PORT (PEER_DIR), ARGS after
+# the backend (nginx: [CERT KEY] AUTH_PORT). With PIN=1 it runs where
+# smtp-edge would (its processes inherit the CPU), nginx with one worker
+# and Haraka with one node (PEERS.md). Stopped on exit, or with stop_peer.
+# Returns 1 (the reason in $WORK/NAME.PORT.log) when it does not start:
+# not installed (loadtest/peers/install.sh), say.
+start_peer() {
+  local name=$1 cmd=$2 port=$3 backend=$4
+  shift 4
+  PEER_DIR="$WORK/$name.$port"
+  local env=()
+  if [ -n "${PIN:-}" ]; then
+    env=(NGINX_WORKERS=1 HARAKA_NODES=1)
+  fi
+  if env "${env[@]}" "${EDGE_ON[@]}" "$LT_DIR/peers/$name.sh" "$cmd" "$PEER_DIR" "$port" "127.0.0.1:$backend" "$@" >"$PEER_DIR.log" 2>&1; then
+    PEERS_STARTED+=("$name $PEER_DIR")
+  else
+    return 1
+  fi
+}
+
+# stop_peer NAME DIR: stop a peer that start_peer started.
+stop_peer() {
+  local keep=() e
+  "$LT_DIR/peers/$1.sh" stop "$2" >/dev/null 2>&1 || true
+  for e in "${PEERS_STARTED[@]}"; do [ "$e" = "$1 $2" ] || keep+=("$e"); done
+  PEERS_STARTED=("${keep[@]}")
+}
+
+# peer_pids NAME DIR: the peer's process (from its pid file) and its
+# children (nginx's workers, Haraka's nodes), one per line: what
+# --watch-pid should sum.
+peer_pids() {
+  local pid
+  pid=$(cat "$2/$1.pid")
+  echo "$pid"
+  ps -o pid= --ppid "$pid" | tr -d ' ' || true # no children: ps exits 1
 }
 
 # load OUT ARGS...: smtp-load run --json -q ARGS, report saved to OUT.

@@ -79,6 +79,9 @@ pub struct RunArgs {
     /// Allow TLS session resumption (default: a full handshake every time).
     #[arg(long, requires = "starttls")]
     pub tls_resume: bool,
+    /// Offer TLS 1.2 only (default: TLS 1.3 and 1.2).
+    #[arg(long, requires = "starttls")]
+    pub tls12: bool,
     /// TLS server name to send (default: none, the target's IP address).
     #[arg(long, requires = "starttls")]
     pub sni: Option<String>,
@@ -89,6 +92,10 @@ pub struct RunArgs {
     /// counts as one "message".
     #[arg(long)]
     pub churn: bool,
+    /// After the reply to QUIT, close at once (default: wait up to 500 ms
+    /// for the server to close first, so that the TIME_WAIT is its).
+    #[arg(long)]
+    pub no_wait_close: bool,
     /// EHLO name.
     #[arg(long, default_value = "loadgen.example.com")]
     pub helo: String,
@@ -277,9 +284,11 @@ impl RunArgs {
         };
         c.starttls = self.starttls;
         c.tls_resume = self.tls_resume;
+        c.tls12 = self.tls12;
         c.sni = self.sni.clone();
         c.pipelining = !self.no_pipelining;
         c.churn = self.churn;
+        c.no_wait_close = self.no_wait_close;
         c.helo = self.helo.clone();
         c.from = self.from.clone();
         c.to = self.to.clone();
@@ -364,6 +373,9 @@ mod tests {
             "127.0.0.2-127.0.0.3",
             "-q",
             "--starttls",
+            "--tls12",
+            "--tls-resume",
+            "--no-wait-close",
             "--watch-pid",
             "1",
             "--watch-pid",
@@ -376,11 +388,14 @@ mod tests {
         );
         assert_eq!(c.duration, Some(Duration::from_millis(2500)));
         assert_eq!(c.sizes.entries.len(), 2);
-        assert!(!c.pipelining && !c.progress && c.starttls);
+        assert!(!c.pipelining && !c.progress && c.starttls && c.tls12 && c.tls_resume);
+        assert!(c.no_wait_close);
+        assert!(!run_args(&[]).unwrap().tls12);
         assert_eq!(c.rate, Some(100.0));
         assert_eq!(c.watch_pids, vec![1, 2]);
         assert!(run_args(&["--size", "1k", "--size-dist", "1:1"]).is_err());
         assert!(run_args(&["--tls-resume"]).is_err());
+        assert!(run_args(&["--tls12"]).is_err());
         assert!(run_args(&["-c", "0"]).is_err());
         assert!(run_args(&["--rate", "-1"]).is_err());
         assert!(run_args(&["--from", "a>b"]).is_err());

@@ -291,9 +291,25 @@ impl Conn {
         }
     }
 
+    /// After a TLS upgrade: the handshake's kind and version, as
+    /// `(resumed, tls13)`; `None` on a plain connection.
+    pub fn tls_info(&self) -> Option<(bool, bool)> {
+        let Stream::Tls(s) = &self.stream else {
+            return None;
+        };
+        let c = s.get_ref().1;
+        Some((
+            c.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+            c.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3),
+        ))
+    }
+
     /// After QUIT: waits (at most `wait`) for the server to close, so that
     /// the server side, which closed first, keeps the TIME_WAIT.
     pub async fn wait_close(mut self, wait: Duration) {
+        if wait.is_zero() {
+            return;
+        }
         let mut scratch = [0u8; 256];
         let _ = timeout(wait, async {
             loop {

@@ -37,11 +37,16 @@ pub struct RunConfig {
     pub sizes: SizeDist,
     pub starttls: bool,
     pub tls_resume: bool,
+    /// Offer TLS 1.2 only.
+    pub tls12: bool,
     pub sni: Option<String>,
     /// Pipeline MAIL + RCPTs + DATA when the server offers PIPELINING.
     pub pipelining: bool,
     /// Sessions without mail: connect, EHLO, [STARTTLS, EHLO], QUIT.
     pub churn: bool,
+    /// After the reply to QUIT, close at once instead of waiting (at most
+    /// 500 ms) for the server to close first.
+    pub no_wait_close: bool,
     pub helo: String,
     pub from: String,
     pub to: String,
@@ -76,9 +81,11 @@ impl RunConfig {
             sizes: SizeDist::fixed(4096),
             starttls: false,
             tls_resume: false,
+            tls12: false,
             sni: None,
             pipelining: true,
             churn: false,
+            no_wait_close: false,
             helo: "loadgen.example.com".into(),
             from: "sender@example.com".into(),
             to: "rcpt@example.org".into(),
@@ -155,6 +162,15 @@ struct Shared {
 }
 
 impl Shared {
+    /// How long to wait for the server to close after QUIT.
+    fn close_wait(&self) -> Duration {
+        if self.cfg.no_wait_close {
+            Duration::ZERO
+        } else {
+            self.cfg.timeout.min(Duration::from_millis(500))
+        }
+    }
+
     async fn next_job(&self) -> Option<Job> {
         if self.stop.load(Ordering::Relaxed) {
             return None;
@@ -230,7 +246,7 @@ pub async fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<Report, String
         None => BindPool::none(),
     };
     let tls = if cfg.starttls {
-        let c = crate::tls::client_config(cfg.tls_resume).map_err(|e| e.to_string())?;
+        let c = crate::tls::client_config(cfg.tls_resume, cfg.tls12).map_err(|e| e.to_string())?;
         Some(TlsClient::new(c, cfg.sni.as_deref(), cfg.target)?)
     } else {
         None
@@ -316,6 +332,7 @@ pub async fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<Report, String
         failed: total.failed,
         dropped: sh.dropped.load(Ordering::Relaxed),
         warmup: sh.warmup_msgs.load(Ordering::Relaxed),
+        pipelined: total.pipelined,
     };
     let ok =
         messages.attempted > 0 && messages.accepted == messages.attempted && messages.dropped == 0;
@@ -333,8 +350,11 @@ pub async fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<Report, String
             rcpts: cfg.rcpts,
             sizes: cfg.sizes.entries.clone(),
             starttls: cfg.starttls,
+            tls_resume: cfg.tls_resume,
+            tls12: cfg.tls12,
             pipelining: cfg.pipelining,
             churn: cfg.churn,
+            wait_close: !cfg.no_wait_close,
             rate: cfg.rate,
             max_inflight: cfg.rate.map(|_| cfg.max_inflight),
             bind_addresses: sh.bind.len(),
@@ -353,6 +373,7 @@ pub async fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<Report, String
         errors: errors_map(&total),
         latency_us: sh.hists.summaries(),
         server: usage_start.finish(total.accepted),
+        tls: cfg.starttls.then(|| total.tls.clone()),
         messages,
         ok,
     };
@@ -571,6 +592,9 @@ async fn greet(
         let hs = Instant::now();
         conn.upgrade_tls(&tls.connector, tls.name.clone()).await?;
         out.lat(Phase::TlsHandshake, hs.elapsed());
+        if let Some((resumed, tls13)) = conn.tls_info() {
+            out.t.tls_handshake(resumed, tls13);
+        }
         match ehlo(sh, conn, out).await? {
             Some(c) => caps = c,
             None => return Ok(None),
@@ -595,9 +619,7 @@ async fn quit(sh: &Shared, mut s: Session, out: &mut Out<'_, '_>) {
             out.t.code(Stage::Quit, code);
         }
     }
-    s.conn
-        .wait_close(sh.cfg.timeout.min(Duration::from_millis(500)))
-        .await;
+    s.conn.wait_close(sh.close_wait()).await;
 }
 
 /// `--churn`: one session without mail; accepted when QUIT gets 221.
@@ -615,9 +637,7 @@ async fn churn_session(sh: &Shared, out: &mut Out<'_, '_>) -> Fate {
         Ok(code) => {
             out.t.code(Stage::Quit, code);
             out.lat(Phase::Transaction, s.connect_start.elapsed());
-            s.conn
-                .wait_close(sh.cfg.timeout.min(Duration::from_millis(500)))
-                .await;
+            s.conn.wait_close(sh.close_wait()).await;
             if code == 221 {
                 Fate::Accepted
             } else {
@@ -655,9 +675,7 @@ async fn message(
         Ok((fate, keep)) => {
             if !keep {
                 if let Some(s) = sess.take() {
-                    s.conn
-                        .wait_close(sh.cfg.timeout.min(Duration::from_millis(500)))
-                        .await;
+                    s.conn.wait_close(sh.close_wait()).await;
                 }
             } else if last {
                 if let Some(s) = sess.take() {
@@ -692,6 +710,7 @@ async fn transaction(
     let mut mail_ok = false;
     let mut closing = false;
     if pipelining {
+        out.t.pipelined += 1;
         conn.write_all(if s.caps.size {
             &tmpl.pipelined_size
         } else {

@@ -85,6 +85,10 @@ pub struct Tally {
     pub conns_opened: u64,
     pub conns_failed: u64,
     pub errors: [u64; 5],
+    /// Messages whose MAIL, RCPTs and DATA went out in one write.
+    pub pipelined: u64,
+    /// TLS handshakes completed (with `--starttls`).
+    pub tls: TlsCounts,
     codes: [Vec<(u16, u64)>; 9],
     pub last_completion: Option<Instant>,
 }
@@ -102,6 +106,16 @@ impl Tally {
         self.errors[error_index(k)] += 1;
     }
 
+    pub fn tls_handshake(&mut self, resumed: bool, tls13: bool) {
+        self.tls.handshakes += 1;
+        self.tls.resumed += resumed as u64;
+        if tls13 {
+            self.tls.tls13 += 1;
+        } else {
+            self.tls.tls12 += 1;
+        }
+    }
+
     pub fn complete(&mut self, at: Instant) {
         if self.last_completion.is_none_or(|t| t < at) {
             self.last_completion = Some(at);
@@ -116,6 +130,11 @@ impl Tally {
         self.bytes += o.bytes;
         self.conns_opened += o.conns_opened;
         self.conns_failed += o.conns_failed;
+        self.pipelined += o.pipelined;
+        self.tls.handshakes += o.tls.handshakes;
+        self.tls.resumed += o.tls.resumed;
+        self.tls.tls12 += o.tls.tls12;
+        self.tls.tls13 += o.tls.tls13;
         for i in 0..self.errors.len() {
             self.errors[i] += o.errors[i];
         }
@@ -299,6 +318,25 @@ pub struct MessageCounts {
     pub dropped: u64,
     /// Sent during `--warmup` (not in any other figure).
     pub warmup: u64,
+    /// Of `attempted`, those sent with MAIL, RCPTs and DATA in one write:
+    /// pipelining asked for and offered by the server. 0 with
+    /// `--no-pipelining`, and also when the server does not offer
+    /// PIPELINING (the generator then waits for every reply).
+    #[serde(default)]
+    pub pipelined: u64,
+}
+
+/// TLS handshakes of the measured interval (`tls` in the JSON report, with
+/// `--starttls`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TlsCounts {
+    /// Handshakes completed.
+    pub handshakes: u64,
+    /// Of those, resumed sessions (only possible with `--tls-resume`).
+    pub resumed: u64,
+    /// Of those, TLS 1.2 and TLS 1.3.
+    pub tls12: u64,
+    pub tls13: u64,
 }
 
 /// Connection counts (`connections` in the JSON report).
@@ -322,8 +360,14 @@ pub struct ConfigEcho {
     /// `[[size, weight], ...]`
     pub sizes: Vec<(usize, u32)>,
     pub starttls: bool,
+    #[serde(default)]
+    pub tls_resume: bool,
+    #[serde(default)]
+    pub tls12: bool,
     pub pipelining: bool,
     pub churn: bool,
+    #[serde(default)]
+    pub wait_close: bool,
     pub rate: Option<f64>,
     pub max_inflight: Option<usize>,
     pub bind_addresses: usize,
@@ -362,6 +406,9 @@ pub struct Report {
     pub latency_us: BTreeMap<String, LatencySummary>,
     /// With `--watch-pid`: the server's CPU and RSS.
     pub server: Option<ServerUsage>,
+    /// With `--starttls`: handshakes, resumed ones, TLS 1.2 / 1.3.
+    #[serde(default)]
+    pub tls: Option<TlsCounts>,
     /// True when every attempted message was accepted, none dropped, and at
     /// least one was attempted (the exit code is 0 exactly then).
     pub ok: bool,
@@ -430,9 +477,16 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "messages  attempted {}  accepted {}  rejected {}  failed {}  dropped {}",
-            m.attempted, m.accepted, m.rejected, m.failed, m.dropped
+            "messages  attempted {}  accepted {}  rejected {}  failed {}  dropped {}  pipelined {}",
+            m.attempted, m.accepted, m.rejected, m.failed, m.dropped, m.pipelined
         );
+        if let Some(t) = &self.tls {
+            let _ = writeln!(
+                s,
+                "tls       handshakes {}  resumed {}  TLS 1.2 {}  TLS 1.3 {}",
+                t.handshakes, t.resumed, t.tls12, t.tls13
+            );
+        }
         let _ = writeln!(
             s,
             "rate      {:.1} msg/s   {:.1} conn/s   {:.2} MB/s   ({} connections, {} failed)",

@@ -71,11 +71,18 @@ impl ServerCertVerifier for AcceptAnyCert {
 
 /// Client configuration accepting any certificate. Session resumption is off
 /// unless `resume` (so every connection pays a full handshake, as most
-/// sending MTAs do).
-pub fn client_config(resume: bool) -> Result<Arc<ClientConfig>, rustls::Error> {
+/// sending MTAs do). `tls12`: offer TLS 1.2 only (the handshake of an RSA
+/// certificate with ECDHE, as many MTAs still negotiate it); otherwise TLS
+/// 1.3 and 1.2.
+pub fn client_config(resume: bool, tls12: bool) -> Result<Arc<ClientConfig>, rustls::Error> {
     let provider = provider();
+    let versions: &[&'static rustls::SupportedProtocolVersion] = if tls12 {
+        &[&rustls::version::TLS12]
+    } else {
+        rustls::DEFAULT_VERSIONS
+    };
     let mut cfg = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()?
+        .with_protocol_versions(versions)?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AcceptAnyCert { provider }))
         .with_no_client_auth();

@@ -78,6 +78,9 @@ async fn closed_loop_new_connection_per_message() {
     assert_eq!(s.stats().connections.load(Ordering::Relaxed), 300);
     assert_eq!(r.bytes, 300 * 4096);
     assert_eq!(s.stats().bytes.load(Ordering::Relaxed), 300 * 4096);
+    // The sink offers PIPELINING: every message went pipelined.
+    assert_eq!(r.messages.pipelined, 300);
+    assert!(r.tls.is_none());
     for p in ["connect_to_greeting", "mail_to_final", "transaction"] {
         ordered(&r.latency_us[p], p);
         assert_eq!(r.latency_us[p].count, 300);
@@ -101,6 +104,7 @@ async fn closed_loop_persistent_without_pipelining() {
     assert_eq!(sink_messages(&s, 300).await, 300);
     assert_eq!(code(&r, "final", "250"), 300);
     assert_eq!(code(&r, "rcpt", "250"), 900);
+    assert_eq!(r.messages.pipelined, 0);
     assert_eq!(s.stats().rcpts.load(Ordering::Relaxed), 900);
     // One connection per worker for the whole run, closed with QUIT.
     assert_eq!(r.connections.opened, 4);
@@ -126,6 +130,17 @@ async fn a_few_messages_per_connection_with_pipelined_quit() {
         r.connections.opened
     );
     assert_eq!(code(&r, "quit", "221"), r.connections.opened);
+
+    // The same, closing right after the 221 instead of waiting for the
+    // server to close.
+    let s = sink(false).await;
+    let mut c = config(s.local_addr(), 100, 3, 10);
+    c.no_wait_close = true;
+    let r = go(c).await;
+    assert!(r.ok, "{}", r.to_table());
+    assert_eq!(sink_messages(&s, 100).await, 100);
+    assert_eq!(code(&r, "quit", "221"), r.connections.opened);
+    assert!(!r.config.wait_close);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -194,6 +209,106 @@ async fn starttls_against_the_tls_sink() {
     assert_eq!(hs.count, conns);
     // Two EHLOs per connection (before and after STARTTLS).
     assert_eq!(code(&r, "ehlo", "250"), 2 * conns);
+    // Without --tls-resume every handshake is a full one; TLS 1.3 by default.
+    let t = r.tls.as_ref().unwrap();
+    assert_eq!(
+        (t.handshakes, t.resumed, t.tls12, t.tls13),
+        (conns, 0, 0, conns)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_resumption_and_tls12_are_counted() {
+    for tls12 in [false, true] {
+        let s = sink(true).await;
+        // One worker, a new connection per message: each handshake after
+        // the first can resume the session of an earlier one.
+        let mut c = config(s.local_addr(), 10, 1, 1);
+        c.starttls = true;
+        c.tls_resume = true;
+        c.tls12 = tls12;
+        let r = go(c).await;
+        assert!(r.ok, "{}", r.to_table());
+        let t = r.tls.as_ref().unwrap();
+        assert_eq!(t.handshakes, 10, "{t:?}");
+        assert_eq!(t.resumed, 9, "tls12 {tls12}: {t:?}");
+        let want = if tls12 { (10, 0) } else { (0, 10) };
+        assert_eq!((t.tls12, t.tls13), want);
+        let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(v["tls"]["resumed"], 9);
+        assert_eq!(v["config"]["tls12"], tls12);
+        assert_eq!(v["config"]["tls_resume"], true);
+    }
+}
+
+/// A server that does not offer PIPELINING and answers each command line
+/// as it comes; a command that arrives before the reply to the one before
+/// it (a pipelined client) gets a 503.
+async fn lockstep_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(b"220 lockstep ESMTP\r\n").await;
+                let mut buf = Vec::new();
+                let mut tmp = [0u8; 8192];
+                let mut in_data = false;
+                loop {
+                    match s.read(&mut tmp).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                    }
+                    loop {
+                        let reply: &[u8] = if in_data {
+                            let Some(p) = memchr::memmem::find(&buf, b"\r\n.\r\n") else {
+                                break;
+                            };
+                            buf.drain(..p + 5);
+                            in_data = false;
+                            b"250 queued\r\n"
+                        } else {
+                            let Some(p) = memchr::memmem::find(&buf, b"\r\n") else {
+                                break;
+                            };
+                            let line: Vec<u8> = buf.drain(..p + 2).collect();
+                            let verb = line[..4.min(line.len())].to_ascii_uppercase();
+                            if !buf.is_empty() {
+                                b"503 pipelined without PIPELINING\r\n"
+                            } else if verb == b"EHLO" {
+                                b"250-lockstep\r\n250 8BITMIME\r\n"
+                            } else if verb == b"DATA" {
+                                in_data = true;
+                                b"354 go\r\n"
+                            } else if verb == b"QUIT" {
+                                let _ = s.write_all(b"221 bye\r\n").await;
+                                return;
+                            } else {
+                                b"250 ok\r\n"
+                            }
+                        };
+                        if s.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelining_asked_but_not_offered_falls_back_to_lockstep() {
+    let addr = lockstep_server().await;
+    for per_conn in [1, 0] {
+        // Pipelining on (the default), but the server does not offer it.
+        let r = go(config(addr, 20, 2, per_conn)).await;
+        assert!(r.ok, "{}", r.to_table());
+        assert_eq!(r.messages.accepted, 20);
+        assert_eq!(r.messages.pipelined, 0);
+        assert!(r.config.pipelining);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,6 +369,7 @@ async fn json_report_has_the_documented_fields() {
         "errors",
         "latency_us",
         "server",
+        "tls",
         "ok",
     ] {
         assert!(v.get(k).is_some(), "missing {k}");
@@ -267,6 +383,7 @@ async fn json_report_has_the_documented_fields() {
         "failed",
         "dropped",
         "warmup",
+        "pipelined",
     ] {
         assert!(v["messages"][k].is_u64(), "messages.{k}");
     }
@@ -296,8 +413,11 @@ async fn json_report_has_the_documented_fields() {
         "rcpts",
         "sizes",
         "starttls",
+        "tls_resume",
+        "tls12",
         "pipelining",
         "churn",
+        "wait_close",
         "rate",
         "max_inflight",
         "bind_addresses",
@@ -307,6 +427,7 @@ async fn json_report_has_the_documented_fields() {
     }
     assert_eq!(v["config"]["sizes"][0][0], 4096);
     assert_eq!(v["ok"], true);
+    assert!(v["tls"].is_null());
     // It reads back (floats may differ in the last digit).
     let back: Report = serde_json::from_value(v).unwrap();
     assert_eq!(
