@@ -354,6 +354,12 @@ impl Collector for LiveCollector {
         )?;
         counter(
             &mut enc,
+            "log_lines_dropped",
+            "Log lines dropped because stderr was not read fast enough (the log queue was full)",
+            &[(vec![], crate::telemetry::dropped_log_lines())],
+        )?;
+        counter(
+            &mut enc,
             "ratelimit_overflow",
             "Rate-limit checks passed unstored because a limiter map was full",
             &[(vec![], live.policy.limits().overflow())],

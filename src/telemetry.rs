@@ -22,6 +22,7 @@ use opentelemetry_sdk::trace::{
 use opentelemetry_sdk::Resource;
 use tracing::span::Id;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::FilterExt as _;
 use tracing_subscriber::layer::{Context as LayerContext, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -101,6 +102,8 @@ pub fn dropped_spans() -> u64 {
 #[must_use]
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    /// Flushes the log lines still queued when dropped.
+    _log: tracing_appender::non_blocking::WorkerGuard,
 }
 
 impl Telemetry {
@@ -113,14 +116,47 @@ impl Telemetry {
     }
 }
 
+/// Log lines queued for the log thread at most; beyond, lines are dropped
+/// and counted (`smtp_edge_log_lines_dropped_total`) rather than stall a
+/// session.
+const LOG_QUEUE: usize = 65_536;
+
+/// The log thread's count of dropped lines, once installed.
+static LOG_DROPPED: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter> =
+    std::sync::OnceLock::new();
+
+/// Log lines dropped because the log queue was full (stderr not read fast
+/// enough).
+pub fn dropped_log_lines() -> u64 {
+    LOG_DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
+}
+
 /// Installs the global subscriber for `cfg`, with OTLP export when an
 /// endpoint is set. Call inside the tokio runtime (the gRPC exporter needs
 /// it). An exporter that cannot be built is reported and mail goes on.
 pub fn install(cfg: &TelemetryConfig) -> Telemetry {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Lines go to stderr from a thread of their own, buffered and written
+    // in batches: a session never waits for a write(2) per line, nor for a
+    // slow reader of stderr (a full pipe to journald), whose lines are
+    // then dropped and counted.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE)
+        .thread_name("smtp-edge-log")
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stderr(),
+        ));
+    let _ = LOG_DROPPED.set(writer.error_counter());
     let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_target(false);
+    // The `smtp.backend` span is never entered, so no log line shows its
+    // fields: the log layer need not format them for every message.
+    let filter = filter.and(tracing_subscriber::filter::filter_fn(|m| {
+        m.name() != "smtp.backend"
+    }));
     // RUST_LOG filters the log output only: trace export takes the
     // proxy's spans at info whatever the log level.
     let fmt = match cfg.log_format {
@@ -170,7 +206,10 @@ pub fn install(cfg: &TelemetryConfig) -> Telemetry {
         .with(fmt)
         .with(otel)
         .try_init();
-    Telemetry { provider }
+    Telemetry {
+        provider,
+        _log: guard,
+    }
 }
 
 fn provider(cfg: &TelemetryConfig, ep: &str) -> Result<SdkTracerProvider, String> {

@@ -258,7 +258,7 @@ impl Drop for Middlebox {
 /// A TLS client accepting any certificate (the proxy's is self-signed):
 /// the load generator's, with session resumption allowed.
 fn tls_connector() -> tokio_rustls::TlsConnector {
-    tokio_rustls::TlsConnector::from(smtp_load::tls::client_config(true).unwrap())
+    tokio_rustls::TlsConnector::from(smtp_load::tls::client_config(true, false).unwrap())
 }
 
 /// Upgrades a plain client that just got its 220 to STARTTLS: asserts that

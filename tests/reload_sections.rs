@@ -34,7 +34,8 @@ async fn starttls(addr: SocketAddr) -> (Raw<Tls>, Vec<u8>) {
     assert_eq!(c.cmd("EHLO tls.client.test").await.code, 250);
     assert_eq!(c.cmd("STARTTLS").await.code, 220);
     let (stream, _) = c.into_parts();
-    let connector = tokio_rustls::TlsConnector::from(smtp_load::tls::client_config(false).unwrap());
+    let connector =
+        tokio_rustls::TlsConnector::from(smtp_load::tls::client_config(false, false).unwrap());
     let tls = connector
         .connect(ServerName::try_from("edge.test").unwrap(), stream)
         .await
