@@ -135,7 +135,7 @@ fi
 stop_pid "$SINK_PID"
 forget "$SINK_PID"
 
-python3 - "$RUNS" "$REPS" "$WORK/sink.$SINK.log" "${LOADS[@]}" -- "${UP[@]}" <<'PY'
+LT_DIR="$LT_DIR" python3 - "$RUNS" "$REPS" "$WORK/sink.$SINK.log" "${LOADS[@]}" -- "${UP[@]}" <<'PY'
 import json, os, statistics, sys
 args = sys.argv[1:]
 runs, reps, sink_log = args[0], int(args[1]), args[2]
@@ -198,26 +198,8 @@ for ld in loads:
             fmt(statistics.median(cpu), 3) if cpu else "–",
             "; ".join(notes)))
 
-bad = 0
-if failed:
-    print(f"\nFAILED runs (not every message accepted; left out of the medians): {len(failed)}")
-    for f in failed:
-        print(f"  {f}")
-    bad = 1
-sink = None
-try:
-    for line in open(sink_log):
-        if line.startswith("{"):
-            sink = json.loads(line)
-except OSError:
-    pass
-if sink is None:
-    print("sink: no count (its log has no JSON report)")
-    bad = 1
-elif sink["messages"] != sent:
-    print(f"sink: MISMATCH, it received {sink['messages']} messages, the generator counted {sent} accepted (warm-up included)")
-    bad = 1
-else:
-    print(f"sink: received {sink['messages']} messages = accepted by the generator (warm-up included)")
-sys.exit(bad)
+sys.path.insert(0, os.environ["LT_DIR"])
+from verdict import finish  # noqa: E402
+
+finish(failed, sink_log, sent)
 PY

@@ -129,7 +129,7 @@ done
 stop_pid "$SINK_PID"
 forget "$SINK_PID"
 
-python3 - "$RUNS" "$REPS" "$WORK/sink.$SINK.log" "$setup" "${CERTS[@]}" -- "${HANDSHAKES[@]}" <<'PY'
+LT_DIR="$LT_DIR" python3 - "$RUNS" "$REPS" "$WORK/sink.$SINK.log" "$setup" "${CERTS[@]}" -- "${HANDSHAKES[@]}" <<'PY'
 import json, os, statistics, sys
 args = sys.argv[1:]
 runs, reps, sink_log, setup = args[0], int(args[1]), args[2], args[3]
@@ -202,26 +202,8 @@ for cert in certs:
                 cert_name[cert], client_tls[cert], hs, path, med[path], min(v), max(v), ratio, hs_p50,
                 share, neg, f"{statistics.median(cpu):.3f}" if cpu else "–", setup, "; ".join(notes)))
 
-bad = 0
-if failed:
-    print(f"\nFAILED runs (not every message accepted; left out of the medians): {len(failed)}")
-    for f in failed:
-        print(f"  {f}")
-    bad = 1
-sink = None
-try:
-    for line in open(sink_log):
-        if line.startswith("{"):
-            sink = json.loads(line)
-except OSError:
-    pass
-if sink is None:
-    print("sink: no count (its log has no JSON report)")
-    bad = 1
-elif sink["messages"] != sent:
-    print(f"sink: MISMATCH, it received {sink['messages']} messages, the generator counted {sent} accepted (warm-up included)")
-    bad = 1
-else:
-    print(f"sink: received {sink['messages']} messages = accepted by the generator (warm-up included)")
-sys.exit(bad)
+sys.path.insert(0, os.environ["LT_DIR"])
+from verdict import finish  # noqa: E402
+
+finish(failed, sink_log, sent)
 PY
