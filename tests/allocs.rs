@@ -19,15 +19,16 @@ use smtp_edge::config::Config;
 use smtp_edge::server::Server;
 
 /// Allocations per message above which the test fails. Measured
-/// 2026-12-01: 0.01 per message (4 bytes; 3.01 with the transaction's
-/// futures boxed, 9.01 before the transaction's buffers stayed with the
+/// 2026-12-01: 3.01 per message, the three boxed futures of a transaction
+/// (`Relay::begin` in `while_client_stays`, `Txn::replies`, `data_phase`;
+/// 0.01 with them inline, which costs ~6 KB of RSS per idle connection:
+/// see session.rs), 9.01 before the transaction's buffers stayed with the
 /// backend connection, 17.02 before replies kept their text inline, 19.02
-/// before the transaction counters were made once), debug and release alike,
+/// before the transaction counters were made once; debug and release alike,
 /// with no tracing subscriber installed (spans and log lines off: what the
-/// relay path itself allocates). Issue 16 targets 4; the ceiling of 1 leaves
-/// room for an allocation now and then (a buffer growing), not one per
-/// message.
-const CEILING: f64 = 1.0;
+/// relay path itself allocates). Issue 16's target is 4; the ceiling, 3.5,
+/// is the three boxes and room for a buffer growing now and then.
+const CEILING: f64 = 3.5;
 
 struct Counting;
 
