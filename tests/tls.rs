@@ -15,10 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, HandshakeKind, SignatureScheme};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, HandshakeKind, SignatureScheme};
+use smtp_load::tls::AcceptAnyCert;
 use tokio::net::TcpStream;
 
 use common::{http_get, metric_value, parse_metrics, require_tool, Proxy, Raw};
@@ -82,62 +81,10 @@ fn config(tls: &str) -> String {
     )
 }
 
-/// Accepts any certificate (the test looks at which one came), checks the
-/// handshake signatures, and offers only `schemes`.
-#[derive(Debug)]
-struct AnyCert {
-    provider: Arc<CryptoProvider>,
-    schemes: Vec<SignatureScheme>,
-}
-
-impl ServerCertVerifier for AnyCert {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let algs = &self.provider.signature_verification_algorithms;
-        verify_tls12_signature(message, cert, dss, algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let algs = &self.provider.signature_verification_algorithms;
-        verify_tls13_signature(message, cert, dss, algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.schemes.clone()
-    }
-}
-
 /// A client offering `schemes` (all the provider's when empty) over
 /// `versions`; it keeps sessions for resumption (rustls' default cache).
 fn client(schemes: &[SignatureScheme], tls12_only: bool) -> Arc<ClientConfig> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let schemes = if schemes.is_empty() {
-        provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    } else {
-        schemes.to_vec()
-    };
     let versions: &[&rustls::SupportedProtocolVersion] = if tls12_only {
         &[&rustls::version::TLS12]
     } else {
@@ -147,7 +94,7 @@ fn client(schemes: &[SignatureScheme], tls12_only: bool) -> Arc<ClientConfig> {
         .with_protocol_versions(versions)
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCert { provider, schemes }))
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyCert::offering(provider, schemes)))
         .with_no_client_auth();
     Arc::new(cfg)
 }

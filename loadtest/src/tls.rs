@@ -20,6 +20,28 @@ fn provider() -> Arc<CryptoProvider> {
 #[derive(Debug)]
 pub struct AcceptAnyCert {
     provider: Arc<CryptoProvider>,
+    /// The signature schemes offered to the server.
+    schemes: Vec<SignatureScheme>,
+}
+
+impl AcceptAnyCert {
+    /// Offering every scheme `provider` verifies.
+    pub fn new(provider: Arc<CryptoProvider>) -> AcceptAnyCert {
+        Self::offering(provider, &[])
+    }
+
+    /// Offering only `schemes` (all the provider's when empty): a server
+    /// with several certificates then has to pick the one they fit.
+    pub fn offering(provider: Arc<CryptoProvider>, schemes: &[SignatureScheme]) -> AcceptAnyCert {
+        let schemes = if schemes.is_empty() {
+            provider
+                .signature_verification_algorithms
+                .supported_schemes()
+        } else {
+            schemes.to_vec()
+        };
+        AcceptAnyCert { provider, schemes }
+    }
 }
 
 impl ServerCertVerifier for AcceptAnyCert {
@@ -63,9 +85,7 @@ impl ServerCertVerifier for AcceptAnyCert {
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.schemes.clone()
     }
 }
 
@@ -84,7 +104,7 @@ pub fn client_config(resume: bool, tls12: bool) -> Result<Arc<ClientConfig>, rus
     let mut cfg = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(versions)?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnyCert { provider }))
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyCert::new(provider)))
         .with_no_client_auth();
     if !resume {
         cfg.resumption = rustls::client::Resumption::disabled();
