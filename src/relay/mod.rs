@@ -549,22 +549,18 @@ impl Txn {
         };
         // Pipelined: all of it at once (even nothing: replies may be owed);
         // else line by line.
-        let mut rest = &queued[..];
-        let mut failed = false;
-        let mut first = true;
-        while first && pipelining || !rest.is_empty() {
-            first = false;
-            let n = match memchr::memchr(b'\n', rest) {
-                Some(i) if !pipelining => i + 1,
-                _ => rest.len(),
-            };
-            let (group, after) = rest.split_at(n);
-            rest = after;
-            let owed = if pipelining { self.pending.len() } else { 1 };
-            if failed || !self.exchange(group, owed, out).await {
-                failed = true;
+        let failed = if pipelining {
+            let owed = self.pending.len();
+            !self.exchange(&queued, owed, out).await
+        } else {
+            let mut failed = false;
+            for line in queued.split_inclusive(|&b| b == b'\n') {
+                if failed || !self.exchange(line, 1, out).await {
+                    failed = true;
+                }
             }
-        }
+            failed
+        };
         if failed {
             if let Inner::Smtp { conn, .. } = &mut self.inner {
                 *conn = None;
