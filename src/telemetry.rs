@@ -217,7 +217,7 @@ fn provider(cfg: &TelemetryConfig, ep: &str) -> Result<SdkTracerProvider, String
     let exporter = match cfg.otlp_protocol {
         OtlpProtocol::Grpc => {
             // The channel's tasks are spawned where it is built.
-            let _rt = export_runtime().enter();
+            let _rt = export_runtime()?.enter();
             opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
                 .with_endpoint(ep)
@@ -435,19 +435,21 @@ pub fn set_sample_ratio(r: f64) {
 }
 
 /// The runtime of the gRPC exporter's connection (hyper and h2 tasks), on
-/// a thread of its own so that they never run on a session's worker.
-fn export_runtime() -> &'static tokio::runtime::Handle {
+/// a thread of its own so that they never run on a session's worker. An
+/// error (no thread or runtime could be made) disables trace export.
+fn export_runtime() -> Result<&'static tokio::runtime::Handle, String> {
     static RT: std::sync::OnceLock<tokio::runtime::Handle> = std::sync::OnceLock::new();
-    RT.get_or_init(|| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime for the OTLP exporter");
-        let h = rt.handle().clone();
-        std::thread::Builder::new()
-            .name("otlp-grpc".into())
-            .spawn(move || rt.block_on(std::future::pending::<()>()))
-            .expect("the OTLP exporter's thread");
-        h
-    })
+    if let Some(h) = RT.get() {
+        return Ok(h);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("a runtime for the exporter: {e}"))?;
+    let h = rt.handle().clone();
+    std::thread::Builder::new()
+        .name("otlp-grpc".into())
+        .spawn(move || rt.block_on(std::future::pending::<()>()))
+        .map_err(|e| format!("the exporter's thread: {e}"))?;
+    Ok(RT.get_or_init(|| h))
 }
