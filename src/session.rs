@@ -312,7 +312,7 @@ struct Session<S> {
     inbuf: BytesMut,
     out: Vec<u8>,
     /// Message bytes on their way to the backend; kept across messages.
-    fwd: Vec<u8>,
+    fwd: smtp::Segments,
     /// Backend replies being resolved; kept across messages.
     replies: Vec<crate::smtp::Reply>,
     st: State,
@@ -421,7 +421,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             tls,
             inbuf: BytesMut::with_capacity(1024),
             out: Vec::with_capacity(512),
-            fwd: Vec::new(),
+            fwd: smtp::Segments::default(),
             replies: Vec::new(),
             st: State::default(),
             shutdown,
@@ -1081,7 +1081,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let max_size = cfg.limits.max_message_size;
         let mut fwd = std::mem::take(&mut self.fwd);
         fwd.clear();
-        self.received_header(&mut fwd);
+        fwd.push_literal(|out| self.received_header(out));
         let mut too_big = false;
         let mut backend_ok = true;
         let mut txn = self.st.txn.take();
@@ -1100,12 +1100,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         loop {
             if !self.inbuf.is_empty() {
-                let scan = scanner.feed(&self.inbuf, &mut fwd);
+                let scan = scanner.feed_into(&self.inbuf, &mut fwd);
                 let consumed = match scan {
                     Scan::More => self.inbuf.len(),
                     Scan::End { consumed } => consumed,
                 };
-                self.inbuf.advance(consumed);
                 if !too_big && scanner.size() > max_size {
                     too_big = true;
                     scanner.set_discard();
@@ -1115,13 +1114,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     || scanner.long_line_seen();
                 if backend_ok && !refused && backend_refusal.is_none() && !fwd.is_empty() {
                     if let Some(t) = txn.as_mut() {
-                        if let Err(e) = t.send_data(&fwd).await {
+                        // Straight from the input buffer: the message's
+                        // bytes are not copied on their way through.
+                        let mut bufs = fwd.io_slices(&self.inbuf);
+                        if let Err(e) = t.send_data_vectored(&mut bufs).await {
                             warn!("backend failed during DATA: {e}");
                             backend_ok = false;
                         }
                     }
                 }
                 fwd.clear();
+                self.inbuf.advance(consumed);
                 if let Scan::End { .. } = scan {
                     break;
                 }

@@ -172,6 +172,22 @@ impl BackendConn {
         Ok(())
     }
 
+    /// Sends `bufs` with vectored writes (the message bytes straight from
+    /// the session's input buffer).
+    pub async fn send_vectored(
+        &mut self,
+        mut bufs: &mut [std::io::IoSlice<'_>],
+    ) -> Result<(), BackendError> {
+        while !bufs.is_empty() {
+            let n = self.stream.write_vectored(bufs).await?;
+            if n == 0 {
+                return Err(BackendError::Closed);
+            }
+            std::io::IoSlice::advance_slices(&mut bufs, n);
+        }
+        Ok(())
+    }
+
     /// Reads one whole reply, waiting at most `t`.
     pub async fn read_reply(&mut self, t: Duration) -> Result<Reply, BackendError> {
         let deadline = tokio::time::Instant::now() + t;

@@ -715,12 +715,17 @@ impl Txn {
         matches!(&self.inner, Inner::Smtp { conn: None, .. })
     }
 
-    /// Streams message bytes (wire form) to the backend.
-    pub async fn send_data(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
+    /// Streams message bytes (wire form) to the backend, gathered from
+    /// `bufs` (one vectored write when the socket takes it all).
+    pub async fn send_data_vectored(
+        &mut self,
+        bufs: &mut [std::io::IoSlice<'_>],
+    ) -> Result<(), BackendError> {
         match &mut self.inner {
             Inner::Smtp { conn, .. } => match conn.as_mut() {
                 Some(c) => {
-                    let r = tokio::time::timeout(self.relay.command_timeout, c.send(bytes)).await;
+                    let t = self.relay.command_timeout;
+                    let r = tokio::time::timeout(t, c.send_vectored(bufs)).await;
                     match r {
                         Ok(Ok(())) => Ok(()),
                         Ok(Err(e)) => {
@@ -736,10 +741,21 @@ impl Txn {
                 None => Err(BackendError::Closed),
             },
             Inner::Maildir { writer, .. } => match writer.as_mut() {
-                Some(w) => w.write_wire(bytes).await.map_err(BackendError::Io),
+                Some(w) => {
+                    for b in bufs.iter() {
+                        w.write_wire(b).await.map_err(BackendError::Io)?;
+                    }
+                    Ok(())
+                }
                 None => Err(BackendError::Closed),
             },
         }
+    }
+
+    /// Streams message bytes (wire form) to the backend.
+    pub async fn send_data(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
+        self.send_data_vectored(&mut [std::io::IoSlice::new(bytes)])
+            .await
     }
 
     /// After the terminating `.\r\n` was sent: the backend's final reply, or

@@ -6,5 +6,5 @@ pub mod data;
 pub mod reply;
 
 pub use command::{Body, Command, CommandError, MailParams};
-pub use data::{BareLineEndings, DataOptions, DataScanner, Scan, Unstuffer};
+pub use data::{BareLineEndings, DataOptions, DataScanner, Output, Scan, Segments, Unstuffer};
 pub use reply::{EnhancedCode, Reply, ReplyError};
