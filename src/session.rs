@@ -313,6 +313,8 @@ struct Session<S> {
     out: Vec<u8>,
     /// Message bytes on their way to the backend; kept across messages.
     fwd: smtp::Segments,
+    /// The deadline of the client's reads (commands and DATA).
+    read_timer: crate::timer::ReadTimer,
     /// Backend replies being resolved; kept across messages.
     replies: Vec<crate::smtp::Reply>,
     st: State,
@@ -422,6 +424,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             inbuf: BytesMut::with_capacity(1024),
             out: Vec::with_capacity(512),
             fwd: smtp::Segments::default(),
+            read_timer: crate::timer::ReadTimer::new(),
             replies: Vec::new(),
             st: State::default(),
             shutdown,
@@ -601,7 +604,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         watch_shutdown: bool,
     ) -> Result<usize, ReadErr> {
         room_for_commands(&mut self.inbuf);
-        let read = tokio::time::timeout(timeout, self.io.read_buf(&mut self.inbuf));
+        let read = self
+            .read_timer
+            .within(timeout, self.io.read_buf(&mut self.inbuf));
         if watch_shutdown {
             let mut sd = self.shutdown.clone();
             tokio::select! {
@@ -1132,9 +1137,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if self.inbuf.capacity() - self.inbuf.len() < 8192 {
                 self.inbuf.reserve(64 * 1024);
             }
-            match tokio::time::timeout(block_timeout, self.io.read_buf(&mut self.inbuf)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                Ok(_) => {
+            let read = self.io.read_buf(&mut self.inbuf);
+            match self.read_timer.within(block_timeout, read).await {
+                Some(Ok(n)) if n > 0 => {}
+                Some(_) => {
                     // Client gone mid-DATA: drop the backend connection
                     // without the final dot, so nothing partial is delivered.
                     info!("client disconnected during DATA; message discarded");
@@ -1144,7 +1150,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.end_txn();
                     return Err(());
                 }
-                Err(_) => {
+                None => {
                     if let Some(t) = txn {
                         t.abort();
                     }
@@ -1263,13 +1269,11 @@ enum ReadErr {
     Shutdown,
 }
 
-fn map_read(
-    r: Result<std::io::Result<usize>, tokio::time::error::Elapsed>,
-) -> Result<usize, ReadErr> {
+fn map_read(r: Option<std::io::Result<usize>>) -> Result<usize, ReadErr> {
     match r {
-        Ok(Ok(n)) => Ok(n),
-        Ok(Err(_)) => Err(ReadErr::Io),
-        Err(_) => Err(ReadErr::Timeout),
+        Some(Ok(n)) => Ok(n),
+        Some(Err(_)) => Err(ReadErr::Io),
+        None => Err(ReadErr::Timeout),
     }
 }
 

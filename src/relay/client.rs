@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -85,6 +85,8 @@ pub struct BackendConn {
     pub(crate) spare: crate::relay::TxnBufs,
     pub(crate) _permit: Option<OwnedSemaphorePermit>,
     pub(crate) idle_since: Instant,
+    /// The deadline of reads of replies.
+    read_timer: crate::timer::ReadTimer,
 }
 
 impl std::fmt::Debug for BackendConn {
@@ -137,6 +139,7 @@ impl BackendConn {
             spare: Default::default(),
             _permit: None,
             idle_since: Instant::now(),
+            read_timer: crate::timer::ReadTimer::new(),
         };
         // The greeting is part of connecting: a backend that accepts but
         // never greets must not hold the client longer than that.
@@ -197,19 +200,16 @@ impl BackendConn {
                 return Ok(reply);
             }
             self.rbuf.reserve(512);
-            let n = match tokio::time::timeout_at(deadline, self.read_some()).await {
-                Ok(r) => r?,
-                Err(_) => return Err(BackendError::Timeout),
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let read = self.stream.read_buf(&mut self.rbuf);
+            let n = match self.read_timer.within(left, read).await {
+                Some(r) => r?,
+                None => return Err(BackendError::Timeout),
             };
             if n == 0 {
                 return Err(BackendError::Closed);
             }
         }
-    }
-
-    async fn read_some(&mut self) -> std::io::Result<usize> {
-        use tokio::io::AsyncReadExt;
-        self.stream.read_buf(&mut self.rbuf).await
     }
 
     /// True when the idle connection still looks usable: nothing to read
