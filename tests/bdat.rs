@@ -409,3 +409,55 @@ async fn postfix_without_chunking_gets_stuffed_data_no_smuggling() {
     assert_eq!(pf.delivered().len(), 1, "{}", pf.log());
     assert!(!pf.log().contains("evil@smuggler"), "{}", pf.log());
 }
+
+/// RSET after some chunks, and a client gone inside a chunk: neither
+/// message is delivered, and the session's next transaction is.
+async fn abandoned_transactions(addr: std::net::SocketAddr) -> Seen {
+    let mut c = client(addr).await;
+    let mut w = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n".to_vec();
+    w.extend(chunk(
+        b"Subject: reset\r\n\r\nnot to be delivered\r\n",
+        false,
+    ));
+    c.send(&w).await;
+    for _ in 0..3 {
+        assert_eq!(c.reply().await.code, 250);
+    }
+    assert_eq!(c.cmd("RSET").await.code, 250);
+    let (codes, last) = bdat_txn(&mut c, &[b"Subject: kept\r\n\r\nafter RSET\r\n"]).await;
+    assert_eq!(codes, ok_codes(1), "{last:?}");
+    assert_eq!(c.cmd("QUIT").await.code, 221);
+
+    let mut c = client(addr).await;
+    let mut w = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n".to_vec();
+    w.extend(chunk(b"Subject: gone\r\n\r\nfirst chunk\r\n", false));
+    w.extend_from_slice(b"BDAT 1000 LAST\r\nSubject: half of it\r\n");
+    c.send(&w).await;
+    for _ in 0..3 {
+        assert_eq!(c.reply().await.code, 250);
+    }
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    last
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_bdat_transactions_deliver_nothing() {
+    let Some(sink) = Sink::start(&[]) else { return };
+    let proxy = Proxy::to_backend(&sink.addr, "").await;
+    abandoned_transactions(proxy.addr).await;
+    let msgs = stored(&sink, 1);
+    assert_eq!(msgs.len(), 1, "{msgs:#?}");
+    assert!(msgs[0].contains("Subject: kept\n"), "{}", msgs[0]);
+
+    let Some(pf) = start_postfix("").await else {
+        return;
+    };
+    let proxy = Proxy::to_backend(&pf.addr, "").await;
+    let kept = abandoned_transactions(proxy.addr).await;
+    pf.wait_delivered(&queue_id(&kept), WAIT).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let files = pf.delivered();
+    assert_eq!(files.len(), 1, "{}", pf.log());
+    assert!(String::from_utf8_lossy(&files[0].1).contains("Subject: kept\n"));
+}
