@@ -197,13 +197,17 @@ async fn crlf_pairs_split_across_chunks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn too_big_chunk_is_read_and_refused_and_later_chunks_too() {
+async fn too_big_chunk_and_long_line_are_refused_and_later_chunks_too() {
     let Some(sink) = Sink::start(&[]) else { return };
-    let proxy = Proxy::to_backend(&sink.addr, "[limits]\nmax_message_size = 2000\n").await;
+    let proxy = Proxy::to_backend(
+        &sink.addr,
+        "[limits]\nmax_message_size = 4000\n",
+    )
+    .await;
     let mut c = client(proxy.addr).await;
     // The too-big chunk is full of commands: were its octets not consumed,
     // QUIT would end the session.
-    let big = b"QUIT\r\n".repeat(500);
+    let big = b"QUIT\r\n".repeat(1000);
     let (codes, last) = bdat_txn(&mut c, &[b"Subject: big\r\n\r\n", &big, b"tail"]).await;
     assert_eq!(codes, vec![250, 250, 250, 552, 552], "{last:?}");
     assert!(last.text.starts_with("5.3.4 "), "{last:?}");
@@ -211,6 +215,12 @@ async fn too_big_chunk_is_read_and_refused_and_later_chunks_too() {
     // The LAST ended the transaction: a new one is fine.
     let (codes, _) = bdat_txn(&mut c, &[b"Subject: small\r\n\r\nok\r\n"]).await;
     assert_eq!(codes, ok_codes(1));
+    // A line over max_text_line (1000), half in each chunk: refused at the
+    // chunk that makes it too long.
+    let half = [b'x'; 600];
+    let (codes, last) = bdat_txn(&mut c, &[b"Subject: long\r\n\r\n", &half, &half]).await;
+    assert_eq!(codes, vec![250, 250, 250, 250, 550], "{last:?}");
+    assert!(last.text.starts_with("5.6.0 "), "{last:?}");
     assert_eq!(c.cmd("QUIT").await.code, 221);
     let msgs = stored(&sink, 1);
     assert_eq!(msgs.len(), 1, "{msgs:#?}");
