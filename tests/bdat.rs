@@ -199,11 +199,7 @@ async fn crlf_pairs_split_across_chunks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_big_chunk_and_long_line_are_refused_and_later_chunks_too() {
     let Some(sink) = Sink::start(&[]) else { return };
-    let proxy = Proxy::to_backend(
-        &sink.addr,
-        "[limits]\nmax_message_size = 4000\n",
-    )
-    .await;
+    let proxy = Proxy::to_backend(&sink.addr, "[limits]\nmax_message_size = 4000\n").await;
     let mut c = client(proxy.addr).await;
     // The too-big chunk is full of commands: were its octets not consumed,
     // QUIT would end the session.
@@ -470,4 +466,33 @@ async fn abandoned_bdat_transactions_deliver_nothing() {
     let files = pf.delivered();
     assert_eq!(files.len(), 1, "{}", pf.log());
     assert!(String::from_utf8_lossy(&files[0].1).contains("Subject: kept\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postfix_refusing_a_chunk_gives_the_final_reply() {
+    // Postfix takes 50 000 octets, the proxy more: Postfix's refusal of a
+    // chunk is what the client hears after its LAST, and nothing is
+    // delivered.
+    let Some(pf) = start_postfix("message_size_limit = 50000\n").await else {
+        return;
+    };
+    let proxy = Proxy::to_backend(&pf.addr, "").await;
+    let mut c = client(proxy.addr).await;
+    let body = b"a line of a message that is too big for the backend\r\n".repeat(2000);
+    let mut parts: Vec<&[u8]> = vec![b"Subject: too big for postfix\r\n\r\n"];
+    parts.extend(body.chunks(10_000));
+    let (codes, last) = bdat_txn(&mut c, &parts).await;
+    // 250s, then (once the proxy has read the refusal: at the latest after
+    // the LAST) the backend's 552 for every chunk left.
+    let first_552 = codes.iter().position(|&c| c == 552).expect("a 552");
+    assert!(first_552 >= 2, "{codes:?}");
+    assert!(codes[..first_552].iter().all(|&c| c == 250), "{codes:?}");
+    assert!(codes[first_552..].iter().all(|&c| c == 552), "{codes:?}");
+    assert!(last.text.starts_with("5.3.4 "), "{last:?}");
+    // The session goes on: a message that fits is delivered.
+    let (codes, last) = bdat_txn(&mut c, &[b"Subject: fits\r\n\r\nsmall\r\n"]).await;
+    assert_eq!(codes, ok_codes(1), "{last:?}");
+    pf.wait_delivered(&queue_id(&last), WAIT).await;
+    assert_eq!(c.cmd("QUIT").await.code, 221);
+    assert_eq!(pf.delivered().len(), 1, "{}", pf.log());
 }
