@@ -246,6 +246,10 @@ async fn bdat_out_of_sequence_is_refused_and_its_octets_consumed() {
     assert_eq!((r.code, &r.text[..6]), (503, "5.5.1 "), "{r:?}");
     c.send(&chunk(b"body\r\n", true)).await;
     assert_eq!(c.reply().await.code, 250);
+    // A BDAT after the LAST: 503, its octets consumed.
+    c.send(&chunk(b"QUIT\r\n", false)).await;
+    assert_eq!(c.reply().await.code, 503);
+    assert_eq!(c.cmd("NOOP").await.code, 250);
     // BDAT after DATA (refused for want of RCPT) in one transaction: 503.
     assert_eq!(c.cmd("MAIL FROM:<a@example.org>").await.code, 250);
     assert_eq!(c.cmd("DATA").await.code, 503);

@@ -6,7 +6,12 @@
 //! does not and to a Maildir. The reply to `BDAT n LAST` is the backend's
 //! final reply; an earlier chunk gets the proxy's own 250 once its octets
 //! were passed on. Once a chunk failed, every later BDAT of the transaction
-//! gets the same reply (read and dropped) until RSET or the LAST chunk.
+//! gets the same reply, its octets read and dropped, until RSET or the LAST
+//! chunk (RFC 3030 section 2: a pipelining receiver "MUST be prepared to
+//! accept and discard additional BDAT chunks already in the pipeline after
+//! the failed BDAT"; repeating the failure keeps a 4xx a 4xx for a client
+//! that reads the LAST's reply as the message's). A BDAT after the LAST,
+//! with no new MAIL, gets 503 5.5.1.
 
 use std::time::Duration;
 

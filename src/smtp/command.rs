@@ -19,24 +19,16 @@ pub struct MailParams {
 }
 
 /// One parsed command. Addresses are given without the angle brackets; the
-/// null reverse path is `""`.
+/// null reverse path is `""`. `Bdat` is `BDAT <size> [LAST]` (RFC 3030):
+/// the chunk's octets follow its line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command<'a> {
     Ehlo(&'a str),
     Helo(&'a str),
-    Mail {
-        from: &'a str,
-        params: MailParams,
-    },
-    Rcpt {
-        to: &'a str,
-    },
+    Mail { from: &'a str, params: MailParams },
+    Rcpt { to: &'a str },
     Data,
-    /// `BDAT <size> [LAST]` (RFC 3030); the chunk's octets follow the line.
-    Bdat {
-        size: u64,
-        last: bool,
-    },
+    Bdat { size: u64, last: bool },
     Rset,
     Noop,
     Quit,
