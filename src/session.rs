@@ -1,6 +1,7 @@
 //! One client session: the inbound state machine that drives the sans-IO
 //! `smtp` core over a plain or TLS stream, answers EHLO/HELO/STARTTLS itself,
-//! relays transactions through `relay::Txn` with pipelining, and streams DATA.
+//! relays transactions through `relay::Txn` with pipelining, and streams DATA
+//! (BDAT: `session/bdat.rs`).
 //! Admission (who may connect) is the server's; this is what happens after.
 
 use std::collections::VecDeque;
@@ -21,6 +22,8 @@ use crate::relay::pool::PooledConn;
 use crate::relay::{Relay, Txn};
 use crate::smtp::reply::write_reply;
 use crate::smtp::{self, BareLineEndings, Command, DataOptions, DataScanner, Reply, Scan};
+
+mod bdat;
 
 /// What every session shares: configuration, backends, TLS, shutdown signal.
 pub struct Shared {
@@ -289,6 +292,10 @@ struct State {
     received: Vec<u8>,
     dedicated: Option<PooledConn>,
     messages: u64,
+    /// A BDAT transaction in progress (boxed: most sessions never use it).
+    chunking: Option<Box<bdat::Chunking>>,
+    /// DATA was given in this transaction: BDAT is refused (RFC 3030).
+    data_seen: bool,
 }
 
 /// The two ends of the client connection.
@@ -362,6 +369,35 @@ fn record_end(span: &Span, sent: Option<(usize, u64)>, reply: &Reply) {
         (&status_f, failed.then_some(&"ERROR" as &dyn field::Value)),
     ];
     span.record_all(&fields.value_set(&values));
+}
+
+/// 552 for a message (or a BDAT chunk) over `max_message_size`.
+fn too_big_reply() -> Reply {
+    crate::telemetry::own(Reply::new(
+        552,
+        smtp::EnhancedCode(5, 3, 4),
+        "Message size exceeds fixed maximum message size",
+    ))
+}
+
+/// The refusal of content with a bare CR / LF (Reject mode) or a line
+/// over `max_line`, if any.
+fn content_refusal(bare_refused: bool, long: bool, max_line: usize) -> Option<Reply> {
+    if bare_refused {
+        Some(crate::telemetry::own(Reply::new(
+            550,
+            smtp::EnhancedCode(5, 5, 2),
+            "Message contains bare CR or LF line endings (SMTP smuggling defence); use CRLF",
+        )))
+    } else if long {
+        Some(crate::telemetry::own(Reply::new(
+            550,
+            smtp::EnhancedCode(5, 6, 0),
+            format!("Message contains a line longer than {max_line} octets"),
+        )))
+    } else {
+        None
+    }
 }
 
 /// Room to read more command input into: grown in 4 KiB steps only when
@@ -525,6 +561,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Forgets the transaction; its backend connection goes back to the
     /// pool (with RSET pending) or to the session when dedicated.
     fn end_txn(&mut self) {
+        // A backend inside BDAT content (or the DATA it became) cannot
+        // take RSET: drop its connection.
+        if self.st.chunking.take().is_some_and(|c| c.started()) {
+            if let Some(t) = self.st.txn.take() {
+                t.abort();
+            }
+        }
+        self.st.data_seen = false;
         if let Some(txn) = self.st.txn.take() {
             if let Some(c) = txn.end() {
                 self.st.dedicated = Some(c);
@@ -798,7 +842,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             Command::Mail { from, params } => self.mail(from, params).await,
             Command::Rcpt { to } => self.rcpt(to).await,
-            Command::Data => self.data_cmd().await,
+            Command::Data if self.st.chunking.is_some() => self.bad(
+                503,
+                "5.5.1",
+                "DATA not allowed after BDAT in one transaction",
+            ),
+            Command::Data => {
+                self.st.data_seen = self.st.mail.is_some();
+                self.data_cmd().await
+            }
+            // Boxed: it reads and relays a whole chunk.
+            Command::Bdat { size, last } => return Box::pin(self.bdat(size, last)).await,
             Command::Rset => {
                 self.end_txn();
                 self.st.mail_refused = false;
@@ -813,7 +867,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Command::Help => self.reply(
                 214,
                 "2.0.0",
-                "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS",
+                "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS",
             ),
             Command::Quit => {
                 self.end_txn();
@@ -847,7 +901,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             && self.listener.tls == TlsMode::Starttls
             && self.shared.tls.is_some();
         let mut s = format!(
-            "250-{}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n",
+            "250-{}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-CHUNKING\r\n",
             cfg.hostname, cfg.limits.max_message_size
         );
         if starttls {
@@ -916,6 +970,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             "smtp.message.size" = field::Empty,
             "smtp.reply.code" = field::Empty,
             "smtp.reply.enhanced_code" = field::Empty,
+            "smtp.chunking" = field::Empty,
             "server.address" = field::Empty,
             "error.type" = field::Empty,
             "otel.status_code" = field::Empty,
@@ -1173,26 +1228,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             Some(r)
         } else if too_big {
-            Some(crate::telemetry::own(Reply::new(
-                552,
-                smtp::EnhancedCode(5, 3, 4),
-                "Message size exceeds fixed maximum message size",
-            )))
-        } else if mode == BareLineEndings::Reject && scanner.bare_line_ending_seen() {
-            Some(crate::telemetry::own(Reply::new(
-                550,
-                smtp::EnhancedCode(5, 5, 2),
-                "Message contains bare CR or LF line endings (SMTP smuggling defence); use CRLF",
-            )))
-        } else if scanner.long_line_seen() {
-            Some(crate::telemetry::own(Reply::new(
-                550,
-                smtp::EnhancedCode(5, 6, 0),
-                format!(
-                    "Message contains a line longer than {} octets",
-                    cfg.limits.max_text_line
-                ),
-            )))
+            Some(too_big_reply())
+        } else if let Some(r) = content_refusal(
+            mode == BareLineEndings::Reject && scanner.bare_line_ending_seen(),
+            scanner.long_line_seen(),
+            cfg.limits.max_text_line,
+        ) {
+            Some(r)
         } else if !backend_ok {
             Some(crate::relay::backend_lost())
         } else {
@@ -1208,20 +1250,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             (None, Some(t)) => t.finish_data().await,
             (None, None) => crate::relay::backend_lost(),
         };
-        let m = &self.shared.metrics;
-        m.transaction(reply.code);
-        if let Some(t0) = self.st.txn_started {
-            m.transaction_duration.observe(t0.elapsed().as_secs_f64());
-        }
-        if reply.is_positive() {
-            m.messages_relayed.inc();
-            m.bytes_relayed.inc_by(size);
-            m.recipients.inc_by(self.st.rcpts_ok as u64);
-        }
-        if let Some(span) = &self.st.txn_span {
-            record_end(span, Some((self.st.rcpts_ok, size)), &reply);
-            info!(parent: span, "message {} {}", reply.code, reply.first_line());
-        }
+        self.message_done(&reply, size);
         fwd.clear();
         self.fwd = fwd;
         self.st.txn = txn;

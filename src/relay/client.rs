@@ -38,6 +38,8 @@ pub struct Caps {
     pub size: Option<u64>,
     pub eightbitmime: bool,
     pub smtputf8: bool,
+    /// CHUNKING (RFC 3030): BDAT is relayed as BDAT.
+    pub chunking: bool,
     /// XFORWARD attribute names (upper case); empty when not offered.
     pub xforward: Vec<String>,
     /// XCLIENT attribute names (upper case); empty when not offered.
@@ -58,6 +60,7 @@ impl Caps {
                 "SIZE" => caps.size = words.next().and_then(|w| w.parse().ok()).or(Some(0)),
                 "8BITMIME" => caps.eightbitmime = true,
                 "SMTPUTF8" => caps.smtputf8 = true,
+                "CHUNKING" => caps.chunking = true,
                 "XFORWARD" => caps.xforward = words.map(|w| w.to_ascii_uppercase()).collect(),
                 "XCLIENT" => caps.xclient = words.map(|w| w.to_ascii_uppercase()).collect(),
                 _ => {}
@@ -408,9 +411,11 @@ mod tests {
                 "PIPELINING",
                 "SIZE 1000",
                 "XFORWARD NAME ADDR PROTO HELO",
+                "CHUNKING",
             ],
         );
         let c = Caps::from_ehlo(&r);
+        assert!(c.chunking);
         assert!(c.pipelining);
         assert_eq!(c.size, Some(1000));
         assert_eq!(c.xforward.len(), 4);
