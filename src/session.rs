@@ -320,6 +320,8 @@ struct Session<S> {
     out: Vec<u8>,
     /// Message bytes on their way to the backend; kept across messages.
     fwd: smtp::Segments,
+    /// Checked BDAT content on its way to the backend; kept across chunks.
+    chunk_buf: Vec<u8>,
     /// The deadline of the client's reads (commands and DATA).
     read_timer: crate::timer::ReadTimer,
     /// Backend replies being resolved; kept across messages.
@@ -460,6 +462,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             inbuf: BytesMut::with_capacity(1024),
             out: Vec::with_capacity(512),
             fwd: smtp::Segments::default(),
+            chunk_buf: Vec::new(),
             read_timer: crate::timer::ReadTimer::new(),
             replies: Vec::new(),
             st: State::default(),

@@ -169,7 +169,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Reads the chunk, checking and relaying it piece by piece as it
     /// arrives. Not Continue when the session ends inside it.
     async fn relay_chunk(&mut self, ch: &mut Chunking, size: u64, last: bool) -> Step {
-        let mut content = std::mem::take(&mut self.fwd);
+        let mut content = std::mem::take(&mut self.chunk_buf);
         content.clear();
         if !ch.started {
             self.begin_chunking(ch, &mut content).await;
@@ -200,7 +200,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         };
         content.clear();
-        self.fwd = content;
+        self.chunk_buf = content;
         step
     }
 
@@ -322,14 +322,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.inbuf.capacity() - self.inbuf.len() < 8192 {
             self.inbuf.reserve(64 * 1024);
         }
-        let read = tokio::time::timeout(block_timeout, self.io.read_buf(&mut self.inbuf)).await;
-        let step = match read {
-            Ok(Ok(n)) if n > 0 && flushed => return Ok(()),
-            Ok(_) => {
+        let read = self.io.read_buf(&mut self.inbuf);
+        let step = match self.read_timer.within(block_timeout, read).await {
+            Some(Ok(n)) if n > 0 && flushed => return Ok(()),
+            Some(_) => {
                 info!("client disconnected during BDAT; message discarded");
                 Step::Close
             }
-            Err(_) => {
+            None => {
                 let (c, e, t) = CMD_TIMEOUT_REPLY;
                 self.reply(c, e, t);
                 Step::Close
