@@ -96,9 +96,12 @@ impl Reply {
     /// Appends `text` to the last line; a CR or LF in it is dropped, so it
     /// can never break the reply's framing.
     pub fn push_text(&mut self, text: &str) {
-        for chunk in text.as_bytes().split(|&b| b == b'\r' || b == b'\n') {
-            self.text.extend_from_slice(chunk);
+        let mut t = text.as_bytes();
+        while let Some(k) = memchr::memchr2(b'\r', b'\n', t) {
+            self.text.extend_from_slice(&t[..k]);
+            t = &t[k + 1..];
         }
+        self.text.extend_from_slice(t);
     }
     /// The text lines (at least one, maybe empty).
     pub fn lines(&self) -> impl Iterator<Item = &str> + '_ {
@@ -164,6 +167,21 @@ impl Reply {
     /// every line that starts with the same one. Text that is not UTF-8 is
     /// converted lossily.
     pub fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
+        // A complete one-line reply (the usual case) in one pass.
+        if let Some(lf) = memchr::memchr(b'\n', &buf[..buf.len().min(MAX_REPLY_LINE)]) {
+            let line = strip_cr(&buf[..lf]);
+            if line.get(3) != Some(&b'-') {
+                let (code, _, text) = split_line(line)?;
+                let mut reply = Reply {
+                    code,
+                    enhanced: None,
+                    text: SmallVec::new(),
+                };
+                let mut enhanced_text: &[u8] = b"";
+                reply.push_line(0, text, &mut enhanced_text);
+                return Ok(Some((reply, lf + 1)));
+            }
+        }
         // Pass 1: validate and find the end without allocating, so that an
         // incomplete reply costs nothing.
         let mut pos = 0;
@@ -203,35 +221,40 @@ impl Reply {
             enhanced: None,
             text: SmallVec::new(),
         };
-        let mut enhanced = None;
         let mut enhanced_text: &[u8] = b"";
         for (i, raw) in buf[..used].split_inclusive(|&b| b == b'\n').enumerate() {
             let line = strip_cr(&raw[..raw.len() - 1]);
-            let (_, _, mut text) = split_line(line)?;
-            if i == 0 {
-                if let Some((enh, len)) = parse_enhanced(text, code) {
-                    enhanced = Some(enh);
-                    enhanced_text = &text[..len];
-                }
-            }
-            if enhanced.is_some() && text.starts_with(enhanced_text) {
-                let after = &text[enhanced_text.len()..];
-                if after.is_empty() {
-                    text = after;
-                } else if after[0] == b' ' {
-                    text = &after[1..];
-                }
-            }
-            if i > 0 {
-                reply.text.push(b'\n');
-            }
-            match std::str::from_utf8(text) {
-                Ok(t) => reply.push_text(t),
-                Err(_) => reply.push_text(&String::from_utf8_lossy(text)),
+            let (_, _, text) = split_line(line)?;
+            reply.push_line(i, text, &mut enhanced_text);
+        }
+        Ok(Some((reply, used)))
+    }
+
+    /// Appends the text of reply line `i`: the enhanced code is taken from
+    /// the first line (`enhanced_text` keeps its spelling) and stripped
+    /// from every line that starts with it.
+    fn push_line<'a>(&mut self, i: usize, mut text: &'a [u8], enhanced_text: &mut &'a [u8]) {
+        if i == 0 {
+            if let Some((enh, len)) = parse_enhanced(text, self.code) {
+                self.enhanced = Some(enh);
+                *enhanced_text = &text[..len];
             }
         }
-        reply.enhanced = enhanced;
-        Ok(Some((reply, used)))
+        if self.enhanced.is_some() && text.starts_with(enhanced_text) {
+            let after = &text[enhanced_text.len()..];
+            if after.is_empty() {
+                text = after;
+            } else if after[0] == b' ' {
+                text = &after[1..];
+            }
+        }
+        if i > 0 {
+            self.text.push(b'\n');
+        }
+        match std::str::from_utf8(text) {
+            Ok(t) => self.push_text(t),
+            Err(_) => self.push_text(&String::from_utf8_lossy(text)),
+        }
     }
 }
 
