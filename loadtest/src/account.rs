@@ -1,0 +1,311 @@
+//! No-loss accounting (`smtp-load account`): what every client was told
+//! (the outcome log of `run --outcomes`) against what every backend stored
+//! (every file under the given directories: smtp-sink `-d` dumps, Maildir
+//! files). A stored copy counts when it has both the `X-Load-Id` header and
+//! the `load-end` line of its id; one with the header only is a partial
+//! dump (a backend killed while writing it) and does not count.
+//!
+//! Rules: a message told 250 is stored exactly once (else `lost` or
+//! `duplicated`); a message told anything else, or nothing, is not stored,
+//! except when its dot went out and the reply to it never came back as a
+//! 250 (`explained`: the backend stored it and its 250 was lost on the way
+//! back, inherent to SMTP: the sender retries and the recipient may get it
+//! twice). A stored message whose dot never went out, or stored twice, is a
+//! bug (`unexplained` / `duplicated`).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::outcome::{Outcome, END_LINE, ID_HEADER};
+
+/// Stored copies per id, read from the store directories.
+#[derive(Debug, Default)]
+pub struct Store {
+    /// Complete copies per id.
+    pub copies: HashMap<String, u32>,
+    /// Files with an id header but no end line.
+    pub partial: u64,
+    /// Files read.
+    pub files: u64,
+}
+
+impl Store {
+    /// Reads every file under `dirs` (recursively).
+    pub fn scan(dirs: &[PathBuf]) -> Result<Store, String> {
+        let mut s = Store::default();
+        let mut todo: Vec<PathBuf> = dirs.to_vec();
+        while let Some(p) = todo.pop() {
+            let meta = std::fs::metadata(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+            if meta.is_dir() {
+                for e in std::fs::read_dir(&p).map_err(|e| format!("{}: {e}", p.display()))? {
+                    todo.push(e.map_err(|e| format!("{}: {e}", p.display()))?.path());
+                }
+            } else if meta.is_file() {
+                s.add_file(&p)?;
+            }
+        }
+        Ok(s)
+    }
+
+    fn add_file(&mut self, p: &Path) -> Result<(), String> {
+        // A file that vanished meanwhile (smtp-sink removes an aborted
+        // transaction's dump) was never stored.
+        let bytes = match std::fs::read(p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(format!("{}: {e}", p.display())),
+        };
+        self.files += 1;
+        self.add(&bytes);
+        Ok(())
+    }
+
+    /// Counts one stored file's message(s) (an `-D`-style file with several
+    /// messages counts each).
+    pub fn add(&mut self, bytes: &[u8]) {
+        let text = String::from_utf8_lossy(bytes);
+        let mut open: Option<&str> = None;
+        for line in text.lines() {
+            let line = line.trim_end_matches('\r');
+            if let Some(id) = line.strip_prefix(ID_HEADER) {
+                if open.is_some() {
+                    self.partial += 1;
+                }
+                open = Some(id.trim());
+            } else if let Some(id) = line.strip_prefix(END_LINE) {
+                if open == Some(id.trim()) {
+                    *self.copies.entry(id.trim().to_string()).or_default() += 1;
+                    open = None;
+                }
+            }
+        }
+        if open.is_some() {
+            self.partial += 1;
+        }
+    }
+}
+
+/// One message that breaks a rule, or an explained case.
+#[derive(Debug, Clone, Serialize)]
+pub struct Case {
+    pub id: String,
+    /// What the client was told: the code, or "none".
+    pub told: String,
+    pub stage: String,
+    pub stored: u32,
+    /// Seconds from the start of the run.
+    pub t: f64,
+}
+
+/// The accounting of one run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Accounting {
+    pub sent: u64,
+    /// Told 2xx at the end of data.
+    pub ok: u64,
+    pub temp: u64,
+    pub perm: u64,
+    /// No final reply (an error or timeout ended the message).
+    pub no_reply: u64,
+    /// Messages of the log with at least one complete stored copy.
+    pub stored: u64,
+    /// Told 250, stored nowhere.
+    pub lost: u64,
+    /// Stored more than once (whatever the client was told).
+    pub duplicated: u64,
+    /// Told 4xx/5xx or nothing after the dot went out, stored once: the
+    /// backend's 250 was lost on the way back (inherent to SMTP).
+    pub explained: u64,
+    /// Stored though the client was refused before the dot went out: a bug.
+    pub unexplained: u64,
+    /// Partial dumps (id header, no end line): not counted as stored.
+    pub partial: u64,
+    /// Complete stored copies whose id the log does not have.
+    pub unknown: u64,
+    pub files: u64,
+    /// The messages behind lost, duplicated, explained and unexplained
+    /// (at most 50 of each).
+    pub cases: Vec<(String, Case)>,
+    /// Zero lost, zero duplicated, zero unexplained.
+    pub pass: bool,
+}
+
+const MAX_CASES: usize = 50;
+
+impl Accounting {
+    pub fn compute(log: &[Outcome], store: &Store) -> Accounting {
+        let mut a = Accounting {
+            partial: store.partial,
+            files: store.files,
+            ..Accounting::default()
+        };
+        let mut seen = std::collections::HashSet::with_capacity(log.len());
+        let mut counts: HashMap<&'static str, usize> = HashMap::new();
+        for o in log {
+            seen.insert(o.id.as_str());
+            a.sent += 1;
+            let n = store.copies.get(&o.id).copied().unwrap_or(0);
+            let ok = o.code.is_some_and(|c| (200..300).contains(&c));
+            match o.code {
+                _ if ok => a.ok += 1,
+                Some(c) if (400..500).contains(&c) => a.temp += 1,
+                Some(_) => a.perm += 1,
+                None => a.no_reply += 1,
+            }
+            a.stored += (n > 0) as u64;
+            let kind = if n > 1 {
+                a.duplicated += 1;
+                Some("duplicated")
+            } else if ok && n == 0 {
+                a.lost += 1;
+                Some("lost")
+            } else if !ok && n == 1 && o.dot_sent() {
+                a.explained += 1;
+                Some("explained")
+            } else if !ok && n == 1 {
+                a.unexplained += 1;
+                Some("unexplained")
+            } else {
+                None
+            };
+            if let Some(kind) = kind {
+                let c = counts.entry(kind).or_default();
+                *c += 1;
+                if *c <= MAX_CASES {
+                    a.cases.push((
+                        kind.to_string(),
+                        Case {
+                            id: o.id.clone(),
+                            told: o.code.map_or("none".into(), |c| c.to_string()),
+                            stage: o.stage.clone(),
+                            stored: n,
+                            t: o.t,
+                        },
+                    ));
+                }
+            }
+        }
+        a.unknown = store
+            .copies
+            .iter()
+            .filter(|(id, _)| !seen.contains(id.as_str()))
+            .map(|(_, n)| *n as u64)
+            .sum();
+        a.pass = a.lost == 0 && a.duplicated == 0 && a.unexplained == 0;
+        a
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// The counts as a Markdown table, then the cases one per line.
+    pub fn to_table(&self) -> String {
+        let mut s = String::from(
+            "| sent | 250 | 4xx | 5xx | no reply | stored | lost | duplicated | explained | unexplained | partial dumps |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        );
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            self.sent,
+            self.ok,
+            self.temp,
+            self.perm,
+            self.no_reply,
+            self.stored,
+            self.lost,
+            self.duplicated,
+            self.explained,
+            self.unexplained,
+            self.partial
+        ));
+        if self.unknown > 0 {
+            s.push_str(&format!(
+                "\n{} stored copies have an id the log does not have\n",
+                self.unknown
+            ));
+        }
+        for (kind, c) in &self.cases {
+            s.push_str(&format!(
+                "{kind}: {} told {} at {} (t = {:.3} s), stored {}\n",
+                c.id, c.told, c.stage, c.t, c.stored
+            ));
+        }
+        s.push_str(if self.pass {
+            "PASS: zero lost, zero duplicated, nothing stored unexplained\n"
+        } else {
+            "FAIL: see the cases above\n"
+        });
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn o(id: &str, code: Option<u16>, stage: &str) -> Outcome {
+        Outcome {
+            id: id.into(),
+            code,
+            stage: stage.into(),
+            t: 1.0,
+        }
+    }
+
+    fn dump(id: &str, complete: bool) -> Vec<u8> {
+        let mut s = format!("X-Client-Addr: 127.0.0.1\nX-Load-Id: {id}\nFrom: <a@b>\n\nbody\n");
+        if complete {
+            s.push_str(&format!("load-end {id}\n\n"));
+        }
+        s.into_bytes()
+    }
+
+    #[test]
+    fn every_rule_is_counted() {
+        let log = vec![
+            o("m-1", Some(250), "final"),
+            o("m-2", Some(250), "final"),
+            o("m-3", Some(250), "final"),
+            o("m-4", Some(451), "final"),
+            o("m-5", None, "final"),
+            o("m-6", Some(451), "rcpt"),
+            o("m-7", Some(554), "mail"),
+            o("m-8", None, "mail"),
+        ];
+        let mut s = Store::default();
+        for b in [
+            dump("m-1", true),
+            dump("m-2", true),
+            dump("m-2", true),
+            dump("m-3", false), // killed while writing: not stored
+            dump("m-4", true),
+            dump("m-5", true),
+            dump("m-6", true),
+            dump("other-1", true),
+        ] {
+            s.add(&b);
+        }
+        let a = Accounting::compute(&log, &s);
+        assert_eq!((a.sent, a.ok, a.temp, a.perm, a.no_reply), (8, 3, 2, 1, 2));
+        assert_eq!((a.stored, a.lost, a.duplicated), (5, 1, 1));
+        assert_eq!(
+            (a.explained, a.unexplained, a.partial, a.unknown),
+            (2, 1, 1, 1)
+        );
+        assert!(!a.pass);
+        let t = a.to_table();
+        assert!(t.contains("lost: m-3 told 250"), "{t}");
+        assert!(t.contains("unexplained: m-6 told 451 at rcpt"), "{t}");
+    }
+
+    #[test]
+    fn a_clean_run_passes() {
+        let log = vec![o("m-1", Some(250), "final"), o("m-2", Some(451), "mail")];
+        let mut s = Store::default();
+        s.add(&dump("m-1", true));
+        let a = Accounting::compute(&log, &s);
+        assert!(a.pass && a.lost == 0 && a.stored == 1, "{a:?}");
+    }
+}
