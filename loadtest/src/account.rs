@@ -126,13 +126,15 @@ pub struct Accounting {
     pub unknown: u64,
     pub files: u64,
     /// The messages behind lost, duplicated, explained and unexplained
-    /// (at most 50 of each).
+    /// (at most 50 of each; the table shows 5).
     pub cases: Vec<(String, Case)>,
     /// Zero lost, zero duplicated, zero unexplained.
     pub pass: bool,
 }
 
 const MAX_CASES: usize = 50;
+/// Cases of each kind the table shows.
+const TABLE_CASES: usize = 5;
 
 impl Accounting {
     pub fn compute(log: &[Outcome], store: &Store) -> Accounting {
@@ -226,11 +228,27 @@ impl Accounting {
                 self.unknown
             ));
         }
+        // The first few of each kind (all of them are in the JSON).
+        let mut shown: HashMap<&str, usize> = HashMap::new();
         for (kind, c) in &self.cases {
-            s.push_str(&format!(
-                "{kind}: {} told {} at {} (t = {:.3} s), stored {}\n",
-                c.id, c.told, c.stage, c.t, c.stored
-            ));
+            let n = shown.entry(kind.as_str()).or_default();
+            *n += 1;
+            if *n <= TABLE_CASES {
+                s.push_str(&format!(
+                    "{kind}: {} told {} at {} (t = {:.3} s), stored {}\n",
+                    c.id, c.told, c.stage, c.t, c.stored
+                ));
+            }
+        }
+        for (kind, n) in [
+            ("lost", self.lost),
+            ("duplicated", self.duplicated),
+            ("explained", self.explained),
+            ("unexplained", self.unexplained),
+        ] {
+            if n > TABLE_CASES as u64 {
+                s.push_str(&format!("{kind}: {} more\n", n - TABLE_CASES as u64));
+            }
         }
         s.push_str(if self.pass {
             "PASS: zero lost, zero duplicated, nothing stored unexplained\n"
@@ -251,6 +269,7 @@ mod tests {
             code,
             stage: stage.into(),
             t: 1.0,
+            latency: 0.01,
         }
     }
 

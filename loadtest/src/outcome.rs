@@ -45,6 +45,9 @@ pub struct Outcome {
     pub stage: String,
     /// Seconds from the start of the run to the end of the message.
     pub t: f64,
+    /// Seconds the message took (from its start, or in the open loop from
+    /// its scheduled time, including a connect for a new session).
+    pub latency: f64,
 }
 
 impl Outcome {
@@ -54,10 +57,14 @@ impl Outcome {
         self.stage == STAGE_NAMES[Stage::Final as usize]
     }
 
-    /// One line of the log: `id code|none stage t`.
+    /// One line of the log: `id code|none stage t latency` (tab-separated,
+    /// seconds).
     pub fn line(&self) -> String {
         let code = self.code.map_or("none".to_string(), |c| c.to_string());
-        format!("{}\t{code}\t{}\t{:.3}\n", self.id, self.stage, self.t)
+        format!(
+            "{}\t{code}\t{}\t{:.3}\t{:.4}\n",
+            self.id, self.stage, self.t, self.latency
+        )
     }
 
     /// Parses one log line; `None` for a malformed one.
@@ -70,7 +77,14 @@ impl Outcome {
         };
         let stage = f.next()?.to_string();
         let t = f.next()?.trim().parse().ok()?;
-        (!id.is_empty()).then_some(Outcome { id, code, stage, t })
+        let latency = f.next()?.trim().parse().ok()?;
+        (!id.is_empty()).then_some(Outcome {
+            id,
+            code,
+            stage,
+            t,
+            latency,
+        })
     }
 }
 
@@ -174,7 +188,7 @@ impl Decision {
         }
     }
 
-    pub fn outcome(&self, id: String, t: f64) -> Outcome {
+    pub fn outcome(&self, id: String, t: f64, latency: f64) -> Outcome {
         let (stage, code) = match self.reply {
             Some((s, c)) => (s, Some(c)),
             None => (self.reached, None),
@@ -184,6 +198,7 @@ impl Decision {
             code,
             stage: STAGE_NAMES[stage as usize].to_string(),
             t,
+            latency,
         }
     }
 }
@@ -212,19 +227,19 @@ mod tests {
         d.reply(Stage::Mail, 250);
         d.reply(Stage::Rcpt, 451);
         d.reply(Stage::Data, 503);
-        let o = d.outcome("a-1".into(), 1.5);
+        let o = d.outcome("a-1".into(), 1.5, 0.25);
         assert_eq!((o.code, o.stage.as_str()), (Some(451), "rcpt"));
         assert_eq!(Outcome::parse(&o.line()), Some(o));
         let mut d = Decision::default();
         d.reply(Stage::Data, 354);
         d.reached = Stage::Final;
-        let o = d.outcome("a-2".into(), 2.0);
+        let o = d.outcome("a-2".into(), 2.0, 0.0);
         assert!(o.dot_sent() && o.code.is_none());
         assert_eq!(Outcome::parse(&o.line()), Some(o));
         let mut d = Decision::default();
         d.reply(Stage::Final, 250);
-        assert_eq!(d.outcome("a-3".into(), 0.0).code, Some(250));
-        assert_eq!(Outcome::parse("x\t25z\tfinal\t1"), None);
+        assert_eq!(d.outcome("a-3".into(), 0.0, 1.0).code, Some(250));
+        assert_eq!(Outcome::parse("x\t25z\tfinal\t1\t1"), None);
         assert_eq!(Outcome::parse("garbage"), None);
     }
 }

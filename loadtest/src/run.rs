@@ -585,7 +585,8 @@ async fn worker(sh: Arc<Shared>, id: usize) -> Tally {
         out.t.complete(done);
         if let (Some(ids), Some(id)) = (&sh.ids, &msg_id) {
             let t = done.saturating_duration_since(sh.t0).as_secs_f64();
-            ids.record(out.decision.outcome(id.clone(), t));
+            let latency = done.saturating_duration_since(started).as_secs_f64();
+            ids.record(out.decision.outcome(id.clone(), t, latency));
         }
         if let Some(tl) = &sh.timeline {
             tl.record(
