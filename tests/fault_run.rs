@@ -26,6 +26,10 @@ use postfix_instance::Postfix;
 use smtp_load::account::{Accounting, Store};
 
 const CONNECT_TIMEOUT: f64 = 0.5;
+/// Backend command and end-of-data timeouts: below the freeze, so that the
+/// transactions stuck on a frozen backend give their connection slots up
+/// and new connects (whose greetings time out) take it out of rotation.
+const BACKEND_TIMEOUT: f64 = 1.0;
 const MAX_CONNECTIONS: usize = 8;
 const CLIENTS: usize = 16;
 
@@ -56,7 +60,7 @@ impl Backend {
     /// (Re)starts it on the same port with these smtp-sink flags.
     fn restart(&mut self, flags: &[&str]) {
         tokio::task::block_in_place(|| {
-            self.sink = None;
+            drop(self.sink.take());
             self.sink = Sink::start_dumping(&self.addr, flags, Some(&self.dump));
         });
     }
@@ -122,7 +126,7 @@ async fn no_message_lost_or_duplicated_while_backends_fail() {
         )
     };
     let proxy = Proxy::start(&format!(
-        "hostname = \"edge.test\"\n[timeouts]\nbackend_connect = {CONNECT_TIMEOUT}\nbackend_command = 5\nbackend_data_end = 5\nbackend_pool_wait = 5\n[admin]\naddress = \"127.0.0.1:0\"\n[[listener]]\naddress = \"127.0.0.1:0\"\n{}{}{}",
+        "hostname = \"edge.test\"\n[timeouts]\nbackend_connect = {CONNECT_TIMEOUT}\nbackend_command = {BACKEND_TIMEOUT}\nbackend_data_end = {BACKEND_TIMEOUT}\nbackend_pool_wait = 5\n[admin]\naddress = \"127.0.0.1:0\"\n[[listener]]\naddress = \"127.0.0.1:0\"\n{}{}{}",
         backend(&a.addr),
         backend(&b.addr),
         pf.as_ref().map_or(String::new(), |pf| backend(&pf.addr))
@@ -178,25 +182,26 @@ async fn no_message_lost_or_duplicated_while_backends_fail() {
         assert!(up.is_some(), "a restarted Postfix was not probed back");
     }
 
-    // 2. Backend b frozen for 2 s: its greetings time out, three in a row
-    // take it out of rotation; sessions then go to the others without
-    // paying the connect timeout each.
+    // 2. Backend b frozen for 2.5 s: the transactions on it time out after
+    // BACKEND_TIMEOUT (451), new connects' greetings after CONNECT_TIMEOUT,
+    // three in a row take it out of rotation; sessions then go to the
+    // others without paying the connect timeout each.
     at(4.5).await;
     let (_, failures_before) = health(admin, &b.addr).await;
     let start = now();
     b.signal("-STOP");
-    let frozen_down = wait_up(admin, &b.addr, 0.0, Duration::from_secs(2)).await;
-    at(6.5).await;
+    let frozen_down = wait_up(admin, &b.addr, 0.0, Duration::from_millis(2400)).await;
+    at(7.0).await;
     let (_, failures_frozen) = health(admin, &b.addr).await;
     b.signal("-CONT");
     let thawed_up = wait_up(admin, &b.addr, 1.0, Duration::from_secs(3)).await;
-    reply_lost.push((start, now() + 5.0));
+    reply_lost.push((start, now() + BACKEND_TIMEOUT));
     assert!(frozen_down.is_some(), "a frozen backend stayed in rotation");
     assert!(thawed_up.is_some(), "a resumed backend was not probed back");
 
     // 3. Backend b drops the connection after the dot, without a reply
     // (smtp-sink has stored the message): those clients hear 451.
-    at(7.5).await;
+    at(7.8).await;
     let start = now();
     b.restart(&["-q", "."]);
     at(9.0).await;

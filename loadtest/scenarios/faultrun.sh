@@ -10,7 +10,7 @@
 # frozen (SIGSTOP) and resumed, restarted answering 421 at RCPT or 450 at
 # MAIL, dropping the connection at DATA, dropping it after the dot without a
 # reply (the message is stored, the 250 never comes back), slow (1 s before
-# answering DATA), Postfix stopped and started. Afterwards (Postfix's queue
+# answering DATA), Postfix killed (`postfix abort`) and started. Afterwards (Postfix's queue
 # delivered) `smtp-load account` compares what every client
 # was told with what the backends stored: each 250 stored exactly once, a
 # refused message not stored unless its dot went out and the reply was lost
@@ -37,6 +37,11 @@ HOLD=$(python3 -c "print(min(2.0, max(0.5, $EVERY - 1)))")
 # s; three failed connects in a row take it out of rotation, probed every
 # 0.25 s (doubling up to 1 s) until it answers.
 CONNECT_TIMEOUT=1
+# Backend command and end-of-data timeouts: below a freeze (HOLD, 2 s), so
+# that the transactions stuck on a frozen backend time out (451), give
+# their connection slots up, and the new connects' greetings time out: the
+# health check then takes it out. Above the slow-DATA fault's 1 s.
+BACKEND_TIMEOUT=1.5
 SINK=$(command -v smtp-sink || echo /usr/sbin/smtp-sink)
 [ -x "$SINK" ] || { echo "faultrun: needs Postfix's smtp-sink (apt-get install postfix)" >&2; exit 2; }
 build
@@ -116,7 +121,18 @@ fi
 pf_queued() {
   find "$PF_DIR/queue"/{maildrop,incoming,active,deferred,hold} -type f 2>/dev/null | wc -l
 }
-pf_stop() { postfix -c "$PF_DIR/conf" stop >>"$WORK/postfix.start.log" 2>&1 || true; }
+# pf_pids: the processes of our instance (master passes MAIL_CONFIG to all).
+pf_pids() { grep -l -s -a "MAIL_CONFIG=$PF_DIR/conf" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3; }
+# pf_stop: `postfix abort` (every process told to stop at once), then
+# SIGKILL for what is left after 2 s: an smtpd still serving a pooled
+# connection would otherwise go on accepting mail after the "stop", and an
+# old qmgr overlap the new one.
+pf_stop() {
+  postfix -c "$PF_DIR/conf" abort >>"$WORK/postfix.start.log" 2>&1 || true
+  for _ in $(seq 1 20); do [ -z "$(pf_pids)" ] && return 0; sleep 0.1; done
+  # shellcheck disable=SC2046
+  kill -KILL $(pf_pids) 2>/dev/null || true
+}
 pf_start() { postfix -c "$PF_DIR/conf" start >>"$WORK/postfix.start.log" 2>&1 || true; wait_port "$PORT_PF" || true; }
 trap 'for p in "${SPID[@]:-}"; do kill -CONT "$p" 2>/dev/null || true; done; [ -z "$PF_BACKEND" ] || pf_stop; cleanup' EXIT INT TERM
 
@@ -124,8 +140,8 @@ cat >"$WORK/edge.toml" <<TOML
 hostname = "edge.faultrun"
 [timeouts]
 backend_connect = $CONNECT_TIMEOUT
-backend_command = 10
-backend_data_end = 10
+backend_command = $BACKEND_TIMEOUT
+backend_data_end = $BACKEND_TIMEOUT
 backend_pool_wait = 10
 [admin]
 address = "127.0.0.1:$PORT_ADM"
@@ -172,7 +188,7 @@ PIDS+=("$HEALTH_PID")
 LOOP=(--rate "$RATE" --max-inflight 5000)
 [ "$RATE" = 0 ] && LOOP=()
 if [ "$RATE" = 0 ]; then HOW="closed loop, $C connections"; else HOW="open loop at $RATE msgs/s, at most $C connections"; fi
-echo "faultrun: $N messages of 4 KiB ($HOW, 10 messages per connection) through smtp-edge to two smtp-sink backends${PF_BACKEND:+ and a Postfix}; a fault every ${EVERY} s held ${HOLD} s; backend_connect = ${CONNECT_TIMEOUT} s, down_after = 3, probe_interval = 0.25 s"
+echo "faultrun: $N messages of 4 KiB ($HOW, 10 messages per connection) through smtp-edge to two smtp-sink backends${PF_BACKEND:+ and a Postfix}; a fault every ${EVERY} s held ${HOLD} s; backend_connect = ${CONNECT_TIMEOUT} s, backend_command = backend_data_end = ${BACKEND_TIMEOUT} s, down_after = 3, probe_interval = 0.25 s"
 "$LOAD" run -t "127.0.0.1:$PORT_E" -c "$C" -m 10 -n "$N" -s 4096 --timeout 30 \
   "${LOOP[@]}" --outcomes "$WORK/outcomes.tsv" --id-prefix fr --chart "$CHART" --faults "$FAULTS" \
   --json -q >"$WORK/load.json" 2>"$WORK/load.err" &
@@ -191,7 +207,7 @@ fault() {
     6) mark "kill b"; unsink b; sleep "$HOLD"; sink b ;;
     7) mark "SIGSTOP a"; kill -STOP "${SPID[a]}"; sleep "$HOLD"; kill -CONT "${SPID[a]}" ;;
     8) mark "a: slow DATA (1 s)"; unsink a; sink a -w 1; sleep "$HOLD"; unsink a; sink a ;;
-    9) mark "postfix stop"; pf_stop; sleep "$HOLD"; pf_start ;;
+    9) mark "postfix killed"; pf_stop; sleep "$HOLD"; pf_start ;;
   esac
 }
 NFAULTS=9
@@ -279,12 +295,16 @@ grep -E "marked down|back in rotation" "$WORK/edge.log" | sed -E 's/^[^ ]+ +//' 
 echo
 echo "accounting (smtp-load account):"
 set +e
-"$LOAD" account --outcomes "$WORK/outcomes.tsv" "${STORES[@]}"
+"$LOAD" account --outcomes "$WORK/outcomes.tsv" "${STORES[@]}" >"$WORK/account.txt"
 rc=$?
+cat "$WORK/account.txt"
 set -e
 echo "chart: $CHART"
 if [ -n "${KEEP:-}" ]; then
   mkdir -p "$KEEP"
+  # The copies of a duplicated message, and Postfix's log to follow one.
+  grep -o '^  in .*' "$WORK/account.txt" | sed 's/^  in //' | while read -r f; do cp "$f" "$KEEP/dup.$(basename "$(dirname "$f")").$(basename "$f")"; done || true
+  [ -z "$PF_BACKEND" ] || cp "$PF_DIR/maillog" "$KEEP/postfix.maillog"
   cp -r "$WORK"/outcomes.tsv "$WORK"/faults.txt "$WORK"/health.txt "$WORK"/load.json "$WORK"/edge.log "$WORK"/metrics.txt "$WORK"/sink.*.log "$KEEP"/ 2>/dev/null || true
   echo "kept: $KEEP"
 fi

@@ -151,41 +151,23 @@ pub fn draw(path: &Path, title: &str, secs: &[Second], faults: &[Fault]) -> Resu
         .x_desc("seconds")
         .draw()
         .map_err(err)?;
-    let fault_style = ShapeStyle::from(&RGBColor(200, 120, 0).mix(0.6)).stroke_width(1);
-    for f in faults {
-        c.draw_series(LineSeries::new([(f.t, 0.0), (f.t, rate_max)], fault_style))
-            .map_err(err)?;
-        c.draw_series(std::iter::once(Text::new(
-            f.label.clone(),
-            (f.t, rate_max * 0.98),
-            ("sans-serif", 11)
-                .into_font()
-                .transform(FontTransform::Rotate90)
-                .color(&RGBColor(160, 90, 0)),
-        )))
-        .map_err(err)?;
-    }
-    c.draw_series(LineSeries::new(
-        secs.iter().map(|s| (s.t as f64 + 0.5, s.accepted as f64)),
-        BLUE.stroke_width(2),
-    ))
-    .map_err(err)?
-    .label("accepted (250) / s")
-    .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE.stroke_width(2)));
-    c.draw_series(LineSeries::new(
-        secs.iter()
-            .map(|s| (s.t as f64 + 0.5, s.not_accepted as f64)),
-        RED.stroke_width(2),
-    ))
-    .map_err(err)?
-    .label("not accepted (4xx/5xx/no reply) / s")
-    .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED.stroke_width(2)));
-    c.configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
+    fault_lines(&mut c, faults, (0.0, rate_max), true)?;
+    let at = |s: &Second| s.t as f64 + 0.5;
+    let blue = BLUE.stroke_width(2);
+    let red = RED.stroke_width(2);
+    series(
+        &mut c,
+        secs.iter().map(|s| (at(s), s.accepted as f64)),
+        blue,
+        "accepted (250) / s",
+    )?;
+    series(
+        &mut c,
+        secs.iter().map(|s| (at(s), s.not_accepted as f64)),
+        red,
+        "not accepted (4xx/5xx/no reply) / s",
+    )?;
+    legend(&mut c, SeriesLabelPosition::LowerRight)?;
 
     let ms = |us: u64| (us as f64 / 1000.0).max(0.1);
     let lat_max = secs.iter().map(|s| ms(s.max_us)).fold(1.0, f64::max) * 2.0;
@@ -200,32 +182,80 @@ pub fn draw(path: &Path, title: &str, secs: &[Second], faults: &[Fault]) -> Resu
         .x_desc("seconds since the start of the run")
         .draw()
         .map_err(err)?;
-    for f in faults {
-        c.draw_series(LineSeries::new([(f.t, 0.1), (f.t, lat_max)], fault_style))
-            .map_err(err)?;
-    }
+    fault_lines(&mut c, faults, (0.1, lat_max), false)?;
     let busy = || secs.iter().filter(|s| s.accepted + s.not_accepted > 0);
-    c.draw_series(LineSeries::new(
-        busy().map(|s| (s.t as f64 + 0.5, ms(s.p99_us))),
-        BLACK.stroke_width(2),
-    ))
-    .map_err(err)?
-    .label("p99 per second")
-    .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.stroke_width(2)));
-    c.draw_series(LineSeries::new(
-        busy().map(|s| (s.t as f64 + 0.5, ms(s.max_us))),
-        MAGENTA.mix(0.6).stroke_width(1),
-    ))
-    .map_err(err)?
-    .label("max per second")
-    .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], MAGENTA.stroke_width(1)));
+    let black = BLACK.stroke_width(2);
+    let magenta = MAGENTA.mix(0.6).stroke_width(1);
+    series(
+        &mut c,
+        busy().map(|s| (at(s), ms(s.p99_us))),
+        black,
+        "p99 per second",
+    )?;
+    series(
+        &mut c,
+        busy().map(|s| (at(s), ms(s.max_us))),
+        magenta,
+        "max per second",
+    )?;
+    legend(&mut c, SeriesLabelPosition::UpperRight)?;
+    root.present().map_err(err)
+}
+
+type Chart<'a, X, Y> = ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>;
+
+/// One labelled line.
+fn series<X: Ranged<ValueType = f64>, Y: Ranged<ValueType = f64>>(
+    c: &mut Chart<'_, X, Y>,
+    points: impl Iterator<Item = (f64, f64)>,
+    style: ShapeStyle,
+    label: &str,
+) -> Result<(), String> {
+    c.draw_series(LineSeries::new(points, style))
+        .map_err(err)?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], style));
+    Ok(())
+}
+
+/// A vertical line at each fault moment from `y.0` to `y.1`, labelled when
+/// `labels`.
+fn fault_lines<X: Ranged<ValueType = f64>, Y: Ranged<ValueType = f64>>(
+    c: &mut Chart<'_, X, Y>,
+    faults: &[Fault],
+    y: (f64, f64),
+    labels: bool,
+) -> Result<(), String> {
+    let style = ShapeStyle::from(&RGBColor(200, 120, 0).mix(0.6)).stroke_width(1);
+    for f in faults {
+        c.draw_series(LineSeries::new([(f.t, y.0), (f.t, y.1)], style))
+            .map_err(err)?;
+        if labels {
+            let font = ("sans-serif", 11)
+                .into_font()
+                .transform(FontTransform::Rotate90)
+                .color(&RGBColor(160, 90, 0));
+            c.draw_series(std::iter::once(Text::new(
+                f.label.clone(),
+                (f.t, y.1 * 0.98),
+                font,
+            )))
+            .map_err(err)?;
+        }
+    }
+    Ok(())
+}
+
+fn legend<X: Ranged<ValueType = f64>, Y: Ranged<ValueType = f64>>(
+    c: &mut Chart<'_, X, Y>,
+    at: SeriesLabelPosition,
+) -> Result<(), String> {
     c.configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(at)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()
-        .map_err(err)?;
-    root.present().map_err(err)
+        .map_err(err)
 }
 
 #[cfg(test)]
