@@ -208,14 +208,22 @@ fault() {
     7) mark "SIGSTOP a"; kill -STOP "${SPID[a]}"; sleep "$HOLD"; kill -CONT "${SPID[a]}" ;;
     8) mark "a: slow DATA (1 s)"; unsink a; sink a -w 1; sleep "$HOLD"; unsink a; sink a ;;
     9) mark "postfix killed"; pf_stop; sleep "$HOLD"; pf_start ;;
+    # Not in the default rotation: `postfix stop` lets an smtpd that serves
+    # a pooled connection live on (FAULT_KINDS=10 to run it).
+    10) mark "postfix stop"; postfix -c "$PF_DIR/conf" stop >>"$WORK/postfix.start.log" 2>&1 || true; sleep "$HOLD"; pf_start ;;
   esac
 }
-NFAULTS=9
-[ -n "$PF_BACKEND" ] && NFAULTS=10
+# FAULT_KINDS="0 5 9": only these kinds, in turn (default: all but 10).
+if [ -n "${FAULT_KINDS:-}" ]; then
+  read -r -a KINDS <<<"$FAULT_KINDS"
+else
+  KINDS=(0 1 2 3 4 5 6 7 8)
+  [ -n "$PF_BACKEND" ] && KINDS+=(9)
+fi
 i=0
 sleep "$EVERY"
 while kill -0 "$LOAD_PID" 2>/dev/null; do
-  fault $((i % NFAULTS))
+  fault "${KINDS[$((i % ${#KINDS[@]}))]}"
   i=$((i + 1))
   rest=$(python3 -c "print(max(0.0, $EVERY - $HOLD))")
   sleep "$rest"

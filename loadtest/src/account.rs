@@ -3,7 +3,9 @@
 //! (every file under the given directories: smtp-sink `-d` dumps, Maildir
 //! files). A stored copy counts when it has both the `X-Load-Id` header and
 //! the `load-end` line of its id; one with the header only is a partial
-//! dump (a backend killed while writing it) and does not count. Each copy
+//! dump (a backend killed while writing it) and does not count, nor does
+//! a file in a Maildir's `tmp/` (a delivery cut short, never renamed into
+//! `new/`: not delivered; counted as `maildir_tmp`). Each copy
 //! is put down to the backend transaction that stored it: its store
 //! directory and the `id` of its first `Received:` header (the backend's
 //! own: smtp-sink's random id, Postfix's queue id).
@@ -40,6 +42,12 @@ pub struct Store {
     pub partial: u64,
     /// Files read.
     pub files: u64,
+    /// Files left in a Maildir's tmp/ (not counted: not delivered).
+    pub maildir_tmp: u64,
+}
+
+fn is_maildir(dir: &Path) -> bool {
+    ["new", "cur", "tmp"].iter().all(|d| dir.join(d).is_dir())
 }
 
 impl Store {
@@ -52,7 +60,14 @@ impl Store {
                 let meta = std::fs::metadata(&p).map_err(|e| format!("{}: {e}", p.display()))?;
                 if meta.is_dir() {
                     for e in std::fs::read_dir(&p).map_err(|e| format!("{}: {e}", p.display()))? {
-                        todo.push(e.map_err(|e| format!("{}: {e}", p.display()))?.path());
+                        let e = e.map_err(|e| format!("{}: {e}", p.display()))?.path();
+                        // A Maildir's tmp/ holds deliveries in progress (or
+                        // cut short): not delivered until renamed into new/.
+                        if is_maildir(&p) && e.file_name().is_some_and(|n| n == "tmp") {
+                            s.maildir_tmp += std::fs::read_dir(&e).map_or(0, |d| d.count() as u64);
+                            continue;
+                        }
+                        todo.push(e);
                     }
                 } else if meta.is_file() {
                     s.add_file(root, &p)?;
@@ -187,6 +202,8 @@ pub struct Accounting {
     pub partial: u64,
     /// Complete stored copies whose id the log does not have.
     pub unknown: u64,
+    /// Files left in a Maildir's tmp/: deliveries cut short, not counted.
+    pub maildir_tmp: u64,
     pub files: u64,
     /// The messages behind lost, duplicated, explained and unexplained
     /// (at most 50 of each; the table shows 5).
@@ -204,6 +221,7 @@ impl Accounting {
         let mut a = Accounting {
             partial: store.partial,
             files: store.files,
+            maildir_tmp: store.maildir_tmp,
             ..Accounting::default()
         };
         let mut seen = std::collections::HashSet::with_capacity(log.len());
@@ -291,6 +309,12 @@ impl Accounting {
             self.redelivered,
             self.partial
         ));
+        if self.maildir_tmp > 0 {
+            s.push_str(&format!(
+                "\n{} files left in a Maildir's tmp/ (deliveries cut short, not delivered) are not counted\n",
+                self.maildir_tmp
+            ));
+        }
         if self.unknown > 0 {
             s.push_str(&format!(
                 "\n{} stored copies have an id the log does not have\n",
@@ -410,6 +434,23 @@ mod tests {
             ),
             "{t}"
         );
+    }
+
+    #[test]
+    fn a_maildir_tmp_file_is_not_delivered() {
+        let dir = std::env::temp_dir().join(format!("smtp-load-acct-{}", std::process::id()));
+        for d in ["box/new", "box/cur", "box/tmp"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        // Postfix's virtual(8) killed after writing tmp/, before the rename;
+        // delivered again after the restart.
+        std::fs::write(dir.join("box/tmp/1.P1.vm"), dump("m-1", "Q1", true)).unwrap();
+        std::fs::write(dir.join("box/new/2.V1.vm"), dump("m-1", "Q1", true)).unwrap();
+        let s = Store::scan(&[dir.join("box")]).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let a = Accounting::compute(&[o("m-1", Some(250), "final")], &s);
+        assert!(a.pass && a.stored == 1 && a.redelivered == 0, "{a:?}");
+        assert_eq!((s.files, s.maildir_tmp), (1, 1));
     }
 
     #[test]

@@ -27,7 +27,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
     /// Send mail at a target and report rates, reply codes and latencies.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// A fast SMTP sink: accepts and discards mail, counts it.
     Sink(SinkArgs),
     /// Open many connections, say EHLO, and hold them idle.

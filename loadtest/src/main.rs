@@ -36,7 +36,7 @@ fn main() -> ExitCode {
     };
     let code = rt.block_on(async {
         match cli.cmd {
-            Cmd::Run(a) => run(a).await,
+            Cmd::Run(a) => run(*a).await,
             Cmd::Sink(a) => sink(a).await,
             Cmd::Idle(a) => idle(a).await,
             Cmd::OtlpSink(a) => otlp_sink(a).await,
