@@ -5,14 +5,14 @@
 # message) and, as root with Postfix installed (POSTFIX=0: without), a
 # private real Postfix (tests/postfix_instance's main.cf and master.cf)
 # delivering into a Maildir, while every FAULT_EVERY seconds one backend is
-# hit, in turn:
-# killed (SIGKILL, mid-DATA for the transactions it holds) and started again,
-# frozen (SIGSTOP) and resumed, restarted answering 421 at RCPT or 450 at
-# MAIL, dropping the connection at DATA, dropping it after the dot without a
-# reply (the message is stored, the 250 never comes back), slow (1 s before
-# answering DATA), Postfix killed (`postfix abort`) and started. Afterwards (Postfix's queue
-# delivered) `smtp-load account` compares what every client
-# was told with what the backends stored: each 250 stored exactly once, a
+# hit, in turn: killed (SIGKILL, mid-DATA for the transactions it holds)
+# and started again, frozen (SIGSTOP) and resumed, restarted answering 421
+# at RCPT or 450 at MAIL, dropping the connection at DATA, dropping it after
+# the dot without a reply (the message is stored, the 250 never comes
+# back), slow (1 s before answering DATA), Postfix killed (`postfix abort`)
+# and started (FAULT_KINDS="0 5 9" runs only those, see `fault` below).
+# Afterwards (Postfix's queue delivered) `smtp-load account` compares what
+# every client was told with what the backends stored: each 250 stored exactly once, a
 # refused message not stored unless its dot went out and the reply was lost
 # (explained). Also: the backends' health as smtp-edge's /metrics shows it
 # (smtp_edge_backend_up, scraped every 0.2 s), marked down and probed back,
@@ -20,7 +20,7 @@
 # chart (messages/s, p99 and max per second, the faults marked) is written
 # to CHART (default loadtest/faultrun.svg). Exits 1 when a message was lost,
 # duplicated or stored unexplained.
-# Usage: [POSTFIX=0] [RATE=0] faultrun.sh [MESSAGES=100000] [FAULT_EVERY=3] [CONNECTIONS=50]
+# Usage: [POSTFIX=0] [RATE=0] [FAULT_KINDS=...] [KEEP=DIR] [CHART=FILE] faultrun.sh [MESSAGES=100000] [FAULT_EVERY=3] [CONNECTIONS=50]
 source "$(dirname "$0")/../lib.sh"
 N=${1:-100000}
 EVERY=${2:-3}
