@@ -90,7 +90,7 @@ pub fn trusted(trusted_proxies: &[IpNet], source: IpAddr) -> bool {
 
 /// The judgement of the bytes seen so far.
 #[derive(Debug, PartialEq, Eq)]
-enum Scan {
+pub enum Scan {
     /// A whole header of `len` bytes.
     Complete {
         len: usize,
@@ -102,8 +102,9 @@ enum Scan {
 }
 
 /// Judges `buf`, the bytes from the start of the connection (possibly
-/// followed by bytes that are not part of the header).
-fn scan(buf: &[u8]) -> Scan {
+/// followed by bytes that are not part of the header). Public for the
+/// fuzz target and property tests; the server uses `read_header`.
+pub fn scan(buf: &[u8]) -> Scan {
     if buf.len() >= 16 && buf.starts_with(V2_SIGNATURE) {
         let total = 16 + u16::from_be_bytes([buf[14], buf[15]]) as usize;
         if total > MAX_HEADER {
