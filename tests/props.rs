@@ -16,6 +16,10 @@ use smtp_edge::smtp::{
     BareLineEndings, DataOptions, DataScanner, EnhancedCode, Reply, Scan, Unstuffer,
 };
 
+#[path = "support/wire.rs"]
+mod wire;
+use wire::stuff;
+
 const MODES: [BareLineEndings; 2] = [BareLineEndings::Reject, BareLineEndings::Normalize];
 
 /// Cuts `input` into pieces of the given sizes (cycled; 0 counts as 1).
@@ -36,20 +40,6 @@ fn chunked<'a>(input: &'a [u8], sizes: &'a [usize]) -> impl Iterator<Item = &'a 
         rest = b;
         Some(a)
     })
-}
-
-/// Dot-stuffs content the way a client does.
-fn stuff(content: &[u8]) -> Vec<u8> {
-    let mut wire = Vec::with_capacity(content.len() + 8);
-    let mut at_start = true;
-    for &b in content {
-        if at_start && b == b'.' {
-            wire.push(b'.');
-        }
-        wire.push(b);
-        at_start = b == b'\n';
-    }
-    wire
 }
 
 /// A text line: any bytes but CR and LF, dots likely (at the start too).
