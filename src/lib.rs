@@ -13,4 +13,5 @@ pub mod server;
 pub mod session;
 pub mod smtp;
 pub mod telemetry;
+pub mod timer;
 pub mod tls;

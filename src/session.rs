@@ -1,6 +1,7 @@
 //! One client session: the inbound state machine that drives the sans-IO
 //! `smtp` core over a plain or TLS stream, answers EHLO/HELO/STARTTLS itself,
-//! relays transactions through `relay::Txn` with pipelining, and streams DATA.
+//! relays transactions through `relay::Txn` with pipelining, and streams DATA
+//! (BDAT: `session/bdat.rs`).
 //! Admission (who may connect) is the server's; this is what happens after.
 
 use std::collections::VecDeque;
@@ -21,6 +22,8 @@ use crate::relay::pool::PooledConn;
 use crate::relay::{Relay, Txn};
 use crate::smtp::reply::write_reply;
 use crate::smtp::{self, BareLineEndings, Command, DataOptions, DataScanner, Reply, Scan};
+
+mod bdat;
 
 /// What every session shares: configuration, backends, TLS, shutdown signal.
 pub struct Shared {
@@ -289,6 +292,10 @@ struct State {
     received: Vec<u8>,
     dedicated: Option<PooledConn>,
     messages: u64,
+    /// A BDAT transaction in progress (boxed: most sessions never use it).
+    chunking: Option<Box<bdat::Chunking>>,
+    /// DATA was given in this transaction: BDAT is refused (RFC 3030).
+    data_seen: bool,
 }
 
 /// The two ends of the client connection.
@@ -312,7 +319,11 @@ struct Session<S> {
     inbuf: BytesMut,
     out: Vec<u8>,
     /// Message bytes on their way to the backend; kept across messages.
-    fwd: Vec<u8>,
+    fwd: smtp::Segments,
+    /// Checked BDAT content on its way to the backend; kept across chunks.
+    chunk_buf: Vec<u8>,
+    /// The deadline of the client's reads (commands and DATA).
+    read_timer: crate::timer::ReadTimer,
     /// Backend replies being resolved; kept across messages.
     replies: Vec<crate::smtp::Reply>,
     st: State,
@@ -360,6 +371,35 @@ fn record_end(span: &Span, sent: Option<(usize, u64)>, reply: &Reply) {
         (&status_f, failed.then_some(&"ERROR" as &dyn field::Value)),
     ];
     span.record_all(&fields.value_set(&values));
+}
+
+/// 552 for a message (or a BDAT chunk) over `max_message_size`.
+fn too_big_reply() -> Reply {
+    crate::telemetry::own(Reply::new(
+        552,
+        smtp::EnhancedCode(5, 3, 4),
+        "Message size exceeds fixed maximum message size",
+    ))
+}
+
+/// The refusal of content with a bare CR / LF (Reject mode) or a line
+/// over `max_line`, if any.
+fn content_refusal(bare_refused: bool, long: bool, max_line: usize) -> Option<Reply> {
+    if bare_refused {
+        Some(crate::telemetry::own(Reply::new(
+            550,
+            smtp::EnhancedCode(5, 5, 2),
+            "Message contains bare CR or LF line endings (SMTP smuggling defence); use CRLF",
+        )))
+    } else if long {
+        Some(crate::telemetry::own(Reply::new(
+            550,
+            smtp::EnhancedCode(5, 6, 0),
+            format!("Message contains a line longer than {max_line} octets"),
+        )))
+    } else {
+        None
+    }
 }
 
 /// Room to read more command input into: grown in 4 KiB steps only when
@@ -421,7 +461,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             tls,
             inbuf: BytesMut::with_capacity(1024),
             out: Vec::with_capacity(512),
-            fwd: Vec::new(),
+            fwd: smtp::Segments::default(),
+            chunk_buf: Vec::new(),
+            read_timer: crate::timer::ReadTimer::new(),
             replies: Vec::new(),
             st: State::default(),
             shutdown,
@@ -522,6 +564,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Forgets the transaction; its backend connection goes back to the
     /// pool (with RSET pending) or to the session when dedicated.
     fn end_txn(&mut self) {
+        // A backend inside BDAT content (or the DATA it became) cannot
+        // take RSET: drop its connection.
+        if self.st.chunking.take().is_some_and(|c| c.started()) {
+            if let Some(t) = self.st.txn.take() {
+                t.abort();
+            }
+        }
+        self.st.data_seen = false;
         if let Some(txn) = self.st.txn.take() {
             if let Some(c) = txn.end() {
                 self.st.dedicated = Some(c);
@@ -601,7 +651,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         watch_shutdown: bool,
     ) -> Result<usize, ReadErr> {
         room_for_commands(&mut self.inbuf);
-        let read = tokio::time::timeout(timeout, self.io.read_buf(&mut self.inbuf));
+        let read = self
+            .read_timer
+            .within(timeout, self.io.read_buf(&mut self.inbuf));
         if watch_shutdown {
             let mut sd = self.shutdown.clone();
             tokio::select! {
@@ -793,7 +845,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             Command::Mail { from, params } => self.mail(from, params).await,
             Command::Rcpt { to } => self.rcpt(to).await,
-            Command::Data => self.data_cmd().await,
+            Command::Data if self.st.chunking.is_some() => self.bad(
+                503,
+                "5.5.1",
+                "DATA not allowed after BDAT in one transaction",
+            ),
+            Command::Data => {
+                self.st.data_seen = self.st.mail.is_some();
+                self.data_cmd().await
+            }
+            // Boxed: it reads and relays a whole chunk.
+            Command::Bdat { size, last } => return Box::pin(self.bdat(size, last)).await,
             Command::Rset => {
                 self.end_txn();
                 self.st.mail_refused = false;
@@ -808,7 +870,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Command::Help => self.reply(
                 214,
                 "2.0.0",
-                "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS",
+                "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS",
             ),
             Command::Quit => {
                 self.end_txn();
@@ -842,7 +904,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             && self.listener.tls == TlsMode::Starttls
             && self.shared.tls.is_some();
         let mut s = format!(
-            "250-{}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n",
+            "250-{}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-CHUNKING\r\n",
             cfg.hostname, cfg.limits.max_message_size
         );
         if starttls {
@@ -911,6 +973,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             "smtp.message.size" = field::Empty,
             "smtp.reply.code" = field::Empty,
             "smtp.reply.enhanced_code" = field::Empty,
+            "smtp.chunking" = field::Empty,
             "server.address" = field::Empty,
             "error.type" = field::Empty,
             "otel.status_code" = field::Empty,
@@ -1081,7 +1144,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let max_size = cfg.limits.max_message_size;
         let mut fwd = std::mem::take(&mut self.fwd);
         fwd.clear();
-        self.received_header(&mut fwd);
+        fwd.push_literal(|out| self.received_header(out));
         let mut too_big = false;
         let mut backend_ok = true;
         let mut txn = self.st.txn.take();
@@ -1100,12 +1163,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         loop {
             if !self.inbuf.is_empty() {
-                let scan = scanner.feed(&self.inbuf, &mut fwd);
+                let scan = scanner.feed_into(&self.inbuf, &mut fwd);
                 let consumed = match scan {
                     Scan::More => self.inbuf.len(),
                     Scan::End { consumed } => consumed,
                 };
-                self.inbuf.advance(consumed);
                 if !too_big && scanner.size() > max_size {
                     too_big = true;
                     scanner.set_discard();
@@ -1115,13 +1177,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     || scanner.long_line_seen();
                 if backend_ok && !refused && backend_refusal.is_none() && !fwd.is_empty() {
                     if let Some(t) = txn.as_mut() {
-                        if let Err(e) = t.send_data(&fwd).await {
+                        // Straight from the input buffer: the message's
+                        // bytes are not copied on their way through.
+                        let mut bufs = fwd.io_slices(&self.inbuf);
+                        if let Err(e) = t.send_data_vectored(&mut bufs).await {
                             warn!("backend failed during DATA: {e}");
                             backend_ok = false;
                         }
                     }
                 }
                 fwd.clear();
+                self.inbuf.advance(consumed);
                 if let Scan::End { .. } = scan {
                     break;
                 }
@@ -1129,9 +1195,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if self.inbuf.capacity() - self.inbuf.len() < 8192 {
                 self.inbuf.reserve(64 * 1024);
             }
-            match tokio::time::timeout(block_timeout, self.io.read_buf(&mut self.inbuf)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                Ok(_) => {
+            let read = self.io.read_buf(&mut self.inbuf);
+            match self.read_timer.within(block_timeout, read).await {
+                Some(Ok(n)) if n > 0 => {}
+                Some(_) => {
                     // Client gone mid-DATA: drop the backend connection
                     // without the final dot, so nothing partial is delivered.
                     info!("client disconnected during DATA; message discarded");
@@ -1141,7 +1208,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.end_txn();
                     return Err(());
                 }
-                Err(_) => {
+                None => {
                     if let Some(t) = txn {
                         t.abort();
                     }
@@ -1164,26 +1231,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             Some(r)
         } else if too_big {
-            Some(crate::telemetry::own(Reply::new(
-                552,
-                smtp::EnhancedCode(5, 3, 4),
-                "Message size exceeds fixed maximum message size",
-            )))
-        } else if mode == BareLineEndings::Reject && scanner.bare_line_ending_seen() {
-            Some(crate::telemetry::own(Reply::new(
-                550,
-                smtp::EnhancedCode(5, 5, 2),
-                "Message contains bare CR or LF line endings (SMTP smuggling defence); use CRLF",
-            )))
-        } else if scanner.long_line_seen() {
-            Some(crate::telemetry::own(Reply::new(
-                550,
-                smtp::EnhancedCode(5, 6, 0),
-                format!(
-                    "Message contains a line longer than {} octets",
-                    cfg.limits.max_text_line
-                ),
-            )))
+            Some(too_big_reply())
+        } else if let Some(r) = content_refusal(
+            mode == BareLineEndings::Reject && scanner.bare_line_ending_seen(),
+            scanner.long_line_seen(),
+            cfg.limits.max_text_line,
+        ) {
+            Some(r)
         } else if !backend_ok {
             Some(crate::relay::backend_lost())
         } else {
@@ -1199,20 +1253,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             (None, Some(t)) => t.finish_data().await,
             (None, None) => crate::relay::backend_lost(),
         };
-        let m = &self.shared.metrics;
-        m.transaction(reply.code);
-        if let Some(t0) = self.st.txn_started {
-            m.transaction_duration.observe(t0.elapsed().as_secs_f64());
-        }
-        if reply.is_positive() {
-            m.messages_relayed.inc();
-            m.bytes_relayed.inc_by(size);
-            m.recipients.inc_by(self.st.rcpts_ok as u64);
-        }
-        if let Some(span) = &self.st.txn_span {
-            record_end(span, Some((self.st.rcpts_ok, size)), &reply);
-            info!(parent: span, "message {} {}", reply.code, reply.first_line());
-        }
+        self.message_done(&reply, size);
         fwd.clear();
         self.fwd = fwd;
         self.st.txn = txn;
@@ -1260,13 +1301,11 @@ enum ReadErr {
     Shutdown,
 }
 
-fn map_read(
-    r: Result<std::io::Result<usize>, tokio::time::error::Elapsed>,
-) -> Result<usize, ReadErr> {
+fn map_read(r: Option<std::io::Result<usize>>) -> Result<usize, ReadErr> {
     match r {
-        Ok(Ok(n)) => Ok(n),
-        Ok(Err(_)) => Err(ReadErr::Io),
-        Err(_) => Err(ReadErr::Timeout),
+        Some(Ok(n)) => Ok(n),
+        Some(Err(_)) => Err(ReadErr::Io),
+        None => Err(ReadErr::Timeout),
     }
 }
 

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -38,6 +38,8 @@ pub struct Caps {
     pub size: Option<u64>,
     pub eightbitmime: bool,
     pub smtputf8: bool,
+    /// CHUNKING (RFC 3030): BDAT is relayed as BDAT.
+    pub chunking: bool,
     /// XFORWARD attribute names (upper case); empty when not offered.
     pub xforward: Vec<String>,
     /// XCLIENT attribute names (upper case); empty when not offered.
@@ -58,6 +60,7 @@ impl Caps {
                 "SIZE" => caps.size = words.next().and_then(|w| w.parse().ok()).or(Some(0)),
                 "8BITMIME" => caps.eightbitmime = true,
                 "SMTPUTF8" => caps.smtputf8 = true,
+                "CHUNKING" => caps.chunking = true,
                 "XFORWARD" => caps.xforward = words.map(|w| w.to_ascii_uppercase()).collect(),
                 "XCLIENT" => caps.xclient = words.map(|w| w.to_ascii_uppercase()).collect(),
                 _ => {}
@@ -85,6 +88,8 @@ pub struct BackendConn {
     pub(crate) spare: crate::relay::TxnBufs,
     pub(crate) _permit: Option<OwnedSemaphorePermit>,
     pub(crate) idle_since: Instant,
+    /// The deadline of reads of replies.
+    read_timer: crate::timer::ReadTimer,
 }
 
 impl std::fmt::Debug for BackendConn {
@@ -137,6 +142,7 @@ impl BackendConn {
             spare: Default::default(),
             _permit: None,
             idle_since: Instant::now(),
+            read_timer: crate::timer::ReadTimer::new(),
         };
         // The greeting is part of connecting: a backend that accepts but
         // never greets must not hold the client longer than that.
@@ -172,6 +178,22 @@ impl BackendConn {
         Ok(())
     }
 
+    /// Sends `bufs` with vectored writes (the message bytes straight from
+    /// the session's input buffer).
+    pub async fn send_vectored(
+        &mut self,
+        mut bufs: &mut [std::io::IoSlice<'_>],
+    ) -> Result<(), BackendError> {
+        while !bufs.is_empty() {
+            let n = self.stream.write_vectored(bufs).await?;
+            if n == 0 {
+                return Err(BackendError::Closed);
+            }
+            std::io::IoSlice::advance_slices(&mut bufs, n);
+        }
+        Ok(())
+    }
+
     /// Reads one whole reply, waiting at most `t`.
     pub async fn read_reply(&mut self, t: Duration) -> Result<Reply, BackendError> {
         let deadline = tokio::time::Instant::now() + t;
@@ -181,19 +203,16 @@ impl BackendConn {
                 return Ok(reply);
             }
             self.rbuf.reserve(512);
-            let n = match tokio::time::timeout_at(deadline, self.read_some()).await {
-                Ok(r) => r?,
-                Err(_) => return Err(BackendError::Timeout),
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let read = self.stream.read_buf(&mut self.rbuf);
+            let n = match self.read_timer.within(left, read).await {
+                Some(r) => r?,
+                None => return Err(BackendError::Timeout),
             };
             if n == 0 {
                 return Err(BackendError::Closed);
             }
         }
-    }
-
-    async fn read_some(&mut self) -> std::io::Result<usize> {
-        use tokio::io::AsyncReadExt;
-        self.stream.read_buf(&mut self.rbuf).await
     }
 
     /// True when the idle connection still looks usable: nothing to read
@@ -392,9 +411,11 @@ mod tests {
                 "PIPELINING",
                 "SIZE 1000",
                 "XFORWARD NAME ADDR PROTO HELO",
+                "CHUNKING",
             ],
         );
         let c = Caps::from_ehlo(&r);
+        assert!(c.chunking);
         assert!(c.pipelining);
         assert_eq!(c.size, Some(1000));
         assert_eq!(c.xforward.len(), 4);

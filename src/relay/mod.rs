@@ -710,17 +710,54 @@ impl Txn {
         }
     }
 
+    /// The backend offers CHUNKING: a client's BDAT content is relayed as
+    /// BDAT chunks (`smtp::bdat_command` + content through `send_data`);
+    /// otherwise it is converted to DATA (a Maildir takes DATA).
+    pub fn chunking(&self) -> bool {
+        matches!(&self.inner, Inner::Smtp { conn: Some(c), .. } if c.caps.chunking)
+    }
+
+    /// The backend's reply to one relayed BDAT chunk that is not the last
+    /// (the last one's is `finish_data`): its reply, a 451 for a 421 or a
+    /// failure (the connection is then dropped).
+    pub async fn chunk_reply(&mut self) -> Reply {
+        let t = self.relay.command_timeout;
+        let Inner::Smtp { conn, .. } = &mut self.inner else {
+            return Reply::new(250, EnhancedCode(2, 0, 0), "Ok");
+        };
+        let Some(c) = conn.as_mut() else {
+            return backend_lost();
+        };
+        match c.read_reply(t).await {
+            Ok(r) if r.code == 421 => {
+                *conn = None;
+                closing_to_451(&r)
+            }
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(backend = %c.peer, "no reply to BDAT: {e}");
+                *conn = None;
+                backend_lost()
+            }
+        }
+    }
+
     /// True when the backend connection is gone.
     pub fn is_broken(&self) -> bool {
         matches!(&self.inner, Inner::Smtp { conn: None, .. })
     }
 
-    /// Streams message bytes (wire form) to the backend.
-    pub async fn send_data(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
+    /// Streams message bytes (wire form) to the backend, gathered from
+    /// `bufs` (one vectored write when the socket takes it all).
+    pub async fn send_data_vectored(
+        &mut self,
+        bufs: &mut [std::io::IoSlice<'_>],
+    ) -> Result<(), BackendError> {
         match &mut self.inner {
             Inner::Smtp { conn, .. } => match conn.as_mut() {
                 Some(c) => {
-                    let r = tokio::time::timeout(self.relay.command_timeout, c.send(bytes)).await;
+                    let t = self.relay.command_timeout;
+                    let r = tokio::time::timeout(t, c.send_vectored(bufs)).await;
                     match r {
                         Ok(Ok(())) => Ok(()),
                         Ok(Err(e)) => {
@@ -736,10 +773,21 @@ impl Txn {
                 None => Err(BackendError::Closed),
             },
             Inner::Maildir { writer, .. } => match writer.as_mut() {
-                Some(w) => w.write_wire(bytes).await.map_err(BackendError::Io),
+                Some(w) => {
+                    for b in bufs.iter() {
+                        w.write_wire(b).await.map_err(BackendError::Io)?;
+                    }
+                    Ok(())
+                }
                 None => Err(BackendError::Closed),
             },
         }
+    }
+
+    /// Streams message bytes (wire form) to the backend.
+    pub async fn send_data(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
+        self.send_data_vectored(&mut [std::io::IoSlice::new(bytes)])
+            .await
     }
 
     /// After the terminating `.\r\n` was sent: the backend's final reply, or

@@ -313,7 +313,9 @@ impl Pool {
     /// same slot (no new wait in line).
     pub async fn reconnect(&self, conn: &mut PooledConn) -> Result<(), BackendError> {
         let permit = conn._permit.take();
-        let mut fresh = self.inner.manager().connect().await?;
+        // Boxed: inline, the connect would make every transaction's reply
+        // future (which awaits this on its rare path) larger to move.
+        let mut fresh = Box::pin(self.inner.manager().connect()).await?;
         fresh._permit = permit;
         *conn.deref_mut() = fresh;
         Ok(())

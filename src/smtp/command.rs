@@ -19,7 +19,8 @@ pub struct MailParams {
 }
 
 /// One parsed command. Addresses are given without the angle brackets; the
-/// null reverse path is `""`.
+/// null reverse path is `""`. `Bdat` is `BDAT <size> [LAST]` (RFC 3030):
+/// the chunk's octets follow its line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command<'a> {
     Ehlo(&'a str),
@@ -27,6 +28,7 @@ pub enum Command<'a> {
     Mail { from: &'a str, params: MailParams },
     Rcpt { to: &'a str },
     Data,
+    Bdat { size: u64, last: bool },
     Rset,
     Noop,
     Quit,
@@ -123,6 +125,7 @@ pub fn parse(line: &[u8]) -> Result<Command<'_>, CommandError> {
                 b"MAIL" => mail(args),
                 b"RCPT" => rcpt(args),
                 b"DATA" => no_args(args, Command::Data, "Syntax: DATA"),
+                b"BDAT" => bdat(args),
                 b"RSET" => no_args(args, Command::Rset, "Syntax: RSET"),
                 b"QUIT" => no_args(args, Command::Quit, "Syntax: QUIT"),
                 b"NOOP" => Ok(Command::Noop),
@@ -232,6 +235,26 @@ fn rcpt(args: &[u8]) -> Result<Command<'_>, CommandError> {
         return Err(CommandError::UnknownParameter);
     }
     Ok(Command::Rcpt { to: path.mailbox })
+}
+
+/// `BDAT` arguments: `chunk-size [SP "LAST"]` (RFC 3030), the size 1 to 20
+/// digits that fit a u64.
+fn bdat(args: &[u8]) -> Result<Command<'_>, CommandError> {
+    const SYNTAX: &str = "Syntax: BDAT size [LAST]";
+    let mut words = args.split(|&b| is_wsp(b)).filter(|w| !w.is_empty());
+    let size = words
+        .next()
+        .and_then(parse_size)
+        .ok_or(CommandError::Argument(SYNTAX))?;
+    let last = match words.next() {
+        None => false,
+        Some(w) if w.eq_ignore_ascii_case(b"LAST") => true,
+        Some(_) => return Err(CommandError::Argument(SYNTAX)),
+    };
+    if words.next().is_some() {
+        return Err(CommandError::Argument(SYNTAX));
+    }
+    Ok(Command::Bdat { size, last })
 }
 
 /// MAIL FROM parameters: SIZE (RFC 1870), BODY (RFC 6152), SMTPUTF8 (RFC 6531).
@@ -521,6 +544,42 @@ mod tests {
         assert_eq!(p("vrfy postmaster"), Ok(Command::Vrfy));
         assert_eq!(p("HELP"), Ok(Command::Help));
         assert_eq!(p("help me"), Ok(Command::Help));
+        assert_eq!(
+            p("BDAT 0 LAST"),
+            Ok(Command::Bdat {
+                size: 0,
+                last: true
+            })
+        );
+        assert_eq!(
+            p("bdat 4096\r"),
+            Ok(Command::Bdat {
+                size: 4096,
+                last: false
+            })
+        );
+        assert_eq!(
+            p("BDAT 18446744073709551615 last"),
+            Ok(Command::Bdat {
+                size: u64::MAX,
+                last: true
+            })
+        );
+        for bad in [
+            "BDAT",
+            "BDAT LAST",
+            "BDAT -1",
+            "BDAT 1x",
+            "BDAT 18446744073709551616",
+            "BDAT 10 FIRST",
+            "BDAT 10 LAST x",
+        ] {
+            assert_eq!(
+                p(bad),
+                Err(CommandError::Argument("Syntax: BDAT size [LAST]")),
+                "{bad}"
+            );
+        }
         assert_eq!(p("STARTTLS"), Ok(Command::StartTls));
         assert_eq!(p("StartTls\r"), Ok(Command::StartTls));
     }
@@ -553,7 +612,6 @@ mod tests {
             " EHLO x",
             "XCLIENT ADDR=1.2.3.4",
             "AUTH PLAIN",
-            "BDAT 10",
             "STARTTLSX",
             "\u{e9}HLO x",
         ] {

@@ -117,15 +117,22 @@ impl DataScanner {
     /// Once the end was seen, further calls consume nothing and return
     /// `Scan::End { consumed: 0 }`.
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Scan {
-        if self.state == State::Ended {
-            return Scan::End { consumed: 0 };
-        }
-        if self.emitting() {
+        if self.emitting() && self.state != State::Ended {
             // Reject mode never grows the data; normalizing rarely does (and
             // `Vec` grows on its own when it must).
             out.reserve(input.len() + 8);
         }
+        self.feed_into(input, out)
+    }
+
+    /// `feed` into any `Output`: with `Segments`, the verbatim runs are
+    /// kept as ranges of `input` (to be written from there, not copied).
+    pub fn feed_into<O: Output>(&mut self, input: &[u8], out: &mut O) -> Scan {
+        if self.state == State::Ended {
+            return Scan::End { consumed: 0 };
+        }
         let normalize = self.mode == BareLineEndings::Normalize;
+        let simd = block::Masks::detect();
         let n = input.len();
         let mut i = 0;
         // input[run..i] is to be copied verbatim (when emitting); it is
@@ -134,6 +141,8 @@ impl DataScanner {
         while i < n {
             match self.state {
                 State::Mid => loop {
+                    // Hottest path: whole blocks of plain lines at once.
+                    i = self.skip_plain(input, i, simd);
                     // Hot path: jump from line ending to line ending; plain
                     // CRLF followed by anything but `.` stays in the run.
                     let Some(off) = memchr::memchr2(b'\r', b'\n', &input[i..]) else {
@@ -290,6 +299,55 @@ impl DataScanner {
         !self.discard && !self.stopped
     }
 
+    /// In the `Mid` state at `i`: skips whole `block::LEN`-byte blocks of
+    /// plain lines (each CR followed by LF, each LF preceded by CR, no line
+    /// starting with `.`, no CR or LF as the block's last byte, where what
+    /// follows is not known yet), counting their line lengths. They stay
+    /// in the verbatim run. Returns where the byte-wise path takes over.
+    #[inline]
+    fn skip_plain(&mut self, input: &[u8], i: usize, simd: block::Masks) -> usize {
+        if input.len() - i < block::LEN {
+            return i;
+        }
+        simd.skip(self, input, i)
+    }
+
+    /// One block of `skip_plain`, given its CR, LF and `.` masks: false
+    /// (nothing changed) when the block is not plain.
+    #[inline(always)]
+    fn plain_block(&mut self, cr: u64, lf: u64, dot: u64) -> bool {
+        let ends = cr | lf;
+        if ends == 0 {
+            self.content(block::LEN);
+            return true;
+        }
+        // A CR not before an LF, an LF not after a CR (an LF first would
+        // follow the previous block's last byte, which is no CR), an ending
+        // as the last byte, or a line starting with `.`.
+        if cr & !(lf >> 1) != 0 || lf & !(cr << 1) != 0 || ends >> 63 != 0 || (lf << 1) & dot != 0 {
+            return false;
+        }
+        // Content before the first CR, between CRLFs, after the last LF.
+        let first = lf.trailing_zeros() as usize;
+        let last = block::LEN - 1 - lf.leading_zeros() as usize;
+        self.content(first - 1);
+        if self.line_limit < block::LEN && lf.count_ones() > 1 {
+            // A limit shorter than a block: check the lines inside it too.
+            let mut m = lf & (lf - 1);
+            let mut prev = first;
+            while m != 0 {
+                let k = m.trailing_zeros() as usize;
+                self.line_len = 0;
+                self.content(k - prev - 2);
+                prev = k;
+                m &= m - 1;
+            }
+        }
+        self.line_len = 0;
+        self.content(block::LEN - 1 - last);
+        true
+    }
+
     #[inline]
     fn content(&mut self, len: usize) {
         self.line_len += len;
@@ -300,22 +358,22 @@ impl DataScanner {
 
     /// Appends `input[*run..upto]` when emitting; the run then starts at `upto`.
     #[inline]
-    fn flush(&self, input: &[u8], run: &mut usize, upto: usize, out: &mut Vec<u8>) {
+    fn flush<O: Output>(&self, input: &[u8], run: &mut usize, upto: usize, out: &mut O) {
         if self.emitting() && upto > *run {
-            out.extend_from_slice(&input[*run..upto]);
+            out.verbatim(input, *run..upto);
         }
         *run = upto;
     }
 
     #[inline]
-    fn emit(&self, bytes: &[u8], out: &mut Vec<u8>) {
+    fn emit<O: Output>(&self, bytes: &[u8], out: &mut O) {
         if self.emitting() {
-            out.extend_from_slice(bytes);
+            out.literal(bytes);
         }
     }
 
     /// A bare CR or LF at `input[j]` inside a line.
-    fn bare_at(&mut self, input: &[u8], run: &mut usize, j: usize, out: &mut Vec<u8>) {
+    fn bare_at<O: Output>(&mut self, input: &[u8], run: &mut usize, j: usize, out: &mut O) {
         self.bare_seen = true;
         self.flush(input, run, j, out);
         match self.mode {
@@ -330,7 +388,7 @@ impl DataScanner {
     /// A bare CR or LF that resolves held bytes: in Reject mode `reject` (the
     /// held bytes before the bare one) goes out and output stops; in
     /// Normalize mode `normalized` replaces the held bytes and the bare one.
-    fn bare_held(&mut self, reject: &[u8], normalized: &[u8], out: &mut Vec<u8>) {
+    fn bare_held<O: Output>(&mut self, reject: &[u8], normalized: &[u8], out: &mut O) {
         self.bare_seen = true;
         match self.mode {
             BareLineEndings::Reject => {
@@ -338,6 +396,244 @@ impl DataScanner {
                 self.stopped = true;
             }
             BareLineEndings::Normalize => self.emit(normalized, out),
+        }
+    }
+}
+
+/// Where `DataScanner::feed_into` puts its output: runs of the input to be
+/// sent verbatim, and literal bytes (held bytes released, stuffing,
+/// normalized line endings, the terminator).
+pub trait Output {
+    fn verbatim(&mut self, input: &[u8], range: std::ops::Range<usize>);
+    fn literal(&mut self, bytes: &[u8]);
+}
+
+impl Output for Vec<u8> {
+    #[inline]
+    fn verbatim(&mut self, input: &[u8], range: std::ops::Range<usize>) {
+        self.extend_from_slice(&input[range]);
+    }
+    #[inline]
+    fn literal(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+/// The scanner's output for one input chunk as a list of pieces, the
+/// verbatim ones as ranges of that chunk: sent with one vectored write
+/// (`io_slices`), the message bytes never copied. Reused across chunks
+/// (`clear`); holds literals pushed before the chunk (the `Received:`
+/// header) too.
+#[derive(Debug, Default)]
+pub struct Segments {
+    literals: Vec<u8>,
+    pieces: Vec<Piece>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Piece {
+    /// `literals[a..b]`.
+    Literal(usize, usize),
+    /// `input[a..b]`.
+    Input(usize, usize),
+}
+
+impl Segments {
+    pub fn clear(&mut self) {
+        self.literals.clear();
+        self.pieces.clear();
+    }
+    pub fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
+    /// Bytes in all pieces.
+    pub fn len(&self) -> usize {
+        self.pieces
+            .iter()
+            .map(|p| match *p {
+                Piece::Literal(a, b) | Piece::Input(a, b) => b - a,
+            })
+            .sum()
+    }
+    /// Appends literal bytes written by `write` (the `Received:` header
+    /// before the first chunk).
+    pub fn push_literal(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        let a = self.literals.len();
+        write(&mut self.literals);
+        let b = self.literals.len();
+        self.literal_range(a, b);
+    }
+    fn literal_range(&mut self, a: usize, b: usize) {
+        if a == b {
+            return;
+        }
+        match self.pieces.last_mut() {
+            Some(Piece::Literal(_, end)) if *end == a => *end = b,
+            _ => self.pieces.push(Piece::Literal(a, b)),
+        }
+    }
+    /// The pieces as slices for a vectored write; `input` must be the chunk
+    /// the scanner was fed.
+    pub fn io_slices<'a>(
+        &'a self,
+        input: &'a [u8],
+    ) -> smallvec::SmallVec<[std::io::IoSlice<'a>; 8]> {
+        self.pieces
+            .iter()
+            .map(|p| {
+                std::io::IoSlice::new(match *p {
+                    Piece::Literal(a, b) => &self.literals[a..b],
+                    Piece::Input(a, b) => &input[a..b],
+                })
+            })
+            .collect()
+    }
+}
+
+impl Output for Segments {
+    #[inline]
+    fn verbatim(&mut self, _input: &[u8], range: std::ops::Range<usize>) {
+        match self.pieces.last_mut() {
+            Some(Piece::Input(_, end)) if *end == range.start => *end = range.end,
+            _ => self.pieces.push(Piece::Input(range.start, range.end)),
+        }
+    }
+    #[inline]
+    fn literal(&mut self, bytes: &[u8]) {
+        let a = self.literals.len();
+        self.literals.extend_from_slice(bytes);
+        self.literal_range(a, a + bytes.len());
+    }
+}
+
+/// CR, LF and `.` masks of 64-byte blocks for `DataScanner::skip_plain`:
+/// AVX2 when the CPU has it, else SSE2 (every x86-64 has it); none
+/// elsewhere (the byte-wise path then does all the work).
+mod block {
+    use super::DataScanner;
+
+    /// Bytes per block: one bit per byte in a `u64` mask.
+    pub const LEN: usize = 64;
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Masks {
+        #[cfg(target_arch = "x86_64")]
+        Avx2,
+        #[cfg(target_arch = "x86_64")]
+        Sse2,
+        #[cfg(not(target_arch = "x86_64"))]
+        None,
+    }
+
+    impl Masks {
+        /// The best the CPU offers (std caches the CPUID answer).
+        #[inline]
+        pub fn detect() -> Masks {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    Masks::Avx2
+                } else {
+                    Masks::Sse2
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Masks::None
+        }
+
+        /// Skips plain blocks from `i` (see `DataScanner::skip_plain`).
+        #[inline]
+        pub fn skip(self, s: &mut DataScanner, input: &[u8], i: usize) -> usize {
+            match self {
+                // SAFETY: Avx2 is only chosen when the CPU has AVX2.
+                #[cfg(target_arch = "x86_64")]
+                Masks::Avx2 => unsafe { x86::skip_avx2(s, input, i) },
+                #[cfg(target_arch = "x86_64")]
+                Masks::Sse2 => x86::skip_sse2(s, input, i),
+                #[cfg(not(target_arch = "x86_64"))]
+                Masks::None => i,
+            }
+        }
+
+        /// (CR, LF, `.`) masks of `b[..LEN]`: bit k set when byte k is one.
+        #[cfg(test)]
+        pub fn masks(self, b: &[u8]) -> (u64, u64, u64) {
+            let b: &[u8; LEN] = b.try_into().expect("a block");
+            match self {
+                // SAFETY: the test asks for Avx2 only when the CPU has it.
+                #[cfg(target_arch = "x86_64")]
+                Masks::Avx2 => unsafe { x86::avx2(b) },
+                #[cfg(target_arch = "x86_64")]
+                Masks::Sse2 => x86::sse2(b),
+                #[cfg(not(target_arch = "x86_64"))]
+                Masks::None => unreachable!(),
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod x86 {
+        use super::{DataScanner, LEN};
+        use std::arch::x86_64::*;
+
+        /// Feeds blocks to `plain_block` while they are plain.
+        #[inline(always)]
+        fn skip(
+            s: &mut DataScanner,
+            input: &[u8],
+            mut i: usize,
+            masks: impl Fn(&[u8; LEN]) -> (u64, u64, u64),
+        ) -> usize {
+            while let Some(b) = input.get(i..i + LEN) {
+                let (cr, lf, dot) = masks(b.try_into().expect("LEN bytes"));
+                if !s.plain_block(cr, lf, dot) {
+                    break;
+                }
+                i += LEN;
+            }
+            i
+        }
+
+        #[target_feature(enable = "avx2")]
+        pub fn skip_avx2(s: &mut DataScanner, input: &[u8], i: usize) -> usize {
+            skip(s, input, i, |b| avx2(b))
+        }
+
+        pub fn skip_sse2(s: &mut DataScanner, input: &[u8], i: usize) -> usize {
+            skip(s, input, i, sse2)
+        }
+
+        #[target_feature(enable = "avx2")]
+        #[inline]
+        pub fn avx2(b: &[u8; LEN]) -> (u64, u64, u64) {
+            let p = b.as_ptr() as *const __m256i;
+            // SAFETY: two unaligned 32-byte loads inside the 64-byte array.
+            let (lo, hi) = unsafe { (_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1))) };
+            let mask = |c: u8| {
+                let c = _mm256_set1_epi8(c as i8);
+                let lo = _mm256_movemask_epi8(_mm256_cmpeq_epi8(lo, c)) as u32 as u64;
+                let hi = _mm256_movemask_epi8(_mm256_cmpeq_epi8(hi, c)) as u32 as u64;
+                lo | hi << 32
+            };
+            (mask(b'\r'), mask(b'\n'), mask(b'.'))
+        }
+
+        #[inline]
+        pub fn sse2(b: &[u8; LEN]) -> (u64, u64, u64) {
+            let (mut cr, mut lf, mut dot) = (0u64, 0u64, 0u64);
+            for k in 0..4 {
+                // SAFETY: SSE2 is part of x86-64; an unaligned 16-byte load
+                // inside the 64-byte array.
+                let (c, l, d) = unsafe {
+                    let v = _mm_loadu_si128(b.as_ptr().add(16 * k) as *const __m128i);
+                    let m = |c: u8| _mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(c as i8)));
+                    (m(b'\r'), m(b'\n'), m(b'.'))
+                };
+                cr |= (c as u16 as u64) << (16 * k);
+                lf |= (l as u16 as u64) << (16 * k);
+                dot |= (d as u16 as u64) << (16 * k);
+            }
+            (cr, lf, dot)
         }
     }
 }
@@ -467,8 +763,21 @@ mod tests {
         let mut out = Vec::new();
         let mut scan = Scan::More;
         let mut start = 0;
+        // The same through `Segments`, as the session sends it.
+        let mut s2 = DataScanner::new(opts);
+        let mut segs = Segments::default();
+        let mut out2 = Vec::new();
         for &end in cuts.iter().chain(std::iter::once(&input.len())) {
-            match s.feed(&input[start..end], &mut out) {
+            let chunk = &input[start..end];
+            segs.clear();
+            let scan2 = s2.feed_into(chunk, &mut segs);
+            for sl in segs.io_slices(chunk) {
+                out2.extend_from_slice(&sl);
+            }
+            let fed = s.feed(chunk, &mut out);
+            assert_eq!(fed, scan2);
+            assert_eq!(out, out2, "segments of {input:?} cut at {cuts:?}");
+            match fed {
                 Scan::More => {}
                 Scan::End { consumed } => {
                     scan = Scan::End {
@@ -1035,6 +1344,80 @@ mod tests {
                 let o = run_split(opts, &input, &cuts);
                 assert_eq!(o, reference(opts, &input), "{mode:?} {input:?} {cuts:?}");
                 assert!(no_bare(&o.out));
+            }
+        }
+    }
+
+    /// Inputs long enough for the block path: plain 20-90 byte lines with,
+    /// now and then, a bare CR or LF, a dot line, an empty line or a long
+    /// line, at every offset from the blocks' edges.
+    #[test]
+    fn block_path_matches_reference_model() {
+        let mut seed = 0x0b10_c0de_2026_1201u64;
+        for round in 0..600u32 {
+            let mut input = Vec::new();
+            let lines = 1 + xorshift(&mut seed) % 12;
+            for _ in 0..lines {
+                let len = 20 + (xorshift(&mut seed) % 70) as usize;
+                input.extend((0..len).map(|k| b'a' + (k % 26) as u8));
+                input.extend_from_slice(match xorshift(&mut seed) % 24 {
+                    0 => b"\n",
+                    1 => b"\r",
+                    2 => b"\r\n.",
+                    3 => b"\r\n..",
+                    4 => b"\r\n\r\n",
+                    5 => b"\r\r\n",
+                    6 => b"\n.\n",
+                    _ => b"\r\n",
+                });
+            }
+            if round % 3 == 0 {
+                let at = (xorshift(&mut seed) as usize) % (input.len() + 1);
+                input.insert(at, b'.');
+            }
+            input.extend_from_slice(b"\r\n.\r\nNEXT");
+            for max_line in [0, 40, 80] {
+                for mode in [BareLineEndings::Reject, BareLineEndings::Normalize] {
+                    let opts = DataOptions {
+                        bare_line_endings: mode,
+                        max_line,
+                    };
+                    let whole = run(opts, &input);
+                    assert_eq!(
+                        whole,
+                        reference(opts, &input),
+                        "{mode:?} {max_line} {input:?}"
+                    );
+                    for k in (0..=input.len()).step_by(7) {
+                        assert_eq!(
+                            run_split(opts, &input, &[k]),
+                            whole,
+                            "{mode:?} {k} {input:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn block_masks_agree() {
+        let mut seed = 0x3a5c_77e1_0102_0304u64;
+        for _ in 0..2000 {
+            let b: Vec<u8> = (0..64)
+                .map(|_| b"\r\nab."[(xorshift(&mut seed) % 5) as usize])
+                .collect();
+            let bit = |c: u8| {
+                b.iter()
+                    .enumerate()
+                    .filter(|&(_, &x)| x == c)
+                    .fold(0u64, |m, (k, _)| m | 1 << k)
+            };
+            let want = (bit(b'\r'), bit(b'\n'), bit(b'.'));
+            assert_eq!(super::block::Masks::Sse2.masks(&b), want);
+            if std::arch::is_x86_feature_detected!("avx2") {
+                assert_eq!(super::block::Masks::Avx2.masks(&b), want);
             }
         }
     }

@@ -96,9 +96,12 @@ impl Reply {
     /// Appends `text` to the last line; a CR or LF in it is dropped, so it
     /// can never break the reply's framing.
     pub fn push_text(&mut self, text: &str) {
-        for chunk in text.as_bytes().split(|&b| b == b'\r' || b == b'\n') {
-            self.text.extend_from_slice(chunk);
+        let mut t = text.as_bytes();
+        while let Some(k) = memchr::memchr2(b'\r', b'\n', t) {
+            self.text.extend_from_slice(&t[..k]);
+            t = &t[k + 1..];
         }
+        self.text.extend_from_slice(t);
     }
     /// The text lines (at least one, maybe empty).
     pub fn lines(&self) -> impl Iterator<Item = &str> + '_ {
@@ -164,6 +167,20 @@ impl Reply {
     /// every line that starts with the same one. Text that is not UTF-8 is
     /// converted lossily.
     pub fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
+        // A complete one-line reply (the usual case) in one pass.
+        if let Some(lf) = memchr::memchr(b'\n', &buf[..buf.len().min(MAX_REPLY_LINE)]) {
+            let line = strip_cr(&buf[..lf]);
+            if line.get(3) != Some(&b'-') {
+                let (code, _, text) = split_line(line)?;
+                let mut reply = Reply {
+                    code,
+                    enhanced: None,
+                    text: SmallVec::new(),
+                };
+                reply.push_line(0, text, &mut ([0; 16], 0));
+                return Ok(Some((reply, lf + 1)));
+            }
+        }
         // Pass 1: validate and find the end without allocating, so that an
         // incomplete reply costs nothing.
         let mut pos = 0;
@@ -203,52 +220,56 @@ impl Reply {
             enhanced: None,
             text: SmallVec::new(),
         };
-        let mut enhanced = None;
-        // The first line's `x.y.z` as written (at most 9 bytes).
-        let mut enh_buf = [0u8; 16];
-        let mut enh_len = 0;
+        let mut enh = ([0; 16], 0);
         for (i, raw) in buf[..used].split_inclusive(|&b| b == b'\n').enumerate() {
             let line = strip_cr(&raw[..raw.len() - 1]);
             let (_, _, text) = split_line(line)?;
-            // A CR inside the text is dropped (`push_text`): drop it before
-            // the enhanced code is looked for, so that the reply reads the
-            // same when written again (`250 2.1.0\rx` is `250 2.1.0x`).
-            let owned;
-            let mut text = if memchr::memchr(b'\r', text).is_some() {
-                owned = text
-                    .iter()
-                    .copied()
-                    .filter(|&b| b != b'\r')
-                    .collect::<Vec<u8>>();
-                &owned[..]
-            } else {
-                text
-            };
-            if i == 0 {
-                if let Some((enh, len)) = parse_enhanced(text, code) {
-                    enhanced = Some(enh);
-                    enh_buf[..len].copy_from_slice(&text[..len]);
-                    enh_len = len;
-                }
-            }
-            if enhanced.is_some() && text.starts_with(&enh_buf[..enh_len]) {
-                let after = &text[enh_len..];
-                if after.is_empty() {
-                    text = after;
-                } else if after[0] == b' ' {
-                    text = &after[1..];
-                }
-            }
-            if i > 0 {
-                reply.text.push(b'\n');
-            }
-            match std::str::from_utf8(text) {
-                Ok(t) => reply.push_text(t),
-                Err(_) => reply.push_text(&String::from_utf8_lossy(text)),
+            reply.push_line(i, text, &mut enh);
+        }
+        Ok(Some((reply, used)))
+    }
+
+    /// Appends the text of reply line `i`: the enhanced code is taken from
+    /// the first line (`enh` keeps its spelling, `x.y.z` at most 9 bytes)
+    /// and stripped from every line that starts with it.
+    fn push_line(&mut self, i: usize, text: &[u8], enh: &mut ([u8; 16], usize)) {
+        // A CR inside the text is dropped (`push_text`): drop it before the
+        // enhanced code is looked for, so that the reply reads the same when
+        // written again (`250 2.1.0\rx` is `250 2.1.0x`).
+        let owned;
+        let mut text = if memchr::memchr(b'\r', text).is_some() {
+            owned = text
+                .iter()
+                .copied()
+                .filter(|&b| b != b'\r')
+                .collect::<Vec<u8>>();
+            &owned[..]
+        } else {
+            text
+        };
+        if i == 0 {
+            if let Some((code, len)) = parse_enhanced(text, self.code) {
+                self.enhanced = Some(code);
+                enh.0[..len].copy_from_slice(&text[..len]);
+                enh.1 = len;
             }
         }
-        reply.enhanced = enhanced;
-        Ok(Some((reply, used)))
+        let spelled = &enh.0[..enh.1];
+        if self.enhanced.is_some() && text.starts_with(spelled) {
+            let after = &text[spelled.len()..];
+            if after.is_empty() {
+                text = after;
+            } else if after[0] == b' ' {
+                text = &after[1..];
+            }
+        }
+        if i > 0 {
+            self.text.push(b'\n');
+        }
+        match std::str::from_utf8(text) {
+            Ok(t) => self.push_text(t),
+            Err(_) => self.push_text(&String::from_utf8_lossy(text)),
+        }
     }
 }
 
