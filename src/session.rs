@@ -667,7 +667,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     async fn run(&mut self) -> Outcome {
         let cmd_timeout = Duration::from_secs_f64(self.cfg().timeouts.command);
+        // The command timeout bounds the wait for a whole command line, not
+        // each read: a client dribbling a byte at a time (slowloris) does
+        // not extend it.
+        let mut cmd_deadline = tokio::time::Instant::now() + cmd_timeout;
         loop {
+            let before = self.inbuf.len();
             match self.process_lines().await {
                 Step::Continue => {}
                 Step::Quit => {
@@ -698,6 +703,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 match Box::pin(self.data_phase()).await {
                     Ok(reply) => {
                         reply.write_to(&mut self.out);
+                        cmd_deadline = tokio::time::Instant::now() + cmd_timeout;
                         self.st.messages += 1;
                         self.end_txn();
                         if *self.shutdown.borrow() {
@@ -721,7 +727,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Outcome::Closed;
             }
             let idle = self.st.mail.is_none();
-            match self.read_more(cmd_timeout, idle).await {
+            let now = tokio::time::Instant::now();
+            if !self.st.skipping_line && (self.inbuf.is_empty() || self.inbuf.len() < before) {
+                // A command was taken, or none is begun: a new wait starts.
+                cmd_deadline = now + cmd_timeout;
+            }
+            let left = cmd_deadline.saturating_duration_since(now);
+            match self.read_more(left, idle).await {
                 Ok(0) | Err(ReadErr::Io) => return Outcome::Closed,
                 Ok(_) => {}
                 Err(ReadErr::Timeout) => {
