@@ -283,6 +283,10 @@ struct State {
     /// sent with it get 503 without counting as errors (RFC 2920).
     mail_refused: bool,
     bad: u32,
+    /// Junk commands (NOOP, RSET, VRFY, HELP, EHLO/HELO) since the last
+    /// message, and `messages` when that count was started.
+    junk: u32,
+    junk_since: u64,
     skipping_line: bool,
     /// The client's identity for the backend, built at the first MAIL after
     /// each HELO (it caches its encoded XFORWARD lines).
@@ -824,6 +828,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.connect_refusal(&v).await;
             return Step::Close;
         }
+        if self.junk_over(&cmd) {
+            self.reply(
+                421,
+                "4.7.0",
+                "Too many commands without a message, closing connection",
+            );
+            return Step::Close;
+        }
         match cmd {
             Command::Ehlo(name) | Command::Helo(name) => {
                 let esmtp = matches!(cmd, Command::Ehlo(_));
@@ -908,6 +920,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
         Step::Continue
+    }
+
+    /// Counts a junk command (one that moves no mail: NOOP, RSET, VRFY,
+    /// HELP, EHLO/HELO); true past `max_junk_commands` since the last
+    /// message, like Postfix's smtpd_junk_command_limit: a client looping
+    /// on them holds a session (and a slot) without ever sending mail.
+    fn junk_over(&mut self, cmd: &Command) -> bool {
+        let max = self.cfg().limits.max_junk_commands;
+        let junk = matches!(
+            cmd,
+            Command::Noop
+                | Command::Rset
+                | Command::Vrfy
+                | Command::Help
+                | Command::Ehlo(_)
+                | Command::Helo(_)
+        );
+        if max == 0 || !junk {
+            return false;
+        }
+        if self.st.junk_since != self.st.messages {
+            self.st.junk_since = self.st.messages;
+            self.st.junk = 0;
+        }
+        self.st.junk += 1;
+        self.st.junk > max
     }
 
     fn ehlo_reply(&mut self) {
