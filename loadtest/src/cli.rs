@@ -1,4 +1,4 @@
-//! Command line (clap derive): `run`, `sink`, `idle` and `otlp-sink`, and
+//! Command line (clap derive): `run`, `sink`, `idle`, `slow` and `otlp-sink`, and
 //! their mapping to the library's configurations.
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -11,6 +11,7 @@ use crate::message::{parse_size, SizeDist};
 use crate::otlp::OtlpProtocol;
 use crate::run::RunConfig;
 use crate::sink::SinkConfig;
+use crate::slow::SlowConfig;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -31,6 +32,10 @@ pub enum Cmd {
     Sink(SinkArgs),
     /// Open many connections, say EHLO, and hold them idle.
     Idle(IdleArgs),
+    /// Slowloris: open many connections and never finish a command (one
+    /// byte every --every seconds, or nothing); report how the server
+    /// refused and reclaimed them.
+    Slow(SlowArgs),
     /// An OTLP trace receiver (gRPC, or HTTP/protobuf): counts the spans
     /// exported to it and prints the counts when stopped.
     OtlpSink(OtlpSinkArgs),
@@ -208,6 +213,58 @@ pub struct IdleArgs {
     /// No progress line on stderr.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+}
+
+/// Flags of `smtp-load slow`.
+#[derive(Debug, Args)]
+pub struct SlowArgs {
+    /// Server to connect to, HOST:PORT.
+    #[arg(long, short = 't')]
+    pub target: String,
+    /// Connections to open.
+    #[arg(long, short = 'c')]
+    pub connections: usize,
+    /// Seconds to keep each greeted connection (unless the server closes it).
+    #[arg(long, default_value_t = 30.0)]
+    pub hold: f64,
+    /// Send one byte of a command line every this many seconds (0: never
+    /// say anything).
+    #[arg(long, default_value_t = 0.0)]
+    pub every: f64,
+    /// Source addresses to rotate through, e.g. 127.0.0.2-127.0.0.20.
+    #[arg(long)]
+    pub bind: Option<String>,
+    /// Timeout in seconds for connect and the greeting.
+    #[arg(long, default_value_t = 30.0)]
+    pub timeout: f64,
+    /// Connection attempts in progress at once while opening.
+    #[arg(long, default_value_t = 256)]
+    pub open_parallel: usize,
+    /// Report this server process's RSS (repeat for several).
+    #[arg(long = "watch-pid")]
+    pub watch_pid: Vec<u32>,
+    /// Runtime worker threads (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl SlowArgs {
+    pub fn to_config(&self) -> Result<SlowConfig, String> {
+        let every = secs(self.every, "--every")?;
+        Ok(SlowConfig {
+            target: resolve(&self.target)?,
+            connections: self.connections,
+            hold: secs(self.hold, "--hold")?,
+            every: (!every.is_zero()).then_some(every),
+            bind: self.bind.clone(),
+            timeout: secs(self.timeout, "--timeout")?.max(Duration::from_millis(1)),
+            open_parallel: self.open_parallel,
+            watch_pids: self.watch_pid.clone(),
+        })
+    }
 }
 
 /// Flags of `smtp-load otlp-sink`.

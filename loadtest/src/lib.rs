@@ -1,8 +1,9 @@
 //! `smtp-load`: the load generator for smtp-edge (closed and open loop,
 //! hdrhistogram latencies per phase, JSON report), a fast SMTP sink backend,
-//! an idle-connection holder and an OTLP trace receiver. The binary in
-//! `main.rs` is a thin CLI over [`run::run`], [`sink::SinkServer`],
-//! [`idle::idle`] and [`otlp::OtlpSink`].
+//! an idle-connection holder, a slowloris and an OTLP trace receiver. The
+//! binary in `main.rs` is a thin CLI over [`run::run`],
+//! [`sink::SinkServer`], [`idle::idle`], [`slow::slow`] and
+//! [`otlp::OtlpSink`].
 
 pub mod cli;
 pub mod conn;
@@ -13,6 +14,7 @@ pub mod otlp;
 pub mod procstat;
 pub mod run;
 pub mod sink;
+pub mod slow;
 pub mod stats;
 pub mod tls;
 

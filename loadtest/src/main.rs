@@ -1,5 +1,5 @@
 //! `smtp-load` command line: parses the flags, builds a multi-thread tokio
-//! runtime and runs `run`, `sink`, `idle` or `otlp-sink`. Exit codes: 0 success, 1 the
+//! runtime and runs `run`, `sink`, `idle`, `slow` or `otlp-sink`. Exit codes: 0 success, 1 the
 //! load did not fully succeed (see the counts), 2 bad flags or setup.
 
 use std::io::Write;
@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use smtp_load::cli::{threads, Cli, Cmd, IdleArgs, OtlpSinkArgs, RunArgs, SinkArgs};
+use smtp_load::cli::{threads, Cli, Cmd, IdleArgs, OtlpSinkArgs, RunArgs, SinkArgs, SlowArgs};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -19,6 +19,7 @@ fn main() -> ExitCode {
         Cmd::Run(a) => a.threads,
         Cmd::Sink(a) => a.threads,
         Cmd::Idle(a) => a.threads,
+        Cmd::Slow(a) => a.threads,
         Cmd::OtlpSink(a) => a.threads,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -34,6 +35,7 @@ fn main() -> ExitCode {
             Cmd::Run(a) => run(a).await,
             Cmd::Sink(a) => sink(a).await,
             Cmd::Idle(a) => idle(a).await,
+            Cmd::Slow(a) => slow(a).await,
             Cmd::OtlpSink(a) => otlp_sink(a).await,
         }
     });
@@ -157,6 +159,20 @@ async fn idle(a: IdleArgs) -> ExitCode {
             } else {
                 ExitCode::from(1)
             }
+        }
+        Err(e) => fail(e),
+    }
+}
+
+async fn slow(a: SlowArgs) -> ExitCode {
+    let cfg = match a.to_config() {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    match smtp_load::slow::slow(cfg).await {
+        Ok(r) => {
+            print_report(a.json, &r, || r.to_table());
+            ExitCode::SUCCESS
         }
         Err(e) => fail(e),
     }
