@@ -18,8 +18,8 @@ fn main() -> ExitCode {
     let n = match &cli.cmd {
         Cmd::Run(a) => a.threads,
         Cmd::Sink(a) => a.threads,
-        Cmd::Idle(a) => a.threads,
-        Cmd::Slow(a) => a.threads,
+        Cmd::Idle(a) => a.held.threads,
+        Cmd::Slow(a) => a.held.threads,
         Cmd::OtlpSink(a) => a.threads,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -153,7 +153,7 @@ async fn idle(a: IdleArgs) -> ExitCode {
     };
     match smtp_load::idle::idle(cfg).await {
         Ok(r) => {
-            print_report(a.json, &r, || r.to_table());
+            print_report(a.held.json, &r, || r.to_table());
             if r.ok {
                 ExitCode::SUCCESS
             } else {
@@ -171,7 +171,7 @@ async fn slow(a: SlowArgs) -> ExitCode {
     };
     match smtp_load::slow::slow(cfg).await {
         Ok(r) => {
-            print_report(a.json, &r, || r.to_table());
+            print_report(a.held.json, &r, || r.to_table());
             ExitCode::SUCCESS
         }
         Err(e) => fail(e),
