@@ -54,16 +54,6 @@ slow() {
 }
 # A run with refusals is still reported (its codes below the table).
 export ALLOW_INCOMPLETE=1
-# codes FILE: a report's non-2xx replies by stage and its errors, or "none".
-codes() {
-  python3 -c '
-import json, sys
-r = json.load(open(sys.argv[1]))
-out = [f"{st} {c}: {n}" for st, cs in r["replies"].items() for c, n in sorted(cs.items())
-       if not (c.startswith("2") or c == "354")]
-out += [f"error {k}: {n}" for k, n in r["errors"].items() if n]
-print(", ".join(out) or "none")' "$1"
-}
 k=latency_us.scheduled_to_final
 m=latency_us.mail_to_final
 echo "good senders: $RATE msgs/s from 4 addresses, persistent connections, ${SECS} s per run"
