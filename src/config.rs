@@ -687,7 +687,9 @@ impl Config {
                     "must be > 0".into(),
                 );
             }
-            if !(b.max_idle.is_finite() && b.max_idle >= 0.0) {
+            // Bounded like every other seconds value: `Relay::new` makes a
+            // `Duration` of it, which panics past ~1.8e19 s.
+            if !(b.max_idle.is_finite() && b.max_idle >= 0.0 && b.max_idle < 1e7) {
                 err(
                     format!("backend[{i}].max_idle"),
                     "must be a number of seconds >= 0".into(),
@@ -972,6 +974,28 @@ mod tests {
                     [policy.limits.redis]\nurl = \"redis://10.0.0.5:6379/1\"\n";
         let c = Config::parse(text).unwrap();
         assert!(c.policy.limits.uses_redis());
+    }
+
+    /// Fuzz finding (fuzz/README.md): `max_idle = 1e300` was valid, and
+    /// building the relay from it (`Duration::from_secs_f64`) panicked at
+    /// start or reload.
+    #[test]
+    fn max_idle_bounded() {
+        let text = |v: &str| {
+            format!("[[listener]]\naddress = \"127.0.0.1:25\"\n[[backend]]\naddress = \"a:25\"\nmax_idle = {v}\n")
+        };
+        for bad in ["1e300", "1e7", "inf", "nan", "-1"] {
+            let errs = Config::parse(&text(bad)).unwrap_err();
+            assert_eq!(errs.len(), 1, "{bad}: {errs:?}");
+            assert_eq!(
+                (errs[0].key.as_str(), errs[0].line),
+                ("backend[0].max_idle", 5)
+            );
+        }
+        assert_eq!(
+            Config::parse(&text("86400")).unwrap().backends[0].max_idle,
+            86400.0
+        );
     }
 
     #[test]

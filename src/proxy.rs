@@ -90,7 +90,7 @@ pub fn trusted(trusted_proxies: &[IpNet], source: IpAddr) -> bool {
 
 /// The judgement of the bytes seen so far.
 #[derive(Debug, PartialEq, Eq)]
-enum Scan {
+pub enum Scan {
     /// A whole header of `len` bytes.
     Complete {
         len: usize,
@@ -102,8 +102,9 @@ enum Scan {
 }
 
 /// Judges `buf`, the bytes from the start of the connection (possibly
-/// followed by bytes that are not part of the header).
-fn scan(buf: &[u8]) -> Scan {
+/// followed by bytes that are not part of the header). Public for the
+/// fuzz target and property tests; the server uses `read_header`.
+pub fn scan(buf: &[u8]) -> Scan {
     if buf.len() >= 16 && buf.starts_with(V2_SIGNATURE) {
         let total = 16 + u16::from_be_bytes([buf[14], buf[15]]) as usize;
         if total > MAX_HEADER {
@@ -114,21 +115,32 @@ fn scan(buf: &[u8]) -> Scan {
     // valid one invalid (`PROXY TCP6 a b 1 ` before the last port).
     let v2_start = buf.len().min(12);
     let v1_start = buf.len().min(6);
-    if buf[..v2_start] != V2_SIGNATURE[..v2_start] {
+    let mut buf = buf;
+    let v1 = buf[..v2_start] != V2_SIGNATURE[..v2_start];
+    if v1 {
         if buf[..v1_start] != b"PROXY "[..v1_start] {
             return Scan::Invalid(Refusal::Malformed);
         }
-        if memchr::memchr(b'\n', buf).is_none() {
+        let Some(lf) = memchr::memchr(b'\n', buf) else {
             return if buf.len() >= V1_MAX {
                 Scan::Invalid(Refusal::TooLong)
             } else {
                 Scan::Incomplete
             };
-        }
+        };
+        // A v1 header ends at its first LF: it is judged on those bytes
+        // alone, so what follows them (and how it arrives) cannot change
+        // the verdict (ppp judged some lines by the bytes after the LF).
+        buf = &buf[..=lf];
     }
     let parsed = HeaderResult::parse(buf);
     if parsed.is_incomplete() {
-        return Scan::Incomplete;
+        // The whole v1 line is there: it will never be more complete.
+        return if v1 {
+            Scan::Invalid(Refusal::Malformed)
+        } else {
+            Scan::Incomplete
+        };
     }
     match parsed {
         HeaderResult::V2(Ok(h)) => {
@@ -348,5 +360,26 @@ mod tests {
         assert!(trusted(&nets, "::ffff:10.1.1.1".parse().unwrap()));
         assert!(!trusted(&nets, "192.0.2.1".parse().unwrap()));
         assert!(!trusted(&[], Ipv4Addr::LOCALHOST.into()));
+    }
+
+    /// Fuzz finding (fuzz/README.md, `proxy` target): a v1 line whose LF
+    /// was there stayed `Incomplete` (ppp waits for a CRLF), except at one
+    /// length where ppp called it malformed: the verdict depended on how
+    /// the bytes arrived, and a line that can never become a header was
+    /// waited on until the timeout.
+    #[test]
+    fn v1_line_judged_once_its_lf_is_there() {
+        let input = b"PROXY TCP4 1\x023\0XYC\nQU\n~\xc6\xb6n;T";
+        let verdicts: Vec<(usize, Scan)> =
+            (0..=input.len()).map(|k| (k, scan(&input[..k]))).collect();
+        for (k, v) in &verdicts {
+            let lf = input[..*k].contains(&b'\n');
+            let want = if lf {
+                Scan::Invalid(Refusal::Malformed)
+            } else {
+                Scan::Incomplete
+            };
+            assert_eq!(*v, want, "prefix {k}");
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! their mapping to the library's configurations.
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -27,7 +28,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
     /// Send mail at a target and report rates, reply codes and latencies.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// A fast SMTP sink: accepts and discards mail, counts it.
     Sink(SinkArgs),
     /// Open many connections, say EHLO, and hold them idle.
@@ -39,6 +40,9 @@ pub enum Cmd {
     /// An OTLP trace receiver (gRPC, or HTTP/protobuf): counts the spans
     /// exported to it and prints the counts when stopped.
     OtlpSink(OtlpSinkArgs),
+    /// Compare what the clients of a `run --outcomes` were told with what
+    /// the backends stored: lost, duplicated, explained.
+    Account(AccountArgs),
 }
 
 /// Flags of `smtp-load run`.
@@ -130,12 +134,41 @@ pub struct RunArgs {
     /// Report this server process's CPU and RSS (repeat for several).
     #[arg(long = "watch-pid")]
     pub watch_pid: Vec<u32>,
+    /// Give each message an id (an `X-Load-Id` header and a `load-end`
+    /// last line) and write what it was told, per id, to this file.
+    #[arg(long)]
+    pub outcomes: Option<PathBuf>,
+    /// Ids are `<prefix>-<n>`.
+    #[arg(long, default_value = "load", requires = "outcomes")]
+    pub id_prefix: String,
+    /// Write an SVG chart of messages/s and latency per second.
+    #[arg(long)]
+    pub chart: Option<PathBuf>,
+    /// Fault moments to mark on the chart: lines of `<unix seconds> <label>`
+    /// (read when the run ends).
+    #[arg(long, requires = "chart")]
+    pub faults: Option<PathBuf>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
     /// No progress line on stderr.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+}
+
+/// Flags of `smtp-load account`.
+#[derive(Debug, Args)]
+pub struct AccountArgs {
+    /// The outcome log of `run --outcomes`.
+    #[arg(long)]
+    pub outcomes: PathBuf,
+    /// A directory of stored messages (smtp-sink dumps, a Maildir), read
+    /// recursively; repeat for every backend.
+    #[arg(long, required = true)]
+    pub store: Vec<PathBuf>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Flags of `smtp-load sink`.
@@ -348,6 +381,10 @@ impl RunArgs {
         c.progress = !self.quiet;
         c.watch_pids = self.watch_pid.clone();
         c.threads = threads(self.threads);
+        c.outcomes = self.outcomes.clone();
+        c.id_prefix = self.id_prefix.clone();
+        c.chart = self.chart.clone();
+        c.faults = self.faults.clone();
         c.validate()?;
         Ok(c)
     }
@@ -448,6 +485,20 @@ mod tests {
         assert!(run_args(&["-c", "0"]).is_err());
         assert!(run_args(&["--rate", "-1"]).is_err());
         assert!(run_args(&["--from", "a>b"]).is_err());
+        let c = run_args(&[
+            "--outcomes",
+            "o.tsv",
+            "--id-prefix",
+            "f1",
+            "--chart",
+            "c.svg",
+        ])
+        .unwrap();
+        assert_eq!(c.outcomes, Some(PathBuf::from("o.tsv")));
+        assert_eq!((c.id_prefix.as_str(), c.chart.is_some()), ("f1", true));
+        assert!(run_args(&["--faults", "f.txt"]).is_err());
+        assert!(run_args(&["--id-prefix", "x"]).is_err());
+        assert!(run_args(&["--outcomes", "o", "--id-prefix", "a b"]).is_err());
     }
 
     #[test]

@@ -1,16 +1,21 @@
 //! `smtp-load`: the load generator for smtp-edge (closed and open loop,
 //! hdrhistogram latencies per phase, JSON report), a fast SMTP sink backend,
-//! an idle-connection holder, a slowloris and an OTLP trace receiver. The
-//! binary in `main.rs` is a thin CLI over [`run::run`],
-//! [`sink::SinkServer`], [`idle::idle`], [`slow::slow`] and
-//! [`otlp::OtlpSink`].
+//! an idle-connection holder, a slowloris and an OTLP trace receiver;
+//! per-message ids with an outcome log ([`outcome`]), the no-loss
+//! accounting against what backends stored ([`account`]) and a per-second
+//! SVG chart ([`chart`]). The binary in `main.rs` is a thin CLI over
+//! [`run::run`], [`sink::SinkServer`], [`idle::idle`], [`slow::slow`],
+//! [`otlp::OtlpSink`] and [`account::Accounting`].
 
+pub mod account;
+pub mod chart;
 pub mod cli;
 pub mod conn;
 pub mod idle;
 pub mod message;
 pub mod net;
 pub mod otlp;
+pub mod outcome;
 pub mod procstat;
 pub mod run;
 pub mod sink;

@@ -1,5 +1,6 @@
 //! `smtp-load` command line: parses the flags, builds a multi-thread tokio
-//! runtime and runs `run`, `sink`, `idle`, `slow` or `otlp-sink`. Exit codes: 0 success, 1 the
+//! runtime and runs `run`, `sink`, `idle`, `slow` or `otlp-sink` (`account`
+//! needs no runtime). Exit codes: 0 success, 1 the
 //! load did not fully succeed (see the counts), 2 bad flags or setup.
 
 use std::io::Write;
@@ -9,10 +10,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use smtp_load::cli::{threads, Cli, Cmd, IdleArgs, OtlpSinkArgs, RunArgs, SinkArgs, SlowArgs};
+use smtp_load::cli::{
+    threads, AccountArgs, Cli, Cmd, IdleArgs, OtlpSinkArgs, RunArgs, SinkArgs, SlowArgs,
+};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Cmd::Account(a) = &cli.cmd {
+        return account(a);
+    }
     // Many connections need many fds: use all the hard limit allows.
     smtp_load::procstat::raise_nofile();
     let n = match &cli.cmd {
@@ -21,6 +27,7 @@ fn main() -> ExitCode {
         Cmd::Idle(a) => a.held.threads,
         Cmd::Slow(a) => a.held.threads,
         Cmd::OtlpSink(a) => a.threads,
+        Cmd::Account(_) => 1,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads(n))
@@ -32,11 +39,12 @@ fn main() -> ExitCode {
     };
     let code = rt.block_on(async {
         match cli.cmd {
-            Cmd::Run(a) => run(a).await,
+            Cmd::Run(a) => run(*a).await,
             Cmd::Sink(a) => sink(a).await,
             Cmd::Idle(a) => idle(a).await,
             Cmd::Slow(a) => slow(a).await,
             Cmd::OtlpSink(a) => otlp_sink(a).await,
+            Cmd::Account(a) => account(&a),
         }
     });
     rt.shutdown_timeout(Duration::from_millis(100));
@@ -199,4 +207,24 @@ async fn otlp_sink(a: OtlpSinkArgs) -> ExitCode {
     let r = server.report();
     print_report(a.json, &r, || r.to_table());
     ExitCode::SUCCESS
+}
+
+/// `account`: exit 0 when nothing was lost, duplicated or stored
+/// unexplained, 1 otherwise, 2 when a file cannot be read.
+fn account(a: &AccountArgs) -> ExitCode {
+    let log = match smtp_load::outcome::read_log(&a.outcomes) {
+        Ok(l) => l,
+        Err(e) => return fail(e),
+    };
+    let store = match smtp_load::account::Store::scan(&a.store) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let r = smtp_load::account::Accounting::compute(&log, &store);
+    print_report(a.json, &r, || r.to_table());
+    if r.pass {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }

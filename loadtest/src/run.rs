@@ -4,15 +4,18 @@
 //! slow server cannot hide its latency: no coordinated omission).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Mutex};
 
+use crate::chart::Timeline;
 use crate::conn::{Caps, Conn, Error, ErrorKind, TlsClient};
 use crate::message::{MessagePlan, MessageTemplate, SizeDist, SplitMix64};
 use crate::net::BindPool;
+use crate::outcome::{stamped, Decision, Ids};
 use crate::procstat::UsageStart;
 use crate::stats::{
     errors_map, ConfigEcho, ConnCounts, Histograms, MessageCounts, Phase, Progress, Recorder,
@@ -64,6 +67,14 @@ pub struct RunConfig {
     pub watch_pids: Vec<u32>,
     /// Runtime worker threads (echoed in the report only).
     pub threads: usize,
+    /// Per-message ids (`X-Load-Id: <prefix>-<n>`) and the outcome log
+    /// written to this file (see [`crate::outcome`]).
+    pub outcomes: Option<PathBuf>,
+    pub id_prefix: String,
+    /// The per-second SVG chart (see [`crate::chart`]), and the fault
+    /// moments to mark on it.
+    pub chart: Option<PathBuf>,
+    pub faults: Option<PathBuf>,
 }
 
 impl RunConfig {
@@ -96,6 +107,10 @@ impl RunConfig {
             progress: false,
             watch_pids: Vec::new(),
             threads: 0,
+            outcomes: None,
+            id_prefix: "load".into(),
+            chart: None,
+            faults: None,
         }
     }
 
@@ -123,6 +138,12 @@ impl RunConfig {
             if self.max_inflight == 0 {
                 return Err("--max-inflight must be at least 1".into());
             }
+        }
+        if self.faults.is_some() && self.chart.is_none() {
+            return Err("--faults needs --chart".into());
+        }
+        if self.id_prefix.is_empty() || !self.id_prefix.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("--id-prefix must be printable ASCII without spaces".into());
         }
         for s in [&self.helo, &self.from, &self.to] {
             if s.bytes()
@@ -159,6 +180,11 @@ struct Shared {
     stop: Arc<AtomicBool>,
     queue: Option<Mutex<mpsc::UnboundedReceiver<Job>>>,
     ehlo_cmd: Vec<u8>,
+    /// With `--outcomes`: the ids handed out and the outcomes collected.
+    ids: Option<Ids>,
+    /// With `--chart`: the per-second counts and latencies.
+    timeline: Option<Timeline>,
+    t0: Instant,
 }
 
 impl Shared {
@@ -222,10 +248,14 @@ fn is_2xx(code: u16) -> bool {
     (200..300).contains(&code)
 }
 
-/// Where a worker records: the measured tally and recorder, or the warmup's.
+/// Where a worker records: the measured tally and recorder, or the warmup's;
+/// and how the message at hand is being decided.
 struct Out<'a, 'b> {
     t: &'a mut Tally,
     rec: Option<&'a mut Recorder<'b>>,
+    decision: Decision,
+    /// With `--outcomes`: the message's id and its wire form.
+    stamp: Option<(&'a str, &'a mut Vec<u8>)>,
 }
 
 impl Out<'_, '_> {
@@ -233,6 +263,12 @@ impl Out<'_, '_> {
         if let Some(r) = self.rec.as_deref_mut() {
             r.record(p, d);
         }
+    }
+
+    /// Counts a reply and notes it in the decision.
+    fn code(&mut self, stage: Stage, code: u16) {
+        self.t.code(stage, code);
+        self.decision.reply(stage, code);
     }
 }
 
@@ -261,7 +297,12 @@ pub async fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<Report, String
         (None, None)
     };
     let ehlo_cmd = format!("EHLO {}\r\n", cfg.helo).into_bytes();
+    let ids = cfg.outcomes.as_ref().map(|_| Ids::new(&cfg.id_prefix));
+    let timeline = cfg.chart.as_ref().map(|_| Timeline::new(t0));
     let sh = Arc::new(Shared {
+        ids,
+        timeline,
+        t0,
         plan,
         bind,
         tls,
@@ -318,6 +359,20 @@ pub async fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<Report, String
     }
     let end = Instant::now();
     let usage_start = usage.await.map_err(|e| e.to_string())?;
+    if let (Some(ids), Some(path)) = (&sh.ids, &sh.cfg.outcomes) {
+        ids.write(path)?;
+    }
+    if let (Some(tl), Some(path)) = (&sh.timeline, &sh.cfg.chart) {
+        let faults = match &sh.cfg.faults {
+            Some(f) => crate::chart::read_faults(f, tl.start_unix)?,
+            None => Vec::new(),
+        };
+        let title = format!(
+            "{} connections to {}: messages and latency per second, faults in orange",
+            sh.cfg.connections, sh.cfg.target
+        );
+        crate::chart::draw(path, &title, &tl.seconds(), &faults)?;
+    }
     let elapsed = total
         .last_completion
         .unwrap_or(end)
@@ -481,17 +536,25 @@ async fn worker(sh: Arc<Shared>, id: usize) -> Tally {
     let mut rng = SplitMix64(0x5EED_0000 ^ (id as u64).wrapping_mul(0x9E37_79B9));
     let mut sess: Option<Session> = None;
     let mpc = sh.cfg.messages_per_conn;
+    let mut wire = Vec::new();
     while let Some(job) = sh.next_job().await {
+        let started = job.scheduled.unwrap_or_else(Instant::now);
+        let msg_id = sh.ids.as_ref().map(Ids::next);
+        let stamp = msg_id.as_deref().map(|id| (id, &mut wire));
         let mut out = if job.measure {
             Out {
                 t: &mut tally,
                 rec: Some(&mut rec),
+                decision: Decision::default(),
+                stamp,
             }
         } else {
             sh.warmup_msgs.fetch_add(1, Ordering::Relaxed);
             Out {
                 t: &mut warm,
                 rec: None,
+                decision: Decision::default(),
+                stamp,
             }
         };
         out.t.attempted += 1;
@@ -518,7 +581,20 @@ async fn worker(sh: Arc<Shared>, id: usize) -> Tally {
             }
         }
         let connect_failed = fate == Fate::Failed(ErrorKind::Connect);
-        out.t.complete(Instant::now());
+        let done = Instant::now();
+        out.t.complete(done);
+        if let (Some(ids), Some(id)) = (&sh.ids, &msg_id) {
+            let t = done.saturating_duration_since(sh.t0).as_secs_f64();
+            let latency = done.saturating_duration_since(started).as_secs_f64();
+            ids.record(out.decision.outcome(id.clone(), t, latency));
+        }
+        if let Some(tl) = &sh.timeline {
+            tl.record(
+                done,
+                fate == Fate::Accepted,
+                done.saturating_duration_since(started),
+            );
+        }
         if job.scheduled.is_some() {
             sh.progress.inflight.fetch_sub(1, Ordering::Relaxed);
         } else if connect_failed {
@@ -530,6 +606,8 @@ async fn worker(sh: Arc<Shared>, id: usize) -> Tally {
         let mut out = Out {
             t: &mut tally,
             rec: None,
+            decision: Decision::default(),
+            stamp: None,
         };
         quit(&sh, s, &mut out).await;
     }
@@ -571,7 +649,7 @@ async fn greet(
     out: &mut Out<'_, '_>,
 ) -> Result<Option<Caps>, Error> {
     let code = conn.read_reply().await?;
-    out.t.code(Stage::Greeting, code);
+    out.code(Stage::Greeting, code);
     if code != 220 {
         return Ok(None);
     }
@@ -585,7 +663,7 @@ async fn greet(
         }
         conn.write_all(b"STARTTLS\r\n").await?;
         let code = conn.read_reply().await?;
-        out.t.code(Stage::Starttls, code);
+        out.code(Stage::Starttls, code);
         if code != 220 {
             return Ok(None);
         }
@@ -605,10 +683,11 @@ async fn greet(
 
 /// EHLO; `None` when refused.
 async fn ehlo(sh: &Shared, conn: &mut Conn, out: &mut Out<'_, '_>) -> Result<Option<Caps>, Error> {
+    out.decision.reached = Stage::Ehlo;
     conn.write_all(&sh.ehlo_cmd).await?;
     let mut caps = Caps::default();
     let code = conn.read_ehlo_reply(&mut caps).await?;
-    out.t.code(Stage::Ehlo, code);
+    out.code(Stage::Ehlo, code);
     Ok(is_2xx(code).then_some(caps))
 }
 
@@ -616,7 +695,7 @@ async fn ehlo(sh: &Shared, conn: &mut Conn, out: &mut Out<'_, '_>) -> Result<Opt
 async fn quit(sh: &Shared, mut s: Session, out: &mut Out<'_, '_>) {
     if s.conn.write_all(b"QUIT\r\n").await.is_ok() {
         if let Ok(code) = s.conn.read_reply().await {
-            out.t.code(Stage::Quit, code);
+            out.code(Stage::Quit, code);
         }
     }
     s.conn.wait_close(sh.close_wait()).await;
@@ -635,7 +714,7 @@ async fn churn_session(sh: &Shared, out: &mut Out<'_, '_>) -> Fate {
     .await;
     match r {
         Ok(code) => {
-            out.t.code(Stage::Quit, code);
+            out.code(Stage::Quit, code);
             out.lat(Phase::Transaction, s.connect_start.elapsed());
             s.conn.wait_close(sh.close_wait()).await;
             if code == 221 {
@@ -705,6 +784,7 @@ async fn transaction(
     let pipelining = sh.cfg.pipelining && s.caps.pipelining;
     let conn = &mut s.conn;
     let mail_start = Instant::now();
+    out.decision.reached = Stage::Mail;
     let mut ok_rcpts = 0usize;
     let mut rejected_early = false;
     let mut mail_ok = false;
@@ -719,7 +799,7 @@ async fn transaction(
         .await?;
         // After a 421 the server closes: the replies still due never come.
         let code = conn.read_reply().await?;
-        out.t.code(Stage::Mail, code);
+        out.code(Stage::Mail, code);
         mail_ok = is_2xx(code);
         closing |= code == 421;
         for _ in 0..tmpl.rcpts.len() {
@@ -727,12 +807,12 @@ async fn transaction(
                 break;
             }
             let code = conn.read_reply().await?;
-            out.t.code(Stage::Rcpt, code);
+            out.code(Stage::Rcpt, code);
             closing |= code == 421;
         }
         if !closing {
             let code = conn.read_reply().await?;
-            out.t.code(Stage::Data, code);
+            out.code(Stage::Data, code);
             closing |= code == 421;
             rejected_early = code != 354;
         }
@@ -744,14 +824,14 @@ async fn transaction(
         })
         .await?;
         let code = conn.read_reply().await?;
-        out.t.code(Stage::Mail, code);
+        out.code(Stage::Mail, code);
         closing |= code == 421;
         if is_2xx(code) {
             mail_ok = true;
             for r in &tmpl.rcpts {
                 conn.write_all(r).await?;
                 let code = conn.read_reply().await?;
-                out.t.code(Stage::Rcpt, code);
+                out.code(Stage::Rcpt, code);
                 ok_rcpts += is_2xx(code) as usize;
                 if code == 421 {
                     closing = true;
@@ -761,7 +841,7 @@ async fn transaction(
             if ok_rcpts > 0 && !closing {
                 conn.write_all(b"DATA\r\n").await?;
                 let code = conn.read_reply().await?;
-                out.t.code(Stage::Data, code);
+                out.code(Stage::Data, code);
                 closing |= code == 421;
                 rejected_early = code != 354;
             } else {
@@ -785,7 +865,7 @@ async fn transaction(
             .await;
             match rset {
                 Ok(code) => {
-                    out.t.code(Stage::Rset, code);
+                    out.code(Stage::Rset, code);
                     if !is_2xx(code) {
                         return Ok((Fate::Rejected, false));
                     }
@@ -799,15 +879,19 @@ async fn transaction(
         return Ok((Fate::Rejected, true));
     }
     let quit_pipelined = last && pipelining;
-    conn.write_all(if quit_pipelined {
-        &tmpl.data_dot_quit
-    } else {
-        &tmpl.data_dot
-    })
-    .await?;
+    let data: &[u8] = match out.stamp.as_mut() {
+        Some((id, wire)) => {
+            stamped(tmpl, id, quit_pipelined, wire);
+            wire
+        }
+        None if quit_pipelined => &tmpl.data_dot_quit,
+        None => &tmpl.data_dot,
+    };
+    conn.write_all(data).await?;
+    out.decision.reached = Stage::Final;
     let code = conn.read_reply().await?;
     let done = Instant::now();
-    out.t.code(Stage::Final, code);
+    out.code(Stage::Final, code);
     out.lat(Phase::MailToFinal, done - mail_start);
     out.lat(
         Phase::Transaction,
@@ -824,7 +908,7 @@ async fn transaction(
     };
     if quit_pipelined {
         match conn.read_reply().await {
-            Ok(c) => out.t.code(Stage::Quit, c),
+            Ok(c) => out.code(Stage::Quit, c),
             Err(e) => out.t.error(e.kind),
         }
         return Ok((fate, false));

@@ -729,8 +729,14 @@ impl Unstuffer {
     }
 }
 
+/// Test helpers shared with tests/props.rs and fuzz/.
+#[cfg(test)]
+#[path = "../../tests/support/wire.rs"]
+mod test_wire;
+
 #[cfg(test)]
 mod tests {
+    use super::test_wire::{no_bare, postfix_end, stuff};
     use super::*;
 
     const REJECT: DataOptions = DataOptions {
@@ -929,23 +935,6 @@ mod tests {
             long,
             size: input.len() as u64,
         }
-    }
-
-    /// A reader like Postfix's: a line ends at LF, trailing CRs are stripped,
-    /// a line that is then "." ends the data. Returns where the data ends.
-    fn postfix_end(wire: &[u8]) -> Option<usize> {
-        let mut start = 0;
-        while let Some(off) = wire[start..].iter().position(|&b| b == b'\n') {
-            let mut line = &wire[start..start + off];
-            while let Some(l) = line.strip_suffix(b"\r") {
-                line = l;
-            }
-            start += off + 1;
-            if line == b"." {
-                return Some(start);
-            }
-        }
-        None
     }
 
     /// The smuggling vectors, each with a real end after it.
@@ -1284,14 +1273,6 @@ mod tests {
         *s
     }
 
-    fn no_bare(wire: &[u8]) -> bool {
-        (0..wire.len()).all(|i| match wire[i] {
-            b'\r' => wire.get(i + 1) == Some(&b'\n'),
-            b'\n' => i > 0 && wire[i - 1] == b'\r',
-            _ => true,
-        })
-    }
-
     #[test]
     fn matches_reference_model_on_random_inputs() {
         let alphabet = b"\r\n.\r\n.ab";
@@ -1507,20 +1488,6 @@ mod tests {
             (b"a\r\n\rb\r\n".to_vec(), false)
         );
         assert_eq!(unstuff_all_splits(b"a.b\r\n"), (b"a.b\r\n".to_vec(), false));
-    }
-
-    /// Dot-stuffs content the way a client does.
-    fn stuff(content: &[u8]) -> Vec<u8> {
-        let mut wire = Vec::new();
-        let mut at_start = true;
-        for &b in content {
-            if at_start && b == b'.' {
-                wire.push(b'.');
-            }
-            wire.push(b);
-            at_start = b == b'\n';
-        }
-        wire
     }
 
     #[test]

@@ -177,8 +177,7 @@ impl Reply {
                     enhanced: None,
                     text: SmallVec::new(),
                 };
-                let mut enhanced_text: &[u8] = b"";
-                reply.push_line(0, text, &mut enhanced_text);
+                reply.push_line(0, text, &mut ([0; 16], 0));
                 return Ok(Some((reply, lf + 1)));
             }
         }
@@ -221,27 +220,43 @@ impl Reply {
             enhanced: None,
             text: SmallVec::new(),
         };
-        let mut enhanced_text: &[u8] = b"";
+        let mut enh = ([0; 16], 0);
         for (i, raw) in buf[..used].split_inclusive(|&b| b == b'\n').enumerate() {
             let line = strip_cr(&raw[..raw.len() - 1]);
             let (_, _, text) = split_line(line)?;
-            reply.push_line(i, text, &mut enhanced_text);
+            reply.push_line(i, text, &mut enh);
         }
         Ok(Some((reply, used)))
     }
 
     /// Appends the text of reply line `i`: the enhanced code is taken from
-    /// the first line (`enhanced_text` keeps its spelling) and stripped
-    /// from every line that starts with it.
-    fn push_line<'a>(&mut self, i: usize, mut text: &'a [u8], enhanced_text: &mut &'a [u8]) {
+    /// the first line (`enh` keeps its spelling, `x.y.z` at most 9 bytes)
+    /// and stripped from every line that starts with it.
+    fn push_line(&mut self, i: usize, text: &[u8], enh: &mut ([u8; 16], usize)) {
+        // A CR inside the text is dropped (`push_text`): drop it before the
+        // enhanced code is looked for, so that the reply reads the same when
+        // written again (`250 2.1.0\rx` is `250 2.1.0x`).
+        let owned;
+        let mut text = if memchr::memchr(b'\r', text).is_some() {
+            owned = text
+                .iter()
+                .copied()
+                .filter(|&b| b != b'\r')
+                .collect::<Vec<u8>>();
+            &owned[..]
+        } else {
+            text
+        };
         if i == 0 {
-            if let Some((enh, len)) = parse_enhanced(text, self.code) {
-                self.enhanced = Some(enh);
-                *enhanced_text = &text[..len];
+            if let Some((code, len)) = parse_enhanced(text, self.code) {
+                self.enhanced = Some(code);
+                enh.0[..len].copy_from_slice(&text[..len]);
+                enh.1 = len;
             }
         }
-        if self.enhanced.is_some() && text.starts_with(enhanced_text) {
-            let after = &text[enhanced_text.len()..];
+        let spelled = &enh.0[..enh.1];
+        if self.enhanced.is_some() && text.starts_with(spelled) {
+            let after = &text[spelled.len()..];
             if after.is_empty() {
                 text = after;
             } else if after[0] == b' ' {
@@ -692,5 +707,26 @@ mod tests {
         let r = Reply::new(550, EnhancedCode(5, 7, 1), "denied");
         assert_eq!(r.to_string(), "550 5.7.1 denied");
         assert_eq!(r.text(), "denied");
+    }
+
+    /// Fuzz finding (fuzz/README.md, `reply` target): a CR inside the text
+    /// hid the enhanced code from the parser, and `push_text` then dropped
+    /// the CR, so the reply written again (`550 5.1.0x`) parsed to another
+    /// reply (one with the enhanced code).
+    #[test]
+    fn cr_inside_text_is_dropped_before_the_enhanced_code() {
+        let wire = b"550-5.10.0\r .11'..\r 51\n550 5t\xff wo\r\n";
+        let (r, used) = Reply::parse(wire).unwrap().unwrap();
+        assert_eq!(used, wire.len());
+        assert_eq!(r.enhanced, Some(EnhancedCode(5, 10, 0)));
+        assert_eq!(
+            r.lines().collect::<Vec<_>>(),
+            [".11'.. 51", "5t\u{fffd} wo"]
+        );
+        let mut again = Vec::new();
+        r.write_to(&mut again);
+        assert_eq!(Reply::parse(&again), Ok(Some((r, again.len()))));
+        let (r, _) = Reply::parse(b"250 2.1.0\rx\r\n").unwrap().unwrap();
+        assert_eq!((r.enhanced, r.first_line()), (None, "2.1.0x"));
     }
 }

@@ -74,6 +74,8 @@ pub struct Sink {
     child: Child,
     pub addr: String,
     pub dir: tempfile::TempDir,
+    /// Where the transactions are dumped (`dir/dump` unless given).
+    pub dump: PathBuf,
 }
 
 impl Sink {
@@ -86,7 +88,7 @@ impl Sink {
     /// The dumped transactions, oldest first (LF line endings, as smtp-sink
     /// writes them).
     pub fn messages(&self) -> Vec<String> {
-        let mut files: Vec<_> = std::fs::read_dir(self.dir.path().join("dump"))
+        let mut files: Vec<_> = std::fs::read_dir(&self.dump)
             .unwrap()
             .filter_map(|e| e.ok())
             .map(|e| e.path())
@@ -115,6 +117,11 @@ impl Sink {
     /// The conversation log (`-v`): the commands smtp-sink received.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("sink.log")).unwrap_or_default()
+    }
+
+    /// The smtp-sink process id (to SIGSTOP it, say).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 
@@ -744,15 +751,21 @@ impl Sink {
     /// Like `Sink::start`, on a given address (e.g. the one of a sink that
     /// was just dropped, to simulate a backend restart).
     pub fn start_on(addr: &str, extra: &[&str]) -> Option<Sink> {
+        Sink::start_dumping(addr, extra, None)
+    }
+
+    /// Like `Sink::start_on`, dumping into `dump` (created if missing) when
+    /// given: a directory that outlives this sink, so that the messages of
+    /// every incarnation of a restarted backend can be counted together.
+    pub fn start_dumping(addr: &str, extra: &[&str], dump: Option<&Path>) -> Option<Sink> {
         let bin = require_tool("smtp-sink")?;
         let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("dump")).unwrap();
+        let dump = dump.map_or_else(|| dir.path().join("dump"), Path::to_path_buf);
+        std::fs::create_dir_all(&dump).unwrap();
         // smtp-sink drops privileges to nobody when run as root.
-        let _ = Command::new("chmod")
-            .arg("-R")
-            .arg("777")
-            .arg(dir.path())
-            .status();
+        for d in [dir.path(), dump.as_path()] {
+            let _ = Command::new("chmod").arg("-R").arg("777").arg(d).status();
+        }
         let log = std::fs::File::create(dir.path().join("sink.log")).unwrap();
         let mut cmd = Command::new(bin);
         if is_root() {
@@ -760,7 +773,7 @@ impl Sink {
         }
         cmd.arg("-v")
             .arg("-d")
-            .arg(format!("{}/dump/%H%M%S.", dir.path().display()))
+            .arg(format!("{}/%H%M%S.", dump.display()))
             .args(extra)
             .arg(addr)
             .arg("100")
@@ -772,6 +785,7 @@ impl Sink {
             child,
             addr: addr.to_string(),
             dir,
+            dump,
         })
     }
 }

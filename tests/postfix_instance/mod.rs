@@ -230,6 +230,61 @@ impl Postfix {
     }
 }
 
+impl Postfix {
+    /// Stops the whole instance (master and children: smtpd sessions in
+    /// progress are cut), as a crash or an operator's stop would.
+    pub fn stop(&self) {
+        shutdown(&self.postfix, self.dir.path());
+    }
+
+    /// Starts it again after `stop`, on the same port, with its queue.
+    pub fn start_again(&self) {
+        let out = Command::new(&self.postfix)
+            .arg("-c")
+            .arg(self.conf_dir())
+            .arg("start")
+            .output()
+            .expect("run postfix start");
+        assert!(
+            out.status.success() && wait_listening(&self.addr, Duration::from_secs(5)).is_some(),
+            "postfix start again: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+    }
+
+    /// Waits until its queue holds no message (every one accepted has been
+    /// delivered or bounced); false after `t`.
+    pub fn wait_queue_empty(&self, t: Duration) -> bool {
+        fn files(p: &Path) -> usize {
+            let Ok(rd) = std::fs::read_dir(p) else {
+                return 0;
+            };
+            rd.flatten()
+                .map(|e| match e.file_type() {
+                    Ok(ft) if ft.is_dir() => files(&e.path()),
+                    _ => 1,
+                })
+                .sum()
+        }
+        let q = self.dir.path().join("queue");
+        let end = Instant::now() + t;
+        loop {
+            let left: usize = ["maildrop", "incoming", "active", "deferred", "hold"]
+                .iter()
+                .map(|d| files(&q.join(d)))
+                .sum();
+            if left == 0 {
+                return true;
+            }
+            if Instant::now() > end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 impl Drop for Postfix {
     fn drop(&mut self) {
         shutdown(&self.postfix, self.dir.path());
