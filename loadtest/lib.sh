@@ -185,6 +185,17 @@ for k in sys.argv[2].split("."):
 print(v if not isinstance(v, float) else round(v, 3))' "$1" "$2"
 }
 
+# codes FILE: a report's non-2xx replies by stage and its errors, or "none".
+codes() {
+  python3 -c '
+import json, sys
+r = json.load(open(sys.argv[1]))
+out = [f"{st} {c}: {n}" for st, cs in r["replies"].items() for c, n in sorted(cs.items())
+       if not (c.startswith("2") or c == "354")]
+out += [f"error {k}: {n}" for k, n in r["errors"].items() if n]
+print(", ".join(out) or "none")' "$1"
+}
+
 # median of the numbers on the command line
 median() {
   python3 -c 'import statistics,sys; print(round(statistics.median(float(x) for x in sys.argv[1:]), 3))' "$@"

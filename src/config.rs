@@ -222,6 +222,9 @@ pub struct Limits {
     pub max_command_line: usize,
     pub max_text_line: usize,
     pub max_bad_commands: u32,
+    /// NOOP, RSET, VRFY, HELP, EHLO/HELO allowed between two messages
+    /// (Postfix's smtpd_junk_command_limit); 0 = no limit.
+    pub max_junk_commands: u32,
 }
 
 impl Default for Limits {
@@ -232,6 +235,7 @@ impl Default for Limits {
             max_command_line: 512,
             max_text_line: 1000,
             max_bad_commands: 20,
+            max_junk_commands: 100,
         }
     }
 }

@@ -283,6 +283,10 @@ struct State {
     /// sent with it get 503 without counting as errors (RFC 2920).
     mail_refused: bool,
     bad: u32,
+    /// Junk commands (NOOP, RSET, VRFY, HELP, EHLO/HELO) since the last
+    /// message, and `messages` when that count was started.
+    junk: u32,
+    junk_since: u64,
     skipping_line: bool,
     /// The client's identity for the backend, built at the first MAIL after
     /// each HELO (it caches its encoded XFORWARD lines).
@@ -667,7 +671,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     async fn run(&mut self) -> Outcome {
         let cmd_timeout = Duration::from_secs_f64(self.cfg().timeouts.command);
+        // The command timeout bounds the wait for a whole command line, not
+        // each read: a client dribbling a byte at a time (slowloris) does
+        // not extend it.
+        let mut cmd_deadline = tokio::time::Instant::now() + cmd_timeout;
         loop {
+            let before = self.inbuf.len();
             match self.process_lines().await {
                 Step::Continue => {}
                 Step::Quit => {
@@ -698,6 +707,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 match Box::pin(self.data_phase()).await {
                     Ok(reply) => {
                         reply.write_to(&mut self.out);
+                        cmd_deadline = tokio::time::Instant::now() + cmd_timeout;
                         self.st.messages += 1;
                         self.end_txn();
                         if *self.shutdown.borrow() {
@@ -721,7 +731,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Outcome::Closed;
             }
             let idle = self.st.mail.is_none();
-            match self.read_more(cmd_timeout, idle).await {
+            let now = tokio::time::Instant::now();
+            if !self.st.skipping_line && (self.inbuf.is_empty() || self.inbuf.len() < before) {
+                // A command was taken, or none is begun: a new wait starts.
+                cmd_deadline = now + cmd_timeout;
+            }
+            let left = cmd_deadline.saturating_duration_since(now);
+            match self.read_more(left, idle).await {
                 Ok(0) | Err(ReadErr::Io) => return Outcome::Closed,
                 Ok(_) => {}
                 Err(ReadErr::Timeout) => {
@@ -812,6 +828,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.connect_refusal(&v).await;
             return Step::Close;
         }
+        if self.junk_over(&cmd) {
+            self.reply(
+                421,
+                "4.7.0",
+                "Too many commands without a message, closing connection",
+            );
+            return Step::Close;
+        }
         match cmd {
             Command::Ehlo(name) | Command::Helo(name) => {
                 let esmtp = matches!(cmd, Command::Ehlo(_));
@@ -896,6 +920,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
         Step::Continue
+    }
+
+    /// Counts a junk command (one that moves no mail: NOOP, RSET, VRFY,
+    /// HELP, EHLO/HELO); true past `max_junk_commands` since the last
+    /// message, like Postfix's smtpd_junk_command_limit: a client looping
+    /// on them holds a session (and a slot) without ever sending mail.
+    fn junk_over(&mut self, cmd: &Command) -> bool {
+        let max = self.cfg().limits.max_junk_commands;
+        let junk = matches!(
+            cmd,
+            Command::Noop
+                | Command::Rset
+                | Command::Vrfy
+                | Command::Help
+                | Command::Ehlo(_)
+                | Command::Helo(_)
+        );
+        if max == 0 || !junk {
+            return false;
+        }
+        if self.st.junk_since != self.st.messages {
+            self.st.junk_since = self.st.messages;
+            self.st.junk = 0;
+        }
+        self.st.junk += 1;
+        self.st.junk > max
     }
 
     fn ehlo_reply(&mut self) {

@@ -47,16 +47,6 @@ attack() {
   wait "$abuse"
 }
 
-# codes FILE: a report's non-2xx replies by stage and its errors, or "none".
-codes() {
-  python3 -c '
-import json, sys
-r = json.load(open(sys.argv[1]))
-out = [f"{st} {c}: {n}" for st, cs in r["replies"].items() for c, n in sorted(cs.items())
-       if not (c.startswith("2") or c == "354")]
-out += [f"error {k}: {n}" for k, n in r["errors"].items() if n]
-print(", ".join(out) or "none")' "$1"
-}
 
 lost() { echo "$(field "$1" messages.rejected)/$(field "$1" messages.failed)/$(field "$1" messages.dropped)"; }
 cores() { ratio "$(field "$1" server.cpu_s)" "$(field "$1" elapsed_s)"; }

@@ -1,4 +1,4 @@
-//! Command line (clap derive): `run`, `sink`, `idle` and `otlp-sink`, and
+//! Command line (clap derive): `run`, `sink`, `idle`, `slow` and `otlp-sink`, and
 //! their mapping to the library's configurations.
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -12,6 +12,7 @@ use crate::message::{parse_size, SizeDist};
 use crate::otlp::OtlpProtocol;
 use crate::run::RunConfig;
 use crate::sink::SinkConfig;
+use crate::slow::SlowConfig;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,6 +33,10 @@ pub enum Cmd {
     Sink(SinkArgs),
     /// Open many connections, say EHLO, and hold them idle.
     Idle(IdleArgs),
+    /// Slowloris: open many connections and never finish a command (one
+    /// byte every --every seconds, or nothing); report how the server
+    /// refused and reclaimed them.
+    Slow(SlowArgs),
     /// An OTLP trace receiver (gRPC, or HTTP/protobuf): counts the spans
     /// exported to it and prints the counts when stopped.
     OtlpSink(OtlpSinkArgs),
@@ -217,19 +222,50 @@ pub struct IdleArgs {
     /// Seconds to hold them once all are open.
     #[arg(long, default_value_t = 10.0)]
     pub hold: f64,
-    /// Source addresses to rotate through, e.g. 127.0.0.2-127.0.0.20.
-    #[arg(long)]
-    pub bind: Option<String>,
     /// EHLO name.
     #[arg(long, default_value = "loadgen.example.com")]
     pub helo: String,
-    /// Timeout in seconds for connect and each reply.
+    #[command(flatten)]
+    pub held: HeldArgs,
+    /// No progress line on stderr.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+/// Flags of `smtp-load slow`.
+#[derive(Debug, Args)]
+pub struct SlowArgs {
+    /// Server to connect to, HOST:PORT.
+    #[arg(long, short = 't')]
+    pub target: String,
+    /// Connections to open.
+    #[arg(long, short = 'c')]
+    pub connections: usize,
+    /// Seconds to keep each greeted connection (unless the server closes it).
+    #[arg(long, default_value_t = 30.0)]
+    pub hold: f64,
+    /// Send one byte of a command line every this many seconds (0: never
+    /// say anything).
+    #[arg(long, default_value_t = 0.0)]
+    pub every: f64,
+    #[command(flatten)]
+    pub held: HeldArgs,
+}
+
+/// Flags `idle` and `slow` share: where the connections come from, how
+/// they are opened, what is watched and reported.
+#[derive(Debug, Args)]
+pub struct HeldArgs {
+    /// Source addresses to rotate through, e.g. 127.0.0.2-127.0.0.20.
+    #[arg(long)]
+    pub bind: Option<String>,
+    /// Timeout in seconds for connect and each reply while opening.
     #[arg(long, default_value_t = 30.0)]
     pub timeout: f64,
     /// Connection attempts in progress at once while opening.
     #[arg(long, default_value_t = 256)]
     pub open_parallel: usize,
-    /// Report this server process's RSS per connection (repeat for several).
+    /// Report this server process's RSS (repeat for several).
     #[arg(long = "watch-pid")]
     pub watch_pid: Vec<u32>,
     /// Runtime worker threads (default: one per core).
@@ -238,9 +274,22 @@ pub struct IdleArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
-    /// No progress line on stderr.
-    #[arg(long, short = 'q')]
-    pub quiet: bool,
+}
+
+impl SlowArgs {
+    pub fn to_config(&self) -> Result<SlowConfig, String> {
+        let every = secs(self.every, "--every")?;
+        Ok(SlowConfig {
+            target: resolve(&self.target)?,
+            connections: self.connections,
+            hold: secs(self.hold, "--hold")?,
+            every: (!every.is_zero()).then_some(every),
+            bind: self.held.bind.clone(),
+            timeout: secs(self.held.timeout, "--timeout")?.max(Duration::from_millis(1)),
+            open_parallel: self.held.open_parallel,
+            watch_pids: self.held.watch_pid.clone(),
+        })
+    }
 }
 
 /// Flags of `smtp-load otlp-sink`.
@@ -365,12 +414,12 @@ impl IdleArgs {
             self.connections,
             secs(self.hold, "--hold")?,
         );
-        c.bind = self.bind.clone();
+        c.bind = self.held.bind.clone();
         c.helo = self.helo.clone();
-        c.timeout = secs(self.timeout, "--timeout")?.max(Duration::from_millis(1));
-        c.open_parallel = self.open_parallel;
+        c.timeout = secs(self.held.timeout, "--timeout")?.max(Duration::from_millis(1));
+        c.open_parallel = self.held.open_parallel;
         c.progress = !self.quiet;
-        c.watch_pids = self.watch_pid.clone();
+        c.watch_pids = self.held.watch_pid.clone();
         Ok(c)
     }
 }
@@ -470,5 +519,34 @@ mod tests {
         let a = parse(&["-l", "127.0.0.1:0", "--http", "--json", "-q"]);
         assert_eq!(a.protocol(), OtlpProtocol::Http);
         assert!(a.json && a.quiet);
+    }
+
+    #[test]
+    fn slow_flags() {
+        let v = [
+            "smtp-load",
+            "slow",
+            "-t",
+            "127.0.0.1:25",
+            "-c",
+            "10",
+            "--every",
+            "2",
+            "--bind",
+            "127.0.0.2-127.0.0.3",
+            "--json",
+        ];
+        let Cmd::Slow(a) = Cli::try_parse_from(v).unwrap().cmd else {
+            unreachable!()
+        };
+        let c = a.to_config().unwrap();
+        assert_eq!((c.connections, c.every), (10, Some(Duration::from_secs(2))));
+        assert_eq!(c.hold, Duration::from_secs(30));
+        assert!(a.held.json);
+        let v = ["smtp-load", "slow", "-t", "127.0.0.1:25", "-c", "1"];
+        let Cmd::Slow(a) = Cli::try_parse_from(v).unwrap().cmd else {
+            unreachable!()
+        };
+        assert_eq!(a.to_config().unwrap().every, None);
     }
 }

@@ -1,11 +1,11 @@
 //! `smtp-load`: the load generator for smtp-edge (closed and open loop,
 //! hdrhistogram latencies per phase, JSON report), a fast SMTP sink backend,
-//! an idle-connection holder and an OTLP trace receiver; per-message ids
-//! with an outcome log ([`outcome`]), the no-loss accounting against what
-//! backends stored ([`account`]) and a per-second SVG chart ([`chart`]).
-//! The binary in `main.rs` is a thin CLI over [`run::run`],
-//! [`sink::SinkServer`], [`idle::idle`], [`otlp::OtlpSink`] and
-//! [`account::Accounting`].
+//! an idle-connection holder, a slowloris and an OTLP trace receiver;
+//! per-message ids with an outcome log ([`outcome`]), the no-loss
+//! accounting against what backends stored ([`account`]) and a per-second
+//! SVG chart ([`chart`]). The binary in `main.rs` is a thin CLI over
+//! [`run::run`], [`sink::SinkServer`], [`idle::idle`], [`slow::slow`],
+//! [`otlp::OtlpSink`] and [`account::Accounting`].
 
 pub mod account;
 pub mod chart;
@@ -19,6 +19,7 @@ pub mod outcome;
 pub mod procstat;
 pub mod run;
 pub mod sink;
+pub mod slow;
 pub mod stats;
 pub mod tls;
 

@@ -1,6 +1,6 @@
 //! `smtp-load` command line: parses the flags, builds a multi-thread tokio
-//! runtime and runs `run`, `sink`, `idle` or `otlp-sink` (`account` needs
-//! no runtime). Exit codes: 0 success, 1 the
+//! runtime and runs `run`, `sink`, `idle`, `slow` or `otlp-sink` (`account`
+//! needs no runtime). Exit codes: 0 success, 1 the
 //! load did not fully succeed (see the counts), 2 bad flags or setup.
 
 use std::io::Write;
@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use smtp_load::cli::{threads, AccountArgs, Cli, Cmd, IdleArgs, OtlpSinkArgs, RunArgs, SinkArgs};
+use smtp_load::cli::{
+    threads, AccountArgs, Cli, Cmd, IdleArgs, OtlpSinkArgs, RunArgs, SinkArgs, SlowArgs,
+};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -22,7 +24,8 @@ fn main() -> ExitCode {
     let n = match &cli.cmd {
         Cmd::Run(a) => a.threads,
         Cmd::Sink(a) => a.threads,
-        Cmd::Idle(a) => a.threads,
+        Cmd::Idle(a) => a.held.threads,
+        Cmd::Slow(a) => a.held.threads,
         Cmd::OtlpSink(a) => a.threads,
         Cmd::Account(_) => 1,
     };
@@ -39,6 +42,7 @@ fn main() -> ExitCode {
             Cmd::Run(a) => run(*a).await,
             Cmd::Sink(a) => sink(a).await,
             Cmd::Idle(a) => idle(a).await,
+            Cmd::Slow(a) => slow(a).await,
             Cmd::OtlpSink(a) => otlp_sink(a).await,
             Cmd::Account(a) => account(&a),
         }
@@ -157,12 +161,26 @@ async fn idle(a: IdleArgs) -> ExitCode {
     };
     match smtp_load::idle::idle(cfg).await {
         Ok(r) => {
-            print_report(a.json, &r, || r.to_table());
+            print_report(a.held.json, &r, || r.to_table());
             if r.ok {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
             }
+        }
+        Err(e) => fail(e),
+    }
+}
+
+async fn slow(a: SlowArgs) -> ExitCode {
+    let cfg = match a.to_config() {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    match smtp_load::slow::slow(cfg).await {
+        Ok(r) => {
+            print_report(a.held.json, &r, || r.to_table());
+            ExitCode::SUCCESS
         }
         Err(e) => fail(e),
     }
