@@ -684,28 +684,44 @@ impl Txn {
     /// The backend's reply to the DATA sent by `send_data_command`: 354, its
     /// refusal, or a 451 when it failed (the connection is then dropped).
     pub async fn data_reply(&mut self) -> Reply {
+        if !matches!(self.inner, Inner::Smtp { .. }) {
+            return Reply::new(354, EnhancedCode(2, 0, 0), "Go ahead");
+        }
+        match self.next_reply("DATA").await {
+            Ok(r) if r.code == 354 || r.code >= 400 => r,
+            Ok(r) => {
+                if let Inner::Smtp { conn, .. } = &mut self.inner {
+                    if let Some(c) = conn.take() {
+                        tracing::warn!(backend = %c.peer, "unexpected reply to DATA: {}", r.code);
+                    }
+                }
+                backend_lost()
+            }
+            Err(r) => r,
+        }
+    }
+
+    /// The backend's next reply to `what`, in the middle of a transaction:
+    /// `Err` with a 451 for a 421 or a failure (the connection is then
+    /// dropped), or with `backend_lost` when it is already gone.
+    async fn next_reply(&mut self, what: &str) -> Result<Reply, Reply> {
         let t = self.relay.command_timeout;
         let Inner::Smtp { conn, .. } = &mut self.inner else {
-            return Reply::new(354, EnhancedCode(2, 0, 0), "Go ahead");
+            return Err(backend_lost());
         };
         let Some(c) = conn.as_mut() else {
-            return backend_lost();
+            return Err(backend_lost());
         };
         match c.read_reply(t).await {
             Ok(r) if r.code == 421 => {
                 *conn = None;
-                closing_to_451(&r)
+                Err(closing_to_451(&r))
             }
-            Ok(r) if r.code == 354 || r.code >= 400 => r,
-            Ok(r) => {
-                tracing::warn!(backend = %c.peer, "unexpected reply to DATA: {}", r.code);
-                *conn = None;
-                backend_lost()
-            }
+            Ok(r) => Ok(r),
             Err(e) => {
-                tracing::warn!(backend = %c.peer, "no reply to DATA: {e}");
+                tracing::warn!(backend = %c.peer, "no reply to {what}: {e}");
                 *conn = None;
-                backend_lost()
+                Err(backend_lost())
             }
         }
     }
@@ -721,25 +737,10 @@ impl Txn {
     /// (the last one's is `finish_data`): its reply, a 451 for a 421 or a
     /// failure (the connection is then dropped).
     pub async fn chunk_reply(&mut self) -> Reply {
-        let t = self.relay.command_timeout;
-        let Inner::Smtp { conn, .. } = &mut self.inner else {
+        if !matches!(self.inner, Inner::Smtp { .. }) {
             return Reply::new(250, EnhancedCode(2, 0, 0), "Ok");
-        };
-        let Some(c) = conn.as_mut() else {
-            return backend_lost();
-        };
-        match c.read_reply(t).await {
-            Ok(r) if r.code == 421 => {
-                *conn = None;
-                closing_to_451(&r)
-            }
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(backend = %c.peer, "no reply to BDAT: {e}");
-                *conn = None;
-                backend_lost()
-            }
         }
+        self.next_reply("BDAT").await.unwrap_or_else(|r| r)
     }
 
     /// True when the backend connection is gone.

@@ -446,15 +446,6 @@ impl Segments {
     pub fn is_empty(&self) -> bool {
         self.pieces.is_empty()
     }
-    /// Bytes in all pieces.
-    pub fn len(&self) -> usize {
-        self.pieces
-            .iter()
-            .map(|p| match *p {
-                Piece::Literal(a, b) | Piece::Input(a, b) => b - a,
-            })
-            .sum()
-    }
     /// Appends literal bytes written by `write` (the `Received:` header
     /// before the first chunk).
     pub fn push_literal(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
