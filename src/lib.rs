@@ -6,6 +6,7 @@ pub mod admin;
 pub mod config;
 pub mod metrics;
 pub mod otlp_metrics;
+pub mod otlp_traces;
 pub mod policy;
 pub mod proxy;
 pub mod relay;

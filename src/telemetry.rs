@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry::Context;
-use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{
     BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider, Span, SpanData,
@@ -181,6 +180,9 @@ pub fn install(cfg: &TelemetryConfig) -> Telemetry {
         None => None,
     };
     let otel = provider.as_ref().map(|p| {
+        // Unentered outside the per-layer filter: the filter would look the
+        // span up in the registry on every enter and exit (every poll of
+        // an instrumented future) only for the hooks to do nothing.
         Unentered(
             tracing_opentelemetry::layer()
                 .with_tracer(p.tracer("smtp-edge"))
@@ -193,12 +195,12 @@ pub fn install(cfg: &TelemetryConfig) -> Telemetry {
                 .with_location(false)
                 // The target of every exported span is `smtp_edge::traced`: no
                 // information, an attribute per span to build, ship and store.
-                .with_target(false),
-        )
-        .with_filter(
-            tracing_subscriber::filter::Targets::new()
-                .with_target(TRACED, tracing::Level::INFO)
-                .with_target("smtp_edge::policy", tracing::Level::INFO),
+                .with_target(false)
+                .with_filter(
+                    tracing_subscriber::filter::Targets::new()
+                        .with_target(TRACED, tracing::Level::INFO)
+                        .with_target("smtp_edge::policy", tracing::Level::INFO),
+                ),
         )
     });
     EXPORTING.store(provider.is_some(), Ordering::Relaxed);
@@ -222,31 +224,18 @@ pub fn install(cfg: &TelemetryConfig) -> Telemetry {
 
 fn provider(cfg: &TelemetryConfig, ep: &str) -> Result<SdkTracerProvider, String> {
     let timeout = Duration::from_secs(10);
-    let exporter = match cfg.otlp_protocol {
-        OtlpProtocol::Grpc => {
-            // The channel's tasks are spawned where it is built.
-            let _rt = export_runtime()?.enter();
-            opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(ep)
-                .with_timeout(timeout)
-                .build()
-        }
-        OtlpProtocol::Http => {
-            let url = if ep.trim_end_matches('/').ends_with("/v1/traces") {
-                ep.to_string()
-            } else {
-                format!("{}/v1/traces", ep.trim_end_matches('/'))
-            };
-            opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .with_endpoint(url)
-                .with_timeout(timeout)
-                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                .build()
-        }
-    }
-    .map_err(|e| e.to_string())?;
+    let endpoint = match cfg.otlp_protocol {
+        OtlpProtocol::Grpc => ep.to_string(),
+        OtlpProtocol::Http if ep.trim_end_matches('/').ends_with("/v1/traces") => ep.to_string(),
+        OtlpProtocol::Http => format!("{}/v1/traces", ep.trim_end_matches('/')),
+    };
+    // Sends (and the gRPC channel's tasks) run on the export runtime.
+    let exporter = crate::otlp_traces::OtlpSpanExporter::new(
+        cfg.otlp_protocol,
+        &endpoint,
+        timeout,
+        export_runtime()?.clone(),
+    )?;
     let inflight = Arc::new(AtomicUsize::new(0));
     let batch = BatchSpanProcessor::new(
         Counted {
@@ -442,8 +431,8 @@ pub fn set_sample_ratio(r: f64) {
     RATIO.store(r.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
 }
 
-/// The runtime of the gRPC exporter's connection (hyper and h2 tasks), on
-/// a thread of its own so that they never run on a session's worker. An
+/// The runtime of the span exporter's sends (its gRPC channel's or HTTP
+/// connection's tasks), on a thread of its own so that they never run on a session's worker. An
 /// error (no thread or runtime could be made) disables trace export.
 fn export_runtime() -> Result<&'static tokio::runtime::Handle, String> {
     static RT: std::sync::OnceLock<tokio::runtime::Handle> = std::sync::OnceLock::new();
