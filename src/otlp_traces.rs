@@ -45,22 +45,36 @@ fn key(buf: &mut Vec<u8>, field: u32, wire: u32) {
 }
 
 /// A length-delimited field whose content `f` writes: one byte is kept for
-/// the length, which most nested messages here fit; a longer content is
-/// moved up by the extra bytes its length needs.
+/// the length, which most nested messages here fit.
 fn nested(buf: &mut Vec<u8>, field: u32, f: impl FnOnce(&mut Vec<u8>)) {
+    nested_sized(buf, field, 1, f)
+}
+
+/// `nested` keeping `room` bytes for the length (2 for a span, 3 for the
+/// messages that hold the whole batch); a length that needs more or fewer
+/// bytes moves the content once.
+fn nested_sized(buf: &mut Vec<u8>, field: u32, room: usize, f: impl FnOnce(&mut Vec<u8>)) {
     key(buf, field, LEN);
     let at = buf.len();
-    buf.push(0);
+    buf.resize(at + room, 0);
     f(buf);
-    let len = buf.len() - at - 1;
-    if len < 0x80 {
-        buf[at] = len as u8;
-    } else {
-        let mut head = Vec::with_capacity(10);
-        varint(&mut head, len as u64);
-        buf[at] = head[0];
-        buf.splice(at + 1..at + 1, head[1..].iter().copied());
+    let len = buf.len() - at - room;
+    let mut head = [0u8; 10];
+    let mut n = 0;
+    let mut v = len as u64;
+    while v >= 0x80 {
+        head[n] = v as u8 | 0x80;
+        v >>= 7;
+        n += 1;
     }
+    head[n] = v as u8;
+    n += 1;
+    if n > room {
+        buf.splice(at + room..at + room, std::iter::repeat_n(0, n - room));
+    } else if n < room {
+        buf.drain(at + n..at + room);
+    }
+    buf[at..at + n].copy_from_slice(&head[..n]);
 }
 
 fn bytes_field(buf: &mut Vec<u8>, field: u32, v: &[u8]) {
@@ -256,13 +270,17 @@ fn request(res: &EncodedResource, spans: &[SpanData]) -> Vec<u8> {
         }
     }
     let mut buf = Vec::with_capacity(spans.len() * 320 + res.message.len() + 64);
-    nested(&mut buf, 1, |buf| {
-        nested(buf, 1, |buf| buf.extend_from_slice(&res.message));
+    nested_sized(&mut buf, 1, 3, |buf| {
+        bytes_field(buf, 1, &res.message);
+        let one = scopes.len() == 1;
         for sc in &scopes {
-            nested(buf, 2, |buf| {
+            nested_sized(buf, 2, 3, |buf| {
                 nested(buf, 1, |buf| scope(buf, sc));
-                for s in spans.iter().filter(|s| &s.instrumentation_scope == *sc) {
-                    nested(buf, 2, |buf| span(buf, s));
+                for s in spans
+                    .iter()
+                    .filter(|s| one || &s.instrumentation_scope == *sc)
+                {
+                    nested_sized(buf, 2, 2, |buf| span(buf, s));
                 }
                 str_field(buf, 3, sc.schema_url().unwrap_or_default());
             });
@@ -615,12 +633,15 @@ mod tests {
 
     #[test]
     fn lengths_of_every_size_class() {
-        for n in [0usize, 1, 127, 128, 16_383, 16_384, 2_097_152] {
-            let mut buf = Vec::new();
-            nested(&mut buf, 1, |b| b.extend(std::iter::repeat_n(7u8, n)));
+        for n in [0usize, 1, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152] {
             let mut want = Vec::new();
             prost::encoding::bytes::encode(1, &vec![7u8; n], &mut want);
-            assert_eq!(buf, want, "{n}");
+            for room in 1..=4 {
+                let mut buf = vec![9u8];
+                nested_sized(&mut buf, 1, room, |b| b.extend(std::iter::repeat_n(7u8, n)));
+                assert_eq!(buf[0], 9);
+                assert!(buf[1..] == want[..], "{n} bytes, room {room}");
+            }
         }
     }
 }
