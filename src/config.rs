@@ -225,6 +225,10 @@ pub struct Limits {
     /// NOOP, RSET, VRFY, HELP, EHLO/HELO allowed between two messages
     /// (Postfix's smtpd_junk_command_limit); 0 = no limit.
     pub max_junk_commands: u32,
+    /// Bytes per second a message's data must average, beyond a grace of
+    /// `timeouts.data_block`, counting only the time spent waiting for the
+    /// client (`timer::Pace`); 0 = no minimum.
+    pub min_data_rate: u64,
 }
 
 impl Default for Limits {
@@ -236,6 +240,7 @@ impl Default for Limits {
             max_text_line: 1000,
             max_bad_commands: 20,
             max_junk_commands: 100,
+            min_data_rate: 1024,
         }
     }
 }

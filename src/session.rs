@@ -22,6 +22,7 @@ use crate::relay::pool::PooledConn;
 use crate::relay::{Relay, Txn};
 use crate::smtp::reply::write_reply;
 use crate::smtp::{self, BareLineEndings, Command, DataOptions, DataScanner, Reply, Scan};
+use crate::timer::Pace;
 
 mod bdat;
 
@@ -443,6 +444,16 @@ async fn while_client_stays<S: AsyncRead + Unpin, T>(
 }
 
 const CMD_TIMEOUT_REPLY: (u16, &str, &str) = (421, "4.4.2", "Timeout exceeded, closing connection");
+
+/// How long the next read of message data may wait: `block`, or less when
+/// the minimum data rate's allowance (`limits.min_data_rate`) runs out
+/// first; None when it has.
+fn data_wait(pace: &Option<Pace>, received: u64, block: Duration) -> Option<Duration> {
+    match pace {
+        Some(p) => p.wait(received, block),
+        None => Some(block),
+    }
+}
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     fn new(
@@ -1180,6 +1191,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         out.extend_from_slice(b"\r\n");
     }
 
+    /// The client's message data came slower than `limits.min_data_rate`:
+    /// 421 and close (the caller drops the transaction).
+    fn too_slow(&mut self) {
+        info!("message data slower than the minimum rate; connection closed");
+        self.reply(421, "4.4.2", "Message data too slow, closing connection");
+    }
+
     /// Reads the message after 354, streaming it to the backend; returns
     /// the final reply for the client, or Err when the session must end
     /// (client gone, or timeout, with the 421 already queued).
@@ -1191,6 +1209,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             max_line: cfg.limits.max_text_line,
         });
         let block_timeout = Duration::from_secs_f64(cfg.timeouts.data_block);
+        let mut pace = Pace::new(block_timeout, cfg.limits.min_data_rate as f64);
         let max_size = cfg.limits.max_message_size;
         let mut fwd = std::mem::take(&mut self.fwd);
         fwd.clear();
@@ -1245,8 +1264,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if self.inbuf.capacity() - self.inbuf.len() < 8192 {
                 self.inbuf.reserve(64 * 1024);
             }
+            let Some(wait) = data_wait(&pace, scanner.size(), block_timeout) else {
+                if let Some(t) = txn {
+                    t.abort();
+                }
+                self.end_txn();
+                self.too_slow();
+                return Err(());
+            };
             let read = self.io.read_buf(&mut self.inbuf);
-            match self.read_timer.within(block_timeout, read).await {
+            let t0 = pace.map(|_| tokio::time::Instant::now());
+            let got = self.read_timer.within(wait, read).await;
+            if let (Some(p), Some(t0)) = (pace.as_mut(), t0) {
+                p.waited(t0.elapsed());
+            }
+            match got {
                 Some(Ok(n)) if n > 0 => {}
                 Some(_) => {
                     // Client gone mid-DATA: drop the backend connection
@@ -1263,8 +1295,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         t.abort();
                     }
                     self.end_txn();
-                    let (c, e, t) = CMD_TIMEOUT_REPLY;
-                    self.reply(c, e, t);
+                    if wait < block_timeout {
+                        self.too_slow();
+                    } else {
+                        let (c, e, t) = CMD_TIMEOUT_REPLY;
+                        self.reply(c, e, t);
+                    }
                     return Err(());
                 }
             }

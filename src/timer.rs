@@ -1,6 +1,7 @@
 //! A reusable read deadline: one tokio timer per connection that is armed
 //! once and moved only when it fires early, instead of a timer entry put
-//! into and taken out of tokio's wheel for every read that waits.
+//! into and taken out of tokio's wheel for every read that waits; and
+//! `Pace`, the minimum average rate of a message's data.
 
 use std::future::Future;
 use std::pin::{pin, Pin};
@@ -69,6 +70,46 @@ impl ReadTimer {
     }
 }
 
+/// A minimum average rate for a message's data (`[timeouts]
+/// data_min_rate`): the time spent waiting for the client's data may not
+/// exceed `data_block` of grace plus one second per `rate` bytes received.
+/// A client that dribbles its message (a byte just inside every
+/// `data_block`) is cut off once the grace is used up; one that sends at
+/// least `rate` bytes a second on average never meets the limit, however
+/// big the message. Only the client's time counts: waits for a slow
+/// backend are not added.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    grace: Duration,
+    rate: f64,
+    waited: Duration,
+}
+
+impl Pace {
+    /// None when `rate` is 0 (no minimum rate).
+    pub fn new(grace: Duration, rate: f64) -> Option<Pace> {
+        (rate > 0.0).then_some(Pace {
+            grace,
+            rate,
+            waited: Duration::ZERO,
+        })
+    }
+
+    /// How long the next read may wait with `received` bytes in so far:
+    /// `block`, or less when the allowance runs out first; None when it
+    /// has run out.
+    pub fn wait(&self, received: u64, block: Duration) -> Option<Duration> {
+        let earned = Duration::from_secs_f64((received as f64 / self.rate).min(1e9));
+        let left = (self.grace + earned).checked_sub(self.waited)?;
+        (!left.is_zero()).then(|| left.min(block))
+    }
+
+    /// Counts a wait for the client.
+    pub fn waited(&mut self, d: Duration) {
+        self.waited += d;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,5 +148,23 @@ mod tests {
         assert_eq!(r, None);
         let e = t0.elapsed();
         assert!(e >= ms(100) && e < ms(1000), "{e:?}");
+    }
+
+    #[test]
+    fn pace_gives_grace_then_a_second_per_rate_bytes() {
+        assert!(Pace::new(ms(100), 0.0).is_none());
+        let mut p = Pace::new(ms(100), 1000.0).unwrap();
+        // Within the grace, the block timeout is the bound when shorter.
+        assert_eq!(p.wait(0, ms(10)), Some(ms(10)));
+        assert_eq!(p.wait(0, ms(1000)), Some(ms(100)));
+        // 500 bytes earn half a second.
+        assert_eq!(p.wait(500, ms(10_000)), Some(ms(600)));
+        p.waited(ms(100));
+        assert_eq!(p.wait(0, ms(1000)), None);
+        assert_eq!(p.wait(100, ms(1000)), Some(ms(100)));
+        p.waited(ms(100));
+        assert_eq!(p.wait(100, ms(1000)), None);
+        // Absurd sizes do not overflow.
+        assert!(p.wait(u64::MAX, ms(5)).is_some());
     }
 }

@@ -1783,6 +1783,111 @@ async fn client_stalling_mid_data_times_out() {
     assert_eq!(proxy.relay.idle_counts(), vec![0]);
 }
 
+/// Sends `n` bytes of body one at a time, `gap` apart, while the session
+/// stays open; returns the reply that ended it early, if any.
+async fn dribble(c: &mut Raw, n: usize, gap: Duration) -> Option<Seen> {
+    for _ in 0..n {
+        c.send(b"x").await;
+        if let Some(r) = c.try_reply(gap).await {
+            return Some(r);
+        }
+    }
+    None
+}
+
+/// A client that dribbles its message, each byte well inside `data_block`,
+/// is cut off once the minimum data rate's allowance (`data_block` of
+/// grace, plus a second per `min_data_rate` bytes) is used up: 421 4.4.2,
+/// the backend gets no end of data. Without the minimum, the same client
+/// is still connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_dribbling_data_is_cut_at_the_minimum_rate() {
+    let rec = SeqRecorder::start(vec![Script::default()]).await;
+    let proxy = Proxy::to_backend(
+        &rec.addr,
+        "[timeouts]\ndata_block = 1.0\n[limits]\nmin_data_rate = 1000",
+    )
+    .await;
+    let mut c = Raw::greeted(proxy.addr).await;
+    ehlo(&mut c).await;
+    begin(&mut c, "dribbler").await;
+    let t0 = Instant::now();
+    let r = dribble(&mut c, 40, Duration::from_millis(300))
+        .await
+        .expect("cut off while dribbling");
+    expect(&r, 421, "4.4.2");
+    assert!(r.text.contains("too slow"), "{r:?}");
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "cut after {took:?}"
+    );
+    assert!(c.closed(Duration::from_secs(1)).await);
+    let got = rec.conn_bytes(0);
+    assert!(!postfix_end(after_last_data(&got)), "end of data sent");
+    assert!(rec.messages().is_empty());
+
+    // min_data_rate = 0: only data_block per read, and each byte is
+    // inside it.
+    let rec = SeqRecorder::start(vec![Script::default()]).await;
+    let proxy = Proxy::to_backend(
+        &rec.addr,
+        "[timeouts]\ndata_block = 1.0\n[limits]\nmin_data_rate = 0",
+    )
+    .await;
+    let mut c = Raw::greeted(proxy.addr).await;
+    ehlo(&mut c).await;
+    begin(&mut c, "dribbler").await;
+    assert!(dribble(&mut c, 10, Duration::from_millis(300))
+        .await
+        .is_none());
+    c.send(b"\r\n.\r\n").await;
+    let r = c.reply().await;
+    expect(&r, 250, "2.0.0");
+}
+
+/// A client that sends faster than the minimum rate on average is never
+/// cut off by it, however long its message takes; the same limit covers a
+/// BDAT transaction's chunks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minimum_data_rate_spares_steady_senders_and_covers_bdat() {
+    let rec = SeqRecorder::start(vec![Script::default(), Script::default()]).await;
+    let proxy = Proxy::to_backend(
+        &rec.addr,
+        "[timeouts]\ndata_block = 0.5\n[limits]\nmin_data_rate = 1000",
+    )
+    .await;
+    let mut c = Raw::greeted(proxy.addr).await;
+    ehlo(&mut c).await;
+    begin(&mut c, "steady").await;
+    // 2 000 bytes every 400 ms (5 000 B/s) for 2.4 s: far past the grace.
+    let line = [b"y".repeat(998), b"\r\n".to_vec()].concat();
+    for _ in 0..6 {
+        c.send(&line).await;
+        c.send(&line).await;
+        assert!(c.try_reply(Duration::from_millis(400)).await.is_none());
+    }
+    c.send(b".\r\n").await;
+    let r = c.reply().await;
+    expect(&r, 250, "2.0.0");
+    assert_eq!(rec.messages().len(), 1);
+
+    // BDAT: a chunk's octets dribbled are cut the same way.
+    let r = c.cmd("MAIL FROM:<bdat@client.test>").await;
+    expect(&r, 250, "2.1.0");
+    let r = c.cmd("RCPT TO:<rcpt@backend.test>").await;
+    expect(&r, 250, "2.1.5");
+    c.send(b"BDAT 100 LAST\r\n").await;
+    let t0 = Instant::now();
+    let r = dribble(&mut c, 40, Duration::from_millis(200))
+        .await
+        .expect("cut off while dribbling a chunk");
+    expect(&r, 421, "4.4.2");
+    assert!(r.text.contains("too slow"), "{r:?}");
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    assert_eq!(rec.messages().len(), 1, "nothing more delivered");
+}
+
 // ---------------------------------------------------------------------------
 // More backend and client faults.
 

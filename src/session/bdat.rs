@@ -19,11 +19,14 @@ use bytes::Buf;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tracing::{info, warn};
 
-use super::{content_refusal, record_end, too_big_reply, Session, Step, CMD_TIMEOUT_REPLY};
+use super::{
+    content_refusal, data_wait, record_end, too_big_reply, Session, Step, CMD_TIMEOUT_REPLY,
+};
 use crate::relay::backend_lost;
 use crate::smtp::{
     bdat_command, BareLineEndings, ChunkChecker, DataOptions, EnhancedCode, Reply, Stuffer,
 };
+use crate::timer::Pace;
 
 /// Replies to relayed chunks a pipelining backend may owe before they are
 /// read (each is a line of some 40 octets in the socket's buffer).
@@ -45,6 +48,10 @@ pub(super) struct Chunking {
     failed: Option<Reply>,
     /// Bytes on their way to the backend (BDAT line + content, or wire form).
     wire: Vec<u8>,
+    /// The minimum data rate over the whole transaction's chunks.
+    pace: Option<Pace>,
+    /// Octets of chunks dropped after the transaction failed.
+    skipped: u64,
 }
 
 impl Chunking {
@@ -60,7 +67,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// answer (the client sends them anyway), then answers.
     pub(super) async fn bdat(&mut self, size: u64, last: bool) -> Step {
         if self.st.chunking.is_none() && !self.bdat_may_begin() {
-            return self.skip_chunk(size).await;
+            let mut pace = self.new_pace();
+            return self.skip_chunk(size, &mut pace, 0).await;
         }
         let cfg = self.shared.cfg.clone();
         let mut ch = self.st.chunking.take().unwrap_or_else(|| {
@@ -76,6 +84,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 owed: 0,
                 failed: None,
                 wire: Vec::new(),
+                pace: self.new_pace(),
+                skipped: 0,
             })
         });
         if ch.failed.is_none()
@@ -85,7 +95,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         if ch.failed.is_some() {
             // Answered like the chunk that failed, its octets dropped.
-            let step = self.skip_chunk(size).await;
+            let mut pace = ch.pace;
+            let step = self
+                .skip_chunk(size, &mut pace, ch.checker.size() + ch.skipped)
+                .await;
+            ch.pace = pace;
+            ch.skipped = ch.skipped.saturating_add(size);
             if let Some(r) = ch.failed.clone() {
                 self.chunking_reply(&ch, r, last);
             }
@@ -195,7 +210,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.relay_piece(ch, &content, false).await;
                 content.clear();
             }
-            if let Err(step) = self.read_chunk().await {
+            if let Err(step) = self.read_chunk(&mut ch.pace, ch.checker.size()).await {
                 break step;
             }
         };
@@ -299,7 +314,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// Reads and drops a chunk's octets.
-    async fn skip_chunk(&mut self, mut remaining: u64) -> Step {
+    async fn skip_chunk(&mut self, size: u64, pace: &mut Option<Pace>, before: u64) -> Step {
+        let mut remaining = size;
         loop {
             let k = remaining.min(self.inbuf.len() as u64) as usize;
             self.inbuf.advance(k);
@@ -307,31 +323,59 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if remaining == 0 {
                 return Step::Continue;
             }
-            if let Err(step) = self.read_chunk().await {
+            let received = before.saturating_add(size - remaining);
+            if let Err(step) = self.read_chunk(pace, received).await {
                 return step;
             }
         }
     }
 
+    /// The minimum data rate's allowance for a new BDAT transaction (or a
+    /// chunk dropped outside one).
+    fn new_pace(&self) -> Option<Pace> {
+        let cfg = &self.shared.cfg;
+        Pace::new(
+            Duration::from_secs_f64(cfg.timeouts.data_block),
+            cfg.limits.min_data_rate as f64,
+        )
+    }
+
     /// Reads more of a chunk (the replies so far written first), within
-    /// `data_block`. Err when the session ends: the client is gone, or
-    /// timed out (421 queued); the backend connection is dropped.
-    async fn read_chunk(&mut self) -> Result<(), Step> {
+    /// `data_block` and the minimum data rate's allowance for `received`
+    /// bytes. Err when the session ends: the client is gone, or timed out
+    /// or too slow (421 queued); the backend connection is dropped.
+    async fn read_chunk(&mut self, pace: &mut Option<Pace>, received: u64) -> Result<(), Step> {
         let block_timeout = Duration::from_secs_f64(self.shared.cfg.timeouts.data_block);
         let flushed = self.flush().await;
         if self.inbuf.capacity() - self.inbuf.len() < 8192 {
             self.inbuf.reserve(64 * 1024);
         }
-        let read = self.io.read_buf(&mut self.inbuf);
-        let step = match self.read_timer.within(block_timeout, read).await {
+        let wait = data_wait(pace, received, block_timeout);
+        let got = match wait {
+            Some(wait) => {
+                let read = self.io.read_buf(&mut self.inbuf);
+                let t0 = tokio::time::Instant::now();
+                let got = self.read_timer.within(wait, read).await;
+                if let Some(p) = pace.as_mut() {
+                    p.waited(t0.elapsed());
+                }
+                got
+            }
+            None => None,
+        };
+        let step = match got {
             Some(Ok(n)) if n > 0 && flushed => return Ok(()),
             Some(_) => {
                 info!("client disconnected during BDAT; message discarded");
                 Step::Close
             }
-            None => {
+            None if wait.is_some_and(|w| w >= block_timeout) => {
                 let (c, e, t) = CMD_TIMEOUT_REPLY;
                 self.reply(c, e, t);
+                Step::Close
+            }
+            None => {
+                self.too_slow();
                 Step::Close
             }
         };
