@@ -354,6 +354,12 @@ impl Collector for LiveCollector {
         )?;
         counter(
             &mut enc,
+            "trace_spans_failed",
+            "Spans that left the export queue but did not reach the collector (no connection, an error, no answer within 10 s, or rejected by it)",
+            &[(vec![], crate::otlp_traces::failed_spans())],
+        )?;
+        counter(
+            &mut enc,
             "log_lines_dropped",
             "Log lines dropped because stderr was not read fast enough (the log queue was full)",
             &[(vec![], crate::telemetry::dropped_log_lines())],

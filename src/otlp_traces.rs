@@ -331,6 +331,22 @@ impl Decoder for Raw {
     }
 }
 
+/// Spans that did not reach the collector although they left the queue:
+/// their batch failed (no connection, an error or no answer in time), or
+/// the collector rejected them (a partial success).
+static FAILED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Spans whose export failed so far (`smtp_edge_trace_spans_failed_total`).
+pub fn failed_spans() -> u64 {
+    FAILED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Why a batch did not (wholly) arrive, with the spans lost.
+struct Failure {
+    lost: u64,
+    why: String,
+}
+
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
 enum Transport {
@@ -402,14 +418,14 @@ impl OtlpSpanExporter {
         })
     }
 
-    fn note(&self, result: &Result<(), String>) {
+    fn note(&self, result: &Result<(), Failure>) {
         let Ok(mut failing) = self.failing.lock() else {
             return;
         };
         match result {
             Err(e) if !*failing => {
                 *failing = true;
-                tracing::warn!("OTLP trace export failing: {e}");
+                tracing::warn!("OTLP trace export failing: {}", e.why);
             }
             Ok(()) if *failing => {
                 *failing = false;
@@ -421,7 +437,8 @@ impl OtlpSpanExporter {
 }
 
 impl Transport {
-    async fn send(&self, body: Bytes) -> Result<(), String> {
+    /// Sends one request; the spans the collector rejected are in `Ok`.
+    async fn send(&self, body: Bytes) -> Result<u64, String> {
         match self {
             Transport::Grpc(client) => {
                 let mut client = client.clone();
@@ -435,10 +452,7 @@ impl Transport {
                     .await
                     .map_err(|e| format!("{}: {}", e.code(), e.message()))?
                     .into_inner();
-                if rejected > 0 {
-                    return Err(format!("the collector rejected {rejected} span(s)"));
-                }
-                Ok(())
+                Ok(rejected.max(0) as u64)
             }
             Transport::Http { url, conn } => {
                 let mut conn = conn.lock().await;
@@ -453,7 +467,8 @@ impl Transport {
                     // A connection that failed once is not trusted again.
                     *conn = None;
                 }
-                r
+                // A partial success's count is not read over HTTP.
+                r.map(|()| 0)
             }
         }
     }
@@ -462,6 +477,7 @@ impl Transport {
 impl SpanExporter for OtlpSpanExporter {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
         let body = Bytes::from(request(&self.resource, &batch));
+        let n = batch.len() as u64;
         drop(batch);
         let transport = self.transport.clone();
         let timeout = self.timeout;
@@ -471,9 +487,19 @@ impl SpanExporter for OtlpSpanExporter {
                 Err(_) => Err(format!("no answer within {timeout:?}")),
             }
         });
-        let result = sent.await.unwrap_or_else(|e| Err(e.to_string()));
+        let result = match sent.await.unwrap_or_else(|e| Err(e.to_string())) {
+            Ok(0) => Ok(()),
+            Ok(rejected) => Err(Failure {
+                lost: rejected.min(n),
+                why: format!("the collector rejected {rejected} span(s)"),
+            }),
+            Err(why) => Err(Failure { lost: n, why }),
+        };
+        if let Err(f) = &result {
+            FAILED.fetch_add(f.lost, std::sync::atomic::Ordering::Relaxed);
+        }
         self.note(&result);
-        result.map_err(OTelSdkError::InternalFailure)
+        result.map_err(|f| OTelSdkError::InternalFailure(f.why))
     }
 
     fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {

@@ -260,6 +260,51 @@ async fn slow_collector_never_slows_mail() {
     assert!(dropped >= 20.0, "dropped {dropped}");
 }
 
+/// A collector that is not there (nothing listens on its port), over both
+/// protocols: mail flows, the spans that left the queue are counted as
+/// failed, and the failure is logged once, not once per batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_collector_counts_failed_spans_and_logs_once() {
+    for proto in ["grpc", "http"] {
+        let rec = Recorder::start(Script::default()).await;
+        let gone = format!("http://127.0.0.1:{}", free_port());
+        let edge = start_edge(
+            &rec.addr,
+            &format!(
+                "otlp_endpoint = \"{gone}\"\notlp_protocol = \"{proto}\"\nmetrics_interval = 0"
+            ),
+        )
+        .await;
+        for i in 0..4 {
+            plain_message(edge.addr, &format!("{proto}{i}")).await;
+            // Apart by more than the batch delay (0.5 s): several batches.
+            tokio::time::sleep(Duration::from_millis(600)).await;
+        }
+        assert_eq!(rec.messages().len(), 4, "{proto}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let failed = loop {
+            let (_, metrics) = http_get(edge.admin, "/metrics").await;
+            let failed: f64 = metrics
+                .lines()
+                .find_map(|l| l.strip_prefix("smtp_edge_trace_spans_failed_total "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no failed counter in {metrics}"));
+            // 4 sessions of 3 spans (and the start-up probe's session).
+            if failed >= 12.0 || Instant::now() > deadline {
+                break failed;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert!((12.0..=13.0).contains(&failed), "{proto}: {failed}");
+        let log = std::fs::read_to_string(&edge.log).unwrap();
+        assert_eq!(
+            log.matches("OTLP trace export failing").count(),
+            1,
+            "{proto}: {log}"
+        );
+    }
+}
+
 /// A 4xx/5xx the proxy itself gives names the session's trace: here the
 /// proxy's own 550 for a bare LF (SMTP smuggling defence).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
