@@ -65,7 +65,9 @@ pub fn session_span(peer: SocketAddr, via: Option<SocketAddr>) -> Span {
         "smtp.session",
         "otel.kind" = "server",
         "client.address" = %peer.ip(),
-        "client.port" = peer.port(),
+        // Integers as i64: tracing-opentelemetry formats a u64 (or u16)
+        // into a string attribute, an allocation per field.
+        "client.port" = i64::from(peer.port()),
         "server.address" = field::Empty,
         "server.port" = field::Empty,
         "network.transport" = "tcp",
@@ -82,7 +84,7 @@ pub fn session_span(peer: SocketAddr, via: Option<SocketAddr>) -> Span {
     );
     if let Some(v) = via {
         span.record("network.peer.address", field::display(v.ip()));
-        span.record("network.peer.port", v.port());
+        span.record("network.peer.port", i64::from(v.port()));
     }
     // The trace id in every log line of the session (when traced).
     if let Some(id) = crate::telemetry::trace_id(&span) {
@@ -124,7 +126,7 @@ pub async fn handle(
         let local_addr = destination.map_or_else(|| stream.local_addr(), Ok);
         if let Ok(a) = &local_addr {
             Span::current().record("server.address", field::display(a.ip()));
-            Span::current().record("server.port", a.port());
+            Span::current().record("server.port", i64::from(a.port()));
         }
         let local = local_addr
             .map(|a| a.ip())
@@ -364,15 +366,25 @@ fn record_end(span: &Span, sent: Option<(usize, u64)>, reply: &Reply) {
     ) else {
         return;
     };
+    // Integers as i64 and texts as `str`: tracing-opentelemetry formats
+    // a u64 or a `display` value into a new `String` (an allocation and
+    // the formatting machinery per field, per message).
     let (rcpts, size) = sent.unzip();
-    let enhanced = reply.enhanced.map(field::display);
+    let rcpts = rcpts.map(|n| n as i64);
+    let size = size.map(|n| n.min(i64::MAX as u64) as i64);
+    let code = i64::from(reply.code);
+    let mut enh_buf = [0u8; 17];
+    let enhanced = reply.enhanced.map(|e| e.text(&mut enh_buf));
+    let mut code_buf = [0u8; 5];
+    let code_str = smtp::reply::code_text(reply.code, &mut code_buf);
     let failed = reply.code >= 400;
     let values: [(&field::Field, Option<&dyn field::Value>); 6] = [
         (&rcpts_f, rcpts.as_ref().map(|v| v as &dyn field::Value)),
         (&size_f, size.as_ref().map(|v| v as &dyn field::Value)),
-        (&code_f, Some(&reply.code as &dyn field::Value)),
+        (&code_f, Some(&code as &dyn field::Value)),
         (&enh_f, enhanced.as_ref().map(|v| v as &dyn field::Value)),
-        (&err_f, failed.then_some(&reply.code as &dyn field::Value)),
+        // error.type is a string (semantic conventions): the reply code.
+        (&err_f, failed.then_some(&code_str as &dyn field::Value)),
         (&status_f, failed.then_some(&"ERROR" as &dyn field::Value)),
     ];
     span.record_all(&fields.value_set(&values));
@@ -1064,7 +1076,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return;
             }
         };
-        span.record("server.address", field::display(&txn.name));
+        span.record("server.address", &*txn.name);
         txn.queue_mail(from, &params);
         self.st.txn_span = Some(span);
         self.st.txn_started = Some(std::time::Instant::now());

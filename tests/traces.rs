@@ -150,6 +150,10 @@ async fn tree_over(rx: Receiver, protocol: &str) {
             s.attr("server.port"),
             Some(edge.addr.port().to_string().as_str())
         );
+        // Numbers are integers, not their text.
+        for k in ["client.port", "server.port"] {
+            assert!(s.ints.iter().any(|i| i == k), "{k}: {s:?}");
+        }
     }
     for t in spans.iter().filter(|s| s.name == "smtp.transaction") {
         let parent = by_id(&spans, &t.parent).expect("transaction's parent received");
@@ -173,7 +177,14 @@ async fn tree_over(rx: Receiver, protocol: &str) {
                 .is_some_and(|n| n > 0),
             "{t:?}"
         );
-        assert!(t.attr("smtp.reply.enhanced_code").is_some(), "{t:?}");
+        let enh = t.attr("smtp.reply.enhanced_code").unwrap_or_default();
+        assert!(
+            enh.split('.').count() == 3 && enh.split('.').all(|p| p.parse::<u16>().is_ok()),
+            "{t:?}"
+        );
+        for k in ["smtp.reply.code", "smtp.rcpt.count", "smtp.message.size"] {
+            assert!(t.ints.iter().any(|i| i == k), "{k}: {t:?}");
+        }
         assert!(t.attr("error.type").is_none(), "{t:?}");
         assert!(t.attr("target").is_none(), "no target attribute: {t:?}");
     }
@@ -184,6 +195,10 @@ async fn tree_over(rx: Receiver, protocol: &str) {
         assert_eq!(parent.name, "smtp.transaction", "{b:?}");
         assert_eq!(b.attr("server.address"), Some(rec.addr.as_str()));
         assert!(b.attr("smtp.backend.pool_wait_ms").is_some(), "{b:?}");
+        assert!(
+            b.ints.iter().any(|i| i == "smtp.backend.connection_id"),
+            "{b:?}"
+        );
     }
     // The second message reused the pooled connection of the first.
     assert!(

@@ -84,6 +84,8 @@ pub struct BackendConn {
     /// Generation of the relay whose pool it belongs to.
     pub generation: u64,
     pub peer: std::sync::Arc<str>,
+    /// A number of its own, unique in the process (for traces).
+    pub id: u64,
     /// The buffers of the last transaction, for the next one.
     pub(crate) spare: crate::relay::TxnBufs,
     pub(crate) _permit: Option<OwnedSemaphorePermit>,
@@ -110,6 +112,9 @@ async fn timed<T>(
         Err(_) => Err(BackendError::Timeout),
     }
 }
+
+/// The next backend connection's `id`.
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl BackendConn {
     /// Connects, reads the greeting and says EHLO (HELO if EHLO is refused).
@@ -139,6 +144,7 @@ impl BackendConn {
             backend,
             generation: 0,
             peer: addr.into(),
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             spare: Default::default(),
             _permit: None,
             idle_since: Instant::now(),

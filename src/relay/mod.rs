@@ -302,7 +302,7 @@ impl Relay {
                     "smtp.backend",
                     "otel.kind" = "client",
                     "server.address" = pool.settings().addr.as_str(),
-                    "smtp.backend.connection_id" = conn.id().map(tracing::field::display),
+                    "smtp.backend.connection_id" = conn.id(),
                     "smtp.backend.reused" = reused,
                     "smtp.backend.pool_wait_ms" = t0.elapsed().as_secs_f64() * 1000.0,
                 );

@@ -229,9 +229,10 @@ impl PooledConn {
         Object::take(obj).quit()
     }
 
-    /// The pool's id of this connection (for traces).
-    pub fn id(&self) -> Option<deadpool::managed::ObjectId> {
-        self.0.as_ref().map(Object::id)
+    /// This connection's id (for traces): an integer, so a span records
+    /// it without formatting.
+    pub fn id(&self) -> Option<i64> {
+        self.0.as_ref().map(|c| c.id as i64)
     }
 
     /// Whether this connection came from the idle list (rather than being

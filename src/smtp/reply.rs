@@ -15,7 +15,43 @@ impl fmt::Display for EnhancedCode {
     }
 }
 
+/// `n` in decimal at the front of `buf`; the digits written.
+fn dec_into(buf: &mut [u8], n: u16) -> usize {
+    let mut tmp = [0u8; 5];
+    let mut i = tmp.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        tmp[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let k = tmp.len() - i;
+    buf[..k].copy_from_slice(&tmp[i..]);
+    k
+}
+
+/// A reply code as text in `buf`, without the formatting machinery (for
+/// span fields recorded once per message).
+pub fn code_text(code: u16, buf: &mut [u8; 5]) -> &str {
+    let k = dec_into(buf, code);
+    std::str::from_utf8(&buf[..k]).unwrap_or("")
+}
+
 impl EnhancedCode {
+    /// `class.subject.detail` in `buf`, without the formatting machinery.
+    pub fn text<'a>(&self, buf: &'a mut [u8; 17]) -> &'a str {
+        let mut k = dec_into(buf, u16::from(self.0));
+        for n in [self.1, self.2] {
+            buf[k] = b'.';
+            k += 1;
+            k += dec_into(&mut buf[k..], n);
+        }
+        std::str::from_utf8(&buf[..k]).unwrap_or("")
+    }
+
     /// Appends `x.y.z` to `out`.
     fn write_to(&self, out: &mut Vec<u8>) {
         write_dec(out, u16::from(self.0));
@@ -408,6 +444,21 @@ fn parse_num3(s: &[u8]) -> Option<(u16, usize)> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn texts_match_display() {
+        for e in [
+            EnhancedCode(2, 0, 0),
+            EnhancedCode(5, 7, 1),
+            EnhancedCode(4, 999, 999),
+            EnhancedCode(255, 65535, 65535),
+        ] {
+            assert_eq!(e.text(&mut [0; 17]), e.to_string());
+        }
+        for c in [0u16, 7, 250, 554, 65535] {
+            assert_eq!(code_text(c, &mut [0; 5]), c.to_string());
+        }
+    }
+
     use super::*;
 
     fn wire(r: &Reply) -> String {

@@ -32,6 +32,8 @@ pub struct Got {
     pub span_id: String,
     pub parent: String,
     pub attrs: Vec<(String, String)>,
+    /// The keys of the attributes that are integers (`IntValue`).
+    pub ints: Vec<String>,
     pub service: String,
 }
 
@@ -85,6 +87,16 @@ fn flatten(req: ExportTraceServiceRequest, out: &Mutex<Vec<Got>>) {
                     attrs: attributes
                         .iter()
                         .map(|a| (a.key.clone(), value(&a.value)))
+                        .collect(),
+                    ints: attributes
+                        .iter()
+                        .filter(|a| {
+                            matches!(
+                                a.value.as_ref().and_then(|v| v.value.as_ref()),
+                                Some(Value::IntValue(_))
+                            )
+                        })
+                        .map(|a| a.key.clone())
                         .collect(),
                     service: service.clone(),
                 });
