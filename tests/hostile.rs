@@ -849,11 +849,13 @@ async fn key_updates(c: &mut Tls, n: usize) -> bool {
 }
 
 /// KeyUpdate floods after STARTTLS (TLS 1.3). Interleaved with application
-/// data (8 requests before each command and before each of 200 body lines,
-/// 1 700 in all) the session is served: every reply as usual, the message
-/// stored byte for byte. 20 clients at once sending 10 000 requests each
-/// with no application data are cut off (rustls allows 32 in a row): no
-/// reply to the NOOP that follows, the connection closed within 5 s. The
+/// data (8 requests before each command and each line of a 200-line body,
+/// 1 656 in all) the session is served: every reply as usual, the message
+/// stored byte for byte. rustls allows 32 requests in a row (the count
+/// starts again at each record of application data): 32 then a NOOP get
+/// 250, 33 end the session. 20 clients at once sending 10 000 requests
+/// each with no application data are cut off: no reply to the NOOP that
+/// follows, the connection closed within 5 s. The
 /// proxy's CPU stays low during and after the flood, no session or fd is
 /// left, and the same proxy then serves a normal session end to end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -886,10 +888,27 @@ async fn tls_key_update_flood_is_served_or_cut_off() {
     let r = c.reply().await;
     assert_eq!(r.code, 250, "{r:?}");
     assert!(key_updates(&mut c, 8).await);
+    sent += 8;
     assert_eq!(c.cmd("QUIT").await.code, 221);
     let cpu_served = cpu_precise(edge.pid) - cpu0;
     edge.delivered += 1;
     assert_stored(&edge, "key updates", &body);
+
+    // rustls' own limit, in force in the proxy: 32 requests in a row pass,
+    // the 33rd ends the session.
+    for (n, served) in [(32, true), (33, false)] {
+        let mut c = tls_session(edge.smtp, &cfg).await;
+        assert!(key_updates(&mut c, n).await);
+        c.send(b"NOOP\r\n").await;
+        let r = c.try_reply(Duration::from_secs(5)).await;
+        if served {
+            assert_eq!(r.map(|r| r.code), Some(250), "after {n} in a row");
+            assert_eq!(c.cmd("QUIT").await.code, 221);
+        } else {
+            assert!(r.is_none(), "a reply after {n} in a row: {r:?}");
+            assert!(c.closed(Duration::from_secs(1)).await);
+        }
+    }
 
     // Cut off: requests and nothing else.
     let cpu0 = cpu_precise(edge.pid);
