@@ -3,17 +3,18 @@
 # by this script). The seeds come from the tests: commands of
 # src/smtp/command.rs, backend replies of src/smtp/reply.rs and
 # tests/faults.rs, messages with the smuggling vectors of tests/faults.rs
-# and src/smtp/data.rs, PROXY v1/v2 headers of src/proxy.rs and
+# and src/smtp/data.rs, BDAT content of src/smtp/bdat.rs and
+# tests/bdat.rs, PROXY v1/v2 headers of src/proxy.rs and
 # tests/proxy_protocol.rs, and the configs in config/.
 #
-# Layout of an input (see each target): data and session start with a
-# flags byte; reply, data, proxy and session take two bytes of seed for
-# the cuts before the bytes themselves.
+# Layout of an input (see each target): data, bdat and session start with
+# a flags byte; reply, data, bdat, proxy and session take two bytes of
+# seed for the cuts before the bytes themselves.
 set -eu
 cd "$(dirname "$0")"
 C=corpus
 rm -rf "$C"
-mkdir -p "$C/command" "$C/reply" "$C/data" "$C/proxy" "$C/config" "$C/session"
+mkdir -p "$C/command" "$C/reply" "$C/data" "$C/bdat" "$C/proxy" "$C/config" "$C/session"
 n=0
 seed() { # seed TARGET PREFIX BYTES(printf format)
     n=$((n + 1))
@@ -46,6 +47,19 @@ for f in '\000' '\001' '\002' '\003' '\011'; do
     seed data "$f\007\001" '.\r\n'
     for v in '\n.\n' '\r.\r' '\r\n.\n' '\n.\r\n' '\r.\r\n' '\r\n.\r\r\n' '.\n' '.\rx'; do
         seed data "$f\011\042" "Subject: smuggling test\r\n\r\nHello${v}MAIL FROM:<evil@x>\r\nRCPT TO:<victim@y>\r\nDATA\r\n\r\nevil body\r\n.\r\n"
+    done
+done
+
+# bdat: flags (bit 0: normalize; flags >> 1 mod 6: max_line; bits 6, 7:
+# LAST in the bdat_command round trips), cut seed, content (its first line
+# is also parsed as BDAT arguments).
+for f in '\000' '\001' '\002' '\003' '\011' '\301'; do
+    seed bdat "$f\003\005" 'Subject: bdat tricky\r\n\r\nfirst\r\n.dot line\r\n.\r\nMAIL FROM:<evil@smuggler.example>\r\nRCPT TO:<victim@example.org>\r\nDATA\r\n\r\n.\r\n..two dots\r\nlast line without CRLF'
+    seed bdat "$f\001\000" '4096 LAST\r\n'
+    seed bdat "$f\007\001" '.'
+    for v in 'a\n.\nMAIL FROM:<x>\n' 'a\r.\rMAIL FROM:<x>\r\n' 'a\r\n.\n' 'a\n.\r\n' \
+        '.\r\r\n' 'a\r\n.' 'a\r\nb\r' 'abcd\r\nabcde\r\n' 'abcd\nabcd\rabcd'; do
+        seed bdat "$f\011\042" "$v"
     done
 done
 

@@ -1,6 +1,7 @@
 //! Property tests of the sans-IO core (proptest, on stable; the fuzz
 //! targets in fuzz/ are their nightly, coverage-guided counterparts):
-//! un-stuffing inverts stuffing through the DATA scanner, a `Reply`
+//! un-stuffing inverts stuffing through the DATA scanner, BDAT content
+//! checked and stuffed never ends a DATA early, a `Reply`
 //! written with `write_to` parses back to itself, the command parser and
 //! the PROXY header judge never panic, and the scanner's and the reply
 //! parser's memory stays bounded however long the input. Each property
@@ -13,7 +14,8 @@ use smtp_edge::proxy;
 use smtp_edge::smtp::command::parse;
 use smtp_edge::smtp::reply::{MAX_REPLY_LINE, MAX_REPLY_LINES};
 use smtp_edge::smtp::{
-    BareLineEndings, DataOptions, DataScanner, EnhancedCode, Reply, Scan, Unstuffer,
+    BareLineEndings, ChunkChecker, DataOptions, DataScanner, EnhancedCode, Reply, Scan, Stuffer,
+    Unstuffer,
 };
 
 #[path = "support/wire.rs"]
@@ -108,6 +110,51 @@ proptest! {
             }
             prop_assert!(u.is_done());
             prop_assert_eq!(&got, &content);
+        }
+    }
+
+    /// BDAT content of any bytes (CR, LF and dots likely), in any chunks,
+    /// both modes: the `ChunkChecker` output holds no bare CR / LF; the
+    /// `Stuffer`'d form for a DATA backend ends the data at its very end
+    /// in a strict, a Postfix-like and a lenient reading, and un-stuffs to
+    /// the checked content (the stable counterpart of the `bdat` fuzz
+    /// target).
+    #[test]
+    fn bdat_stuffing_never_ends_data_early(
+        content in vec(prop_oneof![
+            2 => Just(b'\r'), 2 => Just(b'\n'), 2 => Just(b'.'), 3 => any::<u8>(),
+        ], 0..200),
+        sizes in vec(1usize..16, 1..8),
+    ) {
+        for mode in MODES {
+            let mut c = ChunkChecker::new(DataOptions { bare_line_endings: mode, max_line: 0 });
+            let mut st = Stuffer::new();
+            let (mut checked, mut wire, mut piece) = (Vec::new(), Vec::new(), Vec::new());
+            for chunk in chunked(&content, &sizes) {
+                piece.clear();
+                c.feed(chunk, &mut piece);
+                checked.extend_from_slice(&piece);
+                st.feed(&piece, &mut wire);
+            }
+            piece.clear();
+            c.finish(&mut piece);
+            checked.extend_from_slice(&piece);
+            st.feed(&piece, &mut wire);
+            st.finish(&mut wire);
+            prop_assert!(wire::no_bare(&checked));
+            prop_assert!(wire::no_bare(&wire));
+            let end = Some(wire.len());
+            prop_assert_eq!(wire::strict_end(&wire), end);
+            prop_assert_eq!(wire::postfix_end(&wire), end);
+            prop_assert_eq!(wire::lenient_end(&wire), end);
+            let mut u = Unstuffer::new();
+            let mut back = Vec::new();
+            u.feed(&wire, &mut back);
+            prop_assert!(u.is_done());
+            if !checked.is_empty() && !checked.ends_with(b"\n") {
+                checked.extend_from_slice(b"\r\n");
+            }
+            prop_assert_eq!(back, checked);
         }
     }
 

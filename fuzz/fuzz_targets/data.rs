@@ -54,15 +54,6 @@ fn scan(opts: DataOptions, discard_at: Option<usize>, pieces: &[&[u8]]) -> Outco
     }
 }
 
-/// Where a strict reader (`<CRLF>.<CRLF>`, the data starting at a line
-/// start) sees the end of data.
-fn strict_end(wire: &[u8]) -> Option<usize> {
-    if wire.starts_with(b".\r\n") {
-        return Some(3);
-    }
-    memchr::memmem::find(wire, b"\r\n.\r\n").map(|i| i + 5)
-}
-
 fn unstuff(pieces: &[&[u8]]) -> (Vec<u8>, bool) {
     let mut u = Unstuffer::new();
     let mut out = Vec::new();
@@ -111,11 +102,11 @@ fuzz_target!(|data: &[u8]| {
             if whole.bare && mode == BareLineEndings::Reject {
                 // Output stopped at the bare line ending: it never ends a
                 // DATA (the session drops the backend connection).
-                assert_eq!(strict_end(out), None, "{out:?}");
+                assert_eq!(wire::strict_end(out), None, "{out:?}");
                 assert_eq!(wire::postfix_end(out), None, "{out:?}");
                 assert!(input.starts_with(out));
             } else {
-                assert_eq!(strict_end(out), Some(out.len()), "{out:?}");
+                assert_eq!(wire::strict_end(out), Some(out.len()), "{out:?}");
                 assert_eq!(wire::postfix_end(out), Some(out.len()), "{out:?}");
                 if !whole.bare {
                     assert_eq!(out[..], input[..consumed]);
@@ -127,7 +118,7 @@ fuzz_target!(|data: &[u8]| {
         }
         Scan::More => {
             assert_eq!(whole.size, input.len() as u64);
-            assert_eq!(strict_end(out), None, "{out:?}");
+            assert_eq!(wire::strict_end(out), None, "{out:?}");
             assert_eq!(wire::postfix_end(out), None, "{out:?}");
             if !whole.bare {
                 assert!(input.starts_with(out));
