@@ -51,3 +51,18 @@ pub fn take_seed(data: &[u8], n: usize) -> (u64, &[u8]) {
         .fold(0u64, |acc, &b| (acc << 8) | u64::from(b));
     (seed, &data[n..])
 }
+
+/// The DATA options a flags byte picks (bit 0: bare line endings rejected or
+/// normalized; the rest: one of a few `max_line` limits, 0 = none), for the
+/// targets that feed message content.
+pub fn data_options(flags: u8) -> smtp_edge::smtp::DataOptions {
+    use smtp_edge::smtp::{BareLineEndings, DataOptions};
+    DataOptions {
+        bare_line_endings: if flags & 1 == 0 {
+            BareLineEndings::Reject
+        } else {
+            BareLineEndings::Normalize
+        },
+        max_line: [0, 1, 3, 4, 10, 1000][usize::from(flags >> 1) % 6],
+    }
+}

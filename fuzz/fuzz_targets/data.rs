@@ -68,16 +68,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let (seed, input) = common::take_seed(rest, 2);
-    let mode = if flags & 1 == 0 {
-        BareLineEndings::Reject
-    } else {
-        BareLineEndings::Normalize
-    };
-    let max_line = [0, 1, 3, 4, 10, 1000][usize::from(flags >> 1) % 6];
-    let opts = DataOptions {
-        bare_line_endings: mode,
-        max_line,
-    };
+    let opts = common::data_options(flags);
+    let mode = opts.bare_line_endings;
     let whole = scan(opts, None, &[input]);
     for cuts in common::cut_sets(seed, input.len()) {
         let pieces = common::pieces(input, &cuts);

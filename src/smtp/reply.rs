@@ -344,17 +344,8 @@ pub fn write_reply(out: &mut Vec<u8>, code: u16, enhanced: &str, text: &str) {
 /// Appends the decimal form of `n` without allocating.
 fn write_dec(out: &mut Vec<u8>, n: u16) {
     let mut buf = [0u8; 5];
-    let mut i = buf.len();
-    let mut n = n;
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&buf[i..]);
+    let k = dec_into(&mut buf, n);
+    out.extend_from_slice(&buf[..k]);
 }
 
 fn strip_cr(line: &[u8]) -> &[u8] {
