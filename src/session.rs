@@ -759,10 +759,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 // A command was taken, or none is begun: a new wait starts.
                 cmd_deadline = now + cmd_timeout;
             }
-            let left = cmd_deadline.saturating_duration_since(now);
-            match self.read_more(left, idle).await {
+            let mut left = cmd_deadline.saturating_duration_since(now);
+            // Inside a BDAT transaction the minimum data rate bounds the
+            // wait for the next chunk's command as well.
+            let mut paced = false;
+            if let Some(ch) = self.st.chunking.as_ref() {
+                match ch.between_chunks(left) {
+                    Some(w) => {
+                        paced = w < left;
+                        left = w;
+                    }
+                    None => {
+                        self.too_slow();
+                        self.flush().await;
+                        return Outcome::Closed;
+                    }
+                }
+            }
+            let read = self.read_more(left, idle).await;
+            if let Some(ch) = self.st.chunking.as_mut() {
+                ch.waited(now.elapsed());
+            }
+            match read {
                 Ok(0) | Err(ReadErr::Io) => return Outcome::Closed,
                 Ok(_) => {}
+                Err(ReadErr::Timeout) if paced => {
+                    self.too_slow();
+                    self.flush().await;
+                    return Outcome::Closed;
+                }
                 Err(ReadErr::Timeout) => {
                     let (c, e, t) = CMD_TIMEOUT_REPLY;
                     self.reply(c, e, t);

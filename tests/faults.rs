@@ -1888,6 +1888,47 @@ async fn minimum_data_rate_spares_steady_senders_and_covers_bdat() {
     assert_eq!(rec.messages().len(), 1, "nothing more delivered");
 }
 
+/// BDAT chunks of one octet, each sent promptly after its command but the
+/// commands far apart (inside the command timeout): the time between
+/// chunks counts toward the minimum data rate, so the transaction is cut
+/// off (421 4.4.2) and nothing is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bdat_chunks_far_apart_are_cut_at_the_minimum_rate() {
+    let rec = SeqRecorder::start(vec![Script::default()]).await;
+    let proxy = Proxy::to_backend(
+        &rec.addr,
+        "[timeouts]\ndata_block = 0.5\n[limits]\nmin_data_rate = 1000",
+    )
+    .await;
+    let mut c = Raw::greeted(proxy.addr).await;
+    ehlo(&mut c).await;
+    let r = c.cmd("MAIL FROM:<gaps@client.test>").await;
+    expect(&r, 250, "2.1.0");
+    let r = c.cmd("RCPT TO:<rcpt@backend.test>").await;
+    expect(&r, 250, "2.1.5");
+    let t0 = Instant::now();
+    let mut cut = None;
+    for _ in 0..20 {
+        c.send(b"BDAT 1\r\nx").await;
+        let r = c.reply().await;
+        if r.code != 250 {
+            cut = Some(r);
+            break;
+        }
+        // Well inside the command timeout (300 s), but slow.
+        if let Some(r) = c.try_reply(Duration::from_millis(300)).await {
+            cut = Some(r);
+            break;
+        }
+    }
+    let r = cut.expect("cut off between chunks");
+    expect(&r, 421, "4.4.2");
+    assert!(r.text.contains("too slow"), "{r:?}");
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    assert!(c.closed(Duration::from_secs(1)).await);
+    assert!(rec.messages().is_empty());
+}
+
 // ---------------------------------------------------------------------------
 // More backend and client faults.
 

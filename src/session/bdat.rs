@@ -60,6 +60,22 @@ impl Chunking {
     pub(super) fn started(&self) -> bool {
         self.started
     }
+
+    /// How long the wait for the next command (the next BDAT) may last
+    /// under the transaction's minimum data rate: the time between chunks
+    /// counts too, or a client could send `BDAT 1` just inside every
+    /// command timeout. `left` when no minimum applies; None when the
+    /// allowance has run out.
+    pub(super) fn between_chunks(&self, left: Duration) -> Option<Duration> {
+        data_wait(&self.pace, self.checker.size() + self.skipped, left)
+    }
+
+    /// Counts a wait for the client between chunks.
+    pub(super) fn waited(&mut self, d: Duration) {
+        if let Some(p) = self.pace.as_mut() {
+            p.waited(d);
+        }
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
