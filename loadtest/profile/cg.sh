@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# cg.sh NAME EXTRA_TOML [N=20000] [LOG=warn]: instructions per relayed
+# message of the release smtp-edge under callgrind (counts that do not
+# depend on how busy the machine is). One worker thread, persistent
+# connections (20), 4 KiB, pipelining unless LOADARGS=--no-pipelining;
+# 2 000 messages of warm-up, then the counters are zeroed, N messages
+# run and dumped. EXTRA_TOML goes into the config (the word OTLP is
+# replaced by the address of an `smtp-load otlp-sink` started for it).
+# Prints the total; per function: cg_self.py $PROF_DIR/NAME/cg.out.*.1 N.
+# Example: cg.sh exp '[telemetry]
+#   otlp_endpoint = "http://OTLP"
+#   sample_ratio = 1.0' 20000 info
+set -eu
+NAME=$1; EXTRA=$2; N=${3:-20000}; LOG=${4:-warn}
+R=$(cd "$(dirname "$0")/../.." && pwd)/target/release
+W=${PROF_DIR:-/tmp/smtp-edge-prof}/$NAME; rm -rf $W; mkdir -p $W
+SINKP=$((30000 + RANDOM % 1000)); EP=$((31000 + RANDOM % 1000)); OP=$((32000 + RANDOM % 500))
+$R/smtp-load sink -l 127.0.0.1:$SINKP -q > $W/sink.log 2>&1 & SPID=$!
+EXTRA=${EXTRA//OTLP/127.0.0.1:$OP}
+if [[ "$EXTRA" == *otlp_endpoint* ]]; then
+  H=(); [[ "$EXTRA" == *'"http"'* ]] && H=(--http)
+  $R/smtp-load otlp-sink -l 127.0.0.1:$OP "${H[@]}" --threads 1 --json -q > $W/otlp.json 2>$W/otlp.err & OPID=$!
+fi
+cat > $W/edge.toml <<T
+hostname = "edge.loadtest"
+$EXTRA
+[[listener]]
+address = "127.0.0.1:$EP"
+tls = "none"
+[[backend]]
+address = "127.0.0.1:$SINKP"
+max_connections = 1000
+T
+sleep 0.3
+TOKIO_WORKER_THREADS=1 RUST_LOG=$LOG valgrind --tool=callgrind --callgrind-out-file=$W/cg.out.%p $R/smtp-edge --config $W/edge.toml > $W/edge.log 2>&1 & EPID=$!
+for i in $(seq 1 100); do (echo > /dev/tcp/127.0.0.1/$EP) 2>/dev/null && break; sleep 0.3; done
+$R/smtp-load run -t 127.0.0.1:$EP -c 20 -m 0 -n 2000 -s 4096 ${LOADARGS:-} -q >/dev/null 2>&1
+sleep 1
+callgrind_control -z $EPID >/dev/null
+$R/smtp-load run -t 127.0.0.1:$EP -c 20 -m 0 -n $N -s 4096 ${LOADARGS:-} -q > $W/load.txt 2>&1
+sleep 1.5
+callgrind_control -d $EPID >/dev/null
+sleep 1
+kill $EPID; wait $EPID 2>/dev/null || true
+kill $SPID ${OPID:-} 2>/dev/null; wait 2>/dev/null || true
+f=$(ls -S $W/cg.out.*.* 2>/dev/null | head -1)
+tot=0
+for f in $W/cg.out.*.*; do t=$(grep -m1 '^summary:\|^totals:' $f | awk '{print $2}'); tot=$((tot + ${t:-0})); done
+echo "$NAME: total Ir $tot, per msg $((tot / N))"
