@@ -12,28 +12,10 @@
 #   sample_ratio = 1.0' 20000 info
 set -eu
 NAME=$1; EXTRA=$2; N=${3:-20000}; LOG=${4:-warn}
-R=$(cd "$(dirname "$0")/../.." && pwd)/target/release
-W=${PROF_DIR:-/tmp/smtp-edge-prof}/$NAME; rm -rf $W; mkdir -p $W
-SINKP=$((30000 + RANDOM % 1000)); EP=$((31000 + RANDOM % 1000)); OP=$((32000 + RANDOM % 500))
-$R/smtp-load sink -l 127.0.0.1:$SINKP -q > $W/sink.log 2>&1 & SPID=$!
-EXTRA=${EXTRA//OTLP/127.0.0.1:$OP}
-if [[ "$EXTRA" == *otlp_endpoint* ]]; then
-  H=(); [[ "$EXTRA" == *'"http"'* ]] && H=(--http)
-  $R/smtp-load otlp-sink -l 127.0.0.1:$OP "${H[@]}" --threads 1 --json -q > $W/otlp.json 2>$W/otlp.err & OPID=$!
-fi
-cat > $W/edge.toml <<T
-hostname = "edge.loadtest"
-$EXTRA
-[[listener]]
-address = "127.0.0.1:$EP"
-tls = "none"
-[[backend]]
-address = "127.0.0.1:$SINKP"
-max_connections = 1000
-T
-sleep 0.3
+LOAD_ON=""
+source "$(dirname "$0")/common.sh"
 TOKIO_WORKER_THREADS=1 RUST_LOG=$LOG valgrind --tool=callgrind --callgrind-out-file=$W/cg.out.%p $R/smtp-edge --config $W/edge.toml > $W/edge.log 2>&1 & EPID=$!
-for i in $(seq 1 100); do (echo > /dev/tcp/127.0.0.1/$EP) 2>/dev/null && break; sleep 0.3; done
+wait_edge
 $R/smtp-load run -t 127.0.0.1:$EP -c 20 -m 0 -n 2000 -s 4096 ${LOADARGS:-} -q >/dev/null 2>&1
 sleep 1
 callgrind_control -z $EPID >/dev/null

@@ -8,29 +8,10 @@
 # export runtime, the log thread).
 set -eu
 NAME=$1; EXTRA=$2; SECS=${3:-5}; LOG=${4:-info}; M=${5:-0}
-R=$(cd "$(dirname "$0")/../.." && pwd)/target/release
-W=${PROF_DIR:-/tmp/smtp-edge-prof}/$NAME; rm -rf $W; mkdir -p $W
-SINKP=$((30000 + RANDOM % 1000)); EP=$((31000 + RANDOM % 1000)); OP=$((32000 + RANDOM % 500))
-taskset -c 0 $R/smtp-load sink -l 127.0.0.1:$SINKP -q > $W/sink.log 2>&1 & SPID=$!
-EXTRA=${EXTRA//OTLP/127.0.0.1:$OP}
-OPID=
-if [[ "$EXTRA" == *otlp_endpoint* ]]; then
-  H=(); [[ "$EXTRA" == *'"http"'* ]] && H=(--http)
-  taskset -c 0 $R/smtp-load otlp-sink -l 127.0.0.1:$OP "${H[@]}" --threads 1 --json -q > $W/otlp.json 2>$W/otlp.err & OPID=$!
-fi
-cat > $W/edge.toml <<T
-hostname = "edge.loadtest"
-$EXTRA
-[[listener]]
-address = "127.0.0.1:$EP"
-tls = "none"
-[[backend]]
-address = "127.0.0.1:$SINKP"
-max_connections = 1000
-T
-sleep 0.3
+LOAD_ON="taskset -c 0"
+source "$(dirname "$0")/common.sh"
 TOKIO_WORKER_THREADS=1 RUST_LOG=$LOG taskset -c 1 $R/smtp-edge --config $W/edge.toml > $W/edge.log 2>&1 & EPID=$!
-for i in $(seq 1 100); do (echo > /dev/tcp/127.0.0.1/$EP) 2>/dev/null && break; sleep 0.1; done
+wait_edge
 snap() { for t in /proc/$EPID/task/*; do echo "$(cat $t/comm | tr ' ' _) $(awk "{print \$14, \$15, \$10}" $t/stat) $(grep -E '^(voluntary|nonvoluntary)' $t/status | awk '{print $2}' | tr '\n' ' ')"; done | sort; }
 taskset -c 0 $R/smtp-load run -t 127.0.0.1:$EP -c 50 -m $M -d 1 -s 4096 -q >/dev/null 2>&1
 snap > $W/s0
