@@ -1795,6 +1795,20 @@ async fn dribble(c: &mut Raw, n: usize, gap: Duration) -> Option<Seen> {
     None
 }
 
+/// A proxy with `data_block` and `min_data_rate` in front of a recorder
+/// of `conns` backend connections, and a client past EHLO.
+async fn paced(block: f64, rate: u64, conns: usize) -> (SeqRecorder, Proxy, Raw) {
+    let rec = SeqRecorder::start(vec![Script::default(); conns]).await;
+    let proxy = Proxy::to_backend(
+        &rec.addr,
+        &format!("[timeouts]\ndata_block = {block}\n[limits]\nmin_data_rate = {rate}"),
+    )
+    .await;
+    let mut c = Raw::greeted(proxy.addr).await;
+    ehlo(&mut c).await;
+    (rec, proxy, c)
+}
+
 /// A client that dribbles its message, each byte well inside `data_block`,
 /// is cut off once the minimum data rate's allowance (`data_block` of
 /// grace, plus a second per `min_data_rate` bytes) is used up: 421 4.4.2,
@@ -1802,14 +1816,7 @@ async fn dribble(c: &mut Raw, n: usize, gap: Duration) -> Option<Seen> {
 /// is still connected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_dribbling_data_is_cut_at_the_minimum_rate() {
-    let rec = SeqRecorder::start(vec![Script::default()]).await;
-    let proxy = Proxy::to_backend(
-        &rec.addr,
-        "[timeouts]\ndata_block = 1.0\n[limits]\nmin_data_rate = 1000",
-    )
-    .await;
-    let mut c = Raw::greeted(proxy.addr).await;
-    ehlo(&mut c).await;
+    let (rec, _proxy, mut c) = paced(1.0, 1000, 1).await;
     begin(&mut c, "dribbler").await;
     let t0 = Instant::now();
     let r = dribble(&mut c, 40, Duration::from_millis(300))
@@ -1829,14 +1836,7 @@ async fn client_dribbling_data_is_cut_at_the_minimum_rate() {
 
     // min_data_rate = 0: only data_block per read, and each byte is
     // inside it.
-    let rec = SeqRecorder::start(vec![Script::default()]).await;
-    let proxy = Proxy::to_backend(
-        &rec.addr,
-        "[timeouts]\ndata_block = 1.0\n[limits]\nmin_data_rate = 0",
-    )
-    .await;
-    let mut c = Raw::greeted(proxy.addr).await;
-    ehlo(&mut c).await;
+    let (_rec, _proxy, mut c) = paced(1.0, 0, 1).await;
     begin(&mut c, "dribbler").await;
     assert!(dribble(&mut c, 10, Duration::from_millis(300))
         .await
@@ -1851,14 +1851,7 @@ async fn client_dribbling_data_is_cut_at_the_minimum_rate() {
 /// BDAT transaction's chunks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn minimum_data_rate_spares_steady_senders_and_covers_bdat() {
-    let rec = SeqRecorder::start(vec![Script::default(), Script::default()]).await;
-    let proxy = Proxy::to_backend(
-        &rec.addr,
-        "[timeouts]\ndata_block = 0.5\n[limits]\nmin_data_rate = 1000",
-    )
-    .await;
-    let mut c = Raw::greeted(proxy.addr).await;
-    ehlo(&mut c).await;
+    let (rec, _proxy, mut c) = paced(0.5, 1000, 2).await;
     begin(&mut c, "steady").await;
     // 2 000 bytes every 400 ms (5 000 B/s) for 2.4 s: far past the grace.
     let line = [b"y".repeat(998), b"\r\n".to_vec()].concat();
@@ -1894,14 +1887,7 @@ async fn minimum_data_rate_spares_steady_senders_and_covers_bdat() {
 /// off (421 4.4.2) and nothing is delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bdat_chunks_far_apart_are_cut_at_the_minimum_rate() {
-    let rec = SeqRecorder::start(vec![Script::default()]).await;
-    let proxy = Proxy::to_backend(
-        &rec.addr,
-        "[timeouts]\ndata_block = 0.5\n[limits]\nmin_data_rate = 1000",
-    )
-    .await;
-    let mut c = Raw::greeted(proxy.addr).await;
-    ehlo(&mut c).await;
+    let (rec, _proxy, mut c) = paced(0.5, 1000, 1).await;
     let r = c.cmd("MAIL FROM:<gaps@client.test>").await;
     expect(&r, 250, "2.1.0");
     let r = c.cmd("RCPT TO:<rcpt@backend.test>").await;
