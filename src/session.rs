@@ -467,6 +467,18 @@ fn data_wait(pace: &Option<Pace>, received: u64, block: Duration) -> Option<Dura
     }
 }
 
+/// How a read of message data ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DataRead {
+    More,
+    /// The client closed or the read failed.
+    Gone,
+    /// Nothing within `data_block`.
+    Timeout,
+    /// The minimum data rate's allowance ran out.
+    TooSlow,
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     fn new(
         io: S,
@@ -1228,6 +1240,58 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         out.extend_from_slice(b"\r\n");
     }
 
+    /// The minimum data rate's allowance for a message's data (DATA, a
+    /// BDAT transaction, or a chunk dropped outside one).
+    fn new_pace(&self) -> Option<Pace> {
+        let cfg = &self.shared.cfg;
+        Pace::new(
+            Duration::from_secs_f64(cfg.timeouts.data_block),
+            cfg.limits.min_data_rate as f64,
+        )
+    }
+
+    /// Reads more message data (DATA or BDAT content) into `inbuf`, within
+    /// `data_block` and the minimum data rate's allowance for `received`
+    /// bytes; the wait is counted in `pace`.
+    async fn read_data(&mut self, pace: &mut Option<Pace>, received: u64) -> DataRead {
+        let block = Duration::from_secs_f64(self.shared.cfg.timeouts.data_block);
+        let Some(wait) = data_wait(pace, received, block) else {
+            return DataRead::TooSlow;
+        };
+        if self.inbuf.capacity() - self.inbuf.len() < 8192 {
+            self.inbuf.reserve(64 * 1024);
+        }
+        let read = self.io.read_buf(&mut self.inbuf);
+        // The clock only when a minimum rate needs it (every read of data).
+        let t0 = pace.map(|_| tokio::time::Instant::now());
+        let got = self.read_timer.within(wait, read).await;
+        if let (Some(p), Some(t0)) = (pace.as_mut(), t0) {
+            p.waited(t0.elapsed());
+        }
+        match got {
+            Some(Ok(n)) if n > 0 => DataRead::More,
+            Some(_) => DataRead::Gone,
+            None if wait < block => DataRead::TooSlow,
+            None => DataRead::Timeout,
+        }
+    }
+
+    /// The end of a session inside a message's data (`what`: DATA or
+    /// BDAT), after `read_data` did not get more: logged, or answered with
+    /// a 421 (the caller drops the transaction).
+    fn data_read_failed(&mut self, read: DataRead, what: &str) {
+        match read {
+            DataRead::More | DataRead::Gone => {
+                info!("client disconnected during {what}; message discarded");
+            }
+            DataRead::Timeout => {
+                let (c, e, t) = CMD_TIMEOUT_REPLY;
+                self.reply(c, e, t);
+            }
+            DataRead::TooSlow => self.too_slow(),
+        }
+    }
+
     /// The client's message data came slower than `limits.min_data_rate`:
     /// 421 and close (the caller drops the transaction).
     fn too_slow(&mut self) {
@@ -1245,8 +1309,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             bare_line_endings: mode,
             max_line: cfg.limits.max_text_line,
         });
-        let block_timeout = Duration::from_secs_f64(cfg.timeouts.data_block);
-        let mut pace = Pace::new(block_timeout, cfg.limits.min_data_rate as f64);
+        let mut pace = self.new_pace();
         let max_size = cfg.limits.max_message_size;
         let mut fwd = std::mem::take(&mut self.fwd);
         fwd.clear();
@@ -1298,49 +1361,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     break;
                 }
             }
-            if self.inbuf.capacity() - self.inbuf.len() < 8192 {
-                self.inbuf.reserve(64 * 1024);
+            let read = self.read_data(&mut pace, scanner.size()).await;
+            if read == DataRead::More {
+                continue;
             }
-            let Some(wait) = data_wait(&pace, scanner.size(), block_timeout) else {
-                if let Some(t) = txn {
-                    t.abort();
-                }
-                self.end_txn();
-                self.too_slow();
-                return Err(());
-            };
-            let read = self.io.read_buf(&mut self.inbuf);
-            let t0 = pace.map(|_| tokio::time::Instant::now());
-            let got = self.read_timer.within(wait, read).await;
-            if let (Some(p), Some(t0)) = (pace.as_mut(), t0) {
-                p.waited(t0.elapsed());
+            // The session ends: drop the backend connection without the
+            // final dot, so nothing partial is delivered.
+            if let Some(t) = txn {
+                t.abort();
             }
-            match got {
-                Some(Ok(n)) if n > 0 => {}
-                Some(_) => {
-                    // Client gone mid-DATA: drop the backend connection
-                    // without the final dot, so nothing partial is delivered.
-                    info!("client disconnected during DATA; message discarded");
-                    if let Some(t) = txn {
-                        t.abort();
-                    }
-                    self.end_txn();
-                    return Err(());
-                }
-                None => {
-                    if let Some(t) = txn {
-                        t.abort();
-                    }
-                    self.end_txn();
-                    if wait < block_timeout {
-                        self.too_slow();
-                    } else {
-                        let (c, e, t) = CMD_TIMEOUT_REPLY;
-                        self.reply(c, e, t);
-                    }
-                    return Err(());
-                }
-            }
+            self.end_txn();
+            self.data_read_failed(read, "DATA");
+            return Err(());
         }
         let size = scanner.size();
         let refusal = if let Some(r) = backend_refusal {

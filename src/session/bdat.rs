@@ -16,12 +16,10 @@
 use std::time::Duration;
 
 use bytes::Buf;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn};
 
-use super::{
-    content_refusal, data_wait, record_end, too_big_reply, Session, Step, CMD_TIMEOUT_REPLY,
-};
+use super::{content_refusal, data_wait, record_end, too_big_reply, DataRead, Session, Step};
 use crate::relay::backend_lost;
 use crate::smtp::{
     bdat_command, BareLineEndings, ChunkChecker, DataOptions, EnhancedCode, Reply, Stuffer,
@@ -111,11 +109,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         if ch.failed.is_some() {
             // Answered like the chunk that failed, its octets dropped.
-            let mut pace = ch.pace;
-            let step = self
-                .skip_chunk(size, &mut pace, ch.checker.size() + ch.skipped)
-                .await;
-            ch.pace = pace;
+            let before = ch.checker.size() + ch.skipped;
+            let step = self.skip_chunk(size, &mut ch.pace, before).await;
             ch.skipped = ch.skipped.saturating_add(size);
             if let Some(r) = ch.failed.clone() {
                 self.chunking_reply(&ch, r, last);
@@ -346,60 +341,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    /// The minimum data rate's allowance for a new BDAT transaction (or a
-    /// chunk dropped outside one).
-    fn new_pace(&self) -> Option<Pace> {
-        let cfg = &self.shared.cfg;
-        Pace::new(
-            Duration::from_secs_f64(cfg.timeouts.data_block),
-            cfg.limits.min_data_rate as f64,
-        )
-    }
-
     /// Reads more of a chunk (the replies so far written first), within
     /// `data_block` and the minimum data rate's allowance for `received`
     /// bytes. Err when the session ends: the client is gone, or timed out
     /// or too slow (421 queued); the backend connection is dropped.
     async fn read_chunk(&mut self, pace: &mut Option<Pace>, received: u64) -> Result<(), Step> {
-        let block_timeout = Duration::from_secs_f64(self.shared.cfg.timeouts.data_block);
         let flushed = self.flush().await;
-        if self.inbuf.capacity() - self.inbuf.len() < 8192 {
-            self.inbuf.reserve(64 * 1024);
+        let read = self.read_data(pace, received).await;
+        if read == DataRead::More && flushed {
+            return Ok(());
         }
-        let wait = data_wait(pace, received, block_timeout);
-        let got = match wait {
-            Some(wait) => {
-                let read = self.io.read_buf(&mut self.inbuf);
-                let t0 = tokio::time::Instant::now();
-                let got = self.read_timer.within(wait, read).await;
-                if let Some(p) = pace.as_mut() {
-                    p.waited(t0.elapsed());
-                }
-                got
-            }
-            None => None,
-        };
-        let step = match got {
-            Some(Ok(n)) if n > 0 && flushed => return Ok(()),
-            Some(_) => {
-                info!("client disconnected during BDAT; message discarded");
-                Step::Close
-            }
-            None if wait.is_some_and(|w| w >= block_timeout) => {
-                let (c, e, t) = CMD_TIMEOUT_REPLY;
-                self.reply(c, e, t);
-                Step::Close
-            }
-            None => {
-                self.too_slow();
-                Step::Close
-            }
-        };
+        self.data_read_failed(read, "BDAT");
         if let Some(t) = self.st.txn.take() {
             t.abort();
         }
         self.end_txn();
-        Err(step)
+        Err(Step::Close)
     }
 
     /// Metrics, the transaction span and the log line for a message's
