@@ -32,12 +32,22 @@ const FIXED64: u32 = 1;
 const LEN: u32 = 2;
 const FIXED32: u32 = 5;
 
-fn varint(buf: &mut Vec<u8>, mut v: u64) {
+/// `v` as a protobuf varint in a buffer of its own, and its length.
+fn varint_bytes(mut v: u64) -> ([u8; 10], usize) {
+    let mut out = [0u8; 10];
+    let mut n = 0;
     while v >= 0x80 {
-        buf.push(v as u8 | 0x80);
+        out[n] = v as u8 | 0x80;
         v >>= 7;
+        n += 1;
     }
-    buf.push(v as u8);
+    out[n] = v as u8;
+    (out, n + 1)
+}
+
+fn varint(buf: &mut Vec<u8>, v: u64) {
+    let (b, n) = varint_bytes(v);
+    buf.extend_from_slice(&b[..n]);
 }
 
 fn key(buf: &mut Vec<u8>, field: u32, wire: u32) {
@@ -58,17 +68,7 @@ fn nested_sized(buf: &mut Vec<u8>, field: u32, room: usize, f: impl FnOnce(&mut 
     let at = buf.len();
     buf.resize(at + room, 0);
     f(buf);
-    let len = buf.len() - at - room;
-    let mut head = [0u8; 10];
-    let mut n = 0;
-    let mut v = len as u64;
-    while v >= 0x80 {
-        head[n] = v as u8 | 0x80;
-        v >>= 7;
-        n += 1;
-    }
-    head[n] = v as u8;
-    n += 1;
+    let (head, n) = varint_bytes((buf.len() - at - room) as u64);
     if n > room {
         buf.splice(at + room..at + room, std::iter::repeat_n(0, n - room));
     } else if n < room {

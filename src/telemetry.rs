@@ -432,8 +432,9 @@ pub fn set_sample_ratio(r: f64) {
 }
 
 /// The runtime of the span exporter's sends (its gRPC channel's or HTTP
-/// connection's tasks), on a thread of its own so that they never run on a session's worker. An
-/// error (no thread or runtime could be made) disables trace export.
+/// connection's tasks), on a thread of its own so that they never run on
+/// a session's worker. An error (no thread or runtime could be made)
+/// disables trace export.
 fn export_runtime() -> Result<&'static tokio::runtime::Handle, String> {
     static RT: std::sync::OnceLock<tokio::runtime::Handle> = std::sync::OnceLock::new();
     if let Some(h) = RT.get() {

@@ -70,8 +70,8 @@ impl ReadTimer {
     }
 }
 
-/// A minimum average rate for a message's data (`[timeouts]
-/// data_min_rate`): the time spent waiting for the client's data may not
+/// A minimum average rate for a message's data (`[limits]
+/// min_data_rate`): the time spent waiting for the client's data may not
 /// exceed `data_block` of grace plus one second per `rate` bytes received.
 /// A client that dribbles its message (a byte just inside every
 /// `data_block`) is cut off once the grace is used up; one that sends at
