@@ -12,89 +12,30 @@
 //! line, and parses back each line `bdat_command` writes.
 #![no_main]
 
+#[path = "../../tests/support/chunks.rs"]
+mod chunks;
 mod common;
 #[path = "../../tests/support/wire.rs"]
 mod wire;
 
+use chunks::{check_pieces, model, Checked};
 use libfuzzer_sys::fuzz_target;
 use smtp_edge::smtp::command::parse;
 use smtp_edge::smtp::{
     bdat_command, BareLineEndings, ChunkChecker, Command, DataOptions, Stuffer, Unstuffer,
 };
 
-/// What the checker says about the whole content.
-#[derive(Debug, PartialEq, Eq)]
-struct Checked {
-    out: Vec<u8>,
-    bare: bool,
-    long: bool,
-    refused: bool,
-    size: u64,
-}
-
 fn check(opts: DataOptions, pieces: &[&[u8]]) -> Checked {
-    let mut c = ChunkChecker::new(opts);
-    let mut out = Vec::new();
-    for p in pieces {
-        c.feed(p, &mut out);
+    check_pieces(opts, pieces, |c| {
         assert_eq!(
             c.refused(),
             c.long_line_seen() || (reject(opts) && c.bare_line_ending_seen())
         );
-    }
-    c.finish(&mut out);
-    Checked {
-        out,
-        bare: c.bare_line_ending_seen(),
-        long: c.long_line_seen(),
-        refused: c.refused(),
-        size: c.size(),
-    }
+    })
 }
 
 fn reject(opts: DataOptions) -> bool {
     opts.bare_line_endings == BareLineEndings::Reject
-}
-
-/// The checker, byte at a time, the obvious way.
-fn model(opts: DataOptions, input: &[u8]) -> Checked {
-    let limit = match opts.max_line {
-        0 => usize::MAX,
-        m => m.saturating_sub(2),
-    };
-    let (mut out, mut bare, mut long, mut stopped, mut line) =
-        (Vec::new(), false, false, false, 0usize);
-    let mut i = 0;
-    while i < input.len() {
-        let b = input[i];
-        if b == b'\r' || b == b'\n' {
-            let pair = b == b'\r' && input.get(i + 1) == Some(&b'\n');
-            if pair {
-                i += 1;
-            } else {
-                bare = true;
-                stopped |= reject(opts);
-            }
-            line = 0;
-            if !stopped {
-                out.extend_from_slice(b"\r\n");
-            }
-        } else {
-            line += 1;
-            long |= line > limit;
-            if !stopped {
-                out.push(b);
-            }
-        }
-        i += 1;
-    }
-    Checked {
-        out,
-        bare,
-        long,
-        refused: stopped || long,
-        size: input.len() as u64,
-    }
 }
 
 /// What the session relays for content read in `pieces` (each piece

@@ -241,8 +241,14 @@ pub fn bdat_command(len: usize, last: bool, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// The checker's reference model, shared with fuzz/.
+#[cfg(test)]
+#[path = "../../tests/support/chunks.rs"]
+mod test_chunks;
+
 #[cfg(test)]
 mod tests {
+    use super::test_chunks::{check_pieces, model, Checked};
     use super::*;
     use crate::smtp::Unstuffer;
 
@@ -255,86 +261,19 @@ mod tests {
         max_line: 1000,
     };
 
-    #[derive(Debug, PartialEq, Eq)]
-    struct Checked {
-        out: Vec<u8>,
-        bare: bool,
-        long: bool,
-        refused: bool,
-        size: u64,
-    }
-
     fn check_split(opts: DataOptions, input: &[u8], cuts: &[usize]) -> Checked {
-        let mut c = ChunkChecker::new(opts);
-        let mut out = Vec::new();
+        let mut pieces = Vec::new();
         let mut start = 0;
         for &end in cuts.iter().chain(std::iter::once(&input.len())) {
-            c.feed(&input[start..end], &mut out);
+            pieces.push(&input[start..end]);
             start = end;
         }
-        c.finish(&mut out);
-        Checked {
-            out,
-            bare: c.bare_line_ending_seen(),
-            long: c.long_line_seen(),
-            refused: c.refused(),
-            size: c.size(),
-        }
-    }
-
-    /// Byte at a time, the obvious way.
-    fn check_reference(opts: DataOptions, input: &[u8]) -> Checked {
-        let limit = match opts.max_line {
-            0 => usize::MAX,
-            m => m - 2,
-        };
-        let normalize = opts.bare_line_endings == BareLineEndings::Normalize;
-        let (mut out, mut bare, mut long, mut stopped, mut line) =
-            (Vec::new(), false, false, false, 0usize);
-        let mut i = 0;
-        while i < input.len() {
-            let b = input[i];
-            let ending = if b == b'\r' && input.get(i + 1) == Some(&b'\n') {
-                i += 1;
-                Some(true)
-            } else if b == b'\r' || b == b'\n' {
-                Some(false)
-            } else {
-                None
-            };
-            match ending {
-                Some(pair) => {
-                    line = 0;
-                    if !pair {
-                        bare = true;
-                        stopped |= !normalize;
-                    }
-                    if !stopped {
-                        out.extend_from_slice(b"\r\n");
-                    }
-                }
-                None => {
-                    line += 1;
-                    long |= line > limit;
-                    if !stopped {
-                        out.push(b);
-                    }
-                }
-            }
-            i += 1;
-        }
-        Checked {
-            out,
-            bare,
-            long,
-            refused: stopped || long,
-            size: input.len() as u64,
-        }
+        check_pieces(opts, &pieces, |_| ())
     }
 
     fn check_all_splits(opts: DataOptions, input: &[u8]) -> Checked {
         let whole = check_split(opts, input, &[]);
-        assert_eq!(whole, check_reference(opts, input), "{input:?}");
+        assert_eq!(whole, model(opts, input), "{input:?}");
         for k in 0..=input.len() {
             assert_eq!(check_split(opts, input, &[k]), whole, "cut {k} {input:?}");
             for m in k..=input.len() {
