@@ -21,9 +21,7 @@ mod wire;
 use chunks::{check_pieces, model, Checked};
 use libfuzzer_sys::fuzz_target;
 use smtp_edge::smtp::command::parse;
-use smtp_edge::smtp::{
-    bdat_command, BareLineEndings, ChunkChecker, Command, DataOptions, Stuffer, Unstuffer,
-};
+use smtp_edge::smtp::{bdat_command, BareLineEndings, ChunkChecker, Command, DataOptions, Stuffer};
 
 fn check(opts: DataOptions, pieces: &[&[u8]]) -> Checked {
     check_pieces(opts, pieces, |c| {
@@ -106,15 +104,6 @@ fn read_bdat(mut stream: &[u8]) -> (Vec<u8>, bool) {
         }
     }
     (content, false)
-}
-
-fn unstuff(pieces: &[&[u8]]) -> (Vec<u8>, bool) {
-    let mut u = Unstuffer::new();
-    let mut out = Vec::new();
-    for p in pieces {
-        u.feed(p, &mut out);
-    }
-    (out, u.is_done())
 }
 
 fn stuff(pieces: &[&[u8]]) -> Vec<u8> {
@@ -208,7 +197,7 @@ fuzz_target!(|data: &[u8]| {
         want.extend_from_slice(b"\r\n");
     }
     for cuts in [Vec::new(), common::cuts(seed >> 3, stuffed_whole.len(), 6)] {
-        let (back, done) = unstuff(&common::pieces(&stuffed_whole, &cuts));
+        let (back, done) = common::unstuff(&common::pieces(&stuffed_whole, &cuts));
         assert!(done);
         assert_eq!(back, want, "cuts {cuts:?}");
     }

@@ -66,3 +66,14 @@ pub fn data_options(flags: u8) -> smtp_edge::smtp::DataOptions {
         max_line: [0, 1, 3, 4, 10, 1000][usize::from(flags >> 1) % 6],
     }
 }
+
+/// `Unstuffer` fed `pieces` in turn: the content, and whether it saw the
+/// end of data.
+pub fn unstuff(pieces: &[&[u8]]) -> (Vec<u8>, bool) {
+    let mut u = smtp_edge::smtp::Unstuffer::new();
+    let mut out = Vec::new();
+    for p in pieces {
+        u.feed(p, &mut out);
+    }
+    (out, u.is_done())
+}

@@ -13,7 +13,7 @@ mod common;
 mod wire;
 
 use libfuzzer_sys::fuzz_target;
-use smtp_edge::smtp::{BareLineEndings, DataOptions, DataScanner, Scan, Unstuffer};
+use smtp_edge::smtp::{BareLineEndings, DataOptions, DataScanner, Scan};
 
 #[derive(Debug, PartialEq)]
 struct Outcome {
@@ -52,15 +52,6 @@ fn scan(opts: DataOptions, discard_at: Option<usize>, pieces: &[&[u8]]) -> Outco
         long: s.long_line_seen(),
         size: s.size(),
     }
-}
-
-fn unstuff(pieces: &[&[u8]]) -> (Vec<u8>, bool) {
-    let mut u = Unstuffer::new();
-    let mut out = Vec::new();
-    for p in pieces {
-        u.feed(p, &mut out);
-    }
-    (out, u.is_done())
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -104,7 +95,7 @@ fuzz_target!(|data: &[u8]| {
                     assert_eq!(out[..], input[..consumed]);
                 }
             }
-            let (content, done) = unstuff(&[out]);
+            let (content, done) = common::unstuff(&[out]);
             assert!(done || (whole.bare && mode == BareLineEndings::Reject));
             assert!(content.len() <= out.len());
         }
@@ -119,11 +110,15 @@ fuzz_target!(|data: &[u8]| {
     }
 
     // The unstuffer on any wire input: cuts do not matter.
-    let un = unstuff(&[input]);
+    let un = common::unstuff(&[input]);
     for cuts in [
         common::cuts(seed, input.len(), 6),
         (1..input.len()).collect(),
     ] {
-        assert_eq!(unstuff(&common::pieces(input, &cuts)), un, "cuts {cuts:?}");
+        assert_eq!(
+            common::unstuff(&common::pieces(input, &cuts)),
+            un,
+            "cuts {cuts:?}"
+        );
     }
 });
