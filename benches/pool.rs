@@ -59,7 +59,7 @@ fn pool(c: &mut Criterion) {
             probe_interval_max: Duration::from_secs(60),
             generation: 1,
         },
-        smtp_edge::metrics::Metrics::new().backend("bench"),
+        smtp_edge::telemetry::metrics::Metrics::new().backend("bench"),
     );
     // Warm the pool with one ready connection.
     rt.block_on(async {

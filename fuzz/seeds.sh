@@ -4,7 +4,7 @@
 # src/smtp/command.rs, backend replies of src/smtp/reply.rs and
 # tests/faults.rs, messages with the smuggling vectors of tests/faults.rs
 # and src/smtp/data.rs, BDAT content of src/smtp/bdat.rs and
-# tests/bdat.rs, PROXY v1/v2 headers of src/proxy.rs and
+# tests/bdat.rs, PROXY v1/v2 headers of src/proxy_protocol.rs and
 # tests/proxy_protocol.rs, and the configs in config/.
 #
 # Layout of an input (see each target): data, bdat and session start with

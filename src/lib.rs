@@ -2,17 +2,15 @@
 //! STARTTLS), and relays each transaction to backend MTAs over pooled
 //! connections, never answering 250 before the backend did.
 
-pub mod admin;
 pub mod config;
-pub mod metrics;
-pub mod otlp_metrics;
-pub mod otlp_traces;
 pub mod policy;
-pub mod proxy;
+pub mod proxy_protocol;
 pub mod relay;
 pub mod server;
 pub mod session;
 pub mod smtp;
 pub mod telemetry;
+// TEMPORARY (restructure in progress)
+pub use telemetry::metrics;
 pub mod timer;
 pub mod tls;

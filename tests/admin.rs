@@ -126,7 +126,7 @@ async fn metrics_after_a_known_workload() {
             wrong.push(format!("{name}{labels:?} = {got}, expected {want}"));
         }
     }
-    assert!(wrong.is_empty(), "{wrong:#?}\n{}", proxy.metrics.encode());
+    assert!(wrong.is_empty(), "{wrong:#?}\n{}", proxy.stats.encode());
     // The bytes relayed are those of the three accepted messages at least.
     let bytes = value(&s, "smtp_edge_relayed_bytes_total", &[]);
     assert!(bytes >= 36.0, "{bytes}");
@@ -186,12 +186,12 @@ async fn readyz_503_while_draining_and_sessions_still_served() {
     ))
     .await;
     let (admin, addr) = (proxy.admin.unwrap(), proxy.addr);
-    let metrics = proxy.metrics.clone();
+    let stats = proxy.stats.clone();
     let stopping = tokio::spawn(proxy.stop());
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (status, body) = http_get(admin, "/readyz").await;
     assert_eq!((status, body.as_str()), (503, "not ready: draining\n"));
-    assert!(metrics.encode().contains("smtp_edge_draining 1"));
+    assert!(stats.encode().contains("smtp_edge_draining 1"));
     // Still accepting during the delay: a whole session gets through.
     let mut c = Raw::greeted(addr).await;
     assert_eq!(c.cmd("EHLO late.test").await.code, 250);

@@ -221,7 +221,7 @@ async fn exported() -> Exported {
     m.refused("deny_list");
     m.tls("ok", "TLSv1_3");
     m.transaction(250);
-    let text = m.encode();
+    let text = server.stats().encode();
     let e = Exported::parse(&text);
     assert!(e.families.len() > 10, "a thin scrape:\n{text}");
     // A labelled family prints only its # TYPE line until a label set

@@ -10,7 +10,7 @@
 use proptest::collection::vec;
 use proptest::prelude::*;
 
-use smtp_edge::proxy;
+use smtp_edge::proxy_protocol as proxy;
 use smtp_edge::smtp::command::parse;
 use smtp_edge::smtp::reply::{MAX_REPLY_LINE, MAX_REPLY_LINES};
 use smtp_edge::smtp::{

@@ -45,7 +45,7 @@ fn v2_local() -> Vec<u8> {
 
 /// `smtp_edge_proxy_headers_total{result=...}` now.
 fn headers(proxy: &Proxy, result: &str) -> u64 {
-    let s = parse_metrics(&proxy.metrics.encode());
+    let s = parse_metrics(&proxy.stats.encode());
     metric_value(&s, "smtp_edge_proxy_headers_total", &[("result", result)]) as u64
 }
 
@@ -58,7 +58,7 @@ async fn wait_headers(proxy: &Proxy, result: &str, n: u64) {
             Instant::now() < end,
             "{result}: {} < {n}\n{}",
             headers(proxy, result),
-            proxy.metrics.encode()
+            proxy.stats.encode()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -207,7 +207,7 @@ async fn through_haproxy(version: &str) {
     let r = c.reply().await;
     assert_eq!(r.code, 554, "the original address is deny-listed: {r:?}");
     assert!(r.text.starts_with("5.7.1"), "{r:?}");
-    let refused = proxy.metrics.encode();
+    let refused = proxy.stats.encode();
     assert!(
         refused.contains("smtp_edge_connections_refused_total{reason=\"deny_list\"} 1"),
         "{refused}"

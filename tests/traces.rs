@@ -285,9 +285,7 @@ async fn missing_collector_counts_failed_spans_and_logs_once() {
         let gone = format!("http://127.0.0.1:{}", free_port());
         let edge = start_edge(
             &rec.addr,
-            &format!(
-                "otlp_endpoint = \"{gone}\"\notlp_protocol = \"{proto}\"\nmetrics_interval = 0"
-            ),
+            &format!("otlp_endpoint = \"{gone}\"\notlp_protocol = \"{proto}\""),
         )
         .await;
         for i in 0..4 {
@@ -564,49 +562,6 @@ async fn export_does_not_depend_on_the_log_level() {
         "{spans:?}"
     );
     assert!(!edge.log().contains("message 250"), "{}", edge.log());
-}
-
-/// The same metrics as /metrics go out over OTLP when an endpoint is set:
-/// counters as cumulative sums, gauges, histograms with their buckets, over
-/// both protocols.
-async fn metrics_over(rx: Receiver, protocol: &str) {
-    let rec = Recorder::start(Script::default()).await;
-    let edge = start_edge(
-        &rec.addr,
-        &format!(
-            "otlp_endpoint = \"{}\"\notlp_protocol = \"{protocol}\"\nmetrics_interval = 0.3",
-            rx.endpoint
-        ),
-    )
-    .await;
-    plain_message(edge.addr, "m1").await;
-    plain_message(edge.addr, "m2").await;
-    let end = Instant::now() + Duration::from_secs(10);
-    while rx.metric("smtp_edge_messages_relayed") != Some(2.0) {
-        assert!(
-            Instant::now() < end,
-            "no metrics export with 2 messages: {:?}\n{}",
-            rx.metric("smtp_edge_messages_relayed"),
-            edge.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(
-        rx.metric("smtp_edge_transaction_duration_seconds"),
-        Some(2.0)
-    );
-    assert_eq!(rx.metric("smtp_edge_sessions_active"), Some(0.0));
-    assert!(rx.metric("smtp_edge_backend_connections_created").is_some());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_over_otlp_grpc() {
-    metrics_over(Receiver::grpc().await, "grpc").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_over_otlp_http() {
-    metrics_over(Receiver::http(Duration::ZERO).await, "http").await;
 }
 
 /// Head sampling at accept: at 0.5 some sessions are traced, each one

@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use smtp_edge::config::Config;
-use smtp_edge::metrics::Metrics;
+use smtp_edge::telemetry::metrics::Metrics;
 use smtp_edge::policy::Policy;
 use smtp_edge::relay::Relay;
 use smtp_edge::server::needs_restart;

@@ -10,7 +10,7 @@
 mod common;
 
 use libfuzzer_sys::fuzz_target;
-use smtp_edge::proxy::{scan, Scan, MAX_HEADER};
+use smtp_edge::proxy_protocol::{scan, Scan, MAX_HEADER};
 
 fuzz_target!(|data: &[u8]| {
     let (seed, input) = common::take_seed(data, 2);

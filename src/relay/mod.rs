@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{Config, IdentityMode};
-use crate::metrics::Metrics;
 use crate::smtp::{Body, EnhancedCode, MailParams, Reply};
+use crate::telemetry::metrics::Metrics;
 use crate::telemetry::own;
 use client::{identity_commands, BackendError, ClientIdentity};
 use maildir::{Maildir, MaildirWriter};

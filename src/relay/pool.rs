@@ -20,7 +20,7 @@ use deadpool::Runtime;
 use tokio::sync::Semaphore;
 
 use super::client::{BackendConn, BackendError};
-use crate::metrics::BackendMetrics;
+use crate::telemetry::metrics::BackendMetrics;
 
 /// Settings of one pool.
 #[derive(Debug, Clone)]

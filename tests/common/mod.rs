@@ -159,7 +159,9 @@ pub struct Proxy {
     pub addrs: Vec<SocketAddr>,
     pub relay: Arc<smtp_edge::relay::Relay>,
     pub policy: Arc<smtp_edge::policy::Policy>,
-    pub metrics: Arc<smtp_edge::metrics::Metrics>,
+    pub metrics: Arc<smtp_edge::telemetry::metrics::Metrics>,
+    /// What `/metrics` serves (the counters and the live values).
+    pub stats: Arc<smtp_edge::server::live_stats::LiveStats>,
     /// The admin listener, when the config has `[admin]`.
     pub admin: Option<SocketAddr>,
     /// Reloads the policy as SIGHUP does (see `Proxy::reload`).
@@ -183,6 +185,7 @@ impl Proxy {
         let relay = server.relay();
         let policy = server.policy();
         let metrics = server.metrics();
+        let stats = server.stats();
         let admin = server.admin_addr();
         let reloader = server.reload_handle();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -195,6 +198,7 @@ impl Proxy {
             relay,
             policy,
             metrics,
+            stats,
             admin,
             reloader,
             stop: Some(tx),

@@ -8,12 +8,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
-    MetricsService, MetricsServiceServer,
-};
-use opentelemetry_proto::tonic::collector::metrics::v1::{
-    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
-};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -105,12 +99,10 @@ fn flatten(req: ExportTraceServiceRequest, out: &Mutex<Vec<Got>>) {
     }
 }
 
-/// The receiver; `spans` holds every span received so far, `metrics`
-/// every metrics export.
+/// The receiver; `spans` holds every span received so far.
 pub struct Receiver {
     pub endpoint: String,
     pub spans: Arc<Mutex<Vec<Got>>>,
-    pub metrics: Arc<Mutex<Vec<ExportMetricsServiceRequest>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -127,32 +119,16 @@ impl TraceService for Svc {
     }
 }
 
-struct MetricsSvc(Arc<Mutex<Vec<ExportMetricsServiceRequest>>>);
-
-#[tonic::async_trait]
-impl MetricsService for MetricsSvc {
-    async fn export(
-        &self,
-        req: tonic::Request<ExportMetricsServiceRequest>,
-    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
-        self.0.lock().unwrap().push(req.into_inner());
-        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
-    }
-}
-
 impl Receiver {
     /// OTLP/gRPC on a free loopback port.
     pub async fn grpc() -> Receiver {
         let port = super::free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let spans = Arc::new(Mutex::new(Vec::new()));
-        let metrics = Arc::new(Mutex::new(Vec::new()));
         let svc = TraceServiceServer::new(Svc(spans.clone()));
-        let msvc = MetricsServiceServer::new(MetricsSvc(metrics.clone()));
         let task = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(svc)
-                .add_service(msvc)
                 .serve(addr)
                 .await;
         });
@@ -160,7 +136,6 @@ impl Receiver {
         Receiver {
             endpoint: format!("http://{addr}"),
             spans,
-            metrics,
             task,
         }
     }
@@ -171,30 +146,21 @@ impl Receiver {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let spans = Arc::new(Mutex::new(Vec::new()));
-        let metrics = Arc::new(Mutex::new(Vec::new()));
-        let (keep, keep_m) = (spans.clone(), metrics.clone());
+        let keep = spans.clone();
         let task = tokio::spawn(async move {
             while let Ok((s, _)) = l.accept().await {
-                let (keep, keep_m) = (keep.clone(), keep_m.clone());
+                let keep = keep.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(
                         move |req: hyper::Request<hyper::body::Incoming>| {
-                            let (keep, keep_m) = (keep.clone(), keep_m.clone());
+                            let keep = keep.clone();
                             async move {
                                 let path = req.uri().path().to_string();
                                 let body = req.into_body().collect().await.map(|b| b.to_bytes());
-                                match (path.as_str(), body) {
-                                    ("/v1/traces", Ok(b)) => {
-                                        if let Ok(r) = ExportTraceServiceRequest::decode(b) {
-                                            flatten(r, &keep);
-                                        }
+                                if let ("/v1/traces", Ok(b)) = (path.as_str(), body) {
+                                    if let Ok(r) = ExportTraceServiceRequest::decode(b) {
+                                        flatten(r, &keep);
                                     }
-                                    ("/v1/metrics", Ok(b)) => {
-                                        if let Ok(r) = ExportMetricsServiceRequest::decode(b) {
-                                            keep_m.lock().unwrap().push(r);
-                                        }
-                                    }
-                                    _ => {}
                                 }
                                 tokio::time::sleep(delay).await;
                                 let mut resp = hyper::Response::new(Full::new(bytes::Bytes::from(
@@ -217,36 +183,8 @@ impl Receiver {
         Receiver {
             endpoint: format!("http://{addr}"),
             spans,
-            metrics,
             task,
         }
-    }
-
-    /// The value of metric `name` in the latest export that has it: a sum
-    /// or gauge's first data point, or a histogram's first count.
-    pub fn metric(&self, name: &str) -> Option<f64> {
-        use opentelemetry_proto::tonic::metrics::v1::NumberDataPoint;
-        use opentelemetry_proto::tonic::metrics::v1::{metric::Data, number_data_point::Value};
-        let number = |p: &NumberDataPoint| match p.value {
-            Some(Value::AsDouble(d)) => d,
-            Some(Value::AsInt(i)) => i as f64,
-            None => 0.0,
-        };
-        let all = self.metrics.lock().unwrap();
-        all.iter().rev().find_map(|req| {
-            let m = req
-                .resource_metrics
-                .iter()
-                .flat_map(|r| &r.scope_metrics)
-                .flat_map(|s| &s.metrics)
-                .find(|m| m.name == name)?;
-            match m.data.as_ref()? {
-                Data::Sum(s) => s.data_points.first().map(number),
-                Data::Gauge(g) => g.data_points.first().map(number),
-                Data::Histogram(h) => h.data_points.first().map(|p| p.count as f64),
-                _ => None,
-            }
-        })
     }
 
     pub fn spans(&self) -> Vec<Got> {

@@ -1,26 +1,20 @@
-//! Prometheus metrics: the counters and histograms updated where things
-//! happen (accept loop, session, pool), and the values read at scrape time
-//! from the live objects (policy verdict counts, DNS caches, rate-limiter
-//! overflow, the Redis store's calls, failures and health, pool sizes,
-//! backend health). Owns the registry and its text encoding; the HTTP
-//! endpoint is `admin.rs`. Labels are bounded: check
-//! names, reply classes, TLS versions and configured backend addresses,
-//! never a client address, domain or envelope address.
+//! Prometheus metrics that others write into: the counters and histograms
+//! updated where things happen (accept loop, session, pool). Owns the
+//! registry and its text encoding. It knows none of the subsystems: the
+//! values read at scrape time from the live objects (policy verdicts, DNS
+//! caches, rate limiters, Redis, pools) are `server::live_stats`, encoded
+//! after this registry; the HTTP endpoint is `server::admin`. Labels are
+//! bounded: check names, reply classes, TLS versions and configured backend
+//! addresses, never a client address, domain or envelope address.
 
-use std::sync::Arc;
-
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::policy::Policy;
-use crate::relay::Relay;
-
-type Labels = Vec<(&'static str, String)>;
+/// A metric's labels: bounded names and values.
+pub type Labels = Vec<(&'static str, String)>;
 
 /// Latency buckets in seconds: 0.5 ms to about 65 s.
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -76,7 +70,6 @@ pub struct Metrics {
     backend_pool_wait: Family<Labels, Histogram>,
     backend_reply: Family<Labels, Histogram>,
     registry: Registry,
-    live: Arc<std::sync::Mutex<Option<Live>>>,
 }
 
 impl Default for Metrics {
@@ -109,7 +102,6 @@ impl Metrics {
             backend_pool_wait: histograms(),
             backend_reply: histograms(),
             registry: Registry::default(),
-            live: Arc::default(),
         };
         r.register(
             "connections_accepted",
@@ -206,7 +198,6 @@ impl Metrics {
             Unit::Seconds,
             m.backend_reply.clone(),
         );
-        r.register_collector(Box::new(LiveCollector(m.live.clone())));
         Metrics { registry: r, ..m }
     }
 
@@ -220,12 +211,6 @@ impl Metrics {
             pool_wait: self.backend_pool_wait.get_or_create(&l).clone(),
             reply: self.backend_reply.get_or_create(&l).clone(),
         }
-    }
-
-    /// Lets a scrape read the policy and the pools (again after a reload
-    /// replaced the backends).
-    pub fn attach(&self, policy: Arc<Policy>, relay: Arc<Relay>) {
-        *self.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(Live { policy, relay });
     }
 
     /// A connection refused at accept by `check`.
@@ -275,199 +260,17 @@ impl Metrics {
         counters[i].inc();
     }
 
-    /// The Prometheus text exposition (format 0.0.4).
+    /// The Prometheus text exposition (format 0.0.4) of what is counted
+    /// here.
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(8192);
-        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
+        self.encode_into(&mut out);
         out
     }
-}
 
-/// What a scrape reads from the running proxy.
-#[derive(Clone)]
-struct Live {
-    policy: Arc<Policy>,
-    relay: Arc<Relay>,
-}
-
-impl std::fmt::Debug for Live {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Live")
-    }
-}
-
-#[derive(Debug)]
-struct LiveCollector(Arc<std::sync::Mutex<Option<Live>>>);
-
-fn counter(
-    enc: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    rows: &[(Labels, u64)],
-) -> Result<(), std::fmt::Error> {
-    let mut m = enc.encode_descriptor(name, help, None, ConstCounter::new(0u64).metric_type())?;
-    for (labels, v) in rows {
-        ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
-    }
-    Ok(())
-}
-
-fn gauge(
-    enc: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    rows: &[(Labels, i64)],
-) -> Result<(), std::fmt::Error> {
-    let mut m = enc.encode_descriptor(name, help, None, ConstGauge::new(0i64).metric_type())?;
-    for (labels, v) in rows {
-        ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
-    }
-    Ok(())
-}
-
-impl Collector for LiveCollector {
-    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Some(live) = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
-            return Ok(());
-        };
-        let mut verdicts = Vec::new();
-        for c in live.policy.counts() {
-            for (action, n) in [("observed", c.observed), ("enforced", c.enforced)] {
-                let l: Labels = vec![
-                    ("check", c.check.name().to_string()),
-                    ("action", action.to_string()),
-                ];
-                verdicts.push((l, n));
-            }
-        }
-        counter(
-            &mut enc,
-            "policy_verdicts",
-            "Policy verdicts by check: enforced, or only observed (observe mode)",
-            &verdicts,
-        )?;
-        counter(
-            &mut enc,
-            "trace_spans_dropped",
-            "Spans dropped because the OTLP export queue was full (collector slow or down)",
-            &[(vec![], crate::telemetry::dropped_spans())],
-        )?;
-        counter(
-            &mut enc,
-            "trace_spans_failed",
-            "Spans that left the export queue but did not reach the collector (no connection, an error, no answer within 10 s, or rejected by it)",
-            &[(vec![], crate::otlp_traces::failed_spans())],
-        )?;
-        counter(
-            &mut enc,
-            "log_lines_dropped",
-            "Log lines dropped because stderr was not read fast enough (the log queue was full)",
-            &[(vec![], crate::telemetry::dropped_log_lines())],
-        )?;
-        counter(
-            &mut enc,
-            "ratelimit_overflow",
-            "Rate-limit checks passed unstored because a limiter map was full",
-            &[(vec![], live.policy.limits().overflow())],
-        )?;
-        if let Some(r) = live.policy.limits().redis_status() {
-            counter(
-                &mut enc,
-                "redis_calls",
-                "Redis round trips answered for the shared rate limits (each carries the updates of many keys)",
-                &[(vec![], r.calls)],
-            )?;
-            let failures: Vec<(Labels, u64)> = r
-                .failures
-                .iter()
-                .map(|(why, n)| (vec![("reason", why.name().to_string())], *n))
-                .collect();
-            counter(
-                &mut enc,
-                "redis_failures",
-                "Redis calls that failed or timed out (probes included), and updates not sent because the queue was full",
-                &failures,
-            )?;
-            counter(
-                &mut enc,
-                "redis_outages",
-                "Times the shared rate limits went from working to degraded (Redis unreachable)",
-                &[(vec![], r.outages)],
-            )?;
-            counter(
-                &mut enc,
-                "redis_fallback_checks",
-                "Rate-limit checks decided by on_failure because Redis was unreachable",
-                &[(vec![], r.fallback_checks)],
-            )?;
-            gauge(
-                &mut enc,
-                "redis_degraded",
-                "1 while Redis is unreachable and the shared rate limits follow on_failure",
-                &[(vec![], i64::from(r.degraded))],
-            )?;
-        }
-        if let Some(dns) = live.policy.dns() {
-            let s = dns.stats();
-            let mut rows = Vec::new();
-            for (cache, hits, misses) in [
-                ("rdns", s.rdns_hits, s.rdns_misses),
-                ("dnsbl", s.dnsbl_hits, s.dnsbl_misses),
-                ("helo", s.helo_hits, s.helo_misses),
-            ] {
-                for (result, n) in [("hit", hits), ("miss", misses)] {
-                    let l: Labels = vec![("cache", cache.into()), ("result", result.into())];
-                    rows.push((l, n));
-                }
-            }
-            counter(
-                &mut enc,
-                "dns_cache_lookups",
-                "DNS verdict cache lookups by cache and result (a miss queries DNS)",
-                &rows,
-            )?;
-            let lat = dns.latencies();
-            let mut m = enc.encode_descriptor(
-                "dns_lookup_duration",
-                "Time of the DNS lookups behind cache misses, by cache",
-                Some(&Unit::Seconds),
-                lat[0].1.metric_type(),
-            )?;
-            for (cache, h) in lat {
-                let l: Labels = vec![("cache", cache.into())];
-                h.encode(m.encode_family(&l)?)?;
-            }
-        }
-        let pools = live.relay.pool_stats();
-        let mut conns = Vec::new();
-        let mut up = Vec::new();
-        let mut waiting = Vec::new();
-        for p in &pools {
-            for (state, n) in [("idle", p.idle), ("in_use", p.in_use)] {
-                let l: Labels = vec![("backend", p.addr.clone()), ("state", state.into())];
-                conns.push((l, n as i64));
-            }
-            up.push((vec![("backend", p.addr.clone())], p.up as i64));
-            waiting.push((vec![("backend", p.addr.clone())], p.waiting as i64));
-        }
-        gauge(
-            &mut enc,
-            "backend_connections",
-            "Pooled backend connections by state",
-            &conns,
-        )?;
-        gauge(
-            &mut enc,
-            "backend_waiting",
-            "Transactions waiting in line for a backend connection",
-            &waiting,
-        )?;
-        gauge(
-            &mut enc,
-            "backend_up",
-            "1 when the backend is in rotation, 0 while marked down",
-            &up,
-        )?;
-        Ok(())
+    /// Appends the exposition of this registry to `out` (another registry's
+    /// may follow: the format has no end marker).
+    pub fn encode_into(&self, out: &mut String) {
+        let _ = prometheus_client::encoding::prometheus_text::encode(out, &self.registry);
     }
 }

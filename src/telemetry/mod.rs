@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::Context;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{
@@ -20,7 +20,6 @@ use opentelemetry_sdk::trace::{
 };
 use opentelemetry_sdk::Resource;
 use tracing::span::Id;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::filter::FilterExt as _;
 use tracing_subscriber::layer::{Context as LayerContext, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
@@ -28,65 +27,14 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{LogFormat, OtlpProtocol, TelemetryConfig};
 
-/// The target of the spans of sessions chosen for tracing: only these reach
-/// the OpenTelemetry layer, so an untraced session's spans cost no more
-/// than with export off.
-pub const TRACED: &str = "smtp_edge::traced";
+mod http;
+pub mod metrics;
+mod otlp;
+mod span;
 
-/// An info span, under the `TRACED` target when `$traced`: the spans of a
-/// session all follow the head-sampling decision made at accept
-/// (`sample_session`), children by `in_traced`.
-#[macro_export]
-macro_rules! span {
-    ($traced:expr, $($rest:tt)*) => {
-        if $traced {
-            tracing::info_span!(target: "smtp_edge::traced", $($rest)*)
-        } else {
-            tracing::info_span!($($rest)*)
-        }
-    };
-}
-
-/// True when trace export is on (an OTLP endpoint is configured).
-static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// The head-sampling decision for a new session: export on and a draw
-/// under the sample ratio.
-pub fn sample_session() -> bool {
-    if !EXPORTING.load(Ordering::Relaxed) {
-        return false;
-    }
-    let r = f64::from_bits(RATIO.load(Ordering::Relaxed));
-    r >= 1.0 || (r > 0.0 && draw() < r)
-}
-
-/// Whether the current span belongs to a traced session.
-pub fn in_traced() -> bool {
-    tracing::Span::current()
-        .metadata()
-        .is_some_and(|m| m.target() == TRACED)
-}
-
-/// A uniform draw in [0, 1) from a per-thread xorshift generator.
-fn draw() -> f64 {
-    use std::cell::Cell;
-    thread_local! {
-        static STATE: Cell<u64> = Cell::new({
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64);
-            (t ^ (&t as *const u64 as u64)) | 1
-        });
-    }
-    STATE.with(|c| {
-        let mut x = c.get();
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        c.set(x);
-        (x >> 11) as f64 / (1u64 << 53) as f64
-    })
-}
+pub use otlp::failed_spans;
+use span::EXPORTING;
+pub use span::{in_traced, own, own_text, sample_session, set_sample_ratio, trace_id, TRACED};
 
 /// Spans the export queue could not take (collector slow, full or down).
 static DROPPED: AtomicU64 = AtomicU64::new(0);
@@ -230,7 +178,7 @@ fn provider(cfg: &TelemetryConfig, ep: &str) -> Result<SdkTracerProvider, String
         OtlpProtocol::Http => format!("{}/v1/traces", ep.trim_end_matches('/')),
     };
     // Sends (and the gRPC channel's tasks) run on the export runtime.
-    let exporter = crate::otlp_traces::OtlpSpanExporter::new(
+    let exporter = otlp::OtlpSpanExporter::new(
         cfg.otlp_protocol,
         &endpoint,
         timeout,
@@ -387,48 +335,6 @@ impl<E: SpanExporter> SpanExporter for Counted<E> {
     fn set_resource(&mut self, resource: &Resource) {
         self.inner.set_resource(resource);
     }
-}
-
-/// The trace id of `span` (32 hex digits), or None when it is not traced
-/// (no export configured, or not sampled).
-pub fn trace_id(span: &tracing::Span) -> Option<String> {
-    let cx = span.context();
-    let sc = cx.span().span_context().clone();
-    (sc.is_valid() && sc.is_sampled()).then(|| sc.trace_id().to_string())
-}
-
-/// ` (trace <id>)` for a 4xx/5xx the proxy itself gives in a traced
-/// session: a bounce or a sender's complaint quoting it leads to the trace.
-fn trace_suffix(code: u16) -> Option<String> {
-    if code < 400 {
-        return None;
-    }
-    trace_id(&tracing::Span::current()).map(|id| format!(" (trace {id})"))
-}
-
-/// A reply the proxy itself gives (never a backend's passed through), with
-/// the trace suffix on its last line.
-pub fn own(mut reply: crate::smtp::Reply) -> crate::smtp::Reply {
-    if let Some(suffix) = trace_suffix(reply.code) {
-        reply.push_text(&suffix);
-    }
-    reply
-}
-
-/// The text of a reply the proxy itself gives, with the trace suffix.
-pub fn own_text(code: u16, text: &str) -> std::borrow::Cow<'_, str> {
-    match trace_suffix(code) {
-        Some(suffix) => format!("{text}{suffix}").into(),
-        None => text.into(),
-    }
-}
-
-/// The share of new traces sampled, as f64 bits; a reload changes it.
-static RATIO: AtomicU64 = AtomicU64::new(0x3FF0_0000_0000_0000); // 1.0
-
-/// Sets the share of new traces sampled (0.0 to 1.0), at once.
-pub fn set_sample_ratio(r: f64) {
-    RATIO.store(r.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
 }
 
 /// The runtime of the span exporter's sends (its gRPC channel's or HTTP

@@ -2,8 +2,8 @@
 //! text), `/livez` (the process runs), `/readyz` (listeners bound, a
 //! backend in rotation, not draining) and `POST /reload` (re-read the
 //! config file, as SIGHUP does; `smtp-edge reload` calls it). HTTP/1.1 by
-//! hyper; what the answers say comes from `metrics`, `relay` and the
-//! reload hook, this module only serves them.
+//! hyper; what the answers say comes from `live_stats`, the backends and
+//! the reload hook, this module only serves them.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::metrics::Metrics;
+use super::live_stats::LiveStats;
 use crate::relay::Relay;
 
 /// Re-reads the configuration and applies it: Ok, or every error.
@@ -30,7 +30,8 @@ pub type ReloadHook = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 pub struct AdminState {
     /// `POST /reload`; None: the endpoint answers 501.
     pub reload: Option<ReloadHook>,
-    pub metrics: Arc<Metrics>,
+    /// `/metrics`.
+    pub stats: Arc<LiveStats>,
     /// The current backends (a reload may swap them).
     pub relays: Arc<arc_swap::ArcSwap<Relay>>,
     /// Set when shutdown begins: `/readyz` answers 503 from then on.
@@ -85,7 +86,7 @@ async fn answer(state: &AdminState, req: &Request<Incoming>) -> Response<Full<By
     }
     match req.uri().path() {
         "/metrics" => {
-            let mut r = text(StatusCode::OK, state.metrics.encode());
+            let mut r = text(StatusCode::OK, state.stats.encode());
             r.headers_mut().insert(
                 CONTENT_TYPE,
                 hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -8,10 +8,20 @@
 //! `opentelemetry-proto` (a `String` per key and value) and lets prost
 //! compute the length of each nested message once per level it is nested
 //! in. With every message traced that was half of the export's cost in
-//! the proxy (callgrind, ARCHITECTURE.md "Traces"). Here each span is
-//! written once into one buffer; a nested message's length is patched in
-//! after its content. The output decodes to what `opentelemetry-proto`'s
-//! own conversion gives (a unit test holds the two together).
+//! the proxy (callgrind: 45k against 26k instructions per traced message;
+//! loadtest/RESULTS.md section 9). Here each span is written once into one
+//! buffer; a nested message's length is patched in after its content. The
+//! output decodes to what `opentelemetry-proto`'s own conversion gives,
+//! byte for byte with prost's encoding of it (a unit test holds the two
+//! together).
+//!
+//! Its limits, on purpose: plain `http://` to a collector nearby (a local
+//! OpenTelemetry Collector or agent, which does TLS, auth and retries
+//! onwards); no TLS, no custom headers, no compression; no retry of a
+//! failed batch (its spans are counted in `failed_spans` and the failure is
+//! logged once per change of state). Sends run on `rt`, a runtime of their
+//! own, never on a session's worker. Crate-private: only `telemetry`
+//! installs it.
 
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
@@ -25,6 +35,8 @@ use opentelemetry_sdk::Resource;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
 use crate::config::OtlpProtocol;
+
+use super::http::{http1_connect, http1_post};
 
 /// Protobuf wire types used here.
 const VARINT: u32 = 0;
@@ -361,7 +373,7 @@ enum Transport {
 
 /// The exporter the batch span processor calls from its thread: encodes
 /// there, sends on the export runtime (`rt`), waits at most `timeout`.
-pub struct OtlpSpanExporter {
+pub(crate) struct OtlpSpanExporter {
     transport: std::sync::Arc<Transport>,
     rt: tokio::runtime::Handle,
     timeout: Duration,
@@ -379,7 +391,7 @@ impl std::fmt::Debug for OtlpSpanExporter {
 impl OtlpSpanExporter {
     /// An exporter to `endpoint` (for HTTP, the full URL of the traces
     /// path). gRPC connects lazily, on `rt`.
-    pub fn new(
+    pub(crate) fn new(
         protocol: OtlpProtocol,
         endpoint: &str,
         timeout: Duration,
@@ -457,12 +469,12 @@ impl Transport {
             Transport::Http { url, conn } => {
                 let mut conn = conn.lock().await;
                 if conn.as_ref().is_none_or(|c| c.is_closed()) {
-                    *conn = Some(crate::otlp_metrics::http1_connect(url).await?);
+                    *conn = Some(http1_connect(url).await?);
                 }
                 let Some(send) = conn.as_mut() else {
                     return Err("no connection".into());
                 };
-                let r = crate::otlp_metrics::http1_post(send, url, body).await;
+                let r = http1_post(send, url, body).await;
                 if r.is_err() {
                     // A connection that failed once is not trusted again.
                     *conn = None;

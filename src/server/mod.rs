@@ -1,9 +1,12 @@
-//! Listeners, the accept loop and graceful shutdown: stop accepting, let
-//! sessions finish within a deadline, QUIT pooled backend connections.
-//! Admission (`Policy::admit`: global cap, lists, per-IP limits) runs in the
-//! accept loop, so a refused client costs one write and no session task.
-//! A [`Reloader`] swaps in a new policy while running (SIGHUP in main.rs);
-//! the other sections need a restart.
+//! The composition root: the only code that knows every subsystem. Binds
+//! the listeners and builds what sessions share (TLS acceptor, backends,
+//! policy, metrics), runs the accept loop with admission (`Policy::admit`:
+//! global cap, lists, per-IP limits, so a refused client costs one write
+//! and no session task) and the PROXY protocol header, and stops
+//! gracefully: stop accepting, let sessions finish within a deadline, QUIT
+//! pooled backend connections. `reload` applies a new configuration while
+//! running (SIGHUP, `POST /reload`), `admin` serves the admin endpoints,
+//! `live_stats` reads the subsystems' numbers at scrape time.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -17,11 +20,20 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, info, warn};
 
-use crate::config::{Config, TlsMode};
-use crate::metrics::Metrics;
+use crate::config::Config;
 use crate::policy::Policy;
 use crate::relay::Relay;
 use crate::session::{self, Listener, Shared};
+use crate::telemetry::metrics::Metrics;
+
+pub mod admin;
+mod bind;
+pub mod live_stats;
+mod reload;
+
+use bind::{bind_now, listen, tls_acceptor};
+use live_stats::LiveStats;
+pub use reload::{needs_restart, Reloader};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -109,23 +121,23 @@ impl ProxyListen {
         done: &mpsc::Sender<()>,
     ) {
         let m = &shared.metrics;
-        if !crate::proxy::trusted(&self.trusted, via.ip()) {
-            m.proxy_header(crate::proxy::Refusal::Untrusted.name());
+        if !crate::proxy_protocol::trusted(&self.trusted, via.ip()) {
+            m.proxy_header(crate::proxy_protocol::Refusal::Untrusted.name());
             debug!(source = %via, "PROXY protocol: untrusted source closed");
             return;
         }
         let Ok(permit) = self.pending.clone().try_acquire_owned() else {
-            m.proxy_header(crate::proxy::Refusal::Busy.name());
+            m.proxy_header(crate::proxy_protocol::Refusal::Busy.name());
             return;
         };
         let timeout = self.timeout;
         let done = done.clone();
         tokio::spawn(async move {
-            let header = crate::proxy::read_header(&mut stream, timeout).await;
+            let header = crate::proxy_protocol::read_header(&mut stream, timeout).await;
             drop(permit);
             let m = &shared.metrics;
             match header {
-                Ok(crate::proxy::Header::Proxied {
+                Ok(crate::proxy_protocol::Header::Proxied {
                     client,
                     destination,
                 }) => {
@@ -139,7 +151,7 @@ impl ProxyListen {
                         &done,
                     );
                 }
-                Ok(crate::proxy::Header::Local) => {
+                Ok(crate::proxy_protocol::Header::Local) => {
                     // A health check: close cleanly, nothing said.
                     m.proxy_header("local");
                     let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
@@ -153,21 +165,7 @@ impl ProxyListen {
     }
 }
 
-/// A listening socket with a listen queue of `backlog` (std's and tokio's
-/// 128 drops the SYNs, or with SYN cookies the handshake's last ACK, of a
-/// burst of clients connecting at once).
-fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
-    let sock = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    sock.set_reuseaddr(true)?;
-    sock.bind(addr)?;
-    sock.listen(backlog)
-}
-
-/// Policy counters for the log at shutdown (until metrics are exported).
+/// Policy counters for the log at shutdown (they are on `/metrics` too).
 fn log_policy_totals(policy: &Policy) {
     for c in policy.counts() {
         if c.observed + c.enforced > 0 {
@@ -193,197 +191,17 @@ fn log_policy_totals(policy: &Policy) {
     }
 }
 
-/// Reloads a running [`Server`] (SIGHUP); cloneable.
-///
-/// Applied: `[policy]` (limiter state, counters and caches carried over),
-/// `[tls]` (the certificate files are read again even when the section is
-/// unchanged: renewal; the ticket keys and the session cache carry over
-/// while `session_tickets` and `session_cache_size` stay), `[[backend]]` and the backend timeouts (a new
-/// relay; the old one's idle connections get QUIT and its connections in
-/// use finish their transaction, then QUIT), `[limits]`, `[timeouts]`,
-/// `[smtp]`, `[telemetry] sample_ratio`. New connections get the new
-/// settings; a session keeps the limits, timeouts and TLS it started with
-/// and takes the current backends at each MAIL. `hostname`, listeners
-/// and the rest of `[telemetry]` need a restart (logged). Nothing
-/// changes when any part fails.
-#[derive(Clone)]
-pub struct Reloader {
-    live: Arc<ArcSwap<Shared>>,
-    admin: Arc<std::sync::Mutex<crate::admin::AdminCtl>>,
-    /// One reload at a time.
-    lock: Arc<std::sync::Mutex<()>>,
-}
-
-impl Reloader {
-    /// Applies `cfg`; on Err the running configuration stays whole.
-    pub fn reload(&self, cfg: &Config) -> Result<(), String> {
-        let _one = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let old = self.live.load_full();
-        let running = &old.cfg;
-        let pending = needs_restart(running, cfg);
-        if !pending.is_empty() {
-            warn!(
-                sections = %pending.join(", "),
-                "reload: changed settings not applied; restart to apply"
-            );
-        }
-        // What a restart would take stays as running.
-        let mut next = cfg.clone();
-        next.hostname = running.hostname.clone();
-        next.listeners = running.listeners.clone();
-        // Ticket keys and cached sessions carry over while the session
-        // settings stay; the certificates are always read again.
-        let keep = old
-            .tls
-            .as_ref()
-            .filter(|_| crate::tls::keeps_sessions(running.tls.as_ref(), next.tls.as_ref()));
-        let tls = tls_acceptor(&next, keep).map_err(|e| e.to_string())?;
-        // A moved admin listener is bound now (an address in use refuses
-        // the reload) and started once everything else is in place.
-        let admin = if next.admin != running.admin {
-            Some(match &next.admin {
-                Some(a) => {
-                    Some(bind_now(a.address).map_err(|e| format!("admin {}: {e}", a.address))?)
-                }
-                None => None,
-            })
-        } else {
-            None
-        };
-        let relay = if relay_inputs(&next) != relay_inputs(running) {
-            let r = Relay::new(&next, &old.metrics).map_err(|e| format!("backend: {e}"))?;
-            Some(r)
-        } else {
-            None
-        };
-        old.policy
-            .reload(&next.policy, &running.hostname)
-            .map(drop)?;
-        crate::telemetry::set_sample_ratio(next.telemetry.sample_ratio);
-        let mut applied = vec!["policy", "tls"];
-        if let Some(r) = relay {
-            r.spawn_reaper();
-            let before = old.relays.swap(r.clone());
-            old.metrics.attach(old.policy.clone(), r.clone());
-            info!(
-                before = ?before.names(),
-                after = ?r.names(),
-                "reload: new backends; the old ones finish their transactions"
-            );
-            before.retire();
-            applied.push("backend");
-        }
-        if let Some(l) = admin {
-            let mut ctl = self.admin.lock().unwrap_or_else(|e| e.into_inner());
-            match l {
-                Some(l) => ctl.start(l),
-                None => {
-                    info!("reload: admin listener closed");
-                    ctl.stop();
-                }
-            }
-            applied.push("admin");
-        }
-        for (name, same) in [
-            ("limits", next.limits == running.limits),
-            ("timeouts", next.timeouts == running.timeouts),
-            ("smtp", next.smtp == running.smtp),
-            ("telemetry", next.telemetry == running.telemetry),
-        ] {
-            if !same {
-                applied.push(name);
-            }
-        }
-        self.live.store(Arc::new(Shared {
-            cfg: Arc::new(next),
-            relays: old.relays.clone(),
-            tls,
-            policy: old.policy.clone(),
-            metrics: old.metrics.clone(),
-            shutdown: old.shutdown.clone(),
-        }));
-        info!(applied = %applied.join(", "), "reload: applied to new connections");
-        Ok(())
-    }
-
-    /// The policy it reloads.
-    pub fn policy(&self) -> Arc<Policy> {
-        self.live.load().policy.clone()
-    }
-}
-
-/// What `Relay::new` builds from: a reload makes a new relay only when
-/// these changed (a session timeout alone keeps the pooled connections).
-fn relay_inputs(c: &Config) -> (&[crate::config::BackendConfig], [f64; 4]) {
-    let t = &c.timeouts;
-    (
-        &c.backends,
-        [
-            t.backend_connect,
-            t.backend_command,
-            t.backend_pool_wait,
-            t.backend_data_end,
-        ],
-    )
-}
-
-/// A listening socket bound at once (from any thread inside the runtime).
-fn bind_now(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let l = std::net::TcpListener::bind(addr)?;
-    l.set_nonblocking(true)?;
-    TcpListener::from_std(l)
-}
-
-/// The TLS acceptor for `cfg` (certificate files read now), when a
-/// listener needs one; `keep`: the running one, whose session state
-/// (ticket keys, session cache) the new one takes over.
-fn tls_acceptor(
-    cfg: &Config,
-    keep: Option<&tokio_rustls::TlsAcceptor>,
-) -> Result<Option<tokio_rustls::TlsAcceptor>, crate::tls::TlsError> {
-    if !cfg.listeners.iter().any(|l| l.tls != TlsMode::None) {
-        return Ok(None);
-    }
-    if cfg.tls.is_none() {
-        warn!(
-            "no [tls] configured: using a self-signed certificate for {}",
-            cfg.hostname
-        );
-    }
-    let keep = keep.map(|a| a.config().as_ref());
-    crate::tls::acceptor(cfg.tls.as_ref(), &cfg.hostname, keep).map(Some)
-}
-
-/// The sections of `new` that differ from `running` and that a reload does
-/// not apply (everything but `[policy]`), by their names in the file.
-pub fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
-    let mut out = Vec::new();
-    let mut check = |name, same: bool| {
-        if !same {
-            out.push(name);
-        }
-    };
-    check("hostname", running.hostname == new.hostname);
-    check("listener", running.listeners == new.listeners);
-    let t = |c: &Config| {
-        let mut t = c.telemetry.clone();
-        t.sample_ratio = 0.0;
-        t
-    };
-    check("telemetry (all but sample_ratio)", t(running) == t(new));
-    out
-}
-
 /// Bound listeners plus everything sessions share; `serve` runs them.
 pub struct Server {
     listeners: Vec<(TcpListener, Listener, Option<ProxyListen>)>,
     admin: Option<TcpListener>,
     /// What new connections get; a reload swaps it.
     live: Arc<ArcSwap<Shared>>,
+    stats: Arc<LiveStats>,
     shutdown_tx: watch::Sender<bool>,
     draining: Arc<AtomicBool>,
-    reload_hook: Option<crate::admin::ReloadHook>,
-    admin_ctl: Arc<std::sync::Mutex<crate::admin::AdminCtl>>,
+    reload_hook: Option<admin::ReloadHook>,
+    admin_ctl: Arc<std::sync::Mutex<admin::AdminCtl>>,
 }
 
 impl Server {
@@ -420,19 +238,25 @@ impl Server {
         let metrics = Arc::new(Metrics::new());
         let relay = Relay::new(&cfg, &metrics).map_err(ServerError::Backend)?;
         let policy = Policy::new(&cfg.policy, &cfg.hostname).map_err(ServerError::Policy)?;
-        metrics.attach(policy.clone(), relay.clone());
+        let relays = Arc::new(ArcSwap::new(relay));
+        let stats = Arc::new(LiveStats::new(
+            metrics.clone(),
+            policy.clone(),
+            relays.clone(),
+        ));
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         Ok(Server {
             listeners,
             admin,
             live: Arc::new(ArcSwap::from_pointee(Shared {
                 cfg: Arc::new(cfg),
-                relays: Arc::new(ArcSwap::new(relay)),
+                relays,
                 tls,
                 policy,
                 metrics,
                 shutdown: shutdown_rx,
             })),
+            stats,
             shutdown_tx,
             draining: Arc::default(),
             reload_hook: None,
@@ -455,11 +279,7 @@ impl Server {
 
     /// A handle that reloads the policy while the server runs.
     pub fn reload_handle(&self) -> Reloader {
-        Reloader {
-            live: self.live.clone(),
-            admin: self.admin_ctl.clone(),
-            lock: Arc::default(),
-        }
+        Reloader::new(self.live.clone(), self.admin_ctl.clone())
     }
 
     /// The current backends (a reload may replace them).
@@ -467,14 +287,19 @@ impl Server {
         self.live.load().relay()
     }
 
-    /// The metrics (what `/metrics` serves).
+    /// The counters the subsystems write into.
     pub fn metrics(&self) -> Arc<Metrics> {
         self.live.load().metrics.clone()
     }
 
+    /// What `/metrics` serves: the counters and the live values.
+    pub fn stats(&self) -> Arc<LiveStats> {
+        self.stats.clone()
+    }
+
     /// What `POST /reload` on the admin listener runs (main.rs: re-read the
     /// config file and apply it, as SIGHUP does).
-    pub fn set_reload_hook(&mut self, hook: crate::admin::ReloadHook) {
+    pub fn set_reload_hook(&mut self, hook: admin::ReloadHook) {
         self.reload_hook = Some(hook);
     }
 
@@ -489,6 +314,7 @@ impl Server {
             listeners,
             admin,
             live,
+            stats,
             shutdown_tx,
             draining,
             reload_hook,
@@ -496,17 +322,12 @@ impl Server {
         } = self;
         let shared = live.load_full();
         shared.relay().spawn_reaper();
-        crate::otlp_metrics::spawn(
-            &shared.cfg.telemetry,
-            shared.metrics.clone(),
-            shutdown_tx.subscribe(),
-        );
         shared.policy.start();
         {
             let mut ctl = admin_ctl.lock().unwrap_or_else(|e| e.into_inner());
-            ctl.state = Some(crate::admin::AdminState {
+            ctl.state = Some(admin::AdminState {
                 reload: reload_hook,
-                metrics: shared.metrics.clone(),
+                stats: stats.clone(),
                 relays: shared.relays.clone(),
                 draining: draining.clone(),
             });

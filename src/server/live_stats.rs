@@ -1,0 +1,245 @@
+//! What `/metrics` reads at scrape time from the running proxy, beside the
+//! counters that `telemetry::metrics` keeps: policy verdicts, rate-limiter
+//! overflow and the Redis store's health, DNS cache lookups and latencies,
+//! pool sizes and backend health, and the telemetry pipeline's own drop
+//! counters. The only place that reads every subsystem for metrics (pull,
+//! not push): the subsystems just keep their numbers. It reads the current
+//! backends through the server's `ArcSwap`, so a reload needs no step here.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::policy::Policy;
+use crate::relay::Relay;
+use crate::telemetry;
+use crate::telemetry::metrics::{Labels, Metrics};
+
+/// The whole `/metrics` exposition: the counters of `Metrics`, then the
+/// live values. One per server.
+pub struct LiveStats {
+    metrics: Arc<Metrics>,
+    /// The live values, as a collector of a registry of their own (same
+    /// prefix), encoded after `metrics`.
+    registry: Registry,
+}
+
+impl std::fmt::Debug for LiveStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LiveStats")
+    }
+}
+
+impl LiveStats {
+    /// Reads `policy` and whatever backends `relays` holds at each scrape.
+    pub fn new(metrics: Arc<Metrics>, policy: Arc<Policy>, relays: Arc<ArcSwap<Relay>>) -> Self {
+        let mut registry = Registry::with_prefix("smtp_edge");
+        registry.register_collector(Box::new(Live { policy, relays }));
+        LiveStats { metrics, registry }
+    }
+
+    /// The Prometheus text exposition (format 0.0.4) that `/metrics` serves.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8192);
+        self.metrics.encode_into(&mut out);
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// The collector: what a scrape reads.
+struct Live {
+    policy: Arc<Policy>,
+    relays: Arc<ArcSwap<Relay>>,
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Live")
+    }
+}
+
+/// The objects of one scrape.
+struct Current<'a> {
+    policy: &'a Policy,
+    relay: Arc<Relay>,
+}
+
+fn counter(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(Labels, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, ConstCounter::new(0u64).metric_type())?;
+    for (labels, v) in rows {
+        ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(Labels, i64)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, ConstGauge::new(0i64).metric_type())?;
+    for (labels, v) in rows {
+        ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for Live {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let live = Current {
+            policy: &self.policy,
+            relay: self.relays.load_full(),
+        };
+        let mut verdicts = Vec::new();
+        for c in live.policy.counts() {
+            for (action, n) in [("observed", c.observed), ("enforced", c.enforced)] {
+                let l: Labels = vec![
+                    ("check", c.check.name().to_string()),
+                    ("action", action.to_string()),
+                ];
+                verdicts.push((l, n));
+            }
+        }
+        counter(
+            &mut enc,
+            "policy_verdicts",
+            "Policy verdicts by check: enforced, or only observed (observe mode)",
+            &verdicts,
+        )?;
+        counter(
+            &mut enc,
+            "trace_spans_dropped",
+            "Spans dropped because the OTLP export queue was full (collector slow or down)",
+            &[(vec![], telemetry::dropped_spans())],
+        )?;
+        counter(
+            &mut enc,
+            "trace_spans_failed",
+            "Spans that left the export queue but did not reach the collector (no connection, an error, no answer within 10 s, or rejected by it)",
+            &[(vec![], telemetry::failed_spans())],
+        )?;
+        counter(
+            &mut enc,
+            "log_lines_dropped",
+            "Log lines dropped because stderr was not read fast enough (the log queue was full)",
+            &[(vec![], telemetry::dropped_log_lines())],
+        )?;
+        counter(
+            &mut enc,
+            "ratelimit_overflow",
+            "Rate-limit checks passed unstored because a limiter map was full",
+            &[(vec![], live.policy.limits().overflow())],
+        )?;
+        if let Some(r) = live.policy.limits().redis_status() {
+            counter(
+                &mut enc,
+                "redis_calls",
+                "Redis round trips answered for the shared rate limits (each carries the updates of many keys)",
+                &[(vec![], r.calls)],
+            )?;
+            let failures: Vec<(Labels, u64)> = r
+                .failures
+                .iter()
+                .map(|(why, n)| (vec![("reason", why.name().to_string())], *n))
+                .collect();
+            counter(
+                &mut enc,
+                "redis_failures",
+                "Redis calls that failed or timed out (probes included), and updates not sent because the queue was full",
+                &failures,
+            )?;
+            counter(
+                &mut enc,
+                "redis_outages",
+                "Times the shared rate limits went from working to degraded (Redis unreachable)",
+                &[(vec![], r.outages)],
+            )?;
+            counter(
+                &mut enc,
+                "redis_fallback_checks",
+                "Rate-limit checks decided by on_failure because Redis was unreachable",
+                &[(vec![], r.fallback_checks)],
+            )?;
+            gauge(
+                &mut enc,
+                "redis_degraded",
+                "1 while Redis is unreachable and the shared rate limits follow on_failure",
+                &[(vec![], i64::from(r.degraded))],
+            )?;
+        }
+        if let Some(dns) = live.policy.dns() {
+            let s = dns.stats();
+            let mut rows = Vec::new();
+            for (cache, hits, misses) in [
+                ("rdns", s.rdns_hits, s.rdns_misses),
+                ("dnsbl", s.dnsbl_hits, s.dnsbl_misses),
+                ("helo", s.helo_hits, s.helo_misses),
+            ] {
+                for (result, n) in [("hit", hits), ("miss", misses)] {
+                    let l: Labels = vec![("cache", cache.into()), ("result", result.into())];
+                    rows.push((l, n));
+                }
+            }
+            counter(
+                &mut enc,
+                "dns_cache_lookups",
+                "DNS verdict cache lookups by cache and result (a miss queries DNS)",
+                &rows,
+            )?;
+            let lat = dns.latencies();
+            let mut m = enc.encode_descriptor(
+                "dns_lookup_duration",
+                "Time of the DNS lookups behind cache misses, by cache",
+                Some(&Unit::Seconds),
+                lat[0].1.metric_type(),
+            )?;
+            for (cache, h) in lat {
+                let l: Labels = vec![("cache", cache.into())];
+                h.encode(m.encode_family(&l)?)?;
+            }
+        }
+        let pools = live.relay.pool_stats();
+        let mut conns = Vec::new();
+        let mut up = Vec::new();
+        let mut waiting = Vec::new();
+        for p in &pools {
+            for (state, n) in [("idle", p.idle), ("in_use", p.in_use)] {
+                let l: Labels = vec![("backend", p.addr.clone()), ("state", state.into())];
+                conns.push((l, n as i64));
+            }
+            up.push((vec![("backend", p.addr.clone())], p.up as i64));
+            waiting.push((vec![("backend", p.addr.clone())], p.waiting as i64));
+        }
+        gauge(
+            &mut enc,
+            "backend_connections",
+            "Pooled backend connections by state",
+            &conns,
+        )?;
+        gauge(
+            &mut enc,
+            "backend_waiting",
+            "Transactions waiting in line for a backend connection",
+            &waiting,
+        )?;
+        gauge(
+            &mut enc,
+            "backend_up",
+            "1 when the backend is in rotation, 0 while marked down",
+            &up,
+        )?;
+        Ok(())
+    }
+}

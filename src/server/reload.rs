@@ -1,0 +1,181 @@
+//! Applying a new configuration to a running server (SIGHUP, `POST
+//! /reload`, `smtp-edge reload`): everything that can fail is built first
+//! (TLS acceptor, new backends, the policy's next generation, a moved
+//! admin listener), then swapped in; what a reload cannot apply is named
+//! by `needs_restart`.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tracing::{info, warn};
+
+use super::admin::AdminCtl;
+use super::bind::{bind_now, tls_acceptor};
+use crate::config::Config;
+use crate::policy::Policy;
+use crate::relay::Relay;
+use crate::session::Shared;
+
+/// Reloads a running [`Server`] (SIGHUP); cloneable.
+///
+/// Applied: `[policy]` (limiter state, counters and caches carried over),
+/// `[tls]` (the certificate files are read again even when the section is
+/// unchanged: renewal; the ticket keys and the session cache carry over
+/// while `session_tickets` and `session_cache_size` stay), `[[backend]]` and the backend timeouts (a new
+/// relay; the old one's idle connections get QUIT and its connections in
+/// use finish their transaction, then QUIT), `[limits]`, `[timeouts]`,
+/// `[smtp]`, `[telemetry] sample_ratio`. New connections get the new
+/// settings; a session keeps the limits, timeouts and TLS it started with
+/// and takes the current backends at each MAIL. `hostname`, listeners
+/// and the rest of `[telemetry]` need a restart (logged). Nothing
+/// changes when any part fails.
+#[derive(Clone)]
+pub struct Reloader {
+    live: Arc<ArcSwap<Shared>>,
+    admin: Arc<std::sync::Mutex<AdminCtl>>,
+    /// One reload at a time.
+    lock: Arc<std::sync::Mutex<()>>,
+}
+
+impl Reloader {
+    pub(super) fn new(
+        live: Arc<ArcSwap<Shared>>,
+        admin: Arc<std::sync::Mutex<AdminCtl>>,
+    ) -> Reloader {
+        Reloader {
+            live,
+            admin,
+            lock: Arc::default(),
+        }
+    }
+
+    /// Applies `cfg`; on Err the running configuration stays whole.
+    pub fn reload(&self, cfg: &Config) -> Result<(), String> {
+        let _one = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.live.load_full();
+        let running = &old.cfg;
+        let pending = needs_restart(running, cfg);
+        if !pending.is_empty() {
+            warn!(
+                sections = %pending.join(", "),
+                "reload: changed settings not applied; restart to apply"
+            );
+        }
+        // What a restart would take stays as running.
+        let mut next = cfg.clone();
+        next.hostname = running.hostname.clone();
+        next.listeners = running.listeners.clone();
+        // Ticket keys and cached sessions carry over while the session
+        // settings stay; the certificates are always read again.
+        let keep = old
+            .tls
+            .as_ref()
+            .filter(|_| crate::tls::keeps_sessions(running.tls.as_ref(), next.tls.as_ref()));
+        let tls = tls_acceptor(&next, keep).map_err(|e| e.to_string())?;
+        // A moved admin listener is bound now (an address in use refuses
+        // the reload) and started once everything else is in place.
+        let admin = if next.admin != running.admin {
+            Some(match &next.admin {
+                Some(a) => {
+                    Some(bind_now(a.address).map_err(|e| format!("admin {}: {e}", a.address))?)
+                }
+                None => None,
+            })
+        } else {
+            None
+        };
+        let relay = if relay_inputs(&next) != relay_inputs(running) {
+            let r = Relay::new(&next, &old.metrics).map_err(|e| format!("backend: {e}"))?;
+            Some(r)
+        } else {
+            None
+        };
+        old.policy
+            .reload(&next.policy, &running.hostname)
+            .map(drop)?;
+        crate::telemetry::set_sample_ratio(next.telemetry.sample_ratio);
+        let mut applied = vec!["policy", "tls"];
+        if let Some(r) = relay {
+            r.spawn_reaper();
+            let before = old.relays.swap(r.clone());
+            info!(
+                before = ?before.names(),
+                after = ?r.names(),
+                "reload: new backends; the old ones finish their transactions"
+            );
+            before.retire();
+            applied.push("backend");
+        }
+        if let Some(l) = admin {
+            let mut ctl = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+            match l {
+                Some(l) => ctl.start(l),
+                None => {
+                    info!("reload: admin listener closed");
+                    ctl.stop();
+                }
+            }
+            applied.push("admin");
+        }
+        for (name, same) in [
+            ("limits", next.limits == running.limits),
+            ("timeouts", next.timeouts == running.timeouts),
+            ("smtp", next.smtp == running.smtp),
+            ("telemetry", next.telemetry == running.telemetry),
+        ] {
+            if !same {
+                applied.push(name);
+            }
+        }
+        self.live.store(Arc::new(Shared {
+            cfg: Arc::new(next),
+            relays: old.relays.clone(),
+            tls,
+            policy: old.policy.clone(),
+            metrics: old.metrics.clone(),
+            shutdown: old.shutdown.clone(),
+        }));
+        info!(applied = %applied.join(", "), "reload: applied to new connections");
+        Ok(())
+    }
+
+    /// The policy it reloads.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.live.load().policy.clone()
+    }
+}
+
+/// What `Relay::new` builds from: a reload makes a new relay only when
+/// these changed (a session timeout alone keeps the pooled connections).
+fn relay_inputs(c: &Config) -> (&[crate::config::BackendConfig], [f64; 4]) {
+    let t = &c.timeouts;
+    (
+        &c.backends,
+        [
+            t.backend_connect,
+            t.backend_command,
+            t.backend_pool_wait,
+            t.backend_data_end,
+        ],
+    )
+}
+
+/// The sections of `new` that differ from `running` and that a reload does
+/// not apply (everything but `[policy]`), by their names in the file.
+pub fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut check = |name, same: bool| {
+        if !same {
+            out.push(name);
+        }
+    };
+    check("hostname", running.hostname == new.hostname);
+    check("listener", running.listeners == new.listeners);
+    let t = |c: &Config| {
+        let mut t = c.telemetry.clone();
+        t.sample_ratio = 0.0;
+        t
+    };
+    check("telemetry (all but sample_ratio)", t(running) == t(new));
+    out
+}
