@@ -1889,8 +1889,10 @@ mod files {
 
     /// The collector config's pipelines name only receivers, processors
     /// and exporters it configures (the check the collector makes at
-    /// start), and the OTLP receiver listens on the ports smtp-edge's
-    /// configs send to; prometheus.yml scrapes /metrics.
+    /// start), the OTLP receiver listens on the ports smtp-edge's
+    /// configs send to, and the metrics pipeline scrapes /metrics with the
+    /// prometheus receiver (smtp-edge pushes no metrics), on the admin
+    /// port of the configs, as prometheus.yml does.
     #[test]
     fn observability_yaml_is_consistent() {
         let col = &yaml_docs("deploy/observability/collector.yaml")[0];
@@ -1916,5 +1918,27 @@ mod files {
         }
         let prom = &yaml_docs("deploy/observability/prometheus.yml")[0];
         assert_eq!(s(&prom["scrape_configs"][0]["metrics_path"]), "/metrics");
+        let metrics = &col["service"]["pipelines"]["metrics"];
+        let receivers: Vec<&str> = list(&metrics["receivers"]).iter().map(s).collect();
+        assert_eq!(receivers, ["prometheus"]);
+        for scrape in [
+            &col["receivers"]["prometheus"]["config"]["scrape_configs"][0],
+            &prom["scrape_configs"][0],
+        ] {
+            assert_eq!(s(&scrape["metrics_path"]), "/metrics");
+            let target = s(&scrape["static_configs"][0]["targets"][0]);
+            let admin_ports: Vec<u16> = deploy_configs()
+                .iter()
+                .filter_map(|(_, text)| {
+                    let v: toml::Value = toml::from_str(text).ok()?;
+                    let a = v.get("admin")?.get("address")?.as_str()?.to_string();
+                    Some(host_port(&a).1)
+                })
+                .collect();
+            assert!(
+                admin_ports.contains(&host_port(target).1),
+                "scrape target {target} is no config's admin port {admin_ports:?}"
+            );
+        }
     }
 }
