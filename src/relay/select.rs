@@ -1,0 +1,307 @@
+//! What the set of backends does: built from `[[backend]]` (one pool per
+//! SMTP backend, or a Maildir), `begin` hands a session a `Txn` (round
+//! robin over the backends that are up, asking each for a connection
+//! without waiting, then waiting in line at the first busy one, bounded by
+//! `backend_pool_wait`), dedicated XCLIENT connections, pool statistics,
+//! and retiring a set a reload replaced.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::client::{identity_commands, BackendError, ClientIdentity};
+use super::maildir::Maildir;
+use super::pool::{Pool, PoolSettings, PoolStat, PooledConn, Wait};
+use super::{temp_failure, Backend, Inner, Relay, Txn, GENERATIONS};
+use crate::config::{Config, IdentityMode};
+use crate::smtp::{EnhancedCode, Reply};
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::own;
+
+impl Relay {
+    pub fn new(cfg: &Config, metrics: &Metrics) -> std::io::Result<Arc<Relay>> {
+        let t = &cfg.timeouts;
+        let generation = GENERATIONS.fetch_add(1, Ordering::Relaxed);
+        let mut backends = Vec::new();
+        for (i, b) in cfg.backends.iter().enumerate() {
+            if let Some(addr) = &b.address {
+                backends.push(Backend::Smtp {
+                    pool: Pool::new(
+                        PoolSettings {
+                            addr: addr.clone(),
+                            backend: i,
+                            helo_name: cfg.hostname.clone(),
+                            max_connections: b.max_connections,
+                            max_idle: Duration::from_secs_f64(b.max_idle),
+                            max_transactions: b.max_transactions,
+                            connect_timeout: Duration::from_secs_f64(t.backend_connect),
+                            command_timeout: Duration::from_secs_f64(t.backend_command),
+                            pool_wait: Duration::from_secs_f64(t.backend_pool_wait),
+                            down_after: b.down_after,
+                            probe_interval: Duration::from_secs_f64(b.probe_interval),
+                            probe_interval_max: Duration::from_secs_f64(b.probe_interval_max),
+                            generation,
+                        },
+                        metrics.backend(addr),
+                    ),
+                    identity: b.identity,
+                });
+            } else if let Some(dir) = &b.maildir {
+                backends.push(Backend::Maildir(Maildir::open(dir, &cfg.hostname)?));
+            }
+        }
+        Ok(Arc::new(Relay {
+            backends,
+            next: AtomicUsize::new(0),
+            generation,
+            retired: std::sync::atomic::AtomicBool::new(false),
+            command_timeout: Duration::from_secs_f64(t.backend_command),
+            data_end_timeout: Duration::from_secs_f64(t.backend_data_end),
+        }))
+    }
+
+    /// Starts the idle reaper; call once inside the runtime.
+    pub fn spawn_reaper(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let Some(relay) = weak.upgrade() else { return };
+                for b in &relay.backends {
+                    if let Backend::Smtp { pool, .. } = b {
+                        pool.reap();
+                    }
+                }
+            }
+        });
+    }
+
+    /// Takes this relay out of service after a reload replaced it: idle
+    /// connections get QUIT now, those in use after their transaction.
+    pub fn retire(self: &Arc<Self>) {
+        self.retired.store(true, Ordering::Release);
+        let me = self.clone();
+        tokio::spawn(async move { me.close_idle().await });
+    }
+
+    /// The backend addresses (or Maildir paths), in configuration order.
+    pub fn names(&self) -> Vec<String> {
+        self.backends
+            .iter()
+            .map(|b| match b {
+                Backend::Smtp { pool, .. } => pool.settings().addr.clone(),
+                Backend::Maildir(md) => md.root().display().to_string(),
+            })
+            .collect()
+    }
+
+    /// QUITs all idle backend connections.
+    pub async fn close_idle(&self) {
+        for b in &self.backends {
+            if let Backend::Smtp { pool, .. } = b {
+                pool.close_idle().await;
+            }
+        }
+    }
+
+    /// Idle connections held per backend (for tests and metrics).
+    pub fn idle_counts(&self) -> Vec<usize> {
+        self.backends
+            .iter()
+            .map(|b| match b {
+                Backend::Smtp { pool, .. } => pool.idle_count(),
+                Backend::Maildir(_) => 0,
+            })
+            .collect()
+    }
+
+    pub(super) fn pool(&self, i: usize) -> Option<&Pool> {
+        match self.backends.get(i) {
+            Some(Backend::Smtp { pool, .. }) => Some(pool),
+            _ => None,
+        }
+    }
+
+    /// The state of every SMTP backend's pool (for metrics).
+    pub fn pool_stats(&self) -> Vec<PoolStat> {
+        self.backends
+            .iter()
+            .filter_map(|b| match b {
+                Backend::Smtp { pool, .. } => Some(pool.stat()),
+                Backend::Maildir(_) => None,
+            })
+            .collect()
+    }
+
+    /// Up/down per backend (a Maildir is always up), for tests and metrics.
+    pub fn backends_up(&self) -> Vec<bool> {
+        self.backends
+            .iter()
+            .map(|b| match b {
+                Backend::Smtp { pool, .. } => pool.is_up(),
+                Backend::Maildir(_) => true,
+            })
+            .collect()
+    }
+
+    /// Begins a transaction for `id`: picks a backend and a connection, and
+    /// queues the identity. Backends marked down are skipped. Round robin
+    /// first asks each backend for a connection without waiting; when every
+    /// backend that is up is busy, the transaction waits in line at the
+    /// first busy one (first come first served, `backend_pool_wait`). A
+    /// dedicated (XCLIENT) connection of the session is used when given.
+    pub async fn begin(
+        self: &Arc<Self>,
+        id: &ClientIdentity,
+        dedicated: Option<PooledConn>,
+    ) -> Result<Txn, Reply> {
+        // A session's XCLIENT connection from before a reload of the
+        // backends belongs to the old relay: let it go.
+        let dedicated = match dedicated {
+            Some(c) if c.generation != self.generation => {
+                tokio::spawn(c.quit());
+                None
+            }
+            other => other,
+        };
+        if let Some(conn) = dedicated {
+            if conn.idle_ok() {
+                return Ok(Txn::smtp(self.clone(), conn, false, true));
+            }
+            // The backend closed the session's connection between two
+            // transactions: open a new one (with a new XCLIENT) below.
+            tracing::debug!(backend = %conn.peer, "dedicated connection closed; reopening");
+        }
+        let n = self.backends.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut busy = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            match &self.backends[i] {
+                Backend::Maildir(md) => match Box::pin(md.begin()).await {
+                    Ok(w) => {
+                        return Ok(Txn {
+                            relay: self.clone(),
+                            inner: Inner::Maildir {
+                                writer: Some(w),
+                                replies: VecDeque::new(),
+                                rcpts: 0,
+                            },
+                            pending: VecDeque::new(),
+                            span: tracing::Span::none(),
+                            name: md.root().display().to_string().into(),
+                        })
+                    }
+                    Err(e) => {
+                        tracing::error!(maildir = %md.root().display(), "cannot create message file: {e}")
+                    }
+                },
+                Backend::Smtp { pool, .. } if !pool.is_up() => {}
+                Backend::Smtp { .. } => match self.begin_smtp(i, id, Wait::No).await {
+                    Ok(txn) => return Ok(txn),
+                    Err(BackendError::Exhausted) => {
+                        busy.get_or_insert(i);
+                    }
+                    Err(_) => {}
+                },
+            }
+        }
+        let Some(i) = busy else {
+            return Err(temp_failure("No backend available, try again later"));
+        };
+        match self.begin_smtp(i, id, Wait::Yes).await {
+            Ok(txn) => Ok(txn),
+            Err(BackendError::Exhausted) => Err(own(Reply::new(
+                451,
+                EnhancedCode(4, 4, 5),
+                "All backend connections busy, try again later",
+            ))),
+            Err(_) => Err(temp_failure("No backend available, try again later")),
+        }
+    }
+
+    /// A transaction on SMTP backend `i`: a pooled connection with XFORWARD
+    /// queued, or a new dedicated one with XCLIENT said.
+    async fn begin_smtp(
+        self: &Arc<Self>,
+        i: usize,
+        id: &ClientIdentity,
+        wait: Wait,
+    ) -> Result<Txn, BackendError> {
+        let Backend::Smtp { pool, identity } = &self.backends[i] else {
+            return Err(BackendError::Closed);
+        };
+        let t0 = std::time::Instant::now();
+        let opened = match identity {
+            // Boxed: its connect and XCLIENT exchange would make every
+            // checkout's future large.
+            IdentityMode::Xclient => Box::pin(self.open_xclient(pool, id, wait))
+                .await
+                .map(|c| (c, false, true)),
+            _ => pool
+                .checkout(wait)
+                .await
+                .map(|(c, reused)| (c, reused, false)),
+        };
+        match opened {
+            Ok((conn, reused, dedicated)) => {
+                // One span per backend exchange: checkout to the end of
+                // the transaction (it ends when the Txn goes).
+                let span = crate::span!(
+                    crate::telemetry::in_traced(),
+                    "smtp.backend",
+                    "otel.kind" = "client",
+                    "server.address" = pool.settings().addr.as_str(),
+                    "smtp.backend.connection_id" = conn.id(),
+                    "smtp.backend.reused" = reused,
+                    "smtp.backend.pool_wait_ms" = t0.elapsed().as_secs_f64() * 1000.0,
+                );
+                let mut txn = Txn::smtp(self.clone(), conn, reused, dedicated);
+                txn.span = span;
+                if *identity == IdentityMode::Xforward {
+                    txn.queue_xforward(id);
+                }
+                Ok(txn)
+            }
+            Err(e) => {
+                if !matches!(e, BackendError::Exhausted) {
+                    tracing::warn!(backend = %pool.settings().addr, "backend unavailable: {e}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn open_xclient(
+        &self,
+        pool: &Pool,
+        id: &ClientIdentity,
+        wait: Wait,
+    ) -> Result<PooledConn, BackendError> {
+        // XCLIENT connections never return to the idle list, so this is a
+        // new connection (or the slot of one).
+        let (mut conn, _) = pool.checkout(wait).await?;
+        if conn.caps.xclient.is_empty() {
+            tracing::warn!(backend = %pool.settings().addr, "backend does not offer XCLIENT; identity not passed");
+            return Ok(conn);
+        }
+        let mut cmd = Vec::new();
+        identity_commands("XCLIENT", &conn.caps.xclient.clone(), id, &mut cmd);
+        // Each XCLIENT line is answered with a new greeting.
+        let lines = cmd.split(|&b| b == b'\n').filter(|l| !l.is_empty()).count();
+        conn.send(&cmd).await?;
+        for _ in 0..lines {
+            let r = conn.read_reply(self.command_timeout).await?;
+            if r.code != 220 {
+                return Err(BackendError::Refused(r));
+            }
+        }
+        // Say EHLO as the client did (Postfix's XCLIENT_README): this EHLO
+        // is the HELO name the backend records for the session.
+        let helo = id.helo.as_deref().unwrap_or(&pool.settings().helo_name);
+        conn.ehlo(helo, self.command_timeout).await?;
+        Ok(conn)
+    }
+}

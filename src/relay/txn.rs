@@ -1,0 +1,515 @@
+//! One mail transaction at one backend (`Txn`): MAIL/RCPT/DATA queued and
+//! pipelined when the backend offers PIPELINING, replayed once on a fresh
+//! connection when a reused one proves dead before its first reply, the
+//! message streamed (vectored, from the session's input buffer), the final
+//! reply read; `end` gives the connection back only after a clean end,
+//! `abort` drops it without ending the data.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::client::{BackendError, ClientIdentity};
+use super::pool::PooledConn;
+use super::{backend_lost, closing_to_451, Inner, Pend, Relay, Txn, TxnBufs};
+use crate::smtp::{Body, EnhancedCode, MailParams, Reply};
+
+impl Txn {
+    pub(super) fn smtp(
+        relay: Arc<Relay>,
+        mut conn: PooledConn,
+        reused: bool,
+        dedicated: bool,
+    ) -> Txn {
+        let name = conn.peer.clone();
+        let TxnBufs {
+            mut wbuf,
+            mut replay,
+            mut pending,
+        } = std::mem::take(&mut conn.spare);
+        wbuf.clear();
+        wbuf.reserve(256);
+        replay.clear();
+        pending.clear();
+        let mut txn = Txn {
+            relay,
+            inner: Inner::Smtp {
+                conn: None,
+                wbuf,
+                replay,
+                replaying: true,
+                reused,
+                dedicated,
+                completed: false,
+            },
+            pending,
+            span: tracing::Span::none(),
+            name,
+        };
+        conn.txns += 1;
+        if std::mem::take(&mut conn.needs_rset) {
+            txn.queue_raw(b"RSET\r\n", Pend::Internal("RSET"));
+        }
+        if let Inner::Smtp { conn: c, .. } = &mut txn.inner {
+            *c = Some(conn);
+        }
+        txn
+    }
+
+    fn queue_raw(&mut self, bytes: &[u8], p: Pend) {
+        if let Inner::Smtp { wbuf, .. } = &mut self.inner {
+            wbuf.extend_from_slice(bytes);
+        }
+        self.pending.push_back(p);
+    }
+
+    pub(super) fn queue_xforward(&mut self, id: &ClientIdentity) {
+        let Inner::Smtp {
+            conn: Some(conn),
+            wbuf,
+            ..
+        } = &mut self.inner
+        else {
+            return;
+        };
+        if conn.caps.xforward.is_empty() {
+            return;
+        }
+        // Straight into the batch, a reply owed per line.
+        let start = wbuf.len();
+        id.xforward_lines(&conn.caps.xforward, wbuf);
+        for _ in memchr::memchr_iter(b'\n', &wbuf[start..]) {
+            self.pending.push_back(Pend::Internal("XFORWARD"));
+        }
+    }
+
+    /// Whether commands may be queued several at a time.
+    pub fn pipelining(&self) -> bool {
+        match &self.inner {
+            Inner::Smtp { conn, .. } => conn.as_ref().is_some_and(|c| c.caps.pipelining),
+            Inner::Maildir { .. } => true,
+        }
+    }
+
+    pub fn queue_mail(&mut self, from: &str, params: &MailParams) {
+        if let Inner::Maildir { replies, .. } = &mut self.inner {
+            replies.push_back(Reply::new(250, EnhancedCode(2, 1, 0), "Ok"));
+            return;
+        }
+        let Inner::Smtp { wbuf, .. } = &mut self.inner else {
+            return;
+        };
+        // Written straight into the batch: no allocation per command.
+        wbuf.extend_from_slice(b"MAIL FROM:<");
+        wbuf.extend_from_slice(from.as_bytes());
+        wbuf.push(b'>');
+        if let Some(size) = params.size {
+            use std::io::Write;
+            let _ = write!(wbuf, " SIZE={size}");
+        }
+        match params.body {
+            Some(Body::SevenBit) => wbuf.extend_from_slice(b" BODY=7BIT"),
+            Some(Body::EightBitMime) => wbuf.extend_from_slice(b" BODY=8BITMIME"),
+            None => {}
+        }
+        if params.smtputf8 {
+            wbuf.extend_from_slice(b" SMTPUTF8");
+        }
+        wbuf.extend_from_slice(b"\r\n");
+        self.pending.push_back(Pend::Client);
+    }
+
+    pub fn queue_rcpt(&mut self, to: &str) {
+        if let Inner::Maildir { replies, rcpts, .. } = &mut self.inner {
+            *rcpts += 1;
+            replies.push_back(Reply::new(250, EnhancedCode(2, 1, 5), "Ok"));
+            return;
+        }
+        if let Inner::Smtp { wbuf, .. } = &mut self.inner {
+            wbuf.extend_from_slice(b"RCPT TO:<");
+            wbuf.extend_from_slice(to.as_bytes());
+            wbuf.extend_from_slice(b">\r\n");
+        }
+        self.pending.push_back(Pend::Client);
+    }
+
+    pub fn queue_data(&mut self) {
+        if let Inner::Maildir { replies, rcpts, .. } = &mut self.inner {
+            replies.push_back(if *rcpts == 0 {
+                Reply::new(554, EnhancedCode(5, 5, 1), "No valid recipients")
+            } else {
+                Reply::new(
+                    354,
+                    EnhancedCode(2, 0, 0),
+                    "End data with <CR><LF>.<CR><LF>",
+                )
+            });
+            return;
+        }
+        self.queue_raw(b"DATA\r\n", Pend::Client);
+    }
+
+    /// Sends what is queued and collects, in order, the replies owed to the
+    /// client. A reused connection that proves dead before its first reply
+    /// is replaced by a fresh one and the commands replayed; any other
+    /// failure turns every owed reply into a 451.
+    pub async fn replies(&mut self, out: &mut Vec<Reply>) {
+        if let Inner::Maildir { replies, .. } = &mut self.inner {
+            out.extend(replies.drain(..));
+            return;
+        }
+        // Without PIPELINING at the backend, one command per round trip.
+        let pipelining = self.pipelining();
+        let queued = match &mut self.inner {
+            Inner::Smtp { wbuf, .. } => std::mem::take(wbuf),
+            Inner::Maildir { .. } => Vec::new(),
+        };
+        // Pipelined: all of it at once (even nothing: replies may be owed);
+        // else line by line.
+        let failed = if pipelining {
+            let owed = self.pending.len();
+            !self.exchange(&queued, owed, out).await
+        } else {
+            let mut failed = false;
+            for line in queued.split_inclusive(|&b| b == b'\n') {
+                if failed || !self.exchange(line, 1, out).await {
+                    failed = true;
+                }
+            }
+            failed
+        };
+        if failed {
+            if let Inner::Smtp { conn, .. } = &mut self.inner {
+                *conn = None;
+            }
+            for p in self.pending.drain(..) {
+                if let Pend::Client = p {
+                    out.push(backend_lost());
+                }
+            }
+        }
+        if let Inner::Smtp { wbuf, .. } = &mut self.inner {
+            *wbuf = queued;
+            wbuf.clear();
+        }
+    }
+
+    /// Sends `bytes` and reads `owed` replies. A reused connection that
+    /// proves dead before its first reply is replaced by a fresh one and
+    /// everything since checkout replayed. False when the backend failed.
+    async fn exchange(&mut self, bytes: &[u8], owed: usize, out: &mut Vec<Reply>) -> bool {
+        let t = self.relay.command_timeout;
+        let relay = self.relay.clone();
+        let Inner::Smtp {
+            conn,
+            replay,
+            replaying,
+            reused,
+            ..
+        } = &mut self.inner
+        else {
+            return false;
+        };
+        let Some(c) = conn.as_mut() else {
+            return false;
+        };
+        if *replaying {
+            replay.extend_from_slice(bytes);
+        }
+        if let Err(e) = c.send(bytes).await {
+            tracing::debug!("backend write failed: {e}");
+        }
+        let mut got = 0;
+        while got < owed && !self.pending.is_empty() {
+            let c = conn.as_mut().expect("conn");
+            match c.read_reply(t).await {
+                Ok(reply) => {
+                    *replaying = false;
+                    got += 1;
+                    // 421: the backend is closing; the client gets a 451 (its
+                    // own session goes on) and the connection is not reused.
+                    let closing = reply.code == 421;
+                    let reply = if closing {
+                        closing_to_451(&reply)
+                    } else {
+                        reply
+                    };
+                    match self.pending.pop_front() {
+                        Some(Pend::Client) => out.push(reply),
+                        Some(Pend::Internal(what)) if !reply.is_positive() => {
+                            tracing::warn!(backend = %c.peer, "{what} refused: {} {}", reply.code, reply.text());
+                        }
+                        Some(Pend::Internal(_)) => {}
+                        None => {}
+                    }
+                    if closing {
+                        tracing::warn!(backend = %c.peer, "backend said 421; dropping the connection");
+                        return false;
+                    }
+                }
+                Err(e) => {
+                    if !(*reused && std::mem::take(replaying)) {
+                        tracing::warn!(backend = %c.peer, "backend failed: {e}");
+                        return false;
+                    }
+                    let sent = &replay[..];
+                    tracing::debug!(backend = %c.peer, "reused connection dead ({e}), reconnecting");
+                    *reused = false;
+                    let replaced = match relay.pool(c.backend) {
+                        Some(pool) => pool.reconnect(c).await,
+                        None => Err(BackendError::Closed),
+                    };
+                    let resent = match replaced {
+                        Ok(()) => {
+                            c.txns += 1;
+                            c.send(sent).await
+                        }
+                        Err(e) => {
+                            tracing::warn!("backend reconnect failed: {e}");
+                            Err(e)
+                        }
+                    };
+                    if resent.is_err() {
+                        *conn = None;
+                        return false;
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// Sends DATA at once (nothing else may be owed); its reply is read by
+    /// `data_reply` before any message byte is sent. False when the backend
+    /// is gone.
+    pub async fn send_data_command(&mut self) -> bool {
+        match &mut self.inner {
+            Inner::Maildir { .. } => true,
+            Inner::Smtp { conn, .. } => match conn.as_mut() {
+                Some(c) => {
+                    if c.send(b"DATA\r\n").await.is_ok() {
+                        return true;
+                    }
+                    *conn = None;
+                    false
+                }
+                None => false,
+            },
+        }
+    }
+
+    /// The backend's reply to the DATA sent by `send_data_command`: 354, its
+    /// refusal, or a 451 when it failed (the connection is then dropped).
+    pub async fn data_reply(&mut self) -> Reply {
+        if !matches!(self.inner, Inner::Smtp { .. }) {
+            return Reply::new(354, EnhancedCode(2, 0, 0), "Go ahead");
+        }
+        match self.next_reply("DATA").await {
+            Ok(r) if r.code == 354 || r.code >= 400 => r,
+            Ok(r) => {
+                if let Inner::Smtp { conn, .. } = &mut self.inner {
+                    if let Some(c) = conn.take() {
+                        tracing::warn!(backend = %c.peer, "unexpected reply to DATA: {}", r.code);
+                    }
+                }
+                backend_lost()
+            }
+            Err(r) => r,
+        }
+    }
+
+    /// The backend's next reply to `what`, in the middle of a transaction:
+    /// `Err` with a 451 for a 421 or a failure (the connection is then
+    /// dropped), or with `backend_lost` when it is already gone.
+    async fn next_reply(&mut self, what: &str) -> Result<Reply, Reply> {
+        let t = self.relay.command_timeout;
+        let Inner::Smtp { conn, .. } = &mut self.inner else {
+            return Err(backend_lost());
+        };
+        let Some(c) = conn.as_mut() else {
+            return Err(backend_lost());
+        };
+        match c.read_reply(t).await {
+            Ok(r) if r.code == 421 => {
+                *conn = None;
+                Err(closing_to_451(&r))
+            }
+            Ok(r) => Ok(r),
+            Err(e) => {
+                tracing::warn!(backend = %c.peer, "no reply to {what}: {e}");
+                *conn = None;
+                Err(backend_lost())
+            }
+        }
+    }
+
+    /// The backend offers CHUNKING: a client's BDAT content is relayed as
+    /// BDAT chunks (`smtp::bdat_command` + content through `send_data`);
+    /// otherwise it is converted to DATA (a Maildir takes DATA).
+    pub fn chunking(&self) -> bool {
+        matches!(&self.inner, Inner::Smtp { conn: Some(c), .. } if c.caps.chunking)
+    }
+
+    /// The backend's reply to one relayed BDAT chunk that is not the last
+    /// (the last one's is `finish_data`): its reply, a 451 for a 421 or a
+    /// failure (the connection is then dropped).
+    pub async fn chunk_reply(&mut self) -> Reply {
+        if !matches!(self.inner, Inner::Smtp { .. }) {
+            return Reply::new(250, EnhancedCode(2, 0, 0), "Ok");
+        }
+        self.next_reply("BDAT").await.unwrap_or_else(|r| r)
+    }
+
+    /// True when the backend connection is gone.
+    pub fn is_broken(&self) -> bool {
+        matches!(&self.inner, Inner::Smtp { conn: None, .. })
+    }
+
+    /// Streams message bytes (wire form) to the backend, gathered from
+    /// `bufs` (one vectored write when the socket takes it all).
+    pub async fn send_data_vectored(
+        &mut self,
+        bufs: &mut [std::io::IoSlice<'_>],
+    ) -> Result<(), BackendError> {
+        match &mut self.inner {
+            Inner::Smtp { conn, .. } => match conn.as_mut() {
+                Some(c) => {
+                    let t = self.relay.command_timeout;
+                    let r = tokio::time::timeout(t, c.send_vectored(bufs)).await;
+                    match r {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => {
+                            *conn = None;
+                            Err(e)
+                        }
+                        Err(_) => {
+                            *conn = None;
+                            Err(BackendError::Timeout)
+                        }
+                    }
+                }
+                None => Err(BackendError::Closed),
+            },
+            Inner::Maildir { writer, .. } => match writer.as_mut() {
+                Some(w) => {
+                    for b in bufs.iter() {
+                        w.write_wire(b).await.map_err(BackendError::Io)?;
+                    }
+                    Ok(())
+                }
+                None => Err(BackendError::Closed),
+            },
+        }
+    }
+
+    /// Streams message bytes (wire form) to the backend.
+    pub async fn send_data(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
+        self.send_data_vectored(&mut [std::io::IoSlice::new(bytes)])
+            .await
+    }
+
+    /// After the terminating `.\r\n` was sent: the backend's final reply, or
+    /// a 451 when the backend failed.
+    pub async fn finish_data(&mut self) -> Reply {
+        let t = self.relay.data_end_timeout;
+        match &mut self.inner {
+            Inner::Smtp {
+                conn, completed, ..
+            } => {
+                let Some(c) = conn.as_mut() else {
+                    return backend_lost();
+                };
+                let t0 = std::time::Instant::now();
+                let got = c.read_reply(t).await;
+                if let (Ok(_), Some(pool)) = (&got, self.relay.pool(c.backend)) {
+                    pool.metrics().reply.observe(t0.elapsed().as_secs_f64());
+                }
+                match got {
+                    Ok(r) if r.code == 421 => {
+                        *conn = None;
+                        closing_to_451(&r)
+                    }
+                    Ok(r) => {
+                        *completed = true;
+                        r
+                    }
+                    Err(e) => {
+                        tracing::warn!(backend = %c.peer, "no final reply: {e}");
+                        *conn = None;
+                        backend_lost()
+                    }
+                }
+            }
+            Inner::Maildir { writer, .. } => match writer.take() {
+                Some(w) => {
+                    let id = w.id.clone();
+                    match w.commit().await {
+                        Ok(path) => {
+                            tracing::debug!(path = %path.display(), "delivered to maildir");
+                            Reply::new(250, EnhancedCode(2, 0, 0), format!("Ok: queued as {id}"))
+                        }
+                        Err(e) => {
+                            tracing::error!("maildir delivery failed: {e}");
+                            Reply::new(
+                                451,
+                                EnhancedCode(4, 3, 0),
+                                "Local delivery failed, try again later",
+                            )
+                        }
+                    }
+                }
+                None => backend_lost(),
+            },
+        }
+    }
+
+    /// Drops the backend connection without finishing the data (no dot is
+    /// ever sent), so nothing partial is delivered.
+    pub fn abort(mut self) {
+        if let Inner::Smtp { conn, .. } = &mut self.inner {
+            conn.take();
+        }
+    }
+
+    /// Ends the transaction normally. A dedicated (XCLIENT) connection is
+    /// handed back to the session; a pooled one returns to its pool, marked
+    /// for RSET unless the transaction completed.
+    pub fn end(mut self) -> Option<PooledConn> {
+        if let Inner::Smtp {
+            conn,
+            completed,
+            dedicated,
+            wbuf,
+            replay,
+            ..
+        } = &mut self.inner
+        {
+            let mut c = conn.take()?;
+            c.spare = TxnBufs {
+                wbuf: std::mem::take(wbuf),
+                replay: std::mem::take(replay),
+                pending: std::mem::take(&mut self.pending),
+            };
+            if !*completed {
+                c.needs_rset = true;
+            }
+            let pool = self.relay.pool(c.backend);
+            if self.relay.retired.load(Ordering::Acquire) {
+                tokio::spawn(c.quit());
+                return None;
+            }
+            if *dedicated {
+                // Others waiting for this backend's slots: give this one up
+                // (the session says XCLIENT again on its next MAIL).
+                if pool.is_some_and(|p| p.waiting() > 0) {
+                    tokio::spawn(c.quit());
+                    return None;
+                }
+                return Some(c);
+            }
+            if let Some(pool) = pool {
+                pool.checkin(c);
+            }
+        }
+        None
+    }
+}
