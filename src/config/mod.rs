@@ -11,7 +11,6 @@ mod validate;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -33,7 +32,7 @@ pub struct Config {
     #[serde(default)]
     pub tls: Option<TlsConfig>,
     #[serde(default)]
-    pub limits: Limits,
+    pub limits: SessionLimits,
     #[serde(default)]
     pub timeouts: Timeouts,
     #[serde(default)]
@@ -225,9 +224,10 @@ impl TlsConfig {
     }
 }
 
+/// `[limits]`: what one client session may send.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Limits {
+pub struct SessionLimits {
     pub max_message_size: u64,
     pub max_recipients: usize,
     pub max_command_line: usize,
@@ -242,9 +242,9 @@ pub struct Limits {
     pub min_data_rate: u64,
 }
 
-impl Default for Limits {
+impl Default for SessionLimits {
     fn default() -> Self {
-        Limits {
+        SessionLimits {
             max_message_size: 52_428_800,
             max_recipients: 100,
             max_command_line: 512,
@@ -286,12 +286,6 @@ impl Default for Timeouts {
             shutdown_grace: 30.0,
             drain_delay: 0.0,
         }
-    }
-}
-
-impl Timeouts {
-    pub fn dur(secs: f64) -> Duration {
-        Duration::from_secs_f64(secs)
     }
 }
 

@@ -4,8 +4,8 @@
 //! keys are found before this, by deserializing (`toml_paths.rs`).
 
 use super::{
-    split_host_port, BackendConfig, Config, ConfigError, Limits, ListenerConfig, TelemetryConfig,
-    Timeouts, TlsConfig, TlsMode, MAX_SESSION_CACHE,
+    split_host_port, BackendConfig, Config, ConfigError, ListenerConfig, SessionLimits,
+    TelemetryConfig, Timeouts, TlsConfig, TlsMode, MAX_SESSION_CACHE,
 };
 
 impl Config {
@@ -120,7 +120,7 @@ fn tls(tls: &TlsConfig, err: &mut dyn FnMut(String, String)) {
 }
 
 /// `[limits]`: sizes and line lengths the RFCs allow.
-fn limits(l: &Limits, err: &mut dyn FnMut(String, String)) {
+fn limits(l: &SessionLimits, err: &mut dyn FnMut(String, String)) {
     if l.max_message_size == 0 {
         err("limits.max_message_size".into(), "must be > 0".into());
     }
