@@ -1,0 +1,511 @@
+//! TOML configuration: `Config` and its section types, their defaults, the
+//! embedded default and loading/parsing. Every error names its key and line;
+//! unknown keys are errors. Owns no runtime state.
+//!
+//! Children: `toml_paths` (a leaf: [`ConfigError`], keys' lines,
+//! deserializing with every error collected) and `validate` (the checks of
+//! each section's values, in `impl Config`).
+
+mod toml_paths;
+mod validate;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::policy::settings::PolicyConfig;
+use crate::smtp::BareLineEndings;
+
+pub use self::toml_paths::ConfigError;
+use self::toml_paths::KeyLines;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Name used in the greeting, EHLO reply, Received header and backend EHLO.
+    #[serde(default = "default_hostname")]
+    pub hostname: String,
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    #[serde(default)]
+    pub limits: SessionLimits,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub smtp: SmtpConfig,
+    #[serde(default, rename = "backend")]
+    pub backends: Vec<BackendConfig>,
+    /// Admission policy: lists, limits, HELO / rDNS / DNSBL checks.
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    /// The admin HTTP listener (metrics, health); absent: off.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+    /// Logs and OpenTelemetry trace export.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[telemetry]`: log format and OTLP trace export.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// `http://host:port` of an OTLP receiver; absent: no export.
+    pub otlp_endpoint: Option<String>,
+    pub otlp_protocol: OtlpProtocol,
+    pub service_name: String,
+    /// Share of sessions traced (decided at accept), 0.0 to 1.0.
+    pub sample_ratio: f64,
+    pub log_format: LogFormat,
+    /// Envelope local parts in span attributes (domains only when false).
+    pub record_addresses: bool,
+    /// Most spans waiting for export; past it spans are dropped and counted.
+    pub export_queue: usize,
+    /// Seconds between pushes of the metrics over OTLP (0: never).
+    pub metrics_interval: f64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            otlp_endpoint: None,
+            otlp_protocol: OtlpProtocol::Grpc,
+            service_name: "smtp-edge".into(),
+            sample_ratio: 1.0,
+            log_format: LogFormat::Text,
+            record_addresses: false,
+            export_queue: 8192,
+            metrics_interval: 10.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OtlpProtocol {
+    /// OTLP/gRPC (port 4317 by convention).
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies (port 4318; `/v1/traces` is added).
+    Http,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    /// JSON lines, with the span fields (the session's trace_id) on each.
+    Json,
+}
+
+/// `[admin]`: where `/metrics`, `/livez` and `/readyz` are served.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub address: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    #[default]
+    None,
+    Starttls,
+    Implicit,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub address: SocketAddr,
+    #[serde(default)]
+    pub tls: TlsMode,
+    #[serde(default)]
+    pub require_tls: bool,
+    /// Listen queue length (the kernel caps it at net.core.somaxconn).
+    #[serde(default = "default_backlog")]
+    pub backlog: u32,
+    /// Every connection starts with a PROXY protocol v1 or v2 header from a
+    /// load balancer; its addresses are the client's for everything.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// Sources allowed to send that header; others are closed at accept.
+    #[serde(default)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Seconds for the whole header to arrive.
+    #[serde(default = "default_proxy_header_timeout")]
+    pub proxy_header_timeout: f64,
+}
+
+fn default_proxy_header_timeout() -> f64 {
+    5.0
+}
+
+fn default_backlog() -> u32 {
+    1024
+}
+
+/// `[tls]`: the certificates (one pair, or a list of pairs chosen per
+/// handshake by the client's signature algorithms and SNI) and session
+/// resumption.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The short form: one pair. Exclusive with `certificates`.
+    pub certificate: Option<PathBuf>,
+    pub private_key: Option<PathBuf>,
+    /// `[[tls.certificates]]`: several pairs (RSA and ECDSA side by side,
+    /// other names); the first that fits is the default.
+    pub certificates: Option<Vec<CertificateConfig>>,
+    /// TLS 1.3 and 1.2 session tickets, keys rotated by rustls.
+    #[serde(default = "default_true")]
+    pub session_tickets: bool,
+    /// Sessions kept in memory for resumption by session id (TLS 1.2) or
+    /// stateful ticket (TLS 1.3 without tickets); 0: none.
+    #[serde(default = "default_session_cache_size")]
+    pub session_cache_size: usize,
+}
+
+/// One `[[tls.certificates]]` entry.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    pub certificate: PathBuf,
+    pub private_key: PathBuf,
+    /// Names SNI selects it by; absent: the certificate's subjectAltName.
+    pub names: Option<Vec<String>>,
+}
+
+/// A certificate pair of `[tls]` with the key its settings are under
+/// (`tls` or `tls.certificates[i]`), for error messages.
+pub struct CertificateEntry<'a> {
+    pub key: String,
+    pub certificate: &'a Path,
+    pub private_key: &'a Path,
+    pub names: Option<&'a [String]>,
+}
+
+/// Most sessions `session_cache_size` may keep (a few hundred bytes each).
+pub const MAX_SESSION_CACHE: usize = 1_000_000;
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_session_cache_size() -> usize {
+    10_240
+}
+
+impl TlsConfig {
+    /// The pairs, in the order of the file (one for the short form).
+    pub fn entries(&self) -> Vec<CertificateEntry<'_>> {
+        match (&self.certificates, &self.certificate, &self.private_key) {
+            (Some(list), _, _) => list
+                .iter()
+                .enumerate()
+                .map(|(i, c)| CertificateEntry {
+                    key: format!("tls.certificates[{i}]"),
+                    certificate: &c.certificate,
+                    private_key: &c.private_key,
+                    names: c.names.as_deref(),
+                })
+                .collect(),
+            (None, Some(c), Some(k)) => vec![CertificateEntry {
+                key: "tls".into(),
+                certificate: c,
+                private_key: k,
+                names: None,
+            }],
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// `[limits]`: what one client session may send.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionLimits {
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    pub max_command_line: usize,
+    pub max_text_line: usize,
+    pub max_bad_commands: u32,
+    /// NOOP, RSET, VRFY, HELP, EHLO/HELO allowed between two messages
+    /// (Postfix's smtpd_junk_command_limit); 0 = no limit.
+    pub max_junk_commands: u32,
+    /// Bytes per second a message's data must average, beyond a grace of
+    /// `timeouts.data_block`, counting only the time spent waiting for the
+    /// client (`timer::Pace`); 0 = no minimum.
+    pub min_data_rate: u64,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits {
+            max_message_size: 52_428_800,
+            max_recipients: 100,
+            max_command_line: 512,
+            max_text_line: 1000,
+            max_bad_commands: 20,
+            max_junk_commands: 100,
+            min_data_rate: 1024,
+        }
+    }
+}
+
+/// All in seconds (fractions allowed).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    pub command: f64,
+    pub data_block: f64,
+    pub tls_handshake: f64,
+    pub backend_connect: f64,
+    pub backend_pool_wait: f64,
+    pub backend_command: f64,
+    pub backend_data_end: f64,
+    pub shutdown_grace: f64,
+    /// On SIGTERM: seconds `/readyz` answers 503 while the listeners still
+    /// accept, before they close (0: close at once).
+    pub drain_delay: f64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            command: 300.0,
+            data_block: 180.0,
+            tls_handshake: 30.0,
+            backend_connect: 10.0,
+            backend_pool_wait: 30.0,
+            backend_command: 300.0,
+            backend_data_end: 600.0,
+            shutdown_grace: 30.0,
+            drain_delay: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpConfig {
+    /// What to do with bare CR / LF in message data.
+    pub bare_line_endings: BareLineEndingsConfig,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BareLineEndingsConfig {
+    #[default]
+    Reject,
+    Normalize,
+}
+
+impl From<BareLineEndingsConfig> for BareLineEndings {
+    fn from(v: BareLineEndingsConfig) -> Self {
+        match v {
+            BareLineEndingsConfig::Reject => BareLineEndings::Reject,
+            BareLineEndingsConfig::Normalize => BareLineEndings::Normalize,
+        }
+    }
+}
+
+/// How the client's identity is passed to an SMTP backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IdentityMode {
+    /// XFORWARD before every MAIL on pooled connections (Postfix
+    /// `smtpd_authorized_xforward_hosts`).
+    #[default]
+    Xforward,
+    /// XCLIENT once per client session on a dedicated backend connection.
+    Xclient,
+    /// Pass nothing (the Received header still names the client).
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// `host:port` of an SMTP backend.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Directory of the built-in Maildir backend.
+    #[serde(default)]
+    pub maildir: Option<PathBuf>,
+    #[serde(default)]
+    pub identity: IdentityMode,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Seconds an idle pooled connection is kept.
+    #[serde(default = "default_max_idle")]
+    pub max_idle: f64,
+    #[serde(default = "default_max_transactions")]
+    pub max_transactions: u32,
+    /// Failed connects or greetings in a row that mark the backend down
+    /// (0 = never).
+    #[serde(default = "default_down_after")]
+    pub down_after: u32,
+    /// Seconds before the first probe of a down backend; doubles per failed
+    /// probe up to `probe_interval_max`.
+    #[serde(default = "default_probe_interval")]
+    pub probe_interval: f64,
+    #[serde(default = "default_probe_interval_max")]
+    pub probe_interval_max: f64,
+}
+
+fn default_hostname() -> String {
+    "localhost".into()
+}
+fn default_max_connections() -> usize {
+    64
+}
+fn default_max_idle() -> f64 {
+    60.0
+}
+fn default_max_transactions() -> u32 {
+    1000
+}
+fn default_down_after() -> u32 {
+    3
+}
+fn default_probe_interval() -> f64 {
+    2.0
+}
+fn default_probe_interval_max() -> f64 {
+    60.0
+}
+
+/// All the errors found in one file.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors {
+    pub file: String,
+    pub errors: Vec<ConfigError>,
+}
+
+impl std::fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}: {e}", self.file)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// The configuration used when smtp-edge runs without `--config`.
+pub const EMBEDDED_DEFAULT: &str = r#"
+hostname = "localhost"
+[[listener]]
+address = "127.0.0.1:2525"
+tls = "starttls"
+[[backend]]
+maildir = "var/mail"
+"#;
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+            file: file.clone(),
+            errors: vec![ConfigError {
+                key: String::new(),
+                line: 0,
+                message: format!("cannot read: {e}"),
+            }],
+        })?;
+        Config::parse(&text).map_err(|errors| ConfigErrors { file, errors })
+    }
+
+    /// Parses and validates TOML text, collecting every error found.
+    pub fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
+        let lines = KeyLines::parse(text).map_err(|e| vec![e])?;
+        let mut errors = Vec::new();
+        let config = toml_paths::deserialize_all::<Config>(text, &lines, &mut errors);
+        let Some(config) = config else {
+            return Err(errors);
+        };
+        config.validate(&mut errors, &|key: &str| lines.line_for(key));
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// The embedded default configuration.
+    pub fn embedded_default() -> Config {
+        Config::parse(EMBEDDED_DEFAULT).expect("embedded default config is valid")
+    }
+}
+
+/// Splits `host:port` (`[v6]:port` too) into its parts.
+pub fn split_host_port(s: &str) -> Option<(&str, u16)> {
+    let (host, port) = s.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() || port == 0 {
+        return None;
+    }
+    Some((host, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::embedded_default();
+        assert_eq!(c.listeners.len(), 1);
+        assert_eq!(c.listeners[0].tls, TlsMode::Starttls);
+        assert!(c.backends[0].maildir.is_some());
+    }
+
+    #[test]
+    fn every_error_named_with_key_and_line() {
+        let text = "hostname = \"mx.example.net\"\nbogus = 1\n[[listener]]\naddress = \"127.0.0.1:25\"\ntls = \"sometimes\"\n[limits]\nmax_recipients = \"many\"\n[[backend]]\naddress = \"nohostport\"\n";
+        let errs = Config::parse(text).unwrap_err();
+        let keys: Vec<(&str, usize)> = errs.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert!(keys.contains(&("bogus", 2)), "{errs:?}");
+        assert!(keys.contains(&("listener[0].tls", 5)), "{errs:?}");
+        assert!(keys.contains(&("limits.max_recipients", 7)), "{errs:?}");
+        assert!(keys.contains(&("backend[0].address", 9)), "{errs:?}");
+    }
+
+    #[test]
+    fn errors_in_several_array_elements() {
+        let text = "[[listener]]\naddress = \"127.0.0.1:25\"\n[[backend]]\naddress = \"a:25\"\nmax_connections = \"x\"\n[[backend]]\naddress = \"b:25\"\nbogus = 1\n";
+        let errs = Config::parse(text).unwrap_err();
+        let keys: Vec<(&str, usize)> = errs.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert!(
+            keys.contains(&("backend[0].max_connections", 5)),
+            "{errs:?}"
+        );
+        assert!(keys.contains(&("backend[1].bogus", 8)), "{errs:?}");
+    }
+
+    #[test]
+    fn syntax_error_has_line() {
+        let errs = Config::parse("hostname = \"a\"\n[limits\n").unwrap_err();
+        assert_eq!(errs[0].line, 2, "{errs:?}");
+    }
+
+    #[test]
+    fn host_port() {
+        assert_eq!(split_host_port("a.b:25"), Some(("a.b", 25)));
+        assert_eq!(split_host_port("[::1]:25"), Some(("::1", 25)));
+        assert_eq!(split_host_port("a.b"), None);
+    }
+}
