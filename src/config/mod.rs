@@ -16,6 +16,8 @@ use serde::Deserialize;
 
 use crate::policy::settings::PolicyConfig;
 use crate::smtp::BareLineEndings;
+pub use crate::telemetry::settings::{LogFormat, OtlpProtocol, TelemetryConfig};
+pub use crate::tls::settings::{CertificateConfig, CertificateEntry, TlsConfig, MAX_SESSION_CACHE};
 
 pub use self::toml_paths::ConfigError;
 use self::toml_paths::KeyLines;
@@ -48,57 +50,6 @@ pub struct Config {
     /// Logs and OpenTelemetry trace export.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
-}
-
-/// `[telemetry]`: log format and OTLP trace export.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TelemetryConfig {
-    /// `http://host:port` of an OTLP receiver; absent: no export.
-    pub otlp_endpoint: Option<String>,
-    pub otlp_protocol: OtlpProtocol,
-    pub service_name: String,
-    /// Share of sessions traced (decided at accept), 0.0 to 1.0.
-    pub sample_ratio: f64,
-    pub log_format: LogFormat,
-    /// Envelope local parts in span attributes (domains only when false).
-    pub record_addresses: bool,
-    /// Most spans waiting for export; past it spans are dropped and counted.
-    pub export_queue: usize,
-    /// Seconds between pushes of the metrics over OTLP (0: never).
-    pub metrics_interval: f64,
-}
-
-impl Default for TelemetryConfig {
-    fn default() -> Self {
-        TelemetryConfig {
-            otlp_endpoint: None,
-            otlp_protocol: OtlpProtocol::Grpc,
-            service_name: "smtp-edge".into(),
-            sample_ratio: 1.0,
-            log_format: LogFormat::Text,
-            record_addresses: false,
-            export_queue: 8192,
-            metrics_interval: 10.0,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OtlpProtocol {
-    /// OTLP/gRPC (port 4317 by convention).
-    Grpc,
-    /// OTLP/HTTP with protobuf bodies (port 4318; `/v1/traces` is added).
-    Http,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    /// JSON lines, with the span fields (the session's trace_id) on each.
-    Json,
 }
 
 /// `[admin]`: where `/metrics`, `/livez` and `/readyz` are served.
@@ -146,82 +97,6 @@ fn default_proxy_header_timeout() -> f64 {
 
 fn default_backlog() -> u32 {
     1024
-}
-
-/// `[tls]`: the certificates (one pair, or a list of pairs chosen per
-/// handshake by the client's signature algorithms and SNI) and session
-/// resumption.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// The short form: one pair. Exclusive with `certificates`.
-    pub certificate: Option<PathBuf>,
-    pub private_key: Option<PathBuf>,
-    /// `[[tls.certificates]]`: several pairs (RSA and ECDSA side by side,
-    /// other names); the first that fits is the default.
-    pub certificates: Option<Vec<CertificateConfig>>,
-    /// TLS 1.3 and 1.2 session tickets, keys rotated by rustls.
-    #[serde(default = "default_true")]
-    pub session_tickets: bool,
-    /// Sessions kept in memory for resumption by session id (TLS 1.2) or
-    /// stateful ticket (TLS 1.3 without tickets); 0: none.
-    #[serde(default = "default_session_cache_size")]
-    pub session_cache_size: usize,
-}
-
-/// One `[[tls.certificates]]` entry.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CertificateConfig {
-    pub certificate: PathBuf,
-    pub private_key: PathBuf,
-    /// Names SNI selects it by; absent: the certificate's subjectAltName.
-    pub names: Option<Vec<String>>,
-}
-
-/// A certificate pair of `[tls]` with the key its settings are under
-/// (`tls` or `tls.certificates[i]`), for error messages.
-pub struct CertificateEntry<'a> {
-    pub key: String,
-    pub certificate: &'a Path,
-    pub private_key: &'a Path,
-    pub names: Option<&'a [String]>,
-}
-
-/// Most sessions `session_cache_size` may keep (a few hundred bytes each).
-pub const MAX_SESSION_CACHE: usize = 1_000_000;
-
-fn default_true() -> bool {
-    true
-}
-
-fn default_session_cache_size() -> usize {
-    10_240
-}
-
-impl TlsConfig {
-    /// The pairs, in the order of the file (one for the short form).
-    pub fn entries(&self) -> Vec<CertificateEntry<'_>> {
-        match (&self.certificates, &self.certificate, &self.private_key) {
-            (Some(list), _, _) => list
-                .iter()
-                .enumerate()
-                .map(|(i, c)| CertificateEntry {
-                    key: format!("tls.certificates[{i}]"),
-                    certificate: &c.certificate,
-                    private_key: &c.private_key,
-                    names: c.names.as_deref(),
-                })
-                .collect(),
-            (None, Some(c), Some(k)) => vec![CertificateEntry {
-                key: "tls".into(),
-                certificate: c,
-                private_key: k,
-                names: None,
-            }],
-            _ => Vec::new(),
-        }
-    }
 }
 
 /// `[limits]`: what one client session may send.
@@ -494,6 +369,19 @@ mod tests {
             "{errs:?}"
         );
         assert!(keys.contains(&("backend[1].bogus", 8)), "{errs:?}");
+    }
+
+    #[test]
+    fn removed_key_says_why() {
+        let text = "[[listener]]\naddress = \"127.0.0.1:25\"\n[telemetry]\nmetrics_interval = 10\n[[backend]]\naddress = \"127.0.0.1:26\"\n";
+        let errs = Config::parse(text).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(
+            (errs[0].key.as_str(), errs[0].line),
+            ("telemetry.metrics_interval", 4)
+        );
+        assert!(errs[0].message.starts_with("removed: "), "{errs:?}");
+        assert!(errs[0].message.contains("/metrics"), "{errs:?}");
     }
 
     #[test]

@@ -72,6 +72,13 @@ impl<'a> KeyLines<'a> {
     }
 }
 
+/// Keys that earlier versions took, and why they are gone: an unknown key
+/// among these gets this message rather than serde's list of fields.
+const REMOVED: &[(&str, &str)] = &[(
+    "telemetry.metrics_interval",
+    "removed: metrics are no longer pushed over OTLP; scrape /metrics ([admin] address) with Prometheus or the OpenTelemetry Collector's prometheus receiver",
+)];
+
 /// Deserializes `text`; on each error, records it, removes the offending
 /// key and tries again, so one run reports every type error and unknown
 /// key. `None` when no pass succeeded.
@@ -94,9 +101,12 @@ pub fn deserialize_all<T: DeserializeOwned>(
                     (Some(span), Some(doc)) => path_at(doc, span.start),
                     _ => None,
                 };
-                let message = e.message().trim().to_string();
+                let mut message = e.message().trim().to_string();
                 match path {
                     Some(path) => {
+                        if let Some((_, why)) = REMOVED.iter().find(|(k, _)| *k == path) {
+                            message = (*why).to_string();
+                        }
                         errors.push(ConfigError {
                             line: lines.line_for(&path),
                             key: path.clone(),

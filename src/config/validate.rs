@@ -187,12 +187,6 @@ fn telemetry(tm: &TelemetryConfig, err: &mut dyn FnMut(String, String)) {
             );
         }
     }
-    if !(tm.metrics_interval.is_finite() && (0.0..1e7).contains(&tm.metrics_interval)) {
-        err(
-            "telemetry.metrics_interval".into(),
-            "must be a number of seconds >= 0".into(),
-        );
-    }
     if tm.export_queue == 0 {
         err("telemetry.export_queue".into(), "must be > 0".into());
     }

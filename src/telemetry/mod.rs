@@ -25,11 +25,12 @@ use tracing_subscriber::layer::{Context as LayerContext, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-use crate::config::{LogFormat, OtlpProtocol, TelemetryConfig};
+use settings::{LogFormat, OtlpProtocol, TelemetryConfig};
 
 mod http;
 pub mod metrics;
 mod otlp;
+pub mod settings;
 mod span;
 
 pub use otlp::failed_spans;

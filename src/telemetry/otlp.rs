@@ -34,7 +34,7 @@ use opentelemetry_sdk::trace::{SpanData, SpanExporter};
 use opentelemetry_sdk::Resource;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
-use crate::config::OtlpProtocol;
+use super::settings::OtlpProtocol;
 
 use super::http::{http1_connect, http1_post};
 

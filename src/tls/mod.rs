@@ -7,6 +7,7 @@
 //! `certs` loads and checks one pair; `config` validates `[tls]` with it.
 
 pub mod certs;
+pub mod settings;
 
 use std::sync::Arc;
 
@@ -15,8 +16,8 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::TlsConfig;
 use certs::{Pair, PairError};
+use settings::TlsConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
