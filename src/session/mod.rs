@@ -1,19 +1,26 @@
 //! One client session: the inbound state machine that drives the sans-IO
-//! `smtp` core over a plain or TLS stream, answers EHLO/HELO/STARTTLS itself,
-//! relays transactions through `relay::Txn` with pipelining, and streams DATA
-//! (BDAT: `session/bdat.rs`).
-//! Admission (who may connect) is the server's; this is what happens after.
+//! `smtp` core over a plain or TLS stream, and relays transactions through
+//! `relay::Txn` with pipelining. Admission (who may connect) is the
+//! server's; this is what happens after.
+//!
+//! This file owns what every part shares: `Shared`, `Listener`, the
+//! session's state (`State`, `Owed`, `Chunking`), `handle`, the run loop and
+//! `resolve` (the backend replies owed to the client). Its parts add their
+//! own `impl Session` blocks: `commands.rs` (the command lines and their
+//! answers), `data.rs` (DATA and what message data shares with BDAT),
+//! `bdat.rs` (CHUNKING), `tls.rs` (implicit TLS and STARTTLS's handshake),
+//! `span.rs` (the session and transaction spans).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tracing::{field, info, warn, Instrument, Span};
+use tracing::{field, warn, Instrument, Span};
 
 use crate::config::{Config, TlsMode};
 use crate::policy::{ClientPolicy, Policy, Verdict};
@@ -21,10 +28,17 @@ use crate::relay::client::ClientIdentity;
 use crate::relay::pool::PooledConn;
 use crate::relay::{Relay, Txn};
 use crate::smtp::reply::write_reply;
-use crate::smtp::{self, BareLineEndings, Command, DataOptions, DataScanner, Reply, Scan};
+use crate::smtp::{self, BareLineEndings, ChunkChecker, Reply, Stuffer};
 use crate::timer::Pace;
 
 mod bdat;
+mod commands;
+mod data;
+mod span;
+mod tls;
+
+use span::record_verdict;
+pub use span::{record_refusal, session_span};
 
 /// What every session shares: configuration, backends, TLS, shutdown signal.
 pub struct Shared {
@@ -55,61 +69,6 @@ pub struct Listener {
 
 /// Serves one accepted connection to its end.
 /// `pol` is the client's admission state, from `Policy::admit`.
-/// The root span of one client connection (`smtp.session`), made at accept
-/// so the admission's DNS lookups and a refusal belong to it.
-/// `via` is the load balancer's address when the client's came in a PROXY
-/// protocol header (`network.peer.*`, the socket's other end).
-pub fn session_span(peer: SocketAddr, via: Option<SocketAddr>) -> Span {
-    let span = crate::span!(
-        crate::telemetry::sample_session(),
-        "smtp.session",
-        "otel.kind" = "server",
-        "client.address" = %peer.ip(),
-        // Integers as i64: tracing-opentelemetry formats a u64 (or u16)
-        // into a string attribute, an allocation per field.
-        "client.port" = i64::from(peer.port()),
-        "server.address" = field::Empty,
-        "server.port" = field::Empty,
-        "network.transport" = "tcp",
-        "network.peer.address" = field::Empty,
-        "network.peer.port" = field::Empty,
-        "smtp.helo" = field::Empty,
-        "tls.protocol.version" = field::Empty,
-        "tls.cipher" = field::Empty,
-        "smtp.policy.check" = field::Empty,
-        "smtp.policy.action" = field::Empty,
-        "error.type" = field::Empty,
-        "otel.status_code" = field::Empty,
-        trace_id = field::Empty,
-    );
-    if let Some(v) = via {
-        span.record("network.peer.address", field::display(v.ip()));
-        span.record("network.peer.port", i64::from(v.port()));
-    }
-    // The trace id in every log line of the session (when traced).
-    if let Some(id) = crate::telemetry::trace_id(&span) {
-        span.record("trace_id", id);
-    }
-    span
-}
-
-/// Marks a session refused by the policy at accept (for tail sampling).
-pub fn record_refusal(span: &Span, v: &Verdict) {
-    record_verdict(span, v.at_connect().0, v);
-}
-
-/// An enforced policy verdict, answered with `code`, on the session span:
-/// the check, the action (`reject` for a 5xx, `defer` for a 4xx) and an
-/// error status, so that the collector's tail sampling keeps the session
-/// (the last verdict wins).
-fn record_verdict(span: &Span, code: u16, v: &Verdict) {
-    let action = if code >= 500 { "reject" } else { "defer" };
-    span.record("smtp.policy.check", v.check.name());
-    span.record("smtp.policy.action", action);
-    span.record("error.type", "refused");
-    span.record("otel.status_code", "ERROR");
-}
-
 /// `peer` is the client; `destination` the address it connected to when a
 /// PROXY header said so (else the socket's own address).
 pub async fn handle(
@@ -134,7 +93,7 @@ pub async fn handle(
         let at = Endpoints { peer, local };
         match (listener.tls, shared.tls.clone()) {
             (TlsMode::Implicit, Some(acceptor)) => {
-                Box::pin(serve_tls(stream, acceptor, at, shared, listener, true, pol)).await;
+                Box::pin(shared.serve_tls(stream, acceptor, at, listener, true, pol)).await;
             }
             _ => {
                 let mut s = Session::new(stream, at, shared.clone(), listener, None, pol);
@@ -150,7 +109,7 @@ pub async fn handle(
                     }
                     if let Some(acceptor) = shared.tls.clone() {
                         // Fresh state: the client must EHLO again (RFC 3207).
-                        Box::pin(serve_tls(io, acceptor, at, shared, listener, false, pol)).await;
+                        Box::pin(shared.serve_tls(io, acceptor, at, listener, false, pol)).await;
                     }
                 } else {
                     s.finish().await;
@@ -160,77 +119,6 @@ pub async fn handle(
     }
     .instrument(span)
     .await
-}
-
-/// TLS handshake (implicit TLS, or after STARTTLS), then a session on the
-/// encrypted stream with fresh state; `greet` for implicit TLS only.
-async fn serve_tls(
-    io: TcpStream,
-    acceptor: tokio_rustls::TlsAcceptor,
-    at: Endpoints,
-    shared: Arc<Shared>,
-    listener: Listener,
-    greet: bool,
-    pol: ClientPolicy,
-) {
-    let handshake_timeout = Duration::from_secs_f64(shared.cfg.timeouts.tls_handshake);
-    let m = shared.metrics.clone();
-    let hs = crate::span!(
-        crate::telemetry::in_traced(),
-        "tls.handshake",
-        "tls.resumed" = field::Empty,
-        "error.type" = field::Empty
-    );
-    let accepted = tokio::time::timeout(handshake_timeout, acceptor.accept(io))
-        .instrument(hs.clone())
-        .await;
-    let tls = match accepted {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            m.tls("failed", "none");
-            hs.record("error.type", "handshake_failed");
-            return info!("TLS handshake failed: {e}");
-        }
-        Err(_) => {
-            m.tls("timeout", "none");
-            hs.record("error.type", "timeout");
-            return info!("TLS handshake timed out");
-        }
-    };
-    let info = tls_info(tls.get_ref().1);
-    m.tls("ok", info.version);
-    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-    if resumed {
-        m.tls_resumed();
-    }
-    hs.record("tls.resumed", resumed);
-    drop(hs);
-    let cur = Span::current();
-    cur.record(
-        "tls.protocol.version",
-        info.version.trim_start_matches("TLSv"),
-    );
-    cur.record("tls.cipher", field::display(&info.cipher));
-    let mut s = Session::new(tls, at, shared, listener, Some(info), pol);
-    if greet && !s.greet().await {
-        return;
-    }
-    // STARTTLS inside TLS is refused, so this run ends the session.
-    s.run().await;
-    s.finish().await;
-}
-
-fn tls_info(conn: &rustls::ServerConnection) -> TlsInfo {
-    let version = match conn.protocol_version() {
-        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
-        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
-        _ => "TLS",
-    };
-    let cipher = conn
-        .negotiated_cipher_suite()
-        .map(|c| format!("{:?}", c.suite()))
-        .unwrap_or_else(|| "unknown".into());
-    TlsInfo { version, cipher }
 }
 
 /// What was negotiated, for the Received header and logs.
@@ -300,7 +188,7 @@ struct State {
     dedicated: Option<PooledConn>,
     messages: u64,
     /// A BDAT transaction in progress (boxed: most sessions never use it).
-    chunking: Option<Box<bdat::Chunking>>,
+    chunking: Option<Box<Chunking>>,
     /// DATA was given in this transaction: BDAT is refused (RFC 3030).
     data_seen: bool,
 }
@@ -347,115 +235,52 @@ enum Step {
     StartTls,
 }
 
-/// The end of a transaction on its span: recipients and size when the
-/// message was sent, the final reply (an error status for 4xx and 5xx).
-/// One `record_all` (one pass through every layer) instead of a `record`
-/// per field: this runs once per message.
-fn record_end(span: &Span, sent: Option<(usize, u64)>, reply: &Reply) {
-    let Some(meta) = span.metadata() else {
-        return;
-    };
-    let fields = meta.fields();
-    let (Some(rcpts_f), Some(size_f), Some(code_f), Some(enh_f), Some(err_f), Some(status_f)) = (
-        fields.field("smtp.rcpt.count"),
-        fields.field("smtp.message.size"),
-        fields.field("smtp.reply.code"),
-        fields.field("smtp.reply.enhanced_code"),
-        fields.field("error.type"),
-        fields.field("otel.status_code"),
-    ) else {
-        return;
-    };
-    // Integers as i64 and texts as `str`: tracing-opentelemetry formats
-    // a u64 or a `display` value into a new `String` (an allocation and
-    // the formatting machinery per field, per message).
-    let (rcpts, size) = sent.unzip();
-    let rcpts = rcpts.map(|n| n as i64);
-    let size = size.map(|n| n.min(i64::MAX as u64) as i64);
-    let code = i64::from(reply.code);
-    let mut enh_buf = [0u8; 17];
-    let enhanced = reply.enhanced.map(|e| e.text(&mut enh_buf));
-    let mut code_buf = [0u8; 5];
-    let code_str = smtp::reply::code_text(reply.code, &mut code_buf);
-    let failed = reply.code >= 400;
-    let values: [(&field::Field, Option<&dyn field::Value>); 6] = [
-        (&rcpts_f, rcpts.as_ref().map(|v| v as &dyn field::Value)),
-        (&size_f, size.as_ref().map(|v| v as &dyn field::Value)),
-        (&code_f, Some(&code as &dyn field::Value)),
-        (&enh_f, enhanced.as_ref().map(|v| v as &dyn field::Value)),
-        // error.type is a string (semantic conventions): the reply code.
-        (&err_f, failed.then_some(&code_str as &dyn field::Value)),
-        (&status_f, failed.then_some(&"ERROR" as &dyn field::Value)),
-    ];
-    span.record_all(&fields.value_set(&values));
+/// One BDAT transaction, from the first chunk that passed the transaction
+/// checks to RSET or the LAST chunk (boxed in `State.chunking`). Part of
+/// the session's state, here; `bdat.rs` builds and drives it.
+struct Chunking {
+    checker: ChunkChecker,
+    mode: BareLineEndings,
+    /// The backend was told (DATA answered 354, or a BDAT sent): the
+    /// transaction can no longer end with RSET on that connection.
+    started: bool,
+    /// Some when the backend takes DATA: the content is stuffed.
+    stuffer: Option<Stuffer>,
+    /// Replies the backend owes for chunks relayed as BDAT.
+    owed: usize,
+    /// The transaction failed: every later BDAT gets this reply.
+    failed: Option<Reply>,
+    /// Bytes on their way to the backend (BDAT line + content, or wire form).
+    wire: Vec<u8>,
+    /// The minimum data rate over the whole transaction's chunks.
+    pace: Option<Pace>,
+    /// Octets of chunks dropped after the transaction failed.
+    skipped: u64,
 }
 
-/// 552 for a message (or a BDAT chunk) over `max_message_size`.
-fn too_big_reply() -> Reply {
-    crate::telemetry::own(Reply::new(
-        552,
-        smtp::EnhancedCode(5, 3, 4),
-        "Message size exceeds fixed maximum message size",
-    ))
-}
-
-/// The refusal of content with a bare CR / LF (Reject mode) or a line
-/// over `max_line`, if any.
-fn content_refusal(bare_refused: bool, long: bool, max_line: usize) -> Option<Reply> {
-    if bare_refused {
-        Some(crate::telemetry::own(Reply::new(
-            550,
-            smtp::EnhancedCode(5, 5, 2),
-            "Message contains bare CR or LF line endings (SMTP smuggling defence); use CRLF",
-        )))
-    } else if long {
-        Some(crate::telemetry::own(Reply::new(
-            550,
-            smtp::EnhancedCode(5, 6, 0),
-            format!("Message contains a line longer than {max_line} octets"),
-        )))
-    } else {
-        None
+impl Chunking {
+    /// The backend is inside this transaction's content: dropping its
+    /// connection is the only clean way out.
+    fn started(&self) -> bool {
+        self.started
     }
-}
 
-/// Room to read more command input into: grown in 4 KiB steps only when
-/// less than 512 octets are free.
-fn room_for_commands(inbuf: &mut BytesMut) {
-    if inbuf.capacity() - inbuf.len() < 512 {
-        inbuf.reserve(4096);
+    /// How long the wait for the next command (the next BDAT) may last
+    /// under the transaction's minimum data rate: the time between chunks
+    /// counts too, or a client could send `BDAT 1` just inside every
+    /// command timeout. `left` when no minimum applies; None when the
+    /// allowance has run out.
+    fn between_chunks(&self, left: Duration) -> Option<Duration> {
+        data_wait(&self.pace, self.checker.size() + self.skipped, left)
     }
-}
 
-/// Most pipelined input kept while waiting for a backend connection.
-const WAIT_INPUT_LIMIT: usize = 16 * 1024;
-
-/// Awaits `fut` (a wait in line for a backend connection) while reading the
-/// client: what it pipelines is kept in `inbuf` (up to a limit), and its
-/// hanging up gives None, dropping `fut` and so its place in line.
-async fn while_client_stays<S: AsyncRead + Unpin, T>(
-    io: &mut S,
-    inbuf: &mut BytesMut,
-    fut: impl std::future::Future<Output = T>,
-) -> Option<T> {
-    let mut fut = std::pin::pin!(fut);
-    loop {
-        if inbuf.len() >= WAIT_INPUT_LIMIT {
-            return Some(fut.await);
-        }
-        room_for_commands(inbuf);
-        tokio::select! {
-            biased;
-            r = &mut fut => return Some(r),
-            n = io.read_buf(inbuf) => match n {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => {}
-            },
+    /// Counts a wait for the client between chunks.
+    fn waited(&mut self, d: Duration) {
+        if let Some(p) = self.pace.as_mut() {
+            p.waited(d);
         }
     }
 }
-
-const CMD_TIMEOUT_REPLY: (u16, &str, &str) = (421, "4.4.2", "Timeout exceeded, closing connection");
 
 /// How long the next read of message data may wait: `block`, or less when
 /// the minimum data rate's allowance (`limits.min_data_rate`) runs out
@@ -467,16 +292,28 @@ fn data_wait(pace: &Option<Pace>, received: u64, block: Duration) -> Option<Dura
     }
 }
 
-/// How a read of message data ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum DataRead {
-    More,
-    /// The client closed or the read failed.
-    Gone,
-    /// Nothing within `data_block`.
+/// Room to read more command input into: grown in 4 KiB steps only when
+/// less than 512 octets are free.
+fn room_for_commands(inbuf: &mut BytesMut) {
+    if inbuf.capacity() - inbuf.len() < 512 {
+        inbuf.reserve(4096);
+    }
+}
+
+const CMD_TIMEOUT_REPLY: (u16, &str, &str) = (421, "4.4.2", "Timeout exceeded, closing connection");
+
+enum ReadErr {
+    Io,
     Timeout,
-    /// The minimum data rate's allowance ran out.
-    TooSlow,
+    Shutdown,
+}
+
+fn map_read(r: Option<std::io::Result<usize>>) -> Result<usize, ReadErr> {
+    match r {
+        Some(Ok(n)) => Ok(n),
+        Some(Err(_)) => Err(ReadErr::Io),
+        None => Err(ReadErr::Timeout),
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -813,654 +650,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
             }
         }
-    }
-
-    /// Handles every complete command line in the input buffer.
-    async fn process_lines(&mut self) -> Step {
-        let max_line = self.cfg().limits.max_command_line;
-        loop {
-            if self.st.data_go {
-                return Step::Continue;
-            }
-            let Some(nl) = memchr::memchr(b'\n', &self.inbuf) else {
-                if self.inbuf.len() > max_line {
-                    // Too long and still no end: drop what we have, skip
-                    // the rest of the line.
-                    self.inbuf.clear();
-                    if !self.st.skipping_line {
-                        self.st.skipping_line = true;
-                        self.resolve().await;
-                        self.bad(500, "5.5.6", "Line too long");
-                    }
-                }
-                return self.check_bad();
-            };
-            let line = self.inbuf.split_to(nl + 1);
-            if std::mem::take(&mut self.st.skipping_line) {
-                continue;
-            }
-            if line.len() > max_line {
-                self.resolve().await;
-                self.bad(500, "5.5.6", "Line too long");
-            } else {
-                let step = self.command(&line[..nl]).await;
-                if self.client_gone {
-                    return Step::Close;
-                }
-                if !matches!(step, Step::Continue) {
-                    return step;
-                }
-            }
-            if let Step::Close = self.check_bad() {
-                return Step::Close;
-            }
-        }
-    }
-
-    fn check_bad(&mut self) -> Step {
-        if self.st.bad > self.cfg().limits.max_bad_commands {
-            self.reply(421, "4.7.0", "Too many errors, closing connection");
-            return Step::Close;
-        }
-        Step::Continue
-    }
-
-    async fn command(&mut self, line: &[u8]) -> Step {
-        let cmd = match smtp::command::parse(line) {
-            Ok(c) => c,
-            Err(e) => {
-                self.resolve().await;
-                self.st.bad += 1;
-                e.write_reply(&mut self.out);
-                return Step::Continue;
-            }
-        };
-        // Relayed commands queue without waiting; every other reply must
-        // come after the backend replies still owed.
-        if !matches!(
-            cmd,
-            Command::Mail { .. } | Command::Rcpt { .. } | Command::Data
-        ) {
-            self.resolve().await;
-        }
-        if let Some(v) = self.refuse.take() {
-            self.resolve().await;
-            self.connect_refusal(&v).await;
-            return Step::Close;
-        }
-        if self.junk_over(&cmd) {
-            self.reply(
-                421,
-                "4.7.0",
-                "Too many commands without a message, closing connection",
-            );
-            return Step::Close;
-        }
-        match cmd {
-            Command::Ehlo(name) | Command::Helo(name) => {
-                let esmtp = matches!(cmd, Command::Ehlo(_));
-                self.end_txn();
-                // The name the client gave, accepted or refused.
-                Span::current().record("smtp.helo", name);
-                if let Some(v) = Box::pin(self.pol.helo(name, self.local)).await {
-                    if self.pol.delay_reject() {
-                        self.pol.hold_helo(v);
-                    } else {
-                        self.st.helo = None;
-                        self.policy_reply(&v).await;
-                        return Step::Continue;
-                    }
-                }
-                // A dedicated (XCLIENT) backend connection carries the old
-                // identity: let it go.
-                if let Some(c) = self.st.dedicated.take() {
-                    tokio::spawn(c.quit());
-                }
-                self.st.helo = Some(name.to_string());
-                self.st.ident = None;
-                self.st.received.clear();
-                self.st.esmtp = esmtp;
-                if esmtp {
-                    self.ehlo_reply();
-                } else {
-                    let line = format!("250 {}\r\n", self.cfg().hostname);
-                    self.out.extend_from_slice(line.as_bytes());
-                }
-            }
-            Command::Mail { from, params } => self.mail(from, params).await,
-            Command::Rcpt { to } => self.rcpt(to).await,
-            Command::Data if self.st.chunking.is_some() => self.bad(
-                503,
-                "5.5.1",
-                "DATA not allowed after BDAT in one transaction",
-            ),
-            Command::Data => {
-                self.st.data_seen = self.st.mail.is_some();
-                self.data_cmd().await
-            }
-            // Boxed: it reads and relays a whole chunk.
-            Command::Bdat { size, last } => return Box::pin(self.bdat(size, last)).await,
-            Command::Rset => {
-                self.end_txn();
-                self.st.mail_refused = false;
-                self.reply(250, "2.0.0", "Ok");
-            }
-            Command::Noop => self.reply(250, "2.0.0", "Ok"),
-            Command::Vrfy => self.reply(
-                252,
-                "2.0.0",
-                "Cannot VRFY user, but will accept message and attempt delivery",
-            ),
-            Command::Help => self.reply(
-                214,
-                "2.0.0",
-                "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS",
-            ),
-            Command::Quit => {
-                self.end_txn();
-                self.pol.release();
-                self.reply(221, "2.0.0", "Bye");
-                return Step::Quit;
-            }
-            Command::StartTls => {
-                if self.tls.is_some() {
-                    self.bad(503, "5.5.1", "TLS already active");
-                } else if self.listener.tls != TlsMode::Starttls || self.shared.tls.is_none() {
-                    self.bad(502, "5.5.1", "STARTTLS not available");
-                } else if self.st.mail.is_some() {
-                    self.bad(
-                        503,
-                        "5.5.1",
-                        "STARTTLS not allowed during a mail transaction",
-                    );
-                } else {
-                    self.reply(220, "2.0.0", "Ready to start TLS");
-                    return Step::StartTls;
-                }
-            }
-        }
-        Step::Continue
-    }
-
-    /// Counts a junk command (one that moves no mail: NOOP, RSET, VRFY,
-    /// HELP, EHLO/HELO); true past `max_junk_commands` since the last
-    /// message, like Postfix's smtpd_junk_command_limit: a client looping
-    /// on them holds a session (and a slot) without ever sending mail.
-    fn junk_over(&mut self, cmd: &Command) -> bool {
-        let max = self.cfg().limits.max_junk_commands;
-        let junk = matches!(
-            cmd,
-            Command::Noop
-                | Command::Rset
-                | Command::Vrfy
-                | Command::Help
-                | Command::Ehlo(_)
-                | Command::Helo(_)
-        );
-        if max == 0 || !junk {
-            return false;
-        }
-        if self.st.junk_since != self.st.messages {
-            self.st.junk_since = self.st.messages;
-            self.st.junk = 0;
-        }
-        self.st.junk += 1;
-        self.st.junk > max
-    }
-
-    fn ehlo_reply(&mut self) {
-        let cfg = &self.shared.cfg;
-        let starttls = self.tls.is_none()
-            && self.listener.tls == TlsMode::Starttls
-            && self.shared.tls.is_some();
-        let mut s = format!(
-            "250-{}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-CHUNKING\r\n",
-            cfg.hostname, cfg.limits.max_message_size
-        );
-        if starttls {
-            s.push_str("250-SMTPUTF8\r\n250 STARTTLS\r\n");
-        } else {
-            s.push_str("250 SMTPUTF8\r\n");
-        }
-        self.out.extend_from_slice(s.as_bytes());
-    }
-
-    /// 503 to RCPT or DATA without a MAIL; an error unless it follows a
-    /// refused MAIL in the same pipeline.
-    fn need_mail(&mut self) {
-        if self.st.mail_refused {
-            self.reply(503, "5.5.1", "Need MAIL command");
-        } else {
-            self.bad(503, "5.5.1", "Need MAIL command");
-        }
-    }
-
-    async fn mail(&mut self, from: &str, params: smtp::MailParams) {
-        self.st.mail_refused = true;
-        if self.st.helo.is_none() {
-            self.resolve().await;
-            return self.bad(503, "5.5.1", "Send HELO/EHLO first");
-        }
-        if self.st.mail.is_some() {
-            self.resolve().await;
-            return self.bad(503, "5.5.1", "Nested MAIL command");
-        }
-        if self.listener.require_tls && self.tls.is_none() {
-            return self.reply(530, "5.7.0", "Must issue a STARTTLS command first");
-        }
-        if self.pol.unsettled() {
-            Box::pin(self.pol.connect_verdict()).await;
-        }
-        if let Some(v) = self.pol.mail() {
-            self.resolve().await;
-            return self.policy_reply(&v).await;
-        }
-        let max = self.cfg().limits.max_message_size;
-        if params.size.is_some_and(|s| s > max) {
-            return self.reply(
-                552,
-                "5.3.4",
-                "Message size exceeds fixed maximum message size",
-            );
-        }
-        let dedicated = self.st.dedicated.take();
-        let (peer, pol, st) = (self.peer, &self.pol, &mut self.st);
-        let id = st.ident.get_or_insert_with(|| {
-            Box::new(ClientIdentity::new(
-                peer,
-                pol.rdns_name().map(str::to_string),
-                st.helo.clone(),
-                if st.esmtp { "ESMTP" } else { "SMTP" },
-            ))
-        });
-        // MAIL to the final reply, the wait for a backend inside it.
-        let span = crate::span!(
-            crate::telemetry::in_traced(),
-            "smtp.transaction",
-            "smtp.mail_from.domain" = from.rsplit_once('@').map_or("", |(_, d)| d),
-            "smtp.mail_from" = field::Empty,
-            "smtp.rcpt.count" = field::Empty,
-            "smtp.message.size" = field::Empty,
-            "smtp.reply.code" = field::Empty,
-            "smtp.reply.enhanced_code" = field::Empty,
-            "smtp.chunking" = field::Empty,
-            "server.address" = field::Empty,
-            "error.type" = field::Empty,
-            "otel.status_code" = field::Empty,
-        );
-        if self.shared.cfg.telemetry.record_addresses {
-            span.record("smtp.mail_from", from);
-        }
-        // The wait for a backend connection may be long under a burst:
-        // keep reading the client meanwhile, so one who hangs up gives up
-        // its place in line at once. Boxed, as are the replies and the DATA
-        // phase: inline, their futures made the command loop's future
-        // (held by every idle connection) ~6 KB bigger in RSS (idle.sh:
-        // 15.7 against 10.2 KB per idle connection); boxed, they cost
-        // three allocations per message (tests/allocs.rs).
-        let relay = self.shared.relay();
-        let begin = relay.begin(id, dedicated).instrument(span.clone());
-        let Some(begun) = Box::pin(while_client_stays(&mut self.io, &mut self.inbuf, begin)).await
-        else {
-            self.client_gone = true;
-            return;
-        };
-        let mut txn = match begun {
-            Ok(t) => t,
-            Err(reply) => {
-                record_end(&span, None, &reply);
-                reply.write_to(&mut self.out);
-                return;
-            }
-        };
-        span.record("server.address", &*txn.name);
-        txn.queue_mail(from, &params);
-        self.st.txn_span = Some(span);
-        self.st.txn_started = Some(std::time::Instant::now());
-        self.st.mail = Some(params.smtputf8);
-        self.st.mail_refused = false;
-        self.st.from.clear();
-        self.st.from.push_str(from);
-        self.st.owed.push_back(Owed::Mail);
-        let pipelining = txn.pipelining();
-        self.st.txn = Some(txn);
-        if !pipelining {
-            self.resolve().await;
-        }
-    }
-
-    async fn rcpt(&mut self, to: &str) {
-        let Some(smtputf8) = self.st.mail else {
-            self.resolve().await;
-            return self.need_mail();
-        };
-        if self.st.lost {
-            return crate::relay::backend_lost().write_to(&mut self.out);
-        }
-        if self.st.rcpts_sent >= self.cfg().limits.max_recipients {
-            self.resolve().await;
-            return self.reply(452, "4.5.3", "Too many recipients");
-        }
-        if !smtputf8 && !to.is_ascii() {
-            self.resolve().await;
-            return self.reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8");
-        }
-        if let Some(v) = self.pol.rcpt() {
-            self.resolve().await;
-            return self.policy_reply(&v).await;
-        }
-        let Some(txn) = self.st.txn.as_mut() else {
-            return self.reply(503, "5.5.1", "Need MAIL command");
-        };
-        txn.queue_rcpt(to);
-        self.st.rcpts_sent += 1;
-        self.st.owed.push_back(Owed::Rcpt);
-        if !txn.pipelining() {
-            self.resolve().await;
-        }
-    }
-
-    /// DATA rides in the same batch as the RCPTs still owed a reply (the
-    /// backend then judges whether any recipient was accepted).
-    async fn data_cmd(&mut self) {
-        if self.st.mail.is_none() {
-            self.resolve().await;
-            return self.need_mail();
-        }
-        if self.st.lost {
-            return crate::relay::backend_lost().write_to(&mut self.out);
-        }
-        if self.st.rcpts_sent == 0 {
-            self.resolve().await;
-            return self.bad(503, "5.5.1", "Need RCPT command");
-        }
-        if self.st.owed.is_empty() && self.st.rcpts_ok == 0 {
-            return self.reply(554, "5.5.1", "No valid recipients");
-        }
-        let Some(txn) = self.st.txn.as_mut() else {
-            return self.reply(503, "5.5.1", "Need MAIL command");
-        };
-        if self.st.owed.is_empty() && self.st.rcpts_ok > 0 {
-            // Every recipient is settled and one was accepted: send DATA and
-            // answer 354 without waiting for the backend, so the message
-            // travels while the backend answers (one round trip less per
-            // message). A backend refusal of DATA becomes the reply after
-            // the final dot, and no byte of the message is sent to it.
-            if !txn.send_data_command().await {
-                self.st.lost = true;
-                return crate::relay::backend_lost().write_to(&mut self.out);
-            }
-            self.reply(354, "2.0.0", "End data with <CR><LF>.<CR><LF>");
-            self.st.data_go = true;
-            self.st.data_early = true;
-            return;
-        }
-        txn.queue_data();
-        self.st.owed.push_back(Owed::Data);
-        self.resolve().await;
-    }
-
-    /// The Received header: the part fixed for the session is built once
-    /// per HELO, the date once per second per thread.
-    fn received_header(&mut self, out: &mut Vec<u8>) {
-        if self.st.received.is_empty() {
-            let cfg = &self.shared.cfg;
-            let helo = self.st.helo.as_deref().unwrap_or("unknown");
-            let proto = match (self.st.esmtp, self.tls.is_some()) {
-                (true, true) => "ESMTPS",
-                (true, false) => "ESMTP",
-                (false, true) => "SMTPS",
-                (false, false) => "SMTP",
-            };
-            let mut h = format!(
-                "Received: from {} ({} [{}])\r\n\tby {} (smtp-edge) with {}",
-                sanitize(helo),
-                self.pol.rdns_name().unwrap_or("unknown"),
-                self.peer.ip(),
-                cfg.hostname,
-                proto
-            );
-            // Where Postfix puts its queue id: the session's trace id, so
-            // a delivered message leads to its trace.
-            if let Some(id) = crate::telemetry::trace_id(&Span::current()) {
-                h.push_str(" id ");
-                h.push_str(&id);
-            }
-            if let Some(t) = &self.tls {
-                h.push_str(&format!(
-                    "\r\n\t(using {} with cipher {})",
-                    t.version, t.cipher
-                ));
-            }
-            h.push_str(";\r\n\t");
-            self.st.received = h.into_bytes();
-        }
-        out.extend_from_slice(&self.st.received);
-        rfc5322_now(out);
-        out.extend_from_slice(b"\r\n");
-    }
-
-    /// The minimum data rate's allowance for a message's data (DATA, a
-    /// BDAT transaction, or a chunk dropped outside one).
-    fn new_pace(&self) -> Option<Pace> {
-        let cfg = &self.shared.cfg;
-        Pace::new(
-            Duration::from_secs_f64(cfg.timeouts.data_block),
-            cfg.limits.min_data_rate as f64,
-        )
-    }
-
-    /// Reads more message data (DATA or BDAT content) into `inbuf`, within
-    /// `data_block` and the minimum data rate's allowance for `received`
-    /// bytes; the wait is counted in `pace`.
-    async fn read_data(&mut self, pace: &mut Option<Pace>, received: u64) -> DataRead {
-        let block = Duration::from_secs_f64(self.shared.cfg.timeouts.data_block);
-        let Some(wait) = data_wait(pace, received, block) else {
-            return DataRead::TooSlow;
-        };
-        if self.inbuf.capacity() - self.inbuf.len() < 8192 {
-            self.inbuf.reserve(64 * 1024);
-        }
-        let read = self.io.read_buf(&mut self.inbuf);
-        // The clock only when a minimum rate needs it (every read of data).
-        let t0 = pace.map(|_| tokio::time::Instant::now());
-        let got = self.read_timer.within(wait, read).await;
-        if let (Some(p), Some(t0)) = (pace.as_mut(), t0) {
-            p.waited(t0.elapsed());
-        }
-        match got {
-            Some(Ok(n)) if n > 0 => DataRead::More,
-            Some(_) => DataRead::Gone,
-            None if wait < block => DataRead::TooSlow,
-            None => DataRead::Timeout,
-        }
-    }
-
-    /// The end of a session inside a message's data (`what`: DATA or
-    /// BDAT), after `read_data` did not get more: logged, or answered with
-    /// a 421 (the caller drops the transaction).
-    fn data_read_failed(&mut self, read: DataRead, what: &str) {
-        match read {
-            DataRead::More | DataRead::Gone => {
-                info!("client disconnected during {what}; message discarded");
-            }
-            DataRead::Timeout => {
-                let (c, e, t) = CMD_TIMEOUT_REPLY;
-                self.reply(c, e, t);
-            }
-            DataRead::TooSlow => self.too_slow(),
-        }
-    }
-
-    /// The client's message data came slower than `limits.min_data_rate`:
-    /// 421 and close (the caller drops the transaction).
-    fn too_slow(&mut self) {
-        info!("message data slower than the minimum rate; connection closed");
-        self.reply(421, "4.4.2", "Message data too slow, closing connection");
-    }
-
-    /// Reads the message after 354, streaming it to the backend; returns
-    /// the final reply for the client, or Err when the session must end
-    /// (client gone, or timeout, with the 421 already queued).
-    async fn data_phase(&mut self) -> Result<Reply, ()> {
-        let cfg = self.shared.cfg.clone();
-        let mode: BareLineEndings = cfg.smtp.bare_line_endings.into();
-        let mut scanner = DataScanner::new(DataOptions {
-            bare_line_endings: mode,
-            max_line: cfg.limits.max_text_line,
-        });
-        let mut pace = self.new_pace();
-        let max_size = cfg.limits.max_message_size;
-        let mut fwd = std::mem::take(&mut self.fwd);
-        fwd.clear();
-        fwd.push_literal(|out| self.received_header(out));
-        let mut too_big = false;
-        let mut backend_ok = true;
-        let mut txn = self.st.txn.take();
-        let mut backend_refusal = None;
-        if std::mem::take(&mut self.st.data_early) {
-            if let Some(t) = txn.as_mut() {
-                let r = t.data_reply().await;
-                if r.code != 354 {
-                    // The backend is in command mode: read the client's
-                    // message to its end and send nothing.
-                    scanner.set_discard();
-                    fwd.clear();
-                    backend_refusal = Some(r);
-                }
-            }
-        }
-        loop {
-            if !self.inbuf.is_empty() {
-                let scan = scanner.feed_into(&self.inbuf, &mut fwd);
-                let consumed = match scan {
-                    Scan::More => self.inbuf.len(),
-                    Scan::End { consumed } => consumed,
-                };
-                if !too_big && scanner.size() > max_size {
-                    too_big = true;
-                    scanner.set_discard();
-                }
-                let refused = too_big
-                    || (mode == BareLineEndings::Reject && scanner.bare_line_ending_seen())
-                    || scanner.long_line_seen();
-                if backend_ok && !refused && backend_refusal.is_none() && !fwd.is_empty() {
-                    if let Some(t) = txn.as_mut() {
-                        // Straight from the input buffer: the message's
-                        // bytes are not copied on their way through.
-                        let mut bufs = fwd.io_slices(&self.inbuf);
-                        if let Err(e) = t.send_data_vectored(&mut bufs).await {
-                            warn!("backend failed during DATA: {e}");
-                            backend_ok = false;
-                        }
-                    }
-                }
-                fwd.clear();
-                self.inbuf.advance(consumed);
-                if let Scan::End { .. } = scan {
-                    break;
-                }
-            }
-            let read = self.read_data(&mut pace, scanner.size()).await;
-            if read == DataRead::More {
-                continue;
-            }
-            // The session ends: drop the backend connection without the
-            // final dot, so nothing partial is delivered.
-            if let Some(t) = txn {
-                t.abort();
-            }
-            self.end_txn();
-            self.data_read_failed(read, "DATA");
-            return Err(());
-        }
-        let size = scanner.size();
-        let refusal = if let Some(r) = backend_refusal {
-            // The backend refused DATA and stays in sync, unless it broke.
-            if let Some(t) = txn.take() {
-                if t.is_broken() {
-                    t.abort();
-                } else if let Some(c) = t.end() {
-                    self.st.dedicated = Some(c);
-                }
-            }
-            Some(r)
-        } else if too_big {
-            Some(too_big_reply())
-        } else if let Some(r) = content_refusal(
-            mode == BareLineEndings::Reject && scanner.bare_line_ending_seen(),
-            scanner.long_line_seen(),
-            cfg.limits.max_text_line,
-        ) {
-            Some(r)
-        } else if !backend_ok {
-            Some(crate::relay::backend_lost())
-        } else {
-            None
-        };
-        let reply = match (refusal, txn.as_mut()) {
-            (Some(r), _) => {
-                if let Some(t) = txn.take() {
-                    t.abort();
-                }
-                r
-            }
-            (None, Some(t)) => t.finish_data().await,
-            (None, None) => crate::relay::backend_lost(),
-        };
-        self.message_done(&reply, size);
-        fwd.clear();
-        self.fwd = fwd;
-        self.st.txn = txn;
-        Ok(reply)
-    }
-}
-
-/// Keeps a client-supplied name printable in a header.
-/// The current time as an RFC 5322 date (`Mon, 30 Nov 2026 05:00:00
-/// +0000`), formatted at most once per second per thread.
-fn rfc5322_now(out: &mut Vec<u8>) {
-    use std::cell::RefCell;
-    thread_local! {
-        static DATE: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
-    }
-    let now = std::time::SystemTime::now();
-    let secs = now
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    DATE.with(|d| {
-        let mut d = d.borrow_mut();
-        if d.0 != secs {
-            d.1 = httpdate::fmt_http_date(now).replace(" GMT", " +0000");
-            d.0 = secs;
-        }
-        out.extend_from_slice(d.1.as_bytes());
-    });
-}
-
-fn sanitize(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_graphic() || (!c.is_ascii() && !c.is_control()) {
-                c
-            } else {
-                '?'
-            }
-        })
-        .collect()
-}
-
-enum ReadErr {
-    Io,
-    Timeout,
-    Shutdown,
-}
-
-fn map_read(r: Option<std::io::Result<usize>>) -> Result<usize, ReadErr> {
-    match r {
-        Some(Ok(n)) => Ok(n),
-        Some(Err(_)) => Err(ReadErr::Io),
-        None => Err(ReadErr::Timeout),
     }
 }
 
