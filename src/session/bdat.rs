@@ -13,13 +13,12 @@
 //! that reads the LAST's reply as the message's). A BDAT after the LAST,
 //! with no new MAIL, gets 503 5.5.1.
 
-use std::time::Duration;
-
 use bytes::Buf;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tracing::{info, warn};
+use tracing::warn;
 
-use super::{content_refusal, data_wait, record_end, too_big_reply, DataRead, Session, Step};
+use super::data::{content_refusal, too_big_reply, DataRead};
+use super::{Chunking, Session, Step};
 use crate::relay::backend_lost;
 use crate::smtp::{
     bdat_command, BareLineEndings, ChunkChecker, DataOptions, EnhancedCode, Reply, Stuffer,
@@ -29,52 +28,6 @@ use crate::timer::Pace;
 /// Replies to relayed chunks a pipelining backend may owe before they are
 /// read (each is a line of some 40 octets in the socket's buffer).
 const OWED_MAX: usize = 16;
-
-/// One BDAT transaction, from the first chunk that passed the transaction
-/// checks to RSET or the LAST chunk (boxed in `State.chunking`).
-pub(super) struct Chunking {
-    checker: ChunkChecker,
-    mode: BareLineEndings,
-    /// The backend was told (DATA answered 354, or a BDAT sent): the
-    /// transaction can no longer end with RSET on that connection.
-    started: bool,
-    /// Some when the backend takes DATA: the content is stuffed.
-    stuffer: Option<Stuffer>,
-    /// Replies the backend owes for chunks relayed as BDAT.
-    owed: usize,
-    /// The transaction failed: every later BDAT gets this reply.
-    failed: Option<Reply>,
-    /// Bytes on their way to the backend (BDAT line + content, or wire form).
-    wire: Vec<u8>,
-    /// The minimum data rate over the whole transaction's chunks.
-    pace: Option<Pace>,
-    /// Octets of chunks dropped after the transaction failed.
-    skipped: u64,
-}
-
-impl Chunking {
-    /// The backend is inside this transaction's content: dropping its
-    /// connection is the only clean way out.
-    pub(super) fn started(&self) -> bool {
-        self.started
-    }
-
-    /// How long the wait for the next command (the next BDAT) may last
-    /// under the transaction's minimum data rate: the time between chunks
-    /// counts too, or a client could send `BDAT 1` just inside every
-    /// command timeout. `left` when no minimum applies; None when the
-    /// allowance has run out.
-    pub(super) fn between_chunks(&self, left: Duration) -> Option<Duration> {
-        data_wait(&self.pace, self.checker.size() + self.skipped, left)
-    }
-
-    /// Counts a wait for the client between chunks.
-    pub(super) fn waited(&mut self, d: Duration) {
-        if let Some(p) = self.pace.as_mut() {
-            p.waited(d);
-        }
-    }
-}
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// `BDAT size [LAST]`: reads the chunk's `size` octets whatever the
@@ -357,24 +310,5 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         self.end_txn();
         Err(Step::Close)
-    }
-
-    /// Metrics, the transaction span and the log line for a message's
-    /// final reply (DATA or BDAT LAST).
-    pub(super) fn message_done(&mut self, reply: &Reply, size: u64) {
-        let m = &self.shared.metrics;
-        m.transaction(reply.code);
-        if let Some(t0) = self.st.txn_started {
-            m.transaction_duration.observe(t0.elapsed().as_secs_f64());
-        }
-        if reply.is_positive() {
-            m.messages_relayed.inc();
-            m.bytes_relayed.inc_by(size);
-            m.recipients.inc_by(self.st.rcpts_ok as u64);
-        }
-        if let Some(span) = &self.st.txn_span {
-            record_end(span, Some((self.st.rcpts_ok, size)), reply);
-            info!(parent: span, "message {} {}", reply.code, reply.first_line());
-        }
     }
 }

@@ -1,0 +1,708 @@
+//! One client session: the inbound state machine that drives the sans-IO
+//! `smtp` core over a plain or TLS stream, and relays transactions through
+//! `relay::Txn` with pipelining. Admission (who may connect) is the
+//! server's; this is what happens after.
+//!
+//! This file owns what every part shares: `Shared`, `Listener`, the
+//! session's state (`State`, `Owed`, `Chunking`), `handle`, the run loop and
+//! `resolve` (the backend replies owed to the client). Its parts add their
+//! own `impl Session` blocks: `commands.rs` (the command lines and their
+//! answers), `data.rs` (DATA and what message data shares with BDAT),
+//! `bdat.rs` (CHUNKING), `tls.rs` (implicit TLS and STARTTLS's handshake),
+//! `span.rs` (the session and transaction spans).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tracing::{field, warn, Instrument, Span};
+
+use crate::config::{Config, TlsMode};
+use crate::policy::{ClientPolicy, Policy, Verdict};
+use crate::relay::client::ClientIdentity;
+use crate::relay::pool::PooledConn;
+use crate::relay::{Relay, Txn};
+use crate::smtp::reply::write_reply;
+use crate::smtp::{self, BareLineEndings, ChunkChecker, Reply, Stuffer};
+use crate::timer::Pace;
+
+mod bdat;
+mod commands;
+mod data;
+mod span;
+mod tls;
+
+use span::record_verdict;
+pub use span::{record_refusal, session_span};
+
+/// What every session shares: configuration, backends, TLS, shutdown signal.
+pub struct Shared {
+    pub cfg: Arc<Config>,
+    /// The current backends: a reload of `[[backend]]` swaps it, and each
+    /// new transaction takes the current one (a session keeps the rest of
+    /// its `Shared`).
+    pub relays: Arc<arc_swap::ArcSwap<Relay>>,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub policy: Arc<Policy>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Shared {
+    /// The backends new transactions go to.
+    pub fn relay(&self) -> Arc<Relay> {
+        self.relays.load_full()
+    }
+}
+
+/// The listener a session came in on.
+#[derive(Debug, Clone, Copy)]
+pub struct Listener {
+    pub tls: TlsMode,
+    pub require_tls: bool,
+}
+
+/// Serves one accepted connection to its end.
+/// `pol` is the client's admission state, from `Policy::admit`.
+/// `peer` is the client; `destination` the address it connected to when a
+/// PROXY header said so (else the socket's own address).
+pub async fn handle(
+    stream: TcpStream,
+    peer: SocketAddr,
+    destination: Option<SocketAddr>,
+    shared: Arc<Shared>,
+    listener: Listener,
+    pol: ClientPolicy,
+    span: Span,
+) {
+    async move {
+        let _ = stream.set_nodelay(true);
+        let local_addr = destination.map_or_else(|| stream.local_addr(), Ok);
+        if let Ok(a) = &local_addr {
+            Span::current().record("server.address", field::display(a.ip()));
+            Span::current().record("server.port", i64::from(a.port()));
+        }
+        let local = local_addr
+            .map(|a| a.ip())
+            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+        let at = Endpoints { peer, local };
+        match (listener.tls, shared.tls.clone()) {
+            (TlsMode::Implicit, Some(acceptor)) => {
+                Box::pin(shared.serve_tls(stream, acceptor, at, listener, true, pol)).await;
+            }
+            _ => {
+                let mut s = Session::new(stream, at, shared.clone(), listener, None, pol);
+                if !s.greet().await {
+                    return;
+                }
+                // Boxed: the session future is held by every idle
+                // connection; the command loop's state lives on the heap.
+                if let Outcome::StartTls = Box::pin(s.run()).await {
+                    let Session { io, st, pol, .. } = s;
+                    if let Some(c) = st.dedicated {
+                        Box::pin(c.quit()).await;
+                    }
+                    if let Some(acceptor) = shared.tls.clone() {
+                        // Fresh state: the client must EHLO again (RFC 3207).
+                        Box::pin(shared.serve_tls(io, acceptor, at, listener, false, pol)).await;
+                    }
+                } else {
+                    s.finish().await;
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// What was negotiated, for the Received header and logs.
+#[derive(Debug, Clone)]
+pub struct TlsInfo {
+    pub version: &'static str,
+    pub cipher: String,
+}
+
+impl std::fmt::Display for TlsInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.version, self.cipher)
+    }
+}
+
+enum Outcome {
+    Quit,
+    Closed,
+    StartTls,
+}
+
+/// A reply the backend owes the client, in order.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Owed {
+    Mail,
+    Rcpt,
+    Data,
+}
+
+/// SMTP state; reset by STARTTLS.
+#[derive(Default)]
+struct State {
+    helo: Option<String>,
+    esmtp: bool,
+    /// MAIL was given (accepted, or still owed a reply); SMTPUTF8 flag.
+    mail: Option<bool>,
+    from: String,
+    rcpts_sent: usize,
+    rcpts_ok: usize,
+    txn: Option<Txn>,
+    txn_span: Option<Span>,
+    txn_started: Option<std::time::Instant>,
+    owed: VecDeque<Owed>,
+    /// DATA got its 354: read the message next.
+    data_go: bool,
+    /// The client got 354 before the backend answered DATA; the DATA
+    /// phase reads that answer before sending any message byte.
+    data_early: bool,
+    /// The backend was lost after it accepted MAIL: until RSET, every RCPT
+    /// and DATA gets 451 (never a 5xx the sender could bounce on).
+    lost: bool,
+    /// The last MAIL was refused: the RCPT and DATA a pipelining client
+    /// sent with it get 503 without counting as errors (RFC 2920).
+    mail_refused: bool,
+    bad: u32,
+    /// Junk commands (NOOP, RSET, VRFY, HELP, EHLO/HELO) since the last
+    /// message, and `messages` when that count was started.
+    junk: u32,
+    junk_since: u64,
+    skipping_line: bool,
+    /// The client's identity for the backend, built at the first MAIL after
+    /// each HELO (it caches its encoded XFORWARD lines).
+    ident: Option<Box<ClientIdentity>>,
+    /// The first part of the Received header (all but the date), built
+    /// once per HELO.
+    received: Vec<u8>,
+    dedicated: Option<PooledConn>,
+    messages: u64,
+    /// A BDAT transaction in progress (boxed: most sessions never use it).
+    chunking: Option<Box<Chunking>>,
+    /// DATA was given in this transaction: BDAT is refused (RFC 3030).
+    data_seen: bool,
+}
+
+/// The two ends of the client connection.
+#[derive(Debug, Clone, Copy)]
+struct Endpoints {
+    peer: SocketAddr,
+    local: std::net::IpAddr,
+}
+
+struct Session<S> {
+    io: S,
+    peer: SocketAddr,
+    local: std::net::IpAddr,
+    pol: ClientPolicy,
+    /// A connect verdict owed as the reply to the first command
+    /// (delay_reject off, the greeting had already begun).
+    refuse: Option<Verdict>,
+    shared: Arc<Shared>,
+    listener: Listener,
+    tls: Option<TlsInfo>,
+    inbuf: BytesMut,
+    out: Vec<u8>,
+    /// Message bytes on their way to the backend; kept across messages.
+    fwd: smtp::Segments,
+    /// Checked BDAT content on its way to the backend; kept across chunks.
+    chunk_buf: Vec<u8>,
+    /// The deadline of the client's reads (commands and DATA).
+    read_timer: crate::timer::ReadTimer,
+    /// Backend replies being resolved; kept across messages.
+    replies: Vec<crate::smtp::Reply>,
+    st: State,
+    shutdown: watch::Receiver<bool>,
+    /// The client hung up while the session waited for the backend.
+    client_gone: bool,
+}
+
+/// A session ending action decided while handling a command.
+enum Step {
+    Continue,
+    Quit,
+    Close,
+    StartTls,
+}
+
+/// One BDAT transaction, from the first chunk that passed the transaction
+/// checks to RSET or the LAST chunk (boxed in `State.chunking`). Part of
+/// the session's state, here; `bdat.rs` builds and drives it.
+struct Chunking {
+    checker: ChunkChecker,
+    mode: BareLineEndings,
+    /// The backend was told (DATA answered 354, or a BDAT sent): the
+    /// transaction can no longer end with RSET on that connection.
+    started: bool,
+    /// Some when the backend takes DATA: the content is stuffed.
+    stuffer: Option<Stuffer>,
+    /// Replies the backend owes for chunks relayed as BDAT.
+    owed: usize,
+    /// The transaction failed: every later BDAT gets this reply.
+    failed: Option<Reply>,
+    /// Bytes on their way to the backend (BDAT line + content, or wire form).
+    wire: Vec<u8>,
+    /// The minimum data rate over the whole transaction's chunks.
+    pace: Option<Pace>,
+    /// Octets of chunks dropped after the transaction failed.
+    skipped: u64,
+}
+
+impl Chunking {
+    /// The backend is inside this transaction's content: dropping its
+    /// connection is the only clean way out.
+    fn started(&self) -> bool {
+        self.started
+    }
+
+    /// How long the wait for the next command (the next BDAT) may last
+    /// under the transaction's minimum data rate: the time between chunks
+    /// counts too, or a client could send `BDAT 1` just inside every
+    /// command timeout. `left` when no minimum applies; None when the
+    /// allowance has run out.
+    fn between_chunks(&self, left: Duration) -> Option<Duration> {
+        data_wait(&self.pace, self.checker.size() + self.skipped, left)
+    }
+
+    /// Counts a wait for the client between chunks.
+    fn waited(&mut self, d: Duration) {
+        if let Some(p) = self.pace.as_mut() {
+            p.waited(d);
+        }
+    }
+}
+
+/// How long the next read of message data may wait: `block`, or less when
+/// the minimum data rate's allowance (`limits.min_data_rate`) runs out
+/// first; None when it has.
+fn data_wait(pace: &Option<Pace>, received: u64, block: Duration) -> Option<Duration> {
+    match pace {
+        Some(p) => p.wait(received, block),
+        None => Some(block),
+    }
+}
+
+/// Room to read more command input into: grown in 4 KiB steps only when
+/// less than 512 octets are free.
+fn room_for_commands(inbuf: &mut BytesMut) {
+    if inbuf.capacity() - inbuf.len() < 512 {
+        inbuf.reserve(4096);
+    }
+}
+
+const CMD_TIMEOUT_REPLY: (u16, &str, &str) = (421, "4.4.2", "Timeout exceeded, closing connection");
+
+enum ReadErr {
+    Io,
+    Timeout,
+    Shutdown,
+}
+
+fn map_read(r: Option<std::io::Result<usize>>) -> Result<usize, ReadErr> {
+    match r {
+        Some(Ok(n)) => Ok(n),
+        Some(Err(_)) => Err(ReadErr::Io),
+        None => Err(ReadErr::Timeout),
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    fn new(
+        io: S,
+        at: Endpoints,
+        shared: Arc<Shared>,
+        listener: Listener,
+        tls: Option<TlsInfo>,
+        pol: ClientPolicy,
+    ) -> Self {
+        let shutdown = shared.shutdown.clone();
+        Session {
+            io,
+            peer: at.peer,
+            local: at.local,
+            pol,
+            refuse: None,
+            shared,
+            listener,
+            tls,
+            inbuf: BytesMut::with_capacity(1024),
+            out: Vec::with_capacity(512),
+            fwd: smtp::Segments::default(),
+            chunk_buf: Vec::new(),
+            read_timer: crate::timer::ReadTimer::new(),
+            replies: Vec::new(),
+            st: State::default(),
+            shutdown,
+            client_gone: false,
+        }
+    }
+
+    fn cfg(&self) -> &Config {
+        &self.shared.cfg
+    }
+
+    fn reply(&mut self, code: u16, enh: &str, text: &str) {
+        let text = crate::telemetry::own_text(code, text);
+        write_reply(&mut self.out, code, enh, &text);
+    }
+
+    fn bad(&mut self, code: u16, enh: &str, text: &str) {
+        self.st.bad += 1;
+        self.reply(code, enh, text);
+    }
+
+    async fn flush(&mut self) -> bool {
+        if self.out.is_empty() {
+            return true;
+        }
+        let ok = self.io.write_all(&self.out).await.is_ok() && self.io.flush().await.is_ok();
+        self.out.clear();
+        ok
+    }
+
+    /// Sends the greeting, after the pregreet pause and (delay_reject off)
+    /// the connect verdict; false when the session ends here.
+    async fn greet(&mut self) -> bool {
+        let mut started = false;
+        if let Some(pause) = self.pol.pregreet_delay() {
+            let line = format!("220-{} ESMTP\r\n", self.cfg().hostname);
+            self.out.extend_from_slice(line.as_bytes());
+            if !self.flush().await {
+                return false;
+            }
+            started = true;
+            match tokio::time::timeout(pause, self.io.read_buf(&mut self.inbuf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return false,
+                Ok(Ok(_)) => self.pol.pregreet_hit(),
+                Err(_) => {}
+            }
+        }
+        if !self.pol.delay_reject() && (started || self.pol.greeting_waits()) {
+            if let Some(v) = Box::pin(self.pol.connect_verdict()).await {
+                if started {
+                    self.refuse = Some(v);
+                } else {
+                    self.connect_refusal(&v).await;
+                    self.flush().await;
+                    return false;
+                }
+            }
+        }
+        let line = format!("220 {} ESMTP\r\n", self.cfg().hostname);
+        self.out.extend_from_slice(line.as_bytes());
+        self.flush().await
+    }
+
+    async fn tarpit(&self) {
+        let pause = self.pol.policy().tarpit();
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// A connect-phase verdict as the session's last reply (554 or 421),
+    /// after the tarpit pause; the caller closes.
+    async fn connect_refusal(&mut self, v: &Verdict) {
+        self.tarpit().await;
+        let (code, enh) = v.at_connect();
+        // The current span is the session's: its future is instrumented.
+        record_verdict(&Span::current(), code, v);
+        self.reply(code, enh, &v.text);
+    }
+
+    /// An enforced policy verdict as the reply to the current command
+    /// (after the tarpit pause); it counts as an error.
+    async fn policy_reply(&mut self, v: &Verdict) {
+        self.tarpit().await;
+        record_verdict(&Span::current(), v.code, v);
+        self.bad(v.code, v.enh, &v.text);
+    }
+
+    /// Ends the session: the transaction in progress (if any) is given up
+    /// cleanly, a dedicated backend connection gets QUIT.
+    async fn finish(&mut self) {
+        self.end_txn();
+        if let Some(c) = self.st.dedicated.take() {
+            Box::pin(c.quit()).await;
+        }
+    }
+
+    /// Forgets the transaction; its backend connection goes back to the
+    /// pool (with RSET pending) or to the session when dedicated.
+    fn end_txn(&mut self) {
+        // A backend inside BDAT content (or the DATA it became) cannot
+        // take RSET: drop its connection.
+        if self.st.chunking.take().is_some_and(|c| c.started()) {
+            if let Some(t) = self.st.txn.take() {
+                t.abort();
+            }
+        }
+        self.st.data_seen = false;
+        if let Some(txn) = self.st.txn.take() {
+            if let Some(c) = txn.end() {
+                self.st.dedicated = Some(c);
+            }
+        }
+        self.st.mail = None;
+        self.st.from.clear();
+        self.st.rcpts_sent = 0;
+        self.st.rcpts_ok = 0;
+        self.st.owed.clear();
+        self.st.data_go = false;
+        self.st.data_early = false;
+        self.st.lost = false;
+        self.st.txn_span = None;
+        self.st.txn_started = None;
+    }
+
+    /// Collects the backend replies owed to the client, in order, and
+    /// updates the state they decide.
+    async fn resolve(&mut self) {
+        if self.st.owed.is_empty() {
+            return;
+        }
+        let Some(txn) = self.st.txn.as_mut() else {
+            self.st.owed.clear();
+            return;
+        };
+        let mut replies = std::mem::take(&mut self.replies);
+        Box::pin(txn.replies(&mut replies)).await;
+        let broken = txn.is_broken();
+        let mut mail_failed = false;
+        let mut desync = false;
+        for reply in replies.drain(..) {
+            match self.st.owed.pop_front() {
+                Some(Owed::Mail) => mail_failed |= !reply.is_positive(),
+                Some(Owed::Rcpt) if reply.is_positive() => self.st.rcpts_ok += 1,
+                Some(Owed::Rcpt) => {}
+                Some(Owed::Data) if reply.code == 354 && self.st.rcpts_ok == 0 => {
+                    // A backend that opens DATA with no recipient accepted
+                    // would deliver to nobody: refuse it here and drop the
+                    // connection, which is now inside DATA.
+                    desync = true;
+                    write_reply(&mut self.out, 554, "5.5.1", "No valid recipients");
+                    continue;
+                }
+                Some(Owed::Data) => self.st.data_go = reply.code == 354 && !broken,
+                None => {}
+            }
+            reply.write_to(&mut self.out);
+        }
+        self.replies = replies;
+        self.st.owed.clear();
+        if desync && !broken {
+            if let Some(t) = self.st.txn.take() {
+                t.abort();
+            }
+            self.end_txn();
+            return;
+        }
+        if broken {
+            if let Some(t) = self.st.txn.take() {
+                t.abort();
+            }
+        }
+        if mail_failed {
+            self.end_txn();
+            self.st.mail_refused = true;
+        } else if broken {
+            self.st.lost = true;
+            self.st.data_go = false;
+        }
+    }
+
+    async fn read_more(
+        &mut self,
+        timeout: Duration,
+        watch_shutdown: bool,
+    ) -> Result<usize, ReadErr> {
+        room_for_commands(&mut self.inbuf);
+        let read = self
+            .read_timer
+            .within(timeout, self.io.read_buf(&mut self.inbuf));
+        if watch_shutdown {
+            let mut sd = self.shutdown.clone();
+            tokio::select! {
+                r = read => map_read(r),
+                _ = async { let _ = sd.wait_for(|v| *v).await; } => Err(ReadErr::Shutdown),
+            }
+        } else {
+            map_read(read.await)
+        }
+    }
+
+    async fn run(&mut self) -> Outcome {
+        let cmd_timeout = Duration::from_secs_f64(self.cfg().timeouts.command);
+        // The command timeout bounds the wait for a whole command line, not
+        // each read: a client dribbling a byte at a time (slowloris) does
+        // not extend it.
+        let mut cmd_deadline = tokio::time::Instant::now() + cmd_timeout;
+        loop {
+            let before = self.inbuf.len();
+            match self.process_lines().await {
+                Step::Continue => {}
+                Step::Quit => {
+                    self.flush().await;
+                    return Outcome::Quit;
+                }
+                Step::Close => {
+                    self.flush().await;
+                    return Outcome::Closed;
+                }
+                Step::StartTls => {
+                    self.flush().await;
+                    if !self.inbuf.is_empty() {
+                        warn!(
+                            bytes = self.inbuf.len(),
+                            "discarding plaintext sent after STARTTLS"
+                        );
+                    }
+                    self.inbuf.clear();
+                    return Outcome::StartTls;
+                }
+            }
+            if self.st.data_go {
+                self.st.data_go = false;
+                if !self.flush().await {
+                    return Outcome::Closed;
+                }
+                match Box::pin(self.data_phase()).await {
+                    Ok(reply) => {
+                        reply.write_to(&mut self.out);
+                        cmd_deadline = tokio::time::Instant::now() + cmd_timeout;
+                        self.st.messages += 1;
+                        self.end_txn();
+                        if *self.shutdown.borrow() {
+                            self.reply(421, "4.3.2", "Service shutting down, closing connection");
+                            self.flush().await;
+                            return Outcome::Closed;
+                        }
+                    }
+                    Err(()) => {
+                        self.flush().await;
+                        return Outcome::Closed;
+                    }
+                }
+                continue;
+            }
+            self.resolve().await;
+            if self.st.data_go {
+                continue;
+            }
+            if !self.flush().await {
+                return Outcome::Closed;
+            }
+            let idle = self.st.mail.is_none();
+            let now = tokio::time::Instant::now();
+            if !self.st.skipping_line && (self.inbuf.is_empty() || self.inbuf.len() < before) {
+                // A command was taken, or none is begun: a new wait starts.
+                cmd_deadline = now + cmd_timeout;
+            }
+            let mut left = cmd_deadline.saturating_duration_since(now);
+            // Inside a BDAT transaction the minimum data rate bounds the
+            // wait for the next chunk's command as well.
+            let mut paced = false;
+            if let Some(ch) = self.st.chunking.as_ref() {
+                match ch.between_chunks(left) {
+                    Some(w) => {
+                        paced = w < left;
+                        left = w;
+                    }
+                    None => {
+                        self.too_slow();
+                        self.flush().await;
+                        return Outcome::Closed;
+                    }
+                }
+            }
+            let read = self.read_more(left, idle).await;
+            if let Some(ch) = self.st.chunking.as_mut() {
+                ch.waited(now.elapsed());
+            }
+            match read {
+                Ok(0) | Err(ReadErr::Io) => return Outcome::Closed,
+                Ok(_) => {}
+                Err(ReadErr::Timeout) if paced => {
+                    self.too_slow();
+                    self.flush().await;
+                    return Outcome::Closed;
+                }
+                Err(ReadErr::Timeout) => {
+                    let (c, e, t) = CMD_TIMEOUT_REPLY;
+                    self.reply(c, e, t);
+                    self.flush().await;
+                    return Outcome::Closed;
+                }
+                Err(ReadErr::Shutdown) => {
+                    self.reply(421, "4.3.2", "Service shutting down, closing connection");
+                    self.flush().await;
+                    return Outcome::Closed;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod size_probe {
+    /// Every idle connection holds one session future: keep it small (the
+    /// TLS path and the command loop are boxed, once per session).
+    #[test]
+    fn session_future_stays_small() {
+        fn size<F: std::future::Future>(_: &F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let a = l.local_addr().unwrap();
+            let s = tokio::net::TcpStream::connect(a).await.unwrap();
+            let cfg = crate::config::Config::parse(
+                "[[listener]]\naddress = \"127.0.0.1:0\"\n[[backend]]\naddress = \"127.0.0.1:9\"\n",
+            )
+            .unwrap();
+            let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+            let relay = crate::relay::Relay::new(&cfg, &metrics).unwrap();
+            let relays = std::sync::Arc::new(arc_swap::ArcSwap::new(relay));
+            let (_tx, rx) = tokio::sync::watch::channel(false);
+            let policy = crate::policy::Policy::new(&cfg.policy, &cfg.hostname).unwrap();
+            let pol = policy.admit(a.ip()).unwrap();
+            let shared = std::sync::Arc::new(super::Shared {
+                cfg: std::sync::Arc::new(cfg),
+                relays,
+                tls: None,
+                policy,
+                metrics,
+                shutdown: rx,
+            });
+            let listener = super::Listener {
+                tls: crate::config::TlsMode::None,
+                require_tls: false,
+            };
+            let f = super::handle(
+                s,
+                a,
+                None,
+                shared,
+                listener,
+                pol,
+                super::session_span(a, None),
+            );
+            let n = size(&f);
+            assert!(n <= 4096, "session future grew to {n} bytes");
+        });
+    }
+}

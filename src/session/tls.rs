@@ -1,0 +1,85 @@
+//! TLS for a session: the handshake (implicit TLS at connect, or after
+//! STARTTLS), what was negotiated, and the session on the encrypted stream.
+//! Whether STARTTLS is offered and answered is `commands.rs`'s.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tracing::{field, info, Instrument, Span};
+
+use super::{Endpoints, Listener, Session, Shared, TlsInfo};
+use crate::policy::ClientPolicy;
+
+impl Shared {
+    /// TLS handshake (implicit TLS, or after STARTTLS), then a session on
+    /// the encrypted stream with fresh state; `greet` for implicit TLS only.
+    pub(super) async fn serve_tls(
+        self: Arc<Self>,
+        io: TcpStream,
+        acceptor: tokio_rustls::TlsAcceptor,
+        at: Endpoints,
+        listener: Listener,
+        greet: bool,
+        pol: ClientPolicy,
+    ) {
+        let handshake_timeout = Duration::from_secs_f64(self.cfg.timeouts.tls_handshake);
+        let m = self.metrics.clone();
+        let hs = crate::span!(
+            crate::telemetry::in_traced(),
+            "tls.handshake",
+            "tls.resumed" = field::Empty,
+            "error.type" = field::Empty
+        );
+        let accepted = tokio::time::timeout(handshake_timeout, acceptor.accept(io))
+            .instrument(hs.clone())
+            .await;
+        let tls = match accepted {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                m.tls("failed", "none");
+                hs.record("error.type", "handshake_failed");
+                return info!("TLS handshake failed: {e}");
+            }
+            Err(_) => {
+                m.tls("timeout", "none");
+                hs.record("error.type", "timeout");
+                return info!("TLS handshake timed out");
+            }
+        };
+        let info = tls_info(tls.get_ref().1);
+        m.tls("ok", info.version);
+        let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        if resumed {
+            m.tls_resumed();
+        }
+        hs.record("tls.resumed", resumed);
+        drop(hs);
+        let cur = Span::current();
+        cur.record(
+            "tls.protocol.version",
+            info.version.trim_start_matches("TLSv"),
+        );
+        cur.record("tls.cipher", field::display(&info.cipher));
+        let mut s = Session::new(tls, at, self, listener, Some(info), pol);
+        if greet && !s.greet().await {
+            return;
+        }
+        // STARTTLS inside TLS is refused, so this run ends the session.
+        s.run().await;
+        s.finish().await;
+    }
+}
+
+fn tls_info(conn: &rustls::ServerConnection) -> TlsInfo {
+    let version = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+        _ => "TLS",
+    };
+    let cipher = conn
+        .negotiated_cipher_suite()
+        .map(|c| format!("{:?}", c.suite()))
+        .unwrap_or_else(|| "unknown".into());
+    TlsInfo { version, cipher }
+}
