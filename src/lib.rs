@@ -10,7 +10,5 @@ pub mod server;
 pub mod session;
 pub mod smtp;
 pub mod telemetry;
-// TEMPORARY (restructure in progress)
-pub use telemetry::metrics;
 pub mod timer;
 pub mod tls;

@@ -20,7 +20,7 @@ use smtp_edge::server::Server;
 
 /// Allocations per message above which the test fails. Measured
 /// 2026-12-01: 3.01 per message, the three boxed futures of a transaction
-/// (`Relay::begin` in `while_client_stays`, `Txn::replies`, `data_phase`;
+/// (`Backends::begin` in `while_client_stays`, `Txn::replies`, `data_phase`;
 /// 0.01 with them inline, which costs ~6 KB of RSS per idle connection:
 /// see session.rs), 9.01 before the transaction's buffers stayed with the
 /// backend connection, 17.02 before replies kept their text inline, 19.02

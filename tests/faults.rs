@@ -314,7 +314,7 @@ async fn backend_down_gives_451_and_session_continues() {
     expect(&r, 451, "4.4.1");
     expect(&c.cmd("QUIT").await, 221, "2.0.0");
     assert!(c.closed(Duration::from_secs(2)).await);
-    assert_eq!(proxy.relay.idle_counts(), vec![0]);
+    assert_eq!(proxy.backends.idle_counts(), vec![0]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -755,7 +755,7 @@ async fn sink_drops_after_each_command() {
             "-q {stage}: sink got a message"
         );
         assert_eq!(
-            proxy.relay.idle_counts(),
+            proxy.backends.idle_counts(),
             vec![0],
             "-q {stage}: dead connection pooled"
         );
@@ -783,7 +783,7 @@ async fn sink_421_after_rcpt() {
     expect(&c.cmd("QUIT").await, 221, "2.0.0");
     assert!(sink_delivered(&sink).is_empty());
     assert_eq!(
-        proxy.relay.idle_counts(),
+        proxy.backends.idle_counts(),
         vec![0],
         "a connection that said 421 was pooled"
     );
@@ -813,7 +813,7 @@ async fn backend_slow_final_reply_gives_451() {
     // The backend did get the whole message (it was slow, not broken).
     assert!(contains(&rec.all_bytes(), b"slow backend\r\n.\r\n"));
     assert_eq!(
-        proxy.relay.idle_counts(),
+        proxy.backends.idle_counts(),
         vec![0],
         "timed-out connection pooled"
     );
@@ -922,7 +922,7 @@ async fn client_disconnect_mid_data_never_delivers() {
             );
         }
         assert_eq!(rec.connection_count(), tails.len(), "{mode}");
-        assert_eq!(proxy.relay.idle_counts(), vec![0], "{mode}");
+        assert_eq!(proxy.backends.idle_counts(), vec![0], "{mode}");
     }
 }
 
@@ -939,7 +939,11 @@ async fn pooled_connection_closed_by_backend_is_replaced() {
     deliver_clean(&mut c, "pool-one").await;
     expect(&c.cmd("QUIT").await, 221, "2.0.0");
     assert!(c.closed(Duration::from_secs(2)).await);
-    assert_eq!(proxy.relay.idle_counts(), vec![1], "connection not pooled");
+    assert_eq!(
+        proxy.backends.idle_counts(),
+        vec![1],
+        "connection not pooled"
+    );
     // The backend closes its idle connection.
     mb.cut();
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -971,7 +975,7 @@ async fn pooled_connection_silently_dead_is_replaced() {
         ehlo(&mut c).await;
         deliver_clean(&mut c, "stall-one").await;
         assert_eq!(
-            proxy.relay.idle_counts(),
+            proxy.backends.idle_counts(),
             vec![1],
             "{ctx}: connection not pooled"
         );
@@ -1050,7 +1054,11 @@ async fn pooled_connection_to_restarted_sink_is_replaced() {
     deliver_clean(&mut c, "before-restart").await;
     let first = sink.wait_messages(1, Duration::from_secs(5));
     assert_eq!(first.len(), 1);
-    assert_eq!(proxy.relay.idle_counts(), vec![1], "connection not pooled");
+    assert_eq!(
+        proxy.backends.idle_counts(),
+        vec![1],
+        "connection not pooled"
+    );
     drop(sink);
     let Some(sink) = Sink::start_on(&addr, &[]) else {
         return;
@@ -1780,7 +1788,7 @@ async fn client_stalling_mid_data_times_out() {
         show(&got)
     );
     assert!(rec.messages().is_empty());
-    assert_eq!(proxy.relay.idle_counts(), vec![0]);
+    assert_eq!(proxy.backends.idle_counts(), vec![0]);
 }
 
 /// Sends `n` bytes of body one at a time, `gap` apart, while the session
@@ -1961,7 +1969,7 @@ async fn backend_garbage_reply_gives_451() {
         expect(&c.cmd("RSET").await, 250, "2.0.0");
         expect(&c.cmd("QUIT").await, 221, "2.0.0");
         assert_eq!(
-            proxy.relay.idle_counts(),
+            proxy.backends.idle_counts(),
             vec![0],
             "{stage}: connection with a garbled reply pooled"
         );
@@ -2368,5 +2376,5 @@ async fn backend_354_with_no_recipient_is_refused() {
     // only if it sends any, and NOOP works.
     expect(&c.cmd("NOOP").await, 250, "2.0.0");
     assert!(rec.messages().is_empty());
-    assert_eq!(proxy.relay.idle_counts(), vec![0]);
+    assert_eq!(proxy.backends.idle_counts(), vec![0]);
 }

@@ -145,7 +145,7 @@ async fn waiters_are_served_in_arrival_order_and_a_leaver_leaves_no_trace() {
         // Arrival order is the order of the MAILs reaching the pool.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let relay = proxy.relay.clone();
+    let relay = proxy.backends.clone();
     assert_eq!(relay.idle_counts(), vec![0]);
     // The third waiter hangs up while in line.
     let leaver = waiters.remove(2);
@@ -290,7 +290,7 @@ async fn dead_backend_marked_down_skipped_and_probed_back() {
     for i in 0..4 {
         one_message(&proxy, &format!("before {i}")).await;
     }
-    assert_eq!(proxy.relay.backends_up(), vec![false, true]);
+    assert_eq!(proxy.backends.backends_up(), vec![false, true]);
     // Down: no session waits for it any more.
     for i in 0..10 {
         let took = one_message(&proxy, &format!("down {i}")).await;
@@ -305,7 +305,7 @@ async fn dead_backend_marked_down_skipped_and_probed_back() {
     drop(hang);
     let back = Sink::start_on(&dead_addr, &[]).unwrap();
     let end = Instant::now() + Duration::from_secs(5);
-    while proxy.relay.backends_up() != vec![true, true] {
+    while proxy.backends.backends_up() != vec![true, true] {
         assert!(Instant::now() < end, "the backend was not probed back");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -336,7 +336,7 @@ async fn all_backends_down_answer_at_once() {
         ehlo(&mut c).await;
         assert_eq!(c.cmd("MAIL FROM:<a@client.test>").await.code, 451);
     }
-    assert_eq!(proxy.relay.backends_up(), vec![false]);
+    assert_eq!(proxy.backends.backends_up(), vec![false]);
     let mut c = Raw::greeted(proxy.addr).await;
     ehlo(&mut c).await;
     let t0 = Instant::now();

@@ -126,7 +126,7 @@ async fn backend_replaced_by_reload() {
             .code,
         250
     );
-    assert_eq!(proxy.relay.idle_counts(), vec![1]);
+    assert_eq!(proxy.backends.idle_counts(), vec![1]);
 
     proxy.reload(&two_step_config(&b.addr, "")).unwrap();
 

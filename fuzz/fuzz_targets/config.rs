@@ -1,7 +1,7 @@
 //! Fuzz target: the config loader (`Config::parse`). No panic on any TOML
 //! (any bytes that are UTF-8). A config that parses is valid, so what is
 //! built from it at start and at reload must not fail on it either: the
-//! backends (`Relay::new`, every duration made from the file) and the
+//! backends (`Backends::new`, every duration made from the file) and the
 //! policy (`Policy::new`). Side effects are kept out: Maildir backends are
 //! turned into (never dialled) SMTP backends, and a config with Redis
 //! rates skips the policy (its worker would dial the URL).
@@ -13,7 +13,7 @@ use libfuzzer_sys::fuzz_target;
 use smtp_edge::config::Config;
 use smtp_edge::telemetry::metrics::Metrics;
 use smtp_edge::policy::Policy;
-use smtp_edge::relay::Relay;
+use smtp_edge::relay::Backends;
 use smtp_edge::server::needs_restart;
 
 fn runtime() -> &'static tokio::runtime::Runtime {
@@ -45,7 +45,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let _rt = runtime().enter();
-    Relay::new(&cfg, &Metrics::new()).expect("relay");
+    Backends::new(&cfg, &Metrics::new()).expect("relay");
     if !cfg.policy.limits.uses_redis() {
         Policy::new(&cfg.policy, &cfg.hostname).expect("policy");
     }

@@ -259,7 +259,7 @@ fn backends(backends: &[BackendConfig], err: &mut dyn FnMut(String, String)) {
                 "must be > 0".into(),
             );
         }
-        // Bounded like every other seconds value: `Relay::new` makes a
+        // Bounded like every other seconds value: `Backends::new` makes a
         // `Duration` of it, which panics past ~1.8e19 s.
         if !(b.max_idle.is_finite() && b.max_idle >= 0.0 && b.max_idle < 1e7) {
             err(

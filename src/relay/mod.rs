@@ -1,4 +1,4 @@
-//! The backend side: the set of configured backends (`Relay`), selection
+//! The backend side: the set of configured backends (`Backends`), selection
 //! with fail-over, and one mail transaction relayed to a backend (`Txn`):
 //! identity (XFORWARD / XCLIENT), pipelined MAIL/RCPT/DATA, streamed data,
 //! the final reply. Owns no queue: the backend's reply decides.
@@ -37,7 +37,7 @@ enum Backend {
 static GENERATIONS: AtomicU64 = AtomicU64::new(1);
 
 /// All configured backends.
-pub struct Relay {
+pub struct Backends {
     backends: Vec<Backend>,
     next: AtomicUsize,
     /// This relay's generation (a reload of `[[backend]]` makes a new one).
@@ -113,7 +113,7 @@ enum Inner {
 
 /// One mail transaction at one backend.
 pub struct Txn {
-    relay: Arc<Relay>,
+    backends: Arc<Backends>,
     inner: Inner,
     pending: VecDeque<Pend>,
     /// The `smtp.backend` span (disabled for a Maildir).

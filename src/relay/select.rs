@@ -13,14 +13,14 @@ use std::time::Duration;
 use super::client::{identity_commands, BackendError, ClientIdentity};
 use super::maildir::Maildir;
 use super::pool::{Pool, PoolSettings, PoolStat, PooledConn, Wait};
-use super::{temp_failure, Backend, Inner, Relay, Txn, GENERATIONS};
+use super::{temp_failure, Backend, Backends, Inner, Txn, GENERATIONS};
 use crate::config::{Config, IdentityMode};
 use crate::smtp::{EnhancedCode, Reply};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::own;
 
-impl Relay {
-    pub fn new(cfg: &Config, metrics: &Metrics) -> std::io::Result<Arc<Relay>> {
+impl Backends {
+    pub fn new(cfg: &Config, metrics: &Metrics) -> std::io::Result<Arc<Backends>> {
         let t = &cfg.timeouts;
         let generation = GENERATIONS.fetch_add(1, Ordering::Relaxed);
         let mut backends = Vec::new();
@@ -51,7 +51,7 @@ impl Relay {
                 backends.push(Backend::Maildir(Maildir::open(dir, &cfg.hostname)?));
             }
         }
-        Ok(Arc::new(Relay {
+        Ok(Arc::new(Backends {
             backends,
             next: AtomicUsize::new(0),
             generation,
@@ -183,7 +183,7 @@ impl Relay {
                 Backend::Maildir(md) => match Box::pin(md.begin()).await {
                     Ok(w) => {
                         return Ok(Txn {
-                            relay: self.clone(),
+                            backends: self.clone(),
                             inner: Inner::Maildir {
                                 writer: Some(w),
                                 replies: VecDeque::new(),

@@ -10,12 +10,12 @@ use std::sync::Arc;
 
 use super::client::{BackendError, ClientIdentity};
 use super::pool::PooledConn;
-use super::{backend_lost, closing_to_451, Inner, Pend, Relay, Txn, TxnBufs};
+use super::{backend_lost, closing_to_451, Backends, Inner, Pend, Txn, TxnBufs};
 use crate::smtp::{Body, EnhancedCode, MailParams, Reply};
 
 impl Txn {
     pub(super) fn smtp(
-        relay: Arc<Relay>,
+        backends: Arc<Backends>,
         mut conn: PooledConn,
         reused: bool,
         dedicated: bool,
@@ -31,7 +31,7 @@ impl Txn {
         replay.clear();
         pending.clear();
         let mut txn = Txn {
-            relay,
+            backends,
             inner: Inner::Smtp {
                 conn: None,
                 wbuf,
@@ -197,8 +197,8 @@ impl Txn {
     /// proves dead before its first reply is replaced by a fresh one and
     /// everything since checkout replayed. False when the backend failed.
     async fn exchange(&mut self, bytes: &[u8], owed: usize, out: &mut Vec<Reply>) -> bool {
-        let t = self.relay.command_timeout;
-        let relay = self.relay.clone();
+        let t = self.backends.command_timeout;
+        let backends = self.backends.clone();
         let Inner::Smtp {
             conn,
             replay,
@@ -254,7 +254,7 @@ impl Txn {
                     let sent = &replay[..];
                     tracing::debug!(backend = %c.peer, "reused connection dead ({e}), reconnecting");
                     *reused = false;
-                    let replaced = match relay.pool(c.backend) {
+                    let replaced = match backends.pool(c.backend) {
                         Some(pool) => pool.reconnect(c).await,
                         None => Err(BackendError::Closed),
                     };
@@ -321,7 +321,7 @@ impl Txn {
     /// `Err` with a 451 for a 421 or a failure (the connection is then
     /// dropped), or with `backend_lost` when it is already gone.
     async fn next_reply(&mut self, what: &str) -> Result<Reply, Reply> {
-        let t = self.relay.command_timeout;
+        let t = self.backends.command_timeout;
         let Inner::Smtp { conn, .. } = &mut self.inner else {
             return Err(backend_lost());
         };
@@ -373,7 +373,7 @@ impl Txn {
         match &mut self.inner {
             Inner::Smtp { conn, .. } => match conn.as_mut() {
                 Some(c) => {
-                    let t = self.relay.command_timeout;
+                    let t = self.backends.command_timeout;
                     let r = tokio::time::timeout(t, c.send_vectored(bufs)).await;
                     match r {
                         Ok(Ok(())) => Ok(()),
@@ -410,7 +410,7 @@ impl Txn {
     /// After the terminating `.\r\n` was sent: the backend's final reply, or
     /// a 451 when the backend failed.
     pub async fn finish_data(&mut self) -> Reply {
-        let t = self.relay.data_end_timeout;
+        let t = self.backends.data_end_timeout;
         match &mut self.inner {
             Inner::Smtp {
                 conn, completed, ..
@@ -420,7 +420,7 @@ impl Txn {
                 };
                 let t0 = std::time::Instant::now();
                 let got = c.read_reply(t).await;
-                if let (Ok(_), Some(pool)) = (&got, self.relay.pool(c.backend)) {
+                if let (Ok(_), Some(pool)) = (&got, self.backends.pool(c.backend)) {
                     pool.metrics().reply.observe(t0.elapsed().as_secs_f64());
                 }
                 match got {
@@ -492,8 +492,8 @@ impl Txn {
             if !*completed {
                 c.needs_rset = true;
             }
-            let pool = self.relay.pool(c.backend);
-            if self.relay.retired.load(Ordering::Acquire) {
+            let pool = self.backends.pool(c.backend);
+            if self.backends.retired.load(Ordering::Acquire) {
                 tokio::spawn(c.quit());
                 return None;
             }

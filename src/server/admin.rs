@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::live_stats::LiveStats;
-use crate::relay::Relay;
+use crate::relay::Backends;
 
 /// Re-reads the configuration and applies it: Ok, or every error.
 pub type ReloadHook = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
@@ -33,7 +33,7 @@ pub struct AdminState {
     /// `/metrics`.
     pub stats: Arc<LiveStats>,
     /// The current backends (a reload may swap them).
-    pub relays: Arc<arc_swap::ArcSwap<Relay>>,
+    pub backends: Arc<arc_swap::ArcSwap<Backends>>,
     /// Set when shutdown begins: `/readyz` answers 503 from then on.
     pub draining: Arc<AtomicBool>,
 }
@@ -44,7 +44,7 @@ impl AdminState {
         if self.draining.load(Ordering::Acquire) {
             return Err("draining");
         }
-        if !self.relays.load().backends_up().into_iter().any(|up| up) {
+        if !self.backends.load().backends_up().into_iter().any(|up| up) {
             return Err("no backend in rotation");
         }
         Ok(())

@@ -16,7 +16,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::policy::Policy;
-use crate::relay::Relay;
+use crate::relay::Backends;
 use crate::telemetry;
 use crate::telemetry::metrics::{Labels, Metrics};
 
@@ -36,10 +36,14 @@ impl std::fmt::Debug for LiveStats {
 }
 
 impl LiveStats {
-    /// Reads `policy` and whatever backends `relays` holds at each scrape.
-    pub fn new(metrics: Arc<Metrics>, policy: Arc<Policy>, relays: Arc<ArcSwap<Relay>>) -> Self {
+    /// Reads `policy` and whatever backends `backends` holds at each scrape.
+    pub fn new(
+        metrics: Arc<Metrics>,
+        policy: Arc<Policy>,
+        backends: Arc<ArcSwap<Backends>>,
+    ) -> Self {
         let mut registry = Registry::with_prefix("smtp_edge");
-        registry.register_collector(Box::new(Live { policy, relays }));
+        registry.register_collector(Box::new(Live { policy, backends }));
         LiveStats { metrics, registry }
     }
 
@@ -55,7 +59,7 @@ impl LiveStats {
 /// The collector: what a scrape reads.
 struct Live {
     policy: Arc<Policy>,
-    relays: Arc<ArcSwap<Relay>>,
+    backends: Arc<ArcSwap<Backends>>,
 }
 
 impl std::fmt::Debug for Live {
@@ -67,7 +71,7 @@ impl std::fmt::Debug for Live {
 /// The objects of one scrape.
 struct Current<'a> {
     policy: &'a Policy,
-    relay: Arc<Relay>,
+    backends: Arc<Backends>,
 }
 
 fn counter(
@@ -100,7 +104,7 @@ impl Collector for Live {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let live = Current {
             policy: &self.policy,
-            relay: self.relays.load_full(),
+            backends: self.backends.load_full(),
         };
         let mut verdicts = Vec::new();
         for c in live.policy.counts() {
@@ -210,7 +214,7 @@ impl Collector for Live {
                 h.encode(m.encode_family(&l)?)?;
             }
         }
-        let pools = live.relay.pool_stats();
+        let pools = live.backends.pool_stats();
         let mut conns = Vec::new();
         let mut up = Vec::new();
         let mut waiting = Vec::new();

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::policy::Policy;
-use crate::relay::Relay;
+use crate::relay::Backends;
 use crate::session::{self, Listener, Shared};
 use crate::telemetry::metrics::Metrics;
 
@@ -236,13 +236,13 @@ impl Server {
             None => None,
         };
         let metrics = Arc::new(Metrics::new());
-        let relay = Relay::new(&cfg, &metrics).map_err(ServerError::Backend)?;
+        let relay = Backends::new(&cfg, &metrics).map_err(ServerError::Backend)?;
         let policy = Policy::new(&cfg.policy, &cfg.hostname).map_err(ServerError::Policy)?;
-        let relays = Arc::new(ArcSwap::new(relay));
+        let backends = Arc::new(ArcSwap::new(relay));
         let stats = Arc::new(LiveStats::new(
             metrics.clone(),
             policy.clone(),
-            relays.clone(),
+            backends.clone(),
         ));
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         Ok(Server {
@@ -250,7 +250,7 @@ impl Server {
             admin,
             live: Arc::new(ArcSwap::from_pointee(Shared {
                 cfg: Arc::new(cfg),
-                relays,
+                backends,
                 tls,
                 policy,
                 metrics,
@@ -283,8 +283,8 @@ impl Server {
     }
 
     /// The current backends (a reload may replace them).
-    pub fn relay(&self) -> Arc<Relay> {
-        self.live.load().relay()
+    pub fn backends(&self) -> Arc<Backends> {
+        self.live.load().backends()
     }
 
     /// The counters the subsystems write into.
@@ -321,14 +321,14 @@ impl Server {
             admin_ctl,
         } = self;
         let shared = live.load_full();
-        shared.relay().spawn_reaper();
+        shared.backends().spawn_reaper();
         shared.policy.start();
         {
             let mut ctl = admin_ctl.lock().unwrap_or_else(|e| e.into_inner());
             ctl.state = Some(admin::AdminState {
                 reload: reload_hook,
                 stats: stats.clone(),
-                relays: shared.relays.clone(),
+                backends: shared.backends.clone(),
                 draining: draining.clone(),
             });
             if let Some(l) = admin {
@@ -388,7 +388,7 @@ impl Server {
         if tokio::time::timeout(grace, done_rx.recv()).await.is_err() {
             warn!("shutdown grace period over; closing remaining sessions");
         }
-        shared.relay().close_idle().await;
+        shared.backends().close_idle().await;
         log_policy_totals(&shared.policy);
         admin_ctl.lock().unwrap_or_else(|e| e.into_inner()).stop();
         info!("stopped");

@@ -13,7 +13,7 @@ use super::admin::AdminCtl;
 use super::bind::{bind_now, tls_acceptor};
 use crate::config::Config;
 use crate::policy::Policy;
-use crate::relay::Relay;
+use crate::relay::Backends;
 use crate::session::Shared;
 
 /// Reloads a running [`Server`] (SIGHUP); cloneable.
@@ -85,7 +85,7 @@ impl Reloader {
             None
         };
         let relay = if relay_inputs(&next) != relay_inputs(running) {
-            let r = Relay::new(&next, &old.metrics).map_err(|e| format!("backend: {e}"))?;
+            let r = Backends::new(&next, &old.metrics).map_err(|e| format!("backend: {e}"))?;
             Some(r)
         } else {
             None
@@ -97,7 +97,7 @@ impl Reloader {
         let mut applied = vec!["policy", "tls"];
         if let Some(r) = relay {
             r.spawn_reaper();
-            let before = old.relays.swap(r.clone());
+            let before = old.backends.swap(r.clone());
             info!(
                 before = ?before.names(),
                 after = ?r.names(),
@@ -129,7 +129,7 @@ impl Reloader {
         }
         self.live.store(Arc::new(Shared {
             cfg: Arc::new(next),
-            relays: old.relays.clone(),
+            backends: old.backends.clone(),
             tls,
             policy: old.policy.clone(),
             metrics: old.metrics.clone(),
@@ -145,7 +145,7 @@ impl Reloader {
     }
 }
 
-/// What `Relay::new` builds from: a reload makes a new relay only when
+/// What `Backends::new` builds from: a reload makes a new relay only when
 /// these changed (a session timeout alone keeps the pooled connections).
 fn relay_inputs(c: &Config) -> (&[crate::config::BackendConfig], [f64; 4]) {
     let t = &c.timeouts;

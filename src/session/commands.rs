@@ -137,7 +137,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.st.data_seen = self.st.mail.is_some();
                 self.data_cmd().await
             }
-            // Boxed: it reads and relays a whole chunk.
+            // Boxed: it reads and backends a whole chunk.
             Command::Bdat { size, last } => return Box::pin(self.bdat(size, last)).await,
             Command::Rset => {
                 self.end_txn();
@@ -317,7 +317,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // (held by every idle connection) ~6 KB bigger in RSS (idle.sh:
         // 15.7 against 10.2 KB per idle connection); boxed, they cost
         // three allocations per message (tests/allocs.rs).
-        let relay = self.shared.relay();
+        let relay = self.shared.backends();
         let begin = relay.begin(id, dedicated).instrument(span.clone());
         let Some(begun) = Box::pin(while_client_stays(&mut self.io, &mut self.inbuf, begin)).await
         else {

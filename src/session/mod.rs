@@ -1,5 +1,5 @@
 //! One client session: the inbound state machine that drives the sans-IO
-//! `smtp` core over a plain or TLS stream, and relays transactions through
+//! `smtp` core over a plain or TLS stream, and backends transactions through
 //! `relay::Txn` with pipelining. Admission (who may connect) is the
 //! server's; this is what happens after.
 //!
@@ -26,7 +26,7 @@ use crate::config::{Config, TlsMode};
 use crate::policy::{ClientPolicy, Policy, Verdict};
 use crate::relay::client::ClientIdentity;
 use crate::relay::pool::PooledConn;
-use crate::relay::{Relay, Txn};
+use crate::relay::{Backends, Txn};
 use crate::smtp::reply::write_reply;
 use crate::smtp::{self, BareLineEndings, ChunkChecker, Reply, Stuffer};
 use crate::timer::Pace;
@@ -46,17 +46,17 @@ pub struct Shared {
     /// The current backends: a reload of `[[backend]]` swaps it, and each
     /// new transaction takes the current one (a session keeps the rest of
     /// its `Shared`).
-    pub relays: Arc<arc_swap::ArcSwap<Relay>>,
+    pub backends: Arc<arc_swap::ArcSwap<Backends>>,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub policy: Arc<Policy>,
-    pub metrics: Arc<crate::metrics::Metrics>,
+    pub metrics: Arc<crate::telemetry::metrics::Metrics>,
     pub shutdown: watch::Receiver<bool>,
 }
 
 impl Shared {
     /// The backends new transactions go to.
-    pub fn relay(&self) -> Arc<Relay> {
-        self.relays.load_full()
+    pub fn backends(&self) -> Arc<Backends> {
+        self.backends.load_full()
     }
 }
 
@@ -674,15 +674,15 @@ mod size_probe {
                 "[[listener]]\naddress = \"127.0.0.1:0\"\n[[backend]]\naddress = \"127.0.0.1:9\"\n",
             )
             .unwrap();
-            let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
-            let relay = crate::relay::Relay::new(&cfg, &metrics).unwrap();
-            let relays = std::sync::Arc::new(arc_swap::ArcSwap::new(relay));
+            let metrics = std::sync::Arc::new(crate::telemetry::metrics::Metrics::new());
+            let relay = crate::relay::Backends::new(&cfg, &metrics).unwrap();
+            let backends = std::sync::Arc::new(arc_swap::ArcSwap::new(relay));
             let (_tx, rx) = tokio::sync::watch::channel(false);
             let policy = crate::policy::Policy::new(&cfg.policy, &cfg.hostname).unwrap();
             let pol = policy.admit(a.ip()).unwrap();
             let shared = std::sync::Arc::new(super::Shared {
                 cfg: std::sync::Arc::new(cfg),
-                relays,
+                backends,
                 tls: None,
                 policy,
                 metrics,

@@ -157,7 +157,7 @@ pub struct Proxy {
     /// First listener's address.
     pub addr: SocketAddr,
     pub addrs: Vec<SocketAddr>,
-    pub relay: Arc<smtp_edge::relay::Relay>,
+    pub backends: Arc<smtp_edge::relay::Backends>,
     pub policy: Arc<smtp_edge::policy::Policy>,
     pub metrics: Arc<smtp_edge::telemetry::metrics::Metrics>,
     /// What `/metrics` serves (the counters and the live values).
@@ -182,7 +182,7 @@ impl Proxy {
             Config::parse(&text).unwrap_or_else(|e| panic!("test config invalid: {e:?}\n{text}"));
         let server = Server::bind(cfg).await.expect("bind");
         let addrs = server.local_addrs();
-        let relay = server.relay();
+        let backends = server.backends();
         let policy = server.policy();
         let metrics = server.metrics();
         let stats = server.stats();
@@ -195,7 +195,7 @@ impl Proxy {
         Proxy {
             addr: addrs[0],
             addrs,
-            relay,
+            backends,
             policy,
             metrics,
             stats,
