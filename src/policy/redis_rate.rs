@@ -89,7 +89,7 @@ use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use governor::clock::Clock;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{IntoConnectionInfo, RedisResult, Script, ServerErrorKind, Value};
+use redis::{RedisResult, Script, ServerErrorKind, Value};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -139,28 +139,6 @@ const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// A probe (and a connection attempt) may take this long at least,
 /// whatever `timeout` is: it runs in the background.
 const PROBE_TIMEOUT_MIN: Duration = Duration::from_secs(1);
-
-/// Checks that `url` is one the Redis client can connect to (without
-/// connecting): for `check-config`.
-pub fn check_url(url: &str) -> Result<(), String> {
-    if url.starts_with("rediss://") {
-        return Err(format!(
-            "{url:?}: TLS to Redis (rediss://) is not built in; use redis:// on a private network, or unix://"
-        ));
-    }
-    if !(url.starts_with("redis://")
-        || url.starts_with("unix://")
-        || url.starts_with("redis+unix://"))
-    {
-        return Err(format!(
-            "{url:?}: expected redis://[user:password@]host[:port][/db] or unix:///path"
-        ));
-    }
-    match url.into_connection_info() {
-        Ok(_) => Ok(()),
-        Err(e) => Err(format!("{url:?}: {e}")),
-    }
-}
 
 /// Why a Redis call counted as failed (the `reason` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1164,22 +1142,6 @@ mod tests {
             Value::Array(vec![Value::Int(1), Value::Int(2), Value::Int(3)]),
         ] {
             assert_eq!(parse_answer(&bad), None, "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn urls_checked() {
-        assert!(check_url("redis://127.0.0.1:6379").is_ok());
-        assert!(check_url("redis://:secret@redis.internal/3").is_ok());
-        assert!(check_url("unix:///run/redis.sock").is_ok());
-        for bad in [
-            "",
-            "127.0.0.1:6379",
-            "http://x",
-            "redis://",
-            "redis://host:notaport",
-        ] {
-            assert!(check_url(bad).is_err(), "{bad}");
         }
     }
 }
