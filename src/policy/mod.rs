@@ -7,13 +7,12 @@
 //! `ClientPolicy` is one session's view: it keeps the generation it was
 //! admitted under and holds its concurrency slots. Writes no bytes: the
 //! session sends the replies. What a check reports is in `verdict.rs`; the
-//! limiters are `limits.rs`, the resolver and caches `dns.rs`, the HELO name
+//! limiters are `limits/`, the resolver and caches `dns.rs`, the HELO name
 //! checks `helo.rs`, the configuration `settings.rs`.
 
 pub mod dns;
 pub mod helo;
 pub mod limits;
-pub mod redis_rate;
 pub mod settings;
 mod verdict;
 
@@ -30,7 +29,7 @@ use tracing::{info, warn};
 
 use self::dns::{Dns, DnsblResult, Rdns, Resolves};
 use self::helo::HeloName;
-use self::limits::{ConnPermit, GlobalPermit, LimitHit, LimitKind, Limits, Scope};
+use self::limits::{ConnPermit, GlobalPermit, LimitHit, LimitKind, Limiters, Scope};
 use self::settings::{Action, PolicyConfig};
 pub use self::verdict::{Check, CheckCount, Verdict};
 
@@ -113,7 +112,7 @@ impl Policy {
     }
 
     /// The current generation's limiters.
-    pub fn limits(&self) -> Arc<Limits> {
+    pub fn limits(&self) -> Arc<Limiters> {
         self.current.load().limits.clone()
     }
 
@@ -141,7 +140,7 @@ struct Counters {
 pub struct Generation {
     cfg: PolicyConfig,
     hostname: String,
-    limits: Arc<Limits>,
+    limits: Arc<Limiters>,
     dns: Option<Arc<Dns>>,
     pregreeters: Option<Arc<moka::sync::Cache<IpAddr, ()>>>,
     counts: Arc<Counters>,
@@ -193,7 +192,7 @@ impl Generation {
             hostname: hostname.to_string(),
             limits: match prev {
                 Some(g) => g.limits.reload(&cfg.limits),
-                None => Limits::new(&cfg.limits),
+                None => Limiters::new(&cfg.limits),
             },
             dns,
             pregreeters,
@@ -203,7 +202,7 @@ impl Generation {
 
     /// The generation for `cfg` that follows this one, carrying over: the
     /// session count, the concurrency counts and the unchanged rate
-    /// limiters (see [`Limits::reload`]), the resolver and its caches while
+    /// limiters (see [`Limiters::reload`]), the resolver and its caches while
     /// `[policy.dns]`, `rdns.max_names` and the DNSBL zones are unchanged,
     /// the pregreet memory while its lifetime and size are, and the verdict
     /// counts always. Builds only: [`Policy::reload`] swaps it in.
@@ -233,7 +232,7 @@ impl Generation {
         (kept, fresh)
     }
 
-    pub fn limits(&self) -> &Arc<Limits> {
+    pub fn limits(&self) -> &Arc<Limiters> {
         &self.limits
     }
 
