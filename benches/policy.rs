@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use smtp_edge::policy::dns::{Dns, Rdns};
-use smtp_edge::policy::limits::Limits;
+use smtp_edge::policy::limits::Limiters;
 use smtp_edge::policy::settings::{
     Action, ConcurrencyConfig, DnsConfig, DnsblConfig, DnsblZone, LimitsConfig, PolicyConfig, Rate,
     RateConfig, RdnsConfig,
@@ -43,7 +43,7 @@ fn generous() -> RateConfig {
 }
 
 fn limiters(c: &mut Criterion) {
-    let limits = Limits::new(&LimitsConfig {
+    let limits = Limiters::new(&LimitsConfig {
         max_connections: 10_000,
         concurrency: ConcurrencyConfig {
             action: Action::Defer,

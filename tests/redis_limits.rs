@@ -252,7 +252,7 @@ async fn two_instances_share_one_limit() {
         // Time for the instance's background Redis call (well under a
         // millisecond here; generous for a loaded CI machine). The exact
         // count relies on it: an instance that has not heard back decides
-        // provisionally (see src/policy/redis_rate.rs).
+        // provisionally (see src/policy/limits/redis.rs).
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
     assert_eq!(

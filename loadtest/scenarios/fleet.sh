@@ -337,7 +337,7 @@ for mode in new persistent; do
   [ "$mode" = persistent ] && m=0
   out=$WORK/outage.$mode.json
   # The Redis link's log lines, probes included, with their times.
-  EDGE_LOG=${EDGE_LOG:-warn,smtp_edge::policy::redis_rate=debug} fleet_up redis
+  EDGE_LOG=${EDGE_LOG:-warn,smtp_edge::policy::limits::redis=debug} fleet_up redis
   t0=$(date +%s.%N)
   echo "t0 $t0" >"$out.events"
   timeline "${ADMINS[0]}" "${ADMINS[1]}" "$t0" "$out.timeline" &

@@ -6,13 +6,15 @@
 //! whole while carrying the counters, limiters and caches over.
 //! `ClientPolicy` is one session's view: it keeps the generation it was
 //! admitted under and holds its concurrency slots. Writes no bytes: the
-//! session sends the replies.
+//! session sends the replies. What a check reports is in `verdict.rs`; the
+//! limiters are `limits/`, the resolver and caches `dns.rs`, the HELO name
+//! checks `helo.rs`, the configuration `settings.rs`.
 
 pub mod dns;
 pub mod helo;
 pub mod limits;
-pub mod redis_rate;
 pub mod settings;
+mod verdict;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,102 +29,9 @@ use tracing::{info, warn};
 
 use self::dns::{Dns, DnsblResult, Rdns, Resolves};
 use self::helo::HeloName;
-use self::limits::{ConnPermit, GlobalPermit, LimitHit, LimitKind, Limits, Scope};
+use self::limits::{ConnPermit, GlobalPermit, LimitHit, LimitKind, Limiters, Scope};
 use self::settings::{Action, PolicyConfig};
-
-/// Every check, for counting and logs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Check {
-    Deny,
-    GlobalCap,
-    Concurrency,
-    ConnectionRate,
-    MessageRate,
-    RecipientRate,
-    Pregreet,
-    Rdns,
-    Dnsbl,
-    HeloSyntax,
-    HeloBareIp,
-    HeloLiteral,
-    HeloFqdn,
-    HeloOurs,
-    HeloResolves,
-    HeloRdns,
-}
-
-impl Check {
-    pub const ALL: [Check; 16] = [
-        Check::Deny,
-        Check::GlobalCap,
-        Check::Concurrency,
-        Check::ConnectionRate,
-        Check::MessageRate,
-        Check::RecipientRate,
-        Check::Pregreet,
-        Check::Rdns,
-        Check::Dnsbl,
-        Check::HeloSyntax,
-        Check::HeloBareIp,
-        Check::HeloLiteral,
-        Check::HeloFqdn,
-        Check::HeloOurs,
-        Check::HeloResolves,
-        Check::HeloRdns,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Check::Deny => "deny_list",
-            Check::GlobalCap => "max_connections",
-            Check::Concurrency => "concurrency",
-            Check::ConnectionRate => "connection_rate",
-            Check::MessageRate => "message_rate",
-            Check::RecipientRate => "recipient_rate",
-            Check::Pregreet => "pregreet",
-            Check::Rdns => "rdns",
-            Check::Dnsbl => "dnsbl",
-            Check::HeloSyntax => "helo_syntax",
-            Check::HeloBareIp => "helo_bare_ip",
-            Check::HeloLiteral => "helo_literal_mismatch",
-            Check::HeloFqdn => "helo_fqdn",
-            Check::HeloOurs => "helo_not_ours",
-            Check::HeloResolves => "helo_resolves",
-            Check::HeloRdns => "helo_match_rdns",
-        }
-    }
-}
-
-/// A failed check: the reply it gives and whether it is enforced (false:
-/// observe-only, logged and counted).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verdict {
-    pub check: Check,
-    pub code: u16,
-    pub enh: &'static str,
-    pub text: String,
-    pub enforce: bool,
-}
-
-impl Verdict {
-    /// The same verdict given at connect (as the greeting or instead of
-    /// it): 554 for a permanent refusal, 421 for a temporary one.
-    pub fn at_connect(&self) -> (u16, &'static str) {
-        if self.code >= 500 {
-            (554, self.enh)
-        } else {
-            (421, self.enh)
-        }
-    }
-}
-
-/// Counts per check: how often it failed while observed, and enforced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CheckCount {
-    pub check: Check,
-    pub observed: u64,
-    pub enforced: u64,
-}
+pub use self::verdict::{Check, CheckCount, Verdict};
 
 /// The shared, reloadable policy: the current [`Generation`], swapped
 /// whole by [`Policy::reload`]. Admission loads it once per connection (a
@@ -203,7 +112,7 @@ impl Policy {
     }
 
     /// The current generation's limiters.
-    pub fn limits(&self) -> Arc<Limits> {
+    pub fn limits(&self) -> Arc<Limiters> {
         self.current.load().limits.clone()
     }
 
@@ -231,7 +140,7 @@ struct Counters {
 pub struct Generation {
     cfg: PolicyConfig,
     hostname: String,
-    limits: Arc<Limits>,
+    limits: Arc<Limiters>,
     dns: Option<Arc<Dns>>,
     pregreeters: Option<Arc<moka::sync::Cache<IpAddr, ()>>>,
     counts: Arc<Counters>,
@@ -283,7 +192,7 @@ impl Generation {
             hostname: hostname.to_string(),
             limits: match prev {
                 Some(g) => g.limits.reload(&cfg.limits),
-                None => Limits::new(&cfg.limits),
+                None => Limiters::new(&cfg.limits),
             },
             dns,
             pregreeters,
@@ -293,7 +202,7 @@ impl Generation {
 
     /// The generation for `cfg` that follows this one, carrying over: the
     /// session count, the concurrency counts and the unchanged rate
-    /// limiters (see [`Limits::reload`]), the resolver and its caches while
+    /// limiters (see [`Limiters::reload`]), the resolver and its caches while
     /// `[policy.dns]`, `rdns.max_names` and the DNSBL zones are unchanged,
     /// the pregreet memory while its lifetime and size are, and the verdict
     /// counts always. Builds only: [`Policy::reload`] swaps it in.
@@ -323,7 +232,7 @@ impl Generation {
         (kept, fresh)
     }
 
-    pub fn limits(&self) -> &Arc<Limits> {
+    pub fn limits(&self) -> &Arc<Limiters> {
         &self.limits
     }
 

@@ -1,10 +1,12 @@
 //! The `[policy]` configuration section: types, defaults and validation of
 //! admission policy settings (lists, limits, HELO, rDNS, DNSBL, pregreet,
-//! DNS). Plain data; the checks that use it live beside it in `policy/`.
+//! DNS), and the Redis URL check that validation runs. Plain data; the
+//! checks that use it live beside it in `policy/`.
 
 use std::net::SocketAddr;
 
 use ipnet::IpNet;
+use redis::IntoConnectionInfo;
 use serde::Deserialize;
 
 /// What a check does when it fails.
@@ -390,95 +392,26 @@ impl Default for DnsConfig {
 
 impl PolicyConfig {
     /// Semantic checks; `err(key, message)` with keys relative to the file.
+    /// One section after the other, then the settings that need another
+    /// section's.
     pub fn validate(&self, err: &mut dyn FnMut(String, String)) {
-        let secs = |v: f64| v.is_finite() && (0.0..1e7).contains(&v);
-        if !secs(self.tarpit) {
+        if !secs_ok(self.tarpit) {
             err("policy.tarpit".into(), "must be seconds >= 0".into());
         }
-        let l = &self.limits;
-        if l.ipv4_prefix > 32 {
-            err("policy.limits.ipv4_prefix".into(), "must be 0..=32".into());
+        self.limits.validate(err);
+        if let Some(r) = &self.limits.redis {
+            r.validate(err);
         }
-        if l.ipv6_prefix > 128 {
-            err("policy.limits.ipv6_prefix".into(), "must be 0..=128".into());
-        }
-        if l.max_tracked_keys == 0 {
-            err(
-                "policy.limits.max_tracked_keys".into(),
-                "must be > 0".into(),
-            );
-        }
-        if !(secs(l.sweep_interval) && l.sweep_interval > 0.0) {
-            err(
-                "policy.limits.sweep_interval".into(),
-                "must be seconds > 0".into(),
-            );
-        }
-        for (name, r) in [
-            ("connection_rate", &l.connection_rate),
-            ("message_rate", &l.message_rate),
-            ("recipient_rate", &l.recipient_rate),
-        ] {
-            for (which, rate) in [("per_ip", &r.per_ip), ("per_prefix", &r.per_prefix)] {
-                if let Some(rate) = rate {
-                    let key = format!("policy.limits.{name}.{which}");
-                    if rate.count == 0 {
-                        err(key.clone(), "count must be > 0".into());
-                    }
-                    if !(secs(rate.period) && rate.period > 0.0) {
-                        err(key.clone(), "period must be seconds > 0".into());
-                    }
-                    if rate.burst == Some(0) {
-                        err(key, "burst must be > 0".into());
-                    }
-                }
-            }
-            let has_url = l.redis.as_ref().is_some_and(|r| r.url.is_some());
-            if r.store == Store::Redis && !has_url {
-                err(
-                    format!("policy.limits.{name}.store"),
-                    "\"redis\" needs a [policy.limits.redis] section with a url".into(),
-                );
-            }
-        }
-        if let Some(r) = &l.redis {
-            match &r.url {
-                None => err(
-                    "policy.limits.redis.url".into(),
-                    "is required in [policy.limits.redis]".into(),
-                ),
-                Some(url) => {
-                    if let Err(e) = super::redis_rate::check_url(url) {
-                        err("policy.limits.redis.url".into(), e);
-                    }
-                }
-            }
-            if !(secs(r.timeout) && r.timeout > 0.0) {
-                err(
-                    "policy.limits.redis.timeout".into(),
-                    "must be seconds > 0".into(),
-                );
-            }
-        }
-        if self.rdns.max_names == 0 {
-            err("policy.rdns.max_names".into(), "must be > 0".into());
-        }
-        for (i, z) in self.dnsbl.zones.iter().enumerate() {
-            if z.name.is_empty() || z.name.starts_with('.') || z.name.contains("..") {
-                err(
-                    format!("policy.dnsbl.zone[{i}].name"),
-                    "must be a DNS zone name".into(),
-                );
-            }
-            for c in &z.codes {
-                if parse_code_range(c).is_none() {
-                    err(
-                        format!("policy.dnsbl.zone[{i}].codes"),
-                        format!("{c:?}: expected an IPv4 address or a range a.b.c.d..e.f.g.h"),
-                    );
-                }
-            }
-        }
+        self.rdns.validate(err);
+        self.dnsbl.validate(err);
+        self.validate_needs(err);
+        self.pregreet.validate(err);
+        self.dns.validate(err);
+    }
+
+    /// Settings that need another one: enforced rDNS checks and HELO
+    /// matching need the rDNS lookup, a DNSBL action needs zones.
+    fn validate_needs(&self, err: &mut dyn FnMut(String, String)) {
         for (k, a) in [
             ("no_ptr", self.rdns.no_ptr),
             ("mismatch", self.rdns.mismatch),
@@ -503,21 +436,170 @@ impl PolicyConfig {
                 "dnsbl.action is set but no [[policy.dnsbl.zone]] is given".into(),
             );
         }
-        let p = &self.pregreet;
-        if !secs(p.delay) {
+    }
+}
+
+/// Seconds a setting may hold: finite, `0..1e7`.
+fn secs_ok(v: f64) -> bool {
+    v.is_finite() && (0.0..1e7).contains(&v)
+}
+
+impl LimitsConfig {
+    /// `[policy.limits]` and its rates (`[policy.limits.redis]` is
+    /// [`RedisConfig::validate`]).
+    fn validate(&self, err: &mut dyn FnMut(String, String)) {
+        let l = self;
+        if l.ipv4_prefix > 32 {
+            err("policy.limits.ipv4_prefix".into(), "must be 0..=32".into());
+        }
+        if l.ipv6_prefix > 128 {
+            err("policy.limits.ipv6_prefix".into(), "must be 0..=128".into());
+        }
+        if l.max_tracked_keys == 0 {
+            err(
+                "policy.limits.max_tracked_keys".into(),
+                "must be > 0".into(),
+            );
+        }
+        if !(secs_ok(l.sweep_interval) && l.sweep_interval > 0.0) {
+            err(
+                "policy.limits.sweep_interval".into(),
+                "must be seconds > 0".into(),
+            );
+        }
+        for (name, r) in [
+            ("connection_rate", &l.connection_rate),
+            ("message_rate", &l.message_rate),
+            ("recipient_rate", &l.recipient_rate),
+        ] {
+            for (which, rate) in [("per_ip", &r.per_ip), ("per_prefix", &r.per_prefix)] {
+                if let Some(rate) = rate {
+                    let key = format!("policy.limits.{name}.{which}");
+                    if rate.count == 0 {
+                        err(key.clone(), "count must be > 0".into());
+                    }
+                    if !(secs_ok(rate.period) && rate.period > 0.0) {
+                        err(key.clone(), "period must be seconds > 0".into());
+                    }
+                    if rate.burst == Some(0) {
+                        err(key, "burst must be > 0".into());
+                    }
+                }
+            }
+            let has_url = l.redis.as_ref().is_some_and(|r| r.url.is_some());
+            if r.store == Store::Redis && !has_url {
+                err(
+                    format!("policy.limits.{name}.store"),
+                    "\"redis\" needs a [policy.limits.redis] section with a url".into(),
+                );
+            }
+        }
+    }
+}
+
+impl RedisConfig {
+    /// `[policy.limits.redis]`.
+    fn validate(&self, err: &mut dyn FnMut(String, String)) {
+        let r = self;
+        match &r.url {
+            None => err(
+                "policy.limits.redis.url".into(),
+                "is required in [policy.limits.redis]".into(),
+            ),
+            Some(url) => {
+                if let Err(e) = check_url(url) {
+                    err("policy.limits.redis.url".into(), e);
+                }
+            }
+        }
+        if !(secs_ok(r.timeout) && r.timeout > 0.0) {
+            err(
+                "policy.limits.redis.timeout".into(),
+                "must be seconds > 0".into(),
+            );
+        }
+    }
+}
+
+/// Checks that `url` is one the Redis client can connect to (without
+/// connecting): for `check-config`.
+pub fn check_url(url: &str) -> Result<(), String> {
+    if url.starts_with("rediss://") {
+        return Err(format!(
+            "{url:?}: TLS to Redis (rediss://) is not built in; use redis:// on a private network, or unix://"
+        ));
+    }
+    if !(url.starts_with("redis://")
+        || url.starts_with("unix://")
+        || url.starts_with("redis+unix://"))
+    {
+        return Err(format!(
+            "{url:?}: expected redis://[user:password@]host[:port][/db] or unix:///path"
+        ));
+    }
+    match url.into_connection_info() {
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("{url:?}: {e}")),
+    }
+}
+
+impl RdnsConfig {
+    /// `[policy.rdns]` on its own (its actions' need of the lookup is
+    /// checked with the other needs).
+    fn validate(&self, err: &mut dyn FnMut(String, String)) {
+        if self.max_names == 0 {
+            err("policy.rdns.max_names".into(), "must be > 0".into());
+        }
+    }
+}
+
+impl DnsblConfig {
+    /// `[[policy.dnsbl.zone]]` (the action's need of zones is checked with
+    /// the other needs).
+    fn validate(&self, err: &mut dyn FnMut(String, String)) {
+        for (i, z) in self.zones.iter().enumerate() {
+            if z.name.is_empty() || z.name.starts_with('.') || z.name.contains("..") {
+                err(
+                    format!("policy.dnsbl.zone[{i}].name"),
+                    "must be a DNS zone name".into(),
+                );
+            }
+            for c in &z.codes {
+                if parse_code_range(c).is_none() {
+                    err(
+                        format!("policy.dnsbl.zone[{i}].codes"),
+                        format!("{c:?}: expected an IPv4 address or a range a.b.c.d..e.f.g.h"),
+                    );
+                }
+            }
+        }
+    }
+}
+
+impl PregreetConfig {
+    /// `[policy.pregreet]`.
+    fn validate(&self, err: &mut dyn FnMut(String, String)) {
+        let p = self;
+        if !secs_ok(p.delay) {
             err(
                 "policy.pregreet.delay".into(),
                 "must be seconds >= 0".into(),
             );
         }
-        if !secs(p.remember) {
+        if !secs_ok(p.remember) {
             err(
                 "policy.pregreet.remember".into(),
                 "must be seconds >= 0".into(),
             );
         }
-        let d = &self.dns;
-        if !(secs(d.timeout) && d.timeout > 0.0) {
+    }
+}
+
+impl DnsConfig {
+    /// `[policy.dns]`.
+    fn validate(&self, err: &mut dyn FnMut(String, String)) {
+        let d = self;
+        if !(secs_ok(d.timeout) && d.timeout > 0.0) {
             err("policy.dns.timeout".into(), "must be seconds > 0".into());
         }
         if d.attempts == 0 {
@@ -531,7 +613,7 @@ impl PolicyConfig {
             ("max_ttl", d.max_ttl),
             ("negative_ttl", d.negative_ttl),
         ] {
-            if !secs(v) {
+            if !secs_ok(v) {
                 err(format!("policy.dns.{k}"), "must be seconds >= 0".into());
             }
         }
@@ -660,5 +742,21 @@ mod tests {
         assert_eq!(errors(&p), ["policy.rdns.no_ptr", "policy.helo.match_rdns"]);
         p.rdns.lookup = true;
         assert!(errors(&p).is_empty());
+    }
+
+    #[test]
+    fn urls_checked() {
+        assert!(check_url("redis://127.0.0.1:6379").is_ok());
+        assert!(check_url("redis://:secret@redis.internal/3").is_ok());
+        assert!(check_url("unix:///run/redis.sock").is_ok());
+        for bad in [
+            "",
+            "127.0.0.1:6379",
+            "http://x",
+            "redis://",
+            "redis://host:notaport",
+        ] {
+            assert!(check_url(bad).is_err(), "{bad}");
+        }
     }
 }

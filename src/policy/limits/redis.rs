@@ -1,7 +1,7 @@
 //! Rate limits shared on Redis (`store = "redis"`): a local allowance per
 //! key in front of a GCRA bucket in Redis, the one task that talks to Redis,
 //! and what the limits do while Redis is slow or down. Owns no reply codes
-//! and no per-instance limiter: `limits.rs` wraps each [`Remote`] around its
+//! and no per-instance limiter: `rate.rs` wraps each [`Remote`] around its
 //! local governor limiter, which serves as the provisional judge and the
 //! fallback.
 //!
@@ -89,12 +89,12 @@ use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use governor::clock::Clock;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{IntoConnectionInfo, RedisResult, Script, ServerErrorKind, Value};
+use redis::{RedisResult, Script, ServerErrorKind, Value};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::limits::{Scope, TimeSource};
-use super::settings::{OnFailure, Rate, RedisConfig};
+use super::clock::{claim_emergency_sweep, TimeSource};
+use crate::policy::settings::{OnFailure, Rate, RedisConfig};
 
 /// GCRA on one key in one atomic step.
 ///
@@ -139,28 +139,6 @@ const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// A probe (and a connection attempt) may take this long at least,
 /// whatever `timeout` is: it runs in the background.
 const PROBE_TIMEOUT_MIN: Duration = Duration::from_secs(1);
-
-/// Checks that `url` is one the Redis client can connect to (without
-/// connecting): for `check-config`.
-pub fn check_url(url: &str) -> Result<(), String> {
-    if url.starts_with("rediss://") {
-        return Err(format!(
-            "{url:?}: TLS to Redis (rediss://) is not built in; use redis:// on a private network, or unix://"
-        ));
-    }
-    if !(url.starts_with("redis://")
-        || url.starts_with("unix://")
-        || url.starts_with("redis+unix://"))
-    {
-        return Err(format!(
-            "{url:?}: expected redis://[user:password@]host[:port][/db] or unix:///path"
-        ));
-    }
-    match url.into_connection_info() {
-        Ok(_) => Ok(()),
-        Err(e) => Err(format!("{url:?}: {e}")),
-    }
-}
 
 /// Why a Redis call counted as failed (the `reason` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -366,14 +344,14 @@ pub struct Remote {
 }
 
 impl Remote {
-    /// The Redis side of a limiter at `rate` over `scope` keys; None for a
-    /// rate that cannot limit anything (refused by validation anyway).
-    #[allow(clippy::too_many_arguments)]
+    /// The Redis side of a limiter at `rate` over per-IP keys (`prefix`
+    /// None) or prefix keys (`prefix`: the prefix lengths, IPv4 and IPv6,
+    /// named in the key); None for a rate that cannot limit anything
+    /// (refused by validation anyway).
     pub(super) fn new(
         link: Arc<Link>,
         limit: &'static str,
-        scope: Scope,
-        prefixes: (u8, u8),
+        prefix: Option<(u8, u8)>,
         rate: &Rate,
         cap: usize,
         clock: TimeSource,
@@ -388,7 +366,7 @@ impl Remote {
         Some(Arc::new(Remote {
             link,
             limit,
-            prefix: (scope == Scope::Prefix).then_some(prefixes),
+            prefix,
             t_us,
             cap_us: t_us.saturating_mul(burst),
             lease_max: (burst / 8).clamp(1, 64) as u32,
@@ -560,7 +538,7 @@ impl Remote {
     }
 
     fn emergency_sweep(&self, now: u64) {
-        if super::limits::claim_emergency_sweep(&self.next_sweep, now) {
+        if claim_emergency_sweep(&self.next_sweep, now) {
             self.retain_idle(now);
         }
     }
@@ -907,8 +885,7 @@ mod tests {
         let lim = Remote::new(
             link.clone(),
             "connection_rate",
-            Scope::Ip,
-            (24, 64),
+            None,
             &r,
             1000,
             TimeSource::Fake(clock.clone()),
@@ -1112,8 +1089,7 @@ mod tests {
         let p = Remote::new(
             link,
             "message_rate",
-            Scope::Prefix,
-            (24, 48),
+            Some((24, 48)),
             &rate(5, 60.0, None),
             10,
             TimeSource::Fake(clock),
@@ -1164,22 +1140,6 @@ mod tests {
             Value::Array(vec![Value::Int(1), Value::Int(2), Value::Int(3)]),
         ] {
             assert_eq!(parse_answer(&bad), None, "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn urls_checked() {
-        assert!(check_url("redis://127.0.0.1:6379").is_ok());
-        assert!(check_url("redis://:secret@redis.internal/3").is_ok());
-        assert!(check_url("unix:///run/redis.sock").is_ok());
-        for bad in [
-            "",
-            "127.0.0.1:6379",
-            "http://x",
-            "redis://",
-            "redis://host:notaport",
-        ] {
-            assert!(check_url(bad).is_err(), "{bad}");
         }
     }
 }
