@@ -22,7 +22,7 @@ use smtp_edge::server::Server;
 /// 2026-12-01: 3.01 per message, the three boxed futures of a transaction
 /// (`Backends::begin` in `while_client_stays`, `Txn::replies`, `data_phase`;
 /// 0.01 with them inline, which costs ~6 KB of RSS per idle connection:
-/// see session.rs), 9.01 before the transaction's buffers stayed with the
+/// see session/mod.rs), 9.01 before the transaction's buffers stayed with the
 /// backend connection, 17.02 before replies kept their text inline, 19.02
 /// before the transaction counters were made once; debug and release alike,
 /// with no tracing subscriber installed (spans and log lines off: what the
