@@ -238,19 +238,44 @@ impl Postfix {
     }
 
     /// Starts it again after `stop`, on the same port, with its queue.
+    /// Robust against a slow or failed start on a busy machine (it once
+    /// failed in CI's first full run, listening not within 5 s): the
+    /// stop's leftovers (processes killed but not yet gone) are awaited
+    /// first, and a start that is not listening within 8 s is stopped and
+    /// tried again, for up to 25 s in all.
     pub fn start_again(&self) {
-        let out = Command::new(&self.postfix)
-            .arg("-c")
-            .arg(self.conf_dir())
-            .arg("start")
-            .output()
-            .expect("run postfix start");
-        assert!(
-            out.status.success() && wait_listening(&self.addr, Duration::from_secs(5)).is_some(),
-            "postfix start again: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.log()
-        );
+        let end = Instant::now() + Duration::from_secs(25);
+        let mut tries = Vec::new();
+        loop {
+            let gone_by = Instant::now() + Duration::from_secs(3);
+            while !processes(self.dir.path()).is_empty() && Instant::now() < gone_by {
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            let t = Instant::now();
+            let out = Command::new(&self.postfix)
+                .arg("-c")
+                .arg(self.conf_dir())
+                .arg("start")
+                .output()
+                .expect("run postfix start");
+            if out.status.success() && wait_listening(&self.addr, Duration::from_secs(8)).is_some()
+            {
+                return;
+            }
+            tries.push(format!(
+                "start exit {:?} after {:?}: {}",
+                out.status.code(),
+                t.elapsed(),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+            assert!(
+                Instant::now() < end,
+                "postfix start again:\n{}\n{}",
+                tries.join("\n"),
+                self.log()
+            );
+            shutdown(&self.postfix, self.dir.path());
+        }
     }
 
     /// Waits until its queue holds no message (every one accepted has been
