@@ -58,6 +58,7 @@ fn pool(c: &mut Criterion) {
             probe_interval: Duration::from_secs(2),
             probe_interval_max: Duration::from_secs(60),
             generation: 1,
+            tls: None,
         },
         smtp_edge::telemetry::metrics::Metrics::new().backend("bench"),
     );

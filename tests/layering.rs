@@ -21,7 +21,8 @@ const RULES: &[(&str, &[&str])] = &[
     ("tls", &[]),
     ("policy", &["smtp", "telemetry"]),
     ("config", &["smtp", "telemetry", "tls", "policy"]),
-    ("relay", &["smtp", "telemetry", "timer", "config"]),
+    // `tls` for loading a client certificate pair (TLS to the backends).
+    ("relay", &["smtp", "telemetry", "timer", "tls", "config"]),
     (
         "session",
         &[

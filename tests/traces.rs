@@ -637,3 +637,51 @@ async fn backend_refusals_pass_through_without_the_trace_id() {
     );
     assert_eq!(c.cmd("QUIT").await.code, 221);
 }
+
+/// TLS to the backend: the new backend connection of a traced transaction
+/// has its `tls.handshake` span under `smtp.backend` (a full handshake,
+/// TLS 1.3, the backend's name), and `/metrics` counts the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_tls_handshake_is_a_span_under_the_backend_span() {
+    let rx = Receiver::grpc().await;
+    let mut sink = smtp_load::SinkConfig::new("127.0.0.1:0".parse().unwrap());
+    sink.tls = Some(smtp_load::tls::self_signed_server_config().unwrap());
+    let sink = smtp_load::SinkServer::start(sink).await.unwrap();
+    let backend = format!(
+        "{}\"\ntls = \"starttls\"\ntls_verify = false\ntls_server_name = \"localhost",
+        sink.local_addr()
+    );
+    let edge = start_edge(&backend, &format!("otlp_endpoint = \"{}\"", rx.endpoint)).await;
+    plain_message(edge.addr, "over tls").await;
+    let spans = rx
+        .wait(Duration::from_secs(15), |s| {
+            s.iter().any(|x| x.name == "tls.handshake")
+                && s.iter().any(|x| x.name == "smtp.backend")
+        })
+        .await;
+    let names: Vec<&str> = spans.iter().map(|s| s.name.as_str()).collect();
+    let hs: Vec<&Got> = spans.iter().filter(|s| s.name == "tls.handshake").collect();
+    assert_eq!(hs.len(), 1, "{names:?}\n{}", edge.log());
+    let parent = by_id(&spans, &hs[0].parent).expect("handshake's parent received");
+    assert_eq!(parent.name, "smtp.backend", "{:?}", hs[0]);
+    assert_eq!(
+        hs[0].attr("server.address"),
+        Some("localhost"),
+        "{:?}",
+        hs[0]
+    );
+    assert_eq!(hs[0].attr("tls.resumed"), Some("false"), "{:?}", hs[0]);
+    assert_eq!(
+        hs[0].attr("tls.protocol.version"),
+        Some("1.3"),
+        "{:?}",
+        hs[0]
+    );
+    assert!(hs[0].attr("error.type").is_none(), "{:?}", hs[0]);
+    let (_, metrics) = http_get(edge.admin, "/metrics").await;
+    let line = format!(
+        "smtp_edge_backend_tls_handshakes_total{{backend=\"{}\"}} 1",
+        sink.local_addr()
+    );
+    assert!(metrics.contains(&line), "{line}\n{metrics}");
+}

@@ -202,6 +202,21 @@ pub enum IdentityMode {
     None,
 }
 
+/// TLS to an SMTP backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendTlsMode {
+    /// Plaintext.
+    #[default]
+    None,
+    /// STARTTLS when the backend offers it, plaintext otherwise.
+    Opportunistic,
+    /// STARTTLS, required: without it nothing is sent.
+    Starttls,
+    /// TLS from the first byte (port 465 style), required.
+    Implicit,
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
@@ -230,6 +245,29 @@ pub struct BackendConfig {
     pub probe_interval: f64,
     #[serde(default = "default_probe_interval_max")]
     pub probe_interval_max: f64,
+    /// TLS to this backend.
+    #[serde(default)]
+    pub tls: BackendTlsMode,
+    /// Check the backend's certificate chain and name (false: any
+    /// certificate; logged as a warning at start).
+    #[serde(default = "default_true")]
+    pub tls_verify: bool,
+    /// The name the certificate must carry (default: the host of
+    /// `address`, a DNS name or an IP address).
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
+    /// PEM file of CA certificates trusted besides the system's.
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM chain) and key for mTLS.
+    #[serde(default)]
+    pub tls_certificate: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_private_key: Option<PathBuf>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_hostname() -> String {

@@ -4,8 +4,8 @@
 //! keys are found before this, by deserializing (`toml_paths.rs`).
 
 use super::{
-    split_host_port, BackendConfig, Config, ConfigError, ListenerConfig, SessionLimits,
-    TelemetryConfig, Timeouts, TlsConfig, TlsMode, MAX_SESSION_CACHE,
+    split_host_port, BackendConfig, BackendTlsMode, Config, ConfigError, ListenerConfig,
+    SessionLimits, TelemetryConfig, Timeouts, TlsConfig, TlsMode, MAX_SESSION_CACHE,
 };
 
 impl Config {
@@ -290,6 +290,91 @@ fn backends(backends: &[BackendConfig], err: &mut dyn FnMut(String, String)) {
                 "must be >= probe_interval".into(),
             );
         }
+        backend_tls(i, b, err);
+    }
+}
+
+/// A backend's TLS keys: only on an SMTP backend, only with `tls` on
+/// (`tls_verify = false` included), readable files, a key that is its
+/// certificate's, a name a certificate can carry.
+fn backend_tls(i: usize, b: &BackendConfig, err: &mut dyn FnMut(String, String)) {
+    use crate::tls::certs::{self, PairError};
+    let set: Vec<&str> = [
+        ("tls_verify", !b.tls_verify),
+        ("tls_server_name", b.tls_server_name.is_some()),
+        ("tls_ca", b.tls_ca.is_some()),
+        ("tls_certificate", b.tls_certificate.is_some()),
+        ("tls_private_key", b.tls_private_key.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(k, on)| on.then_some(k))
+    .collect();
+    if b.maildir.is_some() {
+        if b.tls != BackendTlsMode::None {
+            err(
+                format!("backend[{i}].tls"),
+                "TLS applies to SMTP backends (`address`), not to a Maildir".into(),
+            );
+        }
+        for k in set {
+            err(
+                format!("backend[{i}].{k}"),
+                "TLS applies to SMTP backends (`address`), not to a Maildir".into(),
+            );
+        }
+        return;
+    }
+    if b.tls == BackendTlsMode::None {
+        for k in set {
+            err(
+                format!("backend[{i}].{k}"),
+                "has no effect without TLS: set tls = \"opportunistic\", \"starttls\" or \"implicit\""
+                    .into(),
+            );
+        }
+        return;
+    }
+    if let Some(name) = &b.tls_server_name {
+        if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+            err(
+                format!("backend[{i}].tls_server_name"),
+                format!("{name:?} is not a DNS name or an IP address"),
+            );
+        }
+    }
+    if let Some(ca) = &b.tls_ca {
+        use rustls::pki_types::pem::PemObject;
+        match rustls::pki_types::CertificateDer::pem_file_iter(ca)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        {
+            Ok(v) if v.is_empty() => err(
+                format!("backend[{i}].tls_ca"),
+                format!("{}: no certificate found in PEM file", ca.display()),
+            ),
+            Ok(_) => {}
+            Err(e) => err(
+                format!("backend[{i}].tls_ca"),
+                format!("{}: {e}", ca.display()),
+            ),
+        }
+    }
+    match (&b.tls_certificate, &b.tls_private_key) {
+        (Some(cert), Some(key)) => match certs::load(cert, key, Some(&[])) {
+            Ok(_) => {}
+            Err(PairError::Certificate(m)) => err(format!("backend[{i}].tls_certificate"), m),
+            Err(PairError::Key(m) | PairError::Names(m)) => {
+                err(format!("backend[{i}].tls_private_key"), m)
+            }
+        },
+        (Some(_), None) => err(
+            format!("backend[{i}].tls_private_key"),
+            "required with tls_certificate".into(),
+        ),
+        (None, Some(_)) => err(
+            format!("backend[{i}].tls_certificate"),
+            "required with tls_private_key".into(),
+        ),
+        (None, None) => {}
     }
 }
 
@@ -548,5 +633,68 @@ mod tests {
             8,
             "",
         );
+    }
+
+    /// `[[backend]]` TLS keys: each error names its key and line.
+    #[test]
+    fn backend_tls_errors_named_with_key_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c1, k1) = pair(dir.path(), "a", "a.test");
+        let (_, k2) = pair(dir.path(), "b", "b.test");
+        let parse = |backend: &str| -> Vec<(String, usize, String)> {
+            let text = format!("[[listener]]\naddress = \"127.0.0.1:25\"\n[[backend]]\n{backend}");
+            match Config::parse(&text) {
+                Ok(_) => Vec::new(),
+                Err(errs) => errs
+                    .into_iter()
+                    .map(|e| (e.key, e.line, e.message))
+                    .collect(),
+            }
+        };
+        let has = |errs: &[(String, usize, String)], key: &str, line: usize, msg: &str| {
+            assert!(
+                errs.iter()
+                    .any(|(k, l, m)| k == key && *l == line && m.contains(msg)),
+                "want {key} line {line} ~ {msg:?}: {errs:?}"
+            );
+        };
+        // A client certificate and a CA file that are fine.
+        assert_eq!(
+            parse(&format!(
+                "address = \"a:25\"\ntls = \"starttls\"\ntls_ca = \"{c1}\"\ntls_certificate = \"{c1}\"\ntls_private_key = \"{k1}\"\n"
+            )),
+            Vec::new()
+        );
+        // TLS keys on a Maildir backend.
+        let e = parse("maildir = \"/tmp/m\"\ntls = \"starttls\"\ntls_verify = false\n");
+        has(&e, "backend[0].tls", 5, "not to a Maildir");
+        has(&e, "backend[0].tls_verify", 6, "not to a Maildir");
+        // tls_verify = false (or any TLS key) without TLS.
+        let e = parse("address = \"a:25\"\ntls_verify = false\n");
+        has(&e, "backend[0].tls_verify", 5, "without TLS");
+        // Unreadable files, a key that is not its certificate's, half a pair.
+        let e = parse(
+            "address = \"a:25\"\ntls = \"implicit\"\ntls_ca = \"/nonexistent/ca.pem\"\ntls_certificate = \"/nonexistent/c.pem\"\ntls_private_key = \"/nonexistent/k.pem\"\n",
+        );
+        has(&e, "backend[0].tls_ca", 6, "/nonexistent/ca.pem");
+        has(&e, "backend[0].tls_certificate", 7, "/nonexistent/c.pem");
+        let e = parse(&format!(
+            "address = \"a:25\"\ntls = \"starttls\"\ntls_certificate = \"{c1}\"\ntls_private_key = \"{k2}\"\n"
+        ));
+        has(&e, "backend[0].tls_private_key", 7, "does not match");
+        let e = parse(&format!(
+            "address = \"a:25\"\ntls = \"starttls\"\ntls_certificate = \"{c1}\"\n"
+        ));
+        has(
+            &e,
+            "backend[0].tls_private_key",
+            3,
+            "required with tls_certificate",
+        );
+        // A name no certificate can carry; an unknown mode.
+        let e = parse("address = \"a:25\"\ntls = \"starttls\"\ntls_server_name = \"not a name\"\n");
+        has(&e, "backend[0].tls_server_name", 6, "not a DNS name");
+        let e = parse("address = \"a:25\"\ntls = \"sometimes\"\n");
+        has(&e, "backend[0].tls", 5, "unknown variant");
     }
 }

@@ -1,6 +1,9 @@
-//! Backend SMTP client connection: connect, greeting, EHLO and capabilities,
-//! reply reading with timeouts, XFORWARD / XCLIENT command building. One
-//! `BackendConn` is one TCP connection to one backend; pooling is elsewhere.
+//! Backend SMTP client connection: connect, TLS (implicit, or STARTTLS
+//! after the greeting as `[[backend]] tls` says), greeting, EHLO and
+//! capabilities, reply reading with timeouts, XFORWARD / XCLIENT command
+//! building. One `BackendConn` is one TCP connection to one backend;
+//! pooling is elsewhere. A connection that must be TLS is never used in
+//! plaintext: `open` fails before any mail command.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -9,6 +12,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
+use super::tls::{BackendStream, BackendTls};
+use crate::config::BackendTlsMode;
 use crate::smtp::{Reply, ReplyError};
 
 /// Why a backend conversation failed.
@@ -28,6 +33,13 @@ pub enum BackendError {
     Refused(Reply),
     #[error("no backend connection available")]
     Exhausted,
+    /// TLS required and not had: `reason` is a metric label
+    /// (not_offered, refused, certificate, handshake, timeout).
+    #[error("TLS to the backend: {detail}")]
+    Tls {
+        reason: &'static str,
+        detail: String,
+    },
 }
 
 /// What the backend said it supports in its EHLO reply.
@@ -40,6 +52,8 @@ pub struct Caps {
     pub smtputf8: bool,
     /// CHUNKING (RFC 3030): BDAT is relayed as BDAT.
     pub chunking: bool,
+    /// STARTTLS (RFC 3207).
+    pub starttls: bool,
     /// XFORWARD attribute names (upper case); empty when not offered.
     pub xforward: Vec<String>,
     /// XCLIENT attribute names (upper case); empty when not offered.
@@ -61,6 +75,7 @@ impl Caps {
                 "8BITMIME" => caps.eightbitmime = true,
                 "SMTPUTF8" => caps.smtputf8 = true,
                 "CHUNKING" => caps.chunking = true,
+                "STARTTLS" => caps.starttls = true,
                 "XFORWARD" => caps.xforward = words.map(|w| w.to_ascii_uppercase()).collect(),
                 "XCLIENT" => caps.xclient = words.map(|w| w.to_ascii_uppercase()).collect(),
                 _ => {}
@@ -72,7 +87,7 @@ impl Caps {
 
 /// One connection to a backend, greeted and EHLO'd.
 pub struct BackendConn {
-    pub(crate) stream: TcpStream,
+    pub(crate) stream: BackendStream,
     rbuf: Vec<u8>,
     pub caps: Caps,
     /// Transactions started on this connection.
@@ -117,15 +132,19 @@ async fn timed<T>(
 static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl BackendConn {
-    /// Connects, reads the greeting and says EHLO (HELO if EHLO is refused).
+    /// Connects, reads the greeting and says EHLO (HELO if EHLO is refused);
+    /// with `tls`, the TLS handshake first (implicit) or STARTTLS after the
+    /// EHLO and EHLO again. Everything but the EHLOs within
+    /// `connect_timeout`.
     pub async fn open(
         addr: &str,
         backend: usize,
         helo_name: &str,
         connect_timeout: Duration,
         command_timeout: Duration,
+        tls: Option<&BackendTls>,
     ) -> Result<BackendConn, BackendError> {
-        let stream = timed(connect_timeout, async {
+        let tcp = timed(connect_timeout, async {
             TcpStream::connect(addr)
                 .await
                 .map_err(|err| BackendError::Connect {
@@ -134,7 +153,13 @@ impl BackendConn {
                 })
         })
         .await?;
-        stream.set_nodelay(true)?;
+        tcp.set_nodelay(true)?;
+        let stream = match tls {
+            Some(t) if t.mode == BackendTlsMode::Implicit => {
+                BackendStream::Tls(Box::new(t.handshake(tcp, connect_timeout).await?))
+            }
+            _ => BackendStream::Plain(tcp),
+        };
         let mut conn = BackendConn {
             stream,
             rbuf: Vec::with_capacity(512),
@@ -157,7 +182,61 @@ impl BackendConn {
             return Err(BackendError::Refused(greeting));
         }
         conn.ehlo(helo_name, command_timeout).await?;
+        if let Some(t) = tls.filter(|t| t.mode != BackendTlsMode::Implicit) {
+            conn.starttls(t, helo_name, connect_timeout, command_timeout)
+                .await?;
+        }
         Ok(conn)
+    }
+
+    /// STARTTLS on a greeted plaintext connection, then EHLO again. Not
+    /// offered: an error when TLS is required, plaintext otherwise
+    /// (`opportunistic`).
+    async fn starttls(
+        &mut self,
+        tls: &BackendTls,
+        helo_name: &str,
+        connect_timeout: Duration,
+        command_timeout: Duration,
+    ) -> Result<(), BackendError> {
+        if !self.caps.starttls {
+            if !tls.required() {
+                return Ok(());
+            }
+            return Err(BackendError::Tls {
+                reason: "not_offered",
+                detail: "the backend does not offer STARTTLS".into(),
+            });
+        }
+        self.send(b"STARTTLS\r\n").await?;
+        let r = self.read_reply(command_timeout).await?;
+        if r.code != 220 {
+            return Err(BackendError::Tls {
+                reason: "refused",
+                detail: format!("STARTTLS refused: {} {}", r.code, r.text()),
+            });
+        }
+        // Bytes after the 220 and before the handshake would be read as
+        // if they came over TLS: refuse them, as a server must.
+        if !self.rbuf.is_empty() {
+            return Err(BackendError::Tls {
+                reason: "handshake",
+                detail: "bytes after the 220 to STARTTLS".into(),
+            });
+        }
+        let BackendStream::Plain(tcp) =
+            std::mem::replace(&mut self.stream, BackendStream::Detached)
+        else {
+            return Err(BackendError::Closed);
+        };
+        self.stream = BackendStream::Tls(Box::new(tls.handshake(tcp, connect_timeout).await?));
+        self.caps = Caps::default();
+        self.ehlo(helo_name, command_timeout).await
+    }
+
+    /// Whether this connection is TLS, and whether its session was resumed.
+    pub fn tls_resumed(&self) -> Option<bool> {
+        self.stream.tls_resumed()
     }
 
     /// EHLO (falling back to HELO); records capabilities.
@@ -223,19 +302,18 @@ impl BackendConn {
 
     /// True when the idle connection still looks usable: nothing to read
     /// (a backend that said 421 or closed has something pending).
-    pub fn idle_ok(&self) -> bool {
-        if !self.rbuf.is_empty() {
-            return false;
-        }
-        let mut b = [0u8; 1];
-        matches!(self.stream.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    pub fn idle_ok(&mut self) -> bool {
+        self.rbuf.is_empty() && self.stream.idle_ok()
     }
 
-    /// Sends QUIT and waits briefly for the reply; errors are ignored.
+    /// Sends QUIT and waits briefly for the reply, then closes (a TLS
+    /// session with its close_notify); errors are ignored, all within 2 s.
     pub async fn quit(mut self) {
         let _ = timed(Duration::from_secs(2), async {
             self.send(b"QUIT\r\n").await?;
-            self.read_reply(Duration::from_secs(2)).await.map(|_| ())
+            self.read_reply(Duration::from_secs(2)).await?;
+            self.stream.shutdown().await?;
+            Ok(())
         })
         .await;
     }

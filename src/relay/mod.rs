@@ -14,6 +14,7 @@ pub mod client;
 pub mod maildir;
 pub mod pool;
 mod select;
+pub mod tls;
 mod txn;
 
 use std::collections::VecDeque;
@@ -51,6 +52,17 @@ pub struct Backends {
 
 fn temp_failure(text: &str) -> Reply {
     own(Reply::new(451, EnhancedCode(4, 4, 1), text))
+}
+
+/// No backend could be reached with the TLS its configuration requires
+/// (not offered, refused, an untrusted certificate): nothing was sent in
+/// plaintext. RFC 3463 X.7.10 "Encryption needed".
+fn tls_failure() -> Reply {
+    own(Reply::new(
+        451,
+        EnhancedCode(4, 7, 10),
+        "TLS to the backend failed, try again later",
+    ))
 }
 
 /// A backend's 421 (it is closing the connection) as the client hears it:

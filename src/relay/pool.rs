@@ -20,6 +20,7 @@ use deadpool::Runtime;
 use tokio::sync::Semaphore;
 
 use super::client::{BackendConn, BackendError};
+use super::tls::BackendTls;
 use crate::telemetry::metrics::BackendMetrics;
 
 /// Settings of one pool.
@@ -43,6 +44,8 @@ pub struct PoolSettings {
     pub probe_interval_max: Duration,
     /// The relay generation its connections belong to.
     pub generation: u64,
+    /// TLS to the backend (`tls` other than "none").
+    pub tls: Option<Arc<BackendTls>>,
 }
 
 /// A pool's state at one moment (for metrics).
@@ -92,16 +95,26 @@ impl Manager {
             &s.helo_name,
             s.connect_timeout,
             s.command_timeout,
+            s.tls.as_deref(),
         )
         .await;
         match &mut r {
             Ok(conn) => {
                 conn.generation = s.generation;
                 self.metrics.created.inc();
+                if let Some(resumed) = conn.tls_resumed() {
+                    self.metrics.tls_handshakes.inc();
+                    if resumed {
+                        self.metrics.tls_resumed.inc();
+                    }
+                }
                 self.record_success();
             }
             Err(e) => {
                 self.metrics.connect_failures.inc();
+                if let BackendError::Tls { reason, .. } = e {
+                    self.metrics.tls_failure(reason);
+                }
                 self.record_failure(e);
             }
         }

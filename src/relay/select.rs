@@ -13,11 +13,13 @@ use std::time::Duration;
 use super::client::{identity_commands, BackendError, ClientIdentity};
 use super::maildir::Maildir;
 use super::pool::{Pool, PoolSettings, PoolStat, PooledConn, Wait};
-use super::{temp_failure, Backend, Backends, Inner, Txn, GENERATIONS};
+use super::tls::BackendTls;
+use super::{temp_failure, tls_failure, Backend, Backends, Inner, Txn, GENERATIONS};
 use crate::config::{Config, IdentityMode};
 use crate::smtp::{EnhancedCode, Reply};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::own;
+use tracing::Instrument;
 
 impl Backends {
     pub fn new(cfg: &Config, metrics: &Metrics) -> std::io::Result<Arc<Backends>> {
@@ -26,6 +28,15 @@ impl Backends {
         let mut backends = Vec::new();
         for (i, b) in cfg.backends.iter().enumerate() {
             if let Some(addr) = &b.address {
+                let tls = BackendTls::new(b).map_err(|e| {
+                    std::io::Error::other(format!("backend[{i}] ({addr}) TLS: {e}"))
+                })?;
+                if tls.is_some() && !b.tls_verify {
+                    tracing::warn!(
+                        backend = %addr,
+                        "tls_verify = false: the backend's certificate is not checked (any certificate, any name)"
+                    );
+                }
                 backends.push(Backend::Smtp {
                     pool: Pool::new(
                         PoolSettings {
@@ -42,6 +53,7 @@ impl Backends {
                             probe_interval: Duration::from_secs_f64(b.probe_interval),
                             probe_interval_max: Duration::from_secs_f64(b.probe_interval_max),
                             generation,
+                            tls,
                         },
                         metrics.backend(addr),
                     ),
@@ -166,7 +178,7 @@ impl Backends {
             }
             other => other,
         };
-        if let Some(conn) = dedicated {
+        if let Some(mut conn) = dedicated {
             if conn.idle_ok() {
                 return Ok(Txn::smtp(self.clone(), conn, false, true));
             }
@@ -177,6 +189,9 @@ impl Backends {
         let n = self.backends.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut busy = None;
+        // A backend that must be TLS and could not be: the client hears
+        // why (4.7.x), not just that no backend was there.
+        let mut tls_failed = false;
         for k in 0..n {
             let i = (start + k) % n;
             match &self.backends[i] {
@@ -204,11 +219,15 @@ impl Backends {
                     Err(BackendError::Exhausted) => {
                         busy.get_or_insert(i);
                     }
+                    Err(BackendError::Tls { .. }) => tls_failed = true,
                     Err(_) => {}
                 },
             }
         }
         let Some(i) = busy else {
+            if tls_failed {
+                return Err(tls_failure());
+            }
             return Err(temp_failure("No backend available, try again later"));
         };
         match self.begin_smtp(i, id, Wait::Yes).await {
@@ -218,6 +237,7 @@ impl Backends {
                 EnhancedCode(4, 4, 5),
                 "All backend connections busy, try again later",
             ))),
+            Err(BackendError::Tls { .. }) => Err(tls_failure()),
             Err(_) => Err(temp_failure("No backend available, try again later")),
         }
     }
@@ -234,29 +254,38 @@ impl Backends {
             return Err(BackendError::Closed);
         };
         let t0 = std::time::Instant::now();
+        // One span per backend exchange, from the checkout (a new
+        // connection's `tls.handshake` is its child) to the end of the
+        // transaction (it ends when the Txn goes).
+        let span = crate::span!(
+            crate::telemetry::in_traced(),
+            "smtp.backend",
+            "otel.kind" = "client",
+            "server.address" = pool.settings().addr.as_str(),
+            "smtp.backend.connection_id" = tracing::field::Empty,
+            "smtp.backend.reused" = tracing::field::Empty,
+            "smtp.backend.pool_wait_ms" = tracing::field::Empty,
+        );
         let opened = match identity {
             // Boxed: its connect and XCLIENT exchange would make every
             // checkout's future large.
             IdentityMode::Xclient => Box::pin(self.open_xclient(pool, id, wait))
+                .instrument(span.clone())
                 .await
                 .map(|c| (c, false, true)),
             _ => pool
                 .checkout(wait)
+                .instrument(span.clone())
                 .await
                 .map(|(c, reused)| (c, reused, false)),
         };
         match opened {
             Ok((conn, reused, dedicated)) => {
-                // One span per backend exchange: checkout to the end of
-                // the transaction (it ends when the Txn goes).
-                let span = crate::span!(
-                    crate::telemetry::in_traced(),
-                    "smtp.backend",
-                    "otel.kind" = "client",
-                    "server.address" = pool.settings().addr.as_str(),
-                    "smtp.backend.connection_id" = conn.id(),
-                    "smtp.backend.reused" = reused,
-                    "smtp.backend.pool_wait_ms" = t0.elapsed().as_secs_f64() * 1000.0,
+                span.record("smtp.backend.connection_id", conn.id());
+                span.record("smtp.backend.reused", reused);
+                span.record(
+                    "smtp.backend.pool_wait_ms",
+                    t0.elapsed().as_secs_f64() * 1000.0,
                 );
                 let mut txn = Txn::smtp(self.clone(), conn, reused, dedicated);
                 txn.span = span;

@@ -43,6 +43,26 @@ pub struct BackendMetrics {
     pub pool_wait: Histogram,
     /// Backend's final reply after the message's final dot.
     pub reply: Histogram,
+    /// TLS handshakes with the backend that succeeded.
+    pub tls_handshakes: Counter,
+    /// Of those, the ones that resumed a session.
+    pub tls_resumed: Counter,
+    /// TLS failures by reason (the family, and this backend's label).
+    tls_failures: Family<Labels, Counter>,
+    addr: String,
+}
+
+impl BackendMetrics {
+    /// A TLS failure with the backend; `reason` is one of a fixed few
+    /// (not_offered, refused, certificate, handshake, timeout).
+    pub fn tls_failure(&self, reason: &'static str) {
+        self.tls_failures
+            .get_or_create(&vec![
+                ("backend", self.addr.clone()),
+                ("reason", reason.to_string()),
+            ])
+            .inc();
+    }
 }
 
 /// Everything the proxy counts. Cheap to clone pieces out of (each metric
@@ -69,6 +89,9 @@ pub struct Metrics {
     backend_failures: Family<Labels, Counter>,
     backend_pool_wait: Family<Labels, Histogram>,
     backend_reply: Family<Labels, Histogram>,
+    backend_tls: Family<Labels, Counter>,
+    backend_tls_resumed: Family<Labels, Counter>,
+    backend_tls_failures: Family<Labels, Counter>,
     registry: Registry,
 }
 
@@ -101,6 +124,9 @@ impl Metrics {
             backend_failures: Family::default(),
             backend_pool_wait: histograms(),
             backend_reply: histograms(),
+            backend_tls: Family::default(),
+            backend_tls_resumed: Family::default(),
+            backend_tls_failures: Family::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -198,6 +224,21 @@ impl Metrics {
             Unit::Seconds,
             m.backend_reply.clone(),
         );
+        r.register(
+            "backend_tls_handshakes",
+            "TLS handshakes with backends that succeeded (new backend connections with tls set)",
+            m.backend_tls.clone(),
+        );
+        r.register(
+            "backend_tls_resumed",
+            "Backend TLS handshakes that resumed a session; part of backend_tls_handshakes",
+            m.backend_tls_resumed.clone(),
+        );
+        r.register(
+            "backend_tls_failures",
+            "Backend connections that failed TLS, by reason: not_offered (no STARTTLS where required), refused (STARTTLS answered with other than 220), certificate (untrusted, wrong name, expired), handshake, timeout",
+            m.backend_tls_failures.clone(),
+        );
         Metrics { registry: r, ..m }
     }
 
@@ -210,6 +251,10 @@ impl Metrics {
             connect_failures: self.backend_failures.get_or_create(&l).clone(),
             pool_wait: self.backend_pool_wait.get_or_create(&l).clone(),
             reply: self.backend_reply.get_or_create(&l).clone(),
+            tls_handshakes: self.backend_tls.get_or_create(&l).clone(),
+            tls_resumed: self.backend_tls_resumed.get_or_create(&l).clone(),
+            tls_failures: self.backend_tls_failures.clone(),
+            addr: addr.to_string(),
         }
     }
 
