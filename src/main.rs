@@ -2,6 +2,14 @@
 //! default) or check a configuration file. SIGTERM / Ctrl-C stop it
 //! gracefully; SIGHUP (or `smtp-edge reload`, through the admin listener)
 //! re-reads the config file and applies what can change while running.
+//!
+//! The CLI is clap (`Cli`): `check-config` prints every error with key and
+//! line and exits 2 on an invalid file, as a start with one does. The
+//! global allocator is mimalloc. The tokio runtime is built here; the
+//! telemetry is installed inside it (the gRPC exporter needs it), and the
+//! SIGHUP handler before the listeners are bound (SIGHUP's default action
+//! would end the process). An invalid file at reload is logged error by
+//! error and changes nothing.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -116,8 +124,9 @@ fn main() -> ExitCode {
     })
 }
 
-/// On every SIGHUP: re-read and validate the config file and reload the
-/// policy; an invalid file is reported error by error and changes nothing.
+/// On every SIGHUP: re-read and validate the config file and apply it
+/// (`Reloader::reload`); an invalid file is reported error by error and
+/// changes nothing.
 async fn reload_on_sighup(mut hup: Signal, path: Option<PathBuf>, reloader: Reloader) {
     while hup.recv().await.is_some() {
         match &path {

@@ -10,6 +10,13 @@
 //! greeting) reaches the session untouched. Bytes peeked while the header is
 //! still incomplete are all header, so they are read off before peeking
 //! again, and a peek never returns the same bytes twice (no spinning).
+//!
+//! `scan` is the sans-IO judge of the bytes so far (`Scan::Complete`,
+//! `Incomplete` or `Invalid` with a `Refusal`, whose `name` is the metric
+//! label): ppp parses, `scan` adds the length cap (`MAX_HEADER`) and judges
+//! a v1 line only once its LF is there, on the bytes up to that LF alone,
+//! because ppp calls some cuts of a valid v1 line invalid and judges a
+//! whole line by what follows it. `trusted` says who may send a header.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;

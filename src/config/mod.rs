@@ -2,9 +2,19 @@
 //! embedded default and loading/parsing. Every error names its key and line;
 //! unknown keys are errors. Owns no runtime state.
 //!
+//! Sections here: `ListenerConfig` (with `TlsMode`), `SessionLimits`,
+//! `Timeouts`, `SmtpConfig`, `BackendConfig` (with `IdentityMode`),
+//! `AdminConfig`. Sections owned by their subsystem: `[tls]`
+//! (`tls::settings`), `[policy]` (`policy::settings`, checked by
+//! `PolicyConfig::validate`), `[telemetry]` (`telemetry::settings`).
+//! `EMBEDDED_DEFAULT` is what runs without `--config` (127.0.0.1:2525,
+//! STARTTLS, Maildir `var/mail`). `config/smtp-edge.toml` documents every
+//! key (tests/cli.rs checks that it passes `check-config`).
+//!
 //! Children: `toml_paths` (a leaf: [`ConfigError`], keys' lines,
-//! deserializing with every error collected) and `validate` (the checks of
-//! each section's values, in `impl Config`).
+//! deserializing with every error collected: it re-deserializes after
+//! removing each offending key) and `validate` (the checks of each
+//! section's values, in `impl Config`).
 
 mod toml_paths;
 mod validate;

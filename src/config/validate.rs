@@ -438,7 +438,7 @@ mod tests {
     }
 
     /// Fuzz finding (fuzz/README.md): `max_idle = 1e300` was valid, and
-    /// building the relay from it (`Duration::from_secs_f64`) panicked at
+    /// building the backends from it (`Duration::from_secs_f64`) panicked at
     /// start or reload.
     #[test]
     fn max_idle_bounded() {

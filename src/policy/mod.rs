@@ -9,6 +9,14 @@
 //! session sends the replies. What a check reports is in `verdict.rs`; the
 //! limiters are `limits/`, the resolver and caches `dns.rs`, the HELO name
 //! checks `helo.rs`, the configuration `settings.rs`.
+//!
+//! A check that fails gives a `Verdict` (with `enforce == false` in observe
+//! mode) and the session or the accept loop sends it; `Verdict::at_connect`
+//! maps it to 554 / 421 for a refusal at accept or instead of the greeting.
+//! `Generation::verdict` is the one place an `Action` (`off`, `observe`,
+//! `defer`, `reject`) shapes a reply. Phase entry points: `Policy::admit`
+//! (in the accept loop), then on the `ClientPolicy` `connect_verdict`,
+//! `helo`, `mail`, `rcpt`, `pregreet_hit`, and `release` at QUIT.
 
 pub mod dns;
 pub mod helo;

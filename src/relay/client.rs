@@ -4,6 +4,13 @@
 //! building. One `BackendConn` is one TCP connection to one backend;
 //! pooling is elsewhere. A connection that must be TLS is never used in
 //! plaintext: `open` fails before any mail command.
+//!
+//! `BackendConn::open` connects (`TCP_NODELAY`), takes a 220 greeting
+//! within the connect timeout and says EHLO, falling back to HELO; `Caps`
+//! is what that EHLO offered. `ClientIdentity` is the client as the backend
+//! should learn it, caching its encoded XFORWARD lines; `identity_commands`
+//! writes XFORWARD or XCLIENT lines with only the offered attributes,
+//! xtext-encoded, each under 512 octets.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -96,7 +103,7 @@ pub struct BackendConn {
     pub needs_rset: bool,
     /// Index of the backend this connection belongs to.
     pub backend: usize,
-    /// Generation of the relay whose pool it belongs to.
+    /// Generation of the `Backends` whose pool it belongs to.
     pub generation: u64,
     pub peer: std::sync::Arc<str>,
     /// A number of its own, unique in the process (for traces).

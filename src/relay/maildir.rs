@@ -1,5 +1,8 @@
 //! Built-in local delivery into a Maildir: each accepted message is written
-//! to tmp/, fsynced, then renamed into new/ before the client hears 250.
+//! to tmp/, fsynced, then renamed into new/ (and the directory fsynced)
+//! before the client hears 250. `Maildir` creates tmp/, new/ and cur/;
+//! `MaildirWriter` un-stuffs the wire data into tmp/, and a writer dropped
+//! uncommitted removes its file.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -33,15 +33,18 @@ enum Backend {
     Maildir(Maildir),
 }
 
-/// Relays made so far in this process: each gets its own generation, and
-/// its connections carry it.
+/// `Backends` sets made so far in this process: each gets its own
+/// generation, and its connections carry it.
 static GENERATIONS: AtomicU64 = AtomicU64::new(1);
 
-/// All configured backends.
+/// All configured backends (one generation of them): `Backend::Smtp` (a
+/// pool and the identity mode) or `Backend::Maildir`. Sessions load the
+/// current set from an `ArcSwap` at each MAIL; a reload of `[[backend]]`
+/// swaps in a new set and retires this one.
 pub struct Backends {
     backends: Vec<Backend>,
     next: AtomicUsize,
-    /// This relay's generation (a reload of `[[backend]]` makes a new one).
+    /// This set's generation (a reload of `[[backend]]` makes a new one).
     generation: u64,
     /// Replaced by a reload: connections are QUIT after their transaction
     /// instead of pooled.

@@ -9,6 +9,50 @@
 //! socket is closed, so a connection still saying QUIT after it left the
 //! pool keeps counting and the backend never sees more than
 //! `max_connections` at once.
+//!
+//! # How it behaves
+//! - `Manager::create` connects, greets and EHLOs (`BackendConn::open`);
+//!   `Manager::recycle` is the liveness check at checkout (idle past
+//!   `max_idle`, or the backend said something or closed while idle:
+//!   dropped, the next one tried). LIFO: the most recently used idle
+//!   connection first.
+//! - Waiting is deadpool's fair semaphore: a returned connection (or a slot
+//!   freed by a closed one) goes to the oldest waiter, and a newcomer's
+//!   non-blocking try (`Wait::No`) cannot jump the line. The session waits
+//!   while reading its client (`session`'s `while_client_stays`): a client
+//!   that hangs up drops the wait and so its place.
+//! - `PooledConn` wraps deadpool's `Object` with the safe default inverted:
+//!   dropping it discards the connection (frees the slot); only
+//!   `Pool::checkin` returns it to the idle list, and only after a
+//!   transaction ended cleanly (RSET queued if it did not complete). Past
+//!   `max_transactions` it is QUIT instead.
+//! - Health: every connect attempt feeds `Manager::record_success` /
+//!   `record_failure`; `down_after` failures in a row mark the backend down
+//!   (logged once) and start `probe`, a background task that retries with a
+//!   doubling wait (`probe_interval` .. `probe_interval_max`) through the
+//!   pool itself (a non-blocking checkout, so a probe never exceeds the
+//!   cap); the first success marks it up (logged once) and its connection
+//!   joins the pool.
+//! - XCLIENT (`identity = "xclient"`): each client session gets a
+//!   connection of its own (`Backends`' `open_xclient`), kept by the
+//!   session between its transactions and counted against the same cap;
+//!   never returned to the idle list; given up after a transaction when
+//!   others wait for a slot.
+//!
+//! # Why deadpool
+//! Rather than a hand-written pool, bb8 or mobc: a hand-written pool that
+//! put returned connections on an idle list that waiters for a new slot
+//! never looked at gave a burst larger than the pool 451s. deadpool's model
+//! is exactly this pool's: a semaphore of checked-out objects (tokio's,
+//! fair FIFO), recycle at checkout, `retain` for expiry, `Object::take` to
+//! detach; it is small and runs no task of its own. bb8 would also fit
+//! (checks on checkout, idle timeouts) but reaps from a background task per
+//! pool and brings more than is used; mobc follows bb8's model. All three
+//! return a connection to the pool when its handle is dropped, which for
+//! SMTP is the unsafe default (a half-done transaction must never be
+//! reused): `PooledConn` inverts it. What deadpool does not know (liveness
+//! from buffered bytes, RSET only when needed, the transaction cap, health,
+//! the exact TCP count) is in `Manager` and `Pool`.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -42,7 +86,7 @@ pub struct PoolSettings {
     /// First wait before probing a down backend; doubles up to the max.
     pub probe_interval: Duration,
     pub probe_interval_max: Duration,
-    /// The relay generation its connections belong to.
+    /// The `Backends` generation its connections belong to.
     pub generation: u64,
     /// TLS to the backend (`tls` other than "none").
     pub tls: Option<Arc<BackendTls>>,

@@ -7,6 +7,34 @@
 //! pooled backend connections. `reload` applies a new configuration while
 //! running (SIGHUP, `POST /reload`), `admin` serves the admin endpoints,
 //! `live_stats` reads the subsystems' numbers at scrape time.
+//!
+//! # Accept loop
+//! One loop per listener. Each connection gets its `smtp.session` span,
+//! then `admit`: the policy judges the address inside that span, and a
+//! refusal is answered by `refuse` (one `try_write`) and closed, with no
+//! task spawned. Accept errors (EMFILE at the fd limit) back off 50 ms
+//! instead of spinning. On a `proxy_protocol` listener (`ProxyListen`) an
+//! untrusted source is closed in the loop; a trusted one gets a task that
+//! reads the header (`proxy_protocol::read_header`, within
+//! `proxy_header_timeout`; at most `backlog` such tasks per listener, a
+//! semaphore) and then runs the same `admit` with the header's client
+//! address. From there on nothing knows the balancer but the span's
+//! `network.peer.*`.
+//!
+//! # What sessions share
+//! A `Shared` behind an `ArcSwap` (`live`): the accept loop loads it per
+//! connection, and a session keeps its `Shared` (configuration, TLS
+//! acceptor, policy) for life, except the backends, which sit in an
+//! `ArcSwap` of their own (`Shared::backends`) and are loaded at each MAIL.
+//!
+//! # Stopping
+//! When `stop` completes the drain flag turns `/readyz` to 503 while the
+//! listeners keep accepting for `timeouts.drain_delay`; then the accept
+//! loops end and the shutdown watch fires: a session waiting for a command
+//! outside a transaction gets 421 4.3.2, one inside a transaction finishes
+//! it (a message in DATA gets its final reply, then 421), all bounded by
+//! `timeouts.shutdown_grace`. Then idle pooled connections get QUIT and the
+//! policy and DNS cache totals are logged.
 
 use std::future::Future;
 use std::net::SocketAddr;

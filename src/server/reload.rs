@@ -3,6 +3,17 @@
 //! (TLS acceptor, new backends, the policy's next generation, a moved
 //! admin listener), then swapped in; what a reload cannot apply is named
 //! by `needs_restart`.
+//!
+//! The TLS acceptor is built from the files again, taking over the running
+//! one's ticket keys and session cache while the session settings are
+//! unchanged (`tls::keeps_sessions`). New `Backends` are built only when
+//! `[[backend]]` or the backend timeouts changed (`relay_inputs`); the
+//! replaced set is retired (`Backends::retire`: idle connections QUIT now,
+//! busy ones after their transaction; a session's XCLIENT connection of an
+//! older set is let go at its next MAIL). `[admin]` is moved, opened or
+//! closed through `admin::AdminCtl`, the new address bound before anything
+//! changes. `Server::set_reload_hook` gives `POST /reload` the same path as
+//! SIGHUP (main.rs: re-read the file, then `Reloader::reload`).
 
 use std::sync::Arc;
 
@@ -16,14 +27,15 @@ use crate::policy::Policy;
 use crate::relay::Backends;
 use crate::session::Shared;
 
-/// Reloads a running [`Server`] (SIGHUP); cloneable.
+/// Reloads a running [`Server`](super::Server) (SIGHUP); cloneable.
 ///
 /// Applied: `[policy]` (limiter state, counters and caches carried over),
 /// `[tls]` (the certificate files are read again even when the section is
 /// unchanged: renewal; the ticket keys and the session cache carry over
-/// while `session_tickets` and `session_cache_size` stay), `[[backend]]` and the backend timeouts (a new
-/// relay; the old one's idle connections get QUIT and its connections in
-/// use finish their transaction, then QUIT), `[limits]`, `[timeouts]`,
+/// while `session_tickets` and `session_cache_size` stay), `[[backend]]`
+/// and the backend timeouts (new `Backends`; the old set's idle
+/// connections get QUIT and its connections in use finish their
+/// transaction, then QUIT), `[limits]`, `[timeouts]`,
 /// `[smtp]`, `[telemetry] sample_ratio`. New connections get the new
 /// settings; a session keeps the limits, timeouts and TLS it started with
 /// and takes the current backends at each MAIL. `hostname`, listeners
@@ -145,8 +157,8 @@ impl Reloader {
     }
 }
 
-/// What `Backends::new` builds from: a reload makes a new relay only when
-/// these changed (a session timeout alone keeps the pooled connections).
+/// What `Backends::new` builds from: a reload makes new `Backends` only
+/// when these changed (a session timeout alone keeps the pooled connections).
 fn relay_inputs(c: &Config) -> (&[crate::config::BackendConfig], [f64; 4]) {
     let t = &c.timeouts;
     (

@@ -12,6 +12,19 @@
 //! the failed BDAT"; repeating the failure keeps a 4xx a 4xx for a client
 //! that reads the LAST's reply as the message's). A BDAT after the LAST,
 //! with no new MAIL, gets 503 5.5.1.
+//!
+//! The transaction's state is `State.chunking` (`Chunking`, boxed): its
+//! `ChunkChecker`, and a `Stuffer` when the backend takes DATA. The first
+//! chunk sends DATA (and reads the 354) to a backend without CHUNKING
+//! (`Txn::chunking`) or to a Maildir, then the `Received:` header; each
+//! piece read is checked and relayed at once (BDAT with the piece's size,
+//! or stuffed through `Txn::send_data`). The chunk replies a pipelining
+//! backend owes are read every `OWED_MAX` pieces and before the final
+//! reply (`Txn::chunk_reply`); without PIPELINING, after each. A failure
+//! (too big, content refused, a backend refusal or loss) drops the backend
+//! connection, and `end_txn` drops one whose BDAT transaction was started
+//! rather than RSET it. The final reply goes through `message_done`, as
+//! DATA's does.
 
 use bytes::Buf;
 use tokio::io::{AsyncRead, AsyncWrite};

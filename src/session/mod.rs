@@ -10,6 +10,26 @@
 //! answers), `data.rs` (DATA and what message data shares with BDAT),
 //! `bdat.rs` (CHUNKING), `tls.rs` (implicit TLS and STARTTLS's handshake),
 //! `span.rs` (the session and transaction spans).
+//!
+//! # Pipelining
+//! MAIL and RCPT are queued on the `Txn` and, when the backend offers
+//! PIPELINING, answered later (each an `Owed` entry); DATA rides in the same
+//! batch as the RCPTs still owed a reply. Every other command first calls
+//! `resolve`, which reads the owed backend replies and writes them to the
+//! client in command order. When every RCPT is settled and one was
+//! accepted, DATA gets its 354 at once (`Txn::send_data_command`,
+//! `State.data_early`) and the DATA phase reads the backend's DATA reply
+//! (`Txn::data_reply`) before sending a single message byte; a refusal
+//! there becomes the reply after the client's final dot.
+//!
+//! # Per session, per HELO, per message
+//! The `Received:` header's prefix is built once per HELO
+//! (`State.received`), its date at most once per second per thread; the
+//! backend's `ClientIdentity` at the first MAIL after each HELO. The TLS
+//! path, the command loop (`run`) and the per-message futures (DATA phase,
+//! BDAT, `resolve`, policy lookups) are boxed: an idle connection holds
+//! only the session future, which a unit test keeps small (the cost of the
+//! boxes: loadtest/README.md, "Performance notes for developers").
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;

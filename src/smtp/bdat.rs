@@ -4,7 +4,9 @@
 //! same however the chunks split the message; `Stuffer` turns checked
 //! content into the DATA wire form for a backend without CHUNKING, so that
 //! nothing in a chunk can end that DATA early; `bdat_command` writes the
-//! BDAT line for a backend with CHUNKING.
+//! BDAT line for a backend with CHUNKING. Both are tested against
+//! reference models, their input whole, cut at every one or two points,
+//! and byte at a time.
 
 use super::data::{BareLineEndings, DataOptions};
 

@@ -1,5 +1,9 @@
 //! SMTP command line parser (RFC 5321 grammar, ESMTP parameters of RFC 1870,
-//! 6152 and 6531). Takes one line without its CRLF, returns a borrowed value.
+//! 6152 and 6531). Takes one line without its CRLF, returns a borrowed value
+//! (`Command`, with `MailParams` for MAIL). Local parts are read leniently,
+//! as Postfix reads them (`john.@example.com`). Each `CommandError` maps to
+//! exactly one reply (`CommandError::reply`, or `write_reply` without
+//! allocating).
 
 use super::reply::{EnhancedCode, Reply};
 

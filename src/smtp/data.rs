@@ -1,7 +1,18 @@
 //! DATA body scanner: finds the end of data (`<CRLF>.<CRLF>` and nothing
 //! else), detects or normalizes bare CR / LF (SMTP smuggling), counts size
 //! and long lines, and preserves dot-stuffing. Also the un-stuffer used for
-//! local delivery.
+//! local delivery (`Unstuffer`: wire form to content).
+//!
+//! `DataScanner::feed` returns `Scan::More` or `Scan::End { consumed }`;
+//! `set_discard` keeps scanning to the end without output. In the middle
+//! of a line it skips whole 64-byte blocks of plain lines at once
+//! (`skip_plain`, `mod block`: CR, LF and `.` bit masks from AVX2, or SSE2
+//! when the CPU lacks AVX2; line lengths from the LF mask) and falls back to
+//! the byte-wise `memchr2` path at anything else. Output goes to an
+//! `Output`: a `Vec<u8>` (copied), or `Segments`, which keeps the verbatim
+//! runs as ranges of the input chunk plus a few literal bytes (the
+//! `Received:` header, released held bytes, stuffing, the terminator) for
+//! one vectored write.
 
 /// What to do with a bare CR or LF (one not part of a CR LF pair).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

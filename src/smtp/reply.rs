@@ -1,5 +1,11 @@
 //! SMTP replies: codes, enhanced status codes (RFC 3463), formatting of
 //! single- and multi-line replies and incremental parsing of backend replies.
+//!
+//! `Reply` keeps its lines in one inline buffer (a one-line backend reply
+//! allocates nothing; read them with `lines` / `first_line`);
+//! `write_reply` is the allocation-free path for the proxy's own fixed
+//! replies; `Reply::parse` reads a backend's reply incrementally, bounded by
+//! `MAX_REPLY_LINE` and `MAX_REPLY_LINES` (`ReplyError` beyond).
 
 use std::fmt;
 

@@ -1,11 +1,22 @@
 //! Prometheus metrics that others write into: the counters and histograms
 //! updated where things happen (accept loop, session, pool). Owns the
-//! registry and its text encoding. It knows none of the subsystems: the
-//! values read at scrape time from the live objects (policy verdicts, DNS
-//! caches, rate limiters, Redis, pools) are `server::live_stats`, encoded
-//! after this registry; the HTTP endpoint is `server::admin`. Labels are
-//! bounded: check names, reply classes, TLS versions and configured backend
-//! addresses, never a client address, domain or envelope address.
+//! prometheus-client registry (prefix `smtp_edge`) and its text encoding.
+//!
+//! Who writes what: the accept loop (`server`) counts accepted and refused
+//! connections and PROXY headers and times sessions; `Shared::serve_tls`
+//! counts handshakes (and resumed ones); `Session::message_done` counts
+//! final replies by class, messages, bytes, recipients and transaction
+//! time; each pool holds its `BackendMetrics` (connections created, reused
+//! and failed, the pool wait, the final-reply latency). One `Metrics` per
+//! `Server`, not a global: tests run several proxies in one process and
+//! read exact values.
+//!
+//! It knows none of the subsystems: the values read at scrape time from
+//! the live objects (policy verdicts, DNS caches, rate limiters, Redis,
+//! pools) are `server::live_stats`, encoded after this registry; the HTTP
+//! endpoint is `server::admin`. Labels are bounded by construction: check
+//! names, reply classes, TLS versions and configured backend addresses,
+//! never a client address, domain or envelope address.
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

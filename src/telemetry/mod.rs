@@ -4,7 +4,70 @@
 //! (gRPC or HTTP/protobuf) through a bounded queue that never blocks a
 //! session: spans that do not fit are dropped and counted. Owns the span
 //! processor and the trace id helpers; the spans themselves are made where
-//! the work is (session, relay, policy).
+//! the work is (session, relay, policy). Metrics are `metrics` (pulled by
+//! `/metrics`; nothing is pushed).
+//!
+//! # The pipeline
+//! `install` (called by `main` inside the runtime) sets up one subscriber:
+//! - the fmt layer, writing through tracing-appender's non-blocking writer
+//!   (a log thread of its own, 64 KiB buffered writes; past `LOG_QUEUE`
+//!   lines it drops and counts them, `dropped_log_lines`, rather than stall
+//!   a session; `Telemetry` holds its guard, which flushes when dropped).
+//!   It filters out `smtp.backend`: that span is never entered, so no log
+//!   line shows its fields, and the layer need not format them per message;
+//! - with an endpoint only, tracing-opentelemetry over an SDK tracer
+//!   provider: `Bounded` in front of the SDK's `BatchSpanProcessor`, whose
+//!   exporter is our own (`otlp`, sends on `export_runtime`, a
+//!   current-thread runtime on a thread of its own) wrapped in `Counted`.
+//!   Together they know how many spans are queued, so a span that would
+//!   overflow the SDK's queue is dropped and counted (`dropped_spans`)
+//!   instead of overflowing it silently. The layer (with its per-layer
+//!   target filter inside) is wrapped in `Unentered`, which forwards every
+//!   hook but span enter and exit: with context activation and inactivity
+//!   tracking off those only took a lock and read the clock on every poll
+//!   of a session, and spans end at their close.
+//!
+//! Without an endpoint the OpenTelemetry layer is left out of the
+//! subscriber rather than added as a `None` in `.with(Option<..>)`: a
+//! `None` layer enables every span callsite, so at `RUST_LOG=warn` every
+//! session's spans would be built and entered in the registry for nothing
+//! (figures: loadtest/README.md, "Performance notes for developers").
+//!
+//! # Sampling
+//! Head sampling is decided once per session, at accept (`sample_session`,
+//! the ratio reloadable by `set_sample_ratio`). A traced session's spans are
+//! made by the `span!` macro under the `TRACED` target, the only one (with
+//! the policy's events) that the OpenTelemetry layer's filter lets in, so
+//! an untraced session's spans cost what they cost with export off;
+//! children follow their parent (`in_traced`), and the SDK keeps every span
+//! it sees (`Sampler::AlwaysOn`). There is one instrumentation API:
+//! `tracing` spans become OpenTelemetry spans with their fields as
+//! attributes (`otel.kind` and `otel.status_code` are tracing-opentelemetry's
+//! special fields). `trace_id` gives a span's 32-hex trace id, used in the
+//! `Received:` header, the session span's `trace_id` field (so every log
+//! line of a traced session carries it) and the proxy's own 4xx/5xx
+//! replies (`own`).
+//!
+//! # The spans
+//! - `smtp.session` (`session::session_span`): made in the accept loop
+//!   before `Policy::admit`, so the admission's lookups and a refusal
+//!   belong to it; `client.*`, `server.*`, `network.peer.*` (the balancer,
+//!   when a PROXY header named the client), `smtp.helo`, `tls.*`, the
+//!   policy verdict (`smtp.policy.check`, `smtp.policy.action`,
+//!   `error.type`) and `trace_id`.
+//! - `dns.lookup` (`policy::dns`): rdns, fcrdns_forward, dnsbl per zone,
+//!   helo; `cache.hit` recorded by the cache.
+//! - `tls.handshake` (`session::tls`): `tls.resumed`, `error.type`.
+//! - `smtp.transaction` (`session::span`): made at MAIL, so the wait for a
+//!   backend is inside it; sender domain (the address only with
+//!   `record_addresses`), recipients, size, final reply, `smtp.chunking`
+//!   when the message came by BDAT.
+//! - `smtp.backend` (`relay::select`): checkout to the end of the
+//!   transaction (held by the `Txn`); backend address, connection id,
+//!   reused, pool wait.
+//!
+//! In-process tests install no OpenTelemetry layer; tests/traces.rs runs
+//! the binary against a real OTLP receiver.
 
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -1,8 +1,10 @@
 //! One certificate/key pair from PEM files, checked (the key matches the
 //! leaf certificate) and with the names it serves (configured, or the DNS
-//! names of the leaf's subjectAltName). Imports nothing from the rest of the
-//! crate: `config` validates `[tls]` with it, `tls` builds the resolver
-//! from it.
+//! names of the leaf's subjectAltName), and the signature schemes its key
+//! signs with, probed once at load so that choosing a certificate per
+//! handshake allocates nothing. Imports nothing from the rest of the crate
+//! (rustls and x509-parser only): `config` validates `[tls]` with it, `tls`
+//! builds the resolver from it.
 
 use std::path::Path;
 use std::sync::Arc;

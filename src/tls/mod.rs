@@ -2,9 +2,20 @@
 //! Certificates come from PEM files (one pair, or several chosen per
 //! handshake by `Resolver`: the client's SNI, then its signature
 //! algorithms, RSA and ECDSA side by side) or a self-signed one generated at
-//! start (rcgen). Session resumption: TLS 1.3 / 1.2 tickets (rustls'
-//! `Ticketer`, keys rotated by rustls) and a server-side session cache.
-//! `certs` loads and checks one pair; `config` validates `[tls]` with it.
+//! start (rcgen) for `hostname` when `[tls]` is absent. The pairs come from
+//! `TlsConfig::entries` (the short form or `[[tls.certificates]]`).
+//! `certs` loads and checks one pair; `config` validates `[tls]` with it,
+//! so check-config and a reload report a bad file with key and line.
+//!
+//! Session resumption: TLS 1.3 / 1.2 tickets (aws-lc-rs `Ticketer`, keys
+//! rotated by rustls every 6 h) when `session_tickets`, and a
+//! `ServerSessionMemoryCache` of `session_cache_size` entries (0:
+//! `NoServerSessionStorage`). A reload passes the running acceptor's
+//! `ServerConfig` as `keep` when `keeps_sessions` (session settings
+//! unchanged): the new acceptor shares its ticketer and cache, so sessions
+//! from before the reload still resume. The session counts resumed
+//! handshakes (`Metrics::tls_resumed`, `tls.resumed` on the `tls.handshake`
+//! span).
 
 pub mod certs;
 pub mod settings;

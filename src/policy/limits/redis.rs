@@ -1,6 +1,8 @@
 //! Rate limits shared on Redis (`store = "redis"`): a local allowance per
-//! key in front of a GCRA bucket in Redis, the one task that talks to Redis,
-//! and what the limits do while Redis is slow or down. Owns no reply codes
+//! key in front of a GCRA bucket in Redis, the one task that talks to Redis
+//! (the `Worker`, on the redis crate's `ConnectionManager`, fed through a
+//! bounded queue by its `Link`, one per `[policy.limits.redis]`), and what
+//! the limits do while Redis is slow or down. Owns no reply codes
 //! and no per-instance limiter: `rate.rs` wraps each [`Remote`] around its
 //! local governor limiter, which serves as the provisional judge and the
 //! fallback.
@@ -98,7 +100,7 @@ use crate::policy::settings::{OnFailure, Rate, RedisConfig};
 
 /// GCRA on one key in one atomic step.
 ///
-/// KEYS[1]: the bucket. ARGV: emission interval T (µs), capacity
+/// `KEYS[1]`: the bucket. `ARGV`: emission interval T (µs), capacity
 /// burst x T (µs), debt (events already admitted: charged whatever the
 /// bucket holds), want (tokens to lease if free). Returns `{granted,
 /// wait}`: tokens granted, and µs until one more is free (0: some are).
