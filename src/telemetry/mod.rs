@@ -13,8 +13,9 @@
 //!   (a log thread of its own, 64 KiB buffered writes; past `LOG_QUEUE`
 //!   lines it drops and counts them, `dropped_log_lines`, rather than stall
 //!   a session; `Telemetry` holds its guard, which flushes when dropped).
-//!   It filters out `smtp.backend`: that span is never entered, so no log
-//!   line shows its fields, and the layer need not format them per message;
+//!   It filters out `smtp.backend`: that span is entered only around the
+//!   checkout (so a new connection's `tls.handshake` is its child), no log
+//!   line needs its fields, and the layer need not format them per message;
 //! - with an endpoint only, tracing-opentelemetry over an SDK tracer
 //!   provider: `Bounded` in front of the SDK's `BatchSpanProcessor`, whose
 //!   exporter is our own (`otlp`, sends on `export_runtime`, a
@@ -57,14 +58,16 @@
 //!   `error.type`) and `trace_id`.
 //! - `dns.lookup` (`policy::dns`): rdns, fcrdns_forward, dnsbl per zone,
 //!   helo; `cache.hit` recorded by the cache.
-//! - `tls.handshake` (`session::tls`): `tls.resumed`, `error.type`.
+//! - `tls.handshake` (`session::tls`): `tls.resumed`, `error.type`; and
+//!   (`relay::tls`) a new TLS connection to a backend, under `smtp.backend`:
+//!   `server.address`, `tls.resumed`, `tls.protocol.version`, `error.type`.
 //! - `smtp.transaction` (`session::span`): made at MAIL, so the wait for a
 //!   backend is inside it; sender domain (the address only with
 //!   `record_addresses`), recipients, size, final reply, `smtp.chunking`
 //!   when the message came by BDAT.
-//! - `smtp.backend` (`relay::select`): checkout to the end of the
-//!   transaction (held by the `Txn`); backend address, connection id,
-//!   reused, pool wait.
+//! - `smtp.backend` (`relay::select`): from before the checkout to the end
+//!   of the transaction (held by the `Txn`); backend address, connection
+//!   id, reused, pool wait.
 //!
 //! In-process tests install no OpenTelemetry layer; tests/traces.rs runs
 //! the binary against a real OTLP receiver.
@@ -163,8 +166,9 @@ pub fn install(cfg: &TelemetryConfig) -> Telemetry {
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(writer)
         .with_target(false);
-    // The `smtp.backend` span is never entered, so no log line shows its
-    // fields: the log layer need not format them for every message.
+    // No log line needs the `smtp.backend` span's fields (it is entered
+    // only around the checkout): the log layer need not format them for
+    // every message.
     let filter = filter.and(tracing_subscriber::filter::filter_fn(|m| {
         m.name() != "smtp.backend"
     }));
