@@ -81,15 +81,16 @@ start_sink() {
   wait_port "$port"
 }
 
-# start_edge PORT BACKEND_PORT [LISTENER_TLS] [EXTRA_TOML] [BACKEND_MAX=1000]:
-# smtp-edge in front of the backend, with the backend's max_connections
-# BACKEND_MAX; sets EDGE_PID. EXTRA_TOML goes right after `hostname`, before
+# start_edge PORT BACKEND_PORT [LISTENER_TLS] [EXTRA_TOML] [BACKEND_MAX=1000]
+# [BACKEND_EXTRA]: smtp-edge in front of the backend, with the backend's
+# max_connections BACKEND_MAX and BACKEND_EXTRA more keys of its
+# [[backend]] (tls = "starttls", say); sets EDGE_PID. EXTRA_TOML goes right after `hostname`, before
 # [[listener]]: top-level keys and whole tables ([policy], [timeouts],
 # [admin], [telemetry], ...). smtp-edge runs with RUST_LOG=warn, or
 # RUST_LOG=$EDGE_LOG when EDGE_LOG is set (the telemetry scenario needs
 # info: spans below the log level are not created, so not exported either).
 start_edge() {
-  local port=$1 backend=$2 tls=${3:-none} extra=${4:-} backend_max=${5:-1000}
+  local port=$1 backend=$2 tls=${3:-none} extra=${4:-} backend_max=${5:-1000} backend_extra=${6:-}
   cat >"$WORK/edge.$port.toml" <<TOML
 hostname = "edge.loadtest"
 $extra
@@ -99,6 +100,7 @@ tls = "$tls"
 [[backend]]
 address = "127.0.0.1:$backend"
 max_connections = $backend_max
+$backend_extra
 TOML
   ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
   TOKIO_WORKER_THREADS=${EDGE_THREADS:-$(nproc)} RUST_LOG=${EDGE_LOG:-warn} "${EDGE_ON[@]}" "$EDGE" --config "$WORK/edge.$port.toml" >"$WORK/edge.$port.log" 2>&1 &
