@@ -63,7 +63,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// `SMTP` or `SMTPS` (HELO), and `UTF8SMTP` / `UTF8SMTPS` for a
     /// transaction whose MAIL had SMTPUTF8 (the `A` forms never: the edge
     /// authenticates no one). The cached part holds the first form; the
-    /// UTF8 one is patched in as it is written (no allocation).
+    /// UTF8 one is patched in as it is written (found again, no
+    /// allocation, no field in the session's state).
     pub(super) fn received_header(&mut self, out: &mut Vec<u8>) {
         let tls = self.tls.is_some();
         let proto = match (self.st.esmtp, tls) {
@@ -76,14 +77,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let cfg = &self.shared.cfg;
             let helo = self.st.helo.as_deref().unwrap_or("unknown");
             let mut h = format!(
-                "Received: from {} ({} [{}])\r\n\tby {} (smtp-edge) with ",
+                "Received: from {} ({} [{}])\r\n\tby {}{WITH}{proto}",
                 sanitize(helo),
                 self.pol.rdns_name().unwrap_or("unknown"),
                 self.peer.ip(),
                 cfg.hostname,
             );
-            self.st.received_with = h.len();
-            h.push_str(proto);
             // Where Postfix puts its queue id: the session's trace id, so
             // a delivered message leads to its trace.
             if let Some(id) = crate::telemetry::trace_id(&Span::current()) {
@@ -99,11 +98,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             h.push_str(";\r\n\t");
             self.st.received = h.into_bytes();
         }
-        let (cached, at) = (&self.st.received, self.st.received_with);
-        let word = cached.get(at..).filter(|w| w.starts_with(proto.as_bytes()));
-        match (cached.get(..at), word) {
-            (Some(head), Some(rest)) if self.st.mail == Some(true) => {
-                out.extend_from_slice(head);
+        let cached = &self.st.received;
+        // The last `WITH`: the HELO name (sanitized: no spaces) and the
+        // host names before it cannot hold one, nor can what follows it.
+        let at = memchr::memmem::rfind(cached, WITH.as_bytes()).map(|k| k + WITH.len());
+        let word = at.and_then(|at| Some(at).zip(cached.get(at..)));
+        match word {
+            Some((at, rest))
+                if self.st.mail == Some(true) && rest.starts_with(proto.as_bytes()) =>
+            {
+                out.extend_from_slice(&cached[..at]);
                 out.extend_from_slice(if tls { b"UTF8SMTPS" } else { b"UTF8SMTP" });
                 out.extend_from_slice(&rest[proto.len()..]);
             }
@@ -309,6 +313,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 }
+
+/// What stands before the `with` protocol in the Received header.
+const WITH: &str = " (smtp-edge) with ";
 
 /// The current time as an RFC 5322 date (`Mon, 30 Nov 2026 05:00:00
 /// +0000`), formatted at most once per second per thread.

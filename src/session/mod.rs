@@ -183,9 +183,8 @@ struct State {
     /// each HELO (it caches its encoded XFORWARD lines).
     ident: Option<Box<ClientIdentity>>,
     /// The first part of the Received header (all but the date), built
-    /// once per HELO, and where its `with` protocol starts.
+    /// once per HELO.
     received: Vec<u8>,
-    received_with: usize,
     dedicated: Option<PooledConn>,
     messages: u64,
     /// A BDAT transaction in progress (boxed: most sessions never use it).
