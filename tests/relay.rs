@@ -435,6 +435,68 @@ async fn xclient_once_per_client_session() {
     proxy.stop().await;
 }
 
+/// A backend set to get the client's identity that does not offer the
+/// command in its EHLO (no XFORWARD, no XCLIENT): mail goes on without it,
+/// and the binary's log says so once per backend at warn, not per message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_not_offered_is_logged_once_per_backend() {
+    let xf = Recorder::start(Script::default()).await;
+    let xc = Recorder::start(Script::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let file = dir.path().join("smtp-edge.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "hostname = \"edge.test\"\n[[listener]]\naddress = \"{addr}\"\n\
+             [[backend]]\naddress = \"{}\"\nidentity = \"xforward\"\n\
+             [[backend]]\naddress = \"{}\"\nidentity = \"xclient\"\n",
+            xf.addr, xc.addr
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("smtp-edge.log");
+    let _edge = Running::listening(
+        std::process::Command::new(env!("CARGO_BIN_EXE_smtp-edge"))
+            .arg("--config")
+            .arg(&file)
+            .env("RUST_LOG", "info"),
+        &log,
+        addr,
+    )
+    .await;
+    // Round robin: sessions alternate between the two backends; each
+    // XCLIENT session opens a connection of its own.
+    for s in 0..6 {
+        let mut c = Raw::greeted(addr).await;
+        assert_eq!(c.cmd(&format!("EHLO s{s}.example")).await.code, 250);
+        for m in 0..2 {
+            let body = format!("Subject: {s}.{m}\r\n\r\nhi\r\n");
+            let r = transaction(&mut c, "a@example.org", &["b@example.net"], body.as_bytes()).await;
+            assert_eq!(r.code, 250, "{r:?}");
+        }
+        assert_eq!(c.cmd("QUIT").await.code, 221);
+    }
+    assert_eq!(xf.messages().len() + xc.messages().len(), 12);
+    assert!(xf.messages().len() >= 4 && xc.connection_count() >= 2);
+    let sent = format!("{}{}", xf.all_text(), xc.all_text());
+    assert!(
+        !sent.contains("XFORWARD") && !sent.contains("XCLIENT"),
+        "{sent}"
+    );
+    // The non-blocking log writer: give it a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    for cmd in ["XFORWARD", "XCLIENT"] {
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains(&format!("does not offer {cmd}")))
+            .collect();
+        assert_eq!(lines.len(), 1, "{cmd}:\n{text}");
+        assert!(lines[0].contains("WARN"), "{}", lines[0]);
+    }
+}
+
 // --------------------------------------------------------- 3. byte-exact
 
 /// A message that exercises transparency: dot-stuffed lines, a line that is
@@ -626,6 +688,113 @@ async fn pipelined_rcpt_refusal_reaches_client_verbatim_in_position() {
     assert_eq!(r.code, 250, "{r:?}");
     assert_eq!(c.cmd("QUIT").await.code, 221);
     assert_eq!(rec.messages().len(), 1);
+    proxy.stop().await;
+}
+
+/// A backend whose replies carry no enhanced status code (Exim's `250 OK`,
+/// `250 Accepted`): the client, told ENHANCEDSTATUSCODES, gets one on
+/// every 2xx/4xx/5xx reply (RFC 2034): 2.1.0 after MAIL, 2.1.5 after RCPT,
+/// 2.0.0 after the data (DATA and BDAT), the class's X.0.0 on a refusal;
+/// the text is the backend's, and a 354 is left alone. The proxy's own
+/// replies carry theirs. A backend's codes pass unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_replies_without_enhanced_codes_get_one() {
+    let rec = Recorder::start(Script {
+        mail: Some(Act::Reply("250 OK".into())),
+        rcpt: Some(Act::Reply("250 Accepted".into())),
+        rcpt_for: vec![
+            ("nouser@".into(), Act::Reply("550 no such user".into())),
+            ("later@".into(), Act::Reply("451 later".into())),
+        ],
+        dot: Some(Act::Reply("250-OK\r\n250 id=1uXyZ".into())),
+        ..Script::default()
+    })
+    .await;
+    let proxy = Proxy::to_backend(&rec.addr, "").await;
+    let mut c = Raw::greeted(proxy.addr).await;
+    assert_eq!(c.cmd("EHLO client.test").await.code, 250);
+    c.send(
+        b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n\
+          RCPT TO:<nouser@example.net>\r\nRCPT TO:<later@example.net>\r\nDATA\r\n",
+    )
+    .await;
+    let mut raw = Vec::new();
+    for _ in 0..5 {
+        raw.push(c.reply().await.raw);
+    }
+    assert_eq!(
+        raw,
+        [
+            "250 2.1.0 OK\r\n",
+            "250 2.1.5 Accepted\r\n",
+            "550 5.0.0 no such user\r\n",
+            "451 4.0.0 later\r\n",
+            "354 End data with <CR><LF>.<CR><LF>\r\n",
+        ]
+    );
+    c.send(b"Subject: one\r\n\r\nhi\r\n.\r\n").await;
+    assert_eq!(
+        c.reply().await.raw,
+        "250-2.0.0 OK\r\n250 2.0.0 id=1uXyZ\r\n"
+    );
+    // BDAT, converted to DATA for this backend: the final reply too.
+    assert_eq!(
+        c.cmd("MAIL FROM:<a@example.org>").await.raw,
+        "250 2.1.0 OK\r\n"
+    );
+    assert_eq!(
+        c.cmd("RCPT TO:<b@example.net>").await.raw,
+        "250 2.1.5 Accepted\r\n"
+    );
+    let r = c.cmd("BDAT 20 LAST\r\nSubject: two\r\n\r\nhi").await;
+    assert_eq!(r.raw, "250-2.0.0 OK\r\n250 2.0.0 id=1uXyZ\r\n");
+    // The proxy's own replies.
+    for (cmd, want) in [
+        ("RSET", "250 2.0.0 Ok\r\n"),
+        ("NOOP", "250 2.0.0 Ok\r\n"),
+        ("VRFY b", "252 2.0.0 "),
+        ("HELP", "214 2.0.0 "),
+        ("RCPT TO:<b@example.net>", "503 5.5.1 "),
+        ("QUIT", "221 2.0.0 Bye\r\n"),
+    ] {
+        let r = c.cmd(cmd).await;
+        assert!(r.raw.starts_with(want), "{cmd}: {r:?}");
+    }
+    assert_eq!(rec.messages().len(), 2);
+    proxy.stop().await;
+
+    // A refusal of DATA without a code; a backend's own codes unchanged.
+    let rec = Recorder::start(Script {
+        data: Some(Act::Reply("554 no data for you".into())),
+        ..Script::default()
+    })
+    .await;
+    let proxy = Proxy::to_backend(&rec.addr, "").await;
+    let mut c = Raw::greeted(proxy.addr).await;
+    assert_eq!(c.cmd("EHLO client.test").await.code, 250);
+    c.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
+        .await;
+    let mut raw = Vec::new();
+    for _ in 0..3 {
+        raw.push(c.reply().await.raw);
+    }
+    assert_eq!(
+        raw,
+        [
+            "250 2.1.0 Ok\r\n",
+            "250 2.1.5 Ok\r\n",
+            "554 5.0.0 no data for you\r\n"
+        ]
+    );
+    // The same refusal after the proxy's early 354: the reply after the dot.
+    c.cmd("RSET").await;
+    assert_eq!(c.cmd("MAIL FROM:<a@example.org>").await.code, 250);
+    assert_eq!(c.cmd("RCPT TO:<b@example.net>").await.code, 250);
+    assert_eq!(c.cmd("DATA").await.code, 354);
+    c.send(b"Subject: three\r\n\r\nhi\r\n.\r\n").await;
+    assert_eq!(c.reply().await.raw, "554 5.0.0 no data for you\r\n");
+    assert_eq!(c.cmd("QUIT").await.raw, "221 2.0.0 Bye\r\n");
+    assert!(rec.messages().is_empty());
     proxy.stop().await;
 }
 

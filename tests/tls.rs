@@ -499,3 +499,261 @@ async fn openssl_s_client_picks_by_sigalgs_and_resumes() {
     let (resumed, ok) = handshakes(&p).await;
     assert_eq!((resumed, ok), (2.0, 6.0));
 }
+
+// ------------------------------------------- the end of a TLS session, SMTPUTF8
+
+type TlsRaw = Raw<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// An implicit-TLS (`addrs[0]`) and a STARTTLS (`addrs[1]`) listener with
+/// the default self-signed certificate, relaying to the Recorder `rec`;
+/// `extra` goes before the tables (e.g. `[limits]`).
+async fn relay_proxy(rec: &common::Recorder, extra: &str) -> Proxy {
+    Proxy::start(&format!(
+        "hostname = \"edge.test\"\n{extra}\n\
+         [[listener]]\naddress = \"127.0.0.1:0\"\ntls = \"implicit\"\n\
+         [[listener]]\naddress = \"127.0.0.1:0\"\ntls = \"starttls\"\n\
+         [[backend]]\naddress = \"{}\"\n",
+        rec.addr
+    ))
+    .await
+}
+
+/// A TLS session with `p`, greeted: implicit TLS, or STARTTLS after an EHLO
+/// (the client must EHLO again).
+async fn tls_session(p: &Proxy, implicit: bool) -> TlsRaw {
+    let tcp = if implicit {
+        TcpStream::connect(p.addrs[0]).await.unwrap()
+    } else {
+        let mut c = Raw::greeted(p.addrs[1]).await;
+        assert_eq!(c.cmd("EHLO client.test").await.code, 250);
+        assert_eq!(c.cmd("STARTTLS").await.code, 220);
+        let (tcp, rest) = c.into_parts();
+        assert!(rest.is_empty());
+        tcp
+    };
+    let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let tls = tokio_rustls::TlsConnector::from(client(&[], false))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake");
+    let mut c = Raw::from_parts(tls, Vec::new());
+    if implicit {
+        assert_eq!(c.reply().await.code, 220);
+    }
+    c
+}
+
+/// Reads the session to its end, which must be clean: rustls reads `Ok(0)`
+/// only after the peer's close_notify; a TCP close without one is an
+/// `UnexpectedEof` error (what Exim logs as "TLS connection was
+/// non-properly terminated", OpenSSL and Python as "unexpected eof").
+async fn assert_clean_end(c: &mut TlsRaw, what: &str) {
+    use tokio::io::AsyncReadExt;
+    let mut rest = Vec::new();
+    let t = std::time::Duration::from_secs(5);
+    match tokio::time::timeout(t, c.stream.read_to_end(&mut rest)).await {
+        Ok(Ok(_)) => assert!(
+            rest.is_empty(),
+            "{what}: more after the last reply: {rest:?}"
+        ),
+        Ok(Err(e)) => panic!("{what}: the TLS session ended without close_notify: {e}"),
+        Err(_) => panic!("{what}: the session was not closed within {t:?}"),
+    }
+}
+
+/// Every way the proxy ends an inbound TLS session ends it with a
+/// close_notify, implicit TLS and STARTTLS alike: the 221 to QUIT (after a
+/// message), its 421 for too many errors, its 421 at the command timeout,
+/// and its 421 at shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_notify_ends_every_tls_session() {
+    let rec = common::Recorder::start(common::Script::default()).await;
+    let p = relay_proxy(
+        &rec,
+        "[limits]\nmax_bad_commands = 2\n[timeouts]\ncommand = 1.0\n",
+    )
+    .await;
+    for implicit in [true, false] {
+        let mode = if implicit { "implicit TLS" } else { "STARTTLS" };
+        let mut c = tls_session(&p, implicit).await;
+        assert_eq!(c.cmd("EHLO client.test").await.code, 250);
+        let r = common::transaction(&mut c, b"Subject: t\r\n\r\nhi\r\n").await;
+        assert_eq!(r.raw, "250 2.0.0 Ok: queued\r\n", "{mode}");
+        assert_eq!(c.cmd("QUIT").await.raw, "221 2.0.0 Bye\r\n", "{mode}");
+        assert_clean_end(&mut c, &format!("{mode}, QUIT")).await;
+
+        let mut c = tls_session(&p, implicit).await;
+        assert_eq!(c.cmd("EHLO client.test").await.code, 250);
+        for _ in 0..3 {
+            assert_eq!(c.cmd("BOGUS").await.code, 502);
+        }
+        let r = c.reply().await;
+        assert!(r.raw.starts_with("421 4.7.0 "), "{mode}: {r:?}");
+        assert_clean_end(&mut c, &format!("{mode}, too many errors")).await;
+
+        let mut c = tls_session(&p, implicit).await;
+        assert_eq!(c.cmd("EHLO client.test").await.code, 250);
+        let r = c.reply().await;
+        assert!(r.raw.starts_with("421 4.4.2 "), "{mode}: {r:?}");
+        assert_clean_end(&mut c, &format!("{mode}, command timeout")).await;
+    }
+    // Shutdown: an idle session of each kind gets 421 and a clean end.
+    let mut idle = Vec::new();
+    for implicit in [true, false] {
+        let mut c = tls_session(&p, implicit).await;
+        assert_eq!(c.cmd("EHLO client.test").await.code, 250);
+        idle.push(c);
+    }
+    let stop = tokio::spawn(p.stop());
+    for c in &mut idle {
+        let r = c.reply().await;
+        assert!(r.raw.starts_with("421 4.3.2 "), "{r:?}");
+        assert_clean_end(c, "shutdown").await;
+    }
+    stop.await.unwrap();
+    assert_eq!(rec.messages().len(), 2);
+}
+
+/// Python's `ssl` with `suppress_ragged_eofs=False` (it raises
+/// `SSLEOFError` "EOF occurred in violation of protocol" on a TCP close
+/// without close_notify) reads a clean end after the 221, over implicit
+/// TLS and STARTTLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_ssl_reads_a_clean_end_after_quit() {
+    let Some(python) = require_tool("python3") else {
+        return;
+    };
+    const SCRIPT: &str = r#"
+import socket, ssl, sys
+port, mode = int(sys.argv[1]), sys.argv[2]
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+buf = b""
+def reply(s):
+    global buf
+    while True:
+        lines = buf.split(b"\r\n")
+        for i, l in enumerate(lines[:-1]):
+            if l[3:4] != b"-":
+                buf = b"\r\n".join(lines[i + 1:])
+                return l
+        d = s.recv(4096)
+        if not d:
+            raise SystemExit("eof before a reply")
+        buf += d
+s = socket.create_connection(("127.0.0.1", port), timeout=10)
+if mode == "starttls":
+    assert reply(s).startswith(b"220")
+    s.sendall(b"EHLO py.test\r\n"); assert reply(s).startswith(b"250")
+    s.sendall(b"STARTTLS\r\n"); assert reply(s).startswith(b"220")
+t = ctx.wrap_socket(s, suppress_ragged_eofs=False)
+if mode == "implicit":
+    assert reply(t).startswith(b"220")
+t.sendall(b"EHLO py.test\r\n"); assert reply(t).startswith(b"250")
+t.sendall(b"QUIT\r\n"); print(reply(t).decode())
+try:
+    while t.recv(4096):
+        pass
+    print("clean end")
+except ssl.SSLError as e:
+    print("no close_notify:", e)
+"#;
+    let rec = common::Recorder::start(common::Script::default()).await;
+    let p = relay_proxy(&rec, "").await;
+    for (mode, addr) in [("implicit", p.addrs[0]), ("starttls", p.addrs[1])] {
+        let python = python.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new(python)
+                .args(["-c", SCRIPT, &addr.port().to_string(), mode])
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            text.contains("221 2.0.0 Bye\nclean end"),
+            "{mode}: {text}{err}"
+        );
+    }
+}
+
+/// The `with` protocol of the proxy's Received header is `UTF8SMTP` /
+/// `UTF8SMTPS` (RFC 6531 section 3.7.3) for a transaction whose MAIL had
+/// SMTPUTF8, `ESMTP` / `ESMTPS` for the others of the same session; the
+/// rest of the header is the same. The bytes the backend got, DATA and BDAT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtputf8_transactions_are_received_with_utf8smtp() {
+    let rec = common::Recorder::start(common::Script::default()).await;
+    let p = relay_proxy(&rec, "").await;
+
+    async fn send<S>(c: &mut Raw<S>, utf8: bool, bdat: bool)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let (from, to) = if utf8 {
+            (
+                "MAIL FROM:<jörg@bücher.example> SMTPUTF8",
+                "RCPT TO:<ünï@example.net>",
+            )
+        } else {
+            ("MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>")
+        };
+        assert_eq!(c.cmd(from).await.code, 250);
+        assert_eq!(c.cmd(to).await.code, 250);
+        let body = "Subject: ü\r\n\r\nhi\r\n";
+        if bdat {
+            c.send(format!("BDAT {} LAST\r\n{body}", body.len()).as_bytes())
+                .await;
+        } else {
+            assert_eq!(c.cmd("DATA").await.code, 354);
+            c.send(format!("{body}.\r\n").as_bytes()).await;
+        }
+        assert_eq!(c.reply().await.code, 250);
+    }
+
+    let mut c = Raw::greeted(p.addrs[1]).await;
+    assert_eq!(c.cmd("EHLO client.test").await.code, 250);
+    send(&mut c, true, false).await;
+    send(&mut c, false, false).await;
+    send(&mut c, true, true).await;
+    assert_eq!(c.cmd("QUIT").await.code, 221);
+    let mut t = tls_session(&p, false).await;
+    assert_eq!(t.cmd("EHLO client.test").await.code, 250);
+    send(&mut t, true, false).await;
+    send(&mut t, false, true).await;
+    send(&mut t, true, true).await;
+    assert_eq!(t.cmd("QUIT").await.code, 221);
+
+    // The header up to the date.
+    let head = |m: &Vec<u8>| {
+        let m = String::from_utf8_lossy(m).into_owned();
+        m[..m.find(";\r\n\t").expect("Received header")].to_string()
+    };
+    let msgs: Vec<String> = rec.messages().iter().map(head).collect();
+    assert_eq!(msgs.len(), 6, "{msgs:#?}");
+    let words = [
+        "UTF8SMTP",
+        "ESMTP",
+        "UTF8SMTP",
+        "UTF8SMTPS",
+        "ESMTPS",
+        "UTF8SMTPS",
+    ];
+    for (m, w) in msgs.iter().zip(words) {
+        assert!(
+            m.contains(&format!("\r\n\tby edge.test (smtp-edge) with {w}")),
+            "not `with {w}`: {m:?}"
+        );
+    }
+    assert_eq!(msgs[0].replace("UTF8SMTP", "ESMTP"), msgs[1]);
+    assert_eq!(msgs[2], msgs[0]);
+    assert_eq!(msgs[3].replace("UTF8SMTPS", "ESMTPS"), msgs[4]);
+    assert_eq!(msgs[5], msgs[3]);
+    assert!(
+        msgs[3].contains("UTF8SMTPS\r\n\t(using TLSv1.3 with cipher "),
+        "{msgs:#?}"
+    );
+}

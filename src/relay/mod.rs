@@ -29,7 +29,13 @@ use maildir::{Maildir, MaildirWriter};
 use pool::{Pool, PooledConn};
 
 enum Backend {
-    Smtp { pool: Pool, identity: IdentityMode },
+    Smtp {
+        pool: Pool,
+        identity: IdentityMode,
+        /// The backend was found not to offer the identity command
+        /// (XFORWARD or XCLIENT): logged once per backend (and reload).
+        identity_missing: std::sync::atomic::AtomicBool,
+    },
     Maildir(Maildir),
 }
 

@@ -7,7 +7,7 @@
 //! the wait in line run out: 451 4.4.5.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,6 +59,7 @@ impl Backends {
                         metrics.backend(addr),
                     ),
                     identity: b.identity,
+                    identity_missing: Default::default(),
                 });
             } else if let Some(dir) = &b.maildir {
                 backends.push(Backend::Maildir(Maildir::open(dir, &cfg.hostname)?));
@@ -251,7 +252,12 @@ impl Backends {
         id: &ClientIdentity,
         wait: Wait,
     ) -> Result<Txn, BackendError> {
-        let Backend::Smtp { pool, identity } = &self.backends[i] else {
+        let Backend::Smtp {
+            pool,
+            identity,
+            identity_missing,
+        } = &self.backends[i]
+        else {
             return Err(BackendError::Closed);
         };
         let t0 = std::time::Instant::now();
@@ -270,7 +276,7 @@ impl Backends {
         let opened = match identity {
             // Boxed: its connect and XCLIENT exchange would make every
             // checkout's future large.
-            IdentityMode::Xclient => Box::pin(self.open_xclient(pool, id, wait))
+            IdentityMode::Xclient => Box::pin(self.open_xclient(pool, id, wait, identity_missing))
                 .instrument(span.clone())
                 .await
                 .map(|c| (c, false, true)),
@@ -293,8 +299,8 @@ impl Backends {
                 }
                 let mut txn = Txn::smtp(self.clone(), conn, reused, dedicated);
                 txn.span = span;
-                if *identity == IdentityMode::Xforward {
-                    txn.queue_xforward(id);
+                if *identity == IdentityMode::Xforward && !txn.queue_xforward(id) {
+                    identity_not_offered(pool, identity_missing, "XFORWARD");
                 }
                 Ok(txn)
             }
@@ -312,12 +318,13 @@ impl Backends {
         pool: &Pool,
         id: &ClientIdentity,
         wait: Wait,
+        missing: &AtomicBool,
     ) -> Result<PooledConn, BackendError> {
         // XCLIENT connections never return to the idle list, so this is a
         // new connection (or the slot of one).
         let (mut conn, _) = pool.checkout(wait).await?;
         if conn.caps.xclient.is_empty() {
-            tracing::warn!(backend = %pool.settings().addr, "backend does not offer XCLIENT; identity not passed");
+            identity_not_offered(pool, missing, "XCLIENT");
             return Ok(conn);
         }
         let mut cmd = Vec::new();
@@ -336,5 +343,18 @@ impl Backends {
         let helo = id.helo.as_deref().unwrap_or(&pool.settings().helo_name);
         conn.ehlo(helo, self.command_timeout).await?;
         Ok(conn)
+    }
+}
+
+/// A backend set to get the client's identity (`identity`) does not offer
+/// the command in its EHLO: the mail goes on without it (the backend then
+/// sees the proxy as the client), said at warn once per backend, not per
+/// transaction (a reload of `[[backend]]` says it again).
+fn identity_not_offered(pool: &Pool, missing: &AtomicBool, command: &str) {
+    if !missing.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            backend = %pool.settings().addr,
+            "backend does not offer {command}; identity not passed (logged once per backend)"
+        );
     }
 }

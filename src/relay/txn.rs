@@ -62,17 +62,19 @@ impl Txn {
         self.pending.push_back(p);
     }
 
-    pub(super) fn queue_xforward(&mut self, id: &ClientIdentity) {
+    /// Queues the XFORWARD lines for `id`; false when the backend does not
+    /// offer XFORWARD (nothing queued).
+    pub(super) fn queue_xforward(&mut self, id: &ClientIdentity) -> bool {
         let Inner::Smtp {
             conn: Some(conn),
             wbuf,
             ..
         } = &mut self.inner
         else {
-            return;
+            return true;
         };
         if conn.caps.xforward.is_empty() {
-            return;
+            return false;
         }
         // Straight into the batch, a reply owed per line.
         let start = wbuf.len();
@@ -80,6 +82,7 @@ impl Txn {
         for _ in memchr::memchr_iter(b'\n', &wbuf[start..]) {
             self.pending.push_back(Pend::Internal("XFORWARD"));
         }
+        true
     }
 
     /// Whether commands may be queued several at a time.

@@ -34,7 +34,8 @@ use super::data::{content_refusal, too_big_reply, DataRead};
 use super::{Chunking, Session, Step};
 use crate::relay::backend_lost;
 use crate::smtp::{
-    bdat_command, BareLineEndings, ChunkChecker, DataOptions, EnhancedCode, Reply, Stuffer,
+    bdat_command, Answered, BareLineEndings, ChunkChecker, DataOptions, EnhancedCode, Reply,
+    Stuffer,
 };
 use crate::timer::Pace;
 
@@ -138,7 +139,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// The answer to a chunk of a transaction that got this far; after the
     /// LAST one the transaction is over (counted like a DATA message).
-    fn chunking_reply(&mut self, ch: &Chunking, reply: Reply, last: bool) {
+    fn chunking_reply(&mut self, ch: &Chunking, mut reply: Reply, last: bool) {
+        // A backend's chunk or final reply (or its refusal of the DATA a
+        // conversion sent) without an enhanced code gets one.
+        reply.ensure_enhanced(Answered::Message);
         reply.write_to(&mut self.out);
         if last {
             self.message_done(&reply, ch.checker.size());

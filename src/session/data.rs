@@ -12,7 +12,7 @@ use tracing::{info, warn, Span};
 
 use super::span::record_end;
 use super::{data_wait, Session, CMD_TIMEOUT_REPLY};
-use crate::smtp::{self, BareLineEndings, DataOptions, DataScanner, Reply, Scan};
+use crate::smtp::{self, Answered, BareLineEndings, DataOptions, DataScanner, Reply, Scan};
 use crate::timer::Pace;
 
 /// 552 for a message (or a BDAT chunk) over `max_message_size`.
@@ -58,24 +58,30 @@ pub(super) enum DataRead {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// The Received header: the part fixed for the session is built once
-    /// per HELO, the date once per second per thread.
+    /// per HELO, the date once per second per thread. The `with` protocol
+    /// (RFC 3848, RFC 6531 section 3.7.3) is `ESMTP`, `ESMTPS` (TLS),
+    /// `SMTP` or `SMTPS` (HELO), and `UTF8SMTP` / `UTF8SMTPS` for a
+    /// transaction whose MAIL had SMTPUTF8 (the `A` forms never: the edge
+    /// authenticates no one). The cached part holds the first form; the
+    /// UTF8 one is patched in as it is written (found again, no
+    /// allocation, no field in the session's state).
     pub(super) fn received_header(&mut self, out: &mut Vec<u8>) {
+        let tls = self.tls.is_some();
+        let proto = match (self.st.esmtp, tls) {
+            (true, true) => "ESMTPS",
+            (true, false) => "ESMTP",
+            (false, true) => "SMTPS",
+            (false, false) => "SMTP",
+        };
         if self.st.received.is_empty() {
             let cfg = &self.shared.cfg;
             let helo = self.st.helo.as_deref().unwrap_or("unknown");
-            let proto = match (self.st.esmtp, self.tls.is_some()) {
-                (true, true) => "ESMTPS",
-                (true, false) => "ESMTP",
-                (false, true) => "SMTPS",
-                (false, false) => "SMTP",
-            };
             let mut h = format!(
-                "Received: from {} ({} [{}])\r\n\tby {} (smtp-edge) with {}",
+                "Received: from {} ({} [{}])\r\n\tby {}{WITH}{proto}",
                 sanitize(helo),
                 self.pol.rdns_name().unwrap_or("unknown"),
                 self.peer.ip(),
                 cfg.hostname,
-                proto
             );
             // Where Postfix puts its queue id: the session's trace id, so
             // a delivered message leads to its trace.
@@ -92,7 +98,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             h.push_str(";\r\n\t");
             self.st.received = h.into_bytes();
         }
-        out.extend_from_slice(&self.st.received);
+        let cached = &self.st.received;
+        // The last `WITH`: the HELO name (sanitized: no spaces) and the
+        // host names before it cannot hold one, nor can what follows it.
+        let at = memchr::memmem::rfind(cached, WITH.as_bytes()).map(|k| k + WITH.len());
+        let word = at.and_then(|at| Some(at).zip(cached.get(at..)));
+        match word {
+            Some((at, rest))
+                if self.st.mail == Some(true) && rest.starts_with(proto.as_bytes()) =>
+            {
+                out.extend_from_slice(&cached[..at]);
+                out.extend_from_slice(if tls { b"UTF8SMTPS" } else { b"UTF8SMTP" });
+                out.extend_from_slice(&rest[proto.len()..]);
+            }
+            _ => out.extend_from_slice(cached),
+        }
         rfc5322_now(out);
         out.extend_from_slice(b"\r\n");
     }
@@ -255,7 +275,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         } else {
             None
         };
-        let reply = match (refusal, txn.as_mut()) {
+        let mut reply = match (refusal, txn.as_mut()) {
             (Some(r), _) => {
                 if let Some(t) = txn.take() {
                     t.abort();
@@ -265,6 +285,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             (None, Some(t)) => t.finish_data().await,
             (None, None) => crate::relay::backend_lost(),
         };
+        // The backend's refusal of DATA, or its reply after the dot.
+        reply.ensure_enhanced(Answered::Message);
         self.message_done(&reply, size);
         fwd.clear();
         self.fwd = fwd;
@@ -291,6 +313,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 }
+
+/// What stands before the `with` protocol in the Received header.
+const WITH: &str = " (smtp-edge) with ";
 
 /// The current time as an RFC 5322 date (`Mon, 30 Nov 2026 05:00:00
 /// +0000`), formatted at most once per second per thread.

@@ -48,7 +48,7 @@ use crate::relay::client::ClientIdentity;
 use crate::relay::pool::PooledConn;
 use crate::relay::{Backends, Txn};
 use crate::smtp::reply::write_reply;
-use crate::smtp::{self, BareLineEndings, ChunkChecker, Reply, Stuffer};
+use crate::smtp::{self, Answered, BareLineEndings, ChunkChecker, Reply, Stuffer};
 use crate::timer::Pace;
 
 mod bdat;
@@ -500,8 +500,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let broken = txn.is_broken();
         let mut mail_failed = false;
         let mut desync = false;
-        for reply in replies.drain(..) {
-            match self.st.owed.pop_front() {
+        for mut reply in replies.drain(..) {
+            let owed = self.st.owed.pop_front();
+            // A backend's reply without an enhanced code gets one (a
+            // check, no allocation: Postfix's replies carry theirs).
+            reply.ensure_enhanced(match owed {
+                Some(Owed::Mail) => Answered::Mail,
+                Some(Owed::Rcpt) => Answered::Rcpt,
+                _ => Answered::Data,
+            });
+            match owed {
                 Some(Owed::Mail) => mail_failed |= !reply.is_positive(),
                 Some(Owed::Rcpt) if reply.is_positive() => self.st.rcpts_ok += 1,
                 Some(Owed::Rcpt) => {}

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tracing::{field, info, Instrument, Span};
+use tracing::{debug, field, info, Instrument, Span};
 
 use super::{Endpoints, Listener, Session, Shared, TlsInfo};
 use crate::policy::ClientPolicy;
@@ -62,12 +62,35 @@ impl Shared {
         );
         cur.record("tls.cipher", field::display(&info.cipher));
         let mut s = Session::new(tls, at, self, listener, Some(info), pol);
-        if greet && !s.greet().await {
-            return;
+        if !greet || s.greet().await {
+            // STARTTLS inside TLS is refused, so this run ends the session.
+            s.run().await;
+            s.finish().await;
         }
-        // STARTTLS inside TLS is refused, so this run ends the session.
-        s.run().await;
-        s.finish().await;
+        s.close_tls().await;
+    }
+}
+
+/// How long the end of a TLS session may take: its close_notify written
+/// and the TCP connection shut down. A client that reads nothing (its
+/// receive window full) is not waited for longer.
+const CLOSE_NOTIFY_WAIT: Duration = Duration::from_secs(1);
+
+impl Session<tokio_rustls::server::TlsStream<TcpStream>> {
+    /// Ends the TLS session cleanly, whatever ended it (QUIT, a 421, a
+    /// timeout, shutdown, the client's close): a close_notify alert after
+    /// the last reply, then the TCP FIN, within `CLOSE_NOTIFY_WAIT`.
+    /// Without it the client sees a truncation attack: Exim logs "TLS
+    /// connection was non-properly terminated", OpenSSL and Python
+    /// "unexpected eof".
+    async fn close_tls(&mut self) {
+        use tokio::io::AsyncWriteExt;
+        if tokio::time::timeout(CLOSE_NOTIFY_WAIT, self.io.shutdown())
+            .await
+            .is_err()
+        {
+            debug!("TLS close_notify not sent within {CLOSE_NOTIFY_WAIT:?}");
+        }
     }
 }
 

@@ -10,4 +10,4 @@ pub mod reply;
 pub use bdat::{bdat_command, ChunkChecker, Stuffer};
 pub use command::{Body, Command, CommandError, MailParams};
 pub use data::{BareLineEndings, DataOptions, DataScanner, Output, Scan, Segments, Unstuffer};
-pub use reply::{EnhancedCode, Reply, ReplyError};
+pub use reply::{Answered, EnhancedCode, Reply, ReplyError};

@@ -315,6 +315,51 @@ impl Reply {
     }
 }
 
+/// The command a backend's reply answers: it decides the enhanced status
+/// code the reply gets when it came without one (`Reply::ensure_enhanced`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answered {
+    Mail,
+    Rcpt,
+    /// The DATA command itself (its 354 or its refusal).
+    Data,
+    /// The message: DATA's final reply after the dot, a BDAT chunk's reply.
+    Message,
+}
+
+impl Reply {
+    /// Gives a reply that has no enhanced status code one, so that a client
+    /// told ENHANCEDSTATUSCODES gets one on every 2xx, 4xx and 5xx reply
+    /// (RFC 2034 section 3), whatever the backend sent:
+    ///
+    /// | reply | MAIL  | RCPT  | DATA  | message |
+    /// |-------|-------|-------|-------|---------|
+    /// | 2xx   | 2.1.0 | 2.1.5 | 2.0.0 | 2.0.0   |
+    /// | 4xx   | 4.0.0 | 4.0.0 | 4.0.0 | 4.0.0   |
+    /// | 5xx   | 5.0.0 | 5.0.0 | 5.0.0 | 5.0.0   |
+    ///
+    /// 2.1.0 and 2.1.5 are what Postfix and Exim's own codes say for an
+    /// accepted sender and recipient (RFC 3463 X.1.0 other address status,
+    /// X.1.5 destination address valid). A refusal's code says why, which
+    /// only the backend knows: X.0.0 is RFC 3463's code for a status of
+    /// which only the class is known. A 1xx or 3xx reply (354) is left
+    /// alone: RFC 2034 asks for none. A reply with a code keeps it, and
+    /// the text is never touched: no allocation either way.
+    pub fn ensure_enhanced(&mut self, answered: Answered) {
+        if self.enhanced.is_some() {
+            return;
+        }
+        self.enhanced = match (self.code / 100, answered) {
+            (2, Answered::Mail) => Some(EnhancedCode(2, 1, 0)),
+            (2, Answered::Rcpt) => Some(EnhancedCode(2, 1, 5)),
+            (2, _) => Some(EnhancedCode(2, 0, 0)),
+            (4, _) => Some(EnhancedCode(4, 0, 0)),
+            (5, _) => Some(EnhancedCode(5, 0, 0)),
+            _ => None,
+        };
+    }
+}
+
 impl fmt::Display for Reply {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.code)?;
@@ -521,6 +566,44 @@ mod tests {
         out.clear();
         write_reply(&mut out, 0, "", "");
         assert_eq!(out, b"0 \r\n");
+    }
+
+    #[test]
+    fn ensure_enhanced_adds_a_code_only_when_missing() {
+        let cases = [
+            ("250 OK\r\n", Answered::Mail, "250 2.1.0 OK\r\n"),
+            ("250 Accepted\r\n", Answered::Rcpt, "250 2.1.5 Accepted\r\n"),
+            (
+                "250 OK id=1\r\n",
+                Answered::Message,
+                "250 2.0.0 OK id=1\r\n",
+            ),
+            (
+                "550 no such user\r\n",
+                Answered::Rcpt,
+                "550 5.0.0 no such user\r\n",
+            ),
+            ("451 later\r\n", Answered::Mail, "451 4.0.0 later\r\n"),
+            ("554 no\r\n", Answered::Data, "554 5.0.0 no\r\n"),
+            ("250\r\n", Answered::Rcpt, "250 2.1.5\r\n"),
+            (
+                "250-a\r\n250 b\r\n",
+                Answered::Message,
+                "250-2.0.0 a\r\n250 2.0.0 b\r\n",
+            ),
+            ("354 go ahead\r\n", Answered::Data, "354 go ahead\r\n"),
+            ("250 2.1.0 Ok\r\n", Answered::Rcpt, "250 2.1.0 Ok\r\n"),
+            (
+                "550 5.1.1 unknown\r\n",
+                Answered::Rcpt,
+                "550 5.1.1 unknown\r\n",
+            ),
+        ];
+        for (raw, answered, want) in cases {
+            let (mut r, _) = parse_all(raw);
+            r.ensure_enhanced(answered);
+            assert_eq!(wire(&r), want, "{raw:?} {answered:?}");
+        }
     }
 
     #[test]
