@@ -2,7 +2,8 @@
 //! by the `ppp` crate): on a listener with `proxy_protocol = true`, who may
 //! send a header (`trusted_proxies`), reading exactly the header off the
 //! socket within `proxy_header_timeout`, and what it says: the original
-//! client and destination addresses, or LOCAL (a balancer's health check).
+//! client and destination addresses, or LOCAL (the balancer's own
+//! connection, a health check: served with the socket's endpoints).
 //!
 //! Reading never consumes a byte past the header: the bytes are peeked,
 //! judged, and only the header's own bytes are read, so what follows (a TLS
@@ -48,7 +49,9 @@ pub enum Header {
         destination: SocketAddr,
     },
     /// v2 LOCAL or v1 UNKNOWN: the balancer speaking for itself (a health
-    /// check). Answered by closing cleanly.
+    /// check). The spec has the receiver accept it and use the real
+    /// connection endpoints: served as a session whose client is the
+    /// socket's peer (the balancer), judged by the policy like any client.
     Local,
 }
 
@@ -298,6 +301,29 @@ mod tests {
         }
     }
 
+    /// The spec: after UNKNOWN "the receiver must ignore anything presented
+    /// before the CRLF"; what follows the line is the session's.
+    #[test]
+    fn v1_unknown_with_addresses_is_local_too() {
+        for line in [
+            &b"PROXY UNKNOWN\r\n"[..],
+            b"PROXY UNKNOWN 192.0.2.7 198.51.100.1 40000 25\r\n",
+            b"PROXY UNKNOWN ffff:f...f:ffff ffff:f...f:ffff 65535 65535\r\n",
+        ] {
+            let mut with_tail = line.to_vec();
+            with_tail.extend_from_slice(b"EHLO x\r\n");
+            assert_eq!(
+                scan(&with_tail),
+                Scan::Complete {
+                    len: line.len(),
+                    header: Header::Local
+                },
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+    }
+
     #[test]
     fn v2_ipv4_with_tlvs_local_and_every_prefix_incomplete() {
         // An unknown TLV (0xE0) and an AWS-style one: ignored.
@@ -324,6 +350,23 @@ mod tests {
                 len: 16
             }
         ));
+        // LOCAL with an address block (any family, UDP and UNIX included):
+        // the spec has the receiver discard the block, family and all.
+        for (fam, addr) in [
+            (0x11, v4_addrs()),
+            (0x12, v4_addrs()),
+            (0x31, vec![0u8; 216]),
+        ] {
+            let h = v2(0, fam, &addr, &[0xE0, 0, 1, 7]);
+            assert_eq!(
+                scan(&h),
+                Scan::Complete {
+                    len: h.len(),
+                    header: Header::Local
+                },
+                "family {fam:#x}"
+            );
+        }
     }
 
     #[test]

@@ -843,10 +843,11 @@ mod files {
     }
 
     /// `haproxy -c` passes, without a warning, in each way the file is
-    /// used: TCP connect checks (the tests' way), /readyz checks with a
-    /// stats socket (compose.yaml's way), and PROXY v1 (send-proxy-v2
-    /// replaced by send-proxy, as the header's documentation says); it
-    /// fails without the address variables, so they are really used.
+    /// used: SMTP checks (`option smtpchk` with `check-send-proxy`,
+    /// tests/proxy_protocol.rs' way), /readyz checks with a stats socket
+    /// (compose.yaml's way), and PROXY v1 (send-proxy-v2 replaced by
+    /// send-proxy, as the header's documentation says); it fails without
+    /// the address variables, so they are really used.
     #[test]
     fn haproxy_config_is_valid() {
         let Some(haproxy) = require_tool("haproxy") else {
@@ -859,7 +860,7 @@ mod files {
             ("EDGE2", "127.0.0.1:2602"),
         ];
         let (ok, out) = haproxy_check(&haproxy, &cfg, &base);
-        assert!(ok, "TCP checks:\n{out}");
+        assert!(ok, "SMTP checks:\n{out}");
         let mut readyz = base.to_vec();
         readyz.extend([
             ("EDGE1_ADMIN_PORT", "9091"),
@@ -887,9 +888,26 @@ mod files {
             "send-proxy-v2 on one line (default-server): {v2:?}"
         );
         assert!(v2[0].starts_with("default-server"), "{v2:?}");
+        // Without the admin ports: the SMTP check, which sends a PROXY
+        // header first (smtp-edge serves v2 LOCAL as a session).
+        let lines = config_lines(&text);
+        let at = |needle: &str| lines.iter().rposition(|l| l.starts_with(needle));
+        let (Some(else_at), Some(chk), Some(end)) =
+            (at(".else"), at("option smtpchk EHLO "), at(".endif"))
+        else {
+            panic!("an .else branch with `option smtpchk EHLO name`:\n{text}");
+        };
+        assert!(else_at < chk && chk < end, "smtpchk in the .else branch");
+        let servers: Vec<_> = lines[else_at..end]
+            .iter()
+            .filter(|l| l.starts_with("server "))
+            .collect();
+        assert_eq!(servers.len(), 2, "{servers:?}");
         assert!(
-            !config_lines(&text).iter().any(|l| l.contains("smtpchk")),
-            "smtp-edge's PROXY listener does not speak SMTP to a check without a header"
+            servers
+                .iter()
+                .all(|l| l.contains(" check check-send-proxy")),
+            "the SMTP check starts with a PROXY header: {servers:?}"
         );
         let dir = tempfile::tempdir().unwrap();
         let v1 = dir.path().join("haproxy-v1.cfg");

@@ -138,8 +138,10 @@ impl ProxyListen {
     /// A connection on a PROXY protocol listener: an untrusted source is
     /// closed at once; a trusted one's header is read in its own task (the
     /// accept loop never waits on a client), then admission judges the
-    /// address in it. Nothing is written before a valid header: a refused
-    /// connection is closed without a greeting.
+    /// address in it. A LOCAL (v2) or UNKNOWN (v1) header is served as a
+    /// session of the balancer itself: admission judges the socket's peer.
+    /// Nothing is written before a valid header: a refused connection is
+    /// closed without a greeting.
     fn accept(
         &self,
         mut stream: tokio::net::TcpStream,
@@ -180,9 +182,12 @@ impl ProxyListen {
                     );
                 }
                 Ok(crate::proxy_protocol::Header::Local) => {
-                    // A health check: close cleanly, nothing said.
+                    // The balancer speaking for itself (a health check such
+                    // as HAProxy's `option smtpchk`): an ordinary session
+                    // whose client is the socket's peer, as the spec says.
                     m.proxy_header("local");
-                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+                    debug!(source = %via, "PROXY protocol: LOCAL header; served as the balancer's own session");
+                    admit(stream, via, None, shared, listener, &done);
                 }
                 Err(r) => {
                     m.proxy_header(r.name());

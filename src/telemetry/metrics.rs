@@ -152,7 +152,7 @@ impl Metrics {
         );
         r.register(
             "proxy_headers",
-            "Connections on PROXY protocol listeners by header outcome: accepted, local (health check), or why closed before a greeting (untrusted, timeout, malformed, too_long, unsupported, closed, busy)",
+            "Connections on PROXY protocol listeners by header outcome: accepted, local (v2 LOCAL / v1 UNKNOWN: a health check, served as a session of the balancer's own address), or why closed before a greeting (untrusted, timeout, malformed, too_long, unsupported, closed, busy)",
             m.proxy_headers.clone(),
         );
         r.register(
