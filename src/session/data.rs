@@ -101,12 +101,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let cached = &self.st.received;
         // The last `WITH`: the HELO name (sanitized: no spaces) and the
         // host names before it cannot hold one, nor can what follows it.
-        let at = memchr::memmem::rfind(cached, WITH.as_bytes()).map(|k| k + WITH.len());
-        let word = at.and_then(|at| Some(at).zip(cached.get(at..)));
+        // Searched only for an SMTPUTF8 transaction: the others (nearly
+        // all) write the cached part as it is.
+        let word = if self.st.mail == Some(true) {
+            memchr::memmem::rfind(cached, WITH.as_bytes())
+                .map(|k| k + WITH.len())
+                .and_then(|at| Some(at).zip(cached.get(at..)))
+        } else {
+            None
+        };
         match word {
-            Some((at, rest))
-                if self.st.mail == Some(true) && rest.starts_with(proto.as_bytes()) =>
-            {
+            Some((at, rest)) if rest.starts_with(proto.as_bytes()) => {
                 out.extend_from_slice(&cached[..at]);
                 out.extend_from_slice(if tls { b"UTF8SMTPS" } else { b"UTF8SMTP" });
                 out.extend_from_slice(&rest[proto.len()..]);
