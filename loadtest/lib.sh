@@ -46,7 +46,12 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
+# NO_BUILD=1: use the binaries already in target/release (built elsewhere,
+# or for another commit) as they are.
 build() {
+  if [ -n "${NO_BUILD:-}" ]; then
+    return 0
+  fi
   if [ -n "${EDGE_BIN:-}" ]; then
     (cd "$ROOT" && cargo build --release -q -p smtp-load)
   else
