@@ -508,17 +508,21 @@ mod tests {
         (c.display().to_string(), k.display().to_string())
     }
 
-    fn tls_errors(tls: &str) -> Vec<(String, usize, String)> {
-        let text = format!(
-            "[[listener]]\naddress = \"127.0.0.1:25\"\n[[backend]]\naddress = \"a:25\"\n{tls}"
-        );
-        match Config::parse(&text) {
+    /// The errors of `text` as (key, line, message); none when it parses.
+    fn errors_of(text: &str) -> Vec<(String, usize, String)> {
+        match Config::parse(text) {
             Ok(_) => Vec::new(),
             Err(errs) => errs
                 .into_iter()
                 .map(|e| (e.key, e.line, e.message))
                 .collect(),
         }
+    }
+
+    fn tls_errors(tls: &str) -> Vec<(String, usize, String)> {
+        errors_of(&format!(
+            "[[listener]]\naddress = \"127.0.0.1:25\"\n[[backend]]\naddress = \"a:25\"\n{tls}"
+        ))
     }
 
     #[test]
@@ -641,15 +645,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (c1, k1) = pair(dir.path(), "a", "a.test");
         let (_, k2) = pair(dir.path(), "b", "b.test");
-        let parse = |backend: &str| -> Vec<(String, usize, String)> {
-            let text = format!("[[listener]]\naddress = \"127.0.0.1:25\"\n[[backend]]\n{backend}");
-            match Config::parse(&text) {
-                Ok(_) => Vec::new(),
-                Err(errs) => errs
-                    .into_iter()
-                    .map(|e| (e.key, e.line, e.message))
-                    .collect(),
-            }
+        let parse = |backend: &str| {
+            errors_of(&format!(
+                "[[listener]]\naddress = \"127.0.0.1:25\"\n[[backend]]\n{backend}"
+            ))
         };
         let has = |errs: &[(String, usize, String)], key: &str, line: usize, msg: &str| {
             assert!(
