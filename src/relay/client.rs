@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::tls::{BackendStream, BackendTls};
+use super::tls::{BackendStream, BackendTls, TlsFailure};
 use crate::config::BackendTlsMode;
 use crate::smtp::{Reply, ReplyError};
 
@@ -47,6 +47,15 @@ pub enum BackendError {
         reason: &'static str,
         detail: String,
     },
+}
+
+impl From<TlsFailure> for BackendError {
+    fn from(f: TlsFailure) -> BackendError {
+        BackendError::Tls {
+            reason: f.reason,
+            detail: f.detail,
+        }
+    }
 }
 
 /// What the backend said it supports in its EHLO reply.

@@ -26,8 +26,16 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use tracing::Instrument;
 
-use super::client::BackendError;
 use crate::config::{BackendConfig, BackendTlsMode};
+
+/// Why TLS to a backend failed: `reason` is a metric label (not_offered,
+/// refused, certificate, handshake, timeout). `client.rs` makes it a
+/// `BackendError::Tls`.
+#[derive(Debug)]
+pub struct TlsFailure {
+    pub reason: &'static str,
+    pub detail: String,
+}
 
 /// One backend's TLS settings, ready to connect.
 pub struct BackendTls {
@@ -112,7 +120,7 @@ impl BackendTls {
         &self,
         tcp: TcpStream,
         t: Duration,
-    ) -> Result<TlsStream<TcpStream>, BackendError> {
+    ) -> Result<TlsStream<TcpStream>, TlsFailure> {
         let span = crate::span!(
             crate::telemetry::in_traced(),
             "tls.handshake",
@@ -124,7 +132,7 @@ impl BackendTls {
         );
         let hs = self.connector.connect(self.server_name.clone(), tcp);
         let r = match tokio::time::timeout(t, hs).instrument(span.clone()).await {
-            Err(_) => Err(BackendError::Tls {
+            Err(_) => Err(TlsFailure {
                 reason: "timeout",
                 detail: "handshake timed out".into(),
             }),
@@ -145,10 +153,9 @@ impl BackendTls {
                 };
                 span.record("tls.protocol.version", version);
             }
-            Err(BackendError::Tls { reason, .. }) => {
-                span.record("error.type", *reason);
+            Err(f) => {
+                span.record("error.type", f.reason);
             }
-            Err(_) => {}
         }
         r
     }
@@ -156,12 +163,12 @@ impl BackendTls {
 
 /// A failed handshake, by reason: the backend's certificate (untrusted,
 /// wrong name, expired) or anything else.
-fn handshake_error(e: io::Error) -> BackendError {
+fn handshake_error(e: io::Error) -> TlsFailure {
     let reason = match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
         Some(rustls::Error::InvalidCertificate(_)) => "certificate",
         _ => "handshake",
     };
-    BackendError::Tls {
+    TlsFailure {
         reason,
         detail: format!("handshake failed: {e}"),
     }
