@@ -310,3 +310,42 @@ async fn no_starttls_offered_required_or_opportunistic() {
     assert_eq!(r.code, 250, "{r:?}");
     assert_eq!(rec.messages().len(), 1);
 }
+
+/// A pooled TLS connection is reused: the session tickets Postfix sends
+/// after the handshake are taken in by the idle check, not read as the
+/// backend talking (which would drop the connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_tls_connection_is_reused() {
+    let p = pki();
+    let Some(pf) = postfix(&p, "smtpd_tls_security_level = encrypt").await else {
+        return;
+    };
+    let proxy = edge(
+        &pf.addr,
+        &format!("tls = \"starttls\"\ntls_ca = \"{}\"", p.ca.display()),
+    )
+    .await;
+    for i in 0..3 {
+        let r = send(&proxy, &format!("pooled-{i}")).await;
+        assert_eq!(r.code, 250, "{r:?}\n{}", pf.log());
+        // Time for the tickets to arrive while the connection is idle.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(delivered(&pf, 3).await.len(), 3);
+    let b = [("backend", pf.addr.as_str())];
+    let m = proxy.stats.encode();
+    assert_eq!(
+        counter(&proxy, "smtp_edge_backend_connections_created_total", &b),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        counter(&proxy, "smtp_edge_backend_connections_reused_total", &b),
+        2.0,
+        "{m}"
+    );
+    assert_eq!(
+        counter(&proxy, "smtp_edge_backend_tls_handshakes_total", &b),
+        1.0
+    );
+}
