@@ -1067,7 +1067,11 @@ async fn pooled_connection_refusing_rset_is_replaced() {
         let proxy = Proxy::to_backend(&rec.addr, "").await;
         let mut c = Raw::greeted(proxy.addr).await;
         ehlo(&mut c).await;
-        expect(&c.cmd("MAIL FROM:<abandoned@client.test>").await, 250, "2.1.0");
+        expect(
+            &c.cmd("MAIL FROM:<abandoned@client.test>").await,
+            250,
+            "2.1.0",
+        );
         expect(&c.cmd("RCPT TO:<rcpt@backend.test>").await, 250, "2.1.5");
         expect(&c.cmd("RSET").await, 250, "2.0.0");
         assert_eq!(proxy.backends.idle_counts(), vec![1], "{ctx}: not pooled");
@@ -1118,10 +1122,18 @@ async fn dedicated_xclient_connection_refusing_rset_gives_451() {
     .await;
     let mut c = Raw::greeted(proxy.addr).await;
     ehlo(&mut c).await;
-    expect(&c.cmd("MAIL FROM:<abandoned@client.test>").await, 250, "2.1.0");
+    expect(
+        &c.cmd("MAIL FROM:<abandoned@client.test>").await,
+        250,
+        "2.1.0",
+    );
     expect(&c.cmd("RCPT TO:<rcpt@backend.test>").await, 250, "2.1.5");
     expect(&c.cmd("RSET").await, 250, "2.0.0");
-    expect(&c.cmd("MAIL FROM:<refused@client.test>").await, 451, "4.4.2");
+    expect(
+        &c.cmd("MAIL FROM:<refused@client.test>").await,
+        451,
+        "4.4.2",
+    );
     expect(&c.cmd("RSET").await, 250, "2.0.0");
     deliver_clean(&mut c, "xclient-after-rset").await;
     expect(&c.cmd("QUIT").await, 221, "2.0.0");

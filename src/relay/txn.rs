@@ -288,7 +288,6 @@ impl Txn {
         }
         true
     }
-
 }
 
 /// Replaces a reused connection (dead, or its RSET refused) by a fresh one
