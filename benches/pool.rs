@@ -50,6 +50,7 @@ fn pool(c: &mut Criterion) {
             helo_name: "bench.test".into(),
             max_connections: 8,
             max_idle: Duration::from_secs(600),
+            max_lifetime: Duration::ZERO,
             max_transactions: u32::MAX,
             connect_timeout: Duration::from_secs(5),
             command_timeout: Duration::from_secs(5),

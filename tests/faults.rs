@@ -1044,6 +1044,107 @@ async fn dedicated_xclient_connection_closed_is_replaced() {
     assert!(second.starts_with("EHLO edge.test\r\nXCLIENT "), "{second}");
 }
 
+/// A transaction the client abandoned (RSET after RCPT) leaves its pooled
+/// connection owing an RSET, sent before the next MAIL. A backend that
+/// refuses it (5xx or 4xx) is in a state nobody knows: the connection is
+/// dropped, and the next transaction is replayed on a fresh one, delivered
+/// once, the client hearing nothing but 2xx/3xx.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_connection_refusing_rset_is_replaced() {
+    for (refusal, no_pipelining) in [
+        ("503 5.5.1 Error: bad sequence", false),
+        ("454 4.3.0 Try again", false),
+        ("500 5.5.2 Error: what", true),
+    ] {
+        let ctx = format!("{refusal}, no_pipelining={no_pipelining}");
+        // Every connection refuses RSET; only a reused one is sent one.
+        let rec = SeqRecorder::start(vec![Script {
+            rset: Some(Act::Reply(refusal.into())),
+            no_pipelining,
+            ..Script::default()
+        }])
+        .await;
+        let proxy = Proxy::to_backend(&rec.addr, "").await;
+        let mut c = Raw::greeted(proxy.addr).await;
+        ehlo(&mut c).await;
+        expect(
+            &c.cmd("MAIL FROM:<abandoned@client.test>").await,
+            250,
+            "2.1.0",
+        );
+        expect(&c.cmd("RCPT TO:<rcpt@backend.test>").await, 250, "2.1.5");
+        expect(&c.cmd("RSET").await, 250, "2.0.0");
+        assert_eq!(proxy.backends.idle_counts(), vec![1], "{ctx}: not pooled");
+        // Same session, next transaction: delivered on a new connection.
+        deliver_clean(&mut c, "after-rset").await;
+        expect(&c.cmd("QUIT").await, 221, "2.0.0");
+        let msgs = rec.messages();
+        assert_eq!(msgs.len(), 1, "{ctx}: {msgs:?}");
+        assert_eq!(
+            show(strip_received(&msgs[0])),
+            show(recorded(&clean_body("after-rset"))),
+            "{ctx}"
+        );
+        assert_eq!(rec.connection_count(), 2, "{ctx}");
+        let old = rec.conn_bytes(0);
+        assert_eq!(count(&old, b"RSET\r\n"), 1, "{ctx}: {}", show(&old));
+        assert!(!contains(&old, b"DATA\r\n"), "{ctx}: {}", show(&old));
+        let fresh = rec.conn_bytes(1);
+        assert!(!contains(&fresh, b"RSET"), "{ctx}: {}", show(&fresh));
+        assert_eq!(
+            count(&fresh, b"MAIL FROM:<after-rset@client.test>"),
+            1,
+            "{ctx}: {}",
+            show(&fresh)
+        );
+        // The connection that refused RSET is closed, not pooled again.
+        assert!(rec.wait_ended(0, Duration::from_secs(2)).await, "{ctx}");
+        assert_eq!(proxy.backends.idle_counts(), vec![1], "{ctx}");
+    }
+}
+
+/// identity = "xclient": the session's own connection is not reused from
+/// a pool, so a refused RSET cannot be replayed: the MAIL gets 451 4.4.2
+/// (never the backend's 5xx), and the session's next MAIL opens a new
+/// connection (XCLIENT again) and delivers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedicated_xclient_connection_refusing_rset_gives_451() {
+    let rec = SeqRecorder::start(vec![Script {
+        ehlo_extra: vec!["XCLIENT NAME ADDR PORT PROTO HELO".into()],
+        rset: Some(Act::Reply("503 5.5.1 Error: bad sequence".into())),
+        ..Script::default()
+    }])
+    .await;
+    let proxy = Proxy::start(&format!(
+        "hostname = \"edge.test\"\n[[listener]]\naddress = \"127.0.0.1:0\"\n[[backend]]\naddress = \"{}\"\nidentity = \"xclient\"\n",
+        rec.addr
+    ))
+    .await;
+    let mut c = Raw::greeted(proxy.addr).await;
+    ehlo(&mut c).await;
+    expect(
+        &c.cmd("MAIL FROM:<abandoned@client.test>").await,
+        250,
+        "2.1.0",
+    );
+    expect(&c.cmd("RCPT TO:<rcpt@backend.test>").await, 250, "2.1.5");
+    expect(&c.cmd("RSET").await, 250, "2.0.0");
+    expect(
+        &c.cmd("MAIL FROM:<refused@client.test>").await,
+        451,
+        "4.4.2",
+    );
+    expect(&c.cmd("RSET").await, 250, "2.0.0");
+    deliver_clean(&mut c, "xclient-after-rset").await;
+    expect(&c.cmd("QUIT").await, 221, "2.0.0");
+    assert_eq!(rec.messages().len(), 1);
+    assert_eq!(rec.connection_count(), 2);
+    assert!(rec.wait_ended(0, Duration::from_secs(2)).await);
+    let fresh = String::from_utf8_lossy(&rec.conn_bytes(1)).into_owned();
+    assert!(fresh.starts_with("EHLO edge.test\r\nXCLIENT "), "{fresh}");
+    assert!(!fresh.contains("RSET"), "{fresh}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pooled_connection_to_restarted_sink_is_replaced() {
     let Some(sink) = Sink::start(&[]) else { return };

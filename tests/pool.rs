@@ -3,7 +3,10 @@
 //! XCLIENT into a private Postfix), waiters served first come first served,
 //! a waiter that hangs up leaving no trace, and a dead backend marked down,
 //! skipped, and probed back. A counting TCP tap in front of the backend
-//! checks the connection cap. Skips without Postfix (fails under CI=true).
+//! checks the connection cap. Pool hygiene against a `SeqRecorder`:
+//! connections past `max_lifetime` replaced, a reload of `identity` or
+//! `tls` giving new connections. Skips without Postfix (fails under
+//! CI=true).
 mod common;
 mod postfix_instance;
 
@@ -347,5 +350,130 @@ async fn all_backends_down_answer_at_once() {
         "{:?}",
         t0.elapsed()
     );
+    proxy.stop().await;
+}
+
+/// One whole transaction on an open session, 250 at every step.
+async fn deliver(c: &mut Raw, tag: &str) {
+    assert_eq!(
+        c.cmd(&format!("MAIL FROM:<{tag}@client.test>")).await.code,
+        250,
+        "{tag}"
+    );
+    finish_message(c, tag).await;
+}
+
+async fn finish_message(c: &mut Raw, tag: &str) {
+    assert_eq!(c.cmd("RCPT TO:<b@backend.test>").await.code, 250, "{tag}");
+    assert_eq!(c.cmd("DATA").await.code, 354, "{tag}");
+    c.send(format!("Subject: {tag}\r\n\r\n{tag}\r\n.\r\n").as_bytes())
+        .await;
+    assert_eq!(c.reply().await.code, 250, "{tag}");
+}
+
+fn one_backend(addr: &str, keys: &str) -> String {
+    format!(
+        "hostname = \"edge.test\"\n[[listener]]\naddress = \"127.0.0.1:0\"\n[[backend]]\naddress = \"{addr}\"\n{keys}\n"
+    )
+}
+
+/// `max_lifetime = 1`: a pooled connection older than a second is QUIT
+/// (here by the reaper while idle) and the next transaction opens a new
+/// one; a transaction that ends past the lifetime QUITs its connection at
+/// checkin instead of pooling it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_past_max_lifetime_is_replaced() {
+    let rec = SeqRecorder::start(vec![
+        Script::default(),
+        // The second connection's final reply comes after its lifetime.
+        Script {
+            dot: Some(Act::Delay(Duration::from_millis(1300))),
+            ..Script::default()
+        },
+        Script::default(),
+    ])
+    .await;
+    let proxy = Proxy::start(&one_backend(&rec.addr, "max_lifetime = 1")).await;
+    let mut c = Raw::greeted(proxy.addr).await;
+    ehlo(&mut c).await;
+    deliver(&mut c, "young").await;
+    assert_eq!(proxy.backends.idle_counts(), vec![1], "not pooled");
+    // Idle past its lifetime: the reaper (every second) QUITs it.
+    assert!(rec.wait_ended(0, Duration::from_secs(3)).await);
+    assert!(
+        rec.conn_bytes(0).ends_with(b"QUIT\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&rec.conn_bytes(0))
+    );
+    assert_eq!(proxy.backends.idle_counts(), vec![0]);
+    // Past its lifetime at the end of the transaction: QUIT at checkin, not
+    // pooled (the next transaction, at once, opens a new one; had it been
+    // pooled, the checkout would have dropped it without QUIT).
+    deliver(&mut c, "aging").await;
+    deliver(&mut c, "fresh").await;
+    assert_eq!(rec.connection_count(), 3);
+    assert!(rec.wait_ended(1, Duration::from_secs(2)).await);
+    assert!(
+        rec.conn_bytes(1).ends_with(b"QUIT\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&rec.conn_bytes(1))
+    );
+    assert_eq!(rec.messages().len(), 3);
+    assert_eq!(c.cmd("QUIT").await.code, 221);
+    proxy.stop().await;
+}
+
+/// Pools are keyed by everything that shapes a connection: a reload that
+/// changes only `identity` (xforward -> none), then only `tls`, on the
+/// same address never hands out a connection made with the old settings;
+/// the old idle one gets QUIT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_of_identity_or_tls_gives_new_connections() {
+    let rec = SeqRecorder::start(vec![Script {
+        ehlo_extra: vec!["XFORWARD NAME ADDR PORT PROTO HELO SOURCE".into()],
+        ..Script::default()
+    }])
+    .await;
+    let proxy = Proxy::start(&one_backend(&rec.addr, "identity = \"xforward\"")).await;
+    let mut c = Raw::greeted(proxy.addr).await;
+    ehlo(&mut c).await;
+    deliver(&mut c, "before").await;
+    assert_eq!(proxy.backends.idle_counts(), vec![1]);
+    assert!(String::from_utf8_lossy(&rec.conn_bytes(0)).contains("XFORWARD "));
+
+    proxy
+        .reload(&one_backend(&rec.addr, "identity = \"none\""))
+        .unwrap();
+    // Same session: the next transaction is on a new connection, without
+    // XFORWARD; the old connection got QUIT.
+    deliver(&mut c, "after-identity").await;
+    assert_eq!(rec.connection_count(), 2);
+    let second = String::from_utf8_lossy(&rec.conn_bytes(1)).into_owned();
+    assert!(!second.contains("XFORWARD"), "{second}");
+    assert!(
+        second.contains("MAIL FROM:<after-identity@client.test>"),
+        "{second}"
+    );
+    assert!(rec.wait_ended(0, Duration::from_secs(3)).await);
+    assert!(rec.conn_bytes(0).ends_with(b"QUIT\r\n"));
+    assert!(!String::from_utf8_lossy(&rec.conn_bytes(0)).contains("after-identity"));
+
+    // TLS only (opportunistic; this backend offers no STARTTLS, so the new
+    // connection is plaintext, but it is new).
+    proxy
+        .reload(&one_backend(
+            &rec.addr,
+            "identity = \"none\"\ntls = \"opportunistic\"",
+        ))
+        .unwrap();
+    deliver(&mut c, "after-tls").await;
+    assert_eq!(rec.connection_count(), 3);
+    assert!(
+        String::from_utf8_lossy(&rec.conn_bytes(2)).contains("MAIL FROM:<after-tls@client.test>")
+    );
+    assert!(rec.wait_ended(1, Duration::from_secs(3)).await);
+    assert!(rec.conn_bytes(1).ends_with(b"QUIT\r\n"));
+    assert_eq!(rec.messages().len(), 3);
+    assert_eq!(c.cmd("QUIT").await.code, 221);
     proxy.stop().await;
 }

@@ -243,6 +243,11 @@ pub struct BackendConfig {
     /// Seconds an idle pooled connection is kept.
     #[serde(default = "default_max_idle")]
     pub max_idle: f64,
+    /// Seconds a connection is used at most from when it was opened: past
+    /// it, QUIT after its transaction and never handed out again (0 = no
+    /// limit).
+    #[serde(default = "default_max_lifetime")]
+    pub max_lifetime: f64,
     #[serde(default = "default_max_transactions")]
     pub max_transactions: u32,
     /// Failed connects or greetings in a row that mark the backend down
@@ -288,6 +293,9 @@ fn default_max_connections() -> usize {
 }
 fn default_max_idle() -> f64 {
     60.0
+}
+fn default_max_lifetime() -> f64 {
+    600.0
 }
 fn default_max_transactions() -> u32 {
     1000

@@ -261,11 +261,13 @@ fn backends(backends: &[BackendConfig], err: &mut dyn FnMut(String, String)) {
         }
         // Bounded like every other seconds value: `Backends::new` makes a
         // `Duration` of it, which panics past ~1.8e19 s.
-        if !(b.max_idle.is_finite() && b.max_idle >= 0.0 && b.max_idle < 1e7) {
-            err(
-                format!("backend[{i}].max_idle"),
-                "must be a number of seconds >= 0".into(),
-            );
+        for (k, v) in [("max_idle", b.max_idle), ("max_lifetime", b.max_lifetime)] {
+            if !(v.is_finite() && (0.0..1e7).contains(&v)) {
+                err(
+                    format!("backend[{i}].{k}"),
+                    "must be a number of seconds >= 0".into(),
+                );
+            }
         }
         if b.max_transactions == 0 {
             err(
@@ -442,21 +444,34 @@ mod tests {
     /// start or reload.
     #[test]
     fn max_idle_bounded() {
-        let text = |v: &str| {
-            format!("[[listener]]\naddress = \"127.0.0.1:25\"\n[[backend]]\naddress = \"a:25\"\nmax_idle = {v}\n")
-        };
-        for bad in ["1e300", "1e7", "inf", "nan", "-1"] {
-            let errs = Config::parse(&text(bad)).unwrap_err();
-            assert_eq!(errs.len(), 1, "{bad}: {errs:?}");
+        for key in ["max_idle", "max_lifetime"] {
+            let text = |v: &str| {
+                format!("[[listener]]\naddress = \"127.0.0.1:25\"\n[[backend]]\naddress = \"a:25\"\n{key} = {v}\n")
+            };
+            for bad in ["1e300", "1e7", "inf", "nan", "-1"] {
+                let errs = Config::parse(&text(bad)).unwrap_err();
+                assert_eq!(errs.len(), 1, "{key} = {bad}: {errs:?}");
+                assert_eq!(
+                    (errs[0].key.as_str(), errs[0].line),
+                    (format!("backend[0].{key}").as_str(), 5)
+                );
+            }
+            let b = &Config::parse(&text("86400")).unwrap().backends[0];
             assert_eq!(
-                (errs[0].key.as_str(), errs[0].line),
-                ("backend[0].max_idle", 5)
+                if key == "max_idle" {
+                    b.max_idle
+                } else {
+                    b.max_lifetime
+                },
+                86400.0
             );
         }
-        assert_eq!(
-            Config::parse(&text("86400")).unwrap().backends[0].max_idle,
-            86400.0
-        );
+        let b = &Config::parse(
+            "[[listener]]\naddress = \"127.0.0.1:25\"\n[[backend]]\naddress = \"a:25\"\n",
+        )
+        .unwrap()
+        .backends[0];
+        assert_eq!(b.max_lifetime, 600.0, "default");
     }
 
     #[test]

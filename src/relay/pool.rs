@@ -13,8 +13,8 @@
 //! # How it behaves
 //! - `Manager::create` connects, greets and EHLOs (`BackendConn::open`);
 //!   `Manager::recycle` is the liveness check at checkout (idle past
-//!   `max_idle`, or the backend said something or closed while idle:
-//!   dropped, the next one tried). LIFO: the most recently used idle
+//!   `max_idle` or open past `max_lifetime`, or the backend said something
+//!   or closed while idle: dropped, the next one tried). LIFO: the most recently used idle
 //!   connection first.
 //! - Waiting is deadpool's fair semaphore: a returned connection (or a slot
 //!   freed by a closed one) goes to the oldest waiter, and a newcomer's
@@ -25,7 +25,9 @@
 //!   dropping it discards the connection (frees the slot); only
 //!   `Pool::checkin` returns it to the idle list, and only after a
 //!   transaction ended cleanly (RSET queued if it did not complete). Past
-//!   `max_transactions` it is QUIT instead.
+//!   `max_transactions` or `max_lifetime` it is QUIT instead; the reaper
+//!   (`reap`, every second) QUITs idle ones past `max_idle` or
+//!   `max_lifetime`.
 //! - Health: every connect attempt feeds `Manager::record_success` /
 //!   `record_failure`; `down_after` failures in a row mark the backend down
 //!   (logged once) and start `probe`, a background task that retries with a
@@ -63,7 +65,7 @@ use deadpool::managed::{self, Metrics, Object, PoolError, RecycleResult, Timeout
 use deadpool::Runtime;
 use tokio::sync::Semaphore;
 
-use super::client::{BackendConn, BackendError};
+use super::client::{since, ticks, BackendConn, BackendError};
 use super::tls::BackendTls;
 use crate::telemetry::metrics::BackendMetrics;
 
@@ -75,6 +77,9 @@ pub struct PoolSettings {
     pub helo_name: String,
     pub max_connections: usize,
     pub max_idle: Duration,
+    /// Longest use of one connection from when it was opened (zero: no
+    /// limit).
+    pub max_lifetime: Duration,
     pub max_transactions: u32,
     pub connect_timeout: Duration,
     pub command_timeout: Duration,
@@ -90,6 +95,13 @@ pub struct PoolSettings {
     pub generation: u64,
     /// TLS to the backend (`tls` other than "none").
     pub tls: Option<Arc<BackendTls>>,
+}
+
+impl PoolSettings {
+    /// Whether `conn` has been open longer than `max_lifetime`.
+    pub fn too_old(&self, conn: &BackendConn) -> bool {
+        !self.max_lifetime.is_zero() && since(conn.created) >= self.max_lifetime
+    }
 }
 
 /// A pool's state at one moment (for metrics).
@@ -210,7 +222,12 @@ impl managed::Manager for Manager {
     }
 
     async fn recycle(&self, conn: &mut BackendConn, _: &Metrics) -> RecycleResult<BackendError> {
-        if conn.idle_since.elapsed() > self.settings.max_idle || !conn.idle_ok() {
+        // Past max_lifetime while idle and missed by the reaper: dropped
+        // here rather than handed out.
+        if since(conn.idle_since) > self.settings.max_idle
+            || self.settings.too_old(conn)
+            || !conn.idle_ok()
+        {
             tracing::debug!(backend = %self.settings.addr, "dropping stale idle connection");
             return Err(managed::RecycleError::message("stale"));
         }
@@ -380,14 +397,16 @@ impl Pool {
     }
 
     /// Gives a connection back after a transaction: to the next waiter or
-    /// the idle list. Connections past their transaction cap are closed
-    /// with QUIT (in the background; the backend still counts them).
+    /// the idle list. Connections past their transaction cap or their
+    /// `max_lifetime` are closed with QUIT (in the background; the backend
+    /// still counts them).
     pub fn checkin(&self, mut conn: PooledConn) {
-        if conn.txns >= self.settings().max_transactions || self.settings().max_idle.is_zero() {
+        let s = self.settings();
+        if conn.txns >= s.max_transactions || s.max_idle.is_zero() || s.too_old(&conn) {
             tokio::spawn(conn.quit());
             return;
         }
-        conn.idle_since = Instant::now();
+        conn.idle_since = ticks();
         // Dropping the deadpool object (not the PooledConn) returns it.
         drop(conn.0.take());
     }
@@ -419,12 +438,13 @@ impl Pool {
         }
     }
 
-    /// Closes idle connections that expired (QUIT, in the background).
+    /// Closes idle connections that expired, idle past `max_idle` or open
+    /// past `max_lifetime` (QUIT, in the background).
     pub fn reap(&self) {
-        let max_idle = self.settings().max_idle;
+        let s = self.settings();
         let expired = self
             .inner
-            .retain(|c, _| c.idle_since.elapsed() <= max_idle)
+            .retain(|c, _| since(c.idle_since) <= s.max_idle && !s.too_old(c))
             .removed;
         for c in expired {
             tokio::spawn(c.quit());

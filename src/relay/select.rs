@@ -46,6 +46,7 @@ impl Backends {
                             helo_name: cfg.hostname.clone(),
                             max_connections: b.max_connections,
                             max_idle: Duration::from_secs_f64(b.max_idle),
+                            max_lifetime: Duration::from_secs_f64(b.max_lifetime),
                             max_transactions: b.max_transactions,
                             connect_timeout: Duration::from_secs_f64(t.backend_connect),
                             command_timeout: Duration::from_secs_f64(t.backend_command),

@@ -1,6 +1,7 @@
 //! One mail transaction at one backend (`Txn`): MAIL/RCPT/DATA queued and
 //! pipelined when the backend offers PIPELINING, replayed once on a fresh
-//! connection when a reused one proves dead before its first reply, the
+//! connection when a reused one proves dead before its first reply or
+//! refuses the RSET queued before its commands, the
 //! message streamed (vectored, from the session's input buffer), the final
 //! reply read; `end` gives the connection back only after a clean end,
 //! `abort` drops it without ending the data.
@@ -226,8 +227,33 @@ impl Txn {
             let c = conn.as_mut().expect("conn");
             match c.read_reply(t).await {
                 Ok(reply) => {
-                    *replaying = false;
+                    let first = std::mem::take(replaying);
                     got += 1;
+                    let pend = self.pending.pop_front();
+                    // A refused RSET (queued first on a reused connection)
+                    // leaves the backend's state unknown: what follows could
+                    // be refused for it, and the client must never hear a
+                    // refusal the backend did not mean for its message. The
+                    // connection is dropped; on a reused one the rest is
+                    // replayed on a fresh one, as for a dead one.
+                    if matches!(pend, Some(Pend::Internal("RSET"))) && reply.code / 100 != 2 {
+                        tracing::warn!(
+                            backend = %c.peer,
+                            "RSET refused: {} {}; dropping the connection",
+                            reply.code,
+                            reply.text()
+                        );
+                        if !(first && *reused) {
+                            return false;
+                        }
+                        *reused = false;
+                        let rest = replay.strip_prefix(b"RSET\r\n").unwrap_or(replay);
+                        if replace(&backends, c, rest).await.is_err() {
+                            *conn = None;
+                            return false;
+                        }
+                        continue;
+                    }
                     // 421: the backend is closing; the client gets a 451 (its
                     // own session goes on) and the connection is not reused.
                     let closing = reply.code == 421;
@@ -236,7 +262,7 @@ impl Txn {
                     } else {
                         reply
                     };
-                    match self.pending.pop_front() {
+                    match pend {
                         Some(Pend::Client) => out.push(reply),
                         Some(Pend::Internal(what)) if !reply.is_positive() => {
                             tracing::warn!(backend = %c.peer, "{what} refused: {} {}", reply.code, reply.text());
@@ -254,24 +280,9 @@ impl Txn {
                         tracing::warn!(backend = %c.peer, "backend failed: {e}");
                         return false;
                     }
-                    let sent = &replay[..];
                     tracing::debug!(backend = %c.peer, "reused connection dead ({e}), reconnecting");
                     *reused = false;
-                    let replaced = match backends.pool(c.backend) {
-                        Some(pool) => pool.reconnect(c).await,
-                        None => Err(BackendError::Closed),
-                    };
-                    let resent = match replaced {
-                        Ok(()) => {
-                            c.txns += 1;
-                            c.send(sent).await
-                        }
-                        Err(e) => {
-                            tracing::warn!("backend reconnect failed: {e}");
-                            Err(e)
-                        }
-                    };
-                    if resent.is_err() {
+                    if replace(&backends, c, replay).await.is_err() {
                         *conn = None;
                         return false;
                     }
@@ -280,7 +291,24 @@ impl Txn {
         }
         true
     }
+}
 
+/// Replaces a reused connection (dead, or its RSET refused) by a fresh one
+/// in the same slot and sends it `sent`, the commands since checkout.
+async fn replace(backends: &Backends, c: &mut PooledConn, sent: &[u8]) -> Result<(), BackendError> {
+    let replaced = match backends.pool(c.backend) {
+        Some(pool) => pool.reconnect(c).await,
+        None => Err(BackendError::Closed),
+    };
+    if let Err(e) = replaced {
+        tracing::warn!("backend reconnect failed: {e}");
+        return Err(e);
+    }
+    c.txns += 1;
+    c.send(sent).await
+}
+
+impl Txn {
     /// Sends DATA at once (nothing else may be owed); its reply is read by
     /// `data_reply` before any message byte is sent. False when the backend
     /// is gone.
@@ -501,9 +529,10 @@ impl Txn {
                 return None;
             }
             if *dedicated {
-                // Others waiting for this backend's slots: give this one up
-                // (the session says XCLIENT again on its next MAIL).
-                if pool.is_some_and(|p| p.waiting() > 0) {
+                // Others waiting for this backend's slots, or open past
+                // max_lifetime: give this one up (the session says XCLIENT
+                // again on its next MAIL).
+                if pool.is_some_and(|p| p.waiting() > 0 || p.settings().too_old(&c)) {
                     tokio::spawn(c.quit());
                     return None;
                 }

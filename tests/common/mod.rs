@@ -397,6 +397,8 @@ pub struct Script {
     pub data: Option<Act>,
     /// At the final dot.
     pub dot: Option<Act>,
+    /// At RSET.
+    pub rset: Option<Act>,
     /// Close after receiving this many bytes of message data.
     pub drop_mid_data_after: Option<usize>,
     /// Advertise PIPELINING (default true via `Script::new`).
@@ -572,9 +574,10 @@ async fn recorder_conn(
                 }
                 r.push_str("250 ENHANCEDSTATUSCODES");
                 act(&mut s, &None, &r).await?
+            } else if upper.starts_with("RSET") {
+                act(&mut s, &sc.rset, "250 2.0.0 Ok").await?
             } else if upper.starts_with("HELO")
                 || upper.starts_with("XFORWARD")
-                || upper.starts_with("RSET")
                 || upper.starts_with("NOOP")
             {
                 act(&mut s, &None, "250 2.0.0 Ok").await?
