@@ -155,11 +155,6 @@ pub(crate) fn ticks() -> u32 {
     (BASE.get_or_init(Instant::now).elapsed().as_millis() / 100) as u32
 }
 
-/// Time since `ticks()` read `t` (to a tenth of a second).
-pub(crate) fn since(t: u32) -> Duration {
-    Duration::from_millis(u64::from(ticks().wrapping_sub(t)) * 100)
-}
-
 /// The next backend connection's `id`.
 static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 

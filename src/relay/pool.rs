@@ -65,7 +65,7 @@ use deadpool::managed::{self, Metrics, Object, PoolError, RecycleResult, Timeout
 use deadpool::Runtime;
 use tokio::sync::Semaphore;
 
-use super::client::{since, ticks, BackendConn, BackendError};
+use super::client::{ticks, BackendConn, BackendError};
 use super::tls::BackendTls;
 use crate::telemetry::metrics::BackendMetrics;
 
@@ -100,8 +100,19 @@ pub struct PoolSettings {
 impl PoolSettings {
     /// Whether `conn` has been open longer than `max_lifetime`.
     pub fn too_old(&self, conn: &BackendConn) -> bool {
-        !self.max_lifetime.is_zero() && since(conn.created) >= self.max_lifetime
+        self.too_old_at(conn, ticks())
     }
+
+    /// `too_old` at `now` (a `ticks()` the caller read already: one clock
+    /// read serves both of a checkout's or checkin's age checks).
+    fn too_old_at(&self, conn: &BackendConn, now: u32) -> bool {
+        !self.max_lifetime.is_zero() && age(now, conn.created) >= self.max_lifetime
+    }
+}
+
+/// The time from `then` to `now`, both `ticks()`.
+fn age(now: u32, then: u32) -> Duration {
+    Duration::from_millis(u64::from(now.wrapping_sub(then)) * 100)
 }
 
 /// A pool's state at one moment (for metrics).
@@ -224,8 +235,9 @@ impl managed::Manager for Manager {
     async fn recycle(&self, conn: &mut BackendConn, _: &Metrics) -> RecycleResult<BackendError> {
         // Past max_lifetime while idle and missed by the reaper: dropped
         // here rather than handed out.
-        if since(conn.idle_since) > self.settings.max_idle
-            || self.settings.too_old(conn)
+        let now = ticks();
+        if age(now, conn.idle_since) > self.settings.max_idle
+            || self.settings.too_old_at(conn, now)
             || !conn.idle_ok()
         {
             tracing::debug!(backend = %self.settings.addr, "dropping stale idle connection");
@@ -402,11 +414,12 @@ impl Pool {
     /// still counts them).
     pub fn checkin(&self, mut conn: PooledConn) {
         let s = self.settings();
-        if conn.txns >= s.max_transactions || s.max_idle.is_zero() || s.too_old(&conn) {
+        let now = ticks();
+        if conn.txns >= s.max_transactions || s.max_idle.is_zero() || s.too_old_at(&conn, now) {
             tokio::spawn(conn.quit());
             return;
         }
-        conn.idle_since = ticks();
+        conn.idle_since = now;
         // Dropping the deadpool object (not the PooledConn) returns it.
         drop(conn.0.take());
     }
@@ -442,9 +455,10 @@ impl Pool {
     /// past `max_lifetime` (QUIT, in the background).
     pub fn reap(&self) {
         let s = self.settings();
+        let now = ticks();
         let expired = self
             .inner
-            .retain(|c, _| since(c.idle_since) <= s.max_idle && !s.too_old(c))
+            .retain(|c, _| age(now, c.idle_since) <= s.max_idle && !s.too_old_at(c, now))
             .removed;
         for c in expired {
             tokio::spawn(c.quit());
