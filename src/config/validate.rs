@@ -345,19 +345,8 @@ fn backend_tls(i: usize, b: &BackendConfig, err: &mut dyn FnMut(String, String))
         }
     }
     if let Some(ca) = &b.tls_ca {
-        use rustls::pki_types::pem::PemObject;
-        match rustls::pki_types::CertificateDer::pem_file_iter(ca)
-            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        {
-            Ok(v) if v.is_empty() => err(
-                format!("backend[{i}].tls_ca"),
-                format!("{}: no certificate found in PEM file", ca.display()),
-            ),
-            Ok(_) => {}
-            Err(e) => err(
-                format!("backend[{i}].tls_ca"),
-                format!("{}: {e}", ca.display()),
-            ),
+        if let Err(m) = certs::load_certificates(ca) {
+            err(format!("backend[{i}].tls_ca"), m);
         }
     }
     match (&b.tls_certificate, &b.tls_private_key) {

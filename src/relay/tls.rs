@@ -17,7 +17,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -26,7 +25,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use tracing::Instrument;
 
-use crate::config::{BackendConfig, BackendTlsMode};
+use crate::config::{split_host_port, BackendConfig, BackendTlsMode};
 
 /// Why TLS to a backend failed: `reason` is a metric label (not_offered,
 /// refused, certificate, handshake, timeout). `client.rs` makes it a
@@ -55,15 +54,6 @@ impl std::fmt::Debug for BackendTls {
     }
 }
 
-/// The host part of `host:port` (`[v6]:port` too).
-fn host_of(address: &str) -> &str {
-    let host = match address.rsplit_once(':') {
-        Some((h, _)) => h,
-        None => address,
-    };
-    host.trim_start_matches('[').trim_end_matches(']')
-}
-
 impl BackendTls {
     /// The TLS settings of backend `cfg`; None for `tls = "none"`. Errors
     /// name the file or value at fault (check-config reports them first,
@@ -73,10 +63,11 @@ impl BackendTls {
             return Ok(None);
         }
         let address = cfg.address.as_deref().unwrap_or_default();
-        let name = cfg
-            .tls_server_name
-            .clone()
-            .unwrap_or_else(|| host_of(address).to_string());
+        let name = cfg.tls_server_name.clone().unwrap_or_else(|| {
+            split_host_port(address)
+                .map_or(address, |(host, _)| host)
+                .to_string()
+        });
         let server_name = ServerName::try_from(name.clone())
             .map_err(|e| format!("tls_server_name {name:?}: {e}"))?;
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -180,16 +171,7 @@ fn roots(cfg: &BackendConfig) -> Result<RootCertStore, String> {
     let native = rustls_native_certs::load_native_certs();
     roots.add_parsable_certificates(native.certs);
     if let Some(ca) = &cfg.tls_ca {
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca)
-            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| format!("{}: {e}", ca.display()))?;
-        if certs.is_empty() {
-            return Err(format!(
-                "{}: no certificate found in PEM file",
-                ca.display()
-            ));
-        }
-        for c in certs {
+        for c in crate::tls::certs::load_certificates(ca)? {
             roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
         }
     }
@@ -390,17 +372,5 @@ impl AsyncWrite for BackendStream {
             BackendStream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
             BackendStream::Detached => Poll::Ready(Ok(())),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn host_of_address() {
-        assert_eq!(host_of("mx.example.net:25"), "mx.example.net");
-        assert_eq!(host_of("127.0.0.1:2525"), "127.0.0.1");
-        assert_eq!(host_of("[::1]:25"), "::1");
     }
 }

@@ -52,18 +52,26 @@ const SCHEMES: [SignatureScheme; 11] = [
     SignatureScheme::RSA_PKCS1_SHA512,
 ];
 
+/// The certificates of PEM file `path`, at least one (a chain, or a CA
+/// list such as `[[backend]] tls_ca`); the error names the file.
+pub fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{}: no certificate found in PEM file",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
 /// Reads and checks the pair `cert` / `key`. `names` overrides the names
 /// of the certificate's subjectAltName.
 pub fn load(cert: &Path, key: &Path, names: Option<&[String]>) -> Result<Pair, PairError> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| PairError::Certificate(format!("{}: {e}", cert.display())))?;
-    let Some(leaf) = chain.first() else {
-        return Err(PairError::Certificate(format!(
-            "{}: no certificate found in PEM file",
-            cert.display()
-        )));
-    };
+    let chain = load_certificates(cert).map_err(PairError::Certificate)?;
+    let leaf = &chain[0];
     let (_, parsed) = x509_parser::parse_x509_certificate(leaf).map_err(|e| {
         PairError::Certificate(format!("{}: not an X.509 certificate: {e}", cert.display()))
     })?;
