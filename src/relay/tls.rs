@@ -137,12 +137,9 @@ impl BackendTls {
                     "tls.resumed",
                     c.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
                 );
-                let version = match c.protocol_version() {
-                    Some(rustls::ProtocolVersion::TLSv1_3) => "1.3",
-                    Some(rustls::ProtocolVersion::TLSv1_2) => "1.2",
-                    _ => "other",
-                };
-                span.record("tls.protocol.version", version);
+                // As the session span records it: "1.3", "1.2".
+                let version = crate::tls::version_name(c.protocol_version());
+                span.record("tls.protocol.version", version.trim_start_matches("TLSv"));
             }
             Err(f) => {
                 span.record("error.type", f.reason);

@@ -95,11 +95,7 @@ impl Session<tokio_rustls::server::TlsStream<TcpStream>> {
 }
 
 fn tls_info(conn: &rustls::ServerConnection) -> TlsInfo {
-    let version = match conn.protocol_version() {
-        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
-        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
-        _ => "TLS",
-    };
+    let version = crate::tls::version_name(conn.protocol_version());
     let cipher = conn
         .negotiated_cipher_suite()
         .map(|c| format!("{:?}", c.suite()))

@@ -87,6 +87,17 @@ pub fn acceptor(
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// A negotiated TLS version as the metrics and logs name it (`TLSv1.3`,
+/// `TLSv1.2`; `TLS` for anything else): inbound sessions and backend
+/// connections alike (spans use it without the `TLSv`).
+pub fn version_name(v: Option<rustls::ProtocolVersion>) -> &'static str {
+    match v {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+        _ => "TLS",
+    }
+}
+
 /// Whether a reload from `old` to `new` keeps the session state (ticket
 /// keys and cache): when the session settings did not change.
 pub fn keeps_sessions(old: Option<&TlsConfig>, new: Option<&TlsConfig>) -> bool {
