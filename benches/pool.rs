@@ -47,6 +47,7 @@ fn pool(c: &mut Criterion) {
         PoolSettings {
             addr,
             backend: 0,
+            group: "default".into(),
             helo_name: "bench.test".into(),
             max_connections: 8,
             max_idle: Duration::from_secs(600),
@@ -61,7 +62,7 @@ fn pool(c: &mut Criterion) {
             generation: 1,
             tls: None,
         },
-        smtp_edge::telemetry::metrics::Metrics::new().backend("bench"),
+        smtp_edge::telemetry::metrics::Metrics::new().backend("bench", "default"),
     );
     // Warm the pool with one ready connection.
     rt.block_on(async {

@@ -221,7 +221,8 @@ async fn exported() -> Exported {
     m.refused("deny_list");
     m.tls("ok", "TLSv1_3");
     m.transaction(250);
-    m.backend("127.0.0.1:9").tls_failure("certificate");
+    m.backend("127.0.0.1:9", "default")
+        .tls_failure("certificate");
     let text = server.stats().encode();
     let e = Exported::parse(&text);
     assert!(e.families.len() > 10, "a thin scrape:\n{text}");

@@ -680,7 +680,7 @@ async fn backend_tls_handshake_is_a_span_under_the_backend_span() {
     assert!(hs[0].attr("error.type").is_none(), "{:?}", hs[0]);
     let (_, metrics) = http_get(edge.admin, "/metrics").await;
     let line = format!(
-        "smtp_edge_backend_tls_handshakes_total{{backend=\"{}\"}} 1",
+        "smtp_edge_backend_tls_handshakes_total{{backend=\"{}\",group=\"default\"}} 1",
         sink.local_addr()
     );
     assert!(metrics.contains(&line), "{line}\n{metrics}");

@@ -4,7 +4,7 @@
 //!
 //! Sections here: `ListenerConfig` (with `TlsMode`), `SessionLimits`,
 //! `Timeouts`, `SmtpConfig`, `BackendConfig` (with `IdentityMode`),
-//! `AdminConfig`. Sections owned by their subsystem: `[tls]`
+//! `AdminConfig`; `[[route]]` in `routes` (`RouteConfig`, `DomainPattern`). Sections owned by their subsystem: `[tls]`
 //! (`tls::settings`), `[policy]` (`policy::settings`, checked by
 //! `PolicyConfig::validate`), `[telemetry]` (`telemetry::settings`).
 //! `EMBEDDED_DEFAULT` is what runs without `--config` (127.0.0.1:2525,
@@ -16,6 +16,7 @@
 //! removing each offending key) and `validate` (the checks of each
 //! section's values, in `impl Config`).
 
+mod routes;
 mod toml_paths;
 mod validate;
 
@@ -29,6 +30,7 @@ use crate::smtp::BareLineEndings;
 pub use crate::telemetry::settings::{LogFormat, OtlpProtocol, TelemetryConfig};
 pub use crate::tls::settings::{CertificateConfig, CertificateEntry, TlsConfig, MAX_SESSION_CACHE};
 
+pub use self::routes::{DomainPattern, RouteConfig, DEFAULT_GROUP};
 pub use self::toml_paths::ConfigError;
 use self::toml_paths::KeyLines;
 
@@ -51,6 +53,10 @@ pub struct Config {
     pub smtp: SmtpConfig,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
+    /// Which group of backends takes which recipient domains; empty: every
+    /// domain goes to every backend.
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RouteConfig>,
     /// Admission policy: lists, limits, HELO / rDNS / DNSBL checks.
     #[serde(default)]
     pub policy: PolicyConfig,
@@ -236,6 +242,9 @@ pub struct BackendConfig {
     /// Directory of the built-in Maildir backend.
     #[serde(default)]
     pub maildir: Option<PathBuf>,
+    /// The group `[[route]]`s name to send recipients here.
+    #[serde(default = "default_group")]
+    pub group: String,
     #[serde(default)]
     pub identity: IdentityMode,
     #[serde(default = "default_max_connections")]
@@ -281,6 +290,9 @@ pub struct BackendConfig {
     pub tls_private_key: Option<PathBuf>,
 }
 
+fn default_group() -> String {
+    DEFAULT_GROUP.to_string()
+}
 fn default_true() -> bool {
     true
 }

@@ -26,6 +26,7 @@ impl Config {
         telemetry(&self.telemetry, &mut err);
         listeners_accept(&self.listeners, &mut err);
         backends(&self.backends, &mut err);
+        super::routes::validate(&self.routes, &self.backends, &mut err);
         self.policy.validate(&mut err);
     }
 }
@@ -252,6 +253,12 @@ fn backends(backends: &[BackendConfig], err: &mut dyn FnMut(String, String)) {
                 }
             }
             (None, Some(_)) => {}
+        }
+        if !super::routes::group_name_ok(&b.group) {
+            err(
+                format!("backend[{i}].group"),
+                "1 to 64 of A-Z a-z 0-9 - _ .".into(),
+            );
         }
         if b.max_connections == 0 {
             err(

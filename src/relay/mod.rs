@@ -7,18 +7,21 @@
 //! that fails; `select.rs` is their behaviour on the set (building it from
 //! `[[backend]]`, round robin over the backends that are up, the pool
 //! wait, XCLIENT connections, retiring on reload), `txn.rs` that of one
-//! transaction. `pool.rs` is one backend's pool and health, `client.rs` one
-//! backend connection, `maildir.rs` local delivery.
+//! transaction. `route.rs` is the groups of backends and the `[[route]]`
+//! table that picks one per recipient domain; `pool.rs` is one backend's
+//! pool and health, `client.rs` one backend connection, `maildir.rs` local
+//! delivery.
 
 pub mod client;
 pub mod maildir;
 pub mod pool;
+pub mod route;
 mod select;
 pub mod tls;
 mod txn;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +30,7 @@ use crate::smtp::{EnhancedCode, Reply};
 use crate::telemetry::own;
 use maildir::{Maildir, MaildirWriter};
 use pool::{Pool, PooledConn};
+use route::{Group, GroupId, Routes};
 
 enum Backend {
     Smtp {
@@ -44,12 +48,21 @@ enum Backend {
 static GENERATIONS: AtomicU64 = AtomicU64::new(1);
 
 /// All configured backends (one generation of them): `Backend::Smtp` (a
-/// pool and the identity mode) or `Backend::Maildir`. Sessions load the
-/// current set from an `ArcSwap` at each MAIL; a reload of `[[backend]]`
-/// swaps in a new set and retires this one.
+/// pool and the identity mode) or `Backend::Maildir`, their groups and the
+/// `[[route]]` table. Sessions load the current set from an `ArcSwap` at
+/// each MAIL (or, with routes, at the RCPT that begins a transaction); a
+/// reload of `[[backend]]` or `[[route]]` swaps in a new set and retires
+/// this one.
 pub struct Backends {
     backends: Vec<Backend>,
-    next: AtomicUsize,
+    /// The selection sets: one of every backend without routes, one per
+    /// routed group with them.
+    groups: Vec<Group>,
+    /// None without `[[route]]`: every recipient goes to group 0.
+    routes: Option<Routes>,
+    /// `hostname`, normalized: the domain of a recipient without one
+    /// (`postmaster`).
+    hostname: String,
     /// This set's generation (a reload of `[[backend]]` makes a new one).
     generation: u64,
     /// Replaced by a reload: connections are QUIT after their transaction
@@ -135,6 +148,8 @@ enum Inner {
 /// One mail transaction at one backend.
 pub struct Txn {
     backends: Arc<Backends>,
+    /// The group it was begun on (of `backends`).
+    group: GroupId,
     inner: Inner,
     pending: VecDeque<Pend>,
     /// The `smtp.backend` span (disabled for a Maildir).

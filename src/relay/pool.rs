@@ -28,6 +28,8 @@
 //!   `max_transactions` or `max_lifetime` it is QUIT instead; the reaper
 //!   (`reap`, every second) QUITs idle ones past `max_idle` or
 //!   `max_lifetime`.
+//! - `SIZE`: each connect stores the limit the backend's EHLO announced
+//!   (`size_limit`), which the session holds a `MAIL ... SIZE=` against.
 //! - Health: every connect attempt feeds `Manager::record_success` /
 //!   `record_failure`; `down_after` failures in a row mark the backend down
 //!   (logged once) and start `probe`, a background task that retries with a
@@ -57,7 +59,7 @@
 //! the exact TCP count) is in `Manager` and `Pool`.
 
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -74,6 +76,8 @@ use crate::telemetry::metrics::BackendMetrics;
 pub struct PoolSettings {
     pub addr: String,
     pub backend: usize,
+    /// The backend's `group` (a label of its metrics and spans).
+    pub group: String,
     pub helo_name: String,
     pub max_connections: usize,
     pub max_idle: Duration,
@@ -119,6 +123,7 @@ fn age(now: u32, then: u32) -> Duration {
 #[derive(Debug, Clone)]
 pub struct PoolStat {
     pub addr: String,
+    pub group: String,
     pub idle: usize,
     pub in_use: usize,
     pub waiting: usize,
@@ -148,6 +153,9 @@ pub struct Manager {
     metrics: BackendMetrics,
     tcp: Arc<Semaphore>,
     health: Health,
+    /// The `SIZE` the backend announced in its last EHLO (0: none, or no
+    /// limit).
+    size: AtomicU64,
     /// The pool itself, for the prober a failure may start.
     pool: OnceLock<WeakPool<Manager>>,
 }
@@ -168,6 +176,8 @@ impl Manager {
         match &mut r {
             Ok(conn) => {
                 conn.generation = s.generation;
+                self.size
+                    .store(conn.caps.size.unwrap_or(0), Ordering::Relaxed);
                 self.metrics.created.inc();
                 if let Some(resumed) = conn.tls_resumed() {
                     self.metrics.tls_handshakes.inc();
@@ -345,6 +355,7 @@ impl Pool {
                 failures: AtomicU32::new(0),
                 down: AtomicBool::new(false),
             },
+            size: AtomicU64::new(0),
             settings,
             pool: OnceLock::new(),
         };
@@ -424,6 +435,14 @@ impl Pool {
         drop(conn.0.take());
     }
 
+    /// The message size limit (`SIZE n`) the backend announced in the
+    /// EHLO of its newest connection; None before one, or when it
+    /// announced none or no limit (`SIZE 0`).
+    pub fn size_limit(&self) -> Option<u64> {
+        let n = self.inner.manager().size.load(Ordering::Relaxed);
+        (n > 0).then_some(n)
+    }
+
     /// False while the backend is marked down (being probed).
     pub fn is_up(&self) -> bool {
         !self.inner.manager().health.down.load(Ordering::Acquire)
@@ -444,6 +463,7 @@ impl Pool {
         let s = self.inner.status();
         PoolStat {
             addr: self.settings().addr.clone(),
+            group: self.settings().group.clone(),
             idle: s.available,
             in_use: s.size.saturating_sub(s.available),
             waiting: s.waiting,

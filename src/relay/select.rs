@@ -7,13 +7,14 @@
 //! the wait in line run out: 451 4.4.5.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::client::{identity_commands, BackendError, ClientIdentity};
 use super::maildir::Maildir;
 use super::pool::{Pool, PoolSettings, PoolStat, PooledConn, Wait};
+use super::route::{self, GroupId};
 use super::tls::BackendTls;
 use super::{temp_failure, tls_failure, Backend, Backends, Inner, Txn, GENERATIONS};
 use crate::config::{Config, IdentityMode};
@@ -43,6 +44,7 @@ impl Backends {
                         PoolSettings {
                             addr: addr.clone(),
                             backend: i,
+                            group: b.group.clone(),
                             helo_name: cfg.hostname.clone(),
                             max_connections: b.max_connections,
                             max_idle: Duration::from_secs_f64(b.max_idle),
@@ -57,7 +59,7 @@ impl Backends {
                             generation,
                             tls,
                         },
-                        metrics.backend(addr),
+                        metrics.backend(addr, &b.group),
                     ),
                     identity: b.identity,
                     identity_missing: Default::default(),
@@ -66,9 +68,15 @@ impl Backends {
                 backends.push(Backend::Maildir(Maildir::open(dir, &cfg.hostname)?));
             }
         }
+        let (groups, routes) = route::build(cfg);
+        let hostname = crate::smtp::domain::normalize(&cfg.hostname)
+            .map(|h| h.into_owned())
+            .unwrap_or_default();
         Ok(Arc::new(Backends {
             backends,
-            next: AtomicUsize::new(0),
+            groups,
+            routes,
+            hostname,
             generation,
             retired: std::sync::atomic::AtomicBool::new(false),
             command_timeout: Duration::from_secs_f64(t.backend_command),
@@ -161,21 +169,59 @@ impl Backends {
             .collect()
     }
 
-    /// Begins a transaction for `id`: picks a backend and a connection, and
-    /// queues the identity. Backends marked down are skipped. Round robin
-    /// first asks each backend for a connection without waiting; when every
-    /// backend that is up is busy, the transaction waits in line at the
-    /// first busy one (first come first served, `backend_pool_wait`). A
-    /// dedicated (XCLIENT) connection of the session is used when given.
+    /// Whether recipients are routed by domain (`[[route]]`): the
+    /// transaction then begins at its first recipient, on that one's group.
+    pub fn routed(&self) -> bool {
+        self.routes.is_some()
+    }
+
+    /// The group that takes `rcpt` (an address without its brackets); None
+    /// when no route takes its domain (or the domain is not a valid one).
+    /// Without routes, the one group of every backend. A recipient without
+    /// a domain (`postmaster`) is routed as the edge's own `hostname`.
+    pub fn route(&self, rcpt: &str) -> Option<GroupId> {
+        let Some(routes) = &self.routes else {
+            return Some(GroupId(0));
+        };
+        let domain = crate::smtp::domain::recipient_domain(rcpt).unwrap_or(&self.hostname);
+        let domain = crate::smtp::domain::normalize(domain)?;
+        routes.lookup(&domain).map(GroupId)
+    }
+
+    /// The group's name as `[[route]]` gives it (`*` without routes).
+    pub fn group_name(&self, g: GroupId) -> &str {
+        &self.groups[g.0].name
+    }
+
+    /// The smallest message size limit (`SIZE`) the group's backends
+    /// announced in their EHLO; None while none announced one.
+    pub fn size_limit(&self, g: GroupId) -> Option<u64> {
+        self.groups[g.0]
+            .members
+            .iter()
+            .filter_map(|&i| self.pool(i)?.size_limit())
+            .min()
+    }
+
+    /// Begins a transaction for `id` on group `g` (of this set): picks a
+    /// backend and a connection, and queues the identity. Backends marked
+    /// down are skipped. Round robin first asks each backend of the group
+    /// for a connection without waiting; when every one that is up is busy,
+    /// the transaction waits in line at the first busy one (first come
+    /// first served, `backend_pool_wait`). A dedicated (XCLIENT) connection
+    /// of the session is used when given and of the group.
     pub async fn begin(
         self: &Arc<Self>,
+        g: GroupId,
         id: &ClientIdentity,
         dedicated: Option<PooledConn>,
     ) -> Result<Txn, Reply> {
+        let group = &self.groups[g.0];
         // A session's XCLIENT connection from before a reload of the
-        // backends belongs to the old relay: let it go.
+        // backends belongs to the old relay, and one to another group's
+        // backend cannot take this transaction: let it go.
         let dedicated = match dedicated {
-            Some(c) if c.generation != self.generation => {
+            Some(c) if c.generation != self.generation || !group.members.contains(&c.backend) => {
                 tokio::spawn(c.quit());
                 None
             }
@@ -183,25 +229,28 @@ impl Backends {
         };
         if let Some(mut conn) = dedicated {
             if conn.idle_ok() {
-                return Ok(Txn::smtp(self.clone(), conn, false, true));
+                let mut txn = Txn::smtp(self.clone(), conn, false, true);
+                txn.group = g;
+                return Ok(txn);
             }
             // The backend closed the session's connection between two
             // transactions: open a new one (with a new XCLIENT) below.
             tracing::debug!(backend = %conn.peer, "dedicated connection closed; reopening");
         }
-        let n = self.backends.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = group.members.len();
+        let start = group.next.fetch_add(1, Ordering::Relaxed);
         let mut busy = None;
         // A backend that must be TLS and could not be: the client hears
         // why (4.7.x), not just that no backend was there.
         let mut tls_failed = false;
         for k in 0..n {
-            let i = (start + k) % n;
+            let i = group.members[(start + k) % n];
             match &self.backends[i] {
                 Backend::Maildir(md) => match Box::pin(md.begin()).await {
                     Ok(w) => {
                         return Ok(Txn {
                             backends: self.clone(),
+                            group: g,
                             inner: Inner::Maildir {
                                 writer: Some(w),
                                 replies: VecDeque::new(),
@@ -217,7 +266,7 @@ impl Backends {
                     }
                 },
                 Backend::Smtp { pool, .. } if !pool.is_up() => {}
-                Backend::Smtp { .. } => match self.begin_smtp(i, id, Wait::No).await {
+                Backend::Smtp { .. } => match self.begin_smtp(i, g, id, Wait::No).await {
                     Ok(txn) => return Ok(txn),
                     Err(BackendError::Exhausted) => {
                         busy.get_or_insert(i);
@@ -233,7 +282,7 @@ impl Backends {
             }
             return Err(temp_failure("No backend available, try again later"));
         };
-        match self.begin_smtp(i, id, Wait::Yes).await {
+        match self.begin_smtp(i, g, id, Wait::Yes).await {
             Ok(txn) => Ok(txn),
             Err(BackendError::Exhausted) => Err(own(Reply::new(
                 451,
@@ -250,6 +299,7 @@ impl Backends {
     async fn begin_smtp(
         self: &Arc<Self>,
         i: usize,
+        g: GroupId,
         id: &ClientIdentity,
         wait: Wait,
     ) -> Result<Txn, BackendError> {
@@ -270,6 +320,7 @@ impl Backends {
             "smtp.backend",
             "otel.kind" = "client",
             "server.address" = pool.settings().addr.as_str(),
+            "smtp.backend.group" = pool.settings().group.as_str(),
             "smtp.backend.connection_id" = tracing::field::Empty,
             "smtp.backend.reused" = tracing::field::Empty,
             "smtp.backend.pool_wait_ms" = tracing::field::Empty,
@@ -299,6 +350,7 @@ impl Backends {
                     );
                 }
                 let mut txn = Txn::smtp(self.clone(), conn, reused, dedicated);
+                txn.group = g;
                 txn.span = span;
                 if *identity == IdentityMode::Xforward && !txn.queue_xforward(id) {
                     identity_not_offered(pool, identity_missing, "XFORWARD");

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use super::client::{BackendError, ClientIdentity};
 use super::pool::PooledConn;
+use super::route::GroupId;
 use super::{backend_lost, closing_to_451, Backends, Inner, Pend, Txn, TxnBufs};
 use crate::smtp::{Body, EnhancedCode, MailParams, Reply};
 
@@ -33,6 +34,7 @@ impl Txn {
         pending.clear();
         let mut txn = Txn {
             backends,
+            group: GroupId(0),
             inner: Inner::Smtp {
                 conn: None,
                 wbuf,
@@ -84,6 +86,17 @@ impl Txn {
             self.pending.push_back(Pend::Internal("XFORWARD"));
         }
         true
+    }
+
+    /// The group this transaction was begun on.
+    pub fn group(&self) -> GroupId {
+        self.group
+    }
+
+    /// The set of backends it was begun from: its recipients are routed by
+    /// that set's table (a reload may have swapped in another).
+    pub fn backends(&self) -> &Arc<Backends> {
+        &self.backends
     }
 
     /// Whether commands may be queued several at a time.

@@ -219,12 +219,15 @@ impl Collector for Live {
         let mut up = Vec::new();
         let mut waiting = Vec::new();
         for p in &pools {
+            let backend =
+                || -> Labels { vec![("backend", p.addr.clone()), ("group", p.group.clone())] };
             for (state, n) in [("idle", p.idle), ("in_use", p.in_use)] {
-                let l: Labels = vec![("backend", p.addr.clone()), ("state", state.into())];
+                let mut l = backend();
+                l.push(("state", state.into()));
                 conns.push((l, n as i64));
             }
-            up.push((vec![("backend", p.addr.clone())], p.up as i64));
-            waiting.push((vec![("backend", p.addr.clone())], p.waiting as i64));
+            up.push((backend(), p.up as i64));
+            waiting.push((backend(), p.waiting as i64));
         }
         gauge(
             &mut enc,

@@ -7,7 +7,7 @@
 //! The TLS acceptor is built from the files again, taking over the running
 //! one's ticket keys and session cache while the session settings are
 //! unchanged (`tls::keeps_sessions`). New `Backends` are built only when
-//! `[[backend]]` or the backend timeouts changed (`relay_inputs`); the
+//! `[[backend]]`, `[[route]]` or the backend timeouts changed (`relay_inputs`); the
 //! replaced set is retired (`Backends::retire`: idle connections QUIT now,
 //! busy ones after their transaction; a session's XCLIENT connection of an
 //! older set is let go at its next MAIL). `[admin]` is moved, opened or
@@ -32,13 +32,14 @@ use crate::session::Shared;
 /// Applied: `[policy]` (limiter state, counters and caches carried over),
 /// `[tls]` (the certificate files are read again even when the section is
 /// unchanged: renewal; the ticket keys and the session cache carry over
-/// while `session_tickets` and `session_cache_size` stay), `[[backend]]`
-/// and the backend timeouts (new `Backends`; the old set's idle
+/// while `session_tickets` and `session_cache_size` stay), `[[backend]]`,
+/// `[[route]]` and the backend timeouts (new `Backends`; the old set's idle
 /// connections get QUIT and its connections in use finish their
 /// transaction, then QUIT), `[limits]`, `[timeouts]`,
 /// `[smtp]`, `[telemetry] sample_ratio`. New connections get the new
 /// settings; a session keeps the limits, timeouts and TLS it started with
-/// and takes the current backends at each MAIL. `hostname`, listeners
+/// and takes the current backends at each MAIL (with routes, at the RCPT
+/// that begins a transaction). `hostname`, listeners
 /// and the rest of `[telemetry]` need a restart (logged). Nothing
 /// changes when any part fails.
 #[derive(Clone)]
@@ -117,6 +118,7 @@ impl Reloader {
             );
             before.retire();
             applied.push("backend");
+            applied.push("route");
         }
         if let Some(l) = admin {
             let mut ctl = self.admin.lock().unwrap_or_else(|e| e.into_inner());
@@ -159,10 +161,17 @@ impl Reloader {
 
 /// What `Backends::new` builds from: a reload makes new `Backends` only
 /// when these changed (a session timeout alone keeps the pooled connections).
-fn relay_inputs(c: &Config) -> (&[crate::config::BackendConfig], [f64; 4]) {
+type RelayInputs<'a> = (
+    &'a [crate::config::BackendConfig],
+    &'a [crate::config::RouteConfig],
+    [f64; 4],
+);
+
+fn relay_inputs(c: &Config) -> RelayInputs<'_> {
     let t = &c.timeouts;
     (
         &c.backends,
+        &c.routes,
         [
             t.backend_connect,
             t.backend_command,

@@ -119,7 +119,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     fn bdat_may_begin(&mut self) -> bool {
         if self.st.mail.is_none() {
             self.need_mail();
-        } else if self.st.lost || self.st.txn.is_none() {
+        } else if self.st.lost {
             backend_lost().write_to(&mut self.out);
         } else if self.st.data_seen {
             self.bad(
@@ -130,7 +130,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         } else if self.st.rcpts_sent == 0 {
             self.bad(503, "5.5.1", "Need RCPT command");
         } else if self.st.rcpts_ok == 0 {
+            // Routes may have refused every recipient: no transaction began.
             self.reply(554, "5.5.1", "No valid recipients");
+        } else if self.st.txn.is_none() {
+            backend_lost().write_to(&mut self.out);
         } else {
             return true;
         }

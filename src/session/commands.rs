@@ -1,6 +1,7 @@
 //! The command lines: input split into lines, each command parsed and
 //! answered. EHLO/HELO and STARTTLS are answered here; MAIL, RCPT and DATA
-//! are relayed (their replies owed, see `resolve`); BDAT is `bdat.rs`'s and
+//! are relayed (their replies owed, see `resolve`; with routes MAIL is
+//! answered here and RCPT routed by `route.rs`); BDAT is `bdat.rs`'s and
 //! the message after DATA's 354 is `data.rs`'s.
 
 use bytes::BytesMut;
@@ -11,6 +12,7 @@ use super::span::{record_end, transaction_span};
 use super::{room_for_commands, Owed, Session, Step};
 use crate::config::TlsMode;
 use crate::relay::client::ClientIdentity;
+use crate::relay::route::GroupId;
 use crate::smtp::{self, Command};
 
 /// Most pipelined input kept while waiting for a backend connection.
@@ -19,7 +21,7 @@ const WAIT_INPUT_LIMIT: usize = 16 * 1024;
 /// Awaits `fut` (a wait in line for a backend connection) while reading the
 /// client: what it pipelines is kept in `inbuf` (up to a limit), and its
 /// hanging up gives None, dropping `fut` and so its place in line.
-async fn while_client_stays<S: AsyncRead + Unpin, T>(
+pub(super) async fn while_client_stays<S: AsyncRead + Unpin, T>(
     io: &mut S,
     inbuf: &mut BytesMut,
     fut: impl std::future::Future<Output = T>,
@@ -299,7 +301,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 "Message size exceeds fixed maximum message size",
             );
         }
-        let dedicated = self.st.dedicated.take();
+        let relay = self.shared.backends();
+        let routed = relay.routed();
+        // Without routes the transaction begins here, on any backend: none
+        // may get a message above the smallest limit they announced.
+        if !routed && params.size > relay.size_limit(GroupId::UNROUTED).or(Some(u64::MAX)) {
+            return self.reply(
+                552,
+                "5.3.4",
+                "Message size exceeds fixed maximum message size",
+            );
+        }
+        let dedicated = if routed {
+            None
+        } else {
+            self.st.dedicated.take()
+        };
         let (peer, pol, st) = (self.peer, &self.pol, &mut self.st);
         let id = st.ident.get_or_insert_with(|| {
             Box::new(ClientIdentity::new(
@@ -310,6 +327,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             ))
         });
         let span = transaction_span(from, self.shared.cfg.telemetry.record_addresses);
+        if routed {
+            self.st.txn_span = Some(span);
+            return self.mail_routed(from, params);
+        }
         // The wait for a backend connection may be long under a burst:
         // keep reading the client meanwhile, so one who hangs up gives up
         // its place in line at once. Boxed, as are the replies and the DATA
@@ -317,8 +338,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // (held by every idle connection) ~6 KB bigger in RSS (idle.sh:
         // 15.7 against 10.2 KB per idle connection); boxed, they cost
         // three allocations per message (tests/allocs.rs).
-        let relay = self.shared.backends();
-        let begin = relay.begin(id, dedicated).instrument(span.clone());
+        let begin = relay
+            .begin(GroupId::UNROUTED, id, dedicated)
+            .instrument(span.clone());
         let Some(begun) = Box::pin(while_client_stays(&mut self.io, &mut self.inbuf, begin)).await
         else {
             self.client_gone = true;
@@ -367,6 +389,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if let Some(v) = self.pol.rcpt() {
             self.resolve().await;
             return self.policy_reply(&v).await;
+        }
+        if self.st.routed.is_some() {
+            // Boxed: only routed sessions pay for its future.
+            return Box::pin(self.rcpt_routed(to)).await;
         }
         let Some(txn) = self.st.txn.as_mut() else {
             return self.reply(503, "5.5.1", "Need MAIL command");

@@ -9,7 +9,8 @@
 //! own `impl Session` blocks: `commands.rs` (the command lines and their
 //! answers), `data.rs` (DATA and what message data shares with BDAT),
 //! `bdat.rs` (CHUNKING), `tls.rs` (implicit TLS and STARTTLS's handshake),
-//! `span.rs` (the session and transaction spans).
+//! `route.rs` (recipients routed by domain: the transaction begun at the
+//! first RCPT), `span.rs` (the session and transaction spans).
 //!
 //! # Pipelining
 //! MAIL and RCPT are queued on the `Txn` and, when the backend offers
@@ -54,6 +55,7 @@ use crate::timer::Pace;
 mod bdat;
 mod commands;
 mod data;
+mod route;
 mod span;
 mod tls;
 
@@ -164,6 +166,10 @@ enum Outcome {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Owed {
     Mail,
+    /// A MAIL the edge already answered (routes: the transaction begins at
+    /// its first RCPT): its reply is not the client's; a refusal becomes
+    /// the reply of the RCPTs sent with it (`route.rs`).
+    DeferredMail,
     Rcpt,
     Data,
 }
@@ -176,6 +182,11 @@ struct State {
     /// MAIL was given (accepted, or still owed a reply); SMTPUTF8 flag.
     mail: Option<bool>,
     from: String,
+    /// The edge answered MAIL itself: the transaction (and its route)
+    /// begins at the first RCPT (`[[route]]`s configured). Boxed: the
+    /// session future stays small.
+    routed: Option<Box<route::RoutedMail>>,
+    /// RCPTs given (relayed, or refused by the edge's routes).
     rcpts_sent: usize,
     rcpts_ok: usize,
     txn: Option<Txn>,
@@ -475,6 +486,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         self.st.mail = None;
         self.st.from.clear();
+        self.st.routed = None;
         self.st.rcpts_sent = 0;
         self.st.rcpts_ok = 0;
         self.st.owed.clear();
@@ -500,16 +512,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let broken = txn.is_broken();
         let mut mail_failed = false;
         let mut desync = false;
+        // A deferred MAIL the backend refused, and whether a RCPT carried it.
+        let mut refused_mail: Option<(Reply, bool)> = None;
         for mut reply in replies.drain(..) {
             let owed = self.st.owed.pop_front();
             // A backend's reply without an enhanced code gets one (a
             // check, no allocation: Postfix's replies carry theirs).
             reply.ensure_enhanced(match owed {
-                Some(Owed::Mail) => Answered::Mail,
+                Some(Owed::Mail | Owed::DeferredMail) => Answered::Mail,
                 Some(Owed::Rcpt) => Answered::Rcpt,
                 _ => Answered::Data,
             });
             match owed {
+                Some(Owed::DeferredMail) => {
+                    if !reply.is_positive() {
+                        refused_mail = Some((reply, false));
+                    }
+                    continue;
+                }
+                Some(Owed::Rcpt) if refused_mail.is_some() => {
+                    // The client had 250 for MAIL: each RCPT of the batch
+                    // hears why the backend refused the transaction.
+                    if let Some((r, carried)) = &mut refused_mail {
+                        r.write_to(&mut self.out);
+                        *carried = true;
+                    }
+                    continue;
+                }
                 Some(Owed::Mail) => mail_failed |= !reply.is_positive(),
                 Some(Owed::Rcpt) if reply.is_positive() => self.st.rcpts_ok += 1,
                 Some(Owed::Rcpt) => {}
@@ -528,6 +557,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         self.replies = replies;
         self.st.owed.clear();
+        if let Some((r, carried)) = refused_mail {
+            return self.drop_refused_txn(r, carried, broken || desync);
+        }
         if desync && !broken {
             if let Some(t) = self.st.txn.take() {
                 t.abort();

@@ -5,6 +5,7 @@
 pub mod bdat;
 pub mod command;
 pub mod data;
+pub mod domain;
 pub mod reply;
 
 pub use bdat::{bdat_command, ChunkChecker, Stuffer};

@@ -61,6 +61,7 @@ pub struct BackendMetrics {
     /// TLS failures by reason (the family, and this backend's label).
     tls_failures: Family<Labels, Counter>,
     addr: String,
+    group: String,
 }
 
 impl BackendMetrics {
@@ -70,6 +71,7 @@ impl BackendMetrics {
         self.tls_failures
             .get_or_create(&vec![
                 ("backend", self.addr.clone()),
+                ("group", self.group.clone()),
                 ("reason", reason.to_string()),
             ])
             .inc();
@@ -94,6 +96,7 @@ pub struct Metrics {
     pub messages_relayed: Counter,
     pub bytes_relayed: Counter,
     pub recipients: Counter,
+    route_refusals: Family<Labels, Counter>,
     pub draining: Gauge,
     backend_created: Family<Labels, Counter>,
     backend_reused: Family<Labels, Counter>,
@@ -129,6 +132,7 @@ impl Metrics {
             messages_relayed: Counter::default(),
             bytes_relayed: Counter::default(),
             recipients: Counter::default(),
+            route_refusals: Family::default(),
             draining: Gauge::default(),
             backend_created: Family::default(),
             backend_reused: Family::default(),
@@ -204,6 +208,11 @@ impl Metrics {
             m.recipients.clone(),
         );
         r.register(
+            "route_refusals",
+            "Recipients the edge refused by its [[route]]s, by reason: no_route (550 5.7.1, no route takes the domain), other_route (452 4.5.3, the transaction is on another route), size (552 5.3.4, SIZE above the route's backends' limit)",
+            m.route_refusals.clone(),
+        );
+        r.register(
             "draining",
             "1 while shutting down (readyz answers 503)",
             m.draining.clone(),
@@ -254,8 +263,8 @@ impl Metrics {
     }
 
     /// The metrics of the backend at `addr` (created on first use).
-    pub fn backend(&self, addr: &str) -> BackendMetrics {
-        let l: Labels = vec![("backend", addr.to_string())];
+    pub fn backend(&self, addr: &str, group: &str) -> BackendMetrics {
+        let l: Labels = vec![("backend", addr.to_string()), ("group", group.to_string())];
         BackendMetrics {
             created: self.backend_created.get_or_create(&l).clone(),
             reused: self.backend_reused.get_or_create(&l).clone(),
@@ -266,7 +275,16 @@ impl Metrics {
             tls_resumed: self.backend_tls_resumed.get_or_create(&l).clone(),
             tls_failures: self.backend_tls_failures.clone(),
             addr: addr.to_string(),
+            group: group.to_string(),
         }
+    }
+
+    /// A recipient refused by routing (`reason`: no_route, other_route,
+    /// size).
+    pub fn route_refusal(&self, reason: &'static str) {
+        self.route_refusals
+            .get_or_create(&vec![("reason", reason.to_string())])
+            .inc();
     }
 
     /// A connection refused at accept by `check`.
