@@ -98,6 +98,62 @@ fn check_config_accepts_the_shipped_example() {
     );
 }
 
+/// The shipped example's commented `[[route]]` block, uncommented (with a
+/// backend in its tenant group), is a valid file; a route to a group no
+/// backend is in is named with its key and line.
+#[test]
+fn check_config_takes_the_shipped_route_example() {
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/smtp-edge.toml"
+    ))
+    .unwrap();
+    let mut text = String::new();
+    let mut in_routes = false;
+    for line in shipped.lines() {
+        if line == "# [[route]]" {
+            in_routes = true;
+        }
+        let l = match line.strip_prefix("# ") {
+            Some(rest) if in_routes && !rest.is_empty() && !line.starts_with("#  ") => rest,
+            _ => {
+                in_routes = in_routes && line.starts_with("# ");
+                line
+            }
+        };
+        text.push_str(l);
+        text.push('\n');
+    }
+    assert!(
+        text.contains("\n[[route]]\ndomains = "),
+        "no route example:\n{text}"
+    );
+    let without = check_config(&text);
+    let stderr = String::from_utf8_lossy(&without.stderr);
+    assert!(
+        !without.status.success(),
+        "a route to tenant-a without backends"
+    );
+    let line = text
+        .lines()
+        .position(|l| l == "group = \"tenant-a\"")
+        .unwrap()
+        + 1;
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("route[0].group") && names_line(l, line)),
+        "route[0].group at line {line}:\n{stderr}"
+    );
+    text.push_str("[[backend]]\naddress = \"10.0.0.6:25\"\ngroup = \"tenant-a\"\n");
+    let out = check_config(&text);
+    assert!(
+        out.status.success(),
+        "{}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn check_config_names_policy_errors_with_key_and_line() {
     let text = "[[listener]]\n\

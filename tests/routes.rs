@@ -116,6 +116,16 @@ async fn each_domain_goes_to_its_group() {
     }
     let counts: Vec<usize> = sinks.iter().map(|s| s.messages().len()).collect();
     assert_eq!(counts, vec![1, 1, 2]);
+    // Each group's backend series carry its name.
+    let m = parse_metrics(&p.stats.encode());
+    for (g, addr) in [("ga", &sinks[0].addr), ("gc", &sinks[2].addr)] {
+        let l = [("group", g), ("backend", addr.as_str())];
+        assert_eq!(
+            metric_value(&m, "smtp_edge_backend_connections_created_total", &l),
+            1.0
+        );
+        assert_eq!(metric_value(&m, "smtp_edge_backend_up", &l), 1.0);
+    }
 }
 
 #[tokio::test]
@@ -477,6 +487,67 @@ async fn postfix_sends_one_message_to_three_routes() {
         assert!(m[0].contains("Message-ID: <three@example.org>"), "{}", m[0]);
     }
     let log = pf.log();
+    if std::env::var_os("SHOW_LOG").is_some() {
+        eprintln!("{log}");
+    }
     assert!(log.contains("4.5.3"), "the 452 in Postfix's log:\n{log}");
     assert!(!log.contains("status=bounced"), "{log}");
+}
+
+/// SIZE learned from a real Postfix (`message_size_limit`): above it, 552
+/// 5.3.4 at the RCPT of its route and Postfix hears nothing of it; a
+/// message that grows past it unannounced still ends with Postfix's own
+/// reply after the final dot.
+#[tokio::test]
+async fn size_learned_from_a_real_postfix() {
+    let Some(sink) = Sink::start(&[]) else { return };
+    let Some(pf) = Postfix::start("message_size_limit = 20000\n") else {
+        return;
+    };
+    let p = Proxy::start(&config(
+        &[(&pf.addr, "pf"), (&sink.addr, "rest")],
+        "[[route]]\ndomains = [\"example.org\"]\ngroup = \"pf\"\n[[route]]\ndomains = [\"*\"]\ngroup = \"rest\"\n",
+    ))
+    .await;
+    let mut c = ehlo(&p).await;
+    assert_eq!(c.cmd("MAIL FROM:<s@example.net>").await.code, 250);
+    assert_eq!(c.cmd("RCPT TO:<box@example.org>").await.code, 250);
+    assert_eq!(data(&mut c).await.code, 250);
+    let end = Instant::now() + WAIT;
+    while pf.delivered().is_empty() && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let delivered = pf.delivered().len();
+    assert_eq!(delivered, 1, "{}", pf.log());
+    let mails = pf.log().matches("from=<s@example.net>").count();
+
+    assert_eq!(
+        c.cmd("MAIL FROM:<s@example.net> SIZE=50000").await.code,
+        250
+    );
+    let r = c.cmd("RCPT TO:<box@example.org>").await;
+    assert_eq!((r.code, &r.text[..5]), (552, "5.3.4"), "{r:?}");
+    let other = c.cmd("RCPT TO:<x@example.com>").await;
+    assert_eq!(other.code, 250, "{other:?}: the other route takes it");
+    assert_eq!(c.cmd("RSET").await.code, 250);
+    assert_eq!(refusals(&p, "size"), 1.0);
+
+    // Unannounced and too big: Postfix's own reply after the dot.
+    assert_eq!(c.cmd("MAIL FROM:<s@example.net>").await.code, 250);
+    assert_eq!(c.cmd("RCPT TO:<box@example.org>").await.code, 250);
+    assert_eq!(c.cmd("DATA").await.code, 354);
+    let line = "x".repeat(70) + "\r\n";
+    c.send(format!("Subject: big\r\n\r\n{}.\r\n", line.repeat(500)).as_bytes())
+        .await;
+    let end = c.reply().await;
+    assert_eq!(end.code, 552, "{end:?}");
+    assert!(end.text.starts_with("5.3.4"), "{end:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(pf.delivered().len(), delivered, "nothing more delivered");
+    assert_eq!(
+        pf.log().matches("from=<s@example.net>").count(),
+        mails,
+        "Postfix queued nothing more:\n{}",
+        pf.log()
+    );
 }

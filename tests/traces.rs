@@ -194,6 +194,7 @@ async fn tree_over(rx: Receiver, protocol: &str) {
         let parent = by_id(&spans, &b.parent).expect("backend span's parent received");
         assert_eq!(parent.name, "smtp.transaction", "{b:?}");
         assert_eq!(b.attr("server.address"), Some(rec.addr.as_str()));
+        assert_eq!(b.attr("smtp.backend.group"), Some("default"), "{b:?}");
         assert!(b.attr("smtp.backend.pool_wait_ms").is_some(), "{b:?}");
         assert!(
             b.ints.iter().any(|i| i == "smtp.backend.connection_id"),

@@ -66,8 +66,8 @@
 //!   `record_addresses`), recipients, size, final reply, `smtp.chunking`
 //!   when the message came by BDAT.
 //! - `smtp.backend` (`relay::select`): from before the checkout to the end
-//!   of the transaction (held by the `Txn`); backend address, connection
-//!   id, reused, pool wait.
+//!   of the transaction (held by the `Txn`); backend address, its group
+//!   (`smtp.backend.group`), connection id, reused, pool wait.
 //!
 //! In-process tests install no OpenTelemetry layer; tests/traces.rs runs
 //! the binary against a real OTLP receiver.
