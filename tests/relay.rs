@@ -1128,3 +1128,33 @@ async fn shutdown_lets_a_message_in_data_finish_then_says_421() {
         "new connection accepted after stop"
     );
 }
+
+/// A client that pipelines a whole transaction and QUIT, then shuts its
+/// side down before reading (as Exim does), while the MAIL waits for a new
+/// backend connection: every reply arrives and the message is delivered.
+/// An end of input with commands still to answer is not a hang-up.
+#[tokio::test]
+async fn a_client_half_closing_after_pipelining_gets_every_reply() {
+    let rec = Recorder::start(Script {
+        greeting: Some(Act::Delay(Duration::from_millis(200))),
+        ..Script::default()
+    })
+    .await;
+    let p = Proxy::to_backend(&rec.addr, "").await;
+    let mut c = Raw::greeted(p.addr).await;
+    assert_eq!(c.cmd("EHLO client.test").await.code, 250);
+    let body = b"Subject: half\r\n\r\nhello\r\n";
+    let mut batch = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n".to_vec();
+    batch.extend_from_slice(format!("BDAT {} LAST\r\n", body.len()).as_bytes());
+    batch.extend_from_slice(body);
+    batch.extend_from_slice(b"QUIT\r\n");
+    c.send(&batch).await;
+    use tokio::io::AsyncWriteExt;
+    c.stream.shutdown().await.unwrap();
+    let mut codes = Vec::new();
+    for _ in 0..4 {
+        codes.push(c.reply().await.code);
+    }
+    assert_eq!(codes, vec![250, 250, 250, 221]);
+    assert_eq!(rec.messages.lock().unwrap().len(), 1);
+}

@@ -21,6 +21,12 @@ const WAIT_INPUT_LIMIT: usize = 16 * 1024;
 /// Awaits `fut` (a wait in line for a backend connection) while reading the
 /// client: what it pipelines is kept in `inbuf` (up to a limit), and its
 /// hanging up gives None, dropping `fut` and so its place in line.
+///
+/// An end of input after pipelined commands is not a hang-up: Exim sends
+/// `MAIL, RCPT.., BDAT n LAST, QUIT` in one go and shuts its side down
+/// (half-close), then reads the replies. With commands still to answer in
+/// `inbuf`, the wait goes on (it is bounded by itself); only an end of
+/// input with nothing left to answer gives the place up.
 pub(super) async fn while_client_stays<S: AsyncRead + Unpin, T>(
     io: &mut S,
     inbuf: &mut BytesMut,
@@ -36,6 +42,7 @@ pub(super) async fn while_client_stays<S: AsyncRead + Unpin, T>(
             biased;
             r = &mut fut => return Some(r),
             n = io.read_buf(inbuf) => match n {
+                Ok(0) if !inbuf.is_empty() => return Some(fut.await),
                 Ok(0) | Err(_) => return None,
                 Ok(_) => {}
             },
