@@ -221,6 +221,7 @@ async fn exported() -> Exported {
     m.refused("deny_list");
     m.tls("ok", "TLSv1_3");
     m.transaction(250);
+    m.route_refusal("no_route");
     m.backend("127.0.0.1:9", "default")
         .tls_failure("certificate");
     let text = server.stats().encode();

@@ -1,6 +1,6 @@
 //! The `[policy]` configuration section: types, defaults and validation of
 //! admission policy settings (lists, limits, HELO, rDNS, DNSBL, pregreet,
-//! DNS), and the Redis URL check that validation runs. Plain data; the
+//! DNS, the recipient verdict cache), and the Redis URL check that validation runs. Plain data; the
 //! checks that use it live beside it in `policy/`.
 
 use std::net::SocketAddr;
@@ -60,6 +60,7 @@ pub struct PolicyConfig {
     pub dnsbl: DnsblConfig,
     pub pregreet: PregreetConfig,
     pub dns: DnsConfig,
+    pub recipients: RecipientsConfig,
 }
 
 impl Default for PolicyConfig {
@@ -75,6 +76,7 @@ impl Default for PolicyConfig {
             dnsbl: DnsblConfig::default(),
             pregreet: PregreetConfig::default(),
             dns: DnsConfig::default(),
+            recipients: RecipientsConfig::default(),
         }
     }
 }
@@ -355,6 +357,78 @@ impl Default for PregreetConfig {
     }
 }
 
+/// `[policy.recipients]`: recipients a backend refused as unknown,
+/// remembered at the edge (the cache is the relay's, per group of backends).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecipientsConfig {
+    /// Seconds a backend's permanent "no such user" answer is remembered
+    /// and given by the edge itself; 0 = off.
+    pub cache_unknown: f64,
+    /// Most recipients remembered (over all groups).
+    pub cache_size: u64,
+    /// The enhanced codes of a 5xx RCPT reply that mean "no such user".
+    pub unknown_codes: Vec<String>,
+    /// Whether the local part compares case-sensitively (the domain never
+    /// does). Most backends treat local parts without regard to case.
+    pub local_part_case_sensitive: bool,
+}
+
+impl Default for RecipientsConfig {
+    fn default() -> Self {
+        RecipientsConfig {
+            cache_unknown: 300.0,
+            cache_size: 100_000,
+            unknown_codes: vec!["5.1.1".into()],
+            local_part_case_sensitive: false,
+        }
+    }
+}
+
+impl RecipientsConfig {
+    /// The enhanced codes of `unknown_codes` (those that parse).
+    pub fn codes(&self) -> Vec<(u8, u16, u16)> {
+        self.unknown_codes
+            .iter()
+            .filter_map(|c| parse_enhanced(c))
+            .collect()
+    }
+
+    fn validate(&self, err: &mut dyn FnMut(String, String)) {
+        if !secs_ok(self.cache_unknown) {
+            err(
+                "policy.recipients.cache_unknown".into(),
+                "must be seconds >= 0 (0 = off)".into(),
+            );
+        }
+        if self.cache_size == 0 {
+            err(
+                "policy.recipients.cache_size".into(),
+                "must be > 0 (cache_unknown = 0 turns the cache off)".into(),
+            );
+        }
+        for c in &self.unknown_codes {
+            if parse_enhanced(c).is_none_or(|(class, _, _)| class != 5) {
+                err(
+                    "policy.recipients.unknown_codes".into(),
+                    format!("{c:?}: expected a permanent enhanced code, 5.x.y (such as \"5.1.1\")"),
+                );
+            }
+        }
+    }
+}
+
+/// `class.subject.detail` (RFC 3463: class 2, 4 or 5; subject and detail
+/// up to three digits).
+fn parse_enhanced(s: &str) -> Option<(u8, u16, u16)> {
+    let mut it = s.split('.');
+    let class: u8 = it.next()?.parse().ok()?;
+    let subject: u16 = it.next()?.parse().ok()?;
+    let detail: u16 = it.next()?.parse().ok()?;
+    (it.next().is_none() && matches!(class, 2 | 4 | 5) && subject < 1000 && detail < 1000)
+        .then_some((class, subject, detail))
+}
+
 /// `[policy.dns]`: the resolver and the verdict caches.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -407,6 +481,7 @@ impl PolicyConfig {
         self.validate_needs(err);
         self.pregreet.validate(err);
         self.dns.validate(err);
+        self.recipients.validate(err);
     }
 
     /// Settings that need another one: enforced rDNS checks and HELO

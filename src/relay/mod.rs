@@ -7,7 +7,8 @@
 //! that fails; `select.rs` is their behaviour on the set (building it from
 //! `[[backend]]`, round robin over the backends that are up, the pool
 //! wait, XCLIENT connections, retiring on reload), `txn.rs` that of one
-//! transaction. `route.rs` is the groups of backends and the `[[route]]`
+//! transaction. `unknown.rs` remembers recipients a backend refused as
+//! unknown. `route.rs` is the groups of backends and the `[[route]]`
 //! table that picks one per recipient domain; `pool.rs` is one backend's
 //! pool and health, `client.rs` one backend connection, `maildir.rs` local
 //! delivery.
@@ -19,6 +20,7 @@ pub mod route;
 mod select;
 pub mod tls;
 mod txn;
+pub mod unknown;
 
 use std::collections::VecDeque;
 use std::sync::atomic::AtomicU64;
@@ -63,6 +65,8 @@ pub struct Backends {
     /// `hostname`, normalized: the domain of a recipient without one
     /// (`postmaster`).
     hostname: String,
+    /// Recipients the backends refused as unknown (None: the cache is off).
+    unknown: Option<unknown::UnknownRecipients>,
     /// This set's generation (a reload of `[[backend]]` makes a new one).
     generation: u64,
     /// Replaced by a reload: connections are QUIT after their transaction
@@ -113,6 +117,9 @@ pub(crate) enum Pend {
     Internal(&'static str),
     /// A reply that goes to the client.
     Client,
+    /// A RCPT's reply, which goes to the client and may be remembered
+    /// (`unknown.rs`).
+    Rcpt,
 }
 
 /// A transaction's buffers, kept with its backend connection between

@@ -77,6 +77,7 @@ impl Backends {
             groups,
             routes,
             hostname,
+            unknown: super::unknown::UnknownRecipients::new(cfg),
             generation,
             retired: std::sync::atomic::AtomicBool::new(false),
             command_timeout: Duration::from_secs_f64(t.backend_command),
@@ -186,6 +187,12 @@ impl Backends {
         let domain = crate::smtp::domain::recipient_domain(rcpt).unwrap_or(&self.hostname);
         let domain = crate::smtp::domain::normalize(domain)?;
         routes.lookup(&domain).map(GroupId)
+    }
+
+    /// A backend of group `g` refused `rcpt` as unknown a short while ago:
+    /// its reply, for the edge to give itself (`[policy.recipients]`).
+    pub fn unknown_recipient(&self, g: GroupId, rcpt: &str) -> Option<Reply> {
+        self.unknown.as_ref()?.refusal(g, rcpt)
     }
 
     /// The group's name as `[[route]]` gives it (`*` without routes).

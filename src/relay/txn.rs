@@ -146,7 +146,7 @@ impl Txn {
             wbuf.extend_from_slice(to.as_bytes());
             wbuf.extend_from_slice(b">\r\n");
         }
-        self.pending.push_back(Pend::Client);
+        self.pending.push_back(Pend::Rcpt);
     }
 
     pub fn queue_data(&mut self) {
@@ -199,7 +199,7 @@ impl Txn {
                 *conn = None;
             }
             for p in self.pending.drain(..) {
-                if let Pend::Client = p {
+                if let Pend::Client | Pend::Rcpt = p {
                     out.push(backend_lost());
                 }
             }
@@ -236,6 +236,9 @@ impl Txn {
             tracing::debug!("backend write failed: {e}");
         }
         let mut got = 0;
+        // Where the next RCPT's address is looked for in `bytes`, and the
+        // RCPT replies since, whose addresses were not needed.
+        let (mut rcpt_at, mut rcpt_skip) = (0, 0usize);
         while got < owed && !self.pending.is_empty() {
             let c = conn.as_mut().expect("conn");
             match c.read_reply(t).await {
@@ -277,6 +280,23 @@ impl Txn {
                     };
                     match pend {
                         Some(Pend::Client) => out.push(reply),
+                        Some(Pend::Rcpt) => {
+                            // The address is read back only for a refusal.
+                            match &backends.unknown {
+                                Some(u) if reply.code / 100 == 5 => {
+                                    let to = (0..=rcpt_skip)
+                                        .map(|_| next_rcpt(bytes, &mut rcpt_at))
+                                        .last()
+                                        .flatten();
+                                    rcpt_skip = 0;
+                                    if let Some(to) = to {
+                                        u.note(self.group, to, &reply);
+                                    }
+                                }
+                                _ => rcpt_skip += 1,
+                            }
+                            out.push(reply);
+                        }
                         Some(Pend::Internal(what)) if !reply.is_positive() => {
                             tracing::warn!(backend = %c.peer, "{what} refused: {} {}", reply.code, reply.text());
                         }
@@ -556,5 +576,38 @@ impl Txn {
             }
         }
         None
+    }
+}
+
+/// The address of the next `RCPT TO:<...>` line of `bytes` from `*at` (a
+/// batch as sent: its RCPTs are in the order of their replies), moving
+/// `*at` past it. Read back from the bytes sent so that a transaction
+/// keeps no copy of its recipients.
+fn next_rcpt<'a>(bytes: &'a [u8], at: &mut usize) -> Option<&'a str> {
+    while *at < bytes.len() {
+        let rest = &bytes[*at..];
+        let end = memchr::memchr(b'\n', rest).map_or(rest.len(), |i| i + 1);
+        *at += end;
+        if let Some(addr) = rest[..end].strip_prefix(b"RCPT TO:<") {
+            let addr = addr.strip_suffix(b">\r\n")?;
+            return std::str::from_utf8(addr).ok();
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_rcpt;
+
+    #[test]
+    fn rcpt_addresses_read_back_in_order() {
+        let batch = b"XFORWARD NAME=x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<one@x.example>\r\nRCPT TO:<\"q>\"@x.example>\r\nDATA\r\nRCPT TO:<two@y.example>\r\n";
+        let mut at = 0;
+        assert_eq!(next_rcpt(batch, &mut at), Some("one@x.example"));
+        assert_eq!(next_rcpt(batch, &mut at), Some("\"q>\"@x.example"));
+        assert_eq!(next_rcpt(batch, &mut at), Some("two@y.example"));
+        assert_eq!(next_rcpt(batch, &mut at), None);
+        assert_eq!(next_rcpt(b"RCPT TO:<cut", &mut 0), None);
     }
 }

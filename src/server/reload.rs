@@ -7,7 +7,8 @@
 //! The TLS acceptor is built from the files again, taking over the running
 //! one's ticket keys and session cache while the session settings are
 //! unchanged (`tls::keeps_sessions`). New `Backends` are built only when
-//! `[[backend]]`, `[[route]]` or the backend timeouts changed (`relay_inputs`); the
+//! `[[backend]]`, `[[route]]`, `[policy.recipients]` (the cache of unknown
+//! recipients is theirs) or the backend timeouts changed (`relay_inputs`); the
 //! replaced set is retired (`Backends::retire`: idle connections QUIT now,
 //! busy ones after their transaction; a session's XCLIENT connection of an
 //! older set is let go at its next MAIL). `[admin]` is moved, opened or
@@ -164,6 +165,7 @@ impl Reloader {
 type RelayInputs<'a> = (
     &'a [crate::config::BackendConfig],
     &'a [crate::config::RouteConfig],
+    &'a crate::policy::settings::RecipientsConfig,
     [f64; 4],
 );
 
@@ -172,6 +174,7 @@ fn relay_inputs(c: &Config) -> RelayInputs<'_> {
     (
         &c.backends,
         &c.routes,
+        &c.policy.recipients,
         [
             t.backend_connect,
             t.backend_command,

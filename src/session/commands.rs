@@ -401,6 +401,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             // Boxed: only routed sessions pay for its future.
             return Box::pin(self.rcpt_routed(to)).await;
         }
+        let known =
+            (self.st.txn.as_ref()).and_then(|t| t.backends().unknown_recipient(t.group(), to));
+        if let Some(r) = known {
+            return self.unknown_refusal(r).await;
+        }
         let Some(txn) = self.st.txn.as_mut() else {
             return self.reply(503, "5.5.1", "Need MAIL command");
         };
@@ -410,6 +415,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if !txn.pipelining() {
             self.resolve().await;
         }
+    }
+
+    /// A RCPT the backend refused as unknown a short while ago: its reply,
+    /// given by the edge (in order after the replies still owed), counted
+    /// as given (DATA then says no valid recipients).
+    pub(super) async fn unknown_refusal(&mut self, reply: crate::smtp::Reply) {
+        self.resolve().await;
+        self.st.rcpts_sent += 1;
+        self.shared.metrics.recipients_unknown_cached.inc();
+        reply.write_to(&mut self.out);
     }
 
     /// DATA rides in the same batch as the RCPTs still owed a reply (the

@@ -67,6 +67,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.resolve().await;
             return self.route_refusal("no_route", 550, "5.7.1", "Relay access denied");
         };
+        if let Some(r) = backends.unknown_recipient(g, to) {
+            return self.unknown_refusal(r).await;
+        }
         if self.st.txn.as_ref().is_some_and(|t| t.group() != g) {
             // Whether a recipient fixed the route: every reply owed decides.
             self.resolve().await;

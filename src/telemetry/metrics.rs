@@ -96,6 +96,8 @@ pub struct Metrics {
     pub messages_relayed: Counter,
     pub bytes_relayed: Counter,
     pub recipients: Counter,
+    /// RCPTs answered from the edge's memory of unknown recipients.
+    pub recipients_unknown_cached: Counter,
     route_refusals: Family<Labels, Counter>,
     pub draining: Gauge,
     backend_created: Family<Labels, Counter>,
@@ -132,6 +134,7 @@ impl Metrics {
             messages_relayed: Counter::default(),
             bytes_relayed: Counter::default(),
             recipients: Counter::default(),
+            recipients_unknown_cached: Counter::default(),
             route_refusals: Family::default(),
             draining: Gauge::default(),
             backend_created: Family::default(),
@@ -206,6 +209,11 @@ impl Metrics {
             "recipients",
             "Recipients the backend accepted",
             m.recipients.clone(),
+        );
+        r.register(
+            "recipients_unknown_cached",
+            "RCPTs the edge refused itself because a backend refused that recipient as unknown a short while ago ([policy.recipients] cache_unknown)",
+            m.recipients_unknown_cached.clone(),
         );
         r.register(
             "route_refusals",

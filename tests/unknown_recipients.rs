@@ -1,0 +1,201 @@
+//! Recipients a backend refused as unknown, answered by the edge itself
+//! for a while (`[policy.recipients] cache_unknown`): against a real
+//! Postfix that knows its users (how many RCPTs its log shows) and the
+//! scripted Recorder (exact bytes: what the backend was asked).
+mod common;
+mod postfix_instance;
+
+use common::*;
+use postfix_instance::Postfix;
+
+use std::time::Duration;
+
+fn hits(p: &Proxy) -> f64 {
+    metric_value(
+        &parse_metrics(&p.stats.encode()),
+        "smtp_edge_recipients_unknown_cached_total",
+        &[],
+    )
+}
+
+async fn session(p: &Proxy) -> Raw {
+    let mut c = Raw::greeted(p.addr).await;
+    assert_eq!(c.cmd("EHLO client.test").await.code, 250);
+    c
+}
+
+/// How many times the backend was asked for `rcpt`.
+fn asked(rec: &Recorder, rcpt: &str) -> usize {
+    rec.all_text().matches(&format!("RCPT TO:<{rcpt}>")).count()
+}
+
+fn unknown_user() -> Script {
+    Script {
+        rcpt_for: vec![
+            (
+                "nobody@example.org".into(),
+                Act::Reply("550 5.1.1 <nobody@example.org>: User unknown".into()),
+            ),
+            (
+                "busy@example.org".into(),
+                Act::Reply("450 4.2.1 <busy@example.org>: Mailbox busy".into()),
+            ),
+            (
+                "policy@example.org".into(),
+                Act::Reply("554 5.7.1 <policy@example.org>: Access denied".into()),
+            ),
+        ],
+        ..Script::default()
+    }
+}
+
+#[tokio::test]
+async fn a_real_postfix_is_asked_once_per_unknown_user() {
+    let Some(pf) = Postfix::start("virtual_mailbox_maps = inline:{ known@example.org=box/ }\n")
+    else {
+        return;
+    };
+    let p = Proxy::to_backend(&pf.addr, "").await;
+    for (i, rcpt) in [
+        "ghost@example.org",
+        "Ghost@EXAMPLE.org",
+        "ghost@example.org",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut c = session(&p).await;
+        assert_eq!(c.cmd("MAIL FROM:<s@example.net>").await.code, 250);
+        let r = c.cmd(&format!("RCPT TO:<{rcpt}>")).await;
+        assert_eq!(r.code, 550, "{i}: {r:?}");
+        assert!(r.text.starts_with("5.1.1"), "{r:?}");
+        assert!(
+            r.text.contains("User unknown in virtual mailbox table"),
+            "the backend's own text: {r:?}"
+        );
+        // A known user in the same transaction goes on.
+        assert_eq!(c.cmd("RCPT TO:<known@example.org>").await.code, 250);
+        let d = c.cmd("DATA").await;
+        assert_eq!(d.code, 354);
+        c.send(b"Subject: t\r\n\r\nhello\r\n.\r\n").await;
+        assert_eq!(c.reply().await.code, 250);
+        c.cmd("QUIT").await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = pf.log();
+    assert_eq!(
+        log.lines().filter(|l| l.contains("User unknown") && l.to_lowercase().contains("ghost@example.org")).count(),
+        1,
+        "Postfix was asked once:\n{log}"
+    );
+    assert_eq!(hits(&p), 2.0);
+}
+
+#[tokio::test]
+async fn only_permanent_unknown_user_replies_are_remembered() {
+    let rec = Recorder::start(unknown_user()).await;
+    let p = Proxy::to_backend(&rec.addr, "").await;
+    for _ in 0..3 {
+        let mut c = session(&p).await;
+        assert_eq!(c.cmd("MAIL FROM:<s@example.net>").await.code, 250);
+        // Pipelined, the edge's answer in its place among the backend's.
+        c.send(
+            b"RCPT TO:<busy@example.org>\r\nRCPT TO:<nobody@example.org>\r\n\
+              RCPT TO:<policy@example.org>\r\nRCPT TO:<ok@example.org>\r\nDATA\r\n",
+        )
+        .await;
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            let r = c.reply().await;
+            got.push(format!("{} {}", r.code, &r.text[..5]));
+        }
+        assert_eq!(
+            got,
+            vec!["450 4.2.1", "550 5.1.1", "554 5.7.1", "250 2.1.5",]
+        );
+        assert_eq!(c.reply().await.code, 354);
+        c.send(b"Subject: t\r\n\r\nhello\r\n.\r\n").await;
+        assert_eq!(c.reply().await.code, 250);
+    }
+    assert_eq!(asked(&rec, "nobody@example.org"), 1, "unknown: asked once");
+    assert_eq!(
+        asked(&rec, "busy@example.org"),
+        3,
+        "temporary: never remembered"
+    );
+    assert_eq!(
+        asked(&rec, "policy@example.org"),
+        3,
+        "not 'no such user': never remembered"
+    );
+    assert_eq!(hits(&p), 2.0);
+}
+
+#[tokio::test]
+async fn remembered_for_cache_unknown_seconds_and_forgotten_on_reload() {
+    let rec = Recorder::start(unknown_user()).await;
+    let cfg = |max: usize| {
+        format!(
+            "hostname = \"edge.test\"\n[policy.recipients]\ncache_unknown = 1\n[[listener]]\naddress = \"127.0.0.1:0\"\n[[backend]]\naddress = \"{}\"\nmax_connections = {max}\n",
+            rec.addr
+        )
+    };
+    let p = Proxy::start(&cfg(8)).await;
+    let ask = |p: &Proxy| {
+        let addr = p.addr;
+        async move {
+            let mut c = Raw::greeted(addr).await;
+            c.cmd("EHLO client.test").await;
+            c.cmd("MAIL FROM:<s@example.net>").await;
+            let r = c.cmd("RCPT TO:<nobody@example.org>").await;
+            assert_eq!(r.code, 550);
+            // Only refused recipients: no message.
+            assert_eq!(c.cmd("DATA").await.code, 554);
+        }
+    };
+    ask(&p).await;
+    ask(&p).await;
+    assert_eq!(asked(&rec, "nobody@example.org"), 1);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    ask(&p).await;
+    assert_eq!(asked(&rec, "nobody@example.org"), 2, "expired after 1 s");
+    ask(&p).await;
+    assert_eq!(asked(&rec, "nobody@example.org"), 2);
+    // A reload that changes the backends starts an empty cache.
+    p.reload(&cfg(9)).unwrap();
+    ask(&p).await;
+    assert_eq!(asked(&rec, "nobody@example.org"), 3);
+    // Off: every RCPT goes to the backend.
+    p.reload(&cfg(9).replace("cache_unknown = 1", "cache_unknown = 0"))
+        .unwrap();
+    ask(&p).await;
+    ask(&p).await;
+    assert_eq!(asked(&rec, "nobody@example.org"), 5);
+}
+
+/// With routes the remembered answer comes before any backend connection:
+/// a route whose backend is down still answers a remembered unknown user
+/// with the backend's own 550.
+#[tokio::test]
+async fn with_routes_no_backend_connection_is_needed() {
+    let rec = Recorder::start(unknown_user()).await;
+    let p = Proxy::start(&format!(
+        "hostname = \"edge.test\"\n[[listener]]\naddress = \"127.0.0.1:0\"\n\
+         [[backend]]\naddress = \"{}\"\n[[route]]\ndomains = [\"example.org\"]\ngroup = \"default\"\n",
+        rec.addr
+    ))
+    .await;
+    let mut c = session(&p).await;
+    assert_eq!(c.cmd("MAIL FROM:<s@example.net>").await.code, 250);
+    assert_eq!(c.cmd("RCPT TO:<nobody@example.org>").await.code, 550);
+    assert_eq!(c.cmd("QUIT").await.code, 221);
+    let conns = rec.connection_count();
+    let mut c = session(&p).await;
+    assert_eq!(c.cmd("MAIL FROM:<s@example.net>").await.code, 250);
+    let r = c.cmd("RCPT TO:<NOBODY@example.org>").await;
+    assert_eq!((r.code, &r.text[..5]), (550, "5.1.1"), "{r:?}");
+    assert_eq!(c.cmd("DATA").await.code, 554);
+    assert_eq!(rec.connection_count(), conns, "no new backend connection");
+    assert_eq!(asked(&rec, "nobody@example.org"), 1);
+    assert_eq!(hits(&p), 1.0);
+}
