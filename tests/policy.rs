@@ -731,3 +731,97 @@ async fn pregreet_without_delay_reject_answers_the_first_command_and_closes() {
         250
     );
 }
+
+fn zone_metric(p: &Proxy, name: &str, zone: &str) -> f64 {
+    common::metric_value(
+        &common::parse_metrics(&p.stats.encode()),
+        name,
+        &[("zone", zone)],
+    )
+}
+
+/// A list's error codes (127.255.255.0/24: query refused, public resolver,
+/// rate limited) never list a client, whatever `codes` says; they are
+/// counted per zone.
+#[tokio::test]
+async fn dnsbl_error_answers_never_list() {
+    let dns = TestDns::start(
+        &[
+            ("7.0.0.127.err.test", "A", "127.255.255.254", 60),
+            ("7.0.0.127.err2.test", "A", "127.255.255.252", 60),
+            ("2.0.0.127.err.test", "A", "127.0.0.2", 60),
+        ],
+        &[],
+        &[],
+    )
+    .await;
+    let rec = backend().await;
+    let p = proxy(
+        &rec,
+        &with_dns(
+            &dns,
+            "[policy.dnsbl]\naction = \"reject\"\n\
+             [[policy.dnsbl.zone]]\nname = \"err.test\"\n\
+             [[policy.dnsbl.zone]]\nname = \"err2.test\"\ncodes = [\"127.0.0.0..127.255.255.255\"]\n",
+        ),
+    )
+    .await;
+    let mut c = greeted_from("127.0.0.7", p.addr).await;
+    let r = send_message(&mut c, "client.example.org").await;
+    assert_eq!(r.code, 250, "an error answer is not a listing: {r:?}");
+    assert_eq!(
+        zone_metric(&p, "smtp_edge_dnsbl_error_answers_total", "err.test"),
+        1.0
+    );
+    assert_eq!(
+        zone_metric(&p, "smtp_edge_dnsbl_error_answers_total", "err2.test"),
+        1.0
+    );
+    assert_eq!(
+        zone_metric(&p, "smtp_edge_dnsbl_zone_in_scoring", "err.test"),
+        1.0
+    );
+}
+
+/// A zone that lists its "never listed" test entry 127.0.0.1 lists
+/// everyone: a health check takes it out of scoring (clients it lists are
+/// served), and puts it back once it stops (they are refused again).
+#[tokio::test]
+async fn dnsbl_zone_listing_everything_is_taken_out_until_healthy() {
+    let dns = TestDns::start(
+        &[
+            ("1.0.0.127.all.test", "A", "127.0.0.2", 1),
+            ("2.0.0.127.all.test", "A", "127.0.0.2", 1),
+            ("7.0.0.127.all.test", "A", "127.0.0.2", 1),
+        ],
+        &[],
+        &[],
+    )
+    .await;
+    let rec = backend().await;
+    let p = proxy(
+        &rec,
+        &with_dns(
+            &dns,
+            "[policy.dnsbl]\naction = \"reject\"\nhealth_interval = 0.2\n\
+             [[policy.dnsbl.zone]]\nname = \"all.test\"\n",
+        ),
+    )
+    .await;
+    let scoring = |p: &Proxy| zone_metric(p, "smtp_edge_dnsbl_zone_in_scoring", "all.test");
+    wait_until("the zone taken out of scoring", || scoring(&p) == 0.0).await;
+    let mut c = greeted_from("127.0.0.7", p.addr).await;
+    let r = send_message(&mut c, "client.example.org").await;
+    assert_eq!(r.code, 250, "a zone out of scoring lists nobody: {r:?}");
+    assert_eq!(
+        dns.queries("7.0.0.127.all.test", "A"),
+        0,
+        "and is not asked"
+    );
+    // Healthy again: back in scoring.
+    dns.remove("1.0.0.127.all.test");
+    wait_until("the zone back in scoring", || scoring(&p) == 1.0).await;
+    let mut c = greeted_from("127.0.0.7", p.addr).await;
+    let r = send_message(&mut c, "client.example.org").await;
+    assert_eq!(r.code, 554, "{r:?}");
+}

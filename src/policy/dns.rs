@@ -37,6 +37,7 @@ use moka::Expiry;
 use prometheus_client::metrics::histogram::Histogram;
 use tracing::Instrument;
 
+use super::dnsbl_health::{is_error_answer, ZoneHealth};
 use super::settings::{parse_code_range, DnsConfig, DnsblConfig, RdnsConfig};
 
 /// Outcome of the reverse DNS check for one client address.
@@ -124,11 +125,16 @@ struct Zone {
     weight: i32,
     /// Inclusive ranges; empty = any answer counts.
     codes: Vec<(Ipv4Addr, Ipv4Addr)>,
+    /// Error answers seen and whether it is in scoring (`dnsbl_health`).
+    health: ZoneHealth,
 }
 
 impl Zone {
+    /// Whether answer `a` lists the client: never a list's error code
+    /// (127.255.255.0/24), else as `codes` say.
     fn counts(&self, a: Ipv4Addr) -> bool {
-        self.codes.is_empty() || self.codes.iter().any(|&(lo, hi)| lo <= a && a <= hi)
+        !is_error_answer(a)
+            && (self.codes.is_empty() || self.codes.iter().any(|&(lo, hi)| lo <= a && a <= hi))
     }
 }
 
@@ -298,6 +304,7 @@ impl Dns {
                 name: Arc::from(name),
                 weight: z.weight,
                 codes,
+                health: ZoneHealth::default(),
             });
         }
 
@@ -362,12 +369,15 @@ impl Dns {
         }
         let ip = ip.to_canonical();
         let labels = reversed_labels(ip);
-        let verdicts = join_all(
-            self.zones
-                .iter()
-                .enumerate()
-                .map(|(i, z)| self.zone_verdict(i, z, ip, &labels)),
-        )
+        // A zone a health check took out of scoring is not asked.
+        let labels = labels.as_str();
+        let verdicts = join_all(self.zones.iter().enumerate().map(|(i, z)| async move {
+            if z.health.in_scoring() {
+                self.zone_verdict(i, z, ip, labels).await
+            } else {
+                None
+            }
+        }))
         .await;
         let mut out = DnsblResult::default();
         for (z, v) in self.zones.iter().zip(verdicts) {
@@ -377,6 +387,30 @@ impl Dns {
             }
         }
         out
+    }
+
+    /// The zones with their health: (index, name, health).
+    pub fn zone_healths(&self) -> impl Iterator<Item = (usize, &str, &ZoneHealth)> {
+        (self.zones.iter().enumerate()).map(|(i, z)| (i, &*z.name, &z.health))
+    }
+
+    /// The A answers of `<labels>.<zone i>`, asked now (uncached), for the
+    /// zone health checks; None when the query failed (temporary).
+    pub(super) async fn zone_probe(&self, i: usize, labels: &str) -> Option<Vec<Ipv4Addr>> {
+        let z = self.zones.get(i)?;
+        let qname = Name::from_ascii(format!("{labels}.{}.", z.name)).ok()?;
+        match self.query(qname, RecordType::A).await {
+            Answer::Records(recs, _) => Some(
+                recs.iter()
+                    .filter_map(|r| match &r.data {
+                        RData::A(a) => Some(a.0),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+            Answer::NoData(_) => Some(Vec::new()),
+            Answer::Temp => None,
+        }
     }
 
     /// A/AAAA/MX existence for a HELO name, cached.
@@ -521,6 +555,10 @@ impl Dns {
                     Answer::Records(recs, ttl) => {
                         let hit = recs.iter().find_map(|r| match &r.data {
                             RData::A(a) if z.counts(a.0) => Some(a.0),
+                            RData::A(a) if is_error_answer(a.0) => {
+                                z.health.error_answer(&z.name, a.0);
+                                None
+                            }
                             _ => None,
                         });
                         (hit, self.ttls.positive(ttl))

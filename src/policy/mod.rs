@@ -19,6 +19,7 @@
 //! `helo`, `mail`, `rcpt`, `pregreet_hit`, and `release` at QUIT.
 
 pub mod dns;
+pub mod dnsbl_health;
 pub mod helo;
 pub mod limits;
 pub mod settings;
@@ -171,10 +172,17 @@ impl Generation {
                 p.cfg.dns == cfg.dns
                     && p.cfg.rdns.max_names == cfg.rdns.max_names
                     && p.cfg.dnsbl.zones == cfg.dnsbl.zones
+                    && p.cfg.dnsbl.health_interval == cfg.dnsbl.health_interval
             };
             match prev.filter(same).and_then(|p| p.dns.clone()) {
                 Some(d) => Some(d),
-                None => Some(Dns::new(&cfg.dns, &cfg.rdns, &cfg.dnsbl)?),
+                None => {
+                    let d = Dns::new(&cfg.dns, &cfg.rdns, &cfg.dnsbl)?;
+                    if cfg.dnsbl.action.runs() {
+                        dnsbl_health::spawn(&d, Duration::from_secs_f64(cfg.dnsbl.health_interval));
+                    }
+                    Some(d)
+                }
             }
         } else {
             None

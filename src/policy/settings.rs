@@ -303,6 +303,9 @@ pub struct DnsblConfig {
     pub threshold: i32,
     #[serde(rename = "zone")]
     pub zones: Vec<DnsblZone>,
+    /// Seconds between the zones' health checks (their test entries); 0 =
+    /// off.
+    pub health_interval: f64,
 }
 
 impl Default for DnsblConfig {
@@ -311,6 +314,7 @@ impl Default for DnsblConfig {
             action: Action::Off,
             threshold: 1,
             zones: Vec::new(),
+            health_interval: 300.0,
         }
     }
 }
@@ -632,6 +636,12 @@ impl DnsblConfig {
     /// `[[policy.dnsbl.zone]]` (the action's need of zones is checked with
     /// the other needs).
     fn validate(&self, err: &mut dyn FnMut(String, String)) {
+        if !secs_ok(self.health_interval) {
+            err(
+                "policy.dnsbl.health_interval".into(),
+                "must be seconds >= 0 (0 = off)".into(),
+            );
+        }
         for (i, z) in self.zones.iter().enumerate() {
             if z.name.is_empty() || z.name.starts_with('.') || z.name.contains("..") {
                 err(

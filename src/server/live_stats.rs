@@ -213,6 +213,26 @@ impl Collector for Live {
                 let l: Labels = vec![("cache", cache.into())];
                 h.encode(m.encode_family(&l)?)?;
             }
+            let (mut errors, mut scoring) = (Vec::new(), Vec::new());
+            for (_, zone, h) in dns.zone_healths() {
+                let l: Labels = vec![("zone", zone.to_string())];
+                errors.push((l.clone(), h.error_answers()));
+                scoring.push((l, i64::from(h.in_scoring())));
+            }
+            if !errors.is_empty() {
+                counter(
+                    &mut enc,
+                    "dnsbl_error_answers",
+                    "DNSBL answers in 127.255.255.0/24 (the list refused the query: public resolver, rate limit), never counted as a listing, by zone",
+                    &errors,
+                )?;
+                gauge(
+                    &mut enc,
+                    "dnsbl_zone_in_scoring",
+                    "1 while the zone counts; 0 while a health check found it listing 127.0.0.1 (it would list everyone)",
+                    &scoring,
+                )?;
+            }
         }
         let pools = live.backends.pool_stats();
         let mut conns = Vec::new();

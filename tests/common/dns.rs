@@ -45,6 +45,8 @@ struct State {
     silent: Vec<String>,
     counts: Mutex<HashMap<(String, RecordType), usize>>,
     total: AtomicUsize,
+    /// Names taken away while running (`TestDns::remove`): NXDOMAIN.
+    removed: Mutex<HashSet<String>>,
 }
 
 struct Handler(Arc<State>);
@@ -122,6 +124,9 @@ fn soa_for(name: &str) -> Record {
 
 impl State {
     fn answer(&self, name: &str, qtype: RecordType) -> (ResponseCode, Vec<Record>, Vec<Record>) {
+        if self.removed.lock().unwrap().contains(name) {
+            return (ResponseCode::NXDomain, Vec::new(), vec![soa_for(name)]);
+        }
         if let Some(r) = self.records.get(&(name.to_string(), qtype)) {
             return (ResponseCode::NoError, r.clone(), Vec::new());
         }
@@ -234,6 +239,7 @@ impl TestDns {
             silent: silent.iter().map(|s| norm(s)).collect(),
             counts: Mutex::new(HashMap::new()),
             total: AtomicUsize::new(0),
+            removed: Mutex::new(HashSet::new()),
         });
 
         // UDP and TCP on the same ephemeral port (retry if TCP's is taken).
@@ -283,6 +289,11 @@ impl TestDns {
     /// (a DNSBL that times out).
     pub async fn standard() -> TestDns {
         Self::start(STANDARD_RECORDS, STANDARD_SERVFAIL, STANDARD_SILENT).await
+    }
+
+    /// Takes `name`'s records away: from now on it is NXDOMAIN.
+    pub fn remove(&self, name: &str) {
+        self.state.removed.lock().unwrap().insert(norm(name));
     }
 
     /// Queries seen for `name` (trailing dot and case ignored) and type.
