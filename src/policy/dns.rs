@@ -413,6 +413,42 @@ impl Dns {
         }
     }
 
+    /// Checks every zone once: its test entries' answers (uncached), judged
+    /// by `ZoneHealth::checked`. A failed query changes nothing.
+    pub async fn check_zones(&self) {
+        for (i, name, health) in self.zone_healths() {
+            let (Some(one), Some(two)) = (
+                self.zone_probe(i, "1.0.0.127").await,
+                self.zone_probe(i, "2.0.0.127").await,
+            ) else {
+                continue;
+            };
+            let counts = |answers: &[Ipv4Addr]| answers.iter().any(|a| !is_error_answer(*a));
+            health.checked(name, counts(&one), counts(&two));
+        }
+    }
+
+    /// Checks the zones now and every `every`, for as long as `dns` lives
+    /// (nothing without zones, `every` zero, or outside a runtime).
+    pub fn spawn_health_checks(dns: &Arc<Dns>, every: Duration) {
+        if every.is_zero() || dns.zones.is_empty() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let weak = Arc::downgrade(dns);
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(dns) = weak.upgrade() else { return };
+                dns.check_zones().await;
+            }
+        });
+    }
+
     /// A/AAAA/MX existence for a HELO name, cached.
     pub async fn helo_resolves(&self, name: &str) -> Resolves {
         let Some((key, qname)) = helo_key(name) else {

@@ -13,16 +13,14 @@
 //!   127.0.0.2 can reject nobody: it is logged and kept. A check that fails
 //!   (timeout, SERVFAIL) changes nothing.
 //!
-//! The state is per `Dns` (one per set of resolver settings and zones); the
-//! check runs on a task that ends with it. Read at scrape time by
-//! `server::live_stats` (`Dns::dnsbl_zones`).
+//! This file is the state and its rules (a leaf); the state is per zone of
+//! a `Dns`, whose `check_zones` asks the test entries on a task that ends
+//! with it (`Dns::spawn_health_checks`). Read at scrape time by
+//! `server::live_stats` (`Dns::zone_healths`).
 
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use super::dns::Dns;
 
 /// How often one zone's error answers are logged at most.
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(3600);
@@ -77,7 +75,7 @@ impl ZoneHealth {
 
     /// What a health check found: `lists_all` (127.0.0.1 listed) takes the
     /// zone out of scoring, its absence puts it back.
-    fn checked(&self, zone: &str, lists_all: bool, test_entry: bool) {
+    pub(super) fn checked(&self, zone: &str, lists_all: bool, test_entry: bool) {
         if self.out.swap(lists_all, Ordering::Relaxed) != lists_all {
             if lists_all {
                 tracing::error!(
@@ -98,38 +96,6 @@ impl ZoneHealth {
             );
         }
     }
-}
-
-/// Checks every zone of `dns` once: the test entries' answers (uncached).
-pub async fn check(dns: &Dns) {
-    for (i, name, health) in dns.zone_healths() {
-        let probe = |label| dns.zone_probe(i, label);
-        let (Some(one), Some(two)) = (probe("1.0.0.127").await, probe("2.0.0.127").await) else {
-            continue;
-        };
-        let counts = |answers: &[Ipv4Addr]| answers.iter().any(|a| !is_error_answer(*a));
-        health.checked(name, counts(&one), counts(&two));
-    }
-}
-
-/// Checks `dns`'s zones now and every `every`, for as long as it lives.
-pub fn spawn(dns: &Arc<Dns>, every: Duration) {
-    if every.is_zero() || dns.zone_healths().next().is_none() {
-        return;
-    }
-    let Ok(rt) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    let weak: Weak<Dns> = Arc::downgrade(dns);
-    rt.spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let Some(dns) = weak.upgrade() else { return };
-            check(&dns).await;
-        }
-    });
 }
 
 #[cfg(test)]

@@ -179,7 +179,10 @@ impl Generation {
                 None => {
                     let d = Dns::new(&cfg.dns, &cfg.rdns, &cfg.dnsbl)?;
                     if cfg.dnsbl.action.runs() {
-                        dnsbl_health::spawn(&d, Duration::from_secs_f64(cfg.dnsbl.health_interval));
+                        Dns::spawn_health_checks(
+                            &d,
+                            Duration::from_secs_f64(cfg.dnsbl.health_interval),
+                        );
                     }
                     Some(d)
                 }
