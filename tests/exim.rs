@@ -127,19 +127,6 @@ impl Exim {
     }
 }
 
-/// The recipients of one smtp-sink dump.
-fn rcpts(dump: &str) -> Vec<String> {
-    dump.lines()
-        .filter_map(|l| l.strip_prefix("X-Rcpt-Args: "))
-        .map(|l| {
-            l.trim()
-                .trim_start_matches("TO:")
-                .trim_matches(['<', '>'])
-                .to_string()
-        })
-        .collect()
-}
-
 /// A fresh edge (its pool empty, so the MAIL waits for a backend connection
 /// while Exim has already half-closed): the message is delivered. Before
 /// the fix, the edge took the end of input for a hang-up and Exim deferred
@@ -223,7 +210,7 @@ async fn exim_sends_one_message_to_three_routes() {
     for (s, want) in sinks.iter().zip(want) {
         let m = s.messages();
         assert_eq!(m.len(), 1, "{}: {m:?}\n{}", s.addr, exim.log());
-        assert_eq!(rcpts(&m[0]), want.to_vec());
+        assert_eq!(Sink::rcpts(&m[0]), want.to_vec());
         assert!(m[0].contains("Message-ID: <exim3@example.org>"), "{}", m[0]);
     }
     let log = exim.log();

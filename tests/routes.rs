@@ -46,19 +46,6 @@ async fn routed_proxy(sinks: &[Sink; 3]) -> Proxy {
     .await
 }
 
-/// The recipients of one smtp-sink dump (its `X-Rcpt-Args:` lines).
-fn rcpts(dump: &str) -> Vec<String> {
-    dump.lines()
-        .filter_map(|l| l.strip_prefix("X-Rcpt-Args: "))
-        .map(|l| {
-            l.trim()
-                .trim_start_matches("TO:")
-                .trim_matches(['<', '>'])
-                .to_string()
-        })
-        .collect()
-}
-
 fn refusals(p: &Proxy, reason: &str) -> f64 {
     metric_value(
         &parse_metrics(&p.stats.encode()),
@@ -110,7 +97,7 @@ async fn each_domain_goes_to_its_group() {
         assert_eq!(d.code, 250, "{d:?}");
         let got = sinks[sink].wait_messages(1, WAIT);
         assert!(
-            got.iter().any(|m| rcpts(m) == vec![rcpt.to_string()]),
+            got.iter().any(|m| Sink::rcpts(m) == vec![rcpt.to_string()]),
             "{rcpt} not at sink {sink}: {got:?}"
         );
     }
@@ -200,14 +187,14 @@ async fn a_mixed_transaction_keeps_the_first_accepted_route() {
     assert_eq!(c.reply().await.code, 250);
     let a = sinks[0].wait_messages(1, WAIT);
     assert_eq!(a.len(), 1);
-    assert_eq!(rcpts(&a[0]), vec!["a1@a.example", "a2@a.example"]);
+    assert_eq!(Sink::rcpts(&a[0]), vec!["a1@a.example", "a2@a.example"]);
     // The client sends the others again, in their own transactions.
     for (rcpt, s) in [("b1@b.example", 1), ("c1@x.c.example", 2)] {
         assert_eq!(c.cmd("MAIL FROM:<s@example.org>").await.code, 250);
         assert_eq!(c.cmd(&format!("RCPT TO:<{rcpt}>")).await.code, 250);
         assert_eq!(data(&mut c).await.code, 250);
         let m = sinks[s].wait_messages(1, WAIT);
-        assert_eq!(rcpts(&m[0]), vec![rcpt]);
+        assert_eq!(Sink::rcpts(&m[0]), vec![rcpt]);
     }
     assert_eq!(refusals(&p, "other_route"), 2.0);
     assert_eq!(sinks.iter().map(|s| s.messages().len()).sum::<usize>(), 3);
@@ -391,7 +378,7 @@ async fn a_route_whose_group_is_down_answers_451_at_rcpt() {
     assert_eq!(c.cmd("RCPT TO:<y@anything.example>").await.code, 250);
     assert_eq!(data(&mut c).await.code, 250);
     let m = sink.wait_messages(1, WAIT);
-    assert_eq!(rcpts(&m[0]), vec!["y@anything.example"]);
+    assert_eq!(Sink::rcpts(&m[0]), vec!["y@anything.example"]);
 }
 
 /// `[[route]]` reloads like `[[backend]]`: the next transaction follows the
@@ -418,7 +405,7 @@ async fn routes_reload() {
     assert_eq!(c.cmd("RCPT TO:<x@new.example>").await.code, 250);
     assert_eq!(data(&mut c).await.code, 250);
     assert_eq!(
-        rcpts(&sinks[2].wait_messages(1, WAIT)[0]),
+        Sink::rcpts(&sinks[2].wait_messages(1, WAIT)[0]),
         vec!["x@new.example"]
     );
     // Routes gone: every domain to every backend, as without them.
@@ -483,7 +470,7 @@ async fn postfix_sends_one_message_to_three_routes() {
             m.len(),
             pf.log()
         );
-        assert_eq!(rcpts(&m[0]), want.to_vec());
+        assert_eq!(Sink::rcpts(&m[0]), want.to_vec());
         assert!(m[0].contains("Message-ID: <three@example.org>"), "{}", m[0]);
     }
     let log = pf.log();

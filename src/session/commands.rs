@@ -300,19 +300,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.resolve().await;
             return self.policy_reply(&v).await;
         }
-        let max = self.cfg().limits.max_message_size;
-        if params.size.is_some_and(|s| s > max) {
-            return self.reply(
-                552,
-                "5.3.4",
-                "Message size exceeds fixed maximum message size",
-            );
-        }
         let relay = self.shared.backends();
         let routed = relay.routed();
-        // Without routes the transaction begins here, on any backend: none
-        // may get a message above the smallest limit they announced.
-        if !routed && params.size > relay.size_limit(GroupId::UNROUTED).or(Some(u64::MAX)) {
+        // The edge's own limit; without routes the transaction begins here,
+        // on any backend, so none may get a message above the smallest
+        // limit they announced either.
+        let mut max = self.cfg().limits.max_message_size;
+        if !routed {
+            max = max.min(relay.size_limit(GroupId::UNROUTED).unwrap_or(u64::MAX));
+        }
+        if params.size.is_some_and(|s| s > max) {
             return self.reply(
                 552,
                 "5.3.4",

@@ -114,6 +114,19 @@ impl Sink {
         }
     }
 
+    /// The recipients of one dumped transaction (its `X-Rcpt-Args:` lines).
+    pub fn rcpts(dump: &str) -> Vec<String> {
+        dump.lines()
+            .filter_map(|l| l.strip_prefix("X-Rcpt-Args: "))
+            .map(|l| {
+                l.trim()
+                    .trim_start_matches("TO:")
+                    .trim_matches(['<', '>'])
+                    .to_string()
+            })
+            .collect()
+    }
+
     /// The conversation log (`-v`): the commands smtp-sink received.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("sink.log")).unwrap_or_default()
