@@ -14,6 +14,8 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod cli;
+
 use clap::{Parser, Subcommand};
 use smtp_edge::config::Config;
 use smtp_edge::server::{Reloader, Server};
@@ -49,6 +51,17 @@ enum Cmd {
         #[arg(long)]
         admin: Option<String>,
     },
+    /// Bans through the admin listener (`/bans`): add, list, remove,
+    /// clear. Needs a client address in `[admin] write_from` to change
+    /// anything.
+    Ban {
+        #[command(subcommand)]
+        cmd: cli::BanCmd,
+        /// The admin listener, host:port (else `[admin] address` of
+        /// --config).
+        #[arg(long, global = true)]
+        admin: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -65,8 +78,12 @@ fn main() -> ExitCode {
             }
         };
     }
-    if let Some(Cmd::Reload { admin }) = &cli.command {
-        return ask_reload(admin.as_deref(), cli.config.as_deref());
+    match cli.command {
+        Some(Cmd::Reload { admin }) => return cli::reload(admin.as_deref(), cli.config.as_deref()),
+        Some(Cmd::Ban { cmd, admin }) => {
+            return cli::ban(cmd, admin.as_deref(), cli.config.as_deref())
+        }
+        _ => {}
     }
     let cfg = match &cli.config {
         Some(p) => match Config::load(p) {
@@ -170,69 +187,6 @@ fn reload(path: &Path, reloader: &Reloader) -> Result<(), String> {
                 "reload refused: {e}; keeping the running configuration"
             );
             Err(e)
-        }
-    }
-}
-
-/// `smtp-edge reload`: POST /reload to the admin listener.
-fn ask_reload(admin: Option<&str>, config: Option<&Path>) -> ExitCode {
-    use std::io::{Read, Write};
-    let addr = match (admin, config) {
-        (Some(a), _) => a.to_string(),
-        (None, Some(p)) => match Config::load(p) {
-            Ok(c) => match c.admin {
-                Some(a) => a.address.to_string(),
-                None => {
-                    eprintln!("{}: no [admin] address to ask; give --admin", p.display());
-                    return ExitCode::from(2);
-                }
-            },
-            Err(e) => {
-                eprintln!("{e}");
-                return ExitCode::from(2);
-            }
-        },
-        (None, None) => {
-            eprintln!("smtp-edge reload: give --admin HOST:PORT or --config FILE");
-            return ExitCode::from(2);
-        }
-    };
-    let ask = || -> std::io::Result<String> {
-        let mut s = std::net::TcpStream::connect(&addr)?;
-        s.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
-        write!(
-            s,
-            "POST /reload HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
-    };
-    let answer = match ask() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("smtp-edge reload: cannot ask {addr}: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
-    let status = head.split_whitespace().nth(1).unwrap_or("");
-    match status {
-        "200" => {
-            print!("{body}");
-            ExitCode::SUCCESS
-        }
-        "422" => {
-            eprint!("{body}");
-            ExitCode::from(1)
-        }
-        _ => {
-            eprintln!(
-                "smtp-edge reload: {addr} answered {}",
-                head.lines().next().unwrap_or("")
-            );
-            eprint!("{body}");
-            ExitCode::from(2)
         }
     }
 }

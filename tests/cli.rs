@@ -170,7 +170,15 @@ fn check_config_names_policy_errors_with_key_and_line() {
                 attempts = 0\n\
                 [[policy.dnsbl.zone]]\n\
                 name = \"bl.example\"\n\
-                codes = [\"127.0.0.9..127.0.0.2\"]\n";
+                codes = [\"127.0.0.9..127.0.0.2\"]\n\
+                [policy.bans]\n\
+                store = \"redis\"\n\
+                [policy.bans.bad_commands]\n\
+                per_ip = { count = 0, period = 60 }\n\
+                ban_for = -1\n\
+                [admin]\n\
+                address = \"127.0.0.1:9090\"\n\
+                write_from = [\"localhost\"]\n";
     let out = check_config(text);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "accepted:\n{stderr}");
@@ -180,6 +188,10 @@ fn check_config_names_policy_errors_with_key_and_line() {
         ("policy.limits.message_rate.per_ip", 10),
         ("policy.dns.attempts", 12),
         ("policy.dnsbl.zone[0].codes", 15),
+        ("policy.bans.store", 17),
+        ("policy.bans.bad_commands.per_ip", 19),
+        ("policy.bans.bad_commands.ban_for", 20),
+        ("admin.write_from", 23),
     ] {
         assert!(
             stderr

@@ -35,6 +35,10 @@ const RULES: &[(&str, &[&str])] = &[
             "relay",
         ],
     ),
+    // The binary's admin client (`smtp-edge reload|ban|top`), declared by
+    // main.rs only: it reaches the library as `smtp_edge::` (the config,
+    // for the admin address) and the proxy through HTTP alone.
+    ("cli", &[]),
     // The composition root knows everything.
     (
         "server",

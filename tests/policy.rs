@@ -553,10 +553,22 @@ async fn pregreet_talker_is_rejected_and_remembered() {
     assert_eq!(m.code, 554, "{m:?}");
     assert!(m.text.starts_with("5.5.1 Protocol error"), "{m:?}");
     drop(bad);
-    // ... and remembered: refused at connect next time.
+    // ... and remembered: banned (source pregreet), refused at connect
+    // next time with a temporary 421.
     let (_c, g) = first_reply("127.0.0.51", p.addr).await;
-    assert_eq!(g.code, 554, "{g:?}");
-    assert_eq!(count(&p, Check::Pregreet).1, 2);
+    assert_eq!(g.code, 421, "{g:?}");
+    assert!(
+        g.text
+            .starts_with("4.7.1 Client host [127.0.0.51] blocked until"),
+        "{g:?}"
+    );
+    assert!(g.text.ends_with("(pregreet)"), "{g:?}");
+    assert_eq!(count(&p, Check::Pregreet).1, 1);
+    assert_eq!(count(&p, Check::Ban).1, 1);
+    let bans = p.policy.bans().list();
+    assert_eq!(bans.len(), 1);
+    assert_eq!(bans[0].source, smtp_edge::policy::bans::Source::Pregreet);
+    assert!(bans[0].expires - bans[0].created == 60_000);
     assert_eq!(rec.messages().len(), 1);
 }
 

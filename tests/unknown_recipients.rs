@@ -199,3 +199,97 @@ async fn with_routes_no_backend_connection_is_needed() {
     assert_eq!(asked(&rec, "nobody@example.org"), 1);
     assert_eq!(hits(&p), 1.0);
 }
+
+/// A dictionary attack run with Python's smtplib, one RCPT at a time, from
+/// 127.0.0.150: sessions of up to 100 random recipients, reconnecting
+/// until refused at connect or 2 000 recipients are tried. Prints
+/// `rcpts=N refused_at_connect=M over_budget=K`.
+const DICTIONARY: &str = r#"
+import random, smtplib, string, sys
+port = int(sys.argv[1]); tried = 0; at_connect = 0; over = 0
+while tried < 2000 and at_connect < 2:
+    try:
+        s = smtplib.SMTP(); s.source_address = ("127.0.0.150", 0)
+        code, _ = s.connect("127.0.0.1", port)
+    except smtplib.SMTPConnectError as e:
+        at_connect += 1; continue
+    except smtplib.SMTPServerDisconnected:
+        at_connect += 1; continue
+    if code != 220:
+        at_connect += 1; continue
+    try:
+        s.ehlo("dict.example"); s.mail("x@dict.example")
+        for _ in range(100):
+            u = "".join(random.choice(string.ascii_lowercase) for _ in range(10))
+            code, _ = s.rcpt(u + "@example.org"); tried += 1
+            if code == 421:
+                over += 1; break
+        s.close()
+    except smtplib.SMTPServerDisconnected:
+        over += 1
+print(f"rcpts={tried} refused_at_connect={at_connect} over_budget={over}")
+"#;
+
+/// The issue's scene: a real Postfix that knows its users, a dictionary
+/// attack of random recipients from one address. Postfix sees at most the
+/// budget's unknown RCPTs (plus the one that goes over), the address is
+/// banned (refused at connect), and another client keeps delivering.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dictionary_attack_reaches_postfix_with_at_most_the_budget() {
+    let Some(py) = require_tool("python3") else {
+        return;
+    };
+    // Postfix's error limits count per connection, and a pooled connection
+    // carries the errors of every client the edge relays: set behind an
+    // edge as the README says (the defaults, 10 and 20, would sleep 1 s per
+    // error after the tenth and drop the connection at the twentieth).
+    let Some(pf) = Postfix::start(
+        "virtual_mailbox_maps = inline:{ known@example.org=box/ }\n\
+         smtpd_soft_error_limit = 1000\nsmtpd_hard_error_limit = 1000\nsmtpd_error_sleep_time = 0\n",
+    ) else {
+        return;
+    };
+    let p = Proxy::to_backend(
+        &pf.addr,
+        "[policy.bans.unknown_recipients]\naction = \"reject\"\nper_ip = { count = 20, period = 600 }\nban_for = 3600\n",
+    )
+    .await;
+    let port = p.addr.port().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(py)
+            .args(["-c", DICTIONARY, &port])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The 421 follows the 21st refusal at once; smtplib reads it as the
+    // answer to its 22nd RCPT, which never reaches the backend.
+    assert_eq!(
+        said.trim(),
+        "rcpts=22 refused_at_connect=2 over_budget=1",
+        "{said}"
+    );
+    // Another client delivers meanwhile.
+    let mut c = Raw::connect_from("127.0.0.151".parse().unwrap(), p.addr).await;
+    assert_eq!(c.reply().await.code, 220);
+    assert_eq!(c.cmd("EHLO good.example").await.code, 250);
+    assert_eq!(c.cmd("MAIL FROM:<s@example.net>").await.code, 250);
+    assert_eq!(c.cmd("RCPT TO:<known@example.org>").await.code, 250);
+    assert_eq!(c.cmd("DATA").await.code, 354);
+    c.send(b"Subject: t\r\n\r\nhi\r\n.\r\n").await;
+    assert_eq!(c.reply().await.code, 250);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = pf.log();
+    let unknown = log.lines().filter(|l| l.contains("User unknown")).count();
+    assert_eq!(unknown, 21, "the budget (20) and the one over it:\n{log}");
+    let bans = p.policy.bans().list();
+    assert_eq!(bans.len(), 1);
+    assert_eq!(bans[0].address(), "127.0.0.150");
+}

@@ -68,11 +68,23 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
 }
 
-/// `[admin]`: where `/metrics`, `/livez` and `/readyz` are served.
+/// `[admin]`: where `/metrics`, `/livez`, `/readyz`, `/bans` and `/top`
+/// are served, and who may change anything through it.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     pub address: SocketAddr,
+    /// Networks allowed to `POST` and `DELETE` (`/reload`, `/bans`);
+    /// anyone else gets 403. Reading stays open to all who reach it.
+    #[serde(default = "loopback")]
+    pub write_from: Vec<ipnet::IpNet>,
+}
+
+fn loopback() -> Vec<ipnet::IpNet> {
+    vec![
+        "127.0.0.1/32".parse().expect("a network"),
+        "::1/128".parse().expect("a network"),
+    ]
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]

@@ -18,6 +18,7 @@
 //! (in the accept loop), then on the `ClientPolicy` `connect_verdict`,
 //! `helo`, `mail`, `rcpt`, `pregreet_hit`, and `release` at QUIT.
 
+pub mod bans;
 pub mod dns;
 pub mod dnsbl_health;
 pub mod helo;
@@ -36,6 +37,8 @@ use ipnet::IpNet;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use self::bans::budget::{Budget, Kind as BudgetKind};
+use self::bans::{Bans, Source};
 use self::dns::{Dns, DnsblResult, Rdns, Resolves};
 use self::helo::HeloName;
 use self::limits::{ConnPermit, GlobalPermit, LimitHit, LimitKind, Limiters, Scope};
@@ -51,6 +54,8 @@ pub struct Policy {
     reloading: Mutex<()>,
     /// `start` was called: new generations start their sweeper.
     started: AtomicBool,
+    /// The ban list: one per process, whatever the generation.
+    bans: Arc<Bans>,
 }
 
 impl std::fmt::Debug for Policy {
@@ -64,10 +69,12 @@ impl std::fmt::Debug for Policy {
 impl Policy {
     /// Builds the policy; Err names what could not be set up (the resolver).
     pub fn new(cfg: &PolicyConfig, hostname: &str) -> Result<Arc<Policy>, String> {
+        let bans = Bans::new();
         Ok(Arc::new(Policy {
-            current: ArcSwap::new(Generation::build(cfg, hostname, None)?),
+            current: ArcSwap::new(Generation::build(cfg, hostname, None, &bans)?),
             reloading: Mutex::new(()),
             started: AtomicBool::new(false),
+            bans,
         }))
     }
 
@@ -77,6 +84,7 @@ impl Policy {
         let _one = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
         if !self.started.swap(true, Ordering::Relaxed) {
             self.current().limits.spawn_sweeper();
+            self.bans.spawn_sweeper();
         }
     }
 
@@ -120,6 +128,11 @@ impl Policy {
         self.current.load_full().admit(ip)
     }
 
+    /// The ban list (the admin API's, and what admission consults).
+    pub fn bans(&self) -> &Arc<Bans> {
+        &self.bans
+    }
+
     /// The current generation's limiters.
     pub fn limits(&self) -> Arc<Limiters> {
         self.current.load().limits.clone()
@@ -151,7 +164,9 @@ pub struct Generation {
     hostname: String,
     limits: Arc<Limiters>,
     dns: Option<Arc<Dns>>,
-    pregreeters: Option<Arc<moka::sync::Cache<IpAddr, ()>>>,
+    bans: Arc<Bans>,
+    unknown_budget: Option<Arc<Budget>>,
+    bad_budget: Option<Arc<Budget>>,
     counts: Arc<Counters>,
 }
 
@@ -160,6 +175,7 @@ impl Generation {
         cfg: &PolicyConfig,
         hostname: &str,
         prev: Option<&Generation>,
+        bans: &Arc<Bans>,
     ) -> Result<Arc<Generation>, String> {
         let needs_dns = cfg.rdns.lookup
             || cfg.dnsbl.action.runs()
@@ -190,22 +206,22 @@ impl Generation {
         } else {
             None
         };
-        let p = &cfg.pregreet;
-        let pregreeters = (p.action.runs() && p.remember > 0.0).then(|| {
-            let same = |g: &&Generation| {
-                g.cfg.pregreet.remember == p.remember && g.cfg.dns.cache_size == cfg.dns.cache_size
-            };
-            prev.filter(same)
-                .and_then(|g| g.pregreeters.clone())
-                .unwrap_or_else(|| {
-                    Arc::new(
-                        moka::sync::Cache::builder()
-                            .max_capacity(cfg.dns.cache_size)
-                            .time_to_live(Duration::from_secs_f64(p.remember))
-                            .build(),
-                    )
-                })
-        });
+        bans.configure(&cfg.bans, cfg.limits.redis.as_ref());
+        // A budget keeps its windows while its settings are unchanged.
+        let max_keys = cfg.limits.max_tracked_keys as u64;
+        let budget = |c: &settings::BudgetConfig, old: Option<&Arc<Budget>>| {
+            old.filter(|b| b.cfg == *c)
+                .cloned()
+                .or_else(|| Budget::new(c, max_keys).map(Arc::new))
+        };
+        let unknown_budget = budget(
+            &cfg.bans.unknown_recipients,
+            prev.and_then(|g| g.unknown_budget.as_ref()),
+        );
+        let bad_budget = budget(
+            &cfg.bans.bad_commands,
+            prev.and_then(|g| g.bad_budget.as_ref()),
+        );
         Ok(Arc::new(Generation {
             cfg: cfg.clone(),
             hostname: hostname.to_string(),
@@ -214,7 +230,9 @@ impl Generation {
                 None => Limiters::new(&cfg.limits),
             },
             dns,
-            pregreeters,
+            bans: bans.clone(),
+            unknown_budget,
+            bad_budget,
             counts: prev.map_or_else(Arc::default, |g| g.counts.clone()),
         }))
     }
@@ -223,10 +241,10 @@ impl Generation {
     /// session count, the concurrency counts and the unchanged rate
     /// limiters (see [`Limiters::reload`]), the resolver and its caches while
     /// `[policy.dns]`, `rdns.max_names` and the DNSBL zones are unchanged,
-    /// the pregreet memory while its lifetime and size are, and the verdict
-    /// counts always. Builds only: [`Policy::reload`] swaps it in.
+    /// each error budget while its settings are, and the ban list and the
+    /// verdict counts always. Builds only: [`Policy::reload`] swaps it in.
     pub fn next(&self, cfg: &PolicyConfig, hostname: &str) -> Result<Arc<Generation>, String> {
-        Self::build(cfg, hostname, Some(self))
+        Self::build(cfg, hostname, Some(self), &self.bans)
     }
 
     /// What this generation shares with `old` (the one it was built from):
@@ -240,13 +258,23 @@ impl Generation {
                 fresh.push("dns");
             }
         }
-        if let Some(p) = &self.pregreeters {
-            if old.pregreeters.as_ref().is_some_and(|o| Arc::ptr_eq(p, o)) {
-                kept.push("pregreet");
-            } else {
-                fresh.push("pregreet");
+        for (name, new, old) in [
+            (
+                "unknown_recipients",
+                &self.unknown_budget,
+                &old.unknown_budget,
+            ),
+            ("bad_commands", &self.bad_budget, &old.bad_budget),
+        ] {
+            if let Some(b) = new {
+                if old.as_ref().is_some_and(|o| Arc::ptr_eq(b, o)) {
+                    kept.push(name);
+                } else {
+                    fresh.push(name);
+                }
             }
         }
+        kept.push("bans");
         kept.push("counters");
         (kept, fresh)
     }
@@ -327,9 +355,15 @@ impl Generation {
     }
 
     /// The connect phase, run in the accept loop before a session exists:
-    /// global cap, deny list, remembered pregreeters, concurrency and
-    /// connection rate. Err is the refusal to send before closing.
+    /// bans, global cap, deny list, concurrency and connection rate. Err
+    /// is the refusal to send before closing.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ClientPolicy, Verdict> {
+        let allowed = self.cfg.allow.iter().any(|n| contains(n, ip));
+        if !allowed {
+            if let Some(v) = self.ban_verdict(ip) {
+                return Err(v);
+            }
+        }
         // Counted also without a cap: a reload may set one.
         let Some(global) = self.limits.try_global() else {
             return Err(self
@@ -343,7 +377,6 @@ impl Generation {
                 )
                 .expect("reject yields a verdict"));
         };
-        let allowed = self.cfg.allow.iter().any(|n| contains(n, ip));
         let mut client = ClientPolicy {
             policy: self.clone(),
             ip,
@@ -379,7 +412,7 @@ impl Generation {
         Ok(client)
     }
 
-    /// Deny list, remembered pregreeters, concurrency, connection rate.
+    /// Deny list, concurrency, connection rate.
     fn screen(&self, ip: IpAddr, client: &mut ClientPolicy) -> Result<(), Verdict> {
         if self.cfg.deny.iter().any(|n| contains(n, ip)) {
             return Err(self
@@ -393,15 +426,6 @@ impl Generation {
                 )
                 .expect("reject yields a verdict"));
         }
-        if let Some(cache) = &self.pregreeters {
-            if cache.contains_key(&ip) {
-                if let Some(v) = self.pregreet_verdict(ip) {
-                    if v.enforce {
-                        return Err(v);
-                    }
-                }
-            }
-        }
         let (permit, hit) = self.limits.connect(ip);
         client._conn = Some(permit);
         if let Some(hit) = hit {
@@ -412,6 +436,67 @@ impl Generation {
             }
         }
         Ok(())
+    }
+
+    /// The refusal of a banned client: 421 4.7.1 naming the ban's source
+    /// and its end (the reason stays the operator's).
+    fn ban_verdict(&self, ip: IpAddr) -> Option<Verdict> {
+        let ban = self.bans.find(ip)?;
+        self.bans.count_refusal(ban.source);
+        let until =
+            httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_millis(ban.expires));
+        self.verdict(
+            ip,
+            Check::Ban,
+            Action::Reject,
+            421,
+            "4.7.1",
+            format!(
+                "Client host [{ip}] blocked until {until} ({})",
+                ban.source.name()
+            ),
+        )
+    }
+
+    /// One event against a budget: past it, the verdict (421 4.7.1; with
+    /// an enforcing action the address is banned for `ban_for`).
+    fn spend(&self, ip: IpAddr, kind: BudgetKind) -> Option<Verdict> {
+        let (budget, check, source, what) = match kind {
+            BudgetKind::UnknownRecipients => (
+                self.unknown_budget.as_ref()?,
+                Check::UnknownRecipients,
+                Source::UnknownRecipients,
+                "recipients refused as unknown",
+            ),
+            BudgetKind::BadCommands => (
+                self.bad_budget.as_ref()?,
+                Check::BadCommands,
+                Source::BadCommands,
+                "bad commands",
+            ),
+        };
+        if !budget.spend(ip) {
+            return None;
+        }
+        let c = &budget.cfg;
+        let v = self.verdict(
+            ip,
+            check,
+            c.action,
+            421,
+            "4.7.1",
+            format!(
+                "Too many {what} from [{ip}]; banned for {} s",
+                c.ban_for.round()
+            ),
+        )?;
+        if v.enforce {
+            budget.forget(ip);
+            let reason = format!("over {} {what} in {} s", c.per_ip.count, c.per_ip.period);
+            let ttl = Duration::from_secs_f64(c.ban_for);
+            let _ = self.bans.add(IpNet::from(ip), ttl, source, &reason);
+        }
+        Some(v)
     }
 
     fn pregreet_verdict(&self, ip: IpAddr) -> Option<Verdict> {
@@ -565,15 +650,55 @@ impl ClientPolicy {
     }
 
     /// The client talked before the greeting ended.
+    /// With an enforcing action and `remember`, the address is banned for
+    /// that long (source `pregreet`).
     pub fn pregreet_hit(&mut self) {
-        if let Some(cache) = &self.policy.pregreeters {
-            cache.insert(self.ip, ());
-        }
         if let Some(v) = self.policy.pregreet_verdict(self.ip) {
+            let remember = self.policy.cfg.pregreet.remember;
+            if v.enforce && remember > 0.0 {
+                let _ = self.policy.bans.add(
+                    IpNet::from(self.ip),
+                    Duration::from_secs_f64(remember),
+                    Source::Pregreet,
+                    "talked before the greeting",
+                );
+            }
             if self.connect.as_ref().is_none_or(|c| !c.enforce) {
                 self.connect = Some(v);
             }
         }
+    }
+
+    /// A RCPT reply (the backend's or the edge's remembered one): a 5xx
+    /// with one of `[policy.recipients] unknown_codes` counts against the
+    /// `unknown_recipients` budget. Some(enforced verdict) when it went
+    /// over: the session sends it and closes.
+    pub fn rcpt_refused(&mut self, reply: &crate::smtp::Reply) -> Option<Verdict> {
+        if self.allowed || self.policy.unknown_budget.is_none() || reply.code / 100 != 5 {
+            return None;
+        }
+        let e = reply.enhanced?;
+        let unknown = (self.policy.cfg.recipients.unknown_codes.iter())
+            .filter_map(|c| settings::parse_enhanced(c))
+            .any(|(c, s, d)| crate::smtp::EnhancedCode(c, s, d) == e);
+        if !unknown {
+            return None;
+        }
+        self.policy
+            .spend(self.ip, BudgetKind::UnknownRecipients)
+            .filter(|v| v.enforce)
+    }
+
+    /// A bad command (syntax error, unknown or out of order): counts
+    /// against the `bad_commands` budget; Some(enforced verdict) when it
+    /// went over.
+    pub fn bad_command(&mut self) -> Option<Verdict> {
+        if self.allowed {
+            return None;
+        }
+        self.policy
+            .spend(self.ip, BudgetKind::BadCommands)
+            .filter(|v| v.enforce)
     }
 
     /// Whether the greeting must wait for the connect verdict (delay_reject
@@ -927,13 +1052,7 @@ mod tests {
         assert!(Arc::ptr_eq(first.policy(), &old));
         let (kept, fresh) = new.carried_from(&old);
         assert_eq!(fresh, Vec::<&str>::new());
-        for k in [
-            "sessions",
-            "concurrency.per_ip",
-            "dns",
-            "pregreet",
-            "counters",
-        ] {
+        for k in ["sessions", "concurrency.per_ip", "dns", "bans", "counters"] {
             assert!(kept.contains(&k), "{k} not kept: {kept:?}");
         }
         // New clients meet the new deny list; counters keep counting.
@@ -957,10 +1076,14 @@ mod tests {
         let old = p.current();
         let mut next = cfg.clone();
         next.dns.timeout = 1.0;
-        next.pregreet.remember = 60.0;
+        next.bans.bad_commands.action = Action::Reject;
         let new = p.reload(&next, "edge.test").unwrap();
-        let (_, fresh) = new.carried_from(&old);
-        assert_eq!(fresh, vec!["dns", "pregreet"]);
+        let (kept, fresh) = new.carried_from(&old);
+        assert_eq!(fresh, vec!["dns", "bad_commands"]);
+        // A budget whose settings stay keeps its windows.
+        let again = p.reload(&next, "edge.test").unwrap();
+        assert!(again.carried_from(&new).0.contains(&"bad_commands"));
+        assert!(kept.contains(&"bans"));
         // No DNS check left: no resolver.
         let none = p.reload(&PolicyConfig::default(), "edge.test").unwrap();
         assert!(none.dns().is_none() && p.dns().is_none());

@@ -1,6 +1,6 @@
 //! The `[policy]` configuration section: types, defaults and validation of
 //! admission policy settings (lists, limits, HELO, rDNS, DNSBL, pregreet,
-//! DNS, the recipient verdict cache), and the Redis URL check that validation runs. Plain data; the
+//! DNS, the recipient verdict cache, bans and their budgets), and the Redis URL check that validation runs. Plain data; the
 //! checks that use it live beside it in `policy/`.
 
 use std::net::SocketAddr;
@@ -61,6 +61,7 @@ pub struct PolicyConfig {
     pub pregreet: PregreetConfig,
     pub dns: DnsConfig,
     pub recipients: RecipientsConfig,
+    pub bans: BansConfig,
 }
 
 impl Default for PolicyConfig {
@@ -77,6 +78,7 @@ impl Default for PolicyConfig {
             pregreet: PregreetConfig::default(),
             dns: DnsConfig::default(),
             recipients: RecipientsConfig::default(),
+            bans: BansConfig::default(),
         }
     }
 }
@@ -422,9 +424,98 @@ impl RecipientsConfig {
     }
 }
 
+/// `[policy.bans]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BansConfig {
+    /// `local` (this process only, gone on restart) or `redis` (shared on
+    /// `[policy.limits.redis]`, with their expiry there).
+    pub store: Store,
+    /// Most bans held; past it, an automatic ban is not added (logged and
+    /// counted), an admin one is refused.
+    pub max_bans: usize,
+    pub unknown_recipients: BudgetConfig,
+    pub bad_commands: BudgetConfig,
+}
+
+impl Default for BansConfig {
+    fn default() -> Self {
+        BansConfig {
+            store: Store::Local,
+            max_bans: 100_000,
+            unknown_recipients: BudgetConfig {
+                action: Action::Off,
+                per_ip: Budget {
+                    count: 20,
+                    period: 600.0,
+                },
+                ban_for: 3600.0,
+            },
+            bad_commands: BudgetConfig {
+                action: Action::Off,
+                per_ip: Budget {
+                    count: 50,
+                    period: 600.0,
+                },
+                ban_for: 600.0,
+            },
+        }
+    }
+}
+
+/// One error budget: past `per_ip` within its period, the session gets
+/// 421 and the address is banned for `ban_for` seconds (`reject` or
+/// `defer`); `observe` logs and counts only.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetConfig {
+    #[serde(default)]
+    pub action: Action,
+    pub per_ip: Budget,
+    pub ban_for: f64,
+}
+
+/// `count` events per `period` seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    pub count: u32,
+    pub period: f64,
+}
+
+impl BansConfig {
+    /// `err(key, message)`; `has_redis`: `[policy.limits.redis]` has a url.
+    pub fn validate(&self, has_redis: bool, err: &mut dyn FnMut(String, String)) {
+        if self.store == Store::Redis && !has_redis {
+            err(
+                "policy.bans.store".into(),
+                "\"redis\" needs a [policy.limits.redis] section with a url (bans share the limits' Redis)".into(),
+            );
+        }
+        if self.max_bans == 0 {
+            err("policy.bans.max_bans".into(), "must be > 0".into());
+        }
+        for (name, b) in [
+            ("unknown_recipients", &self.unknown_recipients),
+            ("bad_commands", &self.bad_commands),
+        ] {
+            let key = |k: &str| format!("policy.bans.{name}.{k}");
+            if b.per_ip.count == 0 {
+                err(key("per_ip"), "count must be > 0".into());
+            }
+            if !(secs_ok(b.per_ip.period) && b.per_ip.period > 0.0) {
+                err(key("per_ip"), "period must be seconds > 0".into());
+            }
+            if !(secs_ok(b.ban_for) && b.ban_for > 0.0) {
+                err(key("ban_for"), "must be seconds > 0".into());
+            }
+        }
+    }
+}
+
 /// `class.subject.detail` (RFC 3463: class 2, 4 or 5; subject and detail
 /// up to three digits).
-fn parse_enhanced(s: &str) -> Option<(u8, u16, u16)> {
+pub(crate) fn parse_enhanced(s: &str) -> Option<(u8, u16, u16)> {
     let mut it = s.split('.');
     let class: u8 = it.next()?.parse().ok()?;
     let subject: u16 = it.next()?.parse().ok()?;
@@ -486,6 +577,8 @@ impl PolicyConfig {
         self.pregreet.validate(err);
         self.dns.validate(err);
         self.recipients.validate(err);
+        let has_redis = self.limits.redis.as_ref().is_some_and(|r| r.url.is_some());
+        self.bans.validate(has_redis, err);
     }
 
     /// Settings that need another one: enforced rDNS checks and HELO

@@ -22,10 +22,16 @@ pub enum Check {
     HeloOurs,
     HeloResolves,
     HeloRdns,
+    /// A banned address (or network), refused at connect.
+    Ban,
+    /// Past the budget of recipients refused as unknown.
+    UnknownRecipients,
+    /// Past the budget of bad commands.
+    BadCommands,
 }
 
 impl Check {
-    pub const ALL: [Check; 16] = [
+    pub const ALL: [Check; 19] = [
         Check::Deny,
         Check::GlobalCap,
         Check::Concurrency,
@@ -42,6 +48,9 @@ impl Check {
         Check::HeloOurs,
         Check::HeloResolves,
         Check::HeloRdns,
+        Check::Ban,
+        Check::UnknownRecipients,
+        Check::BadCommands,
     ];
 
     pub fn name(self) -> &'static str {
@@ -62,6 +71,9 @@ impl Check {
             Check::HeloOurs => "helo_not_ours",
             Check::HeloResolves => "helo_resolves",
             Check::HeloRdns => "helo_match_rdns",
+            Check::Ban => "ban",
+            Check::UnknownRecipients => "unknown_recipients",
+            Check::BadCommands => "bad_commands",
         }
     }
 }

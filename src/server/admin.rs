@@ -1,25 +1,35 @@
 //! The admin HTTP listener (`[admin] address`): `/metrics` (Prometheus
 //! text), `/livez` (the process runs), `/readyz` (listeners bound, a
-//! backend in rotation, not draining) and `POST /reload` (re-read the
-//! config file, as SIGHUP does; `smtp-edge reload` calls it). HTTP/1.1 by
-//! hyper; what the answers say comes from `live_stats`, the backends and
-//! the reload hook, this module only serves them.
+//! backend in rotation, not draining), `POST /reload` (re-read the
+//! config file, as SIGHUP does; `smtp-edge reload` calls it) and `/bans`
+//! (`GET` the list, `POST` one, `DELETE` one or all of a source; the API
+//! `smtp-edge ban` calls). `POST` and `DELETE` are answered only for
+//! clients in `[admin] write_from` (403 and a log line otherwise).
+//! HTTP/1.1 by hyper; what the answers say comes from `live_stats`, the
+//! backends, the policy's ban list and the reload hook, this module only
+//! serves them.
 
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::CONTENT_TYPE;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use ipnet::IpNet;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::live_stats::LiveStats;
+use crate::policy::bans::{now_ms, parse_net, Source};
+use crate::policy::Policy;
 use crate::relay::Backends;
 
 /// Re-reads the configuration and applies it: Ok, or every error.
@@ -36,6 +46,10 @@ pub struct AdminState {
     pub backends: Arc<arc_swap::ArcSwap<Backends>>,
     /// Set when shutdown begins: `/readyz` answers 503 from then on.
     pub draining: Arc<AtomicBool>,
+    /// The ban list (`/bans`).
+    pub policy: Arc<Policy>,
+    /// `[admin] write_from` (a reload replaces it).
+    pub write_from: Arc<ArcSwap<Vec<IpNet>>>,
 }
 
 impl AdminState {
@@ -61,25 +75,42 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r
 }
 
-async fn answer(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    if req.uri().path() == "/reload" {
-        if req.method() != Method::POST {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "POST only\n");
-        }
-        let Some(hook) = state.reload.clone() else {
+fn json(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = text(status, format!("{v}\n"));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn json_error(status: StatusCode, msg: impl std::fmt::Display) -> Response<Full<Bytes>> {
+    json(status, &serde_json::json!({ "error": msg.to_string() }))
+}
+
+/// The most a request body may hold (a ban is a few hundred bytes).
+const MAX_BODY: usize = 64 * 1024;
+
+async fn answer(
+    state: &AdminState,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
+    let writes = req.method() == Method::POST || req.method() == Method::DELETE;
+    if writes {
+        let ip = peer.ip().to_canonical();
+        if !state.write_from.load().iter().any(|n| n.contains(&ip)) {
+            tracing::warn!(client = %ip, method = %req.method(), path = req.uri().path(), "admin: write refused, client not in [admin] write_from");
             return text(
-                StatusCode::NOT_IMPLEMENTED,
-                "no configuration file to reload\n",
+                StatusCode::FORBIDDEN,
+                format!("{ip} may not change anything here ([admin] write_from)\n"),
             );
-        };
-        return match tokio::task::spawn_blocking(move || hook()).await {
-            Ok(Ok(())) => text(StatusCode::OK, "reloaded\n"),
-            Ok(Err(e)) => text(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("reload refused; the running configuration stays:\n{e}\n"),
-            ),
-            Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "reload failed\n"),
-        };
+        }
+    }
+    match req.uri().path() {
+        "/reload" => return reload(state).await,
+        "/bans" => return bans(state, req, peer.ip()).await,
+        _ => {}
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
@@ -105,10 +136,131 @@ async fn answer(state: &AdminState, req: &Request<Incoming>) -> Response<Full<By
     }
 }
 
+/// `POST /reload`.
+async fn reload(state: &AdminState) -> Response<Full<Bytes>> {
+    let Some(hook) = state.reload.clone() else {
+        return text(
+            StatusCode::NOT_IMPLEMENTED,
+            "no configuration file to reload\n",
+        );
+    };
+    match tokio::task::spawn_blocking(move || hook()).await {
+        Ok(Ok(())) => text(StatusCode::OK, "reloaded\n"),
+        Ok(Err(e)) => text(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("reload refused; the running configuration stays:\n{e}\n"),
+        ),
+        Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "reload failed\n"),
+    }
+}
+
+/// `/bans`: `GET` (optionally `?source=`), `POST` a JSON ban,
+/// `DELETE ?address=` one, `DELETE ?source=` all of a source (`all`: every
+/// ban).
+async fn bans(state: &AdminState, req: Request<Incoming>, peer: IpAddr) -> Response<Full<Bytes>> {
+    let query: Vec<(String, String)> =
+        form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
+    let param = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let list = state.policy.bans();
+    let source = match param("source") {
+        None | Some("all") => Ok(None),
+        Some(s) => Source::parse(s).map(Some).ok_or(s),
+    };
+    let source = match source {
+        Ok(s) => s,
+        Err(s) => {
+            let names: Vec<&str> = Source::ALL.iter().map(|s| s.name()).collect();
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                format!("unknown source {s:?}; one of {}, or all", names.join(", ")),
+            );
+        }
+    };
+    match *req.method() {
+        Method::GET | Method::HEAD => {
+            let now = now_ms();
+            let bans: Vec<serde_json::Value> = list
+                .list()
+                .iter()
+                .filter(|b| source.is_none_or(|s| b.source == s))
+                .map(|b| b.to_json(now))
+                .collect();
+            json(
+                StatusCode::OK,
+                &serde_json::json!({ "count": bans.len(), "bans": bans }),
+            )
+        }
+        Method::POST => {
+            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return json_error(StatusCode::BAD_REQUEST, format!("body: {e}")),
+            };
+            let v: serde_json::Value = match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(e) => return json_error(StatusCode::BAD_REQUEST, format!("not JSON: {e}")),
+            };
+            let Some(net) = v
+                .get("address")
+                .and_then(|a| a.as_str())
+                .and_then(parse_net)
+            else {
+                return json_error(
+                    StatusCode::BAD_REQUEST,
+                    "\"address\" must be an IP address or a CIDR network",
+                );
+            };
+            let ttl = match v.get("ttl") {
+                None => Some(3600.0),
+                Some(t) => t.as_f64().filter(|t| t.is_finite() && *t > 0.0 && *t < 1e9),
+            };
+            let Some(ttl) = ttl else {
+                return json_error(StatusCode::BAD_REQUEST, "\"ttl\" must be seconds > 0");
+            };
+            let reason = v.get("reason").and_then(|r| r.as_str()).unwrap_or("");
+            match list.add(net, Duration::from_secs_f64(ttl), Source::Admin, reason) {
+                Ok(b) => {
+                    tracing::info!(admin = %peer, client = %b.address(), "admin: ban added");
+                    json(StatusCode::CREATED, &b.to_json(now_ms()))
+                }
+                Err(e) => json_error(StatusCode::SERVICE_UNAVAILABLE, e),
+            }
+        }
+        Method::DELETE => match param("address") {
+            Some(a) => {
+                let Some(net) = parse_net(a) else {
+                    return json_error(
+                        StatusCode::BAD_REQUEST,
+                        format!("{a:?} is not an address or network"),
+                    );
+                };
+                match list.remove(net) {
+                    Some(b) => json(
+                        StatusCode::OK,
+                        &serde_json::json!({ "removed": 1, "bans": [b.to_json(now_ms())] }),
+                    ),
+                    None => json_error(StatusCode::NOT_FOUND, format!("no ban of {a}")),
+                }
+            }
+            None if param("source").is_some() => {
+                let n = list.clear(source);
+                tracing::info!(admin = %peer, source = param("source").unwrap_or("all"), removed = n, "admin: bans cleared");
+                json(StatusCode::OK, &serde_json::json!({ "removed": n }))
+            }
+            None => json_error(
+                StatusCode::BAD_REQUEST,
+                "give ?address=ADDRESS|CIDR, or ?source=SOURCE|all to clear",
+            ),
+        },
+        _ => text(StatusCode::METHOD_NOT_ALLOWED, "GET, POST or DELETE\n"),
+    }
+}
+
 /// Serves the admin endpoints on `listener` until `stop` turns true.
 pub async fn serve(listener: TcpListener, state: AdminState, mut stop: watch::Receiver<bool>) {
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(s) => s,
                 Err(e) => {
@@ -123,7 +275,7 @@ pub async fn serve(listener: TcpListener, state: AdminState, mut stop: watch::Re
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(answer(&state, &req).await) }
+                async move { Ok::<_, Infallible>(answer(&state, req, peer).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc);
@@ -150,7 +302,7 @@ impl AdminCtl {
             return;
         };
         if let Ok(a) = listener.local_addr() {
-            tracing::info!(address = %a, "admin listening (/metrics, /livez, /readyz, POST /reload)");
+            tracing::info!(address = %a, "admin listening (/metrics, /livez, /readyz, /bans, POST /reload)");
         }
         let (tx, rx) = watch::channel(false);
         tokio::spawn(serve(listener, state, rx));

@@ -140,6 +140,55 @@ impl Collector for Live {
             "Log lines dropped because stderr was not read fast enough (the log queue was full)",
             &[(vec![], telemetry::dropped_log_lines())],
         )?;
+        let b = live.policy.bans().stats();
+        let by = |f: fn(&(crate::policy::bans::Source, u64, u64, u64, u64)) -> u64| -> Vec<(Labels, u64)> {
+            b.by_source
+                .iter()
+                .map(|r| (vec![("source", r.0.name().to_string())], f(r)))
+                .collect()
+        };
+        let active: Vec<(Labels, i64)> = by(|r| r.1)
+            .into_iter()
+            .map(|(l, n)| (l, n as i64))
+            .collect();
+        gauge(
+            &mut enc,
+            "bans_active",
+            "Bans in force, by who added them (admin, unknown_recipients, bad_commands, pregreet)",
+            &active,
+        )?;
+        counter(
+            &mut enc,
+            "bans_added",
+            "Bans added on this instance, by source",
+            &by(|r| r.2),
+        )?;
+        counter(
+            &mut enc,
+            "bans_expired",
+            "Bans that ran out, by source",
+            &by(|r| r.3),
+        )?;
+        counter(
+            &mut enc,
+            "ban_refusals",
+            "Connections refused at accept because the address was banned, by the ban's source",
+            &by(|r| r.4),
+        )?;
+        counter(
+            &mut enc,
+            "bans_dropped",
+            "Automatic bans not added because the list was full ([policy.bans] max_bans)",
+            &[(vec![], b.dropped)],
+        )?;
+        if let Some(up) = b.shared_up {
+            gauge(
+                &mut enc,
+                "bans_store_up",
+                "1 while the shared ban list on Redis answers ([policy.bans] store = \"redis\")",
+                &[(vec![], i64::from(up))],
+            )?;
+        }
         counter(
             &mut enc,
             "ratelimit_overflow",

@@ -363,6 +363,15 @@ impl Server {
                 stats: stats.clone(),
                 backends: shared.backends.clone(),
                 draining: draining.clone(),
+                policy: shared.policy.clone(),
+                write_from: Arc::new(arc_swap::ArcSwap::from_pointee(
+                    shared
+                        .cfg
+                        .admin
+                        .as_ref()
+                        .map(|a| a.write_from.clone())
+                        .unwrap_or_default(),
+                )),
             });
             if let Some(l) = admin {
                 ctl.start(l);

@@ -88,7 +88,8 @@ impl Reloader {
         let tls = tls_acceptor(&next, keep).map_err(|e| e.to_string())?;
         // A moved admin listener is bound now (an address in use refuses
         // the reload) and started once everything else is in place.
-        let admin = if next.admin != running.admin {
+        let address = |c: &Config| c.admin.as_ref().map(|a| a.address);
+        let admin = if address(&next) != address(running) {
             Some(match &next.admin {
                 Some(a) => {
                     Some(bind_now(a.address).map_err(|e| format!("admin {}: {e}", a.address))?)
@@ -120,6 +121,15 @@ impl Reloader {
             before.retire();
             applied.push("backend");
             applied.push("route");
+        }
+        if next.admin != running.admin {
+            let ctl = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+            if let (Some(state), Some(a)) = (&ctl.state, &next.admin) {
+                state.write_from.store(Arc::new(a.write_from.clone()));
+            }
+            if admin.is_none() {
+                applied.push("admin");
+            }
         }
         if let Some(l) = admin {
             let mut ctl = self.admin.lock().unwrap_or_else(|e| e.into_inner());

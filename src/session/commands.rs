@@ -8,7 +8,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tracing::{Instrument, Span};
 
-use super::span::{record_end, transaction_span};
+use super::span::{record_end, record_verdict, transaction_span};
 use super::{room_for_commands, Owed, Session, Step};
 use crate::config::TlsMode;
 use crate::relay::client::ClientIdentity;
@@ -94,6 +94,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     fn check_bad(&mut self) -> Step {
+        if let Some(v) = self.over_budget.take() {
+            record_verdict(&Span::current(), v.code, &v);
+            self.reply(v.code, v.enh, &v.text);
+            return Step::Close;
+        }
         if self.st.bad > self.cfg().limits.max_bad_commands {
             self.reply(421, "4.7.0", "Too many errors, closing connection");
             return Step::Close;
@@ -106,7 +111,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Ok(c) => c,
             Err(e) => {
                 self.resolve().await;
-                self.st.bad += 1;
+                self.count_bad();
                 e.write_reply(&mut self.out);
                 return Step::Continue;
             }
@@ -421,6 +426,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.resolve().await;
         self.st.rcpts_sent += 1;
         self.shared.metrics.recipients_unknown_cached.inc();
+        if let Some(v) = self.pol.rcpt_refused(&reply) {
+            self.over_budget.get_or_insert(Box::new(v));
+        }
         reply.write_to(&mut self.out);
     }
 

@@ -239,6 +239,10 @@ struct Session<S> {
     /// A connect verdict owed as the reply to the first command
     /// (delay_reject off, the greeting had already begun).
     refuse: Option<Verdict>,
+    /// An error budget went over (the address is banned): the 421 that
+    /// ends the session after the current command. Boxed: the session
+    /// future stays small.
+    over_budget: Option<Box<Verdict>>,
     shared: Arc<Shared>,
     listener: Listener,
     tls: Option<TlsInfo>,
@@ -363,6 +367,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             local: at.local,
             pol,
             refuse: None,
+            over_budget: None,
             shared,
             listener,
             tls,
@@ -388,8 +393,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     fn bad(&mut self, code: u16, enh: &str, text: &str) {
-        self.st.bad += 1;
+        self.count_bad();
         self.reply(code, enh, text);
+    }
+
+    /// A bad command: counted for `max_bad_commands` and against the
+    /// `bad_commands` budget.
+    fn count_bad(&mut self) {
+        self.st.bad += 1;
+        if let Some(v) = self.pol.bad_command() {
+            self.over_budget.get_or_insert(Box::new(v));
+        }
     }
 
     async fn flush(&mut self) -> bool {
@@ -456,7 +470,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn policy_reply(&mut self, v: &Verdict) {
         self.tarpit().await;
         record_verdict(&Span::current(), v.code, v);
-        self.bad(v.code, v.enh, &v.text);
+        // An error for max_bad_commands, not a bad command for the budget.
+        self.st.bad += 1;
+        self.reply(v.code, v.enh, &v.text);
     }
 
     /// Ends the session: the transaction in progress (if any) is given up
@@ -541,7 +557,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 Some(Owed::Mail) => mail_failed |= !reply.is_positive(),
                 Some(Owed::Rcpt) if reply.is_positive() => self.st.rcpts_ok += 1,
-                Some(Owed::Rcpt) => {}
+                Some(Owed::Rcpt) => {
+                    if let Some(v) = self.pol.rcpt_refused(&reply) {
+                        self.over_budget.get_or_insert(Box::new(v));
+                    }
+                }
                 Some(Owed::Data) if reply.code == 354 && self.st.rcpts_ok == 0 => {
                     // A backend that opens DATA with no recipient accepted
                     // would deliver to nobody: refuse it here and drop the
@@ -658,6 +678,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.resolve().await;
             if self.st.data_go {
                 continue;
+            }
+            if let Some(v) = self.over_budget.take() {
+                // A budget went over in those replies: the address is
+                // banned; this session ends now.
+                record_verdict(&Span::current(), v.code, &v);
+                self.reply(v.code, v.enh, &v.text);
+                self.flush().await;
+                return Outcome::Closed;
             }
             if !self.flush().await {
                 return Outcome::Closed;

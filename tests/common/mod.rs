@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 pub mod dns;
 pub mod otlp;
+pub mod redis;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -967,9 +968,33 @@ impl Drop for Tap {
 
 /// `GET path` on `addr` over HTTP/1.1: the status code and the body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
+    http(addr, "GET", path, None, None).await
+}
+
+/// One HTTP/1.1 request (`body` sent as JSON), from the loopback address
+/// `from` when given: the status code and the body.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    from: Option<std::net::IpAddr>,
+) -> (u16, String) {
+    let mut s = match from {
+        Some(ip) => {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind(SocketAddr::new(ip, 0)).unwrap();
+            sock.connect(addr).await.unwrap()
+        }
+        None => TcpStream::connect(addr).await.unwrap(),
+    };
+    let body = body.unwrap_or("");
     s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
     )
     .await
     .unwrap();
