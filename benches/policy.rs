@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the admission policy's hot paths: the limiters
 //! (global cap, concurrency counters, keyed GCRA rates), the DNS verdict
-//! caches on a hit, and `Policy::admit`. One function per group; add further
+//! caches on a hit, `Policy::admit` (also behind 10 000 bans), and what a
+//! session costs the `/top` view. One function per group; add further
 //! groups as their own function and list them in `criterion_group!` below.
 
 use std::hint::black_box;
@@ -213,6 +214,28 @@ fn admission(c: &mut Criterion) {
             black_box(client.is_ok())
         })
     });
+    let banned = Policy::new(&PolicyConfig::default(), "edge.test").expect("policy");
+    for i in 0..10_000u32 {
+        let net = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)).into();
+        let ttl = std::time::Duration::from_secs(3600);
+        let src = smtp_edge::policy::bans::Source::Admin;
+        banned.bans().add(net, ttl, src, "bench").expect("ban");
+    }
+    banned
+        .bans()
+        .add(
+            "198.51.100.0/24".parse().unwrap(),
+            std::time::Duration::from_secs(3600),
+            smtp_edge::policy::bans::Source::Admin,
+            "a /24",
+        )
+        .expect("ban");
+    g.bench_function("admit_drop_10k_bans", |b| {
+        b.iter(|| {
+            let client = banned.admit(black_box(ip));
+            black_box(client.is_ok())
+        })
+    });
     g.finish();
     assert_eq!(
         default.limits().global_in_use(),
@@ -226,5 +249,39 @@ fn admission(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, limiters, dns_cache, admission);
+// ---------------------------------------------------------------------------
+// The /top view
+// ---------------------------------------------------------------------------
+
+/// One session as the view sees it: open, a recipient, a message, closed;
+/// from one busy address, and from a new address each time (a flood).
+fn top_view(c: &mut Criterion) {
+    use smtp_edge::telemetry::top::Top;
+    let top = Top::new(10_000, 24, 64);
+    let ip = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+    let mut g = c.benchmark_group("top");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("session_same_address", |b| {
+        b.iter(|| {
+            let open = top.open(black_box(ip));
+            top.recipient(ip);
+            top.message(ip);
+            drop(open);
+        })
+    });
+    let mut n = 0u32;
+    g.bench_function("session_new_address", |b| {
+        b.iter(|| {
+            n = n.wrapping_add(1);
+            let ip = IpAddr::V4(Ipv4Addr::from(0x0b00_0000 | (n & 0x00ff_ffff)));
+            let open = top.open(black_box(ip));
+            top.recipient(ip);
+            top.message(ip);
+            drop(open);
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, limiters, dns_cache, admission, top_view);
 criterion_main!(benches);

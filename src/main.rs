@@ -62,6 +62,30 @@ enum Cmd {
         #[arg(long, global = true)]
         admin: Option<String>,
     },
+    /// Who is sending: the busiest client addresses (or prefixes) of the
+    /// last minute from the admin listener's /top, refreshed in the
+    /// terminal (keys s, m, r, f sort; p prefixes; q quits).
+    Top {
+        /// The admin listener, host:port (else `[admin] address` of
+        /// --config).
+        #[arg(long)]
+        admin: Option<String>,
+        /// sessions, messages, recipients or refusals.
+        #[arg(long, default_value = "sessions")]
+        by: String,
+        /// Rows shown.
+        #[arg(long, default_value_t = 20)]
+        n: usize,
+        /// Show prefixes instead of addresses.
+        #[arg(long)]
+        prefixes: bool,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 2.0)]
+        interval: f64,
+        /// Print one table and exit (also when stdout is not a terminal).
+        #[arg(long)]
+        once: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -82,6 +106,22 @@ fn main() -> ExitCode {
         Some(Cmd::Reload { admin }) => return cli::reload(admin.as_deref(), cli.config.as_deref()),
         Some(Cmd::Ban { cmd, admin }) => {
             return cli::ban(cmd, admin.as_deref(), cli.config.as_deref())
+        }
+        Some(Cmd::Top {
+            admin,
+            by,
+            n,
+            prefixes,
+            interval,
+            once,
+        }) => {
+            return match cli::admin_address(admin.as_deref(), cli.config.as_deref()) {
+                Ok(a) => cli::top::run(&a, cli::top::View { by, n, prefixes }, interval, once),
+                Err(e) => {
+                    eprintln!("smtp-edge top: {e}");
+                    ExitCode::from(2)
+                }
+            };
         }
         _ => {}
     }

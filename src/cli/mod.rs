@@ -1,11 +1,13 @@
-//! The binary's admin-client commands: `smtp-edge reload` and `smtp-edge
-//! ban add|list|remove|clear`, each a plain HTTP/1.1
+//! The binary's admin-client commands: `smtp-edge reload`, `smtp-edge ban
+//! add|list|remove|clear` and `smtp-edge top` (`top.rs`), each a plain HTTP/1.1
 //! request to the admin listener (`--admin HOST:PORT`, or `[admin]
 //! address` of the `--config` file). Part of the binary only (`main.rs`
 //! declares it); it speaks to the proxy through the admin API alone.
 //!
 //! Exit codes: 0 done, 1 the proxy refused (the reason is printed), 2 the
 //! proxy could not be asked.
+
+pub mod top;
 
 use std::io::{Read, Write};
 use std::path::Path;

@@ -3,7 +3,8 @@
 //! backend in rotation, not draining), `POST /reload` (re-read the
 //! config file, as SIGHUP does; `smtp-edge reload` calls it) and `/bans`
 //! (`GET` the list, `POST` one, `DELETE` one or all of a source; the API
-//! `smtp-edge ban` calls). `POST` and `DELETE` are answered only for
+//! `smtp-edge ban` calls), `/top` (the busiest senders of the last minute;
+//! `smtp-edge top` shows it). `POST` and `DELETE` are answered only for
 //! clients in `[admin] write_from` (403 and a log line otherwise).
 //! HTTP/1.1 by hyper; what the answers say comes from `live_stats`, the
 //! backends, the policy's ban list and the reload hook, this module only
@@ -31,6 +32,7 @@ use super::live_stats::LiveStats;
 use crate::policy::bans::{now_ms, parse_net, Source};
 use crate::policy::Policy;
 use crate::relay::Backends;
+use crate::telemetry::top::{By, Counts, Top, WINDOW_SECS};
 
 /// Re-reads the configuration and applies it: Ok, or every error.
 pub type ReloadHook = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
@@ -50,6 +52,8 @@ pub struct AdminState {
     pub policy: Arc<Policy>,
     /// `[admin] write_from` (a reload replaces it).
     pub write_from: Arc<ArcSwap<Vec<IpNet>>>,
+    /// Who is sending (`/top`).
+    pub top: Arc<Top>,
 }
 
 impl AdminState {
@@ -125,6 +129,7 @@ async fn answer(
             r
         }
         "/livez" => text(StatusCode::OK, "ok\n"),
+        "/top" => top(state, req.uri().query()),
         "/readyz" => match state.ready() {
             Ok(()) => text(StatusCode::OK, "ready\n"),
             Err(why) => text(
@@ -134,6 +139,72 @@ async fn answer(
         },
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// The most rows `/top` gives per view.
+const TOP_MAX: usize = 1000;
+
+/// `GET /top?by=sessions|messages|recipients|refusals&n=20`: the busiest
+/// addresses and prefixes over the last minute, with their ban.
+fn top(state: &AdminState, query: Option<&str>) -> Response<Full<Bytes>> {
+    let mut by = By::Sessions;
+    let mut n = 20;
+    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match &*k {
+            "by" => match By::parse(&v) {
+                Some(b) => by = b,
+                None => {
+                    return json_error(
+                        StatusCode::BAD_REQUEST,
+                        format!("by={v:?}: sessions, messages, recipients or refusals"),
+                    )
+                }
+            },
+            "n" => match v.parse::<usize>() {
+                Ok(x) if x > 0 => n = x.min(TOP_MAX),
+                _ => return json_error(StatusCode::BAD_REQUEST, format!("n={v:?}: a count > 0")),
+            },
+            _ => {}
+        }
+    }
+    let bans = state.policy.bans();
+    let now = now_ms();
+    let row = |key: (&str, String), ip: IpAddr, c: &Counts| {
+        let refusals: serde_json::Map<String, serde_json::Value> = c
+            .refusals
+            .iter()
+            .map(|(why, n)| (why.to_string(), (*n).into()))
+            .collect();
+        let ban = bans.find(ip).map(|b| {
+            serde_json::json!({
+                "address": b.address(),
+                "source": b.source.name(),
+                "expires_in": b.expires.saturating_sub(now).div_ceil(1000),
+            })
+        });
+        serde_json::json!({
+            key.0: key.1,
+            "open": c.open,
+            "sessions": c.sessions,
+            "messages": c.messages,
+            "recipients": c.recipients,
+            "refusals": refusals,
+            "refusals_total": c.refusals_total(),
+            "ban": ban,
+        })
+    };
+    let (addrs, prefixes) = state.top.read(by, n);
+    let (tracked_addrs, tracked_prefixes) = state.top.tracked();
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "window": WINDOW_SECS,
+            "by": format!("{by:?}").to_lowercase(),
+            "tracked": { "addresses": tracked_addrs, "prefixes": tracked_prefixes },
+            "addresses": addrs.iter().map(|(ip, c)| row(("address", ip.to_string()), *ip, c)).collect::<Vec<_>>(),
+            "prefixes": prefixes.iter().map(|(net, c)| row(("prefix", net.to_string()), net.addr(), c)).collect::<Vec<_>>(),
+        }),
+    )
 }
 
 /// `POST /reload`.
@@ -302,7 +373,7 @@ impl AdminCtl {
             return;
         };
         if let Ok(a) = listener.local_addr() {
-            tracing::info!(address = %a, "admin listening (/metrics, /livez, /readyz, /bans, POST /reload)");
+            tracing::info!(address = %a, "admin listening (/metrics, /livez, /readyz, /bans, /top, POST /reload)");
         }
         let (tx, rx) = watch::channel(false);
         tokio::spawn(serve(listener, state, rx));

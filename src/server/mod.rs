@@ -110,15 +110,18 @@ fn admit(
                 m.connections_accepted.inc();
                 m.sessions_active.inc();
                 let t0 = std::time::Instant::now();
+                let open = shared.top.open(peer.ip());
                 let destination = proxied.map(|(_, d)| d);
                 session::handle(stream, peer, destination, shared, listener, pol, span).await;
                 m.session_duration.observe(t0.elapsed().as_secs_f64());
                 m.sessions_active.dec();
+                drop(open);
                 drop(done);
             });
         }
         Err(v) => {
             shared.metrics.refused(v.check.name());
+            shared.top.refused_at_accept(peer.ip(), v.check.name());
             session::record_refusal(&span, &v);
             refuse(stream, &v)
         }
@@ -278,6 +281,12 @@ impl Server {
             backends.clone(),
         ));
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let l = &cfg.policy.limits;
+        let top = Arc::new(crate::telemetry::top::Top::new(
+            cfg.telemetry.top_size,
+            l.ipv4_prefix,
+            l.ipv6_prefix,
+        ));
         Ok(Server {
             listeners,
             admin,
@@ -287,6 +296,7 @@ impl Server {
                 tls,
                 policy,
                 metrics,
+                top,
                 shutdown: shutdown_rx,
             })),
             stats,
@@ -364,6 +374,7 @@ impl Server {
                 backends: shared.backends.clone(),
                 draining: draining.clone(),
                 policy: shared.policy.clone(),
+                top: shared.top.clone(),
                 write_from: Arc::new(arc_swap::ArcSwap::from_pointee(
                     shared
                         .cfg

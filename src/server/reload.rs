@@ -158,6 +158,7 @@ impl Reloader {
             tls,
             policy: old.policy.clone(),
             metrics: old.metrics.clone(),
+            top: old.top.clone(),
             shutdown: old.shutdown.clone(),
         }));
         info!(applied = %applied.join(", "), "reload: applied to new connections");

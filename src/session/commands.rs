@@ -8,7 +8,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tracing::{Instrument, Span};
 
-use super::span::{record_end, record_verdict, transaction_span};
+use super::span::{record_end, transaction_span};
 use super::{room_for_commands, Owed, Session, Step};
 use crate::config::TlsMode;
 use crate::relay::client::ClientIdentity;
@@ -95,7 +95,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     fn check_bad(&mut self) -> Step {
         if let Some(v) = self.over_budget.take() {
-            record_verdict(&Span::current(), v.code, &v);
+            self.verdict_given(v.code, &v);
             self.reply(v.code, v.enh, &v.text);
             return Step::Close;
         }
@@ -141,7 +141,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Command::Ehlo(name) => self.ehlo(name, true).await,
             Command::Helo(name) => self.ehlo(name, false).await,
             Command::Mail { from, params } => self.mail(from, params).await,
-            Command::Rcpt { to } => self.rcpt(to).await,
+            Command::Rcpt { to } => {
+                self.shared.top.recipient(self.peer.ip());
+                self.rcpt(to).await
+            }
             Command::Data if self.st.chunking.is_some() => self.bad(
                 503,
                 "5.5.1",
@@ -426,6 +429,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.resolve().await;
         self.st.rcpts_sent += 1;
         self.shared.metrics.recipients_unknown_cached.inc();
+        self.shared.top.refusal(self.peer.ip(), "recipient_refused");
         if let Some(v) = self.pol.rcpt_refused(&reply) {
             self.over_budget.get_or_insert(Box::new(v));
         }

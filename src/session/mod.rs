@@ -72,6 +72,8 @@ pub struct Shared {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub policy: Arc<Policy>,
     pub metrics: Arc<crate::telemetry::metrics::Metrics>,
+    /// Who is sending (`/top`), kept across reloads.
+    pub top: Arc<crate::telemetry::top::Top>,
     pub shutdown: watch::Receiver<bool>,
 }
 
@@ -397,10 +399,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.reply(code, enh, text);
     }
 
+    /// An enforced verdict, now the client's reply: on the span (its
+    /// trace kept) and in `/top` under its check's name.
+    fn verdict_given(&self, code: u16, v: &Verdict) {
+        record_verdict(&Span::current(), code, v);
+        self.shared.top.refusal(self.peer.ip(), v.check.name());
+    }
+
     /// A bad command: counted for `max_bad_commands` and against the
     /// `bad_commands` budget.
     fn count_bad(&mut self) {
         self.st.bad += 1;
+        self.shared.top.refusal(self.peer.ip(), "bad_command");
         if let Some(v) = self.pol.bad_command() {
             self.over_budget.get_or_insert(Box::new(v));
         }
@@ -461,7 +471,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.tarpit().await;
         let (code, enh) = v.at_connect();
         // The current span is the session's: its future is instrumented.
-        record_verdict(&Span::current(), code, v);
+        self.verdict_given(code, v);
         self.reply(code, enh, &v.text);
     }
 
@@ -469,7 +479,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// (after the tarpit pause); it counts as an error.
     async fn policy_reply(&mut self, v: &Verdict) {
         self.tarpit().await;
-        record_verdict(&Span::current(), v.code, v);
+        self.verdict_given(v.code, v);
         // An error for max_bad_commands, not a bad command for the budget.
         self.st.bad += 1;
         self.reply(v.code, v.enh, &v.text);
@@ -558,6 +568,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Some(Owed::Mail) => mail_failed |= !reply.is_positive(),
                 Some(Owed::Rcpt) if reply.is_positive() => self.st.rcpts_ok += 1,
                 Some(Owed::Rcpt) => {
+                    self.shared.top.refusal(self.peer.ip(), "recipient_refused");
                     if let Some(v) = self.pol.rcpt_refused(&reply) {
                         self.over_budget.get_or_insert(Box::new(v));
                     }
@@ -661,6 +672,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         reply.write_to(&mut self.out);
                         cmd_deadline = tokio::time::Instant::now() + cmd_timeout;
                         self.st.messages += 1;
+                        self.shared.top.message(self.peer.ip());
                         self.end_txn();
                         if *self.shutdown.borrow() {
                             self.reply(421, "4.3.2", "Service shutting down, closing connection");
@@ -682,7 +694,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if let Some(v) = self.over_budget.take() {
                 // A budget went over in those replies: the address is
                 // banned; this session ends now.
-                record_verdict(&Span::current(), v.code, &v);
+                self.verdict_given(v.code, &v);
                 self.reply(v.code, v.enh, &v.text);
                 self.flush().await;
                 return Outcome::Closed;
@@ -774,6 +786,7 @@ mod size_probe {
                 tls: None,
                 policy,
                 metrics,
+                top: std::sync::Arc::new(crate::telemetry::top::Top::new(10, 24, 64)),
                 shutdown: rx,
             });
             let listener = super::Listener {

@@ -98,6 +98,7 @@ pub mod metrics;
 mod otlp;
 pub mod settings;
 mod span;
+pub mod top;
 
 pub use otlp::failed_spans;
 use span::EXPORTING;

@@ -18,6 +18,8 @@ pub struct TelemetryConfig {
     pub record_addresses: bool,
     /// Most spans waiting for export; past it spans are dropped and counted.
     pub export_queue: usize,
+    /// Addresses (and as many prefixes) `/top` tracks; 0 = off.
+    pub top_size: u64,
 }
 
 impl Default for TelemetryConfig {
@@ -30,6 +32,7 @@ impl Default for TelemetryConfig {
             log_format: LogFormat::Text,
             record_addresses: false,
             export_queue: 8192,
+            top_size: 10_000,
         }
     }
 }

@@ -1,0 +1,350 @@
+//! Who is sending right now, for `GET /top` and `smtp-edge top`: per client
+//! address and per network prefix, over the last minute, the sessions
+//! open and begun, messages, recipients and refusals by reason.
+//!
+//! # Bounded under a flood
+//! Each view (addresses, prefixes) is a moka cache of at most `top_size`
+//! entries. Its admission policy (TinyLFU: a new key must have been seen
+//! more often than the entry it would evict, by a frequency sketch of a
+//! few bytes per slot) keeps the heavy hitters and turns one-shot keys
+//! away, so a flood of a million distinct addresses costs the sketch and
+//! `top_size` entries, no more (RSS measured in loadtest/RESULTS.md), and
+//! the busy senders stay in view. Entries idle for a minute expire.
+//!
+//! # The window
+//! Counts go into six 10-second slots per entry, each stamped with its
+//! epoch (Unix time / 10): a slot of an older epoch is reset when written
+//! and ignored when read, so a read sums the last 50 to 60 seconds.
+//!
+//! A leaf like the rest of `telemetry`: keyed by `IpAddr`, fed by the
+//! session and the accept loop, read by the admin server, which adds the
+//! ban state.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ipnet::IpNet;
+
+const SLOTS: usize = 6;
+const SLOT_SECS: u64 = 10;
+/// The window a read covers, in seconds.
+pub const WINDOW_SECS: u64 = SLOTS as u64 * SLOT_SECS;
+
+#[derive(Default, Clone)]
+struct Slot {
+    epoch: u64,
+    sessions: u32,
+    messages: u32,
+    recipients: u32,
+    /// By reason (a policy check's name, `bad_command`,
+    /// `recipient_refused`): a handful at most.
+    refusals: Vec<(&'static str, u32)>,
+}
+
+/// One address's or prefix's activity.
+#[derive(Default)]
+pub struct Activity {
+    open: AtomicI64,
+    slots: Mutex<[Slot; SLOTS]>,
+}
+
+/// What a read of one entry gives.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub open: i64,
+    pub sessions: u64,
+    pub messages: u64,
+    pub recipients: u64,
+    pub refusals: Vec<(&'static str, u64)>,
+}
+
+impl Counts {
+    pub fn refusals_total(&self) -> u64 {
+        self.refusals.iter().map(|r| r.1).sum()
+    }
+}
+
+fn epoch() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / SLOT_SECS)
+}
+
+impl Activity {
+    fn with(&self, f: impl FnOnce(&mut Slot)) {
+        let e = epoch();
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let s = &mut slots[(e % SLOTS as u64) as usize];
+        if s.epoch != e {
+            *s = Slot {
+                epoch: e,
+                refusals: std::mem::take(&mut s.refusals),
+                ..Slot::default()
+            };
+            s.refusals.clear();
+        }
+        f(s);
+    }
+
+    fn counts(&self) -> Counts {
+        let e = epoch();
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = Counts {
+            open: self.open.load(Ordering::Relaxed).max(0),
+            ..Counts::default()
+        };
+        for s in slots
+            .iter()
+            .filter(|s| s.epoch + (SLOTS as u64) > e && s.epoch <= e)
+        {
+            c.sessions += u64::from(s.sessions);
+            c.messages += u64::from(s.messages);
+            c.recipients += u64::from(s.recipients);
+            for &(why, n) in &s.refusals {
+                match c.refusals.iter_mut().find(|r| r.0 == why) {
+                    Some(r) => r.1 += u64::from(n),
+                    None => c.refusals.push((why, u64::from(n))),
+                }
+            }
+        }
+        c.refusals.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        c
+    }
+}
+
+/// The two views; `None` inside when `top_size = 0` (off).
+pub struct Top {
+    views: Option<(Cache, Cache)>,
+    v4_prefix: u8,
+    v6_prefix: u8,
+}
+
+type Cache = moka::sync::Cache<IpAddr, Arc<Activity>>;
+
+/// A read: the busiest addresses, and the busiest prefixes.
+pub type Ranking = (Vec<(IpAddr, Counts)>, Vec<(IpNet, Counts)>);
+
+/// A session's place in the view: its open count is given back on drop.
+pub struct Open(Option<(Arc<Activity>, Arc<Activity>)>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if let Some((a, p)) = self.0.take() {
+            a.open.fetch_sub(1, Ordering::Relaxed);
+            p.open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// What to sort a read by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum By {
+    Sessions,
+    Messages,
+    Recipients,
+    Refusals,
+}
+
+impl By {
+    pub fn parse(s: &str) -> Option<By> {
+        Some(match s {
+            "sessions" => By::Sessions,
+            "messages" => By::Messages,
+            "recipients" => By::Recipients,
+            "refusals" => By::Refusals,
+            _ => return None,
+        })
+    }
+
+    fn key(self, c: &Counts) -> (u64, i64) {
+        let v = match self {
+            By::Sessions => c.sessions,
+            By::Messages => c.messages,
+            By::Recipients => c.recipients,
+            By::Refusals => c.refusals_total(),
+        };
+        (v, c.open)
+    }
+}
+
+impl Top {
+    /// `size` entries per view (0 = off); prefixes of `v4` / `v6` bits.
+    pub fn new(size: u64, v4: u8, v6: u8) -> Top {
+        let cache = || {
+            moka::sync::Cache::builder()
+                .max_capacity(size)
+                .time_to_idle(Duration::from_secs(WINDOW_SECS))
+                .build()
+        };
+        Top {
+            views: (size > 0).then(|| (cache(), cache())),
+            v4_prefix: v4.min(32),
+            v6_prefix: v6.min(128),
+        }
+    }
+
+    /// The client's prefix as the limits count it.
+    pub fn prefix(&self, ip: IpAddr) -> IpNet {
+        let ip = ip.to_canonical();
+        let len = match ip {
+            IpAddr::V4(_) => self.v4_prefix,
+            IpAddr::V6(_) => self.v6_prefix,
+        };
+        IpNet::new(ip, len).map_or(IpNet::from(ip), |n| n.trunc())
+    }
+
+    fn both(&self, ip: IpAddr, f: impl Fn(&Activity)) {
+        if let Some((a, p)) = &self.views {
+            let ip = ip.to_canonical();
+            f(&a.get_with(ip, Arc::default));
+            f(&p.get_with(self.prefix(ip).addr(), Arc::default));
+        }
+    }
+
+    /// A session begins: counted, and open until the guard drops.
+    pub fn open(&self, ip: IpAddr) -> Open {
+        let Some((a, p)) = &self.views else {
+            return Open(None);
+        };
+        let ip = ip.to_canonical();
+        let (a, p) = (
+            a.get_with(ip, Arc::default),
+            p.get_with(self.prefix(ip).addr(), Arc::default),
+        );
+        for x in [&a, &p] {
+            x.open.fetch_add(1, Ordering::Relaxed);
+            x.with(|s| s.sessions += 1);
+        }
+        Open(Some((a, p)))
+    }
+
+    /// A connection refused at accept: a session begun and refused.
+    pub fn refused_at_accept(&self, ip: IpAddr, why: &'static str) {
+        self.both(ip, |x| {
+            x.with(|s| {
+                s.sessions += 1;
+                count(s, why);
+            })
+        });
+    }
+
+    pub fn message(&self, ip: IpAddr) {
+        self.both(ip, |x| x.with(|s| s.messages += 1));
+    }
+
+    pub fn recipient(&self, ip: IpAddr) {
+        self.both(ip, |x| x.with(|s| s.recipients += 1));
+    }
+
+    pub fn refusal(&self, ip: IpAddr, why: &'static str) {
+        self.both(ip, |x| x.with(|s| count(s, why)));
+    }
+
+    /// The `n` busiest addresses and prefixes by `by` (most first): each
+    /// address (or network) with its counts.
+    pub fn read(&self, by: By, n: usize) -> Ranking {
+        let Some((a, p)) = &self.views else {
+            return (Vec::new(), Vec::new());
+        };
+        let pick = |c: &Cache| {
+            let mut v: Vec<(IpAddr, Counts)> = c
+                .iter()
+                .map(|(k, x)| (*k, x.counts()))
+                .filter(|(_, c)| c.open > 0 || c.sessions > 0 || c.refusals_total() > 0)
+                .collect();
+            v.sort_by(|x, y| by.key(&y.1).cmp(&by.key(&x.1)).then(x.0.cmp(&y.0)));
+            v.truncate(n);
+            v
+        };
+        let prefixes = pick(p)
+            .into_iter()
+            .map(|(ip, c)| (self.prefix(ip), c))
+            .collect();
+        (pick(a), prefixes)
+    }
+
+    /// Entries held (addresses, prefixes).
+    pub fn tracked(&self) -> (u64, u64) {
+        match &self.views {
+            Some((a, p)) => {
+                a.run_pending_tasks();
+                p.run_pending_tasks();
+                (a.entry_count(), p.entry_count())
+            }
+            None => (0, 0),
+        }
+    }
+}
+
+fn count(s: &mut Slot, why: &'static str) {
+    match s.refusals.iter_mut().find(|r| r.0 == why) {
+        Some(r) => r.1 = r.1.saturating_add(1),
+        None => s.refusals.push((why, 1)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn counts_per_address_and_prefix() {
+        let t = Top::new(100, 24, 64);
+        let a = t.open(ip("192.0.2.7"));
+        let _b = t.open(ip("::ffff:192.0.2.8"));
+        t.message(ip("192.0.2.7"));
+        t.recipient(ip("192.0.2.7"));
+        t.recipient(ip("192.0.2.7"));
+        t.refusal(ip("192.0.2.7"), "recipient_refused");
+        t.refused_at_accept(ip("192.0.2.9"), "ban");
+        let (addrs, prefixes) = t.read(By::Recipients, 10);
+        assert_eq!(addrs[0].0, ip("192.0.2.7"));
+        assert_eq!(
+            addrs[0].1,
+            Counts {
+                open: 1,
+                sessions: 1,
+                messages: 1,
+                recipients: 2,
+                refusals: vec![("recipient_refused", 1)],
+            }
+        );
+        assert_eq!(addrs.len(), 3);
+        assert_eq!(prefixes.len(), 1);
+        assert_eq!(prefixes[0].0.to_string(), "192.0.2.0/24");
+        assert_eq!(prefixes[0].1.sessions, 3);
+        assert_eq!(prefixes[0].1.open, 2);
+        assert_eq!(prefixes[0].1.refusals_total(), 2);
+        drop(a);
+        let (addrs, _) = t.read(By::Refusals, 1);
+        assert_eq!(addrs.len(), 1);
+        assert_eq!(addrs[0].1.open, 0);
+        let off = Top::new(0, 24, 64);
+        let _o = off.open(ip("192.0.2.7"));
+        assert_eq!(off.read(By::Sessions, 10).0.len(), 0);
+    }
+
+    #[test]
+    fn a_flood_of_distinct_addresses_stays_bounded_and_keeps_the_heavy() {
+        let t = Top::new(1000, 24, 64);
+        // A sender busy during the flood (one session in 100) stays in
+        // view; the one-shot addresses come and go.
+        for i in 0..200_000u32 {
+            let a = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            drop(t.open(a));
+            if i % 100 == 0 {
+                drop(t.open(ip("198.51.100.1")));
+            }
+        }
+        let (addrs, prefixes) = t.tracked();
+        assert!(addrs <= 1000 && prefixes <= 1000, "{addrs} {prefixes}");
+        let (top, _) = t.read(By::Sessions, 1);
+        assert_eq!(top[0].0, ip("198.51.100.1"), "the heavy hitter stays");
+    }
+}
