@@ -5,6 +5,7 @@
 mod common;
 mod postfix_instance;
 
+use common::redis::Redis;
 use common::*;
 use postfix_instance::Postfix;
 
@@ -233,7 +234,9 @@ print(f"rcpts={tried} refused_at_connect={at_connect} over_budget={over}")
 /// The issue's scene: a real Postfix that knows its users, a dictionary
 /// attack of random recipients from one address. Postfix sees at most the
 /// budget's unknown RCPTs (plus the one that goes over), the address is
-/// banned (refused at connect), and another client keeps delivering.
+/// banned (refused at connect), another client keeps delivering, and a
+/// second instance sharing the bans on Redis refuses the attacker within
+/// 2 s of the ban.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dictionary_attack_reaches_postfix_with_at_most_the_budget() {
     let Some(py) = require_tool("python3") else {
@@ -249,11 +252,18 @@ async fn a_dictionary_attack_reaches_postfix_with_at_most_the_budget() {
     ) else {
         return;
     };
-    let p = Proxy::to_backend(
-        &pf.addr,
-        "[policy.bans.unknown_recipients]\naction = \"reject\"\nper_ip = { count = 20, period = 600 }\nban_for = 3600\n",
-    )
-    .await;
+    // Two instances sharing their bans on one Redis.
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let shield = format!(
+        "[policy.bans]\nstore = \"redis\"\n\
+         [policy.bans.unknown_recipients]\naction = \"reject\"\nper_ip = {{ count = 20, period = 600 }}\nban_for = 3600\n\
+         [policy.limits.redis]\nurl = \"{}\"\n",
+        redis.url()
+    );
+    let p = Proxy::to_backend(&pf.addr, &shield).await;
+    let other = Proxy::to_backend(&pf.addr, &shield).await;
     let port = p.addr.port().to_string();
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(py)
@@ -292,4 +302,19 @@ async fn a_dictionary_attack_reaches_postfix_with_at_most_the_budget() {
     let bans = p.policy.bans().list();
     assert_eq!(bans.len(), 1);
     assert_eq!(bans[0].address(), "127.0.0.150");
+    // The second instance refuses the attacker at connect within 2 s of
+    // the ban.
+    let banned_at = bans[0].created;
+    loop {
+        let mut c = Raw::connect_from("127.0.0.150".parse().unwrap(), other.addr).await;
+        let g = c.reply().await;
+        let lag = smtp_edge::policy::bans::now_ms() - banned_at;
+        if g.code == 421 {
+            assert!(g.text.ends_with("(unknown_recipients)"), "{g:?}");
+            assert!(lag <= 2000, "refused {lag} ms after the ban");
+            break;
+        }
+        assert!(lag < 2000, "not refused by the other instance: {g:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
