@@ -112,9 +112,13 @@ pub struct RunArgs {
     #[arg(long, default_value = "sender@example.com")]
     pub from: String,
     /// Envelope recipient; "{n}" is replaced by the recipient's index, or
-    /// with --rcpts > 1 the index goes before the '@'.
+    /// with --rcpts > 1 the index goes before the '@'; "{seq}" by a number
+    /// unique per recipient across the run (never repeated).
     #[arg(long, default_value = "rcpt@example.org")]
     pub to: String,
+    /// The first number "{seq}" takes (then one more per recipient).
+    #[arg(long, default_value_t = 1)]
+    pub seq_start: u64,
     /// Source addresses to rotate through, e.g. 127.0.0.2-127.0.0.20 (or a list).
     #[arg(long)]
     pub bind: Option<String>,
@@ -196,6 +200,10 @@ pub struct SinkArgs {
     /// Name in the greeting and EHLO reply.
     #[arg(long, default_value = "sink.smtp-load.invalid")]
     pub hostname: String,
+    /// Refuse a recipient whose address starts with this (ASCII case
+    /// ignored) as an unknown user: 550 5.1.1, counted in rcpts_unknown.
+    #[arg(long)]
+    pub unknown_prefix: Option<String>,
     /// Close connections idle for this many seconds.
     #[arg(long, default_value_t = 300.0)]
     pub idle_timeout: f64,
@@ -374,6 +382,7 @@ impl RunArgs {
         c.helo = self.helo.clone();
         c.from = self.from.clone();
         c.to = self.to.clone();
+        c.seq_start = self.seq_start;
         c.bind = self.bind.clone();
         c.rate = self.rate;
         c.max_inflight = self.max_inflight;
@@ -396,6 +405,7 @@ impl SinkArgs {
         c.hostname = self.hostname.clone();
         c.xclient = self.xclient;
         c.max_messages = self.messages;
+        c.unknown_prefix = self.unknown_prefix.clone().filter(|p| !p.is_empty());
         c.idle_timeout = secs(self.idle_timeout, "--idle-timeout")?.max(Duration::from_millis(1));
         if self.tls {
             c.tls = Some(match (&self.tls_cert, &self.tls_key) {
@@ -485,6 +495,9 @@ mod tests {
         assert!(run_args(&["-c", "0"]).is_err());
         assert!(run_args(&["--rate", "-1"]).is_err());
         assert!(run_args(&["--from", "a>b"]).is_err());
+        let c = run_args(&["--to", "nouser{seq}@x.org", "--seq-start", "1000"]).unwrap();
+        assert_eq!((c.to.as_str(), c.seq_start), ("nouser{seq}@x.org", 1000));
+        assert_eq!(run_args(&[]).unwrap().seq_start, 1);
         let c = run_args(&[
             "--outcomes",
             "o.tsv",
@@ -499,6 +512,21 @@ mod tests {
         assert!(run_args(&["--faults", "f.txt"]).is_err());
         assert!(run_args(&["--id-prefix", "x"]).is_err());
         assert!(run_args(&["--outcomes", "o", "--id-prefix", "a b"]).is_err());
+    }
+
+    #[test]
+    fn sink_flags() {
+        let parse = |args: &[&str]| {
+            let mut v = vec!["smtp-load", "sink"];
+            v.extend_from_slice(args);
+            match Cli::try_parse_from(v).unwrap().cmd {
+                Cmd::Sink(a) => a.to_config().unwrap(),
+                _ => unreachable!(),
+            }
+        };
+        assert_eq!(parse(&[]).unknown_prefix, None);
+        let c = parse(&["--unknown-prefix", "nouser", "--json"]);
+        assert_eq!(c.unknown_prefix.as_deref(), Some("nouser"));
     }
 
     #[test]

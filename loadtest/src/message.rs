@@ -2,6 +2,7 @@
 //! size (headers + 76-character CRLF lines, no line starting with '.'), and the
 //! pre-built SMTP command bytes for a transaction.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Length of a body line's text, before its CRLF.
@@ -126,19 +127,89 @@ pub fn generate_content(size: usize, from: &str, to: &str) -> Vec<u8> {
     out
 }
 
+/// The placeholder for a number unique per recipient across a whole run.
+pub const SEQ: &str = "{seq}";
+
 /// Address of recipient `i` (1-based) out of `n`: a `{n}` in the pattern is
 /// replaced by the index; without one, and with more than one recipient, the
-/// index goes before the '@' (`rcpt@example.org` → `rcpt1@example.org`, …).
+/// index goes before the '@' (`rcpt@example.org` → `rcpt1@example.org`, …),
+/// unless the pattern has a `{seq}` (left in place, see [`with_seq`]): every
+/// recipient is then distinct already.
 pub fn recipient(pattern: &str, i: usize, n: usize) -> String {
     if pattern.contains("{n}") {
         return pattern.replace("{n}", &i.to_string());
     }
-    if n <= 1 {
+    if n <= 1 || pattern.contains(SEQ) {
         return pattern.to_string();
     }
     match pattern.rfind('@') {
         Some(at) => format!("{}{}{}", &pattern[..at], i, &pattern[at..]),
         None => format!("{pattern}{i}"),
+    }
+}
+
+/// An address with its `{seq}` replaced by `seq`.
+pub fn with_seq(address: &str, seq: u64) -> String {
+    address.replace(SEQ, &seq.to_string())
+}
+
+/// The run's `{seq}` counter: every recipient that takes a number gets the
+/// next one, whichever connection sends it, so no address repeats within a
+/// run (a dictionary attack's fresh addresses).
+#[derive(Debug)]
+pub struct Seq(AtomicU64);
+
+impl Seq {
+    pub fn new(first: u64) -> Seq {
+        Seq(AtomicU64::new(first))
+    }
+
+    pub fn next(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// One message's MAIL, RCPTs and DATA with fresh `{seq}` numbers, built
+/// anew per message (with a `{seq}` recipient pattern only; otherwise the
+/// template's bytes, built once, go out). The buffers are reused.
+#[derive(Debug, Default)]
+pub struct Envelope {
+    /// MAIL + RCPTs + DATA, as pipelined.
+    block: Vec<u8>,
+    /// Where the MAIL line ends in `block`.
+    mail_end: usize,
+    /// One `RCPT TO:<..>\r\n` per recipient.
+    rcpts: Vec<Vec<u8>>,
+}
+
+impl Envelope {
+    /// Fills in `mail` (the MAIL line, with or without SIZE) and one RCPT
+    /// per address of `addresses`, each `{seq}` from `seq`.
+    pub fn fill(&mut self, mail: &[u8], addresses: &[String], seq: &Seq) {
+        use std::io::Write;
+        self.block.clear();
+        self.block.extend_from_slice(mail);
+        self.mail_end = mail.len();
+        self.rcpts.resize_with(addresses.len(), Vec::new);
+        for (r, a) in self.rcpts.iter_mut().zip(addresses) {
+            r.clear();
+            let _ = write!(r, "RCPT TO:<{}>\r\n", with_seq(a, seq.next()));
+            self.block.extend_from_slice(r);
+        }
+        self.block.extend_from_slice(b"DATA\r\n");
+    }
+
+    pub fn mail(&self) -> &[u8] {
+        &self.block[..self.mail_end]
+    }
+
+    pub fn rcpts(&self) -> &[Vec<u8>] {
+        &self.rcpts
+    }
+
+    /// MAIL + RCPTs + DATA in one buffer.
+    pub fn pipelined(&self) -> &[u8] {
+        &self.block
     }
 }
 
@@ -167,6 +238,10 @@ pub struct MessagePlan {
     pub dist: SizeDist,
     pub templates: Vec<MessageTemplate>,
     pub rcpts: usize,
+    /// With a `{seq}` in the recipient pattern: the recipients' addresses,
+    /// `{seq}` still in them, for an [`Envelope`] per message (the
+    /// templates' RCPT bytes are then not sent).
+    pub seq_rcpts: Option<Vec<String>>,
 }
 
 impl MessagePlan {
@@ -213,6 +288,7 @@ impl MessagePlan {
             dist,
             templates,
             rcpts,
+            seq_rcpts: to.contains(SEQ).then_some(rcpt_addrs),
         }
     }
 }
@@ -277,6 +353,50 @@ mod tests {
         assert_eq!(recipient("rcpt@example.org", 1, 1), "rcpt@example.org");
         assert_eq!(recipient("rcpt@example.org", 2, 3), "rcpt2@example.org");
         assert_eq!(recipient("u{n}@x.org", 1, 1), "u1@x.org");
+        // {seq} stays for the send; no index is added next to it.
+        assert_eq!(recipient("nouser{seq}@x.org", 2, 3), "nouser{seq}@x.org");
+        assert_eq!(recipient("u{n}.{seq}@x.org", 2, 3), "u2.{seq}@x.org");
+        assert_eq!(with_seq("u2.{seq}@x.org", 17), "u2.17@x.org");
+    }
+
+    #[test]
+    fn seq_recipients_never_repeat() {
+        let p = MessagePlan::new(SizeDist::fixed(1000), "s@x.org", "nouser{seq}@y.org", 3);
+        let addrs = p.seq_rcpts.as_deref().unwrap();
+        assert_eq!(addrs, ["nouser{seq}@y.org"; 3]);
+        assert!(
+            MessagePlan::new(SizeDist::fixed(1000), "s@x.org", "u{n}@y.org", 3)
+                .seq_rcpts
+                .is_none()
+        );
+        let seq = Seq::new(1);
+        let mut e = Envelope::default();
+        e.fill(b"MAIL FROM:<s@x.org>\r\n", addrs, &seq);
+        assert_eq!(
+            e.pipelined(),
+            b"MAIL FROM:<s@x.org>\r\nRCPT TO:<nouser1@y.org>\r\nRCPT TO:<nouser2@y.org>\r\n\
+              RCPT TO:<nouser3@y.org>\r\nDATA\r\n"
+        );
+        assert_eq!(e.mail(), b"MAIL FROM:<s@x.org>\r\n");
+        assert_eq!(e.rcpts()[1], b"RCPT TO:<nouser2@y.org>\r\n");
+        // The buffers are reused: the next message continues the count.
+        e.fill(b"MAIL FROM:<s@x.org> SIZE=9\r\n", &addrs[..2], &seq);
+        assert_eq!(e.rcpts().len(), 2);
+        assert_eq!(e.rcpts()[0], b"RCPT TO:<nouser4@y.org>\r\n");
+        assert!(e.pipelined().ends_with(b"<nouser5@y.org>\r\nDATA\r\n"));
+        // Shared by concurrent senders: every number once.
+        let seq = Arc::new(Seq::new(1));
+        let got: Vec<u64> = (0..4)
+            .map(|_| {
+                let seq = seq.clone();
+                std::thread::spawn(move || (0..1000).map(|_| seq.next()).collect::<Vec<_>>())
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        let distinct: std::collections::HashSet<u64> = got.iter().copied().collect();
+        assert_eq!((got.len(), distinct.len()), (4000, 4000));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, Mutex};
 
 use crate::chart::Timeline;
 use crate::conn::{Caps, Conn, Error, ErrorKind, TlsClient};
-use crate::message::{MessagePlan, MessageTemplate, SizeDist, SplitMix64};
+use crate::message::{Envelope, MessagePlan, MessageTemplate, Seq, SizeDist, SplitMix64};
 use crate::net::BindPool;
 use crate::outcome::{stamped, Decision, Ids};
 use crate::procstat::UsageStart;
@@ -53,6 +53,8 @@ pub struct RunConfig {
     pub helo: String,
     pub from: String,
     pub to: String,
+    /// The first number a `{seq}` in `to` takes (then +1 per recipient).
+    pub seq_start: u64,
     /// Source addresses (`--bind`), empty for none.
     pub bind: Option<String>,
     /// Open loop: arrivals per second.
@@ -100,6 +102,7 @@ impl RunConfig {
             helo: "loadgen.example.com".into(),
             from: "sender@example.com".into(),
             to: "rcpt@example.org".into(),
+            seq_start: 1,
             bind: None,
             rate: None,
             max_inflight: 1000,
@@ -175,6 +178,8 @@ struct Shared {
     claimed: AtomicU64,
     warmup_msgs: AtomicU64,
     dropped: AtomicU64,
+    /// The `{seq}` numbers of the recipients.
+    seq: Seq,
     measure_start: Instant,
     deadline: Option<Instant>,
     stop: Arc<AtomicBool>,
@@ -234,6 +239,8 @@ struct Session {
     msgs: u64,
     /// When its connect started (for the first transaction's latency).
     connect_start: Instant,
+    /// With `{seq}` recipients: the message's commands, built per message.
+    env: Envelope,
 }
 
 /// How one message ended.
@@ -311,6 +318,7 @@ pub async fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<Report, String
         claimed: AtomicU64::new(0),
         warmup_msgs: AtomicU64::new(0),
         dropped: AtomicU64::new(0),
+        seq: Seq::new(cfg.seq_start),
         measure_start,
         deadline,
         stop,
@@ -635,6 +643,7 @@ async fn open_session(sh: &Shared, out: &mut Out<'_, '_>) -> Result<Session, Fat
             caps,
             msgs: 0,
             connect_start,
+            env: Envelope::default(),
         }),
         Ok(None) => Err(Fate::Rejected),
         Err(e) => Err(Fate::Failed(e.kind)),
@@ -782,6 +791,21 @@ async fn transaction(
     out: &mut Out<'_, '_>,
 ) -> Result<(Fate, bool), Error> {
     let pipelining = sh.cfg.pipelining && s.caps.pipelining;
+    let mail_line = if s.caps.size {
+        &tmpl.mail_size
+    } else {
+        &tmpl.mail
+    };
+    // The commands: the template's, or with `{seq}` recipients this
+    // message's own.
+    let (mail, rcpts, block): (&[u8], &[Vec<u8>], &[u8]) = match &sh.plan.seq_rcpts {
+        Some(addrs) => {
+            s.env.fill(mail_line, addrs, &sh.seq);
+            (s.env.mail(), s.env.rcpts(), s.env.pipelined())
+        }
+        None if s.caps.size => (&tmpl.mail_size, &tmpl.rcpts, &tmpl.pipelined_size),
+        None => (&tmpl.mail, &tmpl.rcpts, &tmpl.pipelined),
+    };
     let conn = &mut s.conn;
     let mail_start = Instant::now();
     out.decision.reached = Stage::Mail;
@@ -791,18 +815,13 @@ async fn transaction(
     let mut closing = false;
     if pipelining {
         out.t.pipelined += 1;
-        conn.write_all(if s.caps.size {
-            &tmpl.pipelined_size
-        } else {
-            &tmpl.pipelined
-        })
-        .await?;
+        conn.write_all(block).await?;
         // After a 421 the server closes: the replies still due never come.
         let code = conn.read_reply().await?;
         out.code(Stage::Mail, code);
         mail_ok = is_2xx(code);
         closing |= code == 421;
-        for _ in 0..tmpl.rcpts.len() {
+        for _ in 0..rcpts.len() {
             if closing {
                 break;
             }
@@ -817,18 +836,13 @@ async fn transaction(
             rejected_early = code != 354;
         }
     } else {
-        conn.write_all(if s.caps.size {
-            &tmpl.mail_size
-        } else {
-            &tmpl.mail
-        })
-        .await?;
+        conn.write_all(mail).await?;
         let code = conn.read_reply().await?;
         out.code(Stage::Mail, code);
         closing |= code == 421;
         if is_2xx(code) {
             mail_ok = true;
-            for r in &tmpl.rcpts {
+            for r in rcpts {
                 conn.write_all(r).await?;
                 let code = conn.read_reply().await?;
                 out.code(Stage::Rcpt, code);
@@ -914,4 +928,141 @@ async fn transaction(
         return Ok((fate, false));
     }
     Ok((fate, code != 421))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::{SinkConfig, SinkServer};
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    fn config(target: SocketAddr, messages: u64, per_conn: u64) -> RunConfig {
+        let mut c = RunConfig::new(target);
+        c.messages = Some(messages);
+        c.connections = 3;
+        c.messages_per_conn = per_conn;
+        c.timeout = Duration::from_secs(5);
+        c
+    }
+
+    async fn go(c: RunConfig) -> Report {
+        run(c, Arc::new(AtomicBool::new(false))).await.unwrap()
+    }
+
+    fn code(r: &Report, stage: &str, code: &str) -> u64 {
+        r.replies[stage].get(code).copied().unwrap_or(0)
+    }
+
+    /// `{seq}` recipients against a sink that refuses them as unknown: every
+    /// RCPT a new address, all refused, counted on both sides; the run goes
+    /// on after each refused message (RSET), pipelined and in lockstep.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn seq_recipients_refused_as_unknown() {
+        let mut sc = SinkConfig::new("127.0.0.1:0".parse().unwrap());
+        sc.unknown_prefix = Some("NoUser".into());
+        let s = SinkServer::start(sc).await.unwrap();
+        for (pipelining, per_conn) in [(true, 1), (false, 0)] {
+            let mut c = config(s.local_addr(), 30, per_conn);
+            c.pipelining = pipelining;
+            c.rcpts = 4;
+            c.to = "nouser{seq}@example.org".into();
+            c.seq_start = if pipelining { 1 } else { 1001 };
+            let r = go(c).await;
+            assert_eq!((r.messages.attempted, r.messages.rejected), (30, 30));
+            assert_eq!(code(&r, "rcpt", "550"), 120, "{}", r.to_table());
+            assert_eq!(code(&r, "mail", "250"), 30);
+            if pipelining {
+                // DATA went out with the batch and was refused.
+                assert_eq!(code(&r, "data", "554"), 30);
+            }
+            assert_eq!(code(&r, "rset", "250"), 30);
+            assert_eq!(r.errors.values().sum::<u64>(), 0, "{}", r.to_table());
+        }
+        let rep = s.report();
+        assert_eq!((rep.rcpts, rep.rcpts_unknown, rep.messages), (240, 240, 0));
+        assert!(rep
+            .to_table()
+            .contains("(240 rcpts, 240 refused as unknown,"));
+        // Known recipients still go through, and are not counted as unknown.
+        let mut c = config(s.local_addr(), 10, 1);
+        c.rcpts = 2;
+        let r = go(c).await;
+        assert!(r.ok, "{}", r.to_table());
+        let rep = s.report();
+        assert_eq!((rep.rcpts, rep.rcpts_unknown, rep.messages), (260, 240, 10));
+    }
+
+    /// A scripted server: each connection gets `greeting`; when that is a
+    /// 220, EHLO gets a reply with PIPELINING and the next command lines get
+    /// `replies` in turn, one per line, until a 421, which closes it.
+    async fn scripted(greeting: &'static str, replies: &'static [&'static str]) -> SocketAddr {
+        use tokio::io::AsyncBufReadExt;
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut s = tokio::io::BufReader::new(s);
+                    let _ = s.write_all(greeting.as_bytes()).await;
+                    if !greeting.starts_with("220") {
+                        return;
+                    }
+                    let mut line = String::new();
+                    let _ = s.read_line(&mut line).await; // EHLO
+                    let _ = s.write_all(b"250-edge\r\n250 PIPELINING\r\n").await;
+                    for r in replies {
+                        line.clear();
+                        if s.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let _ = s.write_all(r.as_bytes()).await;
+                        if r.starts_with("421") {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// The edge's answers to an attacker: 421 at the greeting (banned), or
+    /// 421 after some RCPTs (budget gone over) and the close. Each message
+    /// is a refusal with its code, the run goes on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refused_at_greeting_or_mid_transaction_and_going_on() {
+        let banned = scripted("421 4.7.1 Client host [127.0.0.1] blocked\r\n", &[]).await;
+        let r = go(config(banned, 20, 1)).await;
+        assert!(!r.ok);
+        assert_eq!((r.messages.attempted, r.messages.rejected), (20, 20));
+        assert_eq!(code(&r, "greeting", "421"), 20);
+        assert_eq!(r.connections.opened, 20);
+        assert_eq!(r.errors.values().sum::<u64>(), 0, "{}", r.to_table());
+        let budget = scripted(
+            "220 edge ESMTP\r\n",
+            &[
+                "250 2.1.0 Ok\r\n",
+                "550 5.1.1 <a>: User unknown\r\n",
+                "421 4.7.1 Too many unknown recipients; banned\r\n",
+            ],
+        )
+        .await;
+        for pipelining in [true, false] {
+            let mut c = config(budget, 20, 1);
+            c.rcpts = 5;
+            c.to = "nouser{seq}@example.org".into();
+            c.pipelining = pipelining;
+            let r = go(c).await;
+            assert_eq!(
+                (r.messages.attempted, r.messages.rejected),
+                (20, 20),
+                "{:?}",
+                r.errors
+            );
+            assert_eq!(code(&r, "rcpt", "550"), 20, "{}", r.to_table());
+            assert_eq!(code(&r, "rcpt", "421"), 20);
+            assert_eq!(r.errors.values().sum::<u64>(), 0, "{:?}", r.errors);
+        }
+    }
 }

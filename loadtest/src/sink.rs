@@ -46,6 +46,10 @@ pub struct SinkConfig {
     pub read_buf: usize,
     /// Close connections idle this long.
     pub idle_timeout: Duration,
+    /// Refuse recipients whose address starts with this (ASCII case
+    /// ignored) as unknown users (`550 5.1.1`), as a backend that knows
+    /// its users does.
+    pub unknown_prefix: Option<String>,
 }
 
 impl SinkConfig {
@@ -58,6 +62,7 @@ impl SinkConfig {
             max_messages: None,
             read_buf: 32 * 1024,
             idle_timeout: Duration::from_secs(300),
+            unknown_prefix: None,
         }
     }
 }
@@ -71,7 +76,10 @@ pub struct SinkStats {
     /// The most connections open at once.
     pub peak_active: AtomicU64,
     pub messages: AtomicU64,
+    /// RCPT commands in a transaction, accepted or refused as unknown.
     pub rcpts: AtomicU64,
+    /// Of `rcpts`, those refused as unknown users (`unknown_prefix`).
+    pub rcpts_unknown: AtomicU64,
     pub bytes: AtomicU64,
     pub tls_handshakes: AtomicU64,
     /// Connections ended by an I/O error, a timeout or a failed handshake.
@@ -100,7 +108,11 @@ pub struct SinkReport {
     #[serde(default)]
     pub peak_connections: u64,
     pub messages: u64,
+    /// RCPT commands in a transaction (after MAIL), accepted or refused.
     pub rcpts: u64,
+    /// Of `rcpts`, those refused as unknown users (`--unknown-prefix`).
+    #[serde(default)]
+    pub rcpts_unknown: u64,
     /// DATA bytes received, without the final `.` line.
     pub bytes: u64,
     pub tls_handshakes: u64,
@@ -113,8 +125,13 @@ pub struct SinkReport {
 
 impl SinkReport {
     pub fn to_table(&self) -> String {
+        let unknown = if self.rcpts_unknown > 0 {
+            format!(", {} refused as unknown", self.rcpts_unknown)
+        } else {
+            String::new()
+        };
         format!(
-            "smtp-load sink {}: {} messages ({} rcpts, {} bytes) over {} connections (at most {} at once) in {:.3} s: {:.1} msg/s, {:.2} MB/s; {} TLS handshakes, {} errors\n",
+            "smtp-load sink {}: {} messages ({} rcpts{unknown}, {} bytes) over {} connections (at most {} at once) in {:.3} s: {:.1} msg/s, {:.2} MB/s; {} TLS handshakes, {} errors\n",
             self.listen,
             self.messages,
             self.rcpts,
@@ -243,6 +260,7 @@ impl SinkServer {
             peak_connections: get(&s.peak_active),
             messages,
             rcpts: get(&s.rcpts),
+            rcpts_unknown: get(&s.rcpts_unknown),
             bytes,
             tls_handshakes: get(&s.tls_handshakes),
             errors: get(&s.errors),
@@ -488,9 +506,24 @@ fn command(line: &[u8], ctx: &Ctx, tls: bool, txn: &mut Txn, out: &mut Vec<u8>) 
         }
         b"RCPT" => {
             if txn.mail {
-                txn.rcpts += 1;
                 ctx.stats.rcpts.fetch_add(1, Ordering::Relaxed);
-                out.extend_from_slice(b"250 2.1.5 Ok\r\n");
+                match ctx
+                    .cfg
+                    .unknown_prefix
+                    .as_deref()
+                    .and_then(|p| unknown(line, p))
+                {
+                    Some(addr) => {
+                        ctx.stats.rcpts_unknown.fetch_add(1, Ordering::Relaxed);
+                        out.extend_from_slice(b"550 5.1.1 <");
+                        out.extend_from_slice(addr);
+                        out.extend_from_slice(b">: Recipient address rejected: User unknown\r\n");
+                    }
+                    None => {
+                        txn.rcpts += 1;
+                        out.extend_from_slice(b"250 2.1.5 Ok\r\n");
+                    }
+                }
             } else {
                 out.extend_from_slice(b"503 5.5.1 Error: need MAIL command\r\n");
             }
@@ -535,6 +568,16 @@ fn command(line: &[u8], ctx: &Ctx, tls: bool, txn: &mut Txn, out: &mut Vec<u8>) 
         _ => out.extend_from_slice(b"502 5.5.2 Error: command not recognized\r\n"),
     }
     After::Continue
+}
+
+/// The address of a `RCPT TO:<addr>` line when it starts with `prefix`
+/// (ASCII case ignored).
+fn unknown<'a>(line: &'a [u8], prefix: &str) -> Option<&'a [u8]> {
+    let open = memchr::memchr(b'<', line)?;
+    let rest = &line[open + 1..];
+    let addr = &rest[..memchr::memchr(b'>', rest).unwrap_or(rest.len())];
+    let p = prefix.as_bytes();
+    (addr.len() >= p.len() && addr[..p.len()].eq_ignore_ascii_case(p)).then_some(addr)
 }
 
 /// Finds the end of DATA across reads. `state` is how many bytes of

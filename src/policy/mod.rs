@@ -37,7 +37,7 @@ use ipnet::IpNet;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use self::bans::budget::{Budget, Kind as BudgetKind};
+use self::bans::budget::{Budget, Kind as BudgetKind, Spent};
 use self::bans::{Bans, Source};
 use self::dns::{Dns, DnsblResult, Rdns, Resolves};
 use self::helo::HeloName;
@@ -475,10 +475,15 @@ impl Generation {
                 "bad commands",
             ),
         };
-        if !budget.spend(ip) {
-            return None;
-        }
+        let spent = budget.spend(ip);
         let c = &budget.cfg;
+        // Observed: logged and counted once per window; enforced: every
+        // event past the budget ends its session and (re)bans the address.
+        match (spent, c.action) {
+            (Spent::Within, _) => return None,
+            (Spent::Over, Action::Observe) => return None,
+            _ => {}
+        }
         let v = self.verdict(
             ip,
             check,
@@ -490,8 +495,9 @@ impl Generation {
                 c.ban_for.round()
             ),
         )?;
-        if v.enforce {
-            budget.forget(ip);
+        // An address already banned (a session open before its ban) is
+        // not banned again: its session ends.
+        if v.enforce && (spent == Spent::Crossed || self.bans.find(ip).is_none()) {
             let reason = format!("over {} {what} in {} s", c.per_ip.count, c.per_ip.period);
             let ttl = Duration::from_secs_f64(c.ban_for);
             let _ = self.bans.add(IpNet::from(ip), ttl, source, &reason);
@@ -687,6 +693,18 @@ impl ClientPolicy {
         self.policy
             .spend(self.ip, BudgetKind::UnknownRecipients)
             .filter(|v| v.enforce)
+    }
+
+    /// How many more recipients this client may have refused as unknown
+    /// before it goes over its budget; None without a budget (or on the
+    /// allow list). The session stops pipelining RCPTs to the backend when
+    /// as many are in flight, so that no more than the budget (and the one
+    /// that crosses it) reach the backend.
+    pub fn unknown_left(&self) -> Option<u32> {
+        if self.allowed {
+            return None;
+        }
+        Some(self.policy.unknown_budget.as_ref()?.left(self.ip))
     }
 
     /// A bad command (syntax error, unknown or out of order): counts

@@ -1,7 +1,9 @@
 //! Error budgets per client address: recipients refused as unknown, and bad
 //! commands (syntax errors, unknown and out-of-order commands), counted
-//! across sessions in a window of `period` seconds. Going over a budget
-//! is reported once per window; `Policy` turns that into a 421 and a ban.
+//! across sessions in a window of `period` seconds. Every event past the
+//! budget is reported (`Spent::Crossed` for the one that went over, then
+//! `Over`): `Policy` turns it into a 421 and a ban, so a session that was
+//! already open when its address was banned ends at its next error too.
 //!
 //! The window starts at an address's first event and ends `period` later
 //! (a fixed window, not a sliding one: at worst twice the budget passes
@@ -22,6 +24,17 @@ use crate::policy::settings::BudgetConfig;
 pub enum Kind {
     UnknownRecipients,
     BadCommands,
+}
+
+/// What one event did to its address's window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spent {
+    Within,
+    /// This event went over the budget.
+    Crossed,
+    /// Already over (a session that was open when the address was banned,
+    /// or the first event after a ban that ended within the window).
+    Over,
 }
 
 /// One budget's windows, per address.
@@ -53,9 +66,9 @@ impl Budget {
         })
     }
 
-    /// Counts one event of `ip`: true when this one goes over the budget
-    /// (once per window).
-    pub fn spend(&self, ip: IpAddr) -> bool {
+    /// Counts one event of `ip`: whether the window is now over the
+    /// budget, and whether this very event crossed it.
+    pub fn spend(&self, ip: IpAddr) -> Spent {
         let ip = ip.to_canonical();
         let w = self.windows.get_with(ip, || {
             Arc::new(Mutex::new(Window {
@@ -69,12 +82,28 @@ impl Budget {
             w.count = 0;
         }
         w.count = w.count.saturating_add(1);
-        w.count == self.cfg.per_ip.count.saturating_add(1)
+        let budget = self.cfg.per_ip.count;
+        match w.count {
+            c if c <= budget => Spent::Within,
+            c if c == budget.saturating_add(1) => Spent::Crossed,
+            _ => Spent::Over,
+        }
     }
 
-    /// Forgets `ip`'s window (after a ban: it starts afresh when lifted).
-    pub fn forget(&self, ip: IpAddr) {
-        self.windows.invalidate(&ip.to_canonical());
+    /// Events `ip` may still have within its window.
+    pub fn left(&self, ip: IpAddr) -> u32 {
+        let budget = self.cfg.per_ip.count;
+        match self.windows.get(&ip.to_canonical()) {
+            None => budget,
+            Some(w) => {
+                let w = w.lock().unwrap_or_else(|e| e.into_inner());
+                if w.start.elapsed() >= self.period {
+                    budget
+                } else {
+                    budget.saturating_sub(w.count)
+                }
+            }
+        }
     }
 
     /// Addresses with a window open (approximate; for tests and metrics).
@@ -90,7 +119,7 @@ mod tests {
     use crate::policy::settings::{Action, Budget as Rate};
 
     #[test]
-    fn over_once_per_window() {
+    fn over_the_budget_per_window() {
         let cfg = BudgetConfig {
             action: Action::Reject,
             per_ip: Rate {
@@ -102,13 +131,16 @@ mod tests {
         let b = Budget::new(&cfg, 100).unwrap();
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let other: IpAddr = "192.0.2.2".parse().unwrap();
-        assert!(!b.spend(a) && !b.spend(a) && !b.spend(a));
-        assert!(!b.spend(other));
-        assert!(b.spend(a), "the fourth goes over");
-        assert!(!b.spend(a), "reported once");
+        for _ in 0..3 {
+            assert_eq!(b.spend(a), Spent::Within);
+        }
+        assert_eq!(b.spend(other), Spent::Within);
+        assert_eq!(b.spend(a), Spent::Crossed, "the fourth goes over");
+        assert_eq!(b.spend(a), Spent::Over);
         std::thread::sleep(Duration::from_millis(250));
-        assert!(!b.spend(a), "a new window");
-        b.forget(a);
+        assert_eq!(b.spend(a), Spent::Within, "a new window");
+        assert_eq!(b.left(a), 2);
+        assert_eq!(b.left(other), 3, "its window ended: the whole budget");
         let off = BudgetConfig {
             action: Action::Off,
             ..cfg

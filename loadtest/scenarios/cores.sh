@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# Scenario 18, many cores (issue 26): smtp-edge with T tokio workers against
+# HAProxy `mode tcp` with T threads, each pinned to the same T cores, in front
+# of one smtp-load sink, for every T of THREADS, persistent connections and a
+# new connection per message, 4 KiB, pipelining on. Per run: msgs/s, the
+# proxy's CPU seconds per 1 000 messages (--watch-pid) and the generator's
+# MAIL-to-final p50/p99; the table shows the medians of the repeats and the
+# edge / HAProxy ratios of the medians.
+#
+# Core sets: with 16 or more cores, the proxy on 0..T-1, the sink on 8-11 and
+# the generator on 12-15 (the reference layout of the issue's table); with
+# fewer, only T = 1 as PIN=1 lays it out (the proxy alone on CPU 1, sink and
+# generator on CPU 0). The runs alternate between the two proxies.
+#
+# Usage: cores.sh [SECONDS_PER_RUN=4] [CONNECTIONS=400] [REPEATS=2]
+# Env: THREADS ("1 2 4 8" on >= 16 cores, else "1"), MODES ("persistent new"),
+#      EDGE_EXTRA (TOML for smtp-edge's config, such as a [runtime] table).
+# shellcheck source-path=SCRIPTDIR
+# shellcheck source=../lib.sh
+source "$(dirname "$0")/../lib.sh"
+SECS=${1:-4}
+CONNS=${2:-400}
+REPS=${3:-2}
+BIG=0
+if [ "$(nproc)" -ge 16 ]; then BIG=1; fi
+if [ "$BIG" = 1 ]; then default_threads="1 2 4 8"; else default_threads="1"; fi
+read -r -a THREADS <<<"${THREADS:-$default_threads}"
+read -r -a MODES <<<"${MODES:-persistent new}"
+
+# on SPEC CMD...: CMD pinned to the CPUs SPEC.
+on() {
+  local spec=$1
+  shift
+  taskset -c "$spec" "$@"
+}
+if [ "$BIG" = 1 ]; then
+  SINK_CPUS=8-11 LOAD_CPUS=12-15
+else
+  SINK_CPUS=0 LOAD_CPUS=0
+  for t in "${THREADS[@]}"; do
+    if [ "$t" != 1 ]; then
+      echo "fewer than 16 cores: only THREADS=1 (pinned as PIN=1)" >&2
+      exit 2
+    fi
+  done
+fi
+LOAD_ON=(taskset -c "$LOAD_CPUS")
+proxy_cpus() { if [ "$BIG" = 1 ]; then echo "0-$(($1 - 1))"; else echo 1; fi; }
+
+build
+SINK=$(free_port)
+on "$SINK_CPUS" "$LOAD" sink -l "127.0.0.1:$SINK" -q --threads "$([ "$BIG" = 1 ] && echo 4 || echo 1)" >"$WORK/sink.log" 2>&1 &
+PIDS+=($!)
+wait_port "$SINK"
+machine
+echo "cores: THREADS=${THREADS[*]}, $CONNS connections, 4 KiB, pipelining on, ${SECS} s per run after 1 s warm-up, $REPS repeat(s); proxy on CPUs $(proxy_cpus "${THREADS[-1]}") (T=${THREADS[-1]}), sink on $SINK_CPUS, generator on $LOAD_CPUS"
+
+# start_proxy NAME T: smtp-edge or haproxy with T threads on its CPUs; sets
+# PPORT and PWATCH (the pids whose CPU counts).
+start_proxy() {
+  local name=$1 t=$2 cpus
+  cpus=$(proxy_cpus "$t")
+  PPORT=$(free_port)
+  case $name in
+    smtp-edge)
+      cat >"$WORK/edge.$PPORT.toml" <<TOML
+hostname = "edge.cores"
+${EDGE_EXTRA:-}
+[[listener]]
+address = "127.0.0.1:$PPORT"
+backlog = 8192
+[[backend]]
+address = "127.0.0.1:$SINK"
+max_connections = 2000
+TOML
+      ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+      TOKIO_WORKER_THREADS=$t RUST_LOG=warn on "$cpus" "$EDGE" --config "$WORK/edge.$PPORT.toml" >"$WORK/edge.$PPORT.log" 2>&1 &
+      PWATCH=$!
+      PIDS+=("$PWATCH")
+      wait_port "$PPORT"
+      ;;
+    haproxy)
+      # HAProxy starts as many threads as CPUs it may run on: T.
+      EDGE_ON=(taskset -c "$cpus")
+      if ! start_peer haproxy start "$PPORT" "$SINK"; then
+        echo "haproxy did not start: $(tail -1 "$PEER_DIR.log")" >&2
+        exit 1
+      fi
+      PWATCH=$(peer_pids haproxy "$PEER_DIR" | paste -sd' ' -)
+      ;;
+  esac
+}
+
+stop_proxy() {
+  case $1 in
+    smtp-edge) stop_pid "$PWATCH"; forget "$PWATCH" ;;
+    haproxy) stop_peer haproxy "$PEER_DIR" ;;
+  esac
+}
+
+RUNS="$WORK/runs"
+mkdir -p "$RUNS"
+failed=0
+k=0
+for t in "${THREADS[@]}"; do
+  for mode in "${MODES[@]}"; do
+    m=0
+    [ "$mode" = new ] && m=1
+    for rep in $(seq 1 "$REPS"); do
+      order=(haproxy smtp-edge)
+      if [ $((k % 2)) = 1 ]; then order=(smtp-edge haproxy); fi
+      k=$((k + 1))
+      for name in "${order[@]}"; do
+        start_proxy "$name" "$t"
+        watch=()
+        for p in $PWATCH; do watch+=(--watch-pid "$p"); done
+        out="$RUNS/$t.$mode.$name.$rep.json"
+        if ! load "$out" -t "127.0.0.1:$PPORT" -c "$CONNS" -m "$m" -s 4096 -d "$SECS" --warmup 1 "${watch[@]}"; then
+          echo "FAILED: $name, T=$t, $mode, repeat $rep" >&2
+          rm -f "$out"
+          failed=1
+        fi
+        stop_proxy "$name"
+      done
+    done
+  done
+done
+
+python3 - "$RUNS" "${THREADS[*]}" "${MODES[*]}" <<'PY'
+import glob, json, os, statistics, sys
+runs, threads, modes = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+def get(t, mode, name):
+    rs = [json.load(open(f)) for f in sorted(glob.glob(f"{runs}/{t}.{mode}.{name}.*.json"))]
+    mps = [r["msgs_per_sec"] for r in rs]
+    cpu = [1000 * r["server"]["cpu_s"] / max(1, r["messages"]["accepted"]) for r in rs if r.get("server")]
+    lat = r"latency_us"
+    p50 = [r[lat]["mail_to_final"]["p50"] / 1000 for r in rs]
+    p99 = [r[lat]["mail_to_final"]["p99"] / 1000 for r in rs]
+    return med(mps), med(cpu), med(p50), med(p99), len(rs)
+print()
+print("| load | T | HAProxy msgs/s | smtp-edge msgs/s | edge / HAProxy | CPU s per 1k msgs HAProxy / edge | p50 MAIL→final ms HAProxy / edge | p99 MAIL→final ms HAProxy / edge | runs |")
+print("|---|---|---:|---:|---:|---|---|---|---|")
+for mode in modes:
+    for t in threads:
+        h = get(t, mode, "haproxy"); e = get(t, mode, "smtp-edge")
+        r = e[0] / h[0] if h[0] else float("nan")
+        print(f"| {mode} | {t} | {h[0]:,.0f} | {e[0]:,.0f} | {r:.2f} | {h[1]:.3f} / {e[1]:.3f} | {h[2]:.2f} / {e[2]:.2f} | {h[3]:.2f} / {e[3]:.2f} | {h[4]}+{e[4]} |")
+PY
+exit "$failed"
