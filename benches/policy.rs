@@ -264,8 +264,8 @@ fn top_view(c: &mut Criterion) {
     g.bench_function("session_same_address", |b| {
         b.iter(|| {
             let open = top.open(black_box(ip));
-            top.recipient(ip);
-            top.message(ip);
+            open.recipient();
+            open.message();
             drop(open);
         })
     });
@@ -275,8 +275,8 @@ fn top_view(c: &mut Criterion) {
             n = n.wrapping_add(1);
             let ip = IpAddr::V4(Ipv4Addr::from(0x0b00_0000 | (n & 0x00ff_ffff)));
             let open = top.open(black_box(ip));
-            top.recipient(ip);
-            top.message(ip);
+            open.recipient();
+            open.message();
             drop(open);
         })
     });

@@ -31,8 +31,8 @@ fn main() {
         // Spread over the whole IPv4 space: as many prefixes as addresses.
         let ip = IpAddr::V4(Ipv4Addr::from(i.wrapping_mul(2_654_435_761)));
         let open = top.open(ip);
-        top.recipient(ip);
-        top.message(ip);
+        open.recipient();
+        open.message();
         drop(open);
         if i % 50 == 0 {
             drop(top.open(busy));

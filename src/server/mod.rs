@@ -112,10 +112,10 @@ fn admit(
                 let t0 = std::time::Instant::now();
                 let open = shared.top.open(peer.ip());
                 let destination = proxied.map(|(_, d)| d);
-                session::handle(stream, peer, destination, shared, listener, pol, span).await;
+                let client = session::Admitted { pol, top: open };
+                session::handle(stream, peer, destination, shared, listener, client, span).await;
                 m.session_duration.observe(t0.elapsed().as_secs_f64());
                 m.sessions_active.dec();
-                drop(open);
                 drop(done);
             });
         }

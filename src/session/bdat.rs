@@ -150,7 +150,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if last {
             self.message_done(&reply, ch.checker.size());
             self.st.messages += 1;
-            self.shared.top.message(self.peer.ip());
+            self.top.message();
             self.end_txn();
         }
     }

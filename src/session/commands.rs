@@ -142,7 +142,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Command::Helo(name) => self.ehlo(name, false).await,
             Command::Mail { from, params } => self.mail(from, params).await,
             Command::Rcpt { to } => {
-                self.shared.top.recipient(self.peer.ip());
+                self.top.recipient();
                 self.rcpt(to).await
             }
             Command::Data if self.st.chunking.is_some() => self.bad(
@@ -441,7 +441,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.resolve().await;
         self.st.rcpts_sent += 1;
         self.shared.metrics.recipients_unknown_cached.inc();
-        self.shared.top.refusal(self.peer.ip(), "recipient_refused");
+        self.top.refusal("recipient_refused");
         if let Some(v) = self.pol.rcpt_refused(&reply) {
             self.over_budget.get_or_insert(Box::new(v));
         }

@@ -101,7 +101,7 @@ pub async fn handle(
     destination: Option<SocketAddr>,
     shared: Arc<Shared>,
     listener: Listener,
-    pol: ClientPolicy,
+    client: Admitted,
     span: Span,
 ) {
     async move {
@@ -117,23 +117,26 @@ pub async fn handle(
         let at = Endpoints { peer, local };
         match (listener.tls, shared.tls.clone()) {
             (TlsMode::Implicit, Some(acceptor)) => {
-                Box::pin(shared.serve_tls(stream, acceptor, at, listener, true, pol)).await;
+                Box::pin(shared.serve_tls(stream, acceptor, at, listener, true, client)).await;
             }
             _ => {
-                let mut s = Session::new(stream, at, shared.clone(), listener, None, pol);
+                let mut s = Session::new(stream, at, shared.clone(), listener, None, client);
                 if !s.greet().await {
                     return;
                 }
                 // Boxed: the session future is held by every idle
                 // connection; the command loop's state lives on the heap.
                 if let Outcome::StartTls = Box::pin(s.run()).await {
-                    let Session { io, st, pol, .. } = s;
+                    let Session {
+                        io, st, pol, top, ..
+                    } = s;
                     if let Some(c) = st.dedicated {
                         Box::pin(c.quit()).await;
                     }
                     if let Some(acceptor) = shared.tls.clone() {
                         // Fresh state: the client must EHLO again (RFC 3207).
-                        Box::pin(shared.serve_tls(io, acceptor, at, listener, false, pol)).await;
+                        let client = Admitted { pol, top };
+                        Box::pin(shared.serve_tls(io, acceptor, at, listener, false, client)).await;
                     }
                 } else {
                     s.finish().await;
@@ -226,6 +229,13 @@ struct State {
     data_seen: bool,
 }
 
+/// What admission gives a session: its view of the policy (slots held)
+/// and its place in `/top`; both travel through STARTTLS.
+pub struct Admitted {
+    pub pol: ClientPolicy,
+    pub top: crate::telemetry::top::Open,
+}
+
 /// The two ends of the client connection.
 #[derive(Debug, Clone, Copy)]
 struct Endpoints {
@@ -238,9 +248,11 @@ struct Session<S> {
     peer: SocketAddr,
     local: std::net::IpAddr,
     pol: ClientPolicy,
+    /// This session's entries in `/top`.
+    top: crate::telemetry::top::Open,
     /// A connect verdict owed as the reply to the first command
     /// (delay_reject off, the greeting had already begun).
-    refuse: Option<Verdict>,
+    refuse: Option<Box<Verdict>>,
     /// An error budget went over (the address is banned): the 421 that
     /// ends the session after the current command. Boxed: the session
     /// future stays small.
@@ -360,14 +372,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         shared: Arc<Shared>,
         listener: Listener,
         tls: Option<TlsInfo>,
-        pol: ClientPolicy,
+        client: Admitted,
     ) -> Self {
+        let Admitted { pol, top } = client;
         let shutdown = shared.shutdown.clone();
         Session {
             io,
             peer: at.peer,
             local: at.local,
             pol,
+            top,
             refuse: None,
             over_budget: None,
             shared,
@@ -403,14 +417,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// trace kept) and in `/top` under its check's name.
     fn verdict_given(&self, code: u16, v: &Verdict) {
         record_verdict(&Span::current(), code, v);
-        self.shared.top.refusal(self.peer.ip(), v.check.name());
+        self.top.refusal(v.check.name());
     }
 
     /// A bad command: counted for `max_bad_commands` and against the
     /// `bad_commands` budget.
     fn count_bad(&mut self) {
         self.st.bad += 1;
-        self.shared.top.refusal(self.peer.ip(), "bad_command");
+        self.top.refusal("bad_command");
         if let Some(v) = self.pol.bad_command() {
             self.over_budget.get_or_insert(Box::new(v));
         }
@@ -445,7 +459,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if !self.pol.delay_reject() && (started || self.pol.greeting_waits()) {
             if let Some(v) = Box::pin(self.pol.connect_verdict()).await {
                 if started {
-                    self.refuse = Some(v);
+                    self.refuse = Some(Box::new(v));
                 } else {
                     self.connect_refusal(&v).await;
                     self.flush().await;
@@ -568,7 +582,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Some(Owed::Mail) => mail_failed |= !reply.is_positive(),
                 Some(Owed::Rcpt) if reply.is_positive() => self.st.rcpts_ok += 1,
                 Some(Owed::Rcpt) => {
-                    self.shared.top.refusal(self.peer.ip(), "recipient_refused");
+                    self.top.refusal("recipient_refused");
                     if let Some(v) = self.pol.rcpt_refused(&reply) {
                         self.over_budget.get_or_insert(Box::new(v));
                     }
@@ -672,7 +686,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         reply.write_to(&mut self.out);
                         cmd_deadline = tokio::time::Instant::now() + cmd_timeout;
                         self.st.messages += 1;
-                        self.shared.top.message(self.peer.ip());
+                        self.top.message();
                         self.end_txn();
                         if *self.shutdown.borrow() {
                             self.reply(421, "4.3.2", "Service shutting down, closing connection");
@@ -799,7 +813,10 @@ mod size_probe {
                 None,
                 shared,
                 listener,
-                pol,
+                super::Admitted {
+                    pol,
+                    top: crate::telemetry::top::Open::none(),
+                },
                 super::session_span(a, None),
             );
             let n = size(&f);

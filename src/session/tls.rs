@@ -9,7 +9,6 @@ use tokio::net::TcpStream;
 use tracing::{debug, field, info, Instrument, Span};
 
 use super::{Endpoints, Listener, Session, Shared, TlsInfo};
-use crate::policy::ClientPolicy;
 
 impl Shared {
     /// TLS handshake (implicit TLS, or after STARTTLS), then a session on
@@ -21,7 +20,7 @@ impl Shared {
         at: Endpoints,
         listener: Listener,
         greet: bool,
-        pol: ClientPolicy,
+        client: super::Admitted,
     ) {
         let handshake_timeout = Duration::from_secs_f64(self.cfg.timeouts.tls_handshake);
         let m = self.metrics.clone();
@@ -61,7 +60,7 @@ impl Shared {
             info.version.trim_start_matches("TLSv"),
         );
         cur.record("tls.cipher", field::display(&info.cipher));
-        let mut s = Session::new(tls, at, self, listener, Some(info), pol);
+        let mut s = Session::new(tls, at, self, listener, Some(info), client);
         if !greet || s.greet().await {
             // STARTTLS inside TLS is refused, so this run ends the session.
             s.run().await;

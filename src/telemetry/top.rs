@@ -126,12 +126,42 @@ type Cache = moka::sync::Cache<IpAddr, Arc<Activity>>;
 /// A read: the busiest addresses, and the busiest prefixes.
 pub type Ranking = (Vec<(IpAddr, Counts)>, Vec<(IpNet, Counts)>);
 
-/// A session's place in the view: its open count is given back on drop.
-pub struct Open(Option<(Arc<Activity>, Arc<Activity>)>);
+/// A session's place in the view (its address's and its prefix's entries,
+/// held: the session's events cost no lookup); its open count is given
+/// back on drop.
+/// Boxed: one word in every session's future.
+pub struct Open(Option<Box<(Arc<Activity>, Arc<Activity>)>>);
+
+impl Open {
+    /// Not in any view (`top_size = 0`, and tests).
+    pub fn none() -> Open {
+        Open(None)
+    }
+
+    fn both(&self, f: impl Fn(&mut Slot)) {
+        if let Some(b) = &self.0 {
+            b.0.with(&f);
+            b.1.with(&f);
+        }
+    }
+
+    pub fn message(&self) {
+        self.both(|s| s.messages += 1);
+    }
+
+    pub fn recipient(&self) {
+        self.both(|s| s.recipients += 1);
+    }
+
+    pub fn refusal(&self, why: &'static str) {
+        self.both(|s| count(s, why));
+    }
+}
 
 impl Drop for Open {
     fn drop(&mut self) {
-        if let Some((a, p)) = self.0.take() {
+        if let Some(b) = self.0.take() {
+            let (a, p) = *b;
             a.open.fetch_sub(1, Ordering::Relaxed);
             p.open.fetch_sub(1, Ordering::Relaxed);
         }
@@ -217,7 +247,7 @@ impl Top {
             x.open.fetch_add(1, Ordering::Relaxed);
             x.with(|s| s.sessions += 1);
         }
-        Open(Some((a, p)))
+        Open(Some(Box::new((a, p))))
     }
 
     /// A connection refused at accept: a session begun and refused.
@@ -228,18 +258,6 @@ impl Top {
                 count(s, why);
             })
         });
-    }
-
-    pub fn message(&self, ip: IpAddr) {
-        self.both(ip, |x| x.with(|s| s.messages += 1));
-    }
-
-    pub fn recipient(&self, ip: IpAddr) {
-        self.both(ip, |x| x.with(|s| s.recipients += 1));
-    }
-
-    pub fn refusal(&self, ip: IpAddr, why: &'static str) {
-        self.both(ip, |x| x.with(|s| count(s, why)));
     }
 
     /// The `n` busiest addresses and prefixes by `by` (most first): each
@@ -298,10 +316,10 @@ mod tests {
         let t = Top::new(100, 24, 64);
         let a = t.open(ip("192.0.2.7"));
         let _b = t.open(ip("::ffff:192.0.2.8"));
-        t.message(ip("192.0.2.7"));
-        t.recipient(ip("192.0.2.7"));
-        t.recipient(ip("192.0.2.7"));
-        t.refusal(ip("192.0.2.7"), "recipient_refused");
+        a.message();
+        a.recipient();
+        a.recipient();
+        a.refusal("recipient_refused");
         t.refused_at_accept(ip("192.0.2.9"), "ban");
         let (addrs, prefixes) = t.read(By::Recipients, 10);
         assert_eq!(addrs[0].0, ip("192.0.2.7"));
