@@ -135,10 +135,7 @@ fn main() -> ExitCode {
         },
         None => Config::embedded_default(),
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match cfg.runtime.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start runtime: {e}");

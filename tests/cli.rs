@@ -302,3 +302,72 @@ async fn runs_embedded_default_without_config_and_stops_on_sigterm() {
         "{ADDR} still accepting after exit"
     );
 }
+
+/// `[runtime] flavor = "current_thread"`: the binary runs on one thread,
+/// relays through smtp-sink (the admin listener answering too) and stops
+/// on SIGTERM; check-config names the runtime's errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_on_a_current_thread_runtime() {
+    let out = check_config(
+        "[[listener]]\naddress = \"127.0.0.1:2525\"\n[[backend]]\naddress = \"127.0.0.1:10025\"\n\
+         [runtime]\nflavor = \"current_thread\"\nworker_threads = 4\nevent_interval = 31\n",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("runtime.worker_threads") && names_line(l, 7)),
+        "{stderr}"
+    );
+    let Some(sink) = Sink::start(&[]) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let cfg = dir.path().join("edge.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "hostname = \"edge.test\"\n[admin]\naddress = \"127.0.0.1:{admin}\"\n\
+             [[listener]]\naddress = \"127.0.0.1:{port}\"\n[[backend]]\naddress = \"{}\"\n\
+             [runtime]\nflavor = \"current_thread\"\nevent_interval = 31\n",
+            sink.addr
+        ),
+    )
+    .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut proc = Running::listening(
+        Command::new(BIN).arg("--config").arg(&cfg),
+        &dir.path().join("edge.log"),
+        addr,
+    )
+    .await;
+    let pid = proc.0.id();
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count();
+    let mut c = Raw::greeted(addr).await;
+    assert_eq!(c.cmd("EHLO cli.client.test").await.code, 250);
+    assert_eq!(
+        transaction(&mut c, b"Subject: t\r\n\r\none thread\r\n")
+            .await
+            .code,
+        250
+    );
+    assert_eq!(sink.wait_messages(1, Duration::from_secs(5)).len(), 1);
+    let (s, _) = http_get(format!("127.0.0.1:{admin}").parse().unwrap(), "/livez").await;
+    assert_eq!(s, 200);
+    // The main thread runs the proxy; besides it only the log writer's
+    // thread (and none of a worker pool: on 2 cores a multi-thread runtime
+    // would add 2).
+    assert!(threads <= 3, "{threads} threads");
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    while proc.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < end, "no stop on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -4,7 +4,9 @@
 //!
 //! Sections here: `ListenerConfig` (with `TlsMode`), `SessionLimits`,
 //! `Timeouts`, `SmtpConfig`, `BackendConfig` (with `IdentityMode`),
-//! `AdminConfig`; `[[route]]` in `routes` (`RouteConfig`, `DomainPattern`). Sections owned by their subsystem: `[tls]`
+//! `AdminConfig`; `[[route]]` in `routes` (`RouteConfig`, `DomainPattern`);
+//! `[runtime]` in `runtime` (`RuntimeConfig`: the tokio scheduler main
+//! builds). Sections owned by their subsystem: `[tls]`
 //! (`tls::settings`), `[policy]` (`policy::settings`, checked by
 //! `PolicyConfig::validate`), `[telemetry]` (`telemetry::settings`).
 //! `EMBEDDED_DEFAULT` is what runs without `--config` (127.0.0.1:2525,
@@ -17,6 +19,7 @@
 //! section's values, in `impl Config`).
 
 mod routes;
+mod runtime;
 mod toml_paths;
 mod validate;
 
@@ -31,6 +34,7 @@ pub use crate::telemetry::settings::{LogFormat, OtlpProtocol, TelemetryConfig};
 pub use crate::tls::settings::{CertificateConfig, CertificateEntry, TlsConfig, MAX_SESSION_CACHE};
 
 pub use self::routes::{DomainPattern, RouteConfig, DEFAULT_GROUP};
+pub use self::runtime::{Flavor, RuntimeConfig};
 pub use self::toml_paths::ConfigError;
 use self::toml_paths::KeyLines;
 
@@ -66,6 +70,9 @@ pub struct Config {
     /// Logs and OpenTelemetry trace export.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// The event loop: scheduler flavor, threads, fairness knobs.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
 }
 
 /// `[admin]`: where `/metrics`, `/livez`, `/readyz`, `/bans` and `/top`

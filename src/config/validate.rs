@@ -28,6 +28,7 @@ impl Config {
         backends(&self.backends, &mut err);
         super::routes::validate(&self.routes, &self.backends, &mut err);
         self.policy.validate(&mut err);
+        self.runtime.validate(&mut err);
     }
 }
 

@@ -212,5 +212,6 @@ pub fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
         t
     };
     check("telemetry (all but sample_ratio)", t(running) == t(new));
+    check("runtime", running.runtime == new.runtime);
     out
 }
