@@ -145,6 +145,11 @@ fn main() -> ExitCode {
     rt.block_on(async move {
         // Inside the runtime: the gRPC trace exporter needs it.
         let telemetry = smtp_edge::telemetry::install(&cfg.telemetry);
+        tracing::info!(
+            flavor = ?cfg.runtime.resolved(),
+            workers = cfg.runtime.workers(),
+            "runtime"
+        );
         if cli.config.is_none() {
             tracing::info!("no --config given: running the embedded default (127.0.0.1:2525, STARTTLS, Maildir ./var/mail)");
         }

@@ -27,12 +27,6 @@ if [ "$BIG" = 1 ]; then default_threads="1 2 4 8"; else default_threads="1"; fi
 read -r -a THREADS <<<"${THREADS:-$default_threads}"
 read -r -a MODES <<<"${MODES:-persistent new}"
 
-# on SPEC CMD...: CMD pinned to the CPUs SPEC.
-on() {
-  local spec=$1
-  shift
-  taskset -c "$spec" "$@"
-}
 if [ "$BIG" = 1 ]; then
   SINK_CPUS=8-11 LOAD_CPUS=12-15
 else
@@ -49,7 +43,7 @@ proxy_cpus() { if [ "$BIG" = 1 ]; then echo "0-$(($1 - 1))"; else echo 1; fi; }
 
 build
 SINK=$(free_port)
-on "$SINK_CPUS" "$LOAD" sink -l "127.0.0.1:$SINK" -q --threads "$([ "$BIG" = 1 ] && echo 4 || echo 1)" >"$WORK/sink.log" 2>&1 &
+taskset -c "$SINK_CPUS" "$LOAD" sink -l "127.0.0.1:$SINK" -q --threads "$([ "$BIG" = 1 ] && echo 4 || echo 1)" >"$WORK/sink.log" 2>&1 &
 PIDS+=($!)
 wait_port "$SINK"
 machine
@@ -74,7 +68,8 @@ address = "127.0.0.1:$SINK"
 max_connections = 2000
 TOML
       ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-      TOKIO_WORKER_THREADS=$t RUST_LOG=warn on "$cpus" "$EDGE" --config "$WORK/edge.$PPORT.toml" >"$WORK/edge.$PPORT.log" 2>&1 &
+      # taskset execs smtp-edge: $! is its pid (a function would be a subshell).
+      TOKIO_WORKER_THREADS=$t RUST_LOG=warn taskset -c "$cpus" "$EDGE" --config "$WORK/edge.$PPORT.toml" >"$WORK/edge.$PPORT.log" 2>&1 &
       PWATCH=$!
       PIDS+=("$PWATCH")
       wait_port "$PPORT"

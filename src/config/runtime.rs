@@ -1,6 +1,8 @@
 //! `[runtime]`: how the process runs its event loop: tokio's multi-thread
-//! scheduler (work stealing over `worker_threads` threads, the default) or
-//! one current-thread loop, and the scheduler's fairness knobs. Read once,
+//! scheduler (work stealing over `worker_threads` threads) or one
+//! current-thread loop (`auto`, the default, takes it whenever there is
+//! one worker: measured fairer and cheaper, loadtest/RESULTS.md section
+//! 19), and the scheduler's fairness knobs. Read once,
 //! when `main` builds the runtime; a reload that changes it is told a
 //! restart is needed.
 
@@ -10,8 +12,12 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Flavor {
-    /// Work-stealing over `worker_threads` threads.
+    /// `current_thread` when the proxy has one worker (`worker_threads =
+    /// 1`, `TOKIO_WORKER_THREADS=1`, or one CPU to run on), else
+    /// `multi_thread`.
     #[default]
+    Auto,
+    /// Work-stealing over `worker_threads` threads.
     MultiThread,
     /// One thread runs everything (no work stealing, no cross-thread
     /// wake-ups): for one core, or one process per core.
@@ -38,7 +44,7 @@ pub struct RuntimeConfig {
 impl Default for RuntimeConfig {
     fn default() -> Self {
         RuntimeConfig {
-            flavor: Flavor::MultiThread,
+            flavor: Flavor::Auto,
             worker_threads: 0,
             event_interval: 0,
             global_queue_interval: 0,
@@ -49,10 +55,10 @@ impl Default for RuntimeConfig {
 impl RuntimeConfig {
     /// `err(key, message)`.
     pub fn validate(&self, err: &mut dyn FnMut(String, String)) {
-        if self.worker_threads > 1024 {
+        if self.worker_threads > 4096 {
             err(
                 "runtime.worker_threads".into(),
-                "at most 1024 (0 = one per core)".into(),
+                "at most 4096 (0 = one per core)".into(),
             );
         }
         if self.flavor == Flavor::CurrentThread && self.worker_threads > 1 {
@@ -64,9 +70,32 @@ impl RuntimeConfig {
         }
     }
 
+    /// The worker count the multi-thread scheduler would have: the
+    /// setting, else `TOKIO_WORKER_THREADS`, else the CPUs this process
+    /// may run on.
+    pub fn workers(&self) -> usize {
+        if self.worker_threads > 0 {
+            return self.worker_threads;
+        }
+        std::env::var("TOKIO_WORKER_THREADS")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .filter(|&n: &usize| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
+    /// The flavor `Auto` stands for here.
+    pub fn resolved(&self) -> Flavor {
+        match self.flavor {
+            Flavor::Auto if self.workers() == 1 => Flavor::CurrentThread,
+            Flavor::Auto => Flavor::MultiThread,
+            f => f,
+        }
+    }
+
     /// The tokio runtime these settings describe.
     pub fn build(&self) -> std::io::Result<tokio::runtime::Runtime> {
-        let mut b = match self.flavor {
+        let mut b = match self.resolved() {
             Flavor::MultiThread => {
                 let mut b = tokio::runtime::Builder::new_multi_thread();
                 if self.worker_threads > 0 {
@@ -74,7 +103,7 @@ impl RuntimeConfig {
                 }
                 b
             }
-            Flavor::CurrentThread => tokio::runtime::Builder::new_current_thread(),
+            Flavor::CurrentThread | Flavor::Auto => tokio::runtime::Builder::new_current_thread(),
         };
         b.enable_all();
         if self.event_interval > 0 {
@@ -84,5 +113,30 @@ impl RuntimeConfig {
             b.global_queue_interval(self.global_queue_interval);
         }
         b.build()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_is_current_thread_for_one_worker() {
+        let one = RuntimeConfig {
+            worker_threads: 1,
+            ..RuntimeConfig::default()
+        };
+        assert_eq!(one.resolved(), Flavor::CurrentThread);
+        let four = RuntimeConfig {
+            worker_threads: 4,
+            ..RuntimeConfig::default()
+        };
+        assert_eq!(four.resolved(), Flavor::MultiThread);
+        let forced = RuntimeConfig {
+            flavor: Flavor::MultiThread,
+            worker_threads: 1,
+            ..RuntimeConfig::default()
+        };
+        assert_eq!(forced.resolved(), Flavor::MultiThread);
     }
 }
