@@ -307,16 +307,24 @@ impl BackendConn {
         Ok(())
     }
 
-    /// Reads one whole reply, waiting at most `t`.
+    /// Reads one whole reply, waiting at most `t`. The clock is read only
+    /// when a read must wait (a pipelined batch's replies are mostly in
+    /// the buffer already), once for the first wait.
     pub async fn read_reply(&mut self, t: Duration) -> Result<Reply, BackendError> {
-        let deadline = tokio::time::Instant::now() + t;
+        let mut deadline: Option<tokio::time::Instant> = None;
         loop {
             if let Some((reply, used)) = Reply::parse(&self.rbuf)? {
                 self.rbuf.drain(..used);
                 return Ok(reply);
             }
             self.rbuf.reserve(512);
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let left = match deadline {
+                None => {
+                    deadline = Some(tokio::time::Instant::now() + t);
+                    t
+                }
+                Some(d) => d.saturating_duration_since(tokio::time::Instant::now()),
+            };
             let read = self.stream.read_buf(&mut self.rbuf);
             let n = match self.read_timer.within(left, read).await {
                 Some(r) => r?,

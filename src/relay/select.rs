@@ -318,7 +318,6 @@ impl Backends {
         else {
             return Err(BackendError::Closed);
         };
-        let t0 = std::time::Instant::now();
         // One span per backend exchange, from the checkout (a new
         // connection's `tls.handshake` is its child) to the end of the
         // transaction (it ends when the Txn goes).
@@ -332,6 +331,8 @@ impl Backends {
             "smtp.backend.reused" = tracing::field::Empty,
             "smtp.backend.pool_wait_ms" = tracing::field::Empty,
         );
+        // Only a span that records anything reads the clock.
+        let t0 = (!span.is_disabled()).then(std::time::Instant::now);
         let opened = match identity {
             // Boxed: its connect and XCLIENT exchange would make every
             // checkout's future large.
@@ -347,8 +348,7 @@ impl Backends {
         };
         match opened {
             Ok((conn, reused, dedicated)) => {
-                // Only a span that records anything reads the clock.
-                if !span.is_disabled() {
+                if let Some(t0) = t0 {
                     span.record("smtp.backend.connection_id", conn.id());
                     span.record("smtp.backend.reused", reused);
                     span.record(
