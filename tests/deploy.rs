@@ -49,6 +49,18 @@ lookup = true
 nameservers = ["127.0.0.1:9"]
 timeout = 0.5
 attempts = 1
+[policy.dnsbl]
+action = "observe"
+[[policy.dnsbl.zone]]
+name = "bl.example"
+[policy.limits.connection_rate]
+action = "observe"
+per_ip = { count = 100, period = 1 }
+store = "redis"
+[policy.limits.redis]
+url = "redis://127.0.0.1:9"
+[policy.bans]
+store = "redis"
 "#;
 
 /// Labels Prometheus attaches to every scraped series (the target's).
