@@ -369,17 +369,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         span.record("server.address", &*txn.name);
         txn.queue_mail(from, &params);
         self.st.txn_span = Some(span);
-        self.st.txn_started = Some(std::time::Instant::now());
-        self.st.mail = Some(params.smtputf8);
-        self.st.mail_refused = false;
-        self.st.from.clear();
-        self.st.from.push_str(from);
+        self.mail_taken(from, params.smtputf8);
         self.st.owed.push_back(Owed::Mail);
         let pipelining = txn.pipelining();
         self.st.txn = Some(txn);
         if !pipelining {
             self.resolve().await;
         }
+    }
+
+    /// A MAIL taken (relayed, or answered by the edge with routes): the
+    /// transaction's state begins.
+    pub(super) fn mail_taken(&mut self, from: &str, smtputf8: bool) {
+        self.st.txn_started = Some(std::time::Instant::now());
+        self.st.mail = Some(smtputf8);
+        self.st.mail_refused = false;
+        self.st.from.clear();
+        self.st.from.push_str(from);
     }
 
     async fn rcpt(&mut self, to: &str) {

@@ -46,11 +46,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             params,
             refusal: None,
         }));
-        self.st.txn_started = Some(std::time::Instant::now());
-        self.st.mail = Some(params.smtputf8);
-        self.st.mail_refused = false;
-        self.st.from.clear();
-        self.st.from.push_str(from);
+        self.mail_taken(from, params.smtputf8);
         self.reply(250, "2.1.0", "Ok");
     }
 
