@@ -49,13 +49,19 @@ pub fn code_text(code: u16, buf: &mut [u8; 5]) -> &str {
 impl EnhancedCode {
     /// `class.subject.detail` in `buf`, without the formatting machinery.
     pub fn text<'a>(&self, buf: &'a mut [u8; 17]) -> &'a str {
+        let k = self.spell(buf);
+        std::str::from_utf8(&buf[..k]).unwrap_or("")
+    }
+
+    /// `class.subject.detail` as ASCII digits and dots in `buf`; its length.
+    fn spell(&self, buf: &mut [u8]) -> usize {
         let mut k = dec_into(buf, u16::from(self.0));
         for n in [self.1, self.2] {
             buf[k] = b'.';
             k += 1;
             k += dec_into(&mut buf[k..], n);
         }
-        std::str::from_utf8(&buf[..k]).unwrap_or("")
+        k
     }
 
     /// Appends `x.y.z` to `out`.
@@ -180,6 +186,26 @@ impl Reply {
     /// A reply without lines is written as one line with empty text. An empty
     /// text line is written without a trailing space (`250 2.0.0\r\n`).
     pub fn write_to(&self, out: &mut Vec<u8>) {
+        // One line (every reply of a relayed message): its head built on
+        // the stack, then three copies.
+        if memchr::memchr(b'\n', &self.text).is_none() {
+            let mut head = [0u8; 24];
+            let mut k = dec_into(&mut head, self.code);
+            head[k] = b' ';
+            k += 1;
+            if let Some(enh) = &self.enhanced {
+                k += enh.spell(&mut head[k..]);
+                if !self.text.is_empty() {
+                    head[k] = b' ';
+                    k += 1;
+                }
+            }
+            out.reserve(k + self.text.len() + 2);
+            out.extend_from_slice(&head[..k]);
+            out.extend_from_slice(&self.text);
+            out.extend_from_slice(b"\r\n");
+            return;
+        }
         let per_line = 3 + 1 + if self.enhanced.is_some() { 12 } else { 0 } + 2;
         let count = 1 + memchr::memchr_iter(b'\n', &self.text).count();
         out.reserve(self.text.len() + count * per_line);
@@ -307,6 +333,12 @@ impl Reply {
         }
         if i > 0 {
             self.text.push(b'\n');
+        }
+        // No CR is left and the line holds no LF: plain ASCII (nearly every
+        // backend's text) is taken as it is.
+        if text.is_ascii() {
+            self.text.extend_from_slice(text);
+            return;
         }
         match std::str::from_utf8(text) {
             Ok(t) => self.push_text(t),
@@ -604,6 +636,39 @@ mod tests {
             r.ensure_enhanced(answered);
             assert_eq!(wire(&r), want, "{raw:?} {answered:?}");
         }
+    }
+
+    #[test]
+    fn one_line_replies_are_written_as_before() {
+        let w = |r: &Reply| {
+            let mut v = Vec::new();
+            r.write_to(&mut v);
+            String::from_utf8(v).unwrap()
+        };
+        let r = |code, enh: Option<EnhancedCode>, text: &str| {
+            let mut r = Reply::parse(format!("{code} x\r\n").as_bytes())
+                .unwrap()
+                .unwrap()
+                .0;
+            r.enhanced = enh;
+            r.text.clear();
+            r.push_text(text);
+            r
+        };
+        assert_eq!(w(&r(250, Some(EnhancedCode(2, 0, 0)), "Ok")), "250 2.0.0 Ok\r\n");
+        assert_eq!(w(&r(250, Some(EnhancedCode(2, 0, 0)), "")), "250 2.0.0\r\n");
+        assert_eq!(w(&r(550, None, "no")), "550 no\r\n");
+        assert_eq!(w(&r(550, None, "")), "550 \r\n");
+        assert_eq!(
+            w(&r(553, Some(EnhancedCode(5, 123, 999)), "grüße")),
+            "553 5.123.999 grüße\r\n"
+        );
+        // Non-ASCII text from a backend keeps its bytes; invalid UTF-8 is
+        // replaced, as before.
+        let (p, _) = Reply::parse("250 2.1.5 empfänger ok\r\n".as_bytes()).unwrap().unwrap();
+        assert_eq!(w(&p), "250 2.1.5 empfänger ok\r\n");
+        let (p, _) = Reply::parse(b"250 2.1.5 a\xffb\r\n").unwrap().unwrap();
+        assert_eq!(w(&p), "250 2.1.5 a\u{fffd}b\r\n");
     }
 
     #[test]
