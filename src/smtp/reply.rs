@@ -655,7 +655,10 @@ mod tests {
             r.push_text(text);
             r
         };
-        assert_eq!(w(&r(250, Some(EnhancedCode(2, 0, 0)), "Ok")), "250 2.0.0 Ok\r\n");
+        assert_eq!(
+            w(&r(250, Some(EnhancedCode(2, 0, 0)), "Ok")),
+            "250 2.0.0 Ok\r\n"
+        );
         assert_eq!(w(&r(250, Some(EnhancedCode(2, 0, 0)), "")), "250 2.0.0\r\n");
         assert_eq!(w(&r(550, None, "no")), "550 no\r\n");
         assert_eq!(w(&r(550, None, "")), "550 \r\n");
@@ -665,7 +668,9 @@ mod tests {
         );
         // Non-ASCII text from a backend keeps its bytes; invalid UTF-8 is
         // replaced, as before.
-        let (p, _) = Reply::parse("250 2.1.5 empfänger ok\r\n".as_bytes()).unwrap().unwrap();
+        let (p, _) = Reply::parse("250 2.1.5 empfänger ok\r\n".as_bytes())
+            .unwrap()
+            .unwrap();
         assert_eq!(w(&p), "250 2.1.5 empfänger ok\r\n");
         let (p, _) = Reply::parse(b"250 2.1.5 a\xffb\r\n").unwrap().unwrap();
         assert_eq!(w(&p), "250 2.1.5 a\u{fffd}b\r\n");
