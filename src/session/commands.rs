@@ -408,16 +408,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.resolve().await;
             return self.policy_reply(&v).await;
         }
-        if let Some(left) = self.pol.unknown_left() {
-            // Near its budget of unknown recipients: the replies to the
-            // RCPTs in flight first (one of them may end the session), so
-            // no more than the budget reaches the backend, pipelined or not.
-            let in_flight = self.st.owed.iter().filter(|o| **o == Owed::Rcpt).count();
-            if in_flight >= left as usize {
-                self.resolve().await;
-                if self.over_budget.is_some() {
-                    return;
-                }
+        // Near its budget of unknown recipients: the replies to the RCPTs
+        // in flight first (one of them may end the session), so no more
+        // than the budget reaches the backend, pipelined or not. With none
+        // in flight there is nothing to wait for (and no budget to look up).
+        let in_flight = self.st.owed.iter().filter(|o| **o == Owed::Rcpt).count();
+        if in_flight > 0
+            && self
+                .pol
+                .unknown_left()
+                .is_some_and(|left| in_flight >= left as usize)
+        {
+            self.resolve().await;
+            if self.over_budget.is_some() {
+                return;
             }
         }
         if self.st.routed.is_some() {

@@ -63,15 +63,6 @@ impl EnhancedCode {
         }
         k
     }
-
-    /// Appends `x.y.z` to `out`.
-    fn write_to(&self, out: &mut Vec<u8>) {
-        write_dec(out, u16::from(self.0));
-        out.push(b'.');
-        write_dec(out, self.1);
-        out.push(b'.');
-        write_dec(out, self.2);
-    }
 }
 
 /// One SMTP reply: a three-digit code, an optional enhanced code and one or
@@ -186,42 +177,34 @@ impl Reply {
     /// A reply without lines is written as one line with empty text. An empty
     /// text line is written without a trailing space (`250 2.0.0\r\n`).
     pub fn write_to(&self, out: &mut Vec<u8>) {
-        // One line (every reply of a relayed message): its head built on
-        // the stack, then three copies.
-        if memchr::memchr(b'\n', &self.text).is_none() {
+        // Each line: its head (`250-`, `250 2.1.0 `) built on the stack,
+        // then three copies (a relayed message's replies are one line).
+        let mut rest: &[u8] = &self.text;
+        loop {
+            let (line, next) = match memchr::memchr(b'\n', rest) {
+                Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+                None => (rest, None),
+            };
             let mut head = [0u8; 24];
             let mut k = dec_into(&mut head, self.code);
-            head[k] = b' ';
+            head[k] = if next.is_none() { b' ' } else { b'-' };
             k += 1;
             if let Some(enh) = &self.enhanced {
                 k += enh.spell(&mut head[k..]);
-                if !self.text.is_empty() {
+                if !line.is_empty() {
                     head[k] = b' ';
                     k += 1;
                 }
             }
-            out.reserve(k + self.text.len() + 2);
-            out.extend_from_slice(&head[..k]);
-            out.extend_from_slice(&self.text);
-            out.extend_from_slice(b"\r\n");
-            return;
-        }
-        let per_line = 3 + 1 + if self.enhanced.is_some() { 12 } else { 0 } + 2;
-        let count = 1 + memchr::memchr_iter(b'\n', &self.text).count();
-        out.reserve(self.text.len() + count * per_line);
-        let mut lines = self.text.split(|&b| b == b'\n').peekable();
-        while let Some(line) = lines.next() {
-            write_dec(out, self.code);
-            out.push(if lines.peek().is_none() { b' ' } else { b'-' });
-            if let Some(enh) = &self.enhanced {
-                enh.write_to(out);
-                if !line.is_empty() {
-                    out.push(b' ');
-                }
-            }
             // The text holds no CR, and LF only between lines.
+            out.reserve(k + line.len() + 2);
+            out.extend_from_slice(&head[..k]);
             out.extend_from_slice(line);
             out.extend_from_slice(b"\r\n");
+            match next {
+                Some(n) => rest = n,
+                None => return,
+            }
         }
     }
     /// Parses one complete (possibly multi-line) reply from the front of

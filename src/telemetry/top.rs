@@ -259,39 +259,35 @@ impl Top {
         IpNet::new(ip, len).map_or(IpNet::from(ip), |n| n.trunc())
     }
 
-    fn both(&self, ip: IpAddr, f: impl Fn(&Activity)) {
-        if let Some((a, p)) = &self.views {
-            let ip = ip.to_canonical();
-            f(&a.get_with(ip, Arc::default));
-            f(&p.get_with(self.prefix(ip).addr(), Arc::default));
-        }
+    /// The entries of `ip` and of its prefix (made when absent); None
+    /// when the view is off.
+    fn entries(&self, ip: IpAddr) -> Option<(Arc<Activity>, Arc<Activity>)> {
+        let (a, p) = self.views.as_ref()?;
+        let ip = ip.to_canonical();
+        Some((
+            a.get_with(ip, Arc::default),
+            p.get_with(self.prefix(ip).addr(), Arc::default),
+        ))
     }
 
     /// A session begins: counted, and open until the guard drops.
     pub fn open(&self, ip: IpAddr) -> Open {
-        let Some((a, p)) = &self.views else {
-            return Open(None);
-        };
-        let ip = ip.to_canonical();
-        let (a, p) = (
-            a.get_with(ip, Arc::default),
-            p.get_with(self.prefix(ip).addr(), Arc::default),
-        );
-        for x in [&a, &p] {
+        let entries = self.entries(ip);
+        for x in entries.iter().flat_map(|(a, p)| [a, p]) {
             x.open.fetch_add(1, Ordering::Relaxed);
             x.with(|s| s.sessions += 1);
         }
-        Open(Some(Box::new((a, p))))
+        Open(entries.map(Box::new))
     }
 
     /// A connection refused at accept: a session begun and refused.
     pub fn refused_at_accept(&self, ip: IpAddr, why: &'static str) {
-        self.both(ip, |x| {
+        for x in self.entries(ip).iter().flat_map(|(a, p)| [a, p]) {
             x.with(|s| {
                 s.sessions += 1;
                 count(s, why);
-            })
-        });
+            });
+        }
     }
 
     /// The `n` busiest addresses and prefixes by `by` (most first): each
