@@ -63,6 +63,7 @@ fn pool(c: &mut Criterion) {
             tls: None,
         },
         smtp_edge::telemetry::metrics::Metrics::new().backend("bench", "default"),
+        1,
     );
     // Warm the pool with one ready connection.
     rt.block_on(async {

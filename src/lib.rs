@@ -3,6 +3,7 @@
 //! connections, never answering 250 before the backend did.
 
 pub mod config;
+pub mod cores;
 pub mod policy;
 pub mod proxy_protocol;
 pub mod relay;

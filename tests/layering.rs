@@ -15,6 +15,8 @@ const RULES: &[(&str, &[&str])] = &[
     // Leaves.
     ("timer", &[]),
     ("proxy_protocol", &[]),
+    // Which core the current thread serves (thread-per-core).
+    ("cores", &[]),
     // Logs, traces, metrics: a leaf that others write into; the proxy's
     // own replies name their trace (`own` takes a `smtp::Reply`).
     ("telemetry", &["smtp"]),
@@ -22,7 +24,10 @@ const RULES: &[(&str, &[&str])] = &[
     ("policy", &["smtp", "telemetry"]),
     ("config", &["smtp", "telemetry", "tls", "policy"]),
     // `tls` for loading a client certificate pair (TLS to the backends).
-    ("relay", &["smtp", "telemetry", "timer", "tls", "config"]),
+    (
+        "relay",
+        &["smtp", "telemetry", "timer", "tls", "config", "cores"],
+    ),
     (
         "session",
         &[
@@ -52,6 +57,7 @@ const RULES: &[(&str, &[&str])] = &[
             "config",
             "relay",
             "session",
+            "cores",
         ],
     ),
 ];

@@ -26,20 +26,32 @@ if [ "$(nproc)" -ge 16 ]; then BIG=1; fi
 if [ "$BIG" = 1 ]; then default_threads="1 2 4 8"; else default_threads="1"; fi
 read -r -a THREADS <<<"${THREADS:-$default_threads}"
 read -r -a MODES <<<"${MODES:-persistent new}"
+read -r -a PROXIES <<<"${PROXIES:-haproxy smtp-edge}"
 
+ALL_CPUS=0-$(($(nproc) - 1))
 if [ "$BIG" = 1 ]; then
   SINK_CPUS=8-11 LOAD_CPUS=12-15
+elif [ "${SHARED:-0}" = 1 ]; then
+  SINK_CPUS=$ALL_CPUS LOAD_CPUS=$ALL_CPUS
 else
   SINK_CPUS=0 LOAD_CPUS=0
   for t in "${THREADS[@]}"; do
     if [ "$t" != 1 ]; then
-      echo "fewer than 16 cores: only THREADS=1 (pinned as PIN=1)" >&2
+      echo "fewer than 16 cores: only THREADS=1 (pinned as PIN=1), or SHARED=1" >&2
       exit 2
     fi
   done
 fi
 LOAD_ON=(taskset -c "$LOAD_CPUS")
-proxy_cpus() { if [ "$BIG" = 1 ]; then echo "0-$(($1 - 1))"; else echo 1; fi; }
+proxy_cpus() {
+  if [ "$BIG" = 1 ]; then
+    echo "0-$(($1 - 1))"
+  elif [ "${SHARED:-0}" = 1 ]; then
+    echo "$ALL_CPUS"
+  else
+    echo 1
+  fi
+}
 
 build
 SINK=$(free_port)
@@ -56,7 +68,12 @@ start_proxy() {
   cpus=$(proxy_cpus "$t")
   PPORT=$(free_port)
   case $name in
-    smtp-edge)
+    smtp-edge*)
+      local runtime=""
+      if [ "$name" != "${name#smtp-edge@}" ]; then
+        runtime="[runtime]
+flavor = \"${name#smtp-edge@}\""
+      fi
       cat >"$WORK/edge.$PPORT.toml" <<TOML
 hostname = "edge.cores"
 ${EDGE_EXTRA:-}
@@ -66,6 +83,7 @@ backlog = 8192
 [[backend]]
 address = "127.0.0.1:$SINK"
 max_connections = 2000
+$runtime
 TOML
       ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
       # taskset execs smtp-edge: $! is its pid (a function would be a subshell).
@@ -88,7 +106,7 @@ TOML
 
 stop_proxy() {
   case $1 in
-    smtp-edge) stop_pid "$PWATCH"; forget "$PWATCH" ;;
+    smtp-edge*) stop_pid "$PWATCH"; forget "$PWATCH" ;;
     haproxy) stop_peer haproxy "$PEER_DIR" ;;
   esac
 }
@@ -102,8 +120,10 @@ for t in "${THREADS[@]}"; do
     m=0
     [ "$mode" = new ] && m=1
     for rep in $(seq 1 "$REPS"); do
-      order=(haproxy smtp-edge)
-      if [ $((k % 2)) = 1 ]; then order=(smtp-edge haproxy); fi
+      # Rotated each repeat: no proxy always runs first.
+      n=${#PROXIES[@]}
+      order=()
+      for i in $(seq 0 $((n - 1))); do order+=("${PROXIES[$(((i + k) % n))]}"); done
       k=$((k + 1))
       for name in "${order[@]}"; do
         start_proxy "$name" "$t"
@@ -121,9 +141,10 @@ for t in "${THREADS[@]}"; do
   done
 done
 
-python3 - "$RUNS" "${THREADS[*]}" "${MODES[*]}" <<'PY'
+python3 - "$RUNS" "${THREADS[*]}" "${MODES[*]}" "${PROXIES[*]}" <<'PY'
 import glob, json, os, statistics, sys
-runs, threads, modes = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
+runs, threads, modes, proxies = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), sys.argv[4].split()
+edges = [p for p in proxies if p != "haproxy"]
 def med(xs):
     return statistics.median(xs) if xs else float("nan")
 def get(t, mode, name):
@@ -135,12 +156,14 @@ def get(t, mode, name):
     p99 = [r[lat]["mail_to_final"]["p99"] / 1000 for r in rs]
     return med(mps), med(cpu), med(p50), med(p99), len(rs)
 print()
-print("| load | T | HAProxy msgs/s | smtp-edge msgs/s | edge / HAProxy | CPU s per 1k msgs HAProxy / edge | p50 MAIL→final ms HAProxy / edge | p99 MAIL→final ms HAProxy / edge | runs |")
-print("|---|---|---:|---:|---:|---|---|---|---|")
+print("| load | T | edge | HAProxy msgs/s | smtp-edge msgs/s | edge / HAProxy | CPU s per 1k msgs HAProxy / edge | p50 MAIL→final ms HAProxy / edge | p99 MAIL→final ms HAProxy / edge | runs |")
+print("|---|---|---|---:|---:|---:|---|---|---|---|")
 for mode in modes:
     for t in threads:
-        h = get(t, mode, "haproxy"); e = get(t, mode, "smtp-edge")
-        r = e[0] / h[0] if h[0] else float("nan")
-        print(f"| {mode} | {t} | {h[0]:,.0f} | {e[0]:,.0f} | {r:.2f} | {h[1]:.3f} / {e[1]:.3f} | {h[2]:.2f} / {e[2]:.2f} | {h[3]:.2f} / {e[3]:.2f} | {h[4]}+{e[4]} |")
+        h = get(t, mode, "haproxy")
+        for name in edges:
+            e = get(t, mode, name)
+            r = e[0] / h[0] if h[0] else float("nan")
+            print(f"| {mode} | {t} | {name} | {h[0]:,.0f} | {e[0]:,.0f} | {r:.2f} | {h[1]:.3f} / {e[1]:.3f} | {h[2]:.2f} / {e[2]:.2f} | {h[3]:.2f} / {e[3]:.2f} | {h[4]}+{e[4]} |")
 PY
 exit "$failed"

@@ -1,8 +1,10 @@
 //! `[runtime]`: how the process runs its event loop: tokio's multi-thread
-//! scheduler (work stealing over `worker_threads` threads) or one
+//! scheduler (work stealing over `worker_threads` threads), one
 //! current-thread loop (`auto`, the default, takes it whenever there is
 //! one worker: measured fairer and cheaper, loadtest/RESULTS.md section
-//! 19), and the scheduler's fairness knobs. Read once,
+//! 19), or one current-thread loop per core (`thread_per_core`: each with
+//! its own `SO_REUSEPORT` listeners and its own share of every backend
+//! pool, `server::cores`), and the scheduler's fairness knobs. Read once,
 //! when `main` builds the runtime; a reload that changes it is told a
 //! restart is needed.
 
@@ -22,6 +24,12 @@ pub enum Flavor {
     /// One thread runs everything (no work stealing, no cross-thread
     /// wake-ups): for one core, or one process per core.
     CurrentThread,
+    /// `worker_threads` threads, each a current-thread runtime of its own
+    /// with its own listening sockets (`SO_REUSEPORT`: the kernel spreads
+    /// connections) and its own share of each backend's connections. A
+    /// session stays on the thread that accepted it. The admin listener,
+    /// signals and reloads run on the main thread.
+    ThreadPerCore,
 }
 
 /// `[runtime]`.
@@ -29,8 +37,9 @@ pub enum Flavor {
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
     pub flavor: Flavor,
-    /// Worker threads of the multi-thread scheduler; 0 = one per core
-    /// (`TOKIO_WORKER_THREADS` when set).
+    /// Worker threads of the multi-thread scheduler, or the cores of
+    /// `thread_per_core`; 0 = one per core (`TOKIO_WORKER_THREADS` when
+    /// set).
     pub worker_threads: usize,
     /// Tasks a worker runs between two polls of the I/O driver; 0 =
     /// tokio's default (61). Lower: readiness is seen sooner, at more
@@ -70,6 +79,15 @@ impl RuntimeConfig {
         }
     }
 
+    /// The number of cores that keep a share of each backend pool: the
+    /// workers with `thread_per_core`, else 1.
+    pub fn cores(&self) -> usize {
+        match self.flavor {
+            Flavor::ThreadPerCore => self.workers(),
+            _ => 1,
+        }
+    }
+
     /// The worker count the multi-thread scheduler would have: the
     /// setting, else `TOKIO_WORKER_THREADS`, else the CPUs this process
     /// may run on.
@@ -93,7 +111,9 @@ impl RuntimeConfig {
         }
     }
 
-    /// The tokio runtime these settings describe.
+    /// The tokio runtime these settings describe: with `thread_per_core`,
+    /// the main thread's (admin, signals, reloads; the cores' are
+    /// `build_core`).
     pub fn build(&self) -> std::io::Result<tokio::runtime::Runtime> {
         let mut b = match self.resolved() {
             Flavor::MultiThread => {
@@ -103,8 +123,22 @@ impl RuntimeConfig {
                 }
                 b
             }
-            Flavor::CurrentThread | Flavor::Auto => tokio::runtime::Builder::new_current_thread(),
+            Flavor::CurrentThread | Flavor::Auto | Flavor::ThreadPerCore => {
+                tokio::runtime::Builder::new_current_thread()
+            }
         };
+        self.tune(&mut b);
+        b.build()
+    }
+
+    /// One core's runtime in the thread-per-core layout.
+    pub fn build_core(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        let mut b = tokio::runtime::Builder::new_current_thread();
+        self.tune(&mut b);
+        b.build()
+    }
+
+    fn tune(&self, b: &mut tokio::runtime::Builder) {
         b.enable_all();
         if self.event_interval > 0 {
             b.event_interval(self.event_interval);
@@ -112,7 +146,6 @@ impl RuntimeConfig {
         if self.global_queue_interval > 0 {
             b.global_queue_interval(self.global_queue_interval);
         }
-        b.build()
     }
 }
 

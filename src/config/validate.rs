@@ -29,6 +29,29 @@ impl Config {
         super::routes::validate(&self.routes, &self.backends, &mut err);
         self.policy.validate(&mut err);
         self.runtime.validate(&mut err);
+        per_core_shares(self, &mut err);
+    }
+}
+
+/// `thread_per_core`: each core keeps its own share of every backend's
+/// connections, so each backend needs at least one per core.
+fn per_core_shares(cfg: &super::Config, err: &mut dyn FnMut(String, String)) {
+    let cores = cfg.runtime.cores();
+    if cores <= 1 {
+        return;
+    }
+    for (i, b) in cfg.backends.iter().enumerate() {
+        if b.address.is_some() && b.max_connections > 0 && b.max_connections < cores {
+            err(
+                format!("backend[{i}].max_connections"),
+                format!(
+                    "{} is below the {cores} cores of [runtime] flavor = \"thread_per_core\": \
+                     each core keeps its own share of the backend's connections and needs \
+                     at least one (raise it, or set runtime.worker_threads)",
+                    b.max_connections
+                ),
+            );
+        }
     }
 }
 
@@ -505,6 +528,31 @@ mod tests {
         .unwrap_err();
         assert_eq!(errs[0].key, "backend[0]");
         assert_eq!(errs[0].line, 3);
+    }
+
+    #[test]
+    fn thread_per_core_needs_a_connection_per_core() {
+        let errs = errors_of(
+            "[[listener]]\naddress = \"127.0.0.1:25\"\n[[backend]]\naddress = \"a:25\"\n\
+             max_connections = 3\n[[backend]]\nmaildir = \"/tmp/m\"\n\
+             [runtime]\nflavor = \"thread_per_core\"\nworker_threads = 4\n",
+        );
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(
+            (errs[0].0.as_str(), errs[0].1),
+            ("backend[0].max_connections", 5)
+        );
+        assert!(errs[0].2.contains("4 cores"), "{}", errs[0].2);
+        // Enough for every core, or not thread-per-core: no error.
+        for ok in [
+            "max_connections = 4\n[runtime]\nflavor = \"thread_per_core\"\nworker_threads = 4\n",
+            "max_connections = 3\n[runtime]\nflavor = \"multi_thread\"\nworker_threads = 4\n",
+        ] {
+            let text = format!(
+                "[[listener]]\naddress = \"127.0.0.1:25\"\n[[backend]]\naddress = \"a:25\"\n{ok}"
+            );
+            assert!(errors_of(&text).is_empty(), "{text}");
+        }
     }
 
     /// Writes an ECDSA (rcgen's default) pair for `name` as `<stem>.crt` /

@@ -151,11 +151,13 @@ struct Health {
 pub struct Manager {
     settings: PoolSettings,
     metrics: BackendMetrics,
+    /// This share's TCP permits (`max_connections`, or a core's part of it).
     tcp: Arc<Semaphore>,
-    health: Health,
+    /// Shared by the shares of every core: the backend is up or down once.
+    health: Arc<Health>,
     /// The `SIZE` the backend announced in its last EHLO (0: none, or no
-    /// limit).
-    size: AtomicU64,
+    /// limit); shared by every core's share.
+    size: Arc<AtomicU64>,
     /// The pool itself, for the prober a failure may start.
     pool: OnceLock<WeakPool<Manager>>,
 }
@@ -340,39 +342,76 @@ impl PooledConn {
     }
 }
 
-/// Connections to one backend.
+/// Connections to one backend: one share (a deadpool pool with its own
+/// slots and TCP permits) per core in the thread-per-core layout, else
+/// one. A session takes connections from its own core's share only, so a
+/// backend connection is only ever polled by the thread that opened it;
+/// the shares' sizes add up to `max_connections`. Health and the learned
+/// `SIZE` are the backend's, shared by every share.
 #[derive(Debug)]
 pub struct Pool {
-    inner: managed::Pool<Manager>,
+    shares: Box<[managed::Pool<Manager>]>,
+}
+
+/// `max` split into `n` parts as even as can be, the larger ones first.
+pub fn split(max: usize, n: usize) -> impl Iterator<Item = usize> {
+    let n = n.max(1);
+    (0..n).map(move |k| max / n + usize::from(k < max % n))
 }
 
 impl Pool {
-    pub fn new(settings: PoolSettings, metrics: BackendMetrics) -> Pool {
-        let manager = Manager {
-            metrics,
-            tcp: Arc::new(Semaphore::new(settings.max_connections)),
-            health: Health {
-                failures: AtomicU32::new(0),
-                down: AtomicBool::new(false),
-            },
-            size: AtomicU64::new(0),
-            settings,
-            pool: OnceLock::new(),
-        };
-        let max = manager.settings.max_connections;
-        let inner = managed::Pool::builder(manager)
-            .max_size(max)
-            .queue_mode(managed::QueueMode::Lifo)
-            .runtime(Runtime::Tokio1)
-            .build()
-            .expect("pool with a runtime and no hooks");
-        let _ = inner.manager().pool.set(inner.weak());
-        Pool { inner }
+    /// A pool of `settings.max_connections` in `shares` parts (one per
+    /// core; each needs at least one connection, which config validation
+    /// checks).
+    pub fn new(settings: PoolSettings, metrics: BackendMetrics, shares: usize) -> Pool {
+        let health = Arc::new(Health {
+            failures: AtomicU32::new(0),
+            down: AtomicBool::new(false),
+        });
+        let size = Arc::new(AtomicU64::new(0));
+        let shares = split(settings.max_connections, shares)
+            .map(|max| {
+                let manager = Manager {
+                    metrics: metrics.clone(),
+                    tcp: Arc::new(Semaphore::new(max)),
+                    health: health.clone(),
+                    size: size.clone(),
+                    settings: PoolSettings {
+                        max_connections: max,
+                        ..settings.clone()
+                    },
+                    pool: OnceLock::new(),
+                };
+                let inner = managed::Pool::builder(manager)
+                    .max_size(max)
+                    .queue_mode(managed::QueueMode::Lifo)
+                    .runtime(Runtime::Tokio1)
+                    .build()
+                    .expect("pool with a runtime and no hooks");
+                let _ = inner.manager().pool.set(inner.weak());
+                inner
+            })
+            .collect();
+        Pool { shares }
     }
 
-    /// The pool's settings (kept by its manager).
+    /// The current core's share.
+    #[inline]
+    fn inner(&self) -> &managed::Pool<Manager> {
+        let k = crate::cores::current();
+        // Core k < shares always (both come from `[runtime]`); the modulo
+        // only keeps a stray thread from panicking.
+        &self.shares[if k < self.shares.len() {
+            k
+        } else {
+            k % self.shares.len()
+        }]
+    }
+
+    /// The pool's settings (kept by its manager); `max_connections` is the
+    /// current core's share.
     pub fn settings(&self) -> &PoolSettings {
-        &self.inner.manager().settings
+        &self.inner().manager().settings
     }
 
     /// A ready connection: the most recently used idle one that is still
@@ -390,11 +429,11 @@ impl Pool {
             recycle: None,
         };
         let t0 = Instant::now();
-        match self.inner.timeout_get(&t).await {
+        match self.inner().timeout_get(&t).await {
             Ok(obj) => {
                 let conn = PooledConn(Some(obj));
                 let reused = conn.reused();
-                let m = &self.inner.manager().metrics;
+                let m = &self.inner().manager().metrics;
                 m.pool_wait.observe(t0.elapsed().as_secs_f64());
                 if reused {
                     m.reused.inc();
@@ -413,7 +452,7 @@ impl Pool {
         let permit = conn._permit.take();
         // Boxed: inline, the connect would make every transaction's reply
         // future (which awaits this on its rare path) larger to move.
-        let mut fresh = Box::pin(self.inner.manager().connect()).await?;
+        let mut fresh = Box::pin(self.inner().manager().connect()).await?;
         fresh._permit = permit;
         *conn.deref_mut() = fresh;
         Ok(())
@@ -439,63 +478,90 @@ impl Pool {
     /// EHLO of its newest connection; None before one, or when it
     /// announced none or no limit (`SIZE 0`).
     pub fn size_limit(&self) -> Option<u64> {
-        let n = self.inner.manager().size.load(Ordering::Relaxed);
+        let n = self.inner().manager().size.load(Ordering::Relaxed);
         (n > 0).then_some(n)
     }
 
     /// False while the backend is marked down (being probed).
     pub fn is_up(&self) -> bool {
-        !self.inner.manager().health.down.load(Ordering::Acquire)
+        !self.inner().manager().health.down.load(Ordering::Acquire)
     }
 
-    /// Sessions waiting in line for a connection now.
+    /// Sessions of the current core waiting in line for a connection now.
     pub fn waiting(&self) -> usize {
-        self.inner.status().waiting
+        self.inner().status().waiting
     }
 
     /// This backend's metrics.
     pub fn metrics(&self) -> &BackendMetrics {
-        &self.inner.manager().metrics
+        &self.inner().manager().metrics
     }
 
-    /// Idle, in use and waiting now, and whether the backend is up.
+    /// Idle, in use and waiting now (every core's share), and whether the
+    /// backend is up.
     pub fn stat(&self) -> PoolStat {
-        let s = self.inner.status();
+        let (mut idle, mut in_use, mut waiting) = (0, 0, 0);
+        for p in &self.shares {
+            let s = p.status();
+            idle += s.available;
+            in_use += s.size.saturating_sub(s.available);
+            waiting += s.waiting;
+        }
         PoolStat {
             addr: self.settings().addr.clone(),
             group: self.settings().group.clone(),
-            idle: s.available,
-            in_use: s.size.saturating_sub(s.available),
-            waiting: s.waiting,
+            idle,
+            in_use,
+            waiting,
             up: self.is_up(),
         }
     }
 
     /// Closes idle connections that expired, idle past `max_idle` or open
-    /// past `max_lifetime` (QUIT, in the background).
+    /// past `max_lifetime` (QUIT, in the background), in every share.
     pub fn reap(&self) {
         let s = self.settings();
         let now = ticks();
-        let expired = self
-            .inner
-            .retain(|c, _| age(now, c.idle_since) <= s.max_idle && !s.too_old_at(c, now))
-            .removed;
-        for c in expired {
-            tokio::spawn(c.quit());
+        for p in &self.shares {
+            let expired = p
+                .retain(|c, _| age(now, c.idle_since) <= s.max_idle && !s.too_old_at(c, now))
+                .removed;
+            for c in expired {
+                tokio::spawn(c.quit());
+            }
         }
     }
 
-    /// QUITs every idle connection (shutdown).
+    /// QUITs every idle connection (shutdown), in every share.
     pub async fn close_idle(&self) {
-        let all = self.inner.retain(|_, _| false).removed;
-        let quits: Vec<_> = all.into_iter().map(|c| tokio::spawn(c.quit())).collect();
+        let quits: Vec<_> = self
+            .shares
+            .iter()
+            .flat_map(|p| p.retain(|_, _| false).removed)
+            .map(|c| tokio::spawn(c.quit()))
+            .collect();
         for q in quits {
             let _ = q.await;
         }
     }
 
-    /// Idle connections now held.
+    /// Idle connections now held (every share).
     pub fn idle_count(&self) -> usize {
-        self.inner.status().available
+        self.shares.iter().map(|p| p.status().available).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn shares_add_up_to_the_cap() {
+        assert_eq!(super::split(4, 3).collect::<Vec<_>>(), [2, 1, 1]);
+        assert_eq!(super::split(8, 1).collect::<Vec<_>>(), [8]);
+        assert_eq!(super::split(5, 0).collect::<Vec<_>>(), [5]);
+        for (max, n) in [(7, 4), (100, 16), (16, 16)] {
+            let v: Vec<_> = super::split(max, n).collect();
+            assert_eq!((v.len(), v.iter().sum::<usize>()), (n, max));
+            assert!(v.iter().all(|&x| x >= max / n && x <= max / n + 1));
+        }
     }
 }

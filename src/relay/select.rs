@@ -60,6 +60,7 @@ impl Backends {
                             tls,
                         },
                         metrics.backend(addr, &b.group),
+                        cfg.runtime.cores(),
                     ),
                     identity: b.identity,
                     identity_missing: Default::default(),

@@ -1,5 +1,6 @@
 //! Sockets and the TLS acceptor as the configuration asks for them: the
-//! client listeners (with their `backlog`), a socket bound at once (the
+//! client listeners (with their `backlog`; one `SO_REUSEPORT` socket per
+//! core in the thread-per-core layout), a socket bound at once (the
 //! admin listener), and the TLS acceptor built from `[tls]`. Used by
 //! `Server::bind` and by a reload.
 
@@ -13,15 +14,43 @@ use crate::config::{Config, TlsMode};
 /// A listening socket with a listen queue of `backlog` (std's and tokio's
 /// 128 drops the SYNs, or with SYN cookies the handshake's last ACK, of a
 /// burst of clients connecting at once).
-pub(super) fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    socket(addr, false)?.listen(backlog)
+}
+
+/// `cores` listening sockets on one address, each with `SO_REUSEPORT` so
+/// the kernel spreads new connections over them (one per core's accept
+/// loop); with one core, `listen`'s plain socket. Port 0: the first
+/// socket's port is taken by the others.
+pub(super) fn listen_shares(
+    addr: SocketAddr,
+    backlog: u32,
+    cores: usize,
+) -> std::io::Result<Vec<TcpListener>> {
+    if cores <= 1 {
+        return Ok(vec![listen(addr, backlog)?]);
+    }
+    let first = socket(addr, true)?.listen(backlog)?;
+    let bound = first.local_addr()?;
+    let mut all = vec![first];
+    for _ in 1..cores {
+        all.push(socket(bound, true)?.listen(backlog)?);
+    }
+    Ok(all)
+}
+
+fn socket(addr: SocketAddr, reuseport: bool) -> std::io::Result<tokio::net::TcpSocket> {
     let sock = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
     sock.set_reuseaddr(true)?;
+    if reuseport {
+        sock.set_reuseport(true)?;
+    }
     sock.bind(addr)?;
-    sock.listen(backlog)
+    Ok(sock)
 }
 
 /// A listening socket bound at once (from any thread inside the runtime).

@@ -56,10 +56,11 @@ use crate::telemetry::metrics::Metrics;
 
 pub mod admin;
 mod bind;
+mod cores;
 pub mod live_stats;
 mod reload;
 
-use bind::{bind_now, listen, tls_acceptor};
+use bind::{bind_now, listen_shares, tls_acceptor};
 use live_stats::LiveStats;
 pub use reload::{needs_restart, Reloader};
 
@@ -128,7 +129,9 @@ fn admit(
     }
 }
 
-/// A listener's PROXY protocol settings.
+/// A listener's PROXY protocol settings (a clone, one per core, shares
+/// the `pending` bound).
+#[derive(Clone)]
 struct ProxyListen {
     trusted: Arc<[ipnet::IpNet]>,
     timeout: Duration,
@@ -201,6 +204,41 @@ impl ProxyListen {
     }
 }
 
+/// One listening socket's accept loop, until the shutdown watch fires:
+/// admission and a session task per connection (`admit`), or the PROXY
+/// header first (`ProxyListen::accept`). Runs on the thread whose runtime
+/// registered `sock` (a core's, in the thread-per-core layout).
+async fn accept_loop(
+    sock: TcpListener,
+    listener: Listener,
+    proxy: Option<ProxyListen>,
+    live: Arc<ArcSwap<Shared>>,
+    done: mpsc::Sender<()>,
+    mut sd: watch::Receiver<bool>,
+) {
+    let accepted = live.load().metrics.core(crate::cores::current());
+    loop {
+        tokio::select! {
+            r = sock.accept() => match r {
+                Ok((stream, peer)) => {
+                    accepted.inc();
+                    let shared = live.load_full();
+                    match &proxy {
+                        None => admit(stream, peer, None, shared, listener, &done),
+                        Some(p) => p.accept(stream, peer, shared, listener, &done),
+                    }
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = async { let _ = sd.wait_for(|v| *v).await; } => return,
+        }
+    }
+}
+
 /// Policy counters for the log at shutdown (they are on `/metrics` too).
 fn log_policy_totals(policy: &Policy) {
     for c in policy.counts() {
@@ -227,9 +265,13 @@ fn log_policy_totals(policy: &Policy) {
     }
 }
 
+/// One configured listener: its sockets (one per core; one without the
+/// thread-per-core layout), what it offers, its PROXY protocol settings.
+type Listening = (Vec<TcpListener>, Listener, Option<ProxyListen>);
+
 /// Bound listeners plus everything sessions share; `serve` runs them.
 pub struct Server {
-    listeners: Vec<(TcpListener, Listener, Option<ProxyListen>)>,
+    listeners: Vec<Listening>,
     admin: Option<TcpListener>,
     /// What new connections get; a reload swaps it.
     live: Arc<ArcSwap<Shared>>,
@@ -246,17 +288,20 @@ impl Server {
         let tls = tls_acceptor(&cfg, None)?;
         let mut listeners = Vec::new();
         for l in &cfg.listeners {
-            let sock = listen(l.address, l.backlog).map_err(|err| ServerError::Bind {
-                addr: l.address,
-                err,
-            })?;
+            let socks =
+                listen_shares(l.address, l.backlog, cfg.runtime.cores()).map_err(|err| {
+                    ServerError::Bind {
+                        addr: l.address,
+                        err,
+                    }
+                })?;
             let proxy = l.proxy_protocol.then(|| ProxyListen {
                 trusted: l.trusted_proxies.clone().into(),
                 timeout: Duration::from_secs_f64(l.proxy_header_timeout),
                 pending: Arc::new(Semaphore::new(l.backlog as usize)),
             });
             listeners.push((
-                sock,
+                socks,
                 Listener {
                     tls: l.tls,
                     require_tls: l.require_tls,
@@ -311,7 +356,7 @@ impl Server {
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.listeners
             .iter()
-            .filter_map(|(l, _, _)| l.local_addr().ok())
+            .filter_map(|(l, _, _)| l.first()?.local_addr().ok())
             .collect()
     }
 
@@ -389,35 +434,36 @@ impl Server {
             }
         }
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
-        let mut accepts = Vec::new();
-        for (sock, listener, proxy) in listeners {
-            if let Ok(a) = sock.local_addr() {
-                info!(address = %a, tls = ?listener.tls, proxy_protocol = proxy.is_some(), "listening");
+        for (socks, listener, proxy) in &listeners {
+            if let Some(a) = socks.first().and_then(|s| s.local_addr().ok()) {
+                info!(address = %a, tls = ?listener.tls, proxy_protocol = proxy.is_some(), sockets = socks.len(), "listening");
             }
-            let live = live.clone();
-            let done = done_tx.clone();
-            let mut sd = shutdown_tx.subscribe();
-            accepts.push(tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        r = sock.accept() => match r {
-                            Ok((stream, peer)) => {
-                                let shared = live.load_full();
-                                match &proxy {
-                                    None => admit(stream, peer, None, shared, listener, &done),
-                                    Some(p) => p.accept(stream, peer, shared, listener, &done),
-                                }
-                            }
-                            Err(e) => {
-                                // EMFILE and friends: back off instead of spinning.
-                                warn!("accept failed: {e}");
-                                tokio::time::sleep(Duration::from_millis(50)).await;
-                            }
-                        },
-                        _ = async { let _ = sd.wait_for(|v| *v).await; } => return,
-                    }
+        }
+        let ncores = shared.cfg.runtime.cores();
+        let mut accepts = Vec::new();
+        let mut core_threads = None;
+        if ncores <= 1 {
+            for (socks, listener, proxy) in listeners {
+                for sock in socks {
+                    accepts.push(tokio::spawn(accept_loop(
+                        sock,
+                        listener,
+                        proxy.clone(),
+                        live.clone(),
+                        done_tx.clone(),
+                        shutdown_tx.subscribe(),
+                    )));
                 }
-            }));
+            }
+        } else {
+            core_threads = Some(cores::Cores::start(
+                ncores,
+                &shared.cfg.runtime,
+                listeners,
+                &live,
+                &done_tx,
+                &shutdown_tx,
+            ));
         }
         drop(done_tx);
         stop.await;
@@ -436,12 +482,19 @@ impl Server {
         for a in accepts {
             let _ = a.await;
         }
+        if let Some(c) = &mut core_threads {
+            c.accepting_ended().await;
+        }
         let shared = live.load_full();
         let grace = Duration::from_secs_f64(shared.cfg.timeouts.shutdown_grace);
         if tokio::time::timeout(grace, done_rx.recv()).await.is_err() {
             warn!("shutdown grace period over; closing remaining sessions");
         }
         shared.backends().close_idle().await;
+        if let Some(c) = core_threads {
+            // After the QUITs: their sockets are polled by the cores' loops.
+            c.finish().await;
+        }
         log_policy_totals(&shared.policy);
         admin_ctl.lock().unwrap_or_else(|e| e.into_inner()).stop();
         info!("stopped");

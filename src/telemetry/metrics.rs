@@ -83,6 +83,9 @@ impl BackendMetrics {
 #[derive(Debug)]
 pub struct Metrics {
     pub connections_accepted: Counter,
+    /// Connections each core's accept loops took (thread-per-core: how
+    /// evenly `SO_REUSEPORT` spreads them; one core otherwise).
+    pub core_connections: Family<Labels, Counter>,
     pub connections_refused: Family<Labels, Counter>,
     pub proxy_headers: Family<Labels, Counter>,
     pub sessions_active: Gauge,
@@ -122,6 +125,7 @@ impl Metrics {
         let mut r = Registry::with_prefix("smtp_edge");
         let m = Metrics {
             connections_accepted: Counter::default(),
+            core_connections: Family::default(),
             connections_refused: Family::default(),
             proxy_headers: Family::default(),
             sessions_active: Gauge::default(),
@@ -151,6 +155,11 @@ impl Metrics {
             "connections_accepted",
             "Client connections admitted (a session started)",
             m.connections_accepted.clone(),
+        );
+        r.register(
+            "core_connections",
+            "Client connections accepted by each core's listening sockets (before admission)",
+            m.core_connections.clone(),
         );
         r.register(
             "connections_refused",
@@ -300,6 +309,14 @@ impl Metrics {
         self.connections_refused
             .get_or_create(&vec![("reason", check.to_string())])
             .inc();
+    }
+
+    /// The counter of connections core `k` accepts (taken once per
+    /// accept loop).
+    pub fn core(&self, k: usize) -> Counter {
+        self.core_connections
+            .get_or_create(&vec![("core", k.to_string())])
+            .clone()
     }
 
     /// A connection on a PROXY protocol listener: how its header went.
