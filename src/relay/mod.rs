@@ -146,7 +146,8 @@ enum Inner {
         completed: bool,
     },
     Maildir {
-        writer: Option<MaildirWriter>,
+        /// Boxed: a `Txn` of either kind stays small to move.
+        writer: Option<Box<MaildirWriter>>,
         replies: VecDeque<Reply>,
         rcpts: usize,
     },

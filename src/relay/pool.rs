@@ -224,10 +224,12 @@ impl Manager {
 }
 
 impl managed::Manager for Manager {
-    type Type = BackendConn;
+    /// Boxed: a checkout, a `Txn` and a checkin move the handle, not the
+    /// ~300-byte connection (a relayed message moved it about ten times).
+    type Type = Box<BackendConn>;
     type Error = BackendError;
 
-    async fn create(&self) -> Result<BackendConn, BackendError> {
+    async fn create(&self) -> Result<Box<BackendConn>, BackendError> {
         // A socket of a connection that left the pool may still be closing:
         // wait for it (bounded) rather than exceed max_connections.
         let permit = tokio::time::timeout(
@@ -241,10 +243,14 @@ impl managed::Manager for Manager {
         // transaction awaits stays small without it.
         let mut conn = Box::pin(self.connect()).await?;
         conn._permit = Some(permit);
-        Ok(conn)
+        Ok(Box::new(conn))
     }
 
-    async fn recycle(&self, conn: &mut BackendConn, _: &Metrics) -> RecycleResult<BackendError> {
+    async fn recycle(
+        &self,
+        conn: &mut Box<BackendConn>,
+        _: &Metrics,
+    ) -> RecycleResult<BackendError> {
         // Past max_lifetime while idle and missed by the reaper: dropped
         // here rather than handed out.
         let now = ticks();
@@ -324,7 +330,8 @@ impl PooledConn {
     /// its TCP permit until closed.
     pub fn quit(mut self) -> impl std::future::Future<Output = ()> + Send {
         let obj = self.0.take().expect("pooled connection");
-        Object::take(obj).quit()
+        let conn: Box<BackendConn> = Object::take(obj);
+        (*conn).quit()
     }
 
     /// This connection's id (for traces): an integer, so a span records

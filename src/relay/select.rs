@@ -260,7 +260,7 @@ impl Backends {
                             backends: self.clone(),
                             group: g,
                             inner: Inner::Maildir {
-                                writer: Some(w),
+                                writer: Some(Box::new(w)),
                                 replies: VecDeque::new(),
                                 rcpts: 0,
                             },

@@ -27,12 +27,15 @@ const WAIT_INPUT_LIMIT: usize = 16 * 1024;
 /// (half-close), then reads the replies. With commands still to answer in
 /// `inbuf`, the wait goes on (it is bounded by itself); only an end of
 /// input with nothing left to answer gives the place up.
+///
+/// `fut` comes boxed (`Unpin`): this future then holds a pointer, not a
+/// second copy of the wait (a pinned argument is stored twice), and the
+/// caller's future stays small without boxing this one too.
 pub(super) async fn while_client_stays<S: AsyncRead + Unpin, T>(
     io: &mut S,
     inbuf: &mut BytesMut,
-    fut: impl std::future::Future<Output = T>,
+    mut fut: impl std::future::Future<Output = T> + Unpin,
 ) -> Option<T> {
-    let mut fut = std::pin::pin!(fut);
     loop {
         if inbuf.len() >= WAIT_INPUT_LIMIT {
             return Some(fut.await);
@@ -350,11 +353,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // (held by every idle connection) ~6 KB bigger in RSS (idle.sh:
         // 15.7 against 10.2 KB per idle connection); boxed, they cost
         // three allocations per message (tests/allocs.rs).
-        let begin = relay
-            .begin(GroupId::UNROUTED, id, dedicated)
-            .instrument(span.clone());
-        let Some(begun) = Box::pin(while_client_stays(&mut self.io, &mut self.inbuf, begin)).await
-        else {
+        let begin = Box::pin(
+            relay
+                .begin(GroupId::UNROUTED, id, dedicated)
+                .instrument(span.clone()),
+        );
+        let Some(begun) = while_client_stays(&mut self.io, &mut self.inbuf, begin).await else {
             self.client_gone = true;
             return;
         };

@@ -129,9 +129,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return false;
         };
         let span = self.st.txn_span.clone().unwrap_or_else(tracing::Span::none);
-        let begin = backends.begin(g, id, dedicated).instrument(span.clone());
-        let Some(begun) = Box::pin(while_client_stays(&mut self.io, &mut self.inbuf, begin)).await
-        else {
+        let begin = Box::pin(backends.begin(g, id, dedicated).instrument(span.clone()));
+        let Some(begun) = while_client_stays(&mut self.io, &mut self.inbuf, begin).await else {
             self.client_gone = true;
             return false;
         };
