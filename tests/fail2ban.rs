@@ -140,7 +140,18 @@ log_format = "{format}"
     for addr in [v6, mapped] {
         let end = Instant::now() + Duration::from_secs(10);
         let mut probe = loop {
-            if let Ok(s) = tokio::net::TcpStream::connect(addr).await {
+            // The IPv4 probe comes from 127.0.0.9: `Running::listening`'s
+            // own connection from 127.0.0.1 may be accepted only now
+            // (per_ip = 1 would then refuse one of the two, a refusal
+            // line the filter must not see).
+            let s = if addr.is_ipv4() {
+                let sock = tokio::net::TcpSocket::new_v4().unwrap();
+                sock.bind("127.0.0.9:0".parse().unwrap()).unwrap();
+                sock.connect(addr).await
+            } else {
+                tokio::net::TcpStream::connect(addr).await
+            };
+            if let Ok(s) = s {
                 break Raw::from_parts(s, Vec::new());
             }
             assert!(
