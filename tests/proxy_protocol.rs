@@ -680,16 +680,20 @@ async fn a_flood_without_headers_holds_no_socket() {
         &backend.addr,
         "\"127.0.0.1/32\"",
         "",
-        "proxy_header_timeout = 0.5\nbacklog = 64",
+        "proxy_header_timeout = 2\nbacklog = 64",
     ))
     .await;
     // 300 connections that never speak: at most 64 wait for a header (the
     // backlog), the others are closed at once; all are closed by the
-    // timeout.
+    // timeout. The timeout is long enough that all 300 are in before the
+    // first 64 time out and give their places to later ones (a loaded
+    // 2-core machine once took over 0.5 s to connect them: 128 timeouts).
     let mut socks = Vec::new();
+    let connecting = Instant::now();
     for _ in 0..300 {
         socks.push(TcpStream::connect(proxy.addr).await.unwrap());
     }
+    let connecting = connecting.elapsed();
     let t0 = Instant::now();
     for s in &mut socks {
         assert_eq!(
@@ -697,12 +701,14 @@ async fn a_flood_without_headers_holds_no_socket() {
             Some(vec![])
         );
     }
-    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
     wait_headers(&proxy, "timeout", 1).await;
     let timeouts = headers(&proxy, "timeout");
     let busy = headers(&proxy, "busy");
     assert_eq!(timeouts + busy, 300, "timeouts {timeouts} busy {busy}");
-    assert!(timeouts <= 64, "{timeouts}");
+    if connecting < Duration::from_millis(1500) {
+        assert!(timeouts <= 64, "{timeouts} (connecting took {connecting:?})");
+    }
     // And a real session is served right after.
     let mut c = Raw::connect(proxy.addr).await;
     c.send(&v2_header(
