@@ -1,7 +1,8 @@
 //! A reusable read deadline: one tokio timer per connection that is armed
 //! once and moved only when it fires early, instead of a timer entry put
-//! into and taken out of tokio's wheel for every read that waits; and
-//! `Pace`, the minimum average rate of a message's data.
+//! into and taken out of tokio's wheel for every read that waits, and that
+//! reads the clock only when a wait blocks; `timeout` for futures mostly
+//! ready at once; and `Pace`, the minimum average rate of a message's data.
 
 use std::future::Future;
 use std::pin::{pin, Pin};
@@ -14,14 +15,44 @@ use tokio::time::{Instant, Sleep};
 /// underlying timer keeps the earliest deadline set since it last fired,
 /// and when it fires before the current wait's deadline it is re-armed to
 /// it, so a read that completes costs no timer operation at all.
+///
+/// The clock is read only when a wait blocks: a future ready at its first
+/// poll (data already in the socket, a write the socket takes at once)
+/// costs no clock read either. `blocked` tells the caller when the last
+/// wait began to block and its deadline, for carrying a deadline over
+/// several waits and for timing them without a clock read of its own.
 pub struct ReadTimer {
     sleep: Pin<Box<Sleep>>,
+    blocked: Option<Blocked>,
+}
+
+/// How long one wait may last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// This long from when the wait first blocks.
+    For(Duration),
+    /// Until this instant (a deadline carried over from an earlier wait).
+    Until(Instant),
+}
+
+impl From<Duration> for Limit {
+    fn from(d: Duration) -> Limit {
+        Limit::For(d)
+    }
+}
+
+/// A wait that blocked: when it began to, and its deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Blocked {
+    pub since: Instant,
+    pub until: Instant,
 }
 
 impl std::fmt::Debug for ReadTimer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReadTimer")
             .field("armed", &self.sleep.deadline())
+            .field("blocked", &self.blocked)
             .finish()
     }
 }
@@ -40,23 +71,42 @@ impl ReadTimer {
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
         ReadTimer {
             sleep: Box::pin(tokio::time::sleep_until(far)),
+            blocked: None,
         }
     }
 
-    /// `fut`'s output, or `None` when `d` passed first (as
-    /// `tokio::time::timeout`, which polls `fut` first too).
-    pub async fn within<F: Future>(&mut self, d: Duration, fut: F) -> Option<F::Output> {
-        let deadline = Instant::now() + d;
-        if self.sleep.deadline() > deadline {
-            // Armed for later than this wait allows: move it earlier.
-            self.sleep.as_mut().reset(deadline);
-        }
+    /// `fut`'s output, or `None` when the limit passed first (as
+    /// `tokio::time::timeout`, which polls `fut` first too). The limit's
+    /// clock starts when `fut` first returns pending.
+    pub async fn within<F: Future>(
+        &mut self,
+        limit: impl Into<Limit>,
+        fut: F,
+    ) -> Option<F::Output> {
+        let limit = limit.into();
+        self.blocked = None;
         let mut fut = pin!(fut);
-        let sleep = &mut self.sleep;
+        let ReadTimer { sleep, blocked } = self;
         std::future::poll_fn(|cx| {
             if let Poll::Ready(v) = fut.as_mut().poll(cx) {
                 return Poll::Ready(Some(v));
             }
+            let deadline = match blocked {
+                Some(b) => b.until,
+                None => {
+                    let since = Instant::now();
+                    let until = match limit {
+                        Limit::For(d) => since + d,
+                        Limit::Until(t) => t,
+                    };
+                    *blocked = Some(Blocked { since, until });
+                    if sleep.deadline() > until {
+                        // Armed for later than this wait allows: move it earlier.
+                        sleep.as_mut().reset(until);
+                    }
+                    until
+                }
+            };
             loop {
                 match sleep.as_mut().poll(cx) {
                     Poll::Pending => return Poll::Pending,
@@ -67,6 +117,23 @@ impl ReadTimer {
             }
         })
         .await
+    }
+
+    /// The last `within`'s wait, when it blocked (None: its future was
+    /// ready at the first poll, and no time passed).
+    pub fn blocked(&self) -> Option<Blocked> {
+        self.blocked
+    }
+}
+
+/// `tokio::time::timeout` for futures that are mostly ready at their first
+/// poll (a write the socket takes at once): the clock is read and a timer
+/// entry made only when `fut` is pending. `None` when `d` passed first.
+pub async fn timeout<F: Future>(d: Duration, fut: F) -> Option<F::Output> {
+    let mut fut = pin!(fut);
+    match std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
+        Poll::Ready(v) => Some(v),
+        Poll::Pending => tokio::time::timeout(d, fut).await.ok(),
     }
 }
 
@@ -148,6 +215,42 @@ mod tests {
         assert_eq!(r, None);
         let e = t0.elapsed();
         assert!(e >= ms(100) && e < ms(1000), "{e:?}");
+    }
+
+    /// A wait ready at once reads no clock and reports no block; one that
+    /// blocks reports when, and a deadline carried over ends it there.
+    #[tokio::test]
+    async fn blocked_waits_are_reported_and_deadlines_carry_over() {
+        let mut t = ReadTimer::new();
+        assert_eq!(t.within(ms(100), async { 1 }).await, Some(1));
+        assert_eq!(t.blocked(), None);
+        let t0 = Instant::now();
+        let slow = async {
+            tokio::time::sleep(ms(50)).await;
+            2
+        };
+        assert_eq!(t.within(ms(300), slow).await, Some(2));
+        let b = t.blocked().expect("it blocked");
+        assert!(b.since >= t0 && b.until == b.since + ms(300), "{b:?}");
+        // The rest of that deadline, carried over: ends at ~300 ms from t0.
+        let r = t
+            .within(Limit::Until(b.until), std::future::pending::<()>())
+            .await;
+        assert_eq!(r, None);
+        let e = t0.elapsed();
+        assert!(e >= ms(300) && e < ms(1200), "{e:?}");
+        assert_eq!(t.blocked().map(|b| b.until), Some(b.until));
+    }
+
+    #[tokio::test]
+    async fn timeout_is_tokios_for_pending_futures() {
+        assert_eq!(timeout(ms(10), async { 3 }).await, Some(3));
+        assert_eq!(timeout(ms(10), std::future::pending::<()>()).await, None);
+        let slow = async {
+            tokio::time::sleep(ms(20)).await;
+            4
+        };
+        assert_eq!(timeout(ms(2000), slow).await, Some(4));
     }
 
     #[test]

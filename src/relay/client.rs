@@ -22,6 +22,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::tls::{BackendStream, BackendTls, TlsFailure};
 use crate::config::BackendTlsMode;
 use crate::smtp::{Reply, ReplyError};
+use crate::timer::Limit;
 
 /// Why a backend conversation failed.
 #[derive(Debug, thiserror::Error)]
@@ -70,10 +71,45 @@ pub struct Caps {
     pub chunking: bool,
     /// STARTTLS (RFC 3207).
     pub starttls: bool,
-    /// XFORWARD attribute names (upper case); empty when not offered.
-    pub xforward: Vec<String>,
-    /// XCLIENT attribute names (upper case); empty when not offered.
-    pub xclient: Vec<String>,
+    /// The XFORWARD attributes offered that smtp-edge knows; empty when
+    /// not offered.
+    pub xforward: Attrs,
+    /// The XCLIENT attributes offered that smtp-edge knows; empty when not
+    /// offered.
+    pub xclient: Attrs,
+}
+
+/// The client attributes smtp-edge sends by XFORWARD / XCLIENT, in the
+/// order it sends them.
+const ATTRS: [&str; 6] = ["NAME", "ADDR", "PORT", "PROTO", "HELO", "SOURCE"];
+
+/// A set of `ATTRS` (a backend's offer): one bit each, so a session's
+/// cached XFORWARD lines are matched to a connection's offer by one
+/// comparison. Names it does not know are left out (nothing would be sent
+/// for them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Attrs(u8);
+
+impl Attrs {
+    /// The known attributes among `words` (any case).
+    pub fn from_words<'a>(words: impl IntoIterator<Item = &'a str>) -> Attrs {
+        let mut bits = 0;
+        for w in words {
+            if let Some(k) = ATTRS.iter().position(|a| a.eq_ignore_ascii_case(w)) {
+                bits |= 1 << k;
+            }
+        }
+        Attrs(bits)
+    }
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+    pub fn len(self) -> usize {
+        self.0.count_ones() as usize
+    }
+    fn has(self, k: usize) -> bool {
+        self.0 & (1 << k) != 0
+    }
 }
 
 impl Caps {
@@ -92,8 +128,8 @@ impl Caps {
                 "SMTPUTF8" => caps.smtputf8 = true,
                 "CHUNKING" => caps.chunking = true,
                 "STARTTLS" => caps.starttls = true,
-                "XFORWARD" => caps.xforward = words.map(|w| w.to_ascii_uppercase()).collect(),
-                "XCLIENT" => caps.xclient = words.map(|w| w.to_ascii_uppercase()).collect(),
+                "XFORWARD" => caps.xforward = Attrs::from_words(words),
+                "XCLIENT" => caps.xclient = Attrs::from_words(words),
                 _ => {}
             }
         }
@@ -126,6 +162,9 @@ pub struct BackendConn {
     pub(crate) created: u32,
     /// The deadline of reads of replies.
     read_timer: crate::timer::ReadTimer,
+    /// When the last `read_reply` first had to wait (None: its reply was
+    /// in the buffer already).
+    waited_since: Option<tokio::time::Instant>,
 }
 
 impl std::fmt::Debug for BackendConn {
@@ -202,6 +241,7 @@ impl BackendConn {
             idle_since: ticks(),
             created: ticks(),
             read_timer: crate::timer::ReadTimer::new(),
+            waited_since: None,
         };
         // The greeting is part of connecting: a backend that accepts but
         // never greets must not hold the client longer than that.
@@ -307,26 +347,28 @@ impl BackendConn {
         Ok(())
     }
 
-    /// Reads one whole reply, waiting at most `t`. The clock is read only
-    /// when a read must wait (a pipelined batch's replies are mostly in
-    /// the buffer already), once for the first wait.
+    /// Reads one whole reply, waiting at most `t` from when a read first
+    /// blocks. The clock is read only when a read must wait (a pipelined
+    /// batch's replies are mostly in the buffer already), once per wait;
+    /// `waited_since` then tells when the first wait began.
     pub async fn read_reply(&mut self, t: Duration) -> Result<Reply, BackendError> {
-        let mut deadline: Option<tokio::time::Instant> = None;
+        let mut first: Option<crate::timer::Blocked> = None;
+        self.waited_since = None;
         loop {
             if let Some((reply, used)) = Reply::parse(&self.rbuf)? {
                 self.rbuf.drain(..used);
+                self.waited_since = first.map(|b| b.since);
                 return Ok(reply);
             }
             self.rbuf.reserve(512);
-            let left = match deadline {
-                None => {
-                    deadline = Some(tokio::time::Instant::now() + t);
-                    t
-                }
-                Some(d) => d.saturating_duration_since(tokio::time::Instant::now()),
+            let limit = match first {
+                None => Limit::For(t),
+                Some(b) => Limit::Until(b.until),
             };
             let read = self.stream.read_buf(&mut self.rbuf);
-            let n = match self.read_timer.within(left, read).await {
+            let got = self.read_timer.within(limit, read).await;
+            first = first.or(self.read_timer.blocked());
+            let n = match got {
                 Some(r) => r?,
                 None => return Err(BackendError::Timeout),
             };
@@ -334,6 +376,12 @@ impl BackendConn {
                 return Err(BackendError::Closed);
             }
         }
+    }
+
+    /// When the last `read_reply` first had to wait for the backend;
+    /// None when its reply was already buffered (no time passed).
+    pub fn waited_since(&self) -> Option<tokio::time::Instant> {
+        self.waited_since
     }
 
     /// True when the idle connection still looks usable: nothing to read
@@ -366,7 +414,7 @@ pub struct ClientIdentity {
     pub helo: Option<String>,
     /// `SMTP` or `ESMTP`.
     pub proto: &'static str,
-    xforward: std::sync::OnceLock<(Vec<String>, Vec<u8>)>,
+    xforward: std::sync::OnceLock<(Attrs, Vec<u8>)>,
 }
 
 impl ClientIdentity {
@@ -387,13 +435,13 @@ impl ClientIdentity {
 
     /// The XFORWARD lines for a backend offering `offered`, from the cache
     /// when it was built for the same attributes.
-    pub fn xforward_lines(&self, offered: &[String], out: &mut Vec<u8>) {
+    pub fn xforward_lines(&self, offered: Attrs, out: &mut Vec<u8>) {
         let (for_offered, lines) = self.xforward.get_or_init(|| {
             let mut lines = Vec::with_capacity(128);
             identity_commands("XFORWARD", offered, self, &mut lines);
-            (offered.to_vec(), lines)
+            (offered, lines)
         });
-        if for_offered.as_slice() == offered {
+        if *for_offered == offered {
             out.extend_from_slice(lines);
         } else {
             identity_commands("XFORWARD", offered, self, out);
@@ -443,14 +491,13 @@ fn attribute_value(id: &ClientIdentity, attr: &str, out: &mut Vec<u8>) -> bool {
 
 /// The XFORWARD / XCLIENT command lines (`verb` is either) carrying the
 /// attributes the backend offered, each line kept under 512 octets.
-pub fn identity_commands(verb: &str, offered: &[String], id: &ClientIdentity, out: &mut Vec<u8>) {
-    const ORDER: [&str; 6] = ["NAME", "ADDR", "PORT", "PROTO", "HELO", "SOURCE"];
+pub fn identity_commands(verb: &str, offered: Attrs, id: &ClientIdentity, out: &mut Vec<u8>) {
     let mut line = Vec::with_capacity(128);
     line.extend_from_slice(verb.as_bytes());
     let mut raw = Vec::new();
     let mut item = Vec::new();
-    for attr in ORDER {
-        if !offered.iter().any(|o| o == attr) {
+    for (k, attr) in ATTRS.into_iter().enumerate() {
+        if !offered.has(k) {
             continue;
         }
         if verb == "XCLIENT" && attr == "SOURCE" {
@@ -494,8 +541,8 @@ mod tests {
     #[test]
     fn xforward_only_offered_attributes() {
         let mut out = Vec::new();
-        let offered = vec!["NAME".into(), "ADDR".into(), "HELO".into()];
-        identity_commands("XFORWARD", &offered, &id(), &mut out);
+        let offered = Attrs::from_words(["NAME", "addr", "HELO", "FUTURE"]);
+        identity_commands("XFORWARD", offered, &id(), &mut out);
         assert_eq!(
             out,
             b"XFORWARD NAME=[UNAVAILABLE] ADDR=192.0.2.7 HELO=client+2Bx.example\r\n"
@@ -507,12 +554,9 @@ mod tests {
         let mut i = id();
         i.addr = "[2001:db8::1]:25".parse().unwrap();
         i.helo = Some("h".repeat(450));
-        let offered: Vec<String> = ["NAME", "ADDR", "PORT", "PROTO", "HELO", "SOURCE"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let offered = Attrs::from_words(ATTRS);
         let mut out = Vec::new();
-        identity_commands("XFORWARD", &offered, &i, &mut out);
+        identity_commands("XFORWARD", offered, &i, &mut out);
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("ADDR=IPV6:2001:db8::1"));
         assert!(text.lines().count() >= 2);

@@ -265,6 +265,25 @@ impl managed::Manager for Manager {
     }
 }
 
+/// A checkout's deadpool timeouts: waiting in line at most `wait` (zero:
+/// not at all); creating and recycling are bounded by the manager itself.
+fn get_within(wait: Duration) -> Timeouts {
+    Timeouts {
+        wait: Some(wait),
+        create: None,
+        recycle: None,
+    }
+}
+
+/// A failed checkout as the relay sees it.
+fn get_error(e: PoolError<BackendError>) -> BackendError {
+    match e {
+        PoolError::Backend(e) => e,
+        PoolError::Timeout(_) => BackendError::Exhausted,
+        _ => BackendError::Closed,
+    }
+}
+
 /// Probes a down backend in the background, waiting longer after each
 /// failure, until a connect succeeds (the new connection joins the pool).
 async fn probe(weak: WeakPool<Manager>, first: Duration, max: Duration) {
@@ -427,30 +446,39 @@ impl Pool {
     /// Returns whether it was reused (a reused one may still turn out dead
     /// on first use; the caller then asks `reconnect`).
     pub async fn checkout(&self, wait: Wait) -> Result<(PooledConn, bool), BackendError> {
-        let t = Timeouts {
-            wait: Some(match wait {
-                Wait::No => Duration::ZERO,
-                Wait::Yes => self.settings().pool_wait,
-            }),
-            create: None,
-            recycle: None,
-        };
-        let t0 = Instant::now();
-        match self.inner().timeout_get(&t).await {
-            Ok(obj) => {
-                let conn = PooledConn(Some(obj));
-                let reused = conn.reused();
-                let m = &self.inner().manager().metrics;
-                m.pool_wait.observe(t0.elapsed().as_secs_f64());
-                if reused {
-                    m.reused.inc();
-                }
-                Ok((conn, reused))
-            }
-            Err(PoolError::Backend(e)) => Err(e),
-            Err(PoolError::Timeout(_)) => Err(BackendError::Exhausted),
-            Err(_) => Err(BackendError::Closed),
+        // A free slot first, without a timer: a wait of zero only tries
+        // the semaphore, whose free permits exist only when nobody waits
+        // in line (first come first served holds). Only a checkout that
+        // must wait reads the clock and arms a timer.
+        match self.inner().timeout_get(&get_within(Duration::ZERO)).await {
+            Ok(obj) => Ok(self.taken(obj, 0.0)),
+            // Boxed: the wait in line is the rarer path; inline, its
+            // future would be one more to move into every checkout.
+            Err(PoolError::Timeout(_)) if wait == Wait::Yes => Box::pin(self.in_line()).await,
+            Err(e) => Err(get_error(e)),
         }
+    }
+
+    /// `checkout`'s wait in line, at most `pool_wait`.
+    async fn in_line(&self) -> Result<(PooledConn, bool), BackendError> {
+        let t0 = Instant::now();
+        let t = get_within(self.settings().pool_wait);
+        match self.inner().timeout_get(&t).await {
+            Ok(obj) => Ok(self.taken(obj, t0.elapsed().as_secs_f64())),
+            Err(e) => Err(get_error(e)),
+        }
+    }
+
+    /// A checked-out connection, counted; `waited` seconds in line.
+    fn taken(&self, obj: Object<Manager>, waited: f64) -> (PooledConn, bool) {
+        let conn = PooledConn(Some(obj));
+        let reused = conn.reused();
+        let m = &self.inner().manager().metrics;
+        m.pool_wait.observe(waited);
+        if reused {
+            m.reused.inc();
+        }
+        (conn, reused)
     }
 
     /// Replaces a reused connection that proved dead with a new one in the

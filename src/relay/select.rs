@@ -389,7 +389,7 @@ impl Backends {
             return Ok(conn);
         }
         let mut cmd = Vec::new();
-        identity_commands("XCLIENT", &conn.caps.xclient.clone(), id, &mut cmd);
+        identity_commands("XCLIENT", conn.caps.xclient, id, &mut cmd);
         // Each XCLIENT line is answered with a new greeting.
         let lines = cmd.split(|&b| b == b'\n').filter(|l| !l.is_empty()).count();
         conn.send(&cmd).await?;

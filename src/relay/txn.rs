@@ -81,7 +81,7 @@ impl Txn {
         }
         // Straight into the batch, a reply owed per line.
         let start = wbuf.len();
-        id.xforward_lines(&conn.caps.xforward, wbuf);
+        id.xforward_lines(conn.caps.xforward, wbuf);
         for _ in memchr::memchr_iter(b'\n', &wbuf[start..]) {
             self.pending.push_back(Pend::Internal("XFORWARD"));
         }
@@ -438,14 +438,15 @@ impl Txn {
             Inner::Smtp { conn, .. } => match conn.as_mut() {
                 Some(c) => {
                     let t = self.backends.command_timeout;
-                    let r = tokio::time::timeout(t, c.send_vectored(bufs)).await;
+                    // Mostly taken at once: no clock read, no timer then.
+                    let r = crate::timer::timeout(t, c.send_vectored(bufs)).await;
                     match r {
-                        Ok(Ok(())) => Ok(()),
-                        Ok(Err(e)) => {
+                        Some(Ok(())) => Ok(()),
+                        Some(Err(e)) => {
                             *conn = None;
                             Err(e)
                         }
-                        Err(_) => {
+                        None => {
                             *conn = None;
                             Err(BackendError::Timeout)
                         }
@@ -482,10 +483,13 @@ impl Txn {
                 let Some(c) = conn.as_mut() else {
                     return backend_lost();
                 };
-                let t0 = std::time::Instant::now();
                 let got = c.read_reply(t).await;
                 if let (Ok(_), Some(pool)) = (&got, self.backends.pool(c.backend)) {
-                    pool.metrics().reply.observe(t0.elapsed().as_secs_f64());
+                    // From when the wait began (none: the reply was there).
+                    let secs = c
+                        .waited_since()
+                        .map_or(0.0, |t0| t0.elapsed().as_secs_f64());
+                    pool.metrics().reply.observe(secs);
                 }
                 match got {
                     Ok(r) if r.code == 421 => {

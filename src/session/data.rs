@@ -144,11 +144,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.inbuf.reserve(64 * 1024);
         }
         let read = self.io.read_buf(&mut self.inbuf);
-        // The clock only when a minimum rate needs it (every read of data).
-        let t0 = pace.map(|_| tokio::time::Instant::now());
         let got = self.read_timer.within(wait, read).await;
-        if let (Some(p), Some(t0)) = (pace.as_mut(), t0) {
-            p.waited(t0.elapsed());
+        // Only a read that blocked took time (and read the clock).
+        if let (Some(p), Some(b)) = (pace.as_mut(), self.read_timer.blocked()) {
+            p.waited(b.since.elapsed());
         }
         match got {
             Some(Ok(n)) if n > 0 => DataRead::More,

@@ -50,7 +50,7 @@ use crate::relay::pool::PooledConn;
 use crate::relay::{Backends, Txn};
 use crate::smtp::reply::write_reply;
 use crate::smtp::{self, Answered, BareLineEndings, ChunkChecker, Reply, Stuffer};
-use crate::timer::Pace;
+use crate::timer::{Limit, Pace};
 
 mod bdat;
 mod commands;
@@ -626,15 +626,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    async fn read_more(
-        &mut self,
-        timeout: Duration,
-        watch_shutdown: bool,
-    ) -> Result<usize, ReadErr> {
+    async fn read_more(&mut self, limit: Limit, watch_shutdown: bool) -> Result<usize, ReadErr> {
         room_for_commands(&mut self.inbuf);
         let read = self
             .read_timer
-            .within(timeout, self.io.read_buf(&mut self.inbuf));
+            .within(limit, self.io.read_buf(&mut self.inbuf));
         if watch_shutdown {
             let mut sd = self.shutdown.clone();
             tokio::select! {
@@ -650,8 +646,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let cmd_timeout = Duration::from_secs_f64(self.cfg().timeouts.command);
         // The command timeout bounds the wait for a whole command line, not
         // each read: a client dribbling a byte at a time (slowloris) does
-        // not extend it.
-        let mut cmd_deadline = tokio::time::Instant::now() + cmd_timeout;
+        // not extend it. None: a new wait, whose deadline is set when its
+        // read first blocks (no clock read while commands are waiting in
+        // the socket already).
+        let mut cmd_deadline: Option<tokio::time::Instant> = None;
         loop {
             let before = self.inbuf.len();
             match self.process_lines().await {
@@ -684,7 +682,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 match Box::pin(self.data_phase()).await {
                     Ok(reply) => {
                         reply.write_to(&mut self.out);
-                        cmd_deadline = tokio::time::Instant::now() + cmd_timeout;
+                        cmd_deadline = None;
                         self.st.messages += 1;
                         self.top.message();
                         self.end_txn();
@@ -717,20 +715,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Outcome::Closed;
             }
             let idle = self.st.mail.is_none();
-            let now = tokio::time::Instant::now();
             if !self.st.skipping_line && (self.inbuf.is_empty() || self.inbuf.len() < before) {
                 // A command was taken, or none is begun: a new wait starts.
-                cmd_deadline = now + cmd_timeout;
+                cmd_deadline = None;
             }
-            let mut left = cmd_deadline.saturating_duration_since(now);
+            let mut limit = match cmd_deadline {
+                None => Limit::For(cmd_timeout),
+                Some(d) => Limit::Until(d),
+            };
             // Inside a BDAT transaction the minimum data rate bounds the
             // wait for the next chunk's command as well.
             let mut paced = false;
             if let Some(ch) = self.st.chunking.as_ref() {
+                let left = match limit {
+                    Limit::For(d) => d,
+                    Limit::Until(d) => d.saturating_duration_since(tokio::time::Instant::now()),
+                };
                 match ch.between_chunks(left) {
                     Some(w) => {
                         paced = w < left;
-                        left = w;
+                        limit = Limit::For(w);
                     }
                     None => {
                         self.too_slow();
@@ -739,9 +743,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                 }
             }
-            let read = self.read_more(left, idle).await;
-            if let Some(ch) = self.st.chunking.as_mut() {
-                ch.waited(now.elapsed());
+            let read = self.read_more(limit, idle).await;
+            let blocked = self.read_timer.blocked();
+            if let (Some(ch), Some(b)) = (self.st.chunking.as_mut(), blocked) {
+                ch.waited(b.since.elapsed());
+            }
+            if cmd_deadline.is_none() {
+                // A new wait's deadline, from when its read first blocked.
+                cmd_deadline = blocked.map(|b| b.since + cmd_timeout);
             }
             match read {
                 Ok(0) | Err(ReadErr::Io) => return Outcome::Closed,
