@@ -707,7 +707,10 @@ async fn a_flood_without_headers_holds_no_socket() {
     let busy = headers(&proxy, "busy");
     assert_eq!(timeouts + busy, 300, "timeouts {timeouts} busy {busy}");
     if connecting < Duration::from_millis(1500) {
-        assert!(timeouts <= 64, "{timeouts} (connecting took {connecting:?})");
+        assert!(
+            timeouts <= 64,
+            "{timeouts} (connecting took {connecting:?})"
+        );
     }
     // And a real session is served right after.
     let mut c = Raw::connect(proxy.addr).await;

@@ -103,7 +103,11 @@ if [ "${POSTFIX:-1}" != 0 ] && [ "$(id -u)" = 0 ] && command -v postfix >/dev/nu
   chmod 755 "$PF_DIR" "$PF_DIR"/{conf,queue,data,mail}
   chown postfix "$PF_DIR/data"
   chown nobody:"$(id -gn nobody)" "$PF_DIR/mail"
+  # Writable by Postfix's user: a start after `postfix abort` runs postsuper,
+  # which writes its warnings (a half-written queue file) to this file itself
+  # as that user before postlogd runs; a warning it cannot write fails the start.
   : >"$PF_DIR/maillog"
+  chown postfix "$PF_DIR/maillog"
   for f in main.cf master.cf; do
     sed -e "s|{DIR}|$PF_DIR|g" -e "s|{PORT}|$PORT_PF|g" -e "s|{UID}|$(id -u nobody)|g" -e "s|{GID}|$(id -g nobody)|g" \
       "$ROOT/tests/postfix_instance/$f.in" >"$PF_DIR/conf/$f"

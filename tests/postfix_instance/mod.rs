@@ -72,7 +72,12 @@ impl Postfix {
         }
         std::os::unix::fs::chown(d.join("data"), Some(pf_uid), None).unwrap();
         std::os::unix::fs::chown(d.join("mail"), Some(uid), Some(gid)).unwrap();
+        // Postfix's own user must be able to write the log too: before
+        // postlogd runs, `postfix start`'s postsuper writes to it directly as
+        // that user, and a warning it cannot write (a queue file an abort left
+        // half-written: "bogus file name") is fatal to the start.
         std::fs::write(d.join("maillog"), "").unwrap();
+        std::os::unix::fs::chown(d.join("maillog"), Some(pf_uid), None).unwrap();
 
         let mut last_err = String::new();
         for _attempt in 0..4 {
@@ -239,7 +244,9 @@ impl Postfix {
 
     /// Starts it again after `stop`, on the same port, with its queue.
     /// Robust against a slow or failed start on a busy machine (it once
-    /// failed in CI's first full run, listening not within 5 s): the
+    /// failed in CI's first full run, listening not within 5 s; the cause
+    /// found later was a log file Postfix's user could not write, see
+    /// `start`, and tests/fault_run.rs has its regression test): the
     /// stop's leftovers (processes killed but not yet gone) are awaited
     /// first, and a start that is not listening within 8 s is stopped and
     /// tried again, for up to 25 s in all.
