@@ -4,6 +4,9 @@
 # $W/edge.toml for smtp-edge in front of them. LOAD_ON: the command prefix
 # for the load side (say, `taskset -c 0`).
 R=$(cd "$(dirname "$0")/../.." && pwd)/target/release
+# EDGE_BIN=/path/to/smtp-edge: profile that binary (one built from another
+# commit, say) instead of target/release/smtp-edge.
+EDGE=${EDGE_BIN:-$R/smtp-edge}
 W=${PROF_DIR:-/tmp/smtp-edge-prof}/$NAME; rm -rf "$W"; mkdir -p "$W"
 SINKP=$((30000 + RANDOM % 1000)); EP=$((31000 + RANDOM % 1000)); OP=$((32000 + RANDOM % 500))
 $LOAD_ON "$R/smtp-load" sink -l 127.0.0.1:$SINKP -q > "$W/sink.log" 2>&1 & SPID=$!

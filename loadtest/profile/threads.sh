@@ -10,7 +10,7 @@ set -eu
 NAME=$1; EXTRA=$2; SECS=${3:-5}; LOG=${4:-info}; M=${5:-0}
 LOAD_ON="taskset -c 0"
 source "$(dirname "$0")/common.sh"
-TOKIO_WORKER_THREADS=1 RUST_LOG=$LOG taskset -c 1 $R/smtp-edge --config $W/edge.toml > $W/edge.log 2>&1 & EPID=$!
+TOKIO_WORKER_THREADS=1 RUST_LOG=$LOG taskset -c 1 "$EDGE" --config $W/edge.toml > $W/edge.log 2>&1 & EPID=$!
 wait_edge
 snap() { for t in /proc/$EPID/task/*; do echo "$(cat $t/comm | tr ' ' _) $(awk "{print \$14, \$15, \$10}" $t/stat) $(grep -E '^(voluntary|nonvoluntary)' $t/status | awk '{print $2}' | tr '\n' ' ')"; done | sort; }
 taskset -c 0 $R/smtp-load run -t 127.0.0.1:$EP -c 50 -m $M -d 1 -s 4096 -q >/dev/null 2>&1

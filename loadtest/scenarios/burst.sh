@@ -30,6 +30,9 @@ ADMIT="[policy]
 allow = [\"127.0.0.0/8\"]
 [policy.limits]
 max_connections = $((N + 100))"
+# EDGE_EXTRA: more TOML for smtp-edge's config (a [runtime] table, say).
+ADMIT="$ADMIT
+${EDGE_EXTRA:-}"
 # [timeouts] backend_pool_wait: how long a transaction waits for a pooled
 # backend connection (added with the pool rewrite of issue 13). A binary from
 # before it refuses the key as unknown: then the burst runs without it (such

@@ -3,7 +3,8 @@
 # HAProxy `mode tcp` with T threads, each pinned to the same T cores, in front
 # of one smtp-load sink, for every T of THREADS, persistent connections and a
 # new connection per message, 4 KiB, pipelining on. Per run: msgs/s, the
-# proxy's CPU seconds per 1 000 messages (--watch-pid) and the generator's
+# proxy's CPU seconds per 1 000 messages (--watch-pid; and its user-space
+# part, the rest being the kernel's) and the generator's
 # MAIL-to-final p50/p99; the table shows the medians of the repeats and the
 # edge / HAProxy ratios of the medians.
 #
@@ -151,19 +152,20 @@ def get(t, mode, name):
     rs = [json.load(open(f)) for f in sorted(glob.glob(f"{runs}/{t}.{mode}.{name}.*.json"))]
     mps = [r["msgs_per_sec"] for r in rs]
     cpu = [1000 * r["server"]["cpu_s"] / max(1, r["messages"]["accepted"]) for r in rs if r.get("server")]
+    user = [1000 * r["server"].get("user_s", float("nan")) / max(1, r["messages"]["accepted"]) for r in rs if r.get("server")]
     lat = r"latency_us"
     p50 = [r[lat]["mail_to_final"]["p50"] / 1000 for r in rs]
     p99 = [r[lat]["mail_to_final"]["p99"] / 1000 for r in rs]
-    return med(mps), med(cpu), med(p50), med(p99), len(rs)
+    return med(mps), med(cpu), med(p50), med(p99), len(rs), med(user)
 print()
-print("| load | T | edge | HAProxy msgs/s | smtp-edge msgs/s | edge / HAProxy | CPU s per 1k msgs HAProxy / edge | p50 MAIL→final ms HAProxy / edge | p99 MAIL→final ms HAProxy / edge | runs |")
-print("|---|---|---|---:|---:|---:|---|---|---|---|")
+print("| load | T | edge | HAProxy msgs/s | smtp-edge msgs/s | edge / HAProxy | CPU s per 1k msgs HAProxy / edge | p50 MAIL→final ms HAProxy / edge | p99 MAIL→final ms HAProxy / edge | user-space CPU s per 1k HAProxy / edge | runs |")
+print("|---|---|---|---:|---:|---:|---|---|---|---|---|")
 for mode in modes:
     for t in threads:
         h = get(t, mode, "haproxy")
         for name in edges:
             e = get(t, mode, name)
             r = e[0] / h[0] if h[0] else float("nan")
-            print(f"| {mode} | {t} | {name} | {h[0]:,.0f} | {e[0]:,.0f} | {r:.2f} | {h[1]:.3f} / {e[1]:.3f} | {h[2]:.2f} / {e[2]:.2f} | {h[3]:.2f} / {e[3]:.2f} | {h[4]}+{e[4]} |")
+            print(f"| {mode} | {t} | {name} | {h[0]:,.0f} | {e[0]:,.0f} | {r:.2f} | {h[1]:.3f} / {e[1]:.3f} | {h[2]:.2f} / {e[2]:.2f} | {h[3]:.2f} / {e[3]:.2f} | {h[5]:.4f} / {e[5]:.4f} | {h[4]}+{e[4]} |")
 PY
 exit "$failed"

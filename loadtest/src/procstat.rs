@@ -5,6 +5,16 @@ use serde::{Deserialize, Serialize};
 
 /// CPU time (user + system) of `pid` in seconds, from /proc/PID/stat.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    cpu_split(pid).map(|(user, system)| user + system)
+}
+
+/// User-space CPU time of `pid` in seconds.
+pub fn user_seconds(pid: u32) -> Option<f64> {
+    cpu_split(pid).map(|(user, _)| user)
+}
+
+/// (user, system) CPU seconds of `pid`, from /proc/PID/stat.
+fn cpu_split(pid: u32) -> Option<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may contain spaces and parentheses: fields after the
     // last ')' start at field 3 (state); utime and stime are fields 14, 15.
@@ -12,7 +22,8 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) as f64 / clock_ticks())
+    let ticks = clock_ticks();
+    Some((utime as f64 / ticks, stime as f64 / ticks))
 }
 
 fn clock_ticks() -> f64 {
@@ -50,6 +61,10 @@ pub struct ServerUsage {
     pub cpu_s: f64,
     /// `cpu_s` per 1 000 accepted messages (or sessions, with `--churn`).
     pub cpu_s_per_1000: f64,
+    /// The user-space part of `cpu_s` (the rest is the kernel's, on the
+    /// process's behalf: system calls, the network stack it runs).
+    #[serde(default)]
+    pub user_s: f64,
     /// Summed RSS at the start and at the end of the measured interval, KiB.
     pub rss_kib_start: u64,
     pub rss_kib_end: u64,
@@ -60,6 +75,7 @@ pub struct ServerUsage {
 pub struct UsageStart {
     pids: Vec<u32>,
     cpu: Option<f64>,
+    user: Option<f64>,
     rss: Option<u64>,
 }
 
@@ -68,6 +84,7 @@ impl UsageStart {
         UsageStart {
             pids: pids.to_vec(),
             cpu: sum(pids, cpu_seconds),
+            user: sum(pids, user_seconds),
             rss: sum(pids, rss_kib),
         }
     }
@@ -88,6 +105,7 @@ impl UsageStart {
             } else {
                 0.0
             },
+            user_s: sum(&self.pids, user_seconds)? - self.user?,
             rss_kib_start: self.rss?,
             rss_kib_end: sum(&self.pids, rss_kib)?,
         })
