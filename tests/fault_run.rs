@@ -169,6 +169,7 @@ async fn no_message_lost_or_duplicated_while_backends_fail() {
     // 1b. Postfix stopped (sessions in progress cut) and started again: what
     // it accepted is delivered from its queue.
     let mut pf_cycle = None;
+    let mut pf_window: Option<(f64, f64)> = None;
     if let Some(pf) = &pf {
         at(3.0).await;
         let start = now();
@@ -178,6 +179,7 @@ async fn no_message_lost_or_duplicated_while_backends_fail() {
         tokio::task::block_in_place(|| pf.start_again());
         let up = wait_up(admin, &pf.addr, 1.0, Duration::from_secs(3)).await;
         reply_lost.push((start, now()));
+        pf_window = Some((start, now()));
         pf_cycle = Some((down, up));
         assert!(up.is_some(), "a restarted Postfix was not probed back");
     }
@@ -248,9 +250,23 @@ async fn no_message_lost_or_duplicated_while_backends_fail() {
         acc.perm, 0,
         "a backend fault must never become a 5xx:\n{table}"
     );
+    // Postfix stopped between writing a Maildir file and marking the
+    // recipient done delivers it again after its start (at least once, as
+    // it promises; the accounting's `redelivered`: two copies from one
+    // backend transaction). Only in Postfix's Maildir, and only for a
+    // message it accepted before its stop ended (one told 250 at 2.97 s,
+    // 40 ms before the stop, was delivered twice in a CI run).
+    let pf_box = pf.as_ref().map(|pf| pf.maildir());
     for (kind, c) in &acc.cases {
+        let by_postfix = kind == "redelivered"
+            && pf_window.is_some_and(|(_, end)| c.t <= end)
+            && c.files
+                .iter()
+                .all(|f| pf_box.as_ref().is_some_and(|b| f.starts_with(b)));
         assert!(
-            kind == "explained" && reply_lost.iter().any(|(s, e)| c.t >= *s && c.t <= *e + 1.0),
+            by_postfix
+                || (kind == "explained"
+                    && reply_lost.iter().any(|(s, e)| c.t >= *s && c.t <= *e + 1.0)),
             "{kind} {c:?} outside the windows {reply_lost:?}:\n{table}"
         );
     }
