@@ -178,8 +178,9 @@ async fn no_message_lost_or_duplicated_while_backends_fail() {
         at(4.0).await;
         tokio::task::block_in_place(|| pf.start_again());
         let up = wait_up(admin, &pf.addr, 1.0, Duration::from_secs(3)).await;
-        reply_lost.push((start, now()));
-        pf_window = Some((start, now()));
+        let window = (start, now());
+        reply_lost.push(window);
+        pf_window = Some(window);
         pf_cycle = Some((down, up));
         assert!(up.is_some(), "a restarted Postfix was not probed back");
     }

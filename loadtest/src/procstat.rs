@@ -8,11 +8,6 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     cpu_split(pid).map(|(user, system)| user + system)
 }
 
-/// User-space CPU time of `pid` in seconds.
-pub fn user_seconds(pid: u32) -> Option<f64> {
-    cpu_split(pid).map(|(user, _)| user)
-}
-
 /// (user, system) CPU seconds of `pid`, from /proc/PID/stat.
 fn cpu_split(pid: u32) -> Option<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -41,6 +36,15 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// (user + system, user) CPU seconds summed over `pids`, from one read of
+/// each process's stat (both figures of one snapshot); `None` when any of
+/// them is gone.
+fn cpu_of(pids: &[u32]) -> Option<(f64, f64)> {
+    pids.iter().try_fold((0.0, 0.0), |(total, user), &p| {
+        cpu_split(p).map(|(u, s)| (total + u + s, user + u))
+    })
 }
 
 /// Sums over several pids; `None` when any of them is gone.
@@ -74,8 +78,8 @@ pub struct ServerUsage {
 #[derive(Debug, Clone)]
 pub struct UsageStart {
     pids: Vec<u32>,
-    cpu: Option<f64>,
-    user: Option<f64>,
+    /// (user + system, user) CPU seconds.
+    cpu: Option<(f64, f64)>,
     rss: Option<u64>,
 }
 
@@ -83,8 +87,7 @@ impl UsageStart {
     pub fn take(pids: &[u32]) -> UsageStart {
         UsageStart {
             pids: pids.to_vec(),
-            cpu: sum(pids, cpu_seconds),
-            user: sum(pids, user_seconds),
+            cpu: cpu_of(pids),
             rss: sum(pids, rss_kib),
         }
     }
@@ -95,8 +98,9 @@ impl UsageStart {
         if self.pids.is_empty() {
             return None;
         }
-        let cpu_end = sum(&self.pids, cpu_seconds)?;
-        let cpu_s = cpu_end - self.cpu?;
+        let (cpu_end, user_end) = cpu_of(&self.pids)?;
+        let (cpu_start, user_start) = self.cpu?;
+        let cpu_s = cpu_end - cpu_start;
         Some(ServerUsage {
             pids: self.pids.clone(),
             cpu_s,
@@ -105,7 +109,7 @@ impl UsageStart {
             } else {
                 0.0
             },
-            user_s: sum(&self.pids, user_seconds)? - self.user?,
+            user_s: user_end - user_start,
             rss_kib_start: self.rss?,
             rss_kib_end: sum(&self.pids, rss_kib)?,
         })
