@@ -15,7 +15,11 @@
 #
 # Usage: cores.sh [SECONDS_PER_RUN=4] [CONNECTIONS=400] [REPEATS=2]
 # Env: THREADS ("1 2 4 8" on >= 16 cores, else "1"), MODES ("persistent new"),
-#      EDGE_EXTRA (TOML for smtp-edge's config, such as a [runtime] table).
+#      EDGE_EXTRA (TOML for smtp-edge's config, such as a [runtime] table),
+#      RATE (open loop: messages per second on a fixed schedule, the same
+#      for both proxies; below both one's capacity, CPU per message is then
+#      compared at the same work rate, with the sink and generator as busy
+#      for one proxy as for the other - RESULTS.md section 22).
 # shellcheck source-path=SCRIPTDIR
 # shellcheck source=../lib.sh
 source "$(dirname "$0")/../lib.sh"
@@ -131,7 +135,9 @@ for t in "${THREADS[@]}"; do
         watch=()
         for p in $PWATCH; do watch+=(--watch-pid "$p"); done
         out="$RUNS/$t.$mode.$name.$rep.json"
-        if ! load "$out" -t "127.0.0.1:$PPORT" -c "$CONNS" -m "$m" -s 4096 -d "$SECS" --warmup 1 "${watch[@]}"; then
+        rate=()
+        if [ -n "${RATE:-}" ]; then rate=(--rate "$RATE"); fi
+        if ! load "$out" -t "127.0.0.1:$PPORT" -c "$CONNS" -m "$m" -s 4096 -d "$SECS" --warmup 1 "${rate[@]}" "${watch[@]}"; then
           echo "FAILED: $name, T=$t, $mode, repeat $rep" >&2
           rm -f "$out"
           failed=1

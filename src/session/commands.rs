@@ -4,8 +4,8 @@
 //! answered here and RCPT routed by `route.rs`); BDAT is `bdat.rs`'s and
 //! the message after DATA's 354 is `data.rs`'s.
 
-use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{Instrument, Span};
 
 use super::span::{record_end, transaction_span};
@@ -40,11 +40,10 @@ pub(super) async fn while_client_stays<S: AsyncRead + Unpin, T>(
         if inbuf.len() >= WAIT_INPUT_LIMIT {
             return Some(fut.await);
         }
-        room_for_commands(inbuf);
         tokio::select! {
             biased;
             r = &mut fut => return Some(r),
-            n = io.read_buf(inbuf) => match n {
+            n = super::inbuf::read(io, inbuf, room_for_commands) => match n {
                 Ok(0) if !inbuf.is_empty() => return Some(fut.await),
                 Ok(0) | Err(_) => return None,
                 Ok(_) => {}
@@ -72,23 +71,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         self.bad(500, "5.5.6", "Line too long");
                     }
                 }
+                // No input buffer held while the backend replies.
+                super::inbuf::give_back(&mut self.inbuf);
                 return self.check_bad();
             };
-            let line = self.inbuf.split_to(nl + 1);
-            if std::mem::take(&mut self.st.skipping_line) {
-                continue;
-            }
-            if line.len() > max_line {
+            // The line is copied out (a few dozen octets) rather than split
+            // off: `inbuf` stays one unshared buffer that reads can start at
+            // the front of again (`rewind`).
+            let mut line = std::mem::take(&mut self.line);
+            line.clear();
+            line.extend_from_slice(&self.inbuf[..=nl]);
+            self.inbuf.advance(nl + 1);
+            let step = if std::mem::take(&mut self.st.skipping_line) {
+                Step::Continue
+            } else if line.len() > max_line {
                 self.resolve().await;
                 self.bad(500, "5.5.6", "Line too long");
+                Step::Continue
             } else {
-                let step = self.command(&line[..nl]).await;
-                if self.client_gone {
-                    return Step::Close;
-                }
-                if !matches!(step, Step::Continue) {
-                    return step;
-                }
+                self.command(&line[..nl]).await
+            };
+            self.line = line;
+            if self.client_gone {
+                return Step::Close;
+            }
+            if !matches!(step, Step::Continue) {
+                return step;
             }
             if let Step::Close = self.check_bad() {
                 return Step::Close;

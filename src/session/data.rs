@@ -7,11 +7,11 @@
 use std::time::Duration;
 
 use bytes::Buf;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn, Span};
 
 use super::span::record_end;
-use super::{data_wait, Session, CMD_TIMEOUT_REPLY};
+use super::{data_wait, room_for_data, Session, CMD_TIMEOUT_REPLY};
 use crate::smtp::{self, Answered, BareLineEndings, DataOptions, DataScanner, Reply, Scan};
 use crate::timer::Pace;
 
@@ -140,10 +140,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let Some(wait) = data_wait(pace, received, block) else {
             return DataRead::TooSlow;
         };
-        if self.inbuf.capacity() - self.inbuf.len() < 8192 {
-            self.inbuf.reserve(64 * 1024);
-        }
-        let read = self.io.read_buf(&mut self.inbuf);
+        let read = super::inbuf::read(&mut self.io, &mut self.inbuf, room_for_data);
         let got = self.read_timer.within(wait, read).await;
         // Only a read that blocked took time (and read the clock).
         if let (Some(p), Some(b)) = (pace.as_mut(), self.read_timer.blocked()) {
@@ -255,6 +252,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.data_read_failed(read, "DATA");
             return Err(());
         }
+        // No input buffer held while the backend takes the message in.
+        super::inbuf::give_back(&mut self.inbuf);
         let size = scanner.size();
         let refusal = if let Some(r) = backend_refusal {
             // The backend refused DATA and stays in sync, unless it broke.

@@ -1,0 +1,97 @@
+//! The sessions' input buffers, lent from a per-thread pool only while they
+//! hold input (HAProxy's way with its buffers). A session that waits for
+//! its client with nothing buffered holds no buffer: a read that finds no
+//! input gives the buffer back, and the next read takes the buffer given
+//! back last. With hundreds of sessions, the kernel then copies each read
+//! into one of a few buffers that are still in the CPU's caches, not into
+//! one of hundreds that are not (loadtest/RESULTS.md section 22).
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::future::Future;
+use std::pin::pin;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Most buffers a thread keeps for reuse; more are freed.
+const KEEP: usize = 64;
+
+thread_local! {
+    static FREE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Gives `buf` back to the thread's pool when it holds nothing (and holds
+/// an allocation); it is then an empty `BytesMut` without one.
+pub(super) fn give_back(buf: &mut BytesMut) {
+    if !buf.is_empty() || buf.capacity() == 0 {
+        return;
+    }
+    let mut b = std::mem::take(buf);
+    // Reads start at the buffer's front: its first KiB are the warm ones.
+    // Moves nothing and allocates nothing: the buffer is unshared (lines
+    // are copied out of it, not split off) and empty.
+    let _ = b.try_reclaim(b.capacity() + 1);
+    let _ = FREE.try_with(|f| {
+        let mut f = f.borrow_mut();
+        if f.len() < KEEP {
+            f.push(b);
+        }
+    });
+}
+
+/// Gives `buf` the pool's last buffer when it has none.
+fn lend(buf: &mut BytesMut) {
+    if buf.capacity() == 0 {
+        if let Ok(Some(b)) = FREE.try_with(|f| f.borrow_mut().pop()) {
+            *buf = b;
+        }
+    }
+}
+
+/// `io.read_buf(buf)`, with `room` making space first; the buffer comes
+/// from the pool for each try and goes back to it while no input is ready
+/// (an `AsyncRead` leaves the buffer untouched when it is not ready).
+pub(super) async fn read<S: AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    room: fn(&mut BytesMut),
+) -> std::io::Result<usize> {
+    poll_fn(|cx| {
+        lend(buf);
+        room(buf);
+        let r = pin!(io.read_buf(buf)).poll(cx);
+        if r.is_pending() {
+            give_back(buf);
+        }
+        r
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_buffer_goes_back_rewound_and_comes_out_again() {
+        let mut a = BytesMut::with_capacity(1024);
+        a.extend_from_slice(b"MAIL FROM:<a@b>\r\n");
+        let p = a.as_ptr();
+        bytes::Buf::advance(&mut a, 17);
+        give_back(&mut a);
+        assert_eq!(a.capacity(), 0);
+        let mut b = BytesMut::new();
+        lend(&mut b);
+        assert_eq!(b.as_ptr(), p, "the buffer given back last, at its front");
+        assert!(b.capacity() >= 1024);
+    }
+
+    #[test]
+    fn a_buffer_with_input_stays() {
+        let mut a = BytesMut::with_capacity(64);
+        a.extend_from_slice(b"RCPT");
+        give_back(&mut a);
+        assert_eq!(&a[..], b"RCPT");
+    }
+}
