@@ -35,6 +35,24 @@ pub enum Limit {
     Until(Instant),
 }
 
+impl Limit {
+    /// `For(d)`, or `Until(deadline)` when an earlier wait set one.
+    pub fn or_until(d: Duration, deadline: Option<Instant>) -> Limit {
+        match deadline {
+            None => Limit::For(d),
+            Some(t) => Limit::Until(t),
+        }
+    }
+
+    /// How long a wait may still last (an `Until` reads the clock).
+    pub fn left(self) -> Duration {
+        match self {
+            Limit::For(d) => d,
+            Limit::Until(t) => t.saturating_duration_since(Instant::now()),
+        }
+    }
+}
+
 impl From<Duration> for Limit {
     fn from(d: Duration) -> Limit {
         Limit::For(d)
@@ -183,6 +201,18 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_limit_carries_a_deadline_over() {
+        assert_eq!(Limit::or_until(ms(5), None), Limit::For(ms(5)));
+        let t = Instant::now() + ms(30_000);
+        assert_eq!(Limit::or_until(ms(5), Some(t)), Limit::Until(t));
+        assert_eq!(Limit::For(ms(5)).left(), ms(5));
+        let left = Limit::Until(t).left();
+        assert!(left <= ms(30_000) && left > ms(20_000), "{left:?}");
+        let past = Instant::now() - ms(10);
+        assert_eq!(Limit::Until(past).left(), Duration::ZERO);
     }
 
     /// Waits end at their own deadline, never earlier, and not much later

@@ -162,16 +162,17 @@ def get(t, mode, name):
     lat = r"latency_us"
     p50 = [r[lat]["mail_to_final"]["p50"] / 1000 for r in rs]
     p99 = [r[lat]["mail_to_final"]["p99"] / 1000 for r in rs]
-    return med(mps), med(cpu), med(p50), med(p99), len(rs), med(user)
+    rss = [r["server"].get("rss_kib_end", float("nan")) / 1024 for r in rs if r.get("server")]
+    return med(mps), med(cpu), med(p50), med(p99), len(rs), med(user), med(rss)
 print()
-print("| load | T | edge | HAProxy msgs/s | smtp-edge msgs/s | edge / HAProxy | CPU s per 1k msgs HAProxy / edge | p50 MAIL→final ms HAProxy / edge | p99 MAIL→final ms HAProxy / edge | user-space CPU s per 1k HAProxy / edge | runs |")
-print("|---|---|---|---:|---:|---:|---|---|---|---|---|")
+print("| load | T | edge | HAProxy msgs/s | smtp-edge msgs/s | edge / HAProxy | CPU s per 1k msgs HAProxy / edge | p50 MAIL→final ms HAProxy / edge | p99 MAIL→final ms HAProxy / edge | user-space CPU s per 1k HAProxy / edge | RSS MiB at the end HAProxy / edge | runs |")
+print("|---|---|---|---:|---:|---:|---|---|---|---|---|---|")
 for mode in modes:
     for t in threads:
         h = get(t, mode, "haproxy")
         for name in edges:
             e = get(t, mode, name)
             r = e[0] / h[0] if h[0] else float("nan")
-            print(f"| {mode} | {t} | {name} | {h[0]:,.0f} | {e[0]:,.0f} | {r:.2f} | {h[1]:.3f} / {e[1]:.3f} | {h[2]:.2f} / {e[2]:.2f} | {h[3]:.2f} / {e[3]:.2f} | {h[5]:.4f} / {e[5]:.4f} | {h[4]}+{e[4]} |")
+            print(f"| {mode} | {t} | {name} | {h[0]:,.0f} | {e[0]:,.0f} | {r:.2f} | {h[1]:.3f} / {e[1]:.3f} | {h[2]:.2f} / {e[2]:.2f} | {h[3]:.2f} / {e[3]:.2f} | {h[5]:.4f} / {e[5]:.4f} | {h[6]:.0f} / {e[6]:.0f} | {h[4]}+{e[4]} |")
 PY
 exit "$failed"

@@ -361,10 +361,7 @@ impl BackendConn {
                 return Ok(reply);
             }
             self.rbuf.reserve(512);
-            let limit = match first {
-                None => Limit::For(t),
-                Some(b) => Limit::Until(b.until),
-            };
+            let limit = Limit::or_until(t, first.map(|b| b.until));
             let read = self.stream.read_buf(&mut self.rbuf);
             let got = self.read_timer.within(limit, read).await;
             first = first.or(self.read_timer.blocked());

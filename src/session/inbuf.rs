@@ -14,8 +14,14 @@ use std::pin::pin;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-/// Most buffers a thread keeps for reuse; more are freed.
-const KEEP: usize = 64;
+/// Most buffers a thread keeps for reuse (4 MiB); more are freed.
+const KEEP: usize = 256;
+
+/// A new buffer's capacity (HAProxy's `tune.bufsize`): more than a read of
+/// commands or message data needs room for, so that no buffer taken from
+/// the pool has to grow (a smaller one would be reallocated for a DATA
+/// read). Message data may grow one further, and it is kept so.
+pub(super) const BUF: usize = 16 * 1024;
 
 thread_local! {
     static FREE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
@@ -28,10 +34,7 @@ pub(super) fn give_back(buf: &mut BytesMut) {
         return;
     }
     let mut b = std::mem::take(buf);
-    // Reads start at the buffer's front: its first KiB are the warm ones.
-    // Moves nothing and allocates nothing: the buffer is unshared (lines
-    // are copied out of it, not split off) and empty.
-    let _ = b.try_reclaim(b.capacity() + 1);
+    super::rewind(&mut b);
     let _ = FREE.try_with(|f| {
         let mut f = f.borrow_mut();
         if f.len() < KEEP {
@@ -40,12 +43,13 @@ pub(super) fn give_back(buf: &mut BytesMut) {
     });
 }
 
-/// Gives `buf` the pool's last buffer when it has none.
+/// Gives `buf` the pool's last buffer, or a new one, when it has none.
 fn lend(buf: &mut BytesMut) {
     if buf.capacity() == 0 {
-        if let Ok(Some(b)) = FREE.try_with(|f| f.borrow_mut().pop()) {
-            *buf = b;
-        }
+        *buf = match FREE.try_with(|f| f.borrow_mut().pop()) {
+            Ok(Some(b)) => b,
+            _ => BytesMut::with_capacity(BUF),
+        };
     }
 }
 
@@ -85,6 +89,9 @@ mod tests {
         lend(&mut b);
         assert_eq!(b.as_ptr(), p, "the buffer given back last, at its front");
         assert!(b.capacity() >= 1024);
+        let mut c = BytesMut::new();
+        lend(&mut c);
+        assert!(c.capacity() >= BUF, "an empty pool lends a new buffer");
     }
 
     #[test]

@@ -38,7 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{field, warn, Instrument, Span};
@@ -353,14 +353,13 @@ fn room_for_commands(inbuf: &mut BytesMut) {
     }
 }
 
-/// Once everything read is consumed, the next read goes to the buffer's
-/// front again. A buffer walked through message by message touches all of
-/// its capacity (64 KiB after a message's data) before it wraps; with
-/// hundreds of sessions those bytes are no longer in the CPU's caches when
-/// the kernel copies into them, where the first few KiB of each are
-/// (loadtest/RESULTS.md section 22).
+/// Once everything read is consumed and the room after it is down to half
+/// a buffer, the next read goes to the buffer's front again: a buffer
+/// walked through message by message would touch all of its capacity
+/// before it wraps, and the bytes the CPU's caches hold are those near
+/// its front (loadtest/RESULTS.md section 22).
 pub(super) fn rewind(inbuf: &mut BytesMut) {
-    if inbuf.is_empty() {
+    if inbuf.is_empty() && inbuf.capacity() < inbuf::BUF / 2 {
         // Moves nothing and allocates nothing: `inbuf` is one unshared
         // buffer (lines are copied out of it, not split off), and with
         // nothing in it any space before its start is enough.
@@ -415,7 +414,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             shared,
             listener,
             tls,
-            inbuf: BytesMut::with_capacity(1024),
+            // Lent by the first read (inbuf.rs).
+            inbuf: BytesMut::new(),
             line: Vec::with_capacity(64),
             out: Vec::with_capacity(512),
             fwd: smtp::Segments::default(),
@@ -479,7 +479,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return false;
             }
             started = true;
-            match tokio::time::timeout(pause, self.io.read_buf(&mut self.inbuf)).await {
+            match tokio::time::timeout(
+                pause,
+                inbuf::read(&mut self.io, &mut self.inbuf, room_for_commands),
+            )
+            .await
+            {
                 Ok(Ok(0)) | Ok(Err(_)) => return false,
                 Ok(Ok(_)) => self.pol.pregreet_hit(),
                 Err(_) => {}
@@ -748,18 +753,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 // A command was taken, or none is begun: a new wait starts.
                 cmd_deadline = None;
             }
-            let mut limit = match cmd_deadline {
-                None => Limit::For(cmd_timeout),
-                Some(d) => Limit::Until(d),
-            };
+            let mut limit = Limit::or_until(cmd_timeout, cmd_deadline);
             // Inside a BDAT transaction the minimum data rate bounds the
             // wait for the next chunk's command as well.
             let mut paced = false;
             if let Some(ch) = self.st.chunking.as_ref() {
-                let left = match limit {
-                    Limit::For(d) => d,
-                    Limit::Until(d) => d.saturating_duration_since(tokio::time::Instant::now()),
-                };
+                let left = limit.left();
                 match ch.between_chunks(left) {
                     Some(w) => {
                         paced = w < left;
