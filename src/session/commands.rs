@@ -58,8 +58,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let max_line = self.cfg().limits.max_command_line;
         loop {
             if self.st.data_go {
-                // No input buffer held while the backend answers DATA.
-                super::inbuf::give_back(&mut self.inbuf);
                 return Step::Continue;
             }
             let Some(nl) = memchr::memchr(b'\n', &self.inbuf) else {

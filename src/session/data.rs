@@ -140,7 +140,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let Some(wait) = data_wait(pace, received, block) else {
             return DataRead::TooSlow;
         };
-        let read = super::inbuf::read(&mut self.io, &mut self.inbuf, room_for_data);
+        let read = super::inbuf::read_holding(&mut self.io, &mut self.inbuf, room_for_data);
         let got = self.read_timer.within(wait, read).await;
         // Only a read that blocked took time (and read the clock).
         if let (Some(p), Some(b)) = (pace.as_mut(), self.read_timer.blocked()) {

@@ -1,8 +1,8 @@
 //! The sessions' input buffers, lent from a per-thread pool only while they
 //! hold input (HAProxy's way with its buffers). A session that waits for
-//! its client with nothing buffered holds no buffer: a read that finds no
-//! input gives the buffer back, and the next read takes the buffer given
-//! back last. With hundreds of sessions, the kernel then copies each read
+//! its client's next command or for a backend's reply with nothing
+//! buffered holds no buffer: a read of commands that finds no input gives
+//! the buffer back, and the next read takes the buffer given back last. With hundreds of sessions, the kernel then copies each read
 //! into one of a few buffers that are still in the CPU's caches, not into
 //! one of hundreds that are not (loadtest/RESULTS.md section 22).
 
@@ -71,6 +71,19 @@ pub(super) async fn read<S: AsyncRead + Unpin>(
         r
     })
     .await
+}
+
+/// `read` for message data: the buffer is kept while the read waits (a
+/// session in the middle of a message is busy, and its waits are short;
+/// two trips to the pool per wait would cost more than they save).
+pub(super) async fn read_holding<S: AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    room: fn(&mut BytesMut),
+) -> std::io::Result<usize> {
+    lend(buf);
+    room(buf);
+    io.read_buf(buf).await
 }
 
 #[cfg(test)]
