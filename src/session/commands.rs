@@ -335,6 +335,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 "Message size exceeds fixed maximum message size",
             );
         }
+        self.st.size_declared = params.size.unwrap_or(0);
         let dedicated = if routed {
             None
         } else {

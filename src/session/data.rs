@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn, Span};
 
 use super::span::record_end;
-use super::{data_wait, room_for_data, Session, CMD_TIMEOUT_REPLY};
+use super::{data_wait, room_for_data, room_for_large_data, Session, CMD_TIMEOUT_REPLY};
 use crate::smtp::{self, Answered, BareLineEndings, DataOptions, DataScanner, Reply, Scan};
 use crate::timer::Pace;
 
@@ -140,7 +140,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let Some(wait) = data_wait(pace, received, block) else {
             return DataRead::TooSlow;
         };
-        let read = super::inbuf::read_holding(&mut self.io, &mut self.inbuf, room_for_data);
+        let large = received.max(self.st.size_declared) >= super::inbuf::BUF as u64;
+        let room = if large {
+            room_for_large_data
+        } else {
+            room_for_data
+        };
+        let read = super::inbuf::read_holding(&mut self.io, &mut self.inbuf, room);
         let got = self.read_timer.within(wait, read).await;
         // Only a read that blocked took time (and read the clock).
         if let (Some(p), Some(b)) = (pace.as_mut(), self.read_timer.blocked()) {

@@ -183,6 +183,9 @@ enum Owed {
 /// SMTP state; reset by STARTTLS.
 #[derive(Default)]
 struct State {
+    /// The size the last MAIL declared (`SIZE=`), 0 without one: a message
+    /// larger than a pooled buffer is read 64 KiB at a time from its start.
+    size_declared: u64,
     helo: Option<String>,
     esmtp: bool,
     /// MAIL was given (accepted, or still owed a reply); SMTPUTF8 flag.
@@ -368,10 +371,19 @@ pub(super) fn rewind(inbuf: &mut BytesMut) {
 }
 
 /// Room to read message data into: 64 KiB more when less than 8 KiB are
-/// free.
+/// free (a pooled buffer holds a small message whole).
 fn room_for_data(inbuf: &mut BytesMut) {
     rewind(inbuf);
     if inbuf.capacity() - inbuf.len() < 8192 {
+        inbuf.reserve(64 * 1024);
+    }
+}
+
+/// Room to read more of a message larger than a pooled buffer: 64 KiB per
+/// read (a reservation that moves an empty buffer's start back when it
+/// can, and grows it once otherwise).
+fn room_for_large_data(inbuf: &mut BytesMut) {
+    if inbuf.capacity() - inbuf.len() < 32 * 1024 {
         inbuf.reserve(64 * 1024);
     }
 }
