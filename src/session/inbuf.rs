@@ -5,7 +5,7 @@
 //! the buffer back, and the next read takes the buffer given back last.
 //! A busy session no longer keeps the 64 KiB its first message grew its
 //! buffer to: 400 relaying sessions hold 30 MiB instead of 59, for about
-//! 550 instructions per message (loadtest/RESULTS.md section 22).
+//! 540 instructions per message (loadtest/RESULTS.md section 22).
 
 use std::cell::RefCell;
 use std::future::poll_fn;
