@@ -17,10 +17,10 @@ LOAD_ON=""
 source "$(dirname "$0")/common.sh"
 TOKIO_WORKER_THREADS=1 RUST_LOG=$LOG valgrind --tool=callgrind ${CG_ARGS:-} --callgrind-out-file=$W/cg.out.%p "$EDGE" --config $W/edge.toml > $W/edge.log 2>&1 & EPID=$!
 wait_edge
-$R/smtp-load run -t 127.0.0.1:$EP -c ${CONNS:-20} -m 0 -n 2000 -s 4096 ${LOADARGS:-} -q >/dev/null 2>&1
+$R/smtp-load run -t 127.0.0.1:$EP -c ${CONNS:-20} -m 0 -n 2000 -s ${SIZE:-4096} ${LOADARGS:-} -q >/dev/null 2>&1
 sleep 1
 callgrind_control -z $EPID >/dev/null
-$R/smtp-load run -t 127.0.0.1:$EP -c ${CONNS:-20} -m 0 -n $N -s 4096 ${LOADARGS:-} -q > $W/load.txt 2>&1
+$R/smtp-load run -t 127.0.0.1:$EP -c ${CONNS:-20} -m 0 -n $N -s ${SIZE:-4096} ${LOADARGS:-} -q > $W/load.txt 2>&1
 sleep 1.5
 callgrind_control -d $EPID >/dev/null
 sleep 1

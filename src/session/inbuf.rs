@@ -32,11 +32,16 @@ thread_local! {
 /// Gives `buf` back to the thread's pool when it holds nothing (and holds
 /// an allocation); it is then an empty `BytesMut` without one.
 pub(super) fn give_back(buf: &mut BytesMut) {
-    if !buf.is_empty() || buf.capacity() == 0 {
+    if !buf.is_empty() {
         return;
     }
-    let mut b = std::mem::take(buf);
-    super::rewind(&mut b);
+    // First: a buffer read to its very end and consumed has no room left
+    // after its start (capacity 0), yet holds its allocation.
+    super::rewind(buf);
+    if buf.capacity() == 0 {
+        return;
+    }
+    let b = std::mem::take(buf);
     let _ = FREE.try_with(|f| {
         let mut f = f.borrow_mut();
         if f.len() < KEEP {
@@ -47,6 +52,10 @@ pub(super) fn give_back(buf: &mut BytesMut) {
 
 /// Gives `buf` the pool's last buffer, or a new one, when it has none.
 fn lend(buf: &mut BytesMut) {
+    if buf.capacity() == 0 {
+        // Read to its end and consumed, or none at all (see `give_back`).
+        super::rewind(buf);
+    }
     if buf.capacity() == 0 {
         *buf = match FREE.try_with(|f| f.borrow_mut().pop()) {
             Ok(Some(b)) => b,
@@ -107,6 +116,25 @@ mod tests {
         let mut c = BytesMut::new();
         lend(&mut c);
         assert!(c.capacity() >= BUF, "an empty pool lends a new buffer");
+    }
+
+    #[test]
+    fn a_buffer_read_to_its_end_is_kept_not_replaced() {
+        let mut a = BytesMut::with_capacity(BUF);
+        let p = a.as_ptr();
+        let full = a.capacity();
+        a.resize(full, b'x');
+        bytes::Buf::advance(&mut a, full);
+        assert_eq!(a.capacity(), 0, "no room left after its start");
+        lend(&mut a);
+        assert_eq!(a.as_ptr(), p, "the same allocation, at its front");
+        assert_eq!(a.capacity(), full);
+        a.resize(full, b'y');
+        bytes::Buf::advance(&mut a, full);
+        give_back(&mut a);
+        let mut b = BytesMut::new();
+        lend(&mut b);
+        assert_eq!(b.as_ptr(), p, "given back, not dropped");
     }
 
     #[test]

@@ -548,6 +548,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Ends the session: the transaction in progress (if any) is given up
     /// cleanly, a dedicated backend connection gets QUIT.
     async fn finish(&mut self) {
+        // Its input buffer to the next session (a new connection per
+        // message would otherwise allocate and grow one for each).
+        self.inbuf.clear();
+        inbuf::give_back(&mut self.inbuf);
         self.end_txn();
         if let Some(c) = self.st.dedicated.take() {
             Box::pin(c.quit()).await;
@@ -717,6 +721,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         );
                     }
                     self.inbuf.clear();
+                    // The TLS session gets a buffer of its own.
+                    inbuf::give_back(&mut self.inbuf);
                     return Outcome::StartTls;
                 }
             }
