@@ -4,8 +4,9 @@
 //! buffered holds no buffer: a read of commands that finds no input gives
 //! the buffer back, and the next read takes the buffer given back last.
 //! A busy session no longer keeps the 64 KiB its first message grew its
-//! buffer to: 400 relaying sessions hold 30 MiB instead of 59, for about
-//! 540 instructions per message (loadtest/RESULTS.md section 22).
+//! buffer to: 400 relaying sessions hold 30-33 MiB instead of 59, for
+//! about 2 % more instructions per message (loadtest/RESULTS.md section
+//! 22).
 
 use std::cell::RefCell;
 use std::future::poll_fn;
