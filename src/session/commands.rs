@@ -8,8 +8,9 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{Instrument, Span};
 
+use super::inbuf::room_for_commands;
 use super::span::{record_end, transaction_span};
-use super::{room_for_commands, Owed, Session, Step};
+use super::{Owed, Session, Step};
 use crate::config::TlsMode;
 use crate::relay::client::ClientIdentity;
 use crate::relay::route::GroupId;
@@ -77,7 +78,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             };
             // The line is copied out (a few dozen octets) rather than split
             // off: `inbuf` stays one unshared buffer that reads can start at
-            // the front of again (`rewind`).
+            // the front of again (`inbuf::rewind`).
             let mut line = std::mem::take(&mut self.line);
             line.clear();
             line.extend_from_slice(&self.inbuf[..=nl]);

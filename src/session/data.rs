@@ -10,8 +10,9 @@ use bytes::Buf;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn, Span};
 
+use super::inbuf::{room_for_data, room_for_large_data};
 use super::span::record_end;
-use super::{data_wait, room_for_data, room_for_large_data, Session, CMD_TIMEOUT_REPLY};
+use super::{data_wait, Session, CMD_TIMEOUT_REPLY};
 use crate::smtp::{self, Answered, BareLineEndings, DataOptions, DataScanner, Reply, Scan};
 use crate::timer::Pace;
 

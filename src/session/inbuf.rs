@@ -38,7 +38,7 @@ pub(super) fn give_back(buf: &mut BytesMut) {
     }
     // First: a buffer read to its very end and consumed has no room left
     // after its start (capacity 0), yet holds its allocation.
-    super::rewind(buf);
+    rewind(buf);
     if buf.capacity() == 0 {
         return;
     }
@@ -55,7 +55,7 @@ pub(super) fn give_back(buf: &mut BytesMut) {
 fn lend(buf: &mut BytesMut) {
     if buf.capacity() == 0 {
         // Read to its end and consumed, or none at all (see `give_back`).
-        super::rewind(buf);
+        rewind(buf);
     }
     if buf.capacity() == 0 {
         *buf = match FREE.try_with(|f| f.borrow_mut().pop()) {
@@ -96,6 +96,47 @@ pub(super) async fn read_holding<S: AsyncRead + Unpin>(
     lend(buf);
     room(buf);
     io.read_buf(buf).await
+}
+
+/// Room to read more command input into: grown in 4 KiB steps only when
+/// less than 512 octets are free.
+pub(super) fn room_for_commands(inbuf: &mut BytesMut) {
+    rewind(inbuf);
+    if inbuf.capacity() - inbuf.len() < 512 {
+        inbuf.reserve(4096);
+    }
+}
+
+/// Once everything read is consumed and the room after it is down to half
+/// a buffer, the next read goes to the buffer's front again: a buffer
+/// walked through message by message would touch all of its capacity
+/// before it wraps, and the bytes the CPU's caches hold are those near
+/// its front (loadtest/RESULTS.md section 22).
+fn rewind(inbuf: &mut BytesMut) {
+    if inbuf.is_empty() && inbuf.capacity() < BUF / 2 {
+        // Moves nothing and allocates nothing: `inbuf` is one unshared
+        // buffer (lines are copied out of it, not split off), and with
+        // nothing in it any space before its start is enough.
+        let _ = inbuf.try_reclaim(inbuf.capacity() + 1);
+    }
+}
+
+/// Room to read message data into: 64 KiB more when less than 8 KiB are
+/// free (a pooled buffer holds a small message whole).
+pub(super) fn room_for_data(inbuf: &mut BytesMut) {
+    rewind(inbuf);
+    if inbuf.capacity() - inbuf.len() < 8192 {
+        inbuf.reserve(64 * 1024);
+    }
+}
+
+/// Room to read more of a message larger than a pooled buffer: 64 KiB per
+/// read (a reservation that moves an empty buffer's start back when it
+/// can, and grows it once otherwise).
+pub(super) fn room_for_large_data(inbuf: &mut BytesMut) {
+    if inbuf.capacity() - inbuf.len() < 32 * 1024 {
+        inbuf.reserve(64 * 1024);
+    }
 }
 
 #[cfg(test)]

@@ -347,47 +347,6 @@ fn data_wait(pace: &Option<Pace>, received: u64, block: Duration) -> Option<Dura
     }
 }
 
-/// Room to read more command input into: grown in 4 KiB steps only when
-/// less than 512 octets are free.
-fn room_for_commands(inbuf: &mut BytesMut) {
-    rewind(inbuf);
-    if inbuf.capacity() - inbuf.len() < 512 {
-        inbuf.reserve(4096);
-    }
-}
-
-/// Once everything read is consumed and the room after it is down to half
-/// a buffer, the next read goes to the buffer's front again: a buffer
-/// walked through message by message would touch all of its capacity
-/// before it wraps, and the bytes the CPU's caches hold are those near
-/// its front (loadtest/RESULTS.md section 22).
-pub(super) fn rewind(inbuf: &mut BytesMut) {
-    if inbuf.is_empty() && inbuf.capacity() < inbuf::BUF / 2 {
-        // Moves nothing and allocates nothing: `inbuf` is one unshared
-        // buffer (lines are copied out of it, not split off), and with
-        // nothing in it any space before its start is enough.
-        let _ = inbuf.try_reclaim(inbuf.capacity() + 1);
-    }
-}
-
-/// Room to read message data into: 64 KiB more when less than 8 KiB are
-/// free (a pooled buffer holds a small message whole).
-fn room_for_data(inbuf: &mut BytesMut) {
-    rewind(inbuf);
-    if inbuf.capacity() - inbuf.len() < 8192 {
-        inbuf.reserve(64 * 1024);
-    }
-}
-
-/// Room to read more of a message larger than a pooled buffer: 64 KiB per
-/// read (a reservation that moves an empty buffer's start back when it
-/// can, and grows it once otherwise).
-fn room_for_large_data(inbuf: &mut BytesMut) {
-    if inbuf.capacity() - inbuf.len() < 32 * 1024 {
-        inbuf.reserve(64 * 1024);
-    }
-}
-
 const CMD_TIMEOUT_REPLY: (u16, &str, &str) = (421, "4.4.2", "Timeout exceeded, closing connection");
 
 enum ReadErr {
@@ -493,7 +452,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             started = true;
             match tokio::time::timeout(
                 pause,
-                inbuf::read(&mut self.io, &mut self.inbuf, room_for_commands),
+                inbuf::read(&mut self.io, &mut self.inbuf, inbuf::room_for_commands),
             )
             .await
             {
@@ -679,7 +638,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn read_more(&mut self, limit: Limit, watch_shutdown: bool) -> Result<usize, ReadErr> {
         let read = self.read_timer.within(
             limit,
-            inbuf::read(&mut self.io, &mut self.inbuf, room_for_commands),
+            inbuf::read(&mut self.io, &mut self.inbuf, inbuf::room_for_commands),
         );
         if watch_shutdown {
             let mut sd = self.shutdown.clone();
