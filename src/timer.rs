@@ -147,11 +147,13 @@ impl ReadTimer {
 /// `tokio::time::timeout` for futures that are mostly ready at their first
 /// poll (a write the socket takes at once): the clock is read and a timer
 /// entry made only when `fut` is pending. `None` when `d` passed first.
+/// The timer is boxed: inline, tokio's `Sleep` would be in every caller's
+/// future (a relayed message's DATA future among them) for a rare wait.
 pub async fn timeout<F: Future>(d: Duration, fut: F) -> Option<F::Output> {
     let mut fut = pin!(fut);
     match std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
         Poll::Ready(v) => Some(v),
-        Poll::Pending => tokio::time::timeout(d, fut).await.ok(),
+        Poll::Pending => Box::pin(tokio::time::timeout(d, fut)).await.ok(),
     }
 }
 

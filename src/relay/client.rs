@@ -41,6 +41,9 @@ pub enum BackendError {
     Refused(Reply),
     #[error("no backend connection available")]
     Exhausted,
+    /// A connect refused inside `Pool::idle_now` (never seen outside it).
+    #[error("no connect while a checkout is tried in place")]
+    NotNow,
     /// TLS required and not had: `reason` is a metric label
     /// (not_offered, refused, certificate, handshake, timeout).
     #[error("TLS to the backend: {detail}")]

@@ -510,7 +510,9 @@ impl Txn {
             Inner::Maildir { writer, .. } => match writer.take() {
                 Some(w) => {
                     let id = w.id.clone();
-                    match w.commit().await {
+                    // Boxed: inline, the file writes' future (~800 bytes)
+                    // made every relayed message's DATA future larger.
+                    match Box::pin(w.commit()).await {
                         Ok(path) => {
                             tracing::debug!(path = %path.display(), "delivered to maildir");
                             Reply::new(250, EnhancedCode(2, 0, 0), format!("Ok: queued as {id}"))
