@@ -278,6 +278,11 @@ struct Session<S> {
     replies: Vec<crate::smtp::Reply>,
     st: State,
     shutdown: watch::Receiver<bool>,
+    /// The wait for shutdown that idle reads race (`read_more`): made at
+    /// the first one and kept, so the session stays in the shutdown
+    /// signal's waiter list instead of joining and leaving it (and
+    /// touching its neighbours in that list) at every message.
+    shutdown_wait: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>>,
     /// The client hung up while the session waited for the backend.
     client_gone: bool,
 }
@@ -395,6 +400,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             replies: Vec::new(),
             st: State::default(),
             shutdown,
+            shutdown_wait: None,
             client_gone: false,
         }
     }
@@ -641,11 +647,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             inbuf::read(&mut self.io, &mut self.inbuf, inbuf::room_for_commands),
         );
         if watch_shutdown {
-            let mut sd = self.shutdown.clone();
-            tokio::select! {
+            let shutdown = &self.shutdown;
+            let sd = self.shutdown_wait.get_or_insert_with(|| {
+                let mut rx = shutdown.clone();
+                Box::pin(async move {
+                    let _ = rx.wait_for(|v| *v).await;
+                })
+            });
+            let r = tokio::select! {
                 r = read => map_read(r),
-                _ = async { let _ = sd.wait_for(|v| *v).await; } => Err(ReadErr::Shutdown),
+                _ = sd.as_mut() => Err(ReadErr::Shutdown),
+            };
+            if let Err(ReadErr::Shutdown) = r {
+                // Finished: never polled again.
+                self.shutdown_wait = None;
             }
+            r
         } else {
             map_read(read.await)
         }
