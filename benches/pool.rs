@@ -50,6 +50,7 @@ fn pool(c: &mut Criterion) {
             group: "default".into(),
             helo_name: "bench.test".into(),
             max_connections: 8,
+            max_connecting: 16,
             max_idle: Duration::from_secs(600),
             max_lifetime: Duration::ZERO,
             max_transactions: u32::MAX,

@@ -173,6 +173,6 @@ for mode in modes:
         for name in edges:
             e = get(t, mode, name)
             r = e[0] / h[0] if h[0] else float("nan")
-            print(f"| {mode} | {t} | {name} | {h[0]:,.0f} | {e[0]:,.0f} | {r:.2f} | {h[1]:.3f} / {e[1]:.3f} | {h[2]:.2f} / {e[2]:.2f} | {h[3]:.2f} / {e[3]:.2f} | {h[5]:.4f} / {e[5]:.4f} | {h[6]:.0f} / {e[6]:.0f} | {h[4]}+{e[4]} |")
+            print(f"| {mode} | {t} | {name} | {h[0]:,.0f} | {e[0]:,.0f} | {r:.2f} | {h[1]:.4f} / {e[1]:.4f} | {h[2]:.2f} / {e[2]:.2f} | {h[3]:.2f} / {e[3]:.2f} | {h[5]:.4f} / {e[5]:.4f} | {h[6]:.0f} / {e[6]:.0f} | {h[4]}+{e[4]} |")
 PY
 exit "$failed"

@@ -268,6 +268,11 @@ pub struct BackendConfig {
     pub identity: IdentityMode,
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Connects (with greeting and EHLO) in flight at once (0 = no cap):
+    /// a burst is served by connections given back rather than by
+    /// hundreds of new ones at the same moment.
+    #[serde(default = "default_max_connecting")]
+    pub max_connecting: usize,
     /// Seconds an idle pooled connection is kept.
     #[serde(default = "default_max_idle")]
     pub max_idle: f64,
@@ -321,6 +326,9 @@ fn default_hostname() -> String {
 }
 fn default_max_connections() -> usize {
     64
+}
+fn default_max_connecting() -> usize {
+    16
 }
 fn default_max_idle() -> f64 {
     60.0

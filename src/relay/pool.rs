@@ -27,6 +27,13 @@
 //!   the checkout a transaction boxes stays ~100 bytes (it was ~1.1 KB).
 //!   A free slot without an idle connection, or a wait in line, goes the
 //!   boxed way (`opened`, `in_line`).
+//! - Connects in flight are capped (`max_connecting`, a semaphore in
+//!   `Manager::create`): a checkout with a slot but no connect permit
+//!   waits, and gives its slot up (`NotNow`) for a connection a checkin
+//!   returned meanwhile when nobody in line took it (`Pool::checkin`
+//!   wakes one; `opened` / `in_line` then take it or try again). A burst
+//!   of 1 000 sessions into a pool of 512 so opens ~250 connections
+//!   instead of 512, each with its connect, greeting and EHLO.
 //! - `PooledConn` wraps deadpool's `Object` with the safe default inverted:
 //!   dropping it discards the connection (frees the slot); only
 //!   `Pool::checkin` returns it to the idle list, and only after a
@@ -86,6 +93,8 @@ pub struct PoolSettings {
     pub group: String,
     pub helo_name: String,
     pub max_connections: usize,
+    /// Connects in flight at once (0: no cap; a core's share at least 1).
+    pub max_connecting: usize,
     pub max_idle: Duration,
     /// Longest use of one connection from when it was opened (zero: no
     /// limit).
@@ -158,6 +167,22 @@ thread_local! {
     static NO_CONNECT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// One of the checkouts a counter counts, for as long as it lives.
+struct Waiting<'a>(&'a AtomicU32);
+
+impl Waiting<'_> {
+    fn on(n: &AtomicU32) -> Waiting<'_> {
+        n.fetch_add(1, Ordering::Relaxed);
+        Waiting(n)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Creates and checks connections for deadpool.
 #[derive(Debug)]
 pub struct Manager {
@@ -165,6 +190,13 @@ pub struct Manager {
     metrics: BackendMetrics,
     /// This share's TCP permits (`max_connections`, or a core's part of it).
     tcp: Arc<Semaphore>,
+    /// This share's connects in flight (`max_connecting`); None: no cap.
+    connecting: Option<Semaphore>,
+    /// Checkouts waiting for a connect permit, and the signal a checkin
+    /// gives one of them when it returned a connection nobody in line
+    /// took (`create` then gives its slot up for it: `NotNow`).
+    connect_waiters: AtomicU32,
+    returned: tokio::sync::Notify,
     /// Shared by the shares of every core: the backend is up or down once.
     health: Arc<Health>,
     /// The `SIZE` the backend announced in its last EHLO (0: none, or no
@@ -212,6 +244,27 @@ impl Manager {
         r
     }
 
+    /// Waits for a connect permit (at most `connect_timeout`:
+    /// `Exhausted`), or gives up the wait with `NotNow` when a checkin
+    /// returned a connection meanwhile (`Pool::opened` then takes it).
+    async fn await_connect<'a>(
+        &self,
+        cap: &'a Semaphore,
+    ) -> Result<tokio::sync::SemaphorePermit<'a>, BackendError> {
+        let _waiting = Waiting::on(&self.connect_waiters);
+        let returned = self.returned.notified();
+        let wait = async {
+            tokio::select! {
+                biased;
+                p = cap.acquire() => p.map_err(|_| BackendError::Closed),
+                () = returned => Err(BackendError::NotNow),
+            }
+        };
+        tokio::time::timeout(self.settings.connect_timeout, wait)
+            .await
+            .map_err(|_| BackendError::Exhausted)?
+    }
+
     fn record_success(&self) {
         self.health.failures.store(0, Ordering::Relaxed);
         if self.health.down.swap(false, Ordering::AcqRel) {
@@ -245,6 +298,13 @@ impl managed::Manager for Manager {
         if NO_CONNECT.get() {
             return Err(BackendError::NotNow);
         }
+        let _connecting = match &self.connecting {
+            Some(cap) => match cap.try_acquire() {
+                Ok(p) => Some(p),
+                Err(_) => Some(self.await_connect(cap).await?),
+            },
+            None => None,
+        };
         // A socket of a connection that left the pool may still be closing:
         // wait for it (bounded) rather than exceed max_connections.
         let permit = tokio::time::timeout(
@@ -410,15 +470,22 @@ impl Pool {
             down: AtomicBool::new(false),
         });
         let size = Arc::new(AtomicU64::new(0));
+        let connecting: Vec<usize> = split(settings.max_connecting, shares).collect();
         let shares = split(settings.max_connections, shares)
-            .map(|max| {
+            .zip(connecting)
+            .map(|(max, connecting)| {
                 let manager = Manager {
                     metrics: metrics.clone(),
                     tcp: Arc::new(Semaphore::new(max)),
+                    connecting: (settings.max_connecting > 0)
+                        .then(|| Semaphore::new(connecting.max(1))),
+                    connect_waiters: AtomicU32::new(0),
+                    returned: tokio::sync::Notify::new(),
                     health: health.clone(),
                     size: size.clone(),
                     settings: PoolSettings {
                         max_connections: max,
+                        max_connecting: connecting,
                         ..settings.clone()
                     },
                     pool: OnceLock::new(),
@@ -504,20 +571,38 @@ impl Pool {
     /// slot, or waits in line with `Wait::Yes` when that slot was taken
     /// meanwhile.
     async fn opened(&self, wait: Wait) -> Result<(PooledConn, bool), BackendError> {
-        match self.inner().timeout_get(&get_within(Duration::ZERO)).await {
-            Ok(obj) => Ok(self.taken(obj, 0.0)),
-            Err(PoolError::Timeout(_)) if wait == Wait::Yes => self.in_line().await,
-            Err(e) => Err(get_error(e)),
+        loop {
+            match self.inner().timeout_get(&get_within(Duration::ZERO)).await {
+                Ok(obj) => return Ok(self.taken(obj, 0.0)),
+                // A connection came back while this one waited to connect
+                // (`max_connecting`): take it, or the slot again.
+                Err(PoolError::Backend(BackendError::NotNow)) => match self.idle_now() {
+                    Some(Ok(obj)) => return Ok(self.taken(obj, 0.0)),
+                    Some(Err(PoolError::Timeout(_))) if wait == Wait::Yes => {
+                        return self.in_line().await
+                    }
+                    Some(Err(e)) => return Err(get_error(e)),
+                    None => continue,
+                },
+                Err(PoolError::Timeout(_)) if wait == Wait::Yes => return self.in_line().await,
+                Err(e) => return Err(get_error(e)),
+            }
         }
     }
 
     /// `checkout`'s wait in line, at most `pool_wait`.
     async fn in_line(&self) -> Result<(PooledConn, bool), BackendError> {
         let t0 = Instant::now();
-        let t = get_within(self.settings().pool_wait);
-        match self.inner().timeout_get(&t).await {
-            Ok(obj) => Ok(self.taken(obj, t0.elapsed().as_secs_f64())),
-            Err(e) => Err(get_error(e)),
+        let wait = self.settings().pool_wait;
+        loop {
+            let t = get_within(wait.saturating_sub(t0.elapsed()));
+            match self.inner().timeout_get(&t).await {
+                Ok(obj) => return Ok(self.taken(obj, t0.elapsed().as_secs_f64())),
+                // A slot, then a connection given back while waiting to
+                // connect (`max_connecting`): in line again for it.
+                Err(PoolError::Backend(BackendError::NotNow)) => continue,
+                Err(e) => return Err(get_error(e)),
+            }
         }
     }
 
@@ -559,6 +644,22 @@ impl Pool {
         conn.idle_since = now;
         // Dropping the deadpool object (not the PooledConn) returns it.
         drop(conn.0.take());
+        // A checkout waiting to connect (`max_connecting`) takes it, when
+        // nobody waits in line for it (rare: bursts only get here).
+        let m = self.inner().manager();
+        let to_connect = m.connect_waiters.load(Ordering::Relaxed) as usize;
+        if to_connect > 0 {
+            // deadpool's `waiting`: checkouts in line for a slot, and those
+            // with one that are connecting or waiting to.
+            let connecting = m.connecting.as_ref().map_or(0, |c| {
+                s.max_connecting
+                    .max(1)
+                    .saturating_sub(c.available_permits())
+            });
+            if self.inner().status().waiting <= to_connect + connecting {
+                m.returned.notify_one();
+            }
+        }
     }
 
     /// The message size limit (`SIZE n`) the backend announced in the
@@ -645,6 +746,11 @@ mod tests {
     /// A backend that greets, answers every line with 250 and counts the
     /// connections it accepted.
     async fn counting_backend() -> (String, Arc<AtomicU32>) {
+        slow_backend(Duration::ZERO).await
+    }
+
+    /// `counting_backend` that waits `greet_after` before its greeting.
+    async fn slow_backend(greet_after: Duration) -> (String, Arc<AtomicU32>) {
         use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
@@ -656,6 +762,7 @@ mod tests {
                 tokio::spawn(async move {
                     let (r, mut w) = s.into_split();
                     let mut lines = BufReader::new(r).lines();
+                    tokio::time::sleep(greet_after).await;
                     let _ = w.write_all(b"220 sink\r\n").await;
                     while let Ok(Some(_)) = lines.next_line().await {
                         let _ = w.write_all(b"250 ok\r\n").await;
@@ -667,12 +774,17 @@ mod tests {
     }
 
     fn pool_of(addr: &str, max: usize) -> Pool {
+        pool_capped(addr, max, 0)
+    }
+
+    fn pool_capped(addr: &str, max: usize, connecting: usize) -> Pool {
         let settings = PoolSettings {
             addr: addr.to_string(),
             backend: 0,
             group: "default".into(),
             helo_name: "edge.test".into(),
             max_connections: max,
+            max_connecting: connecting,
             max_idle: Duration::from_secs(60),
             max_lifetime: Duration::ZERO,
             max_transactions: 1000,
@@ -731,5 +843,36 @@ mod tests {
             assert_eq!((v.len(), v.iter().sum::<usize>()), (n, max));
             assert!(v.iter().all(|&x| x >= max / n && x <= max / n + 1));
         }
+    }
+
+    /// `max_connecting`: a burst of checkouts larger than the cap opens
+    /// only the cap's connects at a time, and the checkouts waiting to
+    /// connect take the connections given back instead of opening their
+    /// own; every checkout is served.
+    #[tokio::test]
+    async fn a_burst_waits_for_connections_given_back() {
+        let (addr, accepted) = slow_backend(Duration::from_millis(100)).await;
+        let pool = Arc::new(pool_capped(&addr, 20, 2));
+        let mut tasks = Vec::new();
+        for _ in 0..20 {
+            let pool = pool.clone();
+            tasks.push(tokio::spawn(async move {
+                let (c, _) = pool.checkout(Wait::Yes).await.expect("served");
+                // A short transaction, then back to the pool.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                pool.checkin(c);
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Two connects in flight, none greeted yet.
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        // The first two connections carried the burst: the waiting
+        // checkouts took them as they came back.
+        let opened = accepted.load(Ordering::SeqCst);
+        assert!(opened <= 4, "{opened} connections opened for 20 checkouts");
+        assert!(!NO_CONNECT.get());
     }
 }

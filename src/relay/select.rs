@@ -47,6 +47,7 @@ impl Backends {
                             group: b.group.clone(),
                             helo_name: cfg.hostname.clone(),
                             max_connections: b.max_connections,
+                            max_connecting: b.max_connecting,
                             max_idle: Duration::from_secs_f64(b.max_idle),
                             max_lifetime: Duration::from_secs_f64(b.max_lifetime),
                             max_transactions: b.max_transactions,
