@@ -8,6 +8,10 @@ use super::{
     SessionLimits, TelemetryConfig, Timeouts, TlsConfig, TlsMode, MAX_SESSION_CACHE,
 };
 
+/// Most connections one backend's pool may have (far above any real
+/// backend's; the bound keeps the pool's semaphores from panicking).
+const MAX_POOL: usize = 1_000_000;
+
 impl Config {
     /// Appends every error of the values (not their types) to `errors`,
     /// each at `line_for(key)`.
@@ -284,10 +288,11 @@ fn backends(backends: &[BackendConfig], err: &mut dyn FnMut(String, String)) {
                 "1 to 64 of A-Z a-z 0-9 - _ .".into(),
             );
         }
-        if b.max_connections == 0 {
+        // Bounded: the pool's semaphores panic past usize::MAX >> 3.
+        if b.max_connections == 0 || b.max_connections > MAX_POOL {
             err(
                 format!("backend[{i}].max_connections"),
-                "must be > 0".into(),
+                format!("must be 1 to {MAX_POOL}"),
             );
         }
         // Bounded like every other seconds value: `Backends::new` makes a
@@ -518,6 +523,24 @@ mod tests {
             (3, 2.0, 60.0)
         );
         assert_eq!(ok.timeouts.backend_pool_wait, 30.0);
+    }
+
+    #[test]
+    fn pool_sizes_are_bounded() {
+        let text = |keys: &str| {
+            format!(
+                "[[listener]]\naddress = \"127.0.0.1:25\"\n[[backend]]\naddress = \"a:25\"\n{keys}"
+            )
+        };
+        let errs = errors_of(&text("max_connections = 2305843009213693952\n"));
+        assert_eq!(errs[0].0, "backend[0].max_connections", "{errs:?}");
+        for ok in [
+            "max_connecting = 0\n",
+            "max_connections = 8\nmax_connecting = 8\n",
+            "",
+        ] {
+            assert!(errors_of(&text(ok)).is_empty(), "{ok}");
+        }
     }
 
     #[test]

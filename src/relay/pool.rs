@@ -474,11 +474,16 @@ impl Pool {
         let shares = split(settings.max_connections, shares)
             .zip(connecting)
             .map(|(max, connecting)| {
+                // Never more than the share's slots (the default cap on a
+                // small pool; and a semaphore's bound); 0 stays no cap.
+                let connecting = match settings.max_connecting {
+                    0 => 0,
+                    _ => connecting.clamp(1, max.max(1)),
+                };
                 let manager = Manager {
                     metrics: metrics.clone(),
                     tcp: Arc::new(Semaphore::new(max)),
-                    connecting: (settings.max_connecting > 0)
-                        .then(|| Semaphore::new(connecting.max(1))),
+                    connecting: (connecting > 0).then(|| Semaphore::new(connecting)),
                     connect_waiters: AtomicU32::new(0),
                     returned: tokio::sync::Notify::new(),
                     health: health.clone(),
@@ -652,9 +657,7 @@ impl Pool {
             // deadpool's `waiting`: checkouts in line for a slot, and those
             // with one that are connecting or waiting to.
             let connecting = m.connecting.as_ref().map_or(0, |c| {
-                s.max_connecting
-                    .max(1)
-                    .saturating_sub(c.available_permits())
+                s.max_connecting.saturating_sub(c.available_permits())
             });
             if self.inner().status().waiting <= to_connect + connecting {
                 m.returned.notify_one();
