@@ -534,9 +534,13 @@ mod tests {
         };
         let errs = errors_of(&text("max_connections = 2305843009213693952\n"));
         assert_eq!(errs[0].0, "backend[0].max_connections", "{errs:?}");
+        // A cap above the pool is the pool's size (the default 16 on a
+        // pool of 3 stays valid).
         for ok in [
             "max_connecting = 0\n",
             "max_connections = 8\nmax_connecting = 8\n",
+            "max_connections = 3\n",
+            "max_connecting = 9223372036854775807\n",
             "",
         ] {
             assert!(errors_of(&text(ok)).is_empty(), "{ok}");

@@ -41,8 +41,11 @@ pub enum BackendError {
     Refused(Reply),
     #[error("no backend connection available")]
     Exhausted,
-    /// A connect refused inside `Pool::idle_now` (never seen outside it).
-    #[error("no connect while a checkout is tried in place")]
+    /// A connect not made, the pool's own signal (never seen outside
+    /// `relay::pool`): refused while `Pool::idle_now` tries a checkout in
+    /// place, or a wait to connect (`max_connecting`) ended by a
+    /// connection given back meanwhile.
+    #[error("no connect now: an idle connection is to be taken instead")]
     NotNow,
     /// TLS required and not had: `reason` is a metric label
     /// (not_offered, refused, certificate, handshake, timeout).

@@ -24,7 +24,7 @@
 //! - A checkout first polls deadpool's non-blocking get once in place
 //!   (`idle_now`, connects refused meanwhile by `NO_CONNECT`): the usual
 //!   case, an idle connection, then awaits no future of deadpool's, and
-//!   the checkout a transaction boxes stays ~100 bytes (it was ~1.1 KB).
+//!   the checkout future a transaction boxes is 24 bytes (it was ~1.1 KB).
 //!   A free slot without an idle connection, or a wait in line, goes the
 //!   boxed way (`opened`, `in_line`).
 //! - Connects in flight are capped (`max_connecting`, a semaphore in
@@ -375,8 +375,9 @@ async fn probe(weak: WeakPool<Manager>, first: Duration, max: Duration) {
             // An idle connection that passed the liveness check proves the
             // backend as well as a new one.
             Ok(_) => pool.manager().record_success(),
-            // Every slot busy: nothing to probe with; try again.
-            Err(PoolError::Timeout(_)) => {}
+            // Every slot busy, or its wait to connect ended by a
+            // connection given back: nothing probed; try again.
+            Err(PoolError::Timeout(_) | PoolError::Backend(BackendError::NotNow)) => {}
             Err(e) => {
                 wait = (wait * 2).min(max);
                 tracing::debug!(backend = %pool.manager().settings.addr, "probe failed: {e:?}; next in {wait:?}");
@@ -537,11 +538,28 @@ impl Pool {
         // future of deadpool's in this one, which every transaction
         // awaits (and moves into a box); a slot free for a new
         // connection, or a wait in line, goes the boxed way.
-        match self.idle_now() {
-            Some(Ok(obj)) => Ok(self.taken(obj, 0.0)),
-            Some(Err(PoolError::Timeout(_))) if wait == Wait::Yes => Box::pin(self.in_line()).await,
-            Some(Err(e)) => Err(get_error(e)),
-            None => Box::pin(self.opened(wait)).await,
+        let Some(got) = self.idle_now() else {
+            return Box::pin(self.opened(wait)).await;
+        };
+        if let Some(r) = self.settled(got, wait) {
+            return r;
+        }
+        // Boxed: the wait in line is the rarer path.
+        Box::pin(self.in_line()).await
+    }
+
+    /// What a non-blocking get came to: the connection or the error, or
+    /// None when no slot was free and `Wait::Yes` waits in line (not an
+    /// async fn: its future would be in every checkout's).
+    fn settled(
+        &self,
+        got: Result<Object<Manager>, PoolError<BackendError>>,
+        wait: Wait,
+    ) -> Option<Result<(PooledConn, bool), BackendError>> {
+        match got {
+            Ok(obj) => Some(Ok(self.taken(obj, 0.0))),
+            Err(PoolError::Timeout(_)) if wait == Wait::Yes => None,
+            Err(e) => Some(Err(get_error(e))),
         }
     }
 
@@ -577,21 +595,19 @@ impl Pool {
     /// meanwhile.
     async fn opened(&self, wait: Wait) -> Result<(PooledConn, bool), BackendError> {
         loop {
-            match self.inner().timeout_get(&get_within(Duration::ZERO)).await {
-                Ok(obj) => return Ok(self.taken(obj, 0.0)),
+            let got = match self.inner().timeout_get(&get_within(Duration::ZERO)).await {
                 // A connection came back while this one waited to connect
                 // (`max_connecting`): take it, or the slot again.
                 Err(PoolError::Backend(BackendError::NotNow)) => match self.idle_now() {
-                    Some(Ok(obj)) => return Ok(self.taken(obj, 0.0)),
-                    Some(Err(PoolError::Timeout(_))) if wait == Wait::Yes => {
-                        return self.in_line().await
-                    }
-                    Some(Err(e)) => return Err(get_error(e)),
+                    Some(got) => got,
                     None => continue,
                 },
-                Err(PoolError::Timeout(_)) if wait == Wait::Yes => return self.in_line().await,
-                Err(e) => return Err(get_error(e)),
-            }
+                got => got,
+            };
+            return match self.settled(got, wait) {
+                Some(r) => r,
+                None => self.in_line().await,
+            };
         }
     }
 
@@ -834,6 +850,11 @@ mod tests {
         assert!(!reused);
         assert!(!NO_CONNECT.get());
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        // A cap past the pool's size is the pool's size (no semaphore of
+        // usize::MAX permits, which would panic).
+        let pool = pool_capped(&addr, 3, usize::MAX);
+        assert_eq!(pool.settings().max_connecting, 3);
+        assert!(pool.checkout(Wait::No).await.is_ok());
     }
 
     #[test]
