@@ -683,7 +683,7 @@ impl ClientPolicy {
         if self.allowed || self.policy.unknown_budget.is_none() || reply.code / 100 != 5 {
             return None;
         }
-        let e = reply.enhanced?;
+        let e = reply.enhanced()?;
         let unknown = (self.policy.cfg.recipients.unknown_codes.iter())
             .filter_map(|c| settings::parse_enhanced(c))
             .any(|(c, s, d)| crate::smtp::EnhancedCode(c, s, d) == e);

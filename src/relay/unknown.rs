@@ -110,7 +110,7 @@ impl UnknownRecipients {
     /// Remembers `reply` to `rcpt` in group `g` when it says "no such
     /// user" (class 5, one of the configured enhanced codes).
     pub(super) fn note(&self, g: GroupId, rcpt: &str, reply: &Reply) {
-        if reply.code / 100 != 5 || !reply.enhanced.is_some_and(|e| self.codes.contains(&e)) {
+        if reply.code / 100 != 5 || !reply.enhanced().is_some_and(|e| self.codes.contains(&e)) {
             return;
         }
         let Some((local, domain)) = Self::parts(rcpt) else {

@@ -115,7 +115,7 @@ pub(super) fn record_end(span: &Span, sent: Option<(usize, u64)>, reply: &Reply)
     let size = size.map(|n| n.min(i64::MAX as u64) as i64);
     let code = i64::from(reply.code);
     let mut enh_buf = [0u8; 17];
-    let enhanced = reply.enhanced.map(|e| e.text(&mut enh_buf));
+    let enhanced = reply.enhanced().map(|e| e.text(&mut enh_buf));
     let mut code_buf = [0u8; 5];
     let code_str = smtp::reply::code_text(reply.code, &mut code_buf);
     let failed = reply.code >= 400;

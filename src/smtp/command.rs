@@ -599,7 +599,7 @@ mod tests {
             let e = p(s).unwrap_err();
             assert_eq!(e, CommandError::Argument(msg));
             let r = e.reply();
-            assert_eq!((r.code, r.enhanced), (501, Some(EnhancedCode(5, 5, 4))));
+            assert_eq!((r.code, r.enhanced()), (501, Some(EnhancedCode(5, 5, 4))));
         }
     }
 
@@ -623,7 +623,7 @@ mod tests {
         }
         let r = CommandError::Unrecognized.reply();
         assert_eq!(r.code, 502);
-        assert_eq!(r.enhanced, Some(EnhancedCode(5, 5, 1)));
+        assert_eq!(r.enhanced(), Some(EnhancedCode(5, 5, 1)));
         assert_eq!(
             r.lines().collect::<Vec<_>>(),
             vec!["Command not recognized"]
@@ -669,7 +669,7 @@ mod tests {
             Err(CommandError::Argument("Syntax: EHLO hostname"))
         );
         let r = p("EHLO").unwrap_err().reply();
-        assert_eq!((r.code, r.enhanced), (501, Some(EnhancedCode(5, 5, 4))));
+        assert_eq!((r.code, r.enhanced()), (501, Some(EnhancedCode(5, 5, 4))));
         assert_eq!(r.lines().collect::<Vec<_>>(), vec!["Syntax: EHLO hostname"]);
     }
 
@@ -752,7 +752,7 @@ mod tests {
             assert!(matches!(e, CommandError::Syntax(_)), "{s:?}: {e:?}");
             let r = e.reply();
             assert_eq!(
-                (r.code, r.enhanced),
+                (r.code, r.enhanced()),
                 (501, Some(EnhancedCode(5, 5, 2))),
                 "{s:?}"
             );
@@ -882,7 +882,7 @@ mod tests {
             let e = p(s).unwrap_err();
             assert!(matches!(e, CommandError::Argument(_)), "{s:?}: {e:?}");
             let r = e.reply();
-            assert_eq!((r.code, r.enhanced), (501, Some(EnhancedCode(5, 5, 4))));
+            assert_eq!((r.code, r.enhanced()), (501, Some(EnhancedCode(5, 5, 4))));
         }
         for s in [
             "MAIL FROM:<a@b> RET=HDRS",
@@ -895,7 +895,7 @@ mod tests {
             assert_eq!(p(s), Err(CommandError::UnknownParameter), "{s:?}");
         }
         let r = CommandError::UnknownParameter.reply();
-        assert_eq!((r.code, r.enhanced), (555, Some(EnhancedCode(5, 5, 4))));
+        assert_eq!((r.code, r.enhanced()), (555, Some(EnhancedCode(5, 5, 4))));
         assert_eq!(r.lines().collect::<Vec<_>>(), vec!["Unsupported parameter"]);
     }
 
@@ -921,7 +921,7 @@ mod tests {
             Err(CommandError::NeedsSmtputf8)
         );
         let r = CommandError::NeedsSmtputf8.reply();
-        assert_eq!((r.code, r.enhanced), (553, Some(EnhancedCode(5, 6, 7))));
+        assert_eq!((r.code, r.enhanced()), (553, Some(EnhancedCode(5, 6, 7))));
         assert_eq!(
             r.lines().collect::<Vec<_>>(),
             vec!["Non-ASCII address requires SMTPUTF8"]

@@ -5,7 +5,10 @@
 //! allocates nothing; read them with `lines` / `first_line`);
 //! `write_reply` is the allocation-free path for the proxy's own fixed
 //! replies; `Reply::parse` reads a backend's reply incrementally, bounded by
-//! `MAX_REPLY_LINE` and `MAX_REPLY_LINES` (`ReplyError` beyond).
+//! `MAX_REPLY_LINE` and `MAX_REPLY_LINES` (`ReplyError` beyond). A
+//! backend's one-line reply already in the form `write_to` would give it
+//! (`250 2.1.0 Ok`) keeps that line, and `write_to` copies it as it came:
+//! the relayed message's replies pass through without being formatted.
 
 use std::fmt;
 
@@ -71,12 +74,33 @@ impl EnhancedCode {
 /// The lines are kept in one small buffer, separated by `\n`, inline up to
 /// `INLINE` bytes: the one-line replies of a relayed message (a backend's
 /// `250 2.1.0 Ok`) cost no allocation.
-#[derive(Clone, PartialEq, Eq)]
+///
+/// The wire form: when `head > 0` the buffer holds the whole reply line as
+/// `write_to` writes it, less its CRLF (`250 2.1.0 Ok`), and the text
+/// starts at `head`. Only `parse` makes one (a one-line reply with an
+/// enhanced code spelled as `write_to` spells it, or a 354; ASCII text); anything
+/// that changes the text or the enhanced code goes through a method that
+/// first turns it back into the plain form (`unwire`). `enhanced` is
+/// private for that reason; `code` is checked against the line's digits
+/// before the line is copied.
+#[derive(Clone)]
 pub struct Reply {
     pub code: u16,
-    pub enhanced: Option<EnhancedCode>,
+    enhanced: Option<EnhancedCode>,
     text: SmallVec<[u8; INLINE]>,
+    head: u8,
 }
+
+impl PartialEq for Reply {
+    /// The same code, enhanced code and text, whichever form holds them.
+    fn eq(&self, other: &Reply) -> bool {
+        self.code == other.code
+            && self.enhanced == other.enhanced
+            && self.text_bytes() == other.text_bytes()
+    }
+}
+
+impl Eq for Reply {}
 
 /// Bytes of reply text kept without a heap allocation.
 const INLINE: usize = 48;
@@ -109,6 +133,7 @@ impl Reply {
             code,
             enhanced: Some(enhanced),
             text: SmallVec::new(),
+            head: 0,
         };
         r.push_text(text.as_ref());
         r
@@ -123,6 +148,7 @@ impl Reply {
             code,
             enhanced,
             text: SmallVec::new(),
+            head: 0,
         };
         for (i, line) in lines.into_iter().enumerate() {
             if i > 0 {
@@ -135,6 +161,7 @@ impl Reply {
     /// Appends `text` to the last line; a CR or LF in it is dropped, so it
     /// can never break the reply's framing.
     pub fn push_text(&mut self, text: &str) {
+        self.unwire();
         let mut t = text.as_bytes();
         while let Some(k) = memchr::memchr2(b'\r', b'\n', t) {
             self.text.extend_from_slice(&t[..k]);
@@ -152,8 +179,30 @@ impl Reply {
     }
     fn text_str(&self) -> &str {
         // Only ever filled from `&str`s and valid UTF-8 (`parse` converts
-        // lossily), so this never fails.
-        std::str::from_utf8(&self.text).unwrap_or("")
+        // lossily; the wire form is ASCII), so this never fails.
+        std::str::from_utf8(self.text_bytes()).unwrap_or("")
+    }
+    /// The text lines, `\n` between them (without the wire form's head).
+    fn text_bytes(&self) -> &[u8] {
+        &self.text[usize::from(self.head)..]
+    }
+    /// The enhanced status code, if the reply has one.
+    pub fn enhanced(&self) -> Option<EnhancedCode> {
+        self.enhanced
+    }
+    /// Sets (or removes) the enhanced status code.
+    pub fn set_enhanced(&mut self, enhanced: Option<EnhancedCode>) {
+        if enhanced != self.enhanced {
+            self.unwire();
+            self.enhanced = enhanced;
+        }
+    }
+    /// The plain form: the buffer holds only the text.
+    fn unwire(&mut self) {
+        if self.head > 0 {
+            self.text.drain(..usize::from(self.head));
+            self.head = 0;
+        }
     }
     /// 2xx or 3xx.
     pub fn is_positive(&self) -> bool {
@@ -177,9 +226,16 @@ impl Reply {
     /// A reply without lines is written as one line with empty text. An empty
     /// text line is written without a trailing space (`250 2.0.0\r\n`).
     pub fn write_to(&self, out: &mut Vec<u8>) {
+        // The wire form: the line as it came, when its code is still ours.
+        if self.head > 0 && self.text[..3] == code_digits(self.code) {
+            out.reserve(self.text.len() + 2);
+            out.extend_from_slice(&self.text);
+            out.extend_from_slice(b"\r\n");
+            return;
+        }
         // Each line: its head (`250-`, `250 2.1.0 `) built on the stack,
         // then three copies (a relayed message's replies are one line).
-        let mut rest: &[u8] = &self.text;
+        let mut rest: &[u8] = self.text_bytes();
         loop {
             let (line, next) = match memchr::memchr(b'\n', rest) {
                 Some(i) => (&rest[..i], Some(&rest[i + 1..])),
@@ -223,10 +279,14 @@ impl Reply {
             let line = strip_cr(&buf[..lf]);
             if line.get(3) != Some(&b'-') {
                 let (code, _, text) = split_line(line)?;
+                if let Some(reply) = Reply::wired(code, line, text) {
+                    return Ok(Some((reply, lf + 1)));
+                }
                 let mut reply = Reply {
                     code,
                     enhanced: None,
                     text: SmallVec::new(),
+                    head: 0,
                 };
                 reply.push_line(0, text, &mut ([0; 16], 0));
                 return Ok(Some((reply, lf + 1)));
@@ -270,6 +330,7 @@ impl Reply {
             code,
             enhanced: None,
             text: SmallVec::new(),
+            head: 0,
         };
         let mut enh = ([0; 16], 0);
         for (i, raw) in buf[..used].split_inclusive(|&b| b == b'\n').enumerate() {
@@ -278,6 +339,39 @@ impl Reply {
             reply.push_line(i, text, &mut enh);
         }
         Ok(Some((reply, used)))
+    }
+
+    /// The wire form of the one-line reply `line` (code `code`, `text` after
+    /// the code's space), when writing it out again would give back the
+    /// same bytes: an enhanced code of the code's class spelled without
+    /// leading zeros, then nothing or a space and some text (or, for a 1xx
+    /// or 3xx reply, which gets no enhanced code, any text after the
+    /// space), all of it ASCII with no CR. Otherwise None (`push_line`
+    /// builds the plain form).
+    fn wired(code: u16, line: &[u8], text: &[u8]) -> Option<Reply> {
+        let (enhanced, head) = match parse_enhanced(text, code) {
+            Some((enh, len)) => {
+                let spelled = 3 + digits(enh.1) + digits(enh.2);
+                // `250 2.1.0 ` with nothing after: written without the space.
+                if len != spelled || text.len() == len + 1 {
+                    return None;
+                }
+                (Some(enh), (4 + len + 1).min(line.len()))
+            }
+            // A 1xx or 3xx reply (354) gets no enhanced code
+            // (`ensure_enhanced`): its text follows the code's space.
+            None if matches!(code / 100, 1 | 3) && line.len() > 3 => (None, 4),
+            None => return None,
+        };
+        if !line.is_ascii() || memchr::memchr(b'\r', line).is_some() {
+            return None;
+        }
+        Some(Reply {
+            code,
+            enhanced,
+            text: SmallVec::from_slice(line),
+            head: head as u8,
+        })
     }
 
     /// Appends the text of reply line `i`: the enhanced code is taken from
@@ -364,6 +458,8 @@ impl Reply {
         if self.enhanced.is_some() {
             return;
         }
+        // A wire form without an enhanced code is a 1xx or 3xx, which
+        // gets none below; a code changed since is caught by `write_to`.
         self.enhanced = match (self.code / 100, answered) {
             (2, Answered::Mail) => Some(EnhancedCode(2, 1, 0)),
             (2, Answered::Rcpt) => Some(EnhancedCode(2, 1, 5)),
@@ -405,6 +501,24 @@ pub fn write_reply(out: &mut Vec<u8>, code: u16, enhanced: &str, text: &str) {
     }
     out.extend_from_slice(text.as_bytes());
     out.extend_from_slice(b"\r\n");
+}
+
+/// A reply code's three digits (a code past 999 gives none that match).
+fn code_digits(code: u16) -> [u8; 3] {
+    if code > 999 {
+        return [0; 3];
+    }
+    let d = |n: u16| b'0' + (n % 10) as u8;
+    [d(code / 100), d(code / 10), d(code)]
+}
+
+/// How many decimal digits `n` (at most 999) is written with.
+fn digits(n: u16) -> usize {
+    match n {
+        0..=9 => 1,
+        10..=99 => 2,
+        _ => 3,
+    }
 }
 
 /// Appends the decimal form of `n` without allocating.
@@ -633,7 +747,7 @@ mod tests {
                 .unwrap()
                 .unwrap()
                 .0;
-            r.enhanced = enh;
+            r.set_enhanced(enh);
             r.text.clear();
             r.push_text(text);
             r
@@ -912,5 +1026,89 @@ mod tests {
         assert_eq!(Reply::parse(&again), Ok(Some((r, again.len()))));
         let (r, _) = Reply::parse(b"250 2.1.0\rx\r\n").unwrap().unwrap();
         assert_eq!((r.enhanced, r.first_line()), (None, "2.1.0x"));
+    }
+
+    /// The wire form changes nothing a reader sees: every one-line reply
+    /// writes the same bytes, reads the same text and compares equal
+    /// whether `parse` kept its line or built the plain form.
+    #[test]
+    fn wire_form_writes_what_the_plain_form_writes() {
+        let codes = ["250", "354", "451", "550", "221", "334"];
+        let enh = [
+            "",
+            "2.1.0",
+            "2.01.0",
+            "2.1.00",
+            "5.7.1",
+            "4.999.999",
+            "2.0.0",
+            "5.1.1",
+            "2.1",
+        ];
+        let seps = ["", " ", "  ", "\t"];
+        let texts: [&[u8]; 8] = [
+            b"",
+            b"Ok",
+            b" Ok",
+            b"Ok: queued as 4XyZ",
+            b"a\rb",
+            "grüße".as_bytes(),
+            b"x\xffy",
+            b" ",
+        ];
+        let mut wired = 0;
+        for c in codes {
+            for e in enh {
+                for sep in seps {
+                    for t in texts {
+                        for end in ["\r\n", "\n"] {
+                            let line = [format!("{c} {e}{sep}").as_bytes(), t].concat();
+                            let bytes = [&line[..], end.as_bytes()].concat();
+                            let Ok(Some((r, used))) = Reply::parse(&bytes) else {
+                                continue;
+                            };
+                            assert_eq!(used, bytes.len());
+                            let mut plain = r.clone();
+                            plain.unwire();
+                            wired += usize::from(r.head > 0);
+                            let raw = String::from_utf8_lossy(&bytes);
+                            assert_eq!(wire(&r), wire(&plain), "{raw:?}");
+                            assert_eq!(r, plain, "{raw:?}");
+                            assert_eq!(r.text(), plain.text(), "{raw:?}");
+                            assert_eq!(r.enhanced(), plain.enhanced(), "{raw:?}");
+                            if r.head > 0 {
+                                // Passed through: the line exactly as it came.
+                                let want = [&line[..], b"\r\n"].concat();
+                                assert_eq!(wire(&r).as_bytes(), &want[..], "{raw:?}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(wired > 20, "{wired}");
+    }
+
+    /// A reply kept in its wire form that is changed afterwards is written
+    /// as changed.
+    #[test]
+    fn wire_form_follows_changes() {
+        let (mut r, _) = parse_all("250 2.1.0\r\n");
+        assert!(r.head > 0);
+        r.push_text("(trace 1)");
+        assert_eq!(wire(&r), "250 2.1.0 (trace 1)\r\n");
+        let (mut r, _) = parse_all("550 5.1.1 unknown user\r\n");
+        r.set_enhanced(Some(EnhancedCode(5, 7, 1)));
+        assert_eq!(wire(&r), "550 5.7.1 unknown user\r\n");
+        r.set_enhanced(None);
+        assert_eq!(wire(&r), "550 unknown user\r\n");
+        let (mut r, _) = parse_all("451 4.3.0 later\r\n");
+        r.code = 421;
+        assert_eq!(wire(&r), "421 4.3.0 later\r\n");
+        let (mut r, _) = parse_all("354 go ahead\r\n");
+        assert!(r.head > 0);
+        r.code = 554;
+        r.ensure_enhanced(Answered::Data);
+        assert_eq!(wire(&r), "554 5.0.0 go ahead\r\n");
     }
 }
