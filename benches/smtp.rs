@@ -5,7 +5,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use smtp_edge::smtp::command;
-use smtp_edge::smtp::reply::{write_reply, EnhancedCode, Reply};
+use smtp_edge::smtp::reply::{write_reply, Answered, EnhancedCode, Reply};
 use smtp_edge::smtp::{
     BareLineEndings, ChunkChecker, DataOptions, DataScanner, Scan, Stuffer, Unstuffer,
 };
@@ -72,6 +72,29 @@ fn reply_format(c: &mut Criterion) {
         b.iter(|| {
             out.clear();
             black_box(&rejected).write_to(&mut out);
+            black_box(out.len())
+        })
+    });
+    g.finish();
+
+    // A backend's replies to one relayed message, read and written out
+    // again as the relay does (parse, ensure_enhanced, write_to).
+    let mut g = c.benchmark_group("relay_reply");
+    g.throughput(Throughput::Elements(4));
+    let backend: &[&[u8]] = &[
+        b"250 2.1.0 Ok\r\n",
+        b"250 2.1.5 Ok\r\n",
+        b"354 End data with <CR><LF>.<CR><LF>\r\n",
+        b"250 2.0.0 Ok: queued as 4XyZ1A2b3C\r\n",
+    ];
+    g.bench_function("message_replies", |b| {
+        b.iter(|| {
+            out.clear();
+            for raw in backend {
+                let (mut r, _) = Reply::parse(black_box(raw)).unwrap().unwrap();
+                r.ensure_enhanced(Answered::Mail);
+                r.write_to(&mut out);
+            }
             black_box(out.len())
         })
     });

@@ -274,6 +274,10 @@ impl Reply {
     /// every line that starts with the same one. Text that is not UTF-8 is
     /// converted lossily.
     pub fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
+        if buf.is_empty() {
+            // Nothing read yet (the relay asks before its first read).
+            return Ok(None);
+        }
         // A complete one-line reply (the usual case) in one pass.
         if let Some(lf) = memchr::memchr(b'\n', &buf[..buf.len().min(MAX_REPLY_LINE)]) {
             let line = strip_cr(&buf[..lf]);
