@@ -176,6 +176,37 @@ proptest! {
         for k in 0..wire.len() {
             prop_assert_eq!(Reply::parse(&wire[..k]), Ok(None), "prefix {}", k);
         }
+        // Written out again (a one-line reply passed through as it came,
+        // any other formatted), the bytes are the same.
+        let (parsed, _) = Reply::parse(&wire).unwrap().unwrap();
+        let mut again = Vec::new();
+        parsed.write_to(&mut again);
+        prop_assert_eq!(again, wire);
+    }
+
+    /// Any backend line, read and written out again, reads back as the
+    /// reply it was: the pass-through of a one-line reply and the
+    /// formatting of the others agree.
+    #[test]
+    fn any_reply_line_written_again_reads_the_same(
+        code in 100u16..600,
+        sep in prop_oneof![4 => Just(&b" "[..]), 1 => Just(&b"-"[..]), 1 => Just(&b""[..])],
+        class_ok in prop::bool::weighted(0.8),
+        subject in "0?[0-9]{1,3}",
+        detail in "0?[0-9]{1,3}",
+        after in prop_oneof![Just(""), Just(" "), Just("  ")],
+        text in line(),
+        end in prop_oneof![Just(&b"\r\n"[..]), Just(&b"\n"[..])],
+    ) {
+        let class = if class_ok { code / 100 } else { (code / 100) % 5 + 1 };
+        let enh = format!("{class}.{subject}.{detail}{after}");
+        let raw = [code.to_string().as_bytes(), sep, enh.as_bytes(), &text[..], end].concat();
+        if let Ok(Some((r, _))) = Reply::parse(&raw) {
+            let mut out = Vec::new();
+            r.write_to(&mut out);
+            let again = Reply::parse(&out);
+            prop_assert_eq!(again, Ok(Some((r, out.len()))), "{:?}", String::from_utf8_lossy(&raw));
+        }
     }
 
     /// Any line, and lines that start with a verb, parse or are refused.
