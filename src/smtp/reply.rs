@@ -350,8 +350,8 @@ impl Reply {
     /// same bytes: an enhanced code of the code's class spelled without
     /// leading zeros, then nothing or a space and some text (or, for a 1xx
     /// or 3xx reply, which gets no enhanced code, any text after the
-    /// space), all of it ASCII with no CR. Otherwise None (`push_line`
-    /// builds the plain form).
+    /// space), all of it ASCII with no CR, and no longer than the inline
+    /// buffer. Otherwise None (`push_line` builds the plain form).
     fn wired(code: u16, line: &[u8], text: &[u8]) -> Option<Reply> {
         let (enhanced, head) = match parse_enhanced(text, code) {
             Some((enh, len)) => {
@@ -367,7 +367,9 @@ impl Reply {
             None if matches!(code / 100, 1 | 3) && line.len() > 3 => (None, 4),
             None => return None,
         };
-        if !line.is_ascii() || memchr::memchr(b'\r', line).is_some() {
+        // A line past the inline buffer would allocate where the text
+        // alone might not: the plain form then.
+        if line.len() > INLINE || !line.is_ascii() || memchr::memchr(b'\r', line).is_some() {
             return None;
         }
         Some(Reply {
@@ -1109,6 +1111,12 @@ mod tests {
         let (mut r, _) = parse_all("451 4.3.0 later\r\n");
         r.code = 421;
         assert_eq!(wire(&r), "421 4.3.0 later\r\n");
+        // Past the inline buffer: the plain form (no allocation where the
+        // text alone fits), the same bytes.
+        let long = format!("250 2.0.0 {}\r\n", "q".repeat(INLINE - 9));
+        let (r, _) = parse_all(&long);
+        assert_eq!((r.head, wire(&r)), (0, long.clone()));
+        assert!(!r.text.spilled());
         let (mut r, _) = parse_all("354 go ahead\r\n");
         assert!(r.head > 0);
         r.code = 554;
