@@ -27,10 +27,12 @@
 //! The `Received:` header's prefix is built once per HELO
 //! (`State.received`), its date at most once per second per thread; the
 //! backend's `ClientIdentity` at the first MAIL after each HELO. The TLS
-//! path, the command loop (`run`) and the per-message futures (DATA phase,
-//! BDAT, `resolve`, policy lookups) are boxed: an idle connection holds
-//! only the session future, which a unit test keeps small (the cost of the
-//! boxes: loadtest/README.md, "Performance notes for developers").
+//! path, the command loop (`run`) and the rarer or larger futures (BDAT,
+//! `Backends::begin`, policy lookups) are boxed: an idle connection holds
+//! only the session future, which a unit test keeps small. The DATA phase
+//! and `resolve`'s replies are awaited inline (a few hundred bytes per
+//! idle connection against two allocations per message: loadtest/README.md,
+//! "Performance notes for developers").
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -563,7 +565,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return;
         };
         let mut replies = std::mem::take(&mut self.replies);
-        Box::pin(txn.replies(&mut replies)).await;
+        txn.replies(&mut replies).await;
         let broken = txn.is_broken();
         let mut mail_failed = false;
         let mut desync = false;
@@ -707,7 +709,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 if !self.flush().await {
                     return Outcome::Closed;
                 }
-                match Box::pin(self.data_phase()).await {
+                match self.data_phase().await {
                     Ok(reply) => {
                         reply.write_to(&mut self.out);
                         cmd_deadline = None;
