@@ -120,8 +120,9 @@ impl Txn {
         wbuf.extend_from_slice(from.as_bytes());
         wbuf.push(b'>');
         if let Some(size) = params.size {
-            use std::io::Write;
-            let _ = write!(wbuf, " SIZE={size}");
+            // itoa: `write!` cost ~300 instructions per message here.
+            wbuf.extend_from_slice(b" SIZE=");
+            wbuf.extend_from_slice(itoa::Buffer::new().format(size).as_bytes());
         }
         match params.body {
             Some(Body::SevenBit) => wbuf.extend_from_slice(b" BODY=7BIT"),

@@ -369,7 +369,9 @@ impl Reply {
         };
         // A line past the inline buffer would allocate where the text
         // alone might not: the plain form then.
-        if line.len() > INLINE || !line.is_ascii() || memchr::memchr(b'\r', line).is_some() {
+        // ASCII and no CR, in one pass (a reply line is a few dozen bytes:
+        // shorter than what memchr's setup pays for).
+        if line.len() > INLINE || !line.iter().all(|&b| b < 0x80 && b != b'\r') {
             return None;
         }
         Some(Reply {
