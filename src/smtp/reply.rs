@@ -369,9 +369,7 @@ impl Reply {
         };
         // A line past the inline buffer would allocate where the text
         // alone might not: the plain form then.
-        // ASCII and no CR, in one pass (a reply line is a few dozen bytes:
-        // shorter than what memchr's setup pays for).
-        if line.len() > INLINE || !line.iter().all(|&b| b < 0x80 && b != b'\r') {
+        if line.len() > INLINE || !line.is_ascii() || memchr::memchr(b'\r', line).is_some() {
             return None;
         }
         Some(Reply {
