@@ -7,7 +7,8 @@
 # run and dumped. EXTRA_TOML goes into the config (the word OTLP is
 # replaced by the address of an `smtp-load otlp-sink` started for it).
 # Prints the total; per function: cg_self.py $PROF_DIR/NAME/cg.out.*.1 N.
-# EDGE_BIN=/path/to/smtp-edge profiles that binary instead (common.sh).
+# EDGE_BIN=/path/to/smtp-edge profiles that binary instead (common.sh);
+# COPY=1 profiles `smtp-load copy`, a tokio byte copier, instead.
 # Example: cg.sh exp '[telemetry]
 #   otlp_endpoint = "http://OTLP"
 #   sample_ratio = 1.0' 20000 info
@@ -15,7 +16,11 @@ set -eu
 NAME=$1; EXTRA=$2; N=${3:-20000}; LOG=${4:-warn}
 LOAD_ON=""
 source "$(dirname "$0")/common.sh"
-TOKIO_WORKER_THREADS=1 RUST_LOG=$LOG valgrind --tool=callgrind ${CG_ARGS:-} --callgrind-out-file=$W/cg.out.%p "$EDGE" --config $W/edge.toml > $W/edge.log 2>&1 & EPID=$!
+# COPY=1: profile `smtp-load copy` (a byte copier on one current-thread
+# tokio runtime, the floor of a tokio proxy) in smtp-edge's place.
+PROXY=("$EDGE" --config "$W/edge.toml")
+if [ "${COPY:-0}" = 1 ]; then PROXY=("$R/smtp-load" copy -l "127.0.0.1:$EP" -t "127.0.0.1:$SINKP"); fi
+TOKIO_WORKER_THREADS=1 RUST_LOG=$LOG valgrind --tool=callgrind ${CG_ARGS:-} --callgrind-out-file=$W/cg.out.%p "${PROXY[@]}" > $W/edge.log 2>&1 & EPID=$!
 wait_edge
 $R/smtp-load run -t 127.0.0.1:$EP -c ${CONNS:-20} -m 0 -n 2000 -s ${SIZE:-4096} ${LOADARGS:-} -q >/dev/null 2>&1
 sleep 1

@@ -19,7 +19,10 @@
 #      RATE (open loop: messages per second on a fixed schedule, the same
 #      for both proxies; below both one's capacity, CPU per message is then
 #      compared at the same work rate, with the sink and generator as busy
-#      for one proxy as for the other - RESULTS.md section 22).
+#      for one proxy as for the other - RESULTS.md section 22),
+#      PROXIES ("haproxy smtp-edge"; also smtp-edge@FLAVOR, and tokio-copy:
+#      `smtp-load copy`, a byte copier on one current-thread tokio runtime,
+#      the floor of a tokio proxy - RESULTS.md section 24).
 # shellcheck source-path=SCRIPTDIR
 # shellcheck source=../lib.sh
 source "$(dirname "$0")/../lib.sh"
@@ -97,6 +100,14 @@ TOML
       PIDS+=("$PWATCH")
       wait_port "$PPORT"
       ;;
+    tokio-copy)
+      # The floor of a tokio proxy: `smtp-load copy`, one current-thread
+      # runtime copying bytes, nothing parsed (T = 1 only).
+      taskset -c "$cpus" "$LOAD" copy -l "127.0.0.1:$PPORT" -t "127.0.0.1:$SINK" >"$WORK/copy.$PPORT.log" 2>&1 &
+      PWATCH=$!
+      PIDS+=("$PWATCH")
+      wait_port "$PPORT"
+      ;;
     haproxy)
       # HAProxy starts as many threads as CPUs it may run on: T.
       EDGE_ON=(taskset -c "$cpus")
@@ -111,7 +122,7 @@ TOML
 
 stop_proxy() {
   case $1 in
-    smtp-edge*) stop_pid "$PWATCH"; forget "$PWATCH" ;;
+    smtp-edge* | tokio-copy) stop_pid "$PWATCH"; forget "$PWATCH" ;;
     haproxy) stop_peer haproxy "$PEER_DIR" ;;
   esac
 }

@@ -43,6 +43,20 @@ pub enum Cmd {
     /// Compare what the clients of a `run --outcomes` were told with what
     /// the backends stored: lost, duplicated, explained.
     Account(AccountArgs),
+    /// A plain TCP relay on one current-thread tokio runtime (nothing
+    /// parsed): the floor of a tokio proxy, for cores.sh.
+    Copy(CopyArgs),
+}
+
+/// Flags of `smtp-load copy`.
+#[derive(Debug, Args)]
+pub struct CopyArgs {
+    /// Address to listen on.
+    #[arg(long, short = 'l')]
+    pub listen: String,
+    /// Where every connection is relayed, HOST:PORT.
+    #[arg(long, short = 't')]
+    pub target: String,
 }
 
 /// Flags of `smtp-load run`.

@@ -3,14 +3,16 @@
 //! an idle-connection holder, a slowloris and an OTLP trace receiver;
 //! per-message ids with an outcome log ([`outcome`]), the no-loss
 //! accounting against what backends stored ([`account`]) and a per-second
-//! SVG chart ([`chart`]). The binary in `main.rs` is a thin CLI over
+//! SVG chart ([`chart`]); and a plain TCP relay on tokio ([`copy`]), the
+//! floor of a tokio proxy. The binary in `main.rs` is a thin CLI over
 //! [`run::run`], [`sink::SinkServer`], [`idle::idle`], [`slow::slow`],
-//! [`otlp::OtlpSink`] and [`account::Accounting`].
+//! [`otlp::OtlpSink`], [`copy::copy`] and [`account::Accounting`].
 
 pub mod account;
 pub mod chart;
 pub mod cli;
 pub mod conn;
+pub mod copy;
 pub mod idle;
 pub mod message;
 pub mod net;

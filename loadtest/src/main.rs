@@ -1,6 +1,6 @@
 //! `smtp-load` command line: parses the flags, builds a multi-thread tokio
 //! runtime and runs `run`, `sink`, `idle`, `slow` or `otlp-sink` (`account`
-//! needs no runtime). Exit codes: 0 success, 1 the
+//! needs no runtime; `copy` builds a current-thread one). Exit codes: 0 success, 1 the
 //! load did not fully succeed (see the counts), 2 bad flags or setup.
 
 use std::io::Write;
@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use smtp_load::cli::{
-    threads, AccountArgs, Cli, Cmd, IdleArgs, OtlpSinkArgs, RunArgs, SinkArgs, SlowArgs,
+    threads, AccountArgs, Cli, Cmd, CopyArgs, IdleArgs, OtlpSinkArgs, RunArgs, SinkArgs, SlowArgs,
 };
 
 fn main() -> ExitCode {
@@ -21,13 +21,16 @@ fn main() -> ExitCode {
     }
     // Many connections need many fds: use all the hard limit allows.
     smtp_load::procstat::raise_nofile();
+    if let Cmd::Copy(a) = cli.cmd {
+        return copy(a);
+    }
     let n = match &cli.cmd {
         Cmd::Run(a) => a.threads,
         Cmd::Sink(a) => a.threads,
         Cmd::Idle(a) => a.held.threads,
         Cmd::Slow(a) => a.held.threads,
         Cmd::OtlpSink(a) => a.threads,
-        Cmd::Account(_) => 1,
+        Cmd::Account(_) | Cmd::Copy(_) => 1,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads(n))
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
             Cmd::Slow(a) => slow(a).await,
             Cmd::OtlpSink(a) => otlp_sink(a).await,
             Cmd::Account(a) => account(&a),
+            Cmd::Copy(_) => ExitCode::SUCCESS,
         }
     });
     rt.shutdown_timeout(Duration::from_millis(100));
@@ -207,6 +211,35 @@ async fn otlp_sink(a: OtlpSinkArgs) -> ExitCode {
     let r = server.report();
     print_report(a.json, &r, || r.to_table());
     ExitCode::SUCCESS
+}
+
+/// `copy`: one current-thread runtime, as smtp-edge with one worker.
+fn copy(a: CopyArgs) -> ExitCode {
+    let (listen, target) = match (
+        smtp_load::cli::resolve(&a.listen),
+        smtp_load::cli::resolve(&a.target),
+    ) {
+        (Ok(l), Ok(t)) => (l, t),
+        (Err(e), _) | (_, Err(e)) => return fail(e),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    rt.block_on(async {
+        let listener = match tokio::net::TcpListener::bind(listen).await {
+            Ok(l) => l,
+            Err(e) => return fail(format!("cannot listen on {}: {e}", a.listen)),
+        };
+        tokio::select! {
+            _ = smtp_load::copy::copy(listener, target) => {}
+            _ = interrupted() => {}
+        }
+        ExitCode::SUCCESS
+    })
 }
 
 /// `account`: exit 0 when nothing was lost, duplicated or stored
