@@ -14,6 +14,8 @@ use tokio::net::{TcpListener, TcpStream};
 pub async fn copy(listener: TcpListener, target: SocketAddr) {
     loop {
         let Ok((mut client, _)) = listener.accept().await else {
+            // Out of descriptors, say: not a busy loop meanwhile.
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             continue;
         };
         tokio::spawn(async move {
