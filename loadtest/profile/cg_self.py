@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
-"""cg_self.py CALLGRIND_OUT N [TOP=50]: self cost (Ir) per function per message."""
-import sys, re, collections
+"""cg_self.py CALLGRIND_OUT N [TOP=50]: self cost (Ir) per function per message.
+
+EV=I1mr (or any event of the file's `events:` line, such as D1mr or DLmw
+from a `--cache-sim=yes` run) ranks by that event instead of Ir."""
+import os, sys, re, collections
 # self cost per function from a callgrind out file (Ir only)
 names = {}; self_ = collections.Counter(); incl_calls = collections.Counter()
 fn = None; skip_next = False; cfn=None
@@ -11,8 +14,11 @@ def nm(tok, table):
         return table.get(m.group(1), m.group(1))
     return tok
 files = {}
+col = 1
 for line in open(sys.argv[1], errors='replace'):
     line = line.rstrip('\n')
+    if line.startswith('events:'):
+        col = 1 + line.split()[1:].index(os.environ.get('EV', 'Ir')); continue
     if line.startswith('fn='):
         fn = nm(line[3:], names); continue
     if line.startswith('cfn='):
@@ -22,7 +28,7 @@ for line in open(sys.argv[1], errors='replace'):
     if line and (line[0].isdigit() or line[0] in '+-*'):
         parts = line.split()
         if len(parts) >= 2:
-            c = int(parts[1])
+            c = int(parts[col]) if len(parts) > col else 0
             if skip_next:
                 incl_calls[(fn, cfn)] += c
                 skip_next = False

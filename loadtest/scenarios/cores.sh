@@ -22,7 +22,16 @@
 #      for one proxy as for the other - RESULTS.md section 22),
 #      PROXIES ("haproxy smtp-edge"; also smtp-edge@FLAVOR, and tokio-copy:
 #      `smtp-load copy`, a byte copier on one current-thread tokio runtime,
-#      the floor of a tokio proxy - RESULTS.md section 24).
+#      the floor of a tokio proxy - RESULTS.md section 24; and
+#      smtp-edge-alt: the binary ALT_EDGE, another build beside this one
+#      in the same run - RESULTS.md section 25),
+#      SYSCALLS=1 (`perf stat` counts the proxy's system calls and context
+#      switches over the measured interval, tracepoints only: printed per
+#      message after the table - RESULTS.md section 25),
+#      PERF_RECORD=1 (`perf record -e cpu-clock` samples the proxy over the
+#      measured interval, kernel included, into runs/*.data, kept in
+#      PERF_KEEP if set: a time profile at saturation, where callgrind
+#      counts instructions).
 # shellcheck source-path=SCRIPTDIR
 # shellcheck source=../lib.sh
 source "$(dirname "$0")/../lib.sh"
@@ -95,7 +104,9 @@ $runtime
 TOML
       ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
       # taskset execs smtp-edge: $! is its pid (a function would be a subshell).
-      TOKIO_WORKER_THREADS=$t RUST_LOG=warn taskset -c "$cpus" "$EDGE" --config "$WORK/edge.$PPORT.toml" >"$WORK/edge.$PPORT.log" 2>&1 &
+      local bin=$EDGE
+      if [ "$name" = smtp-edge-alt ]; then bin=${ALT_EDGE:?smtp-edge-alt needs ALT_EDGE}; fi
+      TOKIO_WORKER_THREADS=$t RUST_LOG=warn taskset -c "$cpus" "$bin" --config "$WORK/edge.$PPORT.toml" >"$WORK/edge.$PPORT.log" 2>&1 &
       PWATCH=$!
       PIDS+=("$PWATCH")
       wait_port "$PPORT"
@@ -127,6 +138,7 @@ stop_proxy() {
   esac
 }
 
+SYSCALL_EVENTS=${PERF_EVENTS:-raw_syscalls:sys_enter,syscalls:sys_enter_recvfrom,syscalls:sys_enter_sendto,syscalls:sys_enter_writev,syscalls:sys_enter_sendmsg,syscalls:sys_enter_read,syscalls:sys_enter_write,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_epoll_pwait,syscalls:sys_enter_epoll_ctl,syscalls:sys_enter_splice,context-switches,page-faults}
 RUNS="$WORK/runs"
 mkdir -p "$RUNS"
 failed=0
@@ -148,11 +160,21 @@ for t in "${THREADS[@]}"; do
         out="$RUNS/$t.$mode.$name.$rep.json"
         rate=()
         if [ -n "${RATE:-}" ]; then rate=(--rate "$RATE"); fi
+        perf_pid=""
+        if [ "${SYSCALLS:-0}" = 1 ]; then
+          # Tracepoint counts over the measured interval (after the warm-up).
+          (sleep 1 && exec perf stat -x, -o "${out%.json}.perf" -e "$SYSCALL_EVENTS" -p "$(echo "$PWATCH" | tr ' ' ,)" -- sleep "$SECS") 2>/dev/null &
+          perf_pid=$!
+        elif [ "${PERF_RECORD:-0}" = 1 ]; then
+          (sleep 1 && exec perf record -q -e cpu-clock -F 2999 ${PERF_ARGS:-} -o "${PERF_KEEP:-$RUNS}/$t.$mode.$name.$rep.data" -p "$(echo "$PWATCH" | tr ' ' ,)" -- sleep "$SECS") >/dev/null 2>&1 &
+          perf_pid=$!
+        fi
         if ! load "$out" -t "127.0.0.1:$PPORT" -c "$CONNS" -m "$m" -s 4096 -d "$SECS" --warmup 1 "${rate[@]}" "${watch[@]}"; then
           echo "FAILED: $name, T=$t, $mode, repeat $rep" >&2
           rm -f "$out"
           failed=1
         fi
+        if [ -n "$perf_pid" ]; then wait "$perf_pid" || true; fi
         stop_proxy "$name"
       done
     done
@@ -185,5 +207,34 @@ for mode in modes:
             e = get(t, mode, name)
             r = e[0] / h[0] if h[0] else float("nan")
             print(f"| {mode} | {t} | {name} | {h[0]:,.0f} | {e[0]:,.0f} | {r:.2f} | {h[1]:.4f} / {e[1]:.4f} | {h[2]:.2f} / {e[2]:.2f} | {h[3]:.2f} / {e[3]:.2f} | {h[5]:.4f} / {e[5]:.4f} | {h[6]:.0f} / {e[6]:.0f} | {h[4]}+{e[4]} |")
+if glob.glob(f"{runs}/*.perf"):
+    print()
+    print("System calls and context switches per message (perf stat over the measured interval; medians of the repeats):")
+    print()
+    def perf(t, mode, name):
+        per = {}
+        for f in sorted(glob.glob(f"{runs}/{t}.{mode}.{name}.*.perf")):
+            j = f[:-5] + ".json"
+            if not os.path.exists(j):
+                continue
+            r = json.load(open(j))
+            msgs = max(1, r["messages"]["accepted"])
+            for line in open(f):
+                parts = line.strip().split(",")
+                if len(parts) < 3 or not parts[0].replace(".", "").isdigit():
+                    continue
+                ev = parts[2].replace("syscalls:sys_enter_", "").replace("raw_syscalls:sys_enter", "all")
+                per.setdefault(ev, []).append(float(parts[0]) / msgs)
+        return {k: med(v) for k, v in per.items()}
+    for mode in modes:
+        for t in threads:
+            cols = {name: perf(t, mode, name) for name in proxies}
+            evs = [e for e in next(iter(cols.values())).keys()]
+            print(f"| {mode}, T={t} | " + " | ".join(proxies) + " |")
+            print("|---|" + "---:|" * len(proxies))
+            for e in evs:
+                if any(cols[n].get(e, 0) > 0.005 for n in proxies):
+                    print(f"| {e} | " + " | ".join(f"{cols[n].get(e, float('nan')):.2f}" for n in proxies) + " |")
+            print()
 PY
 exit "$failed"
