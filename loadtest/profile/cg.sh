@@ -21,6 +21,9 @@ source "$(dirname "$0")/common.sh"
 PROXY=("$EDGE" --config "$W/edge.toml")
 if [ "${COPY:-0}" = 1 ]; then PROXY=("$R/smtp-load" copy -l "127.0.0.1:$EP" -t "127.0.0.1:$SINKP"); fi
 TOKIO_WORKER_THREADS=1 RUST_LOG=$LOG valgrind --tool=callgrind ${CG_ARGS:-} --callgrind-out-file=$W/cg.out.%p "${PROXY[@]}" > $W/edge.log 2>&1 & EPID=$!
+# A failed step (set -e) must not leave the proxy under valgrind and the
+# sink running: they would skew every later measurement.
+trap 'kill $EPID $SPID ${OPID:-} 2>/dev/null || true' EXIT
 wait_edge
 $R/smtp-load run -t 127.0.0.1:$EP -c ${CONNS:-20} -m 0 -n 2000 -s ${SIZE:-4096} ${LOADARGS:-} -q >/dev/null 2>&1
 sleep 1
