@@ -4,7 +4,7 @@
 EV=I1mr (or any event of the file's `events:` line, such as D1mr or DLmw
 from a `--cache-sim=yes` run) ranks by that event instead of Ir."""
 import os, sys, re, collections
-# self cost per function from a callgrind out file (Ir only)
+# self cost per function from a callgrind out file (Ir, or the event EV)
 names = {}; self_ = collections.Counter(); incl_calls = collections.Counter()
 fn = None; skip_next = False; cfn=None
 def nm(tok, table):

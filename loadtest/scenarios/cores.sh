@@ -25,13 +25,16 @@
 #      the floor of a tokio proxy - RESULTS.md section 24; and
 #      smtp-edge-alt: the binary ALT_EDGE, another build beside this one
 #      in the same run - RESULTS.md section 25),
-#      SYSCALLS=1 (`perf stat` counts the proxy's system calls and context
-#      switches over the measured interval, tracepoints only: printed per
-#      message after the table - RESULTS.md section 25),
-#      PERF_RECORD=1 (`perf record -e cpu-clock` samples the proxy over the
-#      measured interval, kernel included, into runs/*.data, kept in
-#      PERF_KEEP if set: a time profile at saturation, where callgrind
-#      counts instructions).
+#      SYSCALLS=1 (`perf stat` counts each proxy's system calls by name,
+#      context switches and page faults over the measured interval,
+#      tracepoints only, or the events of PERF_EVENTS: printed per message
+#      after the table - RESULTS.md section 25; syscalls.sh counts the
+#      total with the machine's segments and wake-ups, smtp-edge and
+#      HAProxy only),
+#      PERF_RECORD=1 (`perf record -e cpu-clock`, PERF_ARGS added, samples
+#      each proxy over the measured interval, kernel included, into
+#      runs/*.data, or PERF_KEEP if set: profile/timeprof.sh's time
+#      profile, for every proxy of PROXIES in one run).
 # shellcheck source-path=SCRIPTDIR
 # shellcheck source=../lib.sh
 source "$(dirname "$0")/../lib.sh"
@@ -160,21 +163,24 @@ for t in "${THREADS[@]}"; do
         out="$RUNS/$t.$mode.$name.$rep.json"
         rate=()
         if [ -n "${RATE:-}" ]; then rate=(--rate "$RATE"); fi
-        perf_pid=""
+        # perf over the measured interval (after the warm-up).
+        perf_pids=()
+        ppids=$(echo "$PWATCH" | tr ' ' ,)
         if [ "${SYSCALLS:-0}" = 1 ]; then
-          # Tracepoint counts over the measured interval (after the warm-up).
-          (sleep 1 && exec perf stat -x, -o "${out%.json}.perf" -e "$SYSCALL_EVENTS" -p "$(echo "$PWATCH" | tr ' ' ,)" -- sleep "$SECS") 2>/dev/null &
-          perf_pid=$!
-        elif [ "${PERF_RECORD:-0}" = 1 ]; then
-          (sleep 1 && exec perf record -q -e cpu-clock -F 2999 ${PERF_ARGS:-} -o "${PERF_KEEP:-$RUNS}/$t.$mode.$name.$rep.data" -p "$(echo "$PWATCH" | tr ' ' ,)" -- sleep "$SECS") >/dev/null 2>&1 &
-          perf_pid=$!
+          (sleep 1 && exec perf stat -x, -o "${out%.json}.perf" -e "$SYSCALL_EVENTS" -p "$ppids" -- sleep "$SECS") 2>/dev/null &
+          perf_pids+=($!)
+        fi
+        if [ "${PERF_RECORD:-0}" = 1 ]; then
+          # shellcheck disable=SC2086 # PERF_ARGS: words for perf
+          (sleep 1 && exec perf record -q -e cpu-clock -F 2999 ${PERF_ARGS:-} -o "${PERF_KEEP:-$RUNS}/$t.$mode.$name.$rep.data" -p "$ppids" -- sleep "$SECS") >/dev/null 2>&1 &
+          perf_pids+=($!)
         fi
         if ! load "$out" -t "127.0.0.1:$PPORT" -c "$CONNS" -m "$m" -s 4096 -d "$SECS" --warmup 1 "${rate[@]}" "${watch[@]}"; then
           echo "FAILED: $name, T=$t, $mode, repeat $rep" >&2
           rm -f "$out"
           failed=1
         fi
-        if [ -n "$perf_pid" ]; then wait "$perf_pid" || true; fi
+        if [ ${#perf_pids[@]} -gt 0 ]; then wait "${perf_pids[@]}" || true; fi
         stop_proxy "$name"
       done
     done
@@ -229,7 +235,7 @@ if glob.glob(f"{runs}/*.perf"):
     for mode in modes:
         for t in threads:
             cols = {name: perf(t, mode, name) for name in proxies}
-            evs = [e for e in next(iter(cols.values())).keys()]
+            evs = list(dict.fromkeys(e for c in cols.values() for e in c))
             print(f"| {mode}, T={t} | " + " | ".join(proxies) + " |")
             print("|---|" + "---:|" * len(proxies))
             for e in evs:
