@@ -1064,6 +1064,38 @@ async fn unreachable_first_backend_is_skipped() {
     proxy.stop().await;
 }
 
+/// Round robin alternates between two live backends, transaction after
+/// transaction in one session, also once each backend's pool holds an idle
+/// connection that begins a transaction at once (`Backends::begin_now`
+/// takes the turn only when it succeeds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_alternates_with_idle_connections() {
+    let Some(a) = Sink::start(&[]) else { return };
+    let Some(b) = Sink::start(&[]) else { return };
+    let proxy = Proxy::start(&format!(
+        "hostname = \"edge.test\"\n[[listener]]\naddress = \"127.0.0.1:0\"\n[[backend]]\naddress = \"{}\"\n[[backend]]\naddress = \"{}\"\n",
+        a.addr, b.addr
+    ))
+    .await;
+    let mut c = Raw::greeted(proxy.addr).await;
+    assert_eq!(c.cmd("EHLO rr.client.example").await.code, 250);
+    for i in 0..8 {
+        let body = format!("Subject: rr {i}\r\n\r\nrr body {i}\r\n");
+        let r = transaction(
+            &mut c,
+            "sender@client.example",
+            &["rcpt@dest.example"],
+            body.as_bytes(),
+        )
+        .await;
+        assert_eq!(r.code, 250, "message {i}: {r:?}");
+    }
+    assert_eq!(c.cmd("QUIT").await.code, 221);
+    let (ma, mb) = (a.wait_messages(4, WAIT), b.wait_messages(4, WAIT));
+    assert_eq!((ma.len(), mb.len()), (4, 4), "{ma:#?}\n{mb:#?}");
+    proxy.stop().await;
+}
+
 // --------------------------------------------------- 7. graceful shutdown
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -303,6 +303,42 @@ impl Backends {
         }
     }
 
+    /// `begin`'s usual case, not a future: the group's backend whose turn
+    /// it is in the round robin is up, needs no XCLIENT connection of its
+    /// own, and has a connection in its pool's hot list (`Pool::checkout_hot`).
+    /// None: the caller goes the full way (`begin`), which then takes the
+    /// same turn (the round robin moves on only here or there).
+    pub fn begin_now(self: &Arc<Self>, g: GroupId, id: &ClientIdentity) -> Option<Txn> {
+        let group = &self.groups[g.0];
+        let n = group.members.len();
+        if n == 0 {
+            return None;
+        }
+        let i = group.members[group.next.load(Ordering::Relaxed) % n];
+        let Backend::Smtp {
+            pool,
+            identity,
+            identity_missing,
+        } = &self.backends[i]
+        else {
+            return None;
+        };
+        if *identity == IdentityMode::Xclient || !pool.is_up() {
+            return None;
+        }
+        let (conn, reused) = pool.checkout_hot()?;
+        group.next.fetch_add(1, Ordering::Relaxed);
+        let span = backend_span(pool);
+        Some(self.smtp_txn(
+            g,
+            id,
+            (pool, identity, identity_missing),
+            span,
+            0.0,
+            (conn, reused, false),
+        ))
+    }
+
     /// A transaction on SMTP backend `i`: a pooled connection with XFORWARD
     /// queued, or a new dedicated one with XCLIENT said.
     async fn begin_smtp(
@@ -320,19 +356,7 @@ impl Backends {
         else {
             return Err(BackendError::Closed);
         };
-        // One span per backend exchange, from the checkout (a new
-        // connection's `tls.handshake` is its child) to the end of the
-        // transaction (it ends when the Txn goes).
-        let span = crate::span!(
-            crate::telemetry::in_traced(),
-            "smtp.backend",
-            "otel.kind" = "client",
-            "server.address" = pool.settings().addr.as_str(),
-            "smtp.backend.group" = pool.settings().group.as_str(),
-            "smtp.backend.connection_id" = tracing::field::Empty,
-            "smtp.backend.reused" = tracing::field::Empty,
-            "smtp.backend.pool_wait_ms" = tracing::field::Empty,
-        );
+        let span = backend_span(pool);
         // Only a span that records anything reads the clock.
         let t0 = (!span.is_disabled()).then(std::time::Instant::now);
         let opened = match identity {
@@ -342,29 +366,19 @@ impl Backends {
                 .instrument(span.clone())
                 .await
                 .map(|c| (c, false, true)),
-            _ => pool
-                .checkout(wait)
-                .instrument(span.clone())
-                .await
-                .map(|(c, reused)| (c, reused, false)),
+            // The hot list without a future to build, poll and instrument
+            // (the usual case); otherwise the checkout proper.
+            _ => match pool.checkout_hot() {
+                Some(got) => Ok(got),
+                None => pool.checkout(wait).instrument(span.clone()).await,
+            }
+            .map(|(c, reused)| (c, reused, false)),
         };
         match opened {
-            Ok((conn, reused, dedicated)) => {
-                if let Some(t0) = t0 {
-                    span.record("smtp.backend.connection_id", conn.id());
-                    span.record("smtp.backend.reused", reused);
-                    span.record(
-                        "smtp.backend.pool_wait_ms",
-                        t0.elapsed().as_secs_f64() * 1000.0,
-                    );
-                }
-                let mut txn = Txn::smtp(self.clone(), conn, reused, dedicated);
-                txn.group = g;
-                txn.span = span;
-                if *identity == IdentityMode::Xforward && !txn.queue_xforward(id) {
-                    identity_not_offered(pool, identity_missing, "XFORWARD");
-                }
-                Ok(txn)
+            Ok(got) => {
+                let waited = t0.map_or(0.0, |t0| t0.elapsed().as_secs_f64() * 1000.0);
+                let backend = (pool, identity, identity_missing);
+                Ok(self.smtp_txn(g, id, backend, span, waited, got))
             }
             Err(e) => {
                 if !matches!(e, BackendError::Exhausted) {
@@ -373,6 +387,32 @@ impl Backends {
                 Err(e)
             }
         }
+    }
+
+    /// The transaction on a connection checked out of `backend`'s pool:
+    /// its span's fields (`waited`: milliseconds in line), XFORWARD queued
+    /// when the backend takes the identity that way.
+    fn smtp_txn(
+        self: &Arc<Self>,
+        g: GroupId,
+        id: &ClientIdentity,
+        (pool, identity, identity_missing): (&Pool, &IdentityMode, &AtomicBool),
+        span: tracing::Span,
+        waited: f64,
+        (conn, reused, dedicated): (PooledConn, bool, bool),
+    ) -> Txn {
+        if !span.is_disabled() {
+            span.record("smtp.backend.connection_id", conn.id());
+            span.record("smtp.backend.reused", reused);
+            span.record("smtp.backend.pool_wait_ms", waited);
+        }
+        let mut txn = Txn::smtp(self.clone(), conn, reused, dedicated);
+        txn.group = g;
+        txn.span = span;
+        if *identity == IdentityMode::Xforward && !txn.queue_xforward(id) {
+            identity_not_offered(pool, identity_missing, "XFORWARD");
+        }
+        txn
     }
 
     async fn open_xclient(
@@ -406,6 +446,22 @@ impl Backends {
         conn.ehlo(helo, self.command_timeout).await?;
         Ok(conn)
     }
+}
+
+/// One span per backend exchange, from the checkout (a new connection's
+/// `tls.handshake` is its child) to the end of the transaction (it ends
+/// when the Txn goes); a child of the span current when it is made.
+fn backend_span(pool: &Pool) -> tracing::Span {
+    crate::span!(
+        crate::telemetry::in_traced(),
+        "smtp.backend",
+        "otel.kind" = "client",
+        "server.address" = pool.settings().addr.as_str(),
+        "smtp.backend.group" = pool.settings().group.as_str(),
+        "smtp.backend.connection_id" = tracing::field::Empty,
+        "smtp.backend.reused" = tracing::field::Empty,
+        "smtp.backend.pool_wait_ms" = tracing::field::Empty,
+    )
 }
 
 /// A backend set to get the client's identity (`identity`) does not offer

@@ -12,9 +12,13 @@ use super::inbuf::room_for_commands;
 use super::span::{record_end, transaction_span};
 use super::{Owed, Session, Step};
 use crate::config::TlsMode;
+use std::sync::Arc;
+
 use crate::relay::client::ClientIdentity;
+use crate::relay::pool::PooledConn;
 use crate::relay::route::GroupId;
-use crate::smtp::{self, Command};
+use crate::relay::{Backends, Txn};
+use crate::smtp::{self, Command, Reply};
 
 /// Most pipelined input kept while waiting for a backend connection.
 const WAIT_INPUT_LIMIT: usize = 16 * 1024;
@@ -51,6 +55,29 @@ pub(super) async fn while_client_stays<S: AsyncRead + Unpin, T>(
             },
         }
     }
+}
+
+/// A transaction begun on group `g` for `id`: at once when
+/// `Backends::begin_now` can (the usual case: nothing boxed, no future of
+/// the relay's polled), else `Backends::begin` boxed and awaited while
+/// the client stays (None: it left). `span` is the transaction's, the
+/// parent of the backend's.
+pub(super) async fn begin_txn<S: AsyncRead + Unpin>(
+    io: &mut S,
+    inbuf: &mut BytesMut,
+    relay: &Arc<Backends>,
+    (g, id, dedicated): (GroupId, &ClientIdentity, Option<PooledConn>),
+    span: &Span,
+) -> Option<Result<Txn, Reply>> {
+    if dedicated.is_none() {
+        if let Some(txn) = span.in_scope(|| relay.begin_now(g, id)) {
+            return Some(Ok(txn));
+        }
+    }
+    // Boxed (`while_client_stays` takes it `Unpin`): the one allocation
+    // of a message that does not begin at once (tests/allocs.rs).
+    let begin = Box::pin(relay.begin(g, id, dedicated).instrument(span.clone()));
+    while_client_stays(io, inbuf, begin).await
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -358,17 +385,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         // The wait for a backend connection may be long under a burst:
         // keep reading the client meanwhile, so one who hangs up gives up
-        // its place in line at once. Boxed (`while_client_stays` takes it
-        // `Unpin`): the one allocation per message (tests/allocs.rs). The
-        // replies and the DATA phase are awaited inline: 412 bytes more
-        // per idle connection than boxed (idle.sh), two allocations and
-        // ~20 cold cache lines fewer per message (RESULTS.md section 24).
-        let begin = Box::pin(
-            relay
-                .begin(GroupId::UNROUTED, id, dedicated)
-                .instrument(span.clone()),
-        );
-        let Some(begun) = while_client_stays(&mut self.io, &mut self.inbuf, begin).await else {
+        // its place in line at once (`begin_txn`). The replies and the DATA
+        // phase are awaited inline: 412 bytes more per idle connection
+        // than boxed (idle.sh), two allocations and ~20 cold cache lines
+        // fewer per message (RESULTS.md section 24).
+        let begin = (GroupId::UNROUTED, &**id, dedicated);
+        let Some(begun) = begin_txn(&mut self.io, &mut self.inbuf, &relay, begin, &span).await
+        else {
             self.client_gone = true;
             return;
         };

@@ -21,9 +21,8 @@
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tracing::Instrument;
 
-use super::commands::while_client_stays;
+use super::commands::begin_txn;
 use super::{Owed, Session};
 use crate::relay::route::GroupId;
 use crate::relay::{backend_lost, Backends};
@@ -129,8 +128,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return false;
         };
         let span = self.st.txn_span.clone().unwrap_or_else(tracing::Span::none);
-        let begin = Box::pin(backends.begin(g, id, dedicated).instrument(span.clone()));
-        let Some(begun) = while_client_stays(&mut self.io, &mut self.inbuf, begin).await else {
+        let begin = (g, id, dedicated);
+        let Some(begun) = begin_txn(&mut self.io, &mut self.inbuf, backends, begin, &span).await
+        else {
             self.client_gone = true;
             return false;
         };
