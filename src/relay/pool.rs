@@ -234,7 +234,8 @@ pub struct Manager {
 #[derive(Debug, Default)]
 struct Hot {
     idle: Vec<Object<Manager>>,
-    /// Checkouts in `Pool::in_line` or `Pool::opened` now.
+    /// Checkouts waiting in line (`Pool::in_line`) or for a connect
+    /// permit (`Manager::await_connect`) now.
     line: usize,
 }
 
@@ -283,6 +284,12 @@ impl Manager {
         &self,
         cap: &'a Semaphore,
     ) -> Result<tokio::sync::SemaphorePermit<'a>, BackendError> {
+        // In line for a connect permit: a connection given back meanwhile
+        // goes to deadpool and wakes this wait (`returned`); one idle in
+        // the hot list now is taken instead of connecting.
+        let Some(_line) = self.join_line() else {
+            return Err(BackendError::NotNow);
+        };
         let _waiting = Waiting::on(&self.connect_waiters);
         let returned = self.returned.notified();
         let wait = async {
@@ -386,25 +393,26 @@ impl Manager {
     }
 
     /// The most recently returned live connection of the hot list; stale
-    /// ones on the way are discarded (their slots freed). With `enter`,
-    /// when there is none the caller joins the line under the same lock
-    /// (`Line`).
-    fn hot_pop(&self, enter: bool) -> Result<Object<Manager>, Option<Line<'_>>> {
+    /// ones on the way are discarded (their slots freed).
+    fn hot_pop(&self) -> Option<Object<Manager>> {
         loop {
-            let mut hot = self.hot();
-            let Some(mut obj) = hot.idle.pop() else {
-                if !enter {
-                    return Err(None);
-                }
-                hot.line += 1;
-                return Err(Some(Line(self)));
-            };
-            drop(hot);
+            let mut obj = self.hot().idle.pop()?;
             if !self.stale(&mut obj) {
-                return Ok(obj);
+                return Some(obj);
             }
             drop(Object::take(obj));
         }
+    }
+
+    /// Joins the line (`Line`), under the same lock as the hot list, when
+    /// that is empty; None: a connection is idle there, take it instead.
+    fn join_line(&self) -> Option<Line<'_>> {
+        let mut hot = self.hot();
+        if !hot.idle.is_empty() {
+            return None;
+        }
+        hot.line += 1;
+        Some(Line(self))
     }
 }
 
@@ -445,7 +453,7 @@ async fn probe(weak: WeakPool<Manager>, first: Duration, max: Duration) {
         let Some(pool) = weak.upgrade() else { return };
         // An idle connection that passes the liveness check proves the
         // backend as well as a new one; it goes back where it was.
-        if let Ok(obj) = pool.manager().hot_pop(false) {
+        if let Some(obj) = pool.manager().hot_pop() {
             pool.manager().hot().idle.push(obj);
             pool.manager().record_success();
             return;
@@ -638,7 +646,7 @@ impl Pool {
     /// `checkout`'s usual case, not a future: the most recently returned
     /// live connection of the hot list (always reused), if any.
     pub fn checkout_hot(&self) -> Option<(PooledConn, bool)> {
-        let obj = self.inner().manager().hot_pop(false).ok()?;
+        let obj = self.inner().manager().hot_pop()?;
         Some(self.taken(obj, true, 0.0))
     }
 
@@ -691,20 +699,20 @@ impl Pool {
     /// slot, or waits in line with `Wait::Yes` when that slot was taken
     /// meanwhile.
     async fn opened(&self, wait: Wait) -> Result<(PooledConn, bool), BackendError> {
-        // In line: a connection given back meanwhile goes to deadpool,
-        // where a wait to connect (`Manager::await_connect`) can take it.
-        let _line = match self.inner().manager().hot_pop(true) {
-            Ok(obj) => return Ok(self.taken(obj, true, 0.0)),
-            Err(line) => line,
-        };
         loop {
             let got = match self.inner().timeout_get(&get_within(Duration::ZERO)).await {
                 // A connection came back while this one waited to connect
-                // (`max_connecting`): take it, or the slot again.
-                Err(PoolError::Backend(BackendError::NotNow)) => match self.idle_now() {
-                    Some(got) => got,
-                    None => continue,
-                },
+                // (`max_connecting`), or was idle when it began to: take
+                // it, or the slot again.
+                Err(PoolError::Backend(BackendError::NotNow)) => {
+                    if let Some(got) = self.checkout_hot() {
+                        return Ok(got);
+                    }
+                    match self.idle_now() {
+                        Some(got) => got,
+                        None => continue,
+                    }
+                }
                 got => got,
             };
             return match self.settled(got, wait) {
@@ -721,9 +729,13 @@ impl Pool {
         // In line before deadpool's wait begins: from here on a checkin
         // gives its connection to deadpool, which hands it to the oldest
         // in line (this one, or one before it).
-        let _line = match self.inner().manager().hot_pop(true) {
-            Ok(obj) => return Ok(self.taken(obj, true, 0.0)),
-            Err(line) => line,
+        let _line = loop {
+            if let Some(got) = self.checkout_hot() {
+                return Ok(got);
+            }
+            if let Some(line) = self.inner().manager().join_line() {
+                break line;
+            }
         };
         loop {
             let t = get_within(wait.saturating_sub(t0.elapsed()));
