@@ -31,6 +31,8 @@
 #      after the table - RESULTS.md section 25; syscalls.sh counts the
 #      total with the machine's segments and wake-ups, smtp-edge and
 #      HAProxy only),
+#      KEEP_RUNS=DIR (each run's smtp-load JSON copied there, named
+#      T.MODE.PROXY.REPEAT.json, for the spread behind the medians),
 #      PERF_RECORD=1 (`perf record -e cpu-clock`, PERF_ARGS added, samples
 #      each proxy over the measured interval, kernel included, into
 #      runs/*.data, or PERF_KEEP if set: profile/timeprof.sh's time
@@ -186,6 +188,11 @@ for t in "${THREADS[@]}"; do
     done
   done
 done
+
+if [ -n "${KEEP_RUNS:-}" ]; then
+  mkdir -p "$KEEP_RUNS"
+  cp "$RUNS"/*.json "$KEEP_RUNS"/
+fi
 
 python3 - "$RUNS" "${THREADS[*]}" "${MODES[*]}" "${PROXIES[*]}" <<'PY'
 import glob, json, os, statistics, sys
