@@ -6,9 +6,10 @@ set -euo pipefail
 
 LT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$LT_DIR/.." && pwd)
-LOAD="$ROOT/target/release/smtp-load"
 # EDGE_BIN=/path/to/smtp-edge: test that binary (say, one built from another
-# commit) instead of building and running target/release/smtp-edge.
+# commit) instead of building and running target/release/smtp-edge;
+# LOAD_BIN likewise for smtp-load (device.sh: the packed binaries).
+LOAD=${LOAD_BIN:-$ROOT/target/release/smtp-load}
 EDGE=${EDGE_BIN:-$ROOT/target/release/smtp-edge}
 WORK=$(mktemp -d /tmp/smtp-edge-load.XXXXXX)
 PIDS=()
