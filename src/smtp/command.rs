@@ -372,8 +372,16 @@ fn parse_path(s: &[u8], null_ok: bool, postmaster_ok: bool) -> Option<Path<'_>> 
     }
     // The whole path (route included) must be UTF-8; the mailbox starts
     // after the ASCII ':' of the route (or at the start), a char boundary.
-    let whole = std::str::from_utf8(&s[1..p]).ok()?;
-    let non_ascii = !whole.is_ascii();
+    let bytes = &s[1..p];
+    let non_ascii = !bytes.is_ascii();
+    let whole = if non_ascii {
+        std::str::from_utf8(bytes).ok()?
+    } else {
+        // SAFETY: ASCII is UTF-8. (The checked conversion cost ~160
+        // instructions per address, two per message, against ~30 for
+        // `is_ascii`, which the path needs anyway.)
+        unsafe { std::str::from_utf8_unchecked(bytes) }
+    };
     Some(Path {
         mailbox: &whole[start - 1..],
         end: p + 1,
