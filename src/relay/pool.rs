@@ -954,7 +954,17 @@ mod tests {
     }
 
     fn pool_capped(addr: &str, max: usize, connecting: usize) -> Pool {
-        let settings = PoolSettings {
+        pool_with(addr, max, connecting, |_| {})
+    }
+
+    /// `pool_capped` with its settings changed by `f` first.
+    fn pool_with(
+        addr: &str,
+        max: usize,
+        connecting: usize,
+        f: impl FnOnce(&mut PoolSettings),
+    ) -> Pool {
+        let mut settings = PoolSettings {
             addr: addr.to_string(),
             backend: 0,
             group: "default".into(),
@@ -973,6 +983,7 @@ mod tests {
             generation: 0,
             tls: None,
         };
+        f(&mut settings);
         let metrics = crate::telemetry::metrics::Metrics::new().backend(addr, "default");
         Pool::new(settings, metrics, 1)
     }
@@ -1062,6 +1073,35 @@ mod tests {
         pool.close_idle().await;
         assert_eq!(pool.idle_count(), 0);
         assert_eq!(pool.stat().in_use, 0);
+    }
+
+    /// The reaper QUITs a connection idle in the hot list past
+    /// `max_idle` (its slot is free again), and keeps a fresh one.
+    #[tokio::test]
+    async fn reaper_expires_the_hot_list() {
+        let (addr, accepted) = counting_backend().await;
+        let pool = pool_with(&addr, 2, 0, |s| s.max_idle = Duration::from_millis(500));
+        let (a, _) = pool.checkout(Wait::No).await.expect("a");
+        let (b, _) = pool.checkout(Wait::No).await.expect("b");
+        pool.checkin(a);
+        // Ages count in 100 ms ticks: a is 700 ms or more past its
+        // checkin, b at most a tick or two (500 ms of margin for a slow
+        // machine).
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        pool.checkin(b);
+        pool.reap();
+        assert_eq!(
+            pool.idle_count(),
+            1,
+            "the older one expired, the fresh one kept"
+        );
+        assert_eq!(pool.stat().in_use, 0);
+        // Both slots usable: the kept one, then a new connection.
+        let (_b, reused) = pool.checkout(Wait::No).await.expect("the kept one");
+        assert!(reused);
+        let (_c, reused) = pool.checkout(Wait::No).await.expect("a new one");
+        assert!(!reused);
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
     }
 
     #[test]
