@@ -144,8 +144,18 @@ impl Backends {
     }
 
     pub(super) fn pool(&self, i: usize) -> Option<&Pool> {
+        self.smtp_backend(i).map(|(pool, ..)| pool)
+    }
+
+    /// SMTP backend `i`'s pool, identity mode and identity-missing flag;
+    /// None for a Maildir (or no) backend.
+    fn smtp_backend(&self, i: usize) -> Option<SmtpBackend<'_>> {
         match self.backends.get(i) {
-            Some(Backend::Smtp { pool, .. }) => Some(pool),
+            Some(Backend::Smtp {
+                pool,
+                identity,
+                identity_missing,
+            }) => Some((pool, identity, identity_missing)),
             _ => None,
         }
     }
@@ -314,29 +324,15 @@ impl Backends {
         if n == 0 {
             return None;
         }
-        let i = group.members[group.next.load(Ordering::Relaxed) % n];
-        let Backend::Smtp {
-            pool,
-            identity,
-            identity_missing,
-        } = &self.backends[i]
-        else {
-            return None;
-        };
+        let backend = self.smtp_backend(group.members[group.next.load(Ordering::Relaxed) % n])?;
+        let (pool, identity, _) = backend;
         if *identity == IdentityMode::Xclient || !pool.is_up() {
             return None;
         }
         let (conn, reused) = pool.checkout_hot()?;
         group.next.fetch_add(1, Ordering::Relaxed);
         let span = backend_span(pool);
-        Some(self.smtp_txn(
-            g,
-            id,
-            (pool, identity, identity_missing),
-            span,
-            0.0,
-            (conn, reused, false),
-        ))
+        Some(self.smtp_txn(g, id, backend, span, 0.0, (conn, reused, false)))
     }
 
     /// A transaction on SMTP backend `i`: a pooled connection with XFORWARD
@@ -348,14 +344,10 @@ impl Backends {
         id: &ClientIdentity,
         wait: Wait,
     ) -> Result<Txn, BackendError> {
-        let Backend::Smtp {
-            pool,
-            identity,
-            identity_missing,
-        } = &self.backends[i]
-        else {
+        let Some(backend) = self.smtp_backend(i) else {
             return Err(BackendError::Closed);
         };
+        let (pool, identity, identity_missing) = backend;
         let span = backend_span(pool);
         // Only a span that records anything reads the clock.
         let t0 = (!span.is_disabled()).then(std::time::Instant::now);
@@ -366,18 +358,15 @@ impl Backends {
                 .instrument(span.clone())
                 .await
                 .map(|c| (c, false, true)),
-            // The hot list without a future to build, poll and instrument
-            // (the usual case); otherwise the checkout proper.
-            _ => match pool.checkout_hot() {
-                Some(got) => Ok(got),
-                None => pool.checkout(wait).instrument(span.clone()).await,
-            }
-            .map(|(c, reused)| (c, reused, false)),
+            _ => pool
+                .checkout(wait)
+                .instrument(span.clone())
+                .await
+                .map(|(c, reused)| (c, reused, false)),
         };
         match opened {
             Ok(got) => {
                 let waited = t0.map_or(0.0, |t0| t0.elapsed().as_secs_f64() * 1000.0);
-                let backend = (pool, identity, identity_missing);
                 Ok(self.smtp_txn(g, id, backend, span, waited, got))
             }
             Err(e) => {
@@ -396,7 +385,7 @@ impl Backends {
         self: &Arc<Self>,
         g: GroupId,
         id: &ClientIdentity,
-        (pool, identity, identity_missing): (&Pool, &IdentityMode, &AtomicBool),
+        (pool, identity, identity_missing): SmtpBackend<'_>,
         span: tracing::Span,
         waited: f64,
         (conn, reused, dedicated): (PooledConn, bool, bool),
@@ -447,6 +436,10 @@ impl Backends {
         Ok(conn)
     }
 }
+
+/// An SMTP backend's parts a transaction needs: its pool, how it takes
+/// the client's identity, and whether it was found not to offer that.
+type SmtpBackend<'a> = (&'a Pool, &'a IdentityMode, &'a AtomicBool);
 
 /// One span per backend exchange, from the checkout (a new connection's
 /// `tls.handshake` is its child) to the end of the transaction (it ends
