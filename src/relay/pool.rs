@@ -140,6 +140,13 @@ impl PoolSettings {
     fn too_old_at(&self, conn: &BackendConn, now: u32) -> bool {
         !self.max_lifetime.is_zero() && age(now, conn.created) >= self.max_lifetime
     }
+
+    /// Whether idle `conn` may still be handed out at `now`: idle no longer
+    /// than `max_idle` and open less than `max_lifetime` (the reaper's
+    /// test, and the time half of `Manager::stale`).
+    fn fresh_at(&self, conn: &BackendConn, now: u32) -> bool {
+        age(now, conn.idle_since) <= self.max_idle && !self.too_old_at(conn, now)
+    }
 }
 
 /// The time from `then` to `now`, both `ticks()`.
@@ -377,10 +384,7 @@ impl Manager {
     /// `max_idle`, open past `max_lifetime` (missed by the reaper), or
     /// the backend said something or closed while it was idle.
     fn stale(&self, conn: &mut BackendConn) -> bool {
-        let now = ticks();
-        let stale = age(now, conn.idle_since) > self.settings.max_idle
-            || self.settings.too_old_at(conn, now)
-            || !conn.idle_ok();
+        let stale = !self.settings.fresh_at(conn, ticks()) || !conn.idle_ok();
         if stale {
             tracing::debug!(backend = %self.settings.addr, "dropping stale idle connection");
         }
@@ -864,21 +868,12 @@ impl Pool {
         let s = self.settings();
         let now = ticks();
         for p in &self.shares {
-            let expired = p
-                .retain(|c, _| age(now, c.idle_since) <= s.max_idle && !s.too_old_at(c, now))
-                .removed;
-            for c in expired {
+            for c in p.retain(|c, _| s.fresh_at(c, now)).removed {
                 tokio::spawn(c.quit());
             }
-            let m = p.manager();
-            let expired: Vec<_> = {
-                let mut hot = m.hot();
-                let (keep, expired) = std::mem::take(&mut hot.idle)
-                    .into_iter()
-                    .partition(|c| age(now, c.idle_since) <= s.max_idle && !s.too_old_at(c, now));
-                hot.idle = keep;
-                expired
-            };
+            let expired: Vec<_> = (p.manager().hot().idle)
+                .extract_if(.., |c| !s.fresh_at(c, now))
+                .collect();
             for c in expired {
                 tokio::spawn(PooledConn(Some(c)).quit());
             }
