@@ -93,6 +93,22 @@ async fn transaction(c: &mut Raw, from: &str, rcpts: &[&str], body: &[u8]) -> Se
     c.reply().await
 }
 
+/// Transactions `range` in session `c`, one after another, message `i`
+/// saying `{tag} body {i}`; each must get a 250.
+async fn numbered_transactions(c: &mut Raw, tag: &str, range: std::ops::Range<usize>) {
+    for i in range {
+        let body = format!("Subject: {tag} {i}\r\n\r\n{tag} body {i}\r\n");
+        let r = transaction(
+            c,
+            "sender@client.example",
+            &["rcpt@dest.example"],
+            body.as_bytes(),
+        )
+        .await;
+        assert_eq!(r.code, 250, "message {i}: {r:?}");
+    }
+}
+
 /// One whole session: greeting, EHLO, one message, QUIT. Returns the client's
 /// local port (what XFORWARD/XCLIENT PORT should say).
 async fn one_message(addr: SocketAddr, helo: &str, body: &str) -> u16 {
@@ -1040,17 +1056,7 @@ async fn unreachable_first_backend_is_skipped() {
     // ... and several transactions in one session.
     let mut c = Raw::greeted(proxy.addr).await;
     assert_eq!(c.cmd("EHLO multi.client.example").await.code, 250);
-    for i in 4..7 {
-        let body = format!("Subject: multi {i}\r\n\r\nmulti body {i}\r\n");
-        let r = transaction(
-            &mut c,
-            "sender@client.example",
-            &["rcpt@dest.example"],
-            body.as_bytes(),
-        )
-        .await;
-        assert_eq!(r.code, 250, "message {i}: {r:?}");
-    }
+    numbered_transactions(&mut c, "multi", 4..7).await;
     assert_eq!(c.cmd("QUIT").await.code, 221);
     let msgs = sink.wait_messages(7, WAIT);
     assert_eq!(msgs.len(), 7, "{msgs:#?}");
@@ -1079,17 +1085,7 @@ async fn round_robin_alternates_with_idle_connections() {
     .await;
     let mut c = Raw::greeted(proxy.addr).await;
     assert_eq!(c.cmd("EHLO rr.client.example").await.code, 250);
-    for i in 0..8 {
-        let body = format!("Subject: rr {i}\r\n\r\nrr body {i}\r\n");
-        let r = transaction(
-            &mut c,
-            "sender@client.example",
-            &["rcpt@dest.example"],
-            body.as_bytes(),
-        )
-        .await;
-        assert_eq!(r.code, 250, "message {i}: {r:?}");
-    }
+    numbered_transactions(&mut c, "rr", 0..8).await;
     assert_eq!(c.cmd("QUIT").await.code, 221);
     let (ma, mb) = (a.wait_messages(4, WAIT), b.wait_messages(4, WAIT));
     assert_eq!((ma.len(), mb.len()), (4, 4), "{ma:#?}\n{mb:#?}");

@@ -4,6 +4,8 @@
 //! answered here and RCPT routed by `route.rs`); BDAT is `bdat.rs`'s and
 //! the message after DATA's 354 is `data.rs`'s.
 
+use std::sync::Arc;
+
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{Instrument, Span};
@@ -12,8 +14,6 @@ use super::inbuf::room_for_commands;
 use super::span::{record_end, transaction_span};
 use super::{Owed, Session, Step};
 use crate::config::TlsMode;
-use std::sync::Arc;
-
 use crate::relay::client::ClientIdentity;
 use crate::relay::pool::PooledConn;
 use crate::relay::route::GroupId;
