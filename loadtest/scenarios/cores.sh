@@ -36,13 +36,17 @@
 #      PERF_RECORD=1 (`perf record -e cpu-clock`, PERF_ARGS added, samples
 #      each proxy over the measured interval, kernel included, into
 #      runs/*.data, or PERF_KEEP if set: profile/timeprof.sh's time
-#      profile, for every proxy of PROXIES in one run).
+#      profile, for every proxy of PROXIES in one run),
+#      SIZE (message bytes, 4096) and LOAD_ARGS (more `smtp-load run`
+#      options, such as --no-pipelining): other loads than the issue's.
 # shellcheck source-path=SCRIPTDIR
 # shellcheck source=../lib.sh
 source "$(dirname "$0")/../lib.sh"
 SECS=${1:-4}
 CONNS=${2:-400}
 REPS=${3:-2}
+SIZE=${SIZE:-4096}
+read -r -a LOAD_ARGS <<< "${LOAD_ARGS:-}"
 BIG=0
 if [ "$(nproc)" -ge 16 ]; then BIG=1; fi
 if [ "$BIG" = 1 ]; then default_threads="1 2 4 8"; else default_threads="1"; fi
@@ -81,7 +85,7 @@ taskset -c "$SINK_CPUS" "$LOAD" sink -l "127.0.0.1:$SINK" -q --threads "$([ "$BI
 PIDS+=($!)
 wait_port "$SINK"
 machine
-echo "cores: THREADS=${THREADS[*]}, $CONNS connections, 4 KiB, pipelining on, ${SECS} s per run after 1 s warm-up, $REPS repeat(s); proxy on CPUs $(proxy_cpus "${THREADS[-1]}") (T=${THREADS[-1]}), sink on $SINK_CPUS, generator on $LOAD_CPUS"
+echo "cores: THREADS=${THREADS[*]}, $CONNS connections, $SIZE bytes, pipelining on ${LOAD_ARGS[*]:+(run ${LOAD_ARGS[*]})}, ${SECS} s per run after 1 s warm-up, $REPS repeat(s); proxy on CPUs $(proxy_cpus "${THREADS[-1]}") (T=${THREADS[-1]}), sink on $SINK_CPUS, generator on $LOAD_CPUS"
 
 # start_proxy NAME T: smtp-edge or haproxy with T threads on its CPUs; sets
 # PPORT and PWATCH (the pids whose CPU counts).
@@ -177,7 +181,7 @@ for t in "${THREADS[@]}"; do
           (sleep 1 && exec perf record -q -e cpu-clock -F 2999 ${PERF_ARGS:-} -o "${PERF_KEEP:-$RUNS}/$t.$mode.$name.$rep.data" -p "$ppids" -- sleep "$SECS") >/dev/null 2>&1 &
           perf_pids+=($!)
         fi
-        if ! load "$out" -t "127.0.0.1:$PPORT" -c "$CONNS" -m "$m" -s 4096 -d "$SECS" --warmup 1 "${rate[@]}" "${watch[@]}"; then
+        if ! load "$out" -t "127.0.0.1:$PPORT" -c "$CONNS" -m "$m" -s "$SIZE" -d "$SECS" --warmup 1 "${rate[@]}" "${watch[@]}" "${LOAD_ARGS[@]}"; then
           echo "FAILED: $name, T=$t, $mode, repeat $rep" >&2
           rm -f "$out"
           failed=1
