@@ -11,6 +11,10 @@
 #         THREADS="1 2 4 8" MODES="persistent new" loadtest/device.sh 4 400 2
 # Every environment variable of cores.sh applies (THREADS, MODES, PROXIES,
 # RATE, EDGE_EXTRA, KEEP_RUNS=$OUT/runs to bring each run's JSON back).
+# The profile-guided build beside the plain one: here also
+#   cp target/pgo/smtp-edge .scale/bin/smtp-edge-pgo && strip .scale/bin/smtp-edge-pgo
+# (loadtest/pgo.sh), there PROXIES="haproxy smtp-edge smtp-edge-alt": ALT_EDGE
+# is .scale/bin/smtp-edge-pgo when it is there.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 scale=$root/.scale
@@ -25,5 +29,8 @@ wrap=$(mktemp -d /tmp/smtp-edge-device.XXXXXX)
 trap 'rm -rf "$wrap"' EXIT
 printf '#!/bin/sh\nLD_LIBRARY_PATH="%s/lib" exec "%s/bin/haproxy" "$@"\n' "$scale" "$scale" >"$wrap/haproxy"
 chmod +x "$wrap/haproxy"
+if [ -z "${ALT_EDGE:-}" ] && [ -x "$scale/bin/smtp-edge-pgo" ]; then
+  export ALT_EDGE="$scale/bin/smtp-edge-pgo"
+fi
 export PATH="$wrap:$PATH" EDGE_BIN="$scale/bin/smtp-edge" LOAD_BIN="$scale/bin/smtp-load" NO_BUILD=1
 "$root/loadtest/scenarios/cores.sh" "$@"
