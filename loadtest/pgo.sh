@@ -78,6 +78,7 @@ ${TRAIN_TOML:-}
 T
   LLVM_PROFILE_FILE="$RAW/edge-%p-%m.profraw" RUST_LOG=warn "$GEN/$HOST/release/smtp-edge" --config "$W/edge.toml" > "$W/edge-$flavor.log" 2>&1 &
   local pid=$!
+  PIDS+=("$pid")
   for _ in $(seq 1 100); do (echo > "/dev/tcp/127.0.0.1/$ep") 2>/dev/null && break; sleep 0.2; done
   local t=(-t "127.0.0.1:$ep" -d "$SECS" -q)
   echo "pgo.sh: training $flavor ($threads)"
