@@ -4,8 +4,6 @@
 //! header, reads under `data_block` and the minimum data rate, the content
 //! refusals, and `message_done` (metrics, span and log of a message).
 
-use std::time::Duration;
-
 use bytes::Buf;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn, Span};
@@ -126,19 +124,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// The minimum data rate's allowance for a message's data (DATA, a
     /// BDAT transaction, or a chunk dropped outside one).
     pub(super) fn new_pace(&self) -> Option<Pace> {
-        let cfg = &self.shared.cfg;
-        Pace::new(
-            Duration::from_secs_f64(cfg.timeouts.data_block),
-            cfg.limits.min_data_rate as f64,
-        )
+        Pace::new(self.data_block, self.shared.cfg.limits.min_data_rate as f64)
     }
 
     /// Reads more message data (DATA or BDAT content) into `inbuf`, within
     /// `data_block` and the minimum data rate's allowance for `received`
     /// bytes; the wait is counted in `pace`.
     pub(super) async fn read_data(&mut self, pace: &mut Option<Pace>, received: u64) -> DataRead {
-        let block = Duration::from_secs_f64(self.shared.cfg.timeouts.data_block);
-        let Some(wait) = data_wait(pace, received, block) else {
+        let Some(wait) = data_wait(pace, received, self.data_block) else {
             return DataRead::TooSlow;
         };
         let large = received.max(self.st.size_declared) >= super::inbuf::BUF as u64;
@@ -156,7 +149,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         match got {
             Some(Ok(n)) if n > 0 => DataRead::More,
             Some(_) => DataRead::Gone,
-            None if wait < block => DataRead::TooSlow,
+            None if wait < self.data_block => DataRead::TooSlow,
             None => DataRead::Timeout,
         }
     }

@@ -256,6 +256,9 @@ struct Session<S> {
     pol: ClientPolicy,
     /// This session's entries in `/top`.
     top: crate::telemetry::top::Open,
+    /// `timeouts.data_block` as a `Duration`, converted once per session
+    /// (a session keeps the config it began with).
+    data_block: std::time::Duration,
     /// A connect verdict owed as the reply to the first command
     /// (delay_reject off, the greeting had already begun).
     refuse: Option<Box<Verdict>>,
@@ -381,12 +384,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     ) -> Self {
         let Admitted { pol, top } = client;
         let shutdown = shared.shutdown.clone();
+        let data_block = std::time::Duration::from_secs_f64(shared.cfg.timeouts.data_block);
         Session {
             io,
             peer: at.peer,
             local: at.local,
             pol,
             top,
+            data_block,
             refuse: None,
             over_budget: None,
             shared,
