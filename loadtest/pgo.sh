@@ -54,7 +54,17 @@ echo "pgo.sh: instrumented build in $GEN"
 LOAD=$ROOT/target/release/smtp-load
 W=$(mktemp -d /tmp/smtp-edge-pgo.XXXXXX)
 PIDS=()
-trap 'for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null; done; wait 2>/dev/null; rm -rf "$W"' EXIT
+# On any exit: the sink, and an instrumented smtp-edge a failed step left
+# (those that stopped are gone already: their kill fails, harmlessly).
+cleanup() {
+  local p
+  for p in "${PIDS[@]:-}"; do
+    if [ -n "$p" ]; then kill "$p" 2>/dev/null || true; fi
+  done
+  wait 2>/dev/null || true
+  rm -rf "$W"
+}
+trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 SINK=$(port)
 "$LOAD" sink -l "127.0.0.1:$SINK" -q > "$W/sink.log" 2>&1 & PIDS+=($!)
