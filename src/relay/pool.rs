@@ -408,6 +408,38 @@ impl Manager {
         }
     }
 
+    /// Gives idle `obj` (a connection of `deadpool`, this manager's pool)
+    /// back: to the hot list when nobody waits in line (the usual case),
+    /// else to deadpool, whose oldest waiter takes it. The one way back
+    /// for `Pool::checkin` and the prober, so the line's rule holds for
+    /// both.
+    fn park(&self, obj: Object<Manager>, deadpool: &managed::Pool<Manager>) {
+        let mut hot = self.hot();
+        if hot.line == 0 {
+            hot.idle.push(obj);
+            return;
+        }
+        drop(hot);
+        // Dropping the deadpool object (not the PooledConn) returns it to
+        // deadpool.
+        drop(obj);
+        // A checkout waiting to connect (`max_connecting`) takes it, when
+        // nobody waits in line for it (rare: bursts only get here).
+        let to_connect = self.connect_waiters.load(Ordering::Relaxed) as usize;
+        if to_connect > 0 {
+            // deadpool's `waiting`: checkouts in line for a slot, and those
+            // with one that are connecting or waiting to.
+            let connecting = self.connecting.as_ref().map_or(0, |c| {
+                self.settings
+                    .max_connecting
+                    .saturating_sub(c.available_permits())
+            });
+            if deadpool.status().waiting <= to_connect + connecting {
+                self.returned.notify_one();
+            }
+        }
+    }
+
     /// Joins the line (`Line`), under the same lock as the hot list, when
     /// that is empty; None: a connection is idle there, take it instead.
     fn join_line(&self) -> Option<Line<'_>> {
@@ -456,9 +488,10 @@ async fn probe(weak: WeakPool<Manager>, first: Duration, max: Duration) {
         tokio::time::sleep(wait).await;
         let Some(pool) = weak.upgrade() else { return };
         // An idle connection that passes the liveness check proves the
-        // backend as well as a new one; it goes back where it was.
+        // backend as well as a new one; it goes back as a checkin's would
+        // (a checkout may have joined the line since it was taken).
         if let Some(obj) = pool.manager().hot_pop() {
-            pool.manager().hot().idle.push(obj);
+            pool.manager().park(obj, &pool);
             pool.manager().record_success();
             return;
         }
@@ -792,30 +825,8 @@ impl Pool {
         }
         conn.idle_since = now;
         let obj = conn.0.take().expect("pooled connection");
-        let m = self.inner().manager();
-        let mut hot = m.hot();
-        if hot.line == 0 {
-            // Nobody in line: the hot list (the usual case).
-            hot.idle.push(obj);
-            return;
-        }
-        drop(hot);
-        // Dropping the deadpool object (not the PooledConn) returns it to
-        // deadpool, whose oldest waiter takes it.
-        drop(obj);
-        // A checkout waiting to connect (`max_connecting`) takes it, when
-        // nobody waits in line for it (rare: bursts only get here).
-        let to_connect = m.connect_waiters.load(Ordering::Relaxed) as usize;
-        if to_connect > 0 {
-            // deadpool's `waiting`: checkouts in line for a slot, and those
-            // with one that are connecting or waiting to.
-            let connecting = m.connecting.as_ref().map_or(0, |c| {
-                s.max_connecting.saturating_sub(c.available_permits())
-            });
-            if self.inner().status().waiting <= to_connect + connecting {
-                m.returned.notify_one();
-            }
-        }
+        let share = self.inner();
+        share.manager().park(obj, share);
     }
 
     /// The message size limit (`SIZE n`) the backend announced in the
