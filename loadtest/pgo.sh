@@ -51,45 +51,22 @@ echo "pgo.sh: instrumented build in $GEN"
 (cd "$ROOT" && cargo build --release -q -p smtp-load &&
   RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$RAW" CARGO_TARGET_DIR=$GEN cargo build --release -q -p smtp-edge --target "$HOST")
 
-LOAD=$ROOT/target/release/smtp-load
-W=$(mktemp -d /tmp/smtp-edge-pgo.XXXXXX)
-PIDS=()
-# On any exit: the sink, and an instrumented smtp-edge a failed step left
-# (those that stopped are gone already: their kill fails, harmlessly).
-cleanup() {
-  local p
-  for p in "${PIDS[@]:-}"; do
-    if [ -n "$p" ]; then kill "$p" 2>/dev/null || true; fi
-  done
-  wait 2>/dev/null || true
-  rm -rf "$W"
-}
-trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-SINK=$(port)
-"$LOAD" sink -l "127.0.0.1:$SINK" -q > "$W/sink.log" 2>&1 & PIDS+=($!)
+# lib.sh: the sink, smtp-edge's config and start, free ports, the cleanup
+# on exit (of a failed step's smtp-edge too).
+source "$ROOT/loadtest/lib.sh"
+EDGE=$GEN/$HOST/release/smtp-edge
+export LLVM_PROFILE_FILE="$RAW/edge-%p-%m.profraw"
+SINK=$(free_port)
+start_sink "$SINK"
 
 # One instrumented smtp-edge per runtime flavor, each through the same loads.
 train() {
   local flavor=$1 threads=$2 ep
-  ep=$(port)
-  cat > "$W/edge.toml" <<T
-hostname = "edge.pgo"
-[[listener]]
-address = "127.0.0.1:$ep"
-tls = "starttls"
-[[backend]]
-address = "127.0.0.1:$SINK"
-max_connections = 64
-[runtime]
-flavor = "$flavor"
+  ep=$(free_port)
+  start_edge "$ep" "$SINK" starttls "[runtime]
+flavor = \"$flavor\"
 worker_threads = $threads
-${TRAIN_TOML:-}
-T
-  LLVM_PROFILE_FILE="$RAW/edge-%p-%m.profraw" RUST_LOG=warn "$GEN/$HOST/release/smtp-edge" --config "$W/edge.toml" > "$W/edge-$flavor.log" 2>&1 &
-  local pid=$!
-  PIDS+=("$pid")
-  for _ in $(seq 1 100); do (echo > "/dev/tcp/127.0.0.1/$ep") 2>/dev/null && break; sleep 0.2; done
+${TRAIN_TOML:-}" 64
   local t=(-t "127.0.0.1:$ep" -d "$SECS" -q)
   echo "pgo.sh: training $flavor ($threads)"
   "$LOAD" run "${t[@]}" -c 400 -m 0 -s 4096 > /dev/null
@@ -99,8 +76,8 @@ T
   "$LOAD" run "${t[@]}" -c 20 -m 5 --starttls -s 4096 > /dev/null
   "$LOAD" run "${t[@]}" -c 20 --churn > /dev/null
   # SIGTERM: a graceful stop, so the process exits and writes its profile.
-  kill -TERM "$pid"
-  wait "$pid" || true
+  stop_pid "$EDGE_PID"
+  forget "$EDGE_PID"
 }
 train current_thread 1
 train thread_per_core 2
