@@ -23,7 +23,7 @@
 //! ban state.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -34,22 +34,29 @@ const SLOT_SECS: u64 = 10;
 /// The window a read covers, in seconds.
 pub const WINDOW_SECS: u64 = SLOTS as u64 * SLOT_SECS;
 
-#[derive(Default, Clone)]
+/// One 10-second slot's counts, stamped with the epoch they are of.
+/// Atomics: a busy sender's sessions, on every core, count without a lock
+/// (one add per event; loadtest/RESULTS.md section 28).
+#[derive(Default)]
 struct Slot {
-    epoch: u64,
-    sessions: u32,
-    messages: u32,
-    recipients: u32,
-    /// By reason (a policy check's name, `bad_command`,
-    /// `recipient_refused`): a handful at most.
-    refusals: Vec<(&'static str, u32)>,
+    epoch: AtomicU64,
+    sessions: AtomicU32,
+    messages: AtomicU32,
+    recipients: AtomicU32,
 }
+
+/// Refusals by reason (a policy check's name, `bad_command`,
+/// `recipient_refused`: a handful at most) in one slot, with its epoch.
+type Refusals = (u64, Vec<(&'static str, u32)>);
 
 /// One address's or prefix's activity.
 #[derive(Default)]
 pub struct Activity {
     open: AtomicI64,
-    slots: Mutex<[Slot; SLOTS]>,
+    slots: [Slot; SLOTS],
+    /// Rare, so under a lock, which also orders a slot's reset to a new
+    /// epoch.
+    refusals: Mutex<[Refusals; SLOTS]>,
 }
 
 /// What a read of one entry gives.
@@ -104,36 +111,58 @@ fn start_ticker() {
 }
 
 impl Activity {
-    fn with(&self, f: impl FnOnce(&mut Slot)) {
-        let e = epoch();
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        let s = &mut slots[(e % SLOTS as u64) as usize];
-        if s.epoch != e {
-            *s = Slot {
-                epoch: e,
-                refusals: std::mem::take(&mut s.refusals),
-                ..Slot::default()
-            };
-            s.refusals.clear();
-        }
-        f(s);
+    fn refusals(&self) -> std::sync::MutexGuard<'_, [Refusals; SLOTS]> {
+        self.refusals.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn counts(&self) -> Counts {
-        let e = epoch();
-        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+    /// The slot of epoch `e`, emptied first when it holds an older one.
+    fn slot(&self, e: u64) -> &Slot {
+        let s = &self.slots[(e % SLOTS as u64) as usize];
+        if s.epoch.load(Ordering::Acquire) != e {
+            let _order = self.refusals();
+            if s.epoch.load(Ordering::Acquire) != e {
+                s.sessions.store(0, Ordering::Relaxed);
+                s.messages.store(0, Ordering::Relaxed);
+                s.recipients.store(0, Ordering::Relaxed);
+                // Writers that see the new epoch add after the reset.
+                s.epoch.store(e, Ordering::Release);
+            }
+        }
+        s
+    }
+
+    fn add(&self, e: u64, field: fn(&Slot) -> &AtomicU32) {
+        field(self.slot(e)).fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn refusal(&self, e: u64, why: &'static str) {
+        let mut r = self.refusals();
+        let (epoch, list) = &mut r[(e % SLOTS as u64) as usize];
+        if *epoch != e {
+            *epoch = e;
+            list.clear();
+        }
+        match list.iter_mut().find(|r| r.0 == why) {
+            Some(r) => r.1 = r.1.saturating_add(1),
+            None => list.push((why, 1)),
+        }
+    }
+
+    fn counts(&self, e: u64) -> Counts {
         let mut c = Counts {
             open: self.open.load(Ordering::Relaxed).max(0),
             ..Counts::default()
         };
-        for s in slots
-            .iter()
-            .filter(|s| s.epoch + (SLOTS as u64) > e && s.epoch <= e)
-        {
-            c.sessions += u64::from(s.sessions);
-            c.messages += u64::from(s.messages);
-            c.recipients += u64::from(s.recipients);
-            for &(why, n) in &s.refusals {
+        let within = |epoch: u64| epoch + (SLOTS as u64) > e && epoch <= e;
+        for s in &self.slots {
+            if within(s.epoch.load(Ordering::Acquire)) {
+                c.sessions += u64::from(s.sessions.load(Ordering::Relaxed));
+                c.messages += u64::from(s.messages.load(Ordering::Relaxed));
+                c.recipients += u64::from(s.recipients.load(Ordering::Relaxed));
+            }
+        }
+        for (_, list) in self.refusals().iter().filter(|r| within(r.0)) {
+            for &(why, n) in list {
                 match c.refusals.iter_mut().find(|r| r.0 == why) {
                     Some(r) => r.1 += u64::from(n),
                     None => c.refusals.push((why, u64::from(n))),
@@ -169,23 +198,28 @@ impl Open {
         Open(None)
     }
 
-    fn both(&self, f: impl Fn(&mut Slot)) {
+    fn both(&self, field: fn(&Slot) -> &AtomicU32) {
         if let Some(b) = &self.0 {
-            b.0.with(&f);
-            b.1.with(&f);
+            let e = epoch();
+            b.0.add(e, field);
+            b.1.add(e, field);
         }
     }
 
     pub fn message(&self) {
-        self.both(|s| s.messages += 1);
+        self.both(|s| &s.messages);
     }
 
     pub fn recipient(&self) {
-        self.both(|s| s.recipients += 1);
+        self.both(|s| &s.recipients);
     }
 
     pub fn refusal(&self, why: &'static str) {
-        self.both(|s| count(s, why));
+        if let Some(b) = &self.0 {
+            let e = epoch();
+            b.0.refusal(e, why);
+            b.1.refusal(e, why);
+        }
     }
 }
 
@@ -273,20 +307,20 @@ impl Top {
     /// A session begins: counted, and open until the guard drops.
     pub fn open(&self, ip: IpAddr) -> Open {
         let entries = self.entries(ip);
+        let e = epoch();
         for x in entries.iter().flat_map(|(a, p)| [a, p]) {
             x.open.fetch_add(1, Ordering::Relaxed);
-            x.with(|s| s.sessions += 1);
+            x.add(e, |s| &s.sessions);
         }
         Open(entries.map(Box::new))
     }
 
     /// A connection refused at accept: a session begun and refused.
     pub fn refused_at_accept(&self, ip: IpAddr, why: &'static str) {
+        let e = epoch();
         for x in self.entries(ip).iter().flat_map(|(a, p)| [a, p]) {
-            x.with(|s| {
-                s.sessions += 1;
-                count(s, why);
-            });
+            x.add(e, |s| &s.sessions);
+            x.refusal(e, why);
         }
     }
 
@@ -296,10 +330,11 @@ impl Top {
         let Some((a, p)) = &self.views else {
             return (Vec::new(), Vec::new());
         };
+        let e = epoch();
         let pick = |c: &Cache| {
             let mut v: Vec<(IpAddr, Counts)> = c
                 .iter()
-                .map(|(k, x)| (*k, x.counts()))
+                .map(|(k, x)| (*k, x.counts(e)))
                 .filter(|(_, c)| c.open > 0 || c.sessions > 0 || c.refusals_total() > 0)
                 .collect();
             v.sort_by(|x, y| by.key(&y.1).cmp(&by.key(&x.1)).then(x.0.cmp(&y.0)));
@@ -323,13 +358,6 @@ impl Top {
             }
             None => (0, 0),
         }
-    }
-}
-
-fn count(s: &mut Slot, why: &'static str) {
-    match s.refusals.iter_mut().find(|r| r.0 == why) {
-        Some(r) => r.1 = r.1.saturating_add(1),
-        None => s.refusals.push((why, 1)),
     }
 }
 
@@ -376,6 +404,48 @@ mod tests {
         let off = Top::new(0, 24, 64);
         let _o = off.open(ip("192.0.2.7"));
         assert_eq!(off.read(By::Sessions, 10).0.len(), 0);
+    }
+
+    /// A read sums the last six 10-second slots; a slot written in a
+    /// later epoch starts from zero, refusals included.
+    #[test]
+    fn the_window_moves_on() {
+        let a = Activity::default();
+        for e in [100, 101, 105] {
+            a.add(e, |s| &s.messages);
+            a.refusal(e, "ban");
+        }
+        a.add(105, |s| &s.recipients);
+        let c = a.counts(105);
+        assert_eq!((c.messages, c.recipients), (3, 1));
+        assert_eq!(c.refusals, vec![("ban", 3)]);
+        // Epoch 106: slot 100's counts are out of the window ...
+        let c = a.counts(106);
+        assert_eq!(c.messages, 2);
+        assert_eq!(c.refusals, vec![("ban", 2)]);
+        // ... and writing 106 (the same slot) starts it again.
+        a.add(106, |s| &s.messages);
+        a.refusal(106, "rate");
+        let c = a.counts(106);
+        assert_eq!(c.messages, 3);
+        assert_eq!(c.refusals, vec![("ban", 2), ("rate", 1)]);
+        assert_eq!(a.counts(200), Counts::default());
+    }
+
+    /// Events from several threads at once are all counted.
+    #[test]
+    fn threads_count_without_losing_any() {
+        let a = Activity::default();
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for k in 0..10_000u64 {
+                        a.add(7 + k / 5_000, |s| &s.messages);
+                    }
+                });
+            }
+        });
+        assert_eq!(a.counts(8).messages, 40_000);
     }
 
     #[test]
