@@ -18,8 +18,9 @@ const RULES: &[(&str, &[&str])] = &[
     // Which core the current thread serves (thread-per-core).
     ("cores", &[]),
     // Logs, traces, metrics: a leaf that others write into; the proxy's
-    // own replies name their trace (`own` takes a `smtp::Reply`).
-    ("telemetry", &["smtp"]),
+    // own replies name their trace (`own` takes a `smtp::Reply`); the
+    // metrics every core writes keep a shard per core (`cores::shard`).
+    ("telemetry", &["smtp", "cores"]),
     ("tls", &[]),
     ("policy", &["smtp", "telemetry"]),
     ("config", &["smtp", "telemetry", "tls", "policy"]),

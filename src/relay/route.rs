@@ -10,7 +10,9 @@
 //! `smtp::domain::normalize`'s form (lower case, IDNA A-labels).
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crossbeam_utils::CachePadded;
 
 use crate::config::{Config, DomainPattern};
 
@@ -29,7 +31,26 @@ impl GroupId {
 pub(super) struct Group {
     pub(super) name: String,
     pub(super) members: Vec<usize>,
-    pub(super) next: AtomicUsize,
+    pub(super) next: Turn,
+}
+
+/// A group's round robin, one turn counter per `cores::SHARDS` shard: the
+/// cores take their turns without writing a cache line another core
+/// writes (each core goes round the members on its own; with one thread,
+/// one counter as before).
+#[derive(Default)]
+pub(super) struct Turn(Box<[CachePadded<AtomicUsize>; crate::cores::SHARDS]>);
+
+impl Turn {
+    /// This thread's next turn, not taken.
+    pub(super) fn peek(&self) -> usize {
+        self.0[crate::cores::shard()].load(Ordering::Relaxed)
+    }
+
+    /// This thread's next turn, taken.
+    pub(super) fn take(&self) -> usize {
+        self.0[crate::cores::shard()].fetch_add(1, Ordering::Relaxed)
+    }
 }
 
 /// The `[[route]]` table: normalized patterns to group indices.
@@ -67,7 +88,7 @@ pub(super) fn build(cfg: &Config) -> (Vec<Group>, Option<Routes>) {
     let group = |name: &str, members: Vec<usize>| Group {
         name: name.to_string(),
         members,
-        next: AtomicUsize::new(0),
+        next: Turn::default(),
     };
     if cfg.routes.is_empty() {
         let all = (0..cfg.backends.len()).collect();

@@ -257,7 +257,7 @@ impl Backends {
             tracing::debug!(backend = %conn.peer, "dedicated connection closed; reopening");
         }
         let n = group.members.len();
-        let start = group.next.fetch_add(1, Ordering::Relaxed);
+        let start = group.next.take();
         let mut busy = None;
         // A backend that must be TLS and could not be: the client hears
         // why (4.7.x), not just that no backend was there.
@@ -324,13 +324,13 @@ impl Backends {
         if n == 0 {
             return None;
         }
-        let backend = self.smtp_backend(group.members[group.next.load(Ordering::Relaxed) % n])?;
+        let backend = self.smtp_backend(group.members[group.next.peek() % n])?;
         let (pool, identity, _) = backend;
         if *identity == IdentityMode::Xclient || !pool.is_up() {
             return None;
         }
         let (conn, reused) = pool.checkout_hot()?;
-        group.next.fetch_add(1, Ordering::Relaxed);
+        group.next.take();
         let span = backend_span(pool);
         Some(self.smtp_txn(g, id, backend, span, 0.0, (conn, reused, false)))
     }

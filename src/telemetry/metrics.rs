@@ -7,7 +7,9 @@
 //! counts handshakes (and resumed ones); `Session::message_done` counts
 //! final replies by class, messages, bytes, recipients and transaction
 //! time; each pool holds its `BackendMetrics` (connections created, reused
-//! and failed, the pool wait, the final-reply latency). One `Metrics` per
+//! and failed, the pool wait, the final-reply latency). What every message
+//! or session writes is `sharded` (a cache line per core); the rest is
+//! prometheus-client's own types. One `Metrics` per
 //! `Server`, not a global: tests run several proxies in one process and
 //! read exact values.
 //!
@@ -21,15 +23,16 @@
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
+
+use super::sharded::{self, Histogram};
 
 /// A metric's labels: bounded names and values.
 pub type Labels = Vec<(&'static str, String)>;
 
 /// Latency buckets in seconds: 0.5 ms to about 65 s.
-fn latency_buckets() -> impl Iterator<Item = f64> {
-    prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 18)
+fn latency_buckets() -> [f64; sharded::BOUNDS] {
+    std::array::from_fn(|i| 0.0005 * 2f64.powi(i as i32))
 }
 
 fn histogram() -> Histogram {
@@ -46,7 +49,7 @@ pub struct BackendMetrics {
     /// Connections opened (connected, greeted, EHLO'd).
     pub created: Counter,
     /// Checkouts served by an idle connection.
-    pub reused: Counter,
+    pub reused: sharded::Counter,
     /// Failed connects or greetings.
     pub connect_failures: Counter,
     /// Time a transaction waited for a connection (checkouts that waited
@@ -82,29 +85,29 @@ impl BackendMetrics {
 /// is reference counted); one per server.
 #[derive(Debug)]
 pub struct Metrics {
-    pub connections_accepted: Counter,
+    pub connections_accepted: sharded::Counter,
     /// Connections each core's accept loops took (thread-per-core: how
     /// evenly `SO_REUSEPORT` spreads them; one core otherwise).
     pub core_connections: Family<Labels, Counter>,
     pub connections_refused: Family<Labels, Counter>,
     pub proxy_headers: Family<Labels, Counter>,
-    pub sessions_active: Gauge,
+    pub sessions_active: sharded::Gauge,
     pub session_duration: Histogram,
     pub tls_handshakes: Family<Labels, Counter>,
     /// Successful handshakes that resumed a session (ticket or cache).
     pub tls_resumed: Counter,
-    pub transactions: Family<Labels, Counter>,
-    transaction_classes: std::sync::OnceLock<[Counter; 3]>,
+    pub transactions: Family<Labels, sharded::Counter>,
+    transaction_classes: std::sync::OnceLock<[sharded::Counter; 3]>,
     pub transaction_duration: Histogram,
-    pub messages_relayed: Counter,
-    pub bytes_relayed: Counter,
-    pub recipients: Counter,
+    pub messages_relayed: sharded::Counter,
+    pub bytes_relayed: sharded::Counter,
+    pub recipients: sharded::Counter,
     /// RCPTs answered from the edge's memory of unknown recipients.
     pub recipients_unknown_cached: Counter,
     route_refusals: Family<Labels, Counter>,
     pub draining: Gauge,
     backend_created: Family<Labels, Counter>,
-    backend_reused: Family<Labels, Counter>,
+    backend_reused: Family<Labels, sharded::Counter>,
     backend_failures: Family<Labels, Counter>,
     backend_pool_wait: Family<Labels, Histogram>,
     backend_reply: Family<Labels, Histogram>,
@@ -124,20 +127,20 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut r = Registry::with_prefix("smtp_edge");
         let m = Metrics {
-            connections_accepted: Counter::default(),
+            connections_accepted: sharded::Counter::default(),
             core_connections: Family::default(),
             connections_refused: Family::default(),
             proxy_headers: Family::default(),
-            sessions_active: Gauge::default(),
+            sessions_active: sharded::Gauge::default(),
             session_duration: histogram(),
             tls_handshakes: Family::default(),
             tls_resumed: Counter::default(),
             transactions: Family::default(),
             transaction_classes: std::sync::OnceLock::new(),
             transaction_duration: histogram(),
-            messages_relayed: Counter::default(),
-            bytes_relayed: Counter::default(),
-            recipients: Counter::default(),
+            messages_relayed: sharded::Counter::default(),
+            bytes_relayed: sharded::Counter::default(),
+            recipients: sharded::Counter::default(),
             recipients_unknown_cached: Counter::default(),
             route_refusals: Family::default(),
             draining: Gauge::default(),

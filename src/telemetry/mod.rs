@@ -97,6 +97,7 @@ mod http;
 pub mod metrics;
 mod otlp;
 pub mod settings;
+pub mod sharded;
 mod span;
 pub mod top;
 
