@@ -323,26 +323,28 @@ impl DataScanner {
         simd.skip(self, input, i)
     }
 
-    /// One block of `skip_plain`, given its CR, LF and `.` masks: false
-    /// (nothing changed) when the block is not plain.
+    /// One block of `skip_plain`, given its CR and LF masks and a way to
+    /// its `.` mask (made only for a block whose line endings are plain):
+    /// false (nothing changed) when the block is not plain.
     #[inline(always)]
-    fn plain_block(&mut self, cr: u64, lf: u64, dot: u64) -> bool {
-        let ends = cr | lf;
-        if ends == 0 {
+    fn plain_block(&mut self, cr: u64, lf: u64, dot: impl FnOnce() -> u64) -> bool {
+        if cr | lf == 0 {
             self.content(block::LEN);
             return true;
         }
-        // A CR not before an LF, an LF not after a CR (an LF first would
-        // follow the previous block's last byte, which is no CR), an ending
-        // as the last byte, or a line starting with `.`.
-        if cr & !(lf >> 1) != 0 || lf & !(cr << 1) != 0 || ends >> 63 != 0 || (lf << 1) & dot != 0 {
+        // Plain: each LF right after a CR and each CR right before an LF
+        // (an LF first would follow the previous block's last byte, which
+        // is no CR), so `lf == cr << 1`; no ending as the last byte, where
+        // what follows is not known yet (a CR at 62 puts its LF there, one
+        // at 63 is itself the last); no line starting with `.`.
+        if lf != cr << 1 || cr >> 62 != 0 || (lf << 1) & dot() != 0 {
             return false;
         }
         // Content before the first CR, between CRLFs, after the last LF.
         let first = lf.trailing_zeros() as usize;
         let last = block::LEN - 1 - lf.leading_zeros() as usize;
         self.content(first - 1);
-        if self.line_limit < block::LEN && lf.count_ones() > 1 {
+        if self.line_limit < block::LEN {
             // A limit shorter than a block: check the lines inside it too.
             let mut m = lf & (lf - 1);
             let mut prev = first;
@@ -353,9 +355,12 @@ impl DataScanner {
                 prev = k;
                 m &= m - 1;
             }
+            self.line_len = 0;
+            self.content(block::LEN - 1 - last);
+        } else {
+            // Shorter than a block, so within the limit.
+            self.line_len = block::LEN - 1 - last;
         }
-        self.line_len = 0;
-        self.content(block::LEN - 1 - last);
         true
     }
 
@@ -564,9 +569,15 @@ mod block {
             match self {
                 // SAFETY: the test asks for Avx2 only when the CPU has it.
                 #[cfg(target_arch = "x86_64")]
-                Masks::Avx2 => unsafe { x86::avx2(b) },
+                Masks::Avx2 => unsafe {
+                    let (cr, lf) = x86::avx2_ends(b);
+                    (cr, lf, x86::avx2_dots(b))
+                },
                 #[cfg(target_arch = "x86_64")]
-                Masks::Sse2 => x86::sse2(b),
+                Masks::Sse2 => {
+                    let (cr, lf) = x86::sse2_ends(b);
+                    (cr, lf, x86::sse2_dots(b))
+                }
                 #[cfg(not(target_arch = "x86_64"))]
                 Masks::None => unreachable!(),
             }
@@ -584,11 +595,13 @@ mod block {
             s: &mut DataScanner,
             input: &[u8],
             mut i: usize,
-            masks: impl Fn(&[u8; LEN]) -> (u64, u64, u64),
+            ends: impl Fn(&[u8; LEN]) -> (u64, u64),
+            dots: impl Fn(&[u8; LEN]) -> u64,
         ) -> usize {
             while let Some(b) = input.get(i..i + LEN) {
-                let (cr, lf, dot) = masks(b.try_into().expect("LEN bytes"));
-                if !s.plain_block(cr, lf, dot) {
+                let b: &[u8; LEN] = b.try_into().expect("LEN bytes");
+                let (cr, lf) = ends(b);
+                if !s.plain_block(cr, lf, || dots(b)) {
                     break;
                 }
                 i += LEN;
@@ -598,44 +611,69 @@ mod block {
 
         #[target_feature(enable = "avx2")]
         pub fn skip_avx2(s: &mut DataScanner, input: &[u8], i: usize) -> usize {
-            skip(s, input, i, |b| avx2(b))
+            skip(s, input, i, |b| avx2_ends(b), |b| avx2_dots(b))
         }
 
         pub fn skip_sse2(s: &mut DataScanner, input: &[u8], i: usize) -> usize {
-            skip(s, input, i, sse2)
+            skip(s, input, i, sse2_ends, sse2_dots)
         }
 
+        /// Bit k set when byte k of `b` is `c`, for each `c` of `cs`.
         #[target_feature(enable = "avx2")]
         #[inline]
-        pub fn avx2(b: &[u8; LEN]) -> (u64, u64, u64) {
+        fn avx2_masks<const N: usize>(b: &[u8; LEN], cs: [u8; N]) -> [u64; N] {
             let p = b.as_ptr() as *const __m256i;
             // SAFETY: two unaligned 32-byte loads inside the 64-byte array.
             let (lo, hi) = unsafe { (_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1))) };
-            let mask = |c: u8| {
+            cs.map(|c| {
                 let c = _mm256_set1_epi8(c as i8);
                 let lo = _mm256_movemask_epi8(_mm256_cmpeq_epi8(lo, c)) as u32 as u64;
                 let hi = _mm256_movemask_epi8(_mm256_cmpeq_epi8(hi, c)) as u32 as u64;
                 lo | hi << 32
-            };
-            (mask(b'\r'), mask(b'\n'), mask(b'.'))
+            })
+        }
+
+        /// (CR, LF) masks of a block.
+        #[target_feature(enable = "avx2")]
+        #[inline]
+        pub fn avx2_ends(b: &[u8; LEN]) -> (u64, u64) {
+            let [cr, lf] = avx2_masks(b, [b'\r', b'\n']);
+            (cr, lf)
+        }
+
+        /// The `.` mask of a block.
+        #[target_feature(enable = "avx2")]
+        #[inline]
+        pub fn avx2_dots(b: &[u8; LEN]) -> u64 {
+            avx2_masks(b, [b'.'])[0]
         }
 
         #[inline]
-        pub fn sse2(b: &[u8; LEN]) -> (u64, u64, u64) {
-            let (mut cr, mut lf, mut dot) = (0u64, 0u64, 0u64);
+        fn sse2_masks<const N: usize>(b: &[u8; LEN], cs: [u8; N]) -> [u64; N] {
+            let mut out = [0u64; N];
             for k in 0..4 {
                 // SAFETY: SSE2 is part of x86-64; an unaligned 16-byte load
                 // inside the 64-byte array.
-                let (c, l, d) = unsafe {
+                unsafe {
                     let v = _mm_loadu_si128(b.as_ptr().add(16 * k) as *const __m128i);
-                    let m = |c: u8| _mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(c as i8)));
-                    (m(b'\r'), m(b'\n'), m(b'.'))
-                };
-                cr |= (c as u16 as u64) << (16 * k);
-                lf |= (l as u16 as u64) << (16 * k);
-                dot |= (d as u16 as u64) << (16 * k);
+                    for (o, &c) in out.iter_mut().zip(&cs) {
+                        let m = _mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(c as i8)));
+                        *o |= (m as u16 as u64) << (16 * k);
+                    }
+                }
             }
-            (cr, lf, dot)
+            out
+        }
+
+        #[inline]
+        pub fn sse2_ends(b: &[u8; LEN]) -> (u64, u64) {
+            let [cr, lf] = sse2_masks(b, [b'\r', b'\n']);
+            (cr, lf)
+        }
+
+        #[inline]
+        pub fn sse2_dots(b: &[u8; LEN]) -> u64 {
+            sse2_masks(b, [b'.'])[0]
         }
     }
 }
