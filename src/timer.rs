@@ -168,7 +168,8 @@ pub async fn timeout<F: Future>(d: Duration, fut: F) -> Option<F::Output> {
 #[derive(Debug, Clone, Copy)]
 pub struct Pace {
     grace: Duration,
-    rate: f64,
+    /// Nanoseconds of allowance per byte received (1e9 / rate).
+    ns_per_byte: f64,
     waited: Duration,
 }
 
@@ -177,7 +178,7 @@ impl Pace {
     pub fn new(grace: Duration, rate: f64) -> Option<Pace> {
         (rate > 0.0).then_some(Pace {
             grace,
-            rate,
+            ns_per_byte: 1e9 / rate,
             waited: Duration::ZERO,
         })
     }
@@ -186,7 +187,9 @@ impl Pace {
     /// `block`, or less when the allowance runs out first; None when it
     /// has run out.
     pub fn wait(&self, received: u64, block: Duration) -> Option<Duration> {
-        let earned = Duration::from_secs_f64((received as f64 / self.rate).min(1e9));
+        // A float to integer cast saturates (and a NaN is 0): no check, no
+        // panic, whatever the rate.
+        let earned = Duration::from_nanos((received as f64 * self.ns_per_byte) as u64);
         let left = (self.grace + earned).checked_sub(self.waited)?;
         (!left.is_zero()).then(|| left.min(block))
     }
@@ -299,7 +302,13 @@ mod tests {
         assert_eq!(p.wait(100, ms(1000)), Some(ms(100)));
         p.waited(ms(100));
         assert_eq!(p.wait(100, ms(1000)), None);
-        // Absurd sizes do not overflow.
+        // Absurd sizes and rates do not overflow.
         assert!(p.wait(u64::MAX, ms(5)).is_some());
+        let tiny = Pace::new(ms(100), 1e-300).unwrap();
+        assert_eq!(tiny.wait(1, ms(5)), Some(ms(5)));
+        assert_eq!(tiny.wait(0, ms(500)), Some(ms(100)));
+        // The default rate: 1 KiB earns a second.
+        let k = Pace::new(Duration::ZERO, 1024.0).unwrap();
+        assert_eq!(k.wait(1024, ms(5000)), Some(ms(1000)));
     }
 }
