@@ -8,7 +8,7 @@
 //!
 //! Also each thread's `shard`: which of `SHARDS` cache-line-padded slots a
 //! value written from every thread (the hot path's metrics,
-//! `telemetry::sharded`; a group's round-robin turn) is written into, so
+//! `telemetry::sharded`) is written into, so
 //! that threads on different cores do not write one cache line. A core's
 //! thread has its core's shard; any other thread takes one the first time
 //! it asks, counting down from the last, so a multi-thread runtime's

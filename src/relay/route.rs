@@ -34,22 +34,28 @@ pub(super) struct Group {
     pub(super) next: Turn,
 }
 
-/// A group's round robin, one turn counter per `cores::SHARDS` shard: the
-/// cores take their turns without writing a cache line another core
-/// writes (each core goes round the members on its own; with one thread,
-/// one counter as before).
+/// A group's round robin, one turn counter per core (`cores::current`):
+/// with `thread_per_core` the cores take their turns without writing a
+/// cache line another core writes, each going round the members on its
+/// own (a session stays on its core, so its transactions still
+/// alternate). Every other thread is core 0: a multi-thread runtime's
+/// workers share one counter, as a session moves between them.
 #[derive(Default)]
 pub(super) struct Turn(Box<[CachePadded<AtomicUsize>; crate::cores::SHARDS]>);
 
 impl Turn {
-    /// This thread's next turn, not taken.
-    pub(super) fn peek(&self) -> usize {
-        self.0[crate::cores::shard()].load(Ordering::Relaxed)
+    fn counter(&self) -> &AtomicUsize {
+        &self.0[crate::cores::current() % crate::cores::SHARDS]
     }
 
-    /// This thread's next turn, taken.
+    /// This core's next turn, not taken.
+    pub(super) fn peek(&self) -> usize {
+        self.counter().load(Ordering::Relaxed)
+    }
+
+    /// This core's next turn, taken.
     pub(super) fn take(&self) -> usize {
-        self.0[crate::cores::shard()].fetch_add(1, Ordering::Relaxed)
+        self.counter().fetch_add(1, Ordering::Relaxed)
     }
 }
 
