@@ -347,7 +347,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.resolve().await;
             return self.policy_reply(&v).await;
         }
-        let relay = self.shared.backends();
+        // A guard, not an `Arc` clone: every core writing the one
+        // reference count per MAIL is what the cores would share (the
+        // transaction takes its own clone).
+        let relay = self.shared.backends.load();
         let routed = relay.routed();
         // The edge's own limit; without routes the transaction begins here,
         // on any backend, so none may get a message above the smallest
@@ -390,8 +393,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // than boxed (idle.sh), two allocations and ~20 cold cache lines
         // fewer per message (RESULTS.md section 24).
         let begin = (GroupId::UNROUTED, &**id, dedicated);
-        let Some(begun) = begin_txn(&mut self.io, &mut self.inbuf, &relay, begin, &span).await
-        else {
+        let begun = begin_txn(&mut self.io, &mut self.inbuf, &relay, begin, &span).await;
+        drop(relay);
+        let Some(begun) = begun else {
             self.client_gone = true;
             return;
         };
