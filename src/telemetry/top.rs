@@ -110,6 +110,21 @@ fn start_ticker() {
     }
 }
 
+/// `f` on an address's and its prefix's entries at the current epoch;
+/// the epoch is read only when there are entries (`/top` on).
+fn on_both(entries: Option<&(Arc<Activity>, Arc<Activity>)>, f: impl Fn(&Activity, u64)) {
+    if let Some((a, p)) = entries {
+        let e = epoch();
+        f(a, e);
+        f(p, e);
+    }
+}
+
+/// Where epoch `e`'s counts go among an entry's slots.
+fn slot_of(e: u64) -> usize {
+    (e % SLOTS as u64) as usize
+}
+
 impl Activity {
     fn refusals(&self) -> std::sync::MutexGuard<'_, [Refusals; SLOTS]> {
         self.refusals.lock().unwrap_or_else(|p| p.into_inner())
@@ -117,7 +132,7 @@ impl Activity {
 
     /// The slot of epoch `e`, emptied first when it holds an older one.
     fn slot(&self, e: u64) -> &Slot {
-        let s = &self.slots[(e % SLOTS as u64) as usize];
+        let s = &self.slots[slot_of(e)];
         if s.epoch.load(Ordering::Acquire) != e {
             let _order = self.refusals();
             if s.epoch.load(Ordering::Acquire) != e {
@@ -137,7 +152,7 @@ impl Activity {
 
     fn refusal(&self, e: u64, why: &'static str) {
         let mut r = self.refusals();
-        let (epoch, list) = &mut r[(e % SLOTS as u64) as usize];
+        let (epoch, list) = &mut r[slot_of(e)];
         if *epoch != e {
             *epoch = e;
             list.clear();
@@ -198,28 +213,20 @@ impl Open {
         Open(None)
     }
 
-    fn both(&self, field: fn(&Slot) -> &AtomicU32) {
-        if let Some(b) = &self.0 {
-            let e = epoch();
-            b.0.add(e, field);
-            b.1.add(e, field);
-        }
+    fn both(&self, f: impl Fn(&Activity, u64)) {
+        on_both(self.0.as_deref(), f);
     }
 
     pub fn message(&self) {
-        self.both(|s| &s.messages);
+        self.both(|x, e| x.add(e, |s| &s.messages));
     }
 
     pub fn recipient(&self) {
-        self.both(|s| &s.recipients);
+        self.both(|x, e| x.add(e, |s| &s.recipients));
     }
 
     pub fn refusal(&self, why: &'static str) {
-        if let Some(b) = &self.0 {
-            let e = epoch();
-            b.0.refusal(e, why);
-            b.1.refusal(e, why);
-        }
+        self.both(|x, e| x.refusal(e, why));
     }
 }
 
@@ -307,21 +314,19 @@ impl Top {
     /// A session begins: counted, and open until the guard drops.
     pub fn open(&self, ip: IpAddr) -> Open {
         let entries = self.entries(ip);
-        let e = epoch();
-        for x in entries.iter().flat_map(|(a, p)| [a, p]) {
+        on_both(entries.as_ref(), |x, e| {
             x.open.fetch_add(1, Ordering::Relaxed);
             x.add(e, |s| &s.sessions);
-        }
+        });
         Open(entries.map(Box::new))
     }
 
     /// A connection refused at accept: a session begun and refused.
     pub fn refused_at_accept(&self, ip: IpAddr, why: &'static str) {
-        let e = epoch();
-        for x in self.entries(ip).iter().flat_map(|(a, p)| [a, p]) {
+        on_both(self.entries(ip).as_ref(), |x, e| {
             x.add(e, |s| &s.sessions);
             x.refusal(e, why);
-        }
+        });
     }
 
     /// The `n` busiest addresses and prefixes by `by` (most first): each
