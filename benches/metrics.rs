@@ -14,10 +14,6 @@ use prometheus_client::metrics::{counter, histogram};
 use smtp_edge::telemetry::sharded;
 use smtp_edge::telemetry::top::Top;
 
-fn bounds() -> [f64; sharded::BOUNDS] {
-    std::array::from_fn(|i| 0.0005 * 2f64.powi(i as i32))
-}
-
 /// A counter of either kind.
 trait Count: Sync {
     fn inc_by(&self, v: u64);
@@ -118,11 +114,11 @@ fn run(threads: usize, iters: u64, f: &(dyn Fn() + Sync)) -> Duration {
 fn metrics(c: &mut Criterion) {
     let shared: PerMessage<counter::Counter, _> = PerMessage {
         counters: Default::default(),
-        histograms: std::array::from_fn(|_| histogram::Histogram::new(bounds())),
+        histograms: std::array::from_fn(|_| histogram::Histogram::new(sharded::latency_bounds())),
     };
     let sharded: PerMessage<sharded::Counter, _> = PerMessage {
         counters: Default::default(),
-        histograms: std::array::from_fn(|_| sharded::Histogram::new(bounds())),
+        histograms: std::array::from_fn(|_| sharded::Histogram::new(sharded::latency_bounds())),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

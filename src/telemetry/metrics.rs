@@ -30,13 +30,8 @@ use super::sharded::{self, Histogram};
 /// A metric's labels: bounded names and values.
 pub type Labels = Vec<(&'static str, String)>;
 
-/// Latency buckets in seconds: 0.5 ms to about 65 s.
-fn latency_buckets() -> [f64; sharded::BOUNDS] {
-    std::array::from_fn(|i| 0.0005 * 2f64.powi(i as i32))
-}
-
 fn histogram() -> Histogram {
-    Histogram::new(latency_buckets())
+    Histogram::new(sharded::latency_bounds())
 }
 
 fn histograms() -> Family<Labels, Histogram> {

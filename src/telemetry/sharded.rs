@@ -23,8 +23,9 @@ use prometheus_client::metrics::{MetricType, TypedMetric};
 use crate::cores::{shard, SHARDS};
 
 /// One `u64` per shard, each on its own cache line; the value is their
-/// wrapping sum (so a gauge's decrements, `wrapping_sub`, come out right
-/// as an `i64` even when taken on another shard than their increments).
+/// wrapping sum (so a gauge's decrements, adds of `u64::MAX`, come out
+/// right as an `i64` even when taken on another shard than their
+/// increments).
 #[derive(Clone, Debug, Default)]
 struct Shards(Arc<[CachePadded<AtomicU64>; SHARDS]>);
 
@@ -115,6 +116,12 @@ impl EncodeMetric for Gauge {
 /// Finite upper bounds of a `Histogram`; a last bucket (`+Inf`) follows.
 pub const BOUNDS: usize = 18;
 
+/// The latency buckets every histogram of the proxy has, in seconds:
+/// 0.5 ms doubling to about 65 s.
+pub fn latency_bounds() -> [f64; BOUNDS] {
+    std::array::from_fn(|i| 0.0005 * 2f64.powi(i as i32))
+}
+
 /// One shard's row: the sum of what it observed (an `f64`'s bits) and its
 /// bucket counts, not cumulative (the encoder adds them up).
 #[derive(Default)]
@@ -160,16 +167,11 @@ impl Histogram {
         let i = h.bounds.iter().position(|&b| b >= v).unwrap_or(BOUNDS);
         let row = &h.rows[shard()];
         row.buckets[i].fetch_add(1, Relaxed);
-        // One writer per shard but for threads past SHARDS: a loop that
-        // nearly always runs once.
-        let mut cur = row.sum.load(Relaxed);
-        loop {
-            let new = (f64::from_bits(cur) + v).to_bits();
-            match row.sum.compare_exchange_weak(cur, new, Relaxed, Relaxed) {
-                Ok(_) => break,
-                Err(now) => cur = now,
-            }
-        }
+        // One writer per shard but for threads past SHARDS: the update
+        // nearly always succeeds at once.
+        let _ = row.sum.fetch_update(Relaxed, Relaxed, |cur| {
+            Some((f64::from_bits(cur) + v).to_bits())
+        });
     }
 
     /// The sum of the observations and each bucket's (bound, count), the
@@ -222,10 +224,6 @@ mod tests {
     use prometheus_client::metrics::family::Family;
     use prometheus_client::registry::{Registry, Unit};
 
-    fn bounds() -> [f64; BOUNDS] {
-        std::array::from_fn(|i| 0.0005 * 2f64.powi(i as i32))
-    }
-
     fn text(r: &Registry) -> String {
         let mut s = String::new();
         encode(&mut s, r).unwrap();
@@ -240,12 +238,12 @@ mod tests {
         let ours = (
             Counter::default(),
             Gauge::default(),
-            Histogram::new(bounds()),
+            Histogram::new(latency_bounds()),
         );
         let theirs = (
             counter::Counter::<u64>::default(),
             gauge::Gauge::<i64>::default(),
-            histogram::Histogram::new(bounds()),
+            histogram::Histogram::new(latency_bounds()),
         );
         let family: Family<Vec<(&str, String)>, Counter> = Family::default();
         let their_family: Family<Vec<(&str, String)>, counter::Counter> = Family::default();
@@ -315,7 +313,7 @@ mod tests {
     /// last bound in `+Inf`.
     #[test]
     fn bucket_edges() {
-        let b = bounds();
+        let b = latency_bounds();
         let h = Histogram::new(b);
         h.observe(b[0]);
         h.observe(b[3]);
@@ -337,7 +335,7 @@ mod tests {
     fn more_threads_than_shards() {
         let g = Gauge::default();
         let c = Counter::default();
-        let h = Histogram::new(bounds());
+        let h = Histogram::new(latency_bounds());
         std::thread::scope(|s| {
             for _ in 0..(SHARDS * 2 + 3) {
                 s.spawn(|| {
