@@ -176,6 +176,60 @@ async fn backend_replaced_by_reload() {
     proxy.stop().await;
 }
 
+/// A reload that removes a backend marked down stops its prober, though an
+/// open session still holds the old set of backends (its last
+/// transaction's, kept for the next): nothing connects to the removed
+/// backend afterwards, and the session's next message goes to the new set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_backend_is_not_probed_while_a_session_holds_the_old_set() {
+    let good = Recorder::start(Script::default()).await;
+    let dead = format!("127.0.0.1:{}", free_port());
+    // Accepts (the kernel's backlog) and never greets: each connect times out.
+    let silent = std::net::TcpListener::bind(&dead).unwrap();
+    let config = |first: &str| {
+        format!(
+            "hostname = \"edge.test\"\n[timeouts]\nbackend_connect = 0.3\n[[listener]]\naddress = \"127.0.0.1:0\"\n{first}[[backend]]\naddress = \"{}\"\n",
+            good.addr
+        )
+    };
+    let proxy = Proxy::start(&config(&format!(
+        "[[backend]]\naddress = \"{dead}\"\ndown_after = 1\nprobe_interval = 0.1\nprobe_interval_max = 0.1\n"
+    )))
+    .await;
+    let mut s = Raw::greeted(proxy.addr).await;
+    assert_eq!(s.cmd("EHLO a.client.test").await.code, 250);
+    for i in 0..3 {
+        let body = format!("Subject: {i}\r\n\r\n{i}\r\n");
+        assert_eq!(transaction(&mut s, body.as_bytes()).await.code, 250);
+    }
+    assert_eq!(proxy.backends.backends_up(), vec![false, true]);
+
+    proxy.reload(&config("")).unwrap();
+    // The removed backend's address, watched: its prober (every 0.1 s
+    // while the old set lives) would connect here.
+    drop(silent);
+    let watch = std::net::TcpListener::bind(&dead).unwrap();
+    watch.set_nonblocking(true).unwrap();
+    let end = Instant::now() + Duration::from_millis(1200);
+    let mut connects = 0;
+    while Instant::now() < end {
+        if watch.accept().is_ok() {
+            connects += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(connects, 0, "the removed backend was still probed");
+    // The session that held the old set sends on, to the new one.
+    assert_eq!(
+        transaction(&mut s, b"Subject: after\r\n\r\nafter\r\n")
+            .await
+            .code,
+        250
+    );
+    assert_eq!(good.messages().len(), 4);
+    proxy.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_apply_to_new_sessions_only() {
     let rec = Recorder::start(Script::default()).await;

@@ -760,7 +760,7 @@ impl ClientPolicy {
                 }
             }
         }
-        self.connect.clone().filter(|v| v.enforce)
+        self.connect.as_ref().filter(|v| v.enforce).cloned()
     }
 
     fn rdns_verdict(&self, r: &Rdns) -> Option<Verdict> {
@@ -946,8 +946,8 @@ impl ClientPolicy {
     /// The MAIL phase: held connect and HELO verdicts, then the message
     /// rate. Synchronous: the connect verdict must be settled first.
     pub fn mail(&mut self) -> Option<Verdict> {
-        if let Some(v) = self.connect.clone().filter(|v| v.enforce) {
-            return Some(v);
+        if let Some(v) = self.connect.as_ref().filter(|v| v.enforce) {
+            return Some(v.clone());
         }
         if self.allowed {
             return None;

@@ -179,6 +179,9 @@ pub enum Wait {
 struct Health {
     failures: AtomicU32,
     down: AtomicBool,
+    /// A reload replaced the set this pool is of (`Pool::retire`): a
+    /// prober stops, whoever still holds the set.
+    retired: AtomicBool,
 }
 
 thread_local! {
@@ -487,6 +490,9 @@ async fn probe(weak: WeakPool<Manager>, first: Duration, max: Duration) {
     loop {
         tokio::time::sleep(wait).await;
         let Some(pool) = weak.upgrade() else { return };
+        if pool.manager().health.retired.load(Ordering::Acquire) {
+            return;
+        }
         // An idle connection that passes the liveness check proves the
         // backend as well as a new one; it goes back as a checkin's would
         // (a checkout may have joined the line since it was taken).
@@ -596,6 +602,7 @@ impl Pool {
         let health = Arc::new(Health {
             failures: AtomicU32::new(0),
             down: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
         });
         let size = Arc::new(AtomicU64::new(0));
         let connecting: Vec<usize> = split(settings.max_connecting, shares).collect();
@@ -835,6 +842,17 @@ impl Pool {
     pub fn size_limit(&self) -> Option<u64> {
         let n = self.inner().manager().size.load(Ordering::Relaxed);
         (n > 0).then_some(n)
+    }
+
+    /// Out of service for good (a reload replaced its set): a prober of
+    /// it stops. A session may hold the old set a while longer (its last
+    /// transaction's, `Txn::end`), which must not keep it connecting.
+    pub fn retire(&self) {
+        self.inner()
+            .manager()
+            .health
+            .retired
+            .store(true, Ordering::Release);
     }
 
     /// False while the backend is marked down (being probed).

@@ -108,6 +108,11 @@ impl Backends {
     /// connections get QUIT now, those in use after their transaction.
     pub fn retire(self: &Arc<Self>) {
         self.retired.store(true, Ordering::Release);
+        for b in &self.backends {
+            if let Backend::Smtp { pool, .. } = b {
+                pool.retire();
+            }
+        }
         let me = self.clone();
         tokio::spawn(async move { me.close_idle().await });
     }
@@ -318,7 +323,16 @@ impl Backends {
     /// own, and has a connection in its pool's hot list (`Pool::checkout_hot`).
     /// None: the caller goes the full way (`begin`), which then takes the
     /// same turn (the round robin moves on only here or there).
-    pub fn begin_now(self: &Arc<Self>, g: GroupId, id: &ClientIdentity) -> Option<Txn> {
+    ///
+    /// `held`: the session's reference to the set of its last transaction
+    /// (`Txn::end`), the new one's when it is to this set: a reference
+    /// count every core shares is then not written per message.
+    pub fn begin_now(
+        self: &Arc<Self>,
+        g: GroupId,
+        id: &ClientIdentity,
+        held: &mut Option<Arc<Backends>>,
+    ) -> Option<Txn> {
         let group = &self.groups[g.0];
         let n = group.members.len();
         if n == 0 {
@@ -332,7 +346,19 @@ impl Backends {
         let (conn, reused) = pool.checkout_hot()?;
         group.next.take();
         let span = backend_span(pool);
-        Some(self.smtp_txn(g, id, backend, span, 0.0, (conn, reused, false)))
+        let me = match held.take() {
+            Some(h) if Arc::ptr_eq(&h, self) => h,
+            _ => self.clone(),
+        };
+        Some(Self::smtp_txn(
+            me,
+            g,
+            id,
+            backend,
+            span,
+            0.0,
+            (conn, reused, false),
+        ))
     }
 
     /// A transaction on SMTP backend `i`: a pooled connection with XFORWARD
@@ -367,7 +393,15 @@ impl Backends {
         match opened {
             Ok(got) => {
                 let waited = t0.map_or(0.0, |t0| t0.elapsed().as_secs_f64() * 1000.0);
-                Ok(self.smtp_txn(g, id, backend, span, waited, got))
+                Ok(Self::smtp_txn(
+                    self.clone(),
+                    g,
+                    id,
+                    backend,
+                    span,
+                    waited,
+                    got,
+                ))
             }
             Err(e) => {
                 if !matches!(e, BackendError::Exhausted) {
@@ -382,7 +416,7 @@ impl Backends {
     /// its span's fields (`waited`: milliseconds in line), XFORWARD queued
     /// when the backend takes the identity that way.
     fn smtp_txn(
-        self: &Arc<Self>,
+        backends: Arc<Self>,
         g: GroupId,
         id: &ClientIdentity,
         (pool, identity, identity_missing): SmtpBackend<'_>,
@@ -395,7 +429,7 @@ impl Backends {
             span.record("smtp.backend.reused", reused);
             span.record("smtp.backend.pool_wait_ms", waited);
         }
-        let mut txn = Txn::smtp(self.clone(), conn, reused, dedicated);
+        let mut txn = Txn::smtp(backends, conn, reused, dedicated);
         txn.group = g;
         txn.span = span;
         if *identity == IdentityMode::Xforward && !txn.queue_xforward(id) {

@@ -215,15 +215,23 @@ impl Txn {
     /// proves dead before its first reply is replaced by a fresh one and
     /// everything since checkout replayed. False when the backend failed.
     async fn exchange(&mut self, bytes: &[u8], owed: usize, out: &mut Vec<Reply>) -> bool {
-        let t = self.backends.command_timeout;
-        let backends = self.backends.clone();
+        // The fields apart, not a clone of `backends`: its reference count
+        // is one cache line every core would write per message.
+        let Txn {
+            backends,
+            group,
+            inner,
+            pending,
+            ..
+        } = self;
+        let t = backends.command_timeout;
         let Inner::Smtp {
             conn,
             replay,
             replaying,
             reused,
             ..
-        } = &mut self.inner
+        } = inner
         else {
             return false;
         };
@@ -240,13 +248,13 @@ impl Txn {
         // Where the next RCPT's address is looked for in `bytes`, and the
         // RCPT replies since, whose addresses were not needed.
         let (mut rcpt_at, mut rcpt_skip) = (0, 0usize);
-        while got < owed && !self.pending.is_empty() {
+        while got < owed && !pending.is_empty() {
             let c = conn.as_mut().expect("conn");
             match c.read_reply(t).await {
                 Ok(reply) => {
                     let first = std::mem::take(replaying);
                     got += 1;
-                    let pend = self.pending.pop_front();
+                    let pend = pending.pop_front();
                     // A refused RSET (queued first on a reused connection)
                     // leaves the backend's state unknown: what follows could
                     // be refused for it, and the client must never hear a
@@ -265,7 +273,7 @@ impl Txn {
                         }
                         *reused = false;
                         let rest = replay.strip_prefix(b"RSET\r\n").unwrap_or(replay);
-                        if replace(&backends, c, rest).await.is_err() {
+                        if replace(backends, c, rest).await.is_err() {
                             *conn = None;
                             return false;
                         }
@@ -291,7 +299,7 @@ impl Txn {
                                         .flatten();
                                     rcpt_skip = 0;
                                     if let Some(to) = to {
-                                        u.note(self.group, to, &reply);
+                                        u.note(*group, to, &reply);
                                     }
                                 }
                                 _ => rcpt_skip += 1,
@@ -316,7 +324,7 @@ impl Txn {
                     }
                     tracing::debug!(backend = %c.peer, "reused connection dead ({e}), reconnecting");
                     *reused = false;
-                    if replace(&backends, c, replay).await.is_err() {
+                    if replace(backends, c, replay).await.is_err() {
                         *conn = None;
                         return false;
                     }
@@ -543,8 +551,17 @@ impl Txn {
 
     /// Ends the transaction normally. A dedicated (XCLIENT) connection is
     /// handed back to the session; a pooled one returns to its pool, marked
-    /// for RSET unless the transaction completed.
-    pub fn end(mut self) -> Option<PooledConn> {
+    /// for RSET unless the transaction completed. The set of backends goes
+    /// to `held` (the session's, for its next transaction's
+    /// `Backends::begin_now`) unless a reload retired it.
+    pub fn end(self, held: &mut Option<Arc<Backends>>) -> Option<PooledConn> {
+        let Txn {
+            backends,
+            mut inner,
+            mut pending,
+            ..
+        } = self;
+        let retired = backends.retired.load(Ordering::Acquire);
         if let Inner::Smtp {
             conn,
             completed,
@@ -552,22 +569,22 @@ impl Txn {
             wbuf,
             replay,
             ..
-        } = &mut self.inner
+        } = &mut inner
         {
             let mut c = conn.take()?;
             c.spare = TxnBufs {
                 wbuf: std::mem::take(wbuf),
                 replay: std::mem::take(replay),
-                pending: std::mem::take(&mut self.pending),
+                pending: std::mem::take(&mut pending),
             };
             if !*completed {
                 c.needs_rset = true;
             }
-            let pool = self.backends.pool(c.backend);
-            if self.backends.retired.load(Ordering::Acquire) {
+            if retired {
                 tokio::spawn(c.quit());
                 return None;
             }
+            let pool = backends.pool(c.backend);
             if *dedicated {
                 // Others waiting for this backend's slots, or open past
                 // max_lifetime: give this one up (the session says XCLIENT
@@ -581,6 +598,7 @@ impl Txn {
             if let Some(pool) = pool {
                 pool.checkin(c);
             }
+            *held = Some(backends);
         }
         None
     }

@@ -51,13 +51,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let mut pace = self.new_pace();
             return self.skip_chunk(size, &mut pace, 0).await;
         }
-        let cfg = self.shared.cfg.clone();
+        // Copied out, not an `Arc` clone of the config (one cache line
+        // every core would write per chunk).
+        let cfg = &self.shared.cfg;
+        let mode: BareLineEndings = cfg.smtp.bare_line_endings.into();
+        let (max_line, max_size) = (cfg.limits.max_text_line, cfg.limits.max_message_size);
         let mut ch = self.st.chunking.take().unwrap_or_else(|| {
-            let mode: BareLineEndings = cfg.smtp.bare_line_endings.into();
             Box::new(Chunking {
                 checker: ChunkChecker::new(DataOptions {
                     bare_line_endings: mode,
-                    max_line: cfg.limits.max_text_line,
+                    max_line,
                 }),
                 mode,
                 started: false,
@@ -69,9 +72,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 skipped: 0,
             })
         });
-        if ch.failed.is_none()
-            && ch.checker.size().saturating_add(size) > cfg.limits.max_message_size
-        {
+        if ch.failed.is_none() && ch.checker.size().saturating_add(size) > max_size {
             self.fail_chunking(&mut ch, too_big_reply());
         }
         if ch.failed.is_some() {

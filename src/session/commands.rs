@@ -67,10 +67,11 @@ pub(super) async fn begin_txn<S: AsyncRead + Unpin>(
     inbuf: &mut BytesMut,
     relay: &Arc<Backends>,
     (g, id, dedicated): (GroupId, &ClientIdentity, Option<PooledConn>),
+    held: &mut Option<Arc<Backends>>,
     span: &Span,
 ) -> Option<Result<Txn, Reply>> {
     if dedicated.is_none() {
-        if let Some(txn) = span.in_scope(|| relay.begin_now(g, id)) {
+        if let Some(txn) = span.in_scope(|| relay.begin_now(g, id, held)) {
             return Some(Ok(txn));
         }
     }
@@ -393,7 +394,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // than boxed (idle.sh), two allocations and ~20 cold cache lines
         // fewer per message (RESULTS.md section 24).
         let begin = (GroupId::UNROUTED, &**id, dedicated);
-        let begun = begin_txn(&mut self.io, &mut self.inbuf, &relay, begin, &span).await;
+        let held = &mut st.held;
+        let begun = begin_txn(&mut self.io, &mut self.inbuf, &relay, begin, held, &span).await;
         drop(relay);
         let Some(begun) = begun else {
             self.client_gone = true;

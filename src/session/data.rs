@@ -181,14 +181,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// the final reply for the client, or Err when the session must end
     /// (client gone, or timeout, with the 421 already queued).
     pub(super) async fn data_phase(&mut self) -> Result<Reply, ()> {
-        let cfg = self.shared.cfg.clone();
+        // Copied out, not an `Arc` clone of the config: its reference
+        // count is one cache line every core would write per message.
+        let cfg = &self.shared.cfg;
         let mode: BareLineEndings = cfg.smtp.bare_line_endings.into();
+        let max_line = cfg.limits.max_text_line;
+        let max_size = cfg.limits.max_message_size;
         let mut scanner = DataScanner::new(DataOptions {
             bare_line_endings: mode,
-            max_line: cfg.limits.max_text_line,
+            max_line,
         });
         let mut pace = self.new_pace();
-        let max_size = cfg.limits.max_message_size;
         let mut fwd = std::mem::take(&mut self.fwd);
         fwd.clear();
         fwd.push_literal(|out| self.received_header(out));
@@ -260,7 +263,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if let Some(t) = txn.take() {
                 if t.is_broken() {
                     t.abort();
-                } else if let Some(c) = t.end() {
+                } else if let Some(c) = t.end(&mut self.st.held) {
                     self.st.dedicated = Some(c);
                 }
             }
@@ -270,7 +273,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         } else if let Some(r) = content_refusal(
             mode == BareLineEndings::Reject && scanner.bare_line_ending_seen(),
             scanner.long_line_seen(),
-            cfg.limits.max_text_line,
+            max_line,
         ) {
             Some(r)
         } else if !backend_ok {

@@ -228,6 +228,10 @@ struct State {
     /// once per HELO.
     received: Vec<u8>,
     dedicated: Option<PooledConn>,
+    /// The set of backends of the last transaction (`Txn::end`), for the
+    /// next one's `Backends::begin_now`: its reference count, which every
+    /// core shares, is then written per session, not per message.
+    held: Option<Arc<Backends>>,
     messages: u64,
     /// A BDAT transaction in progress (boxed: most sessions never use it).
     chunking: Option<Box<Chunking>>,
@@ -542,7 +546,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         self.st.data_seen = false;
         if let Some(txn) = self.st.txn.take() {
-            if let Some(c) = txn.end() {
+            if let Some(c) = txn.end(&mut self.st.held) {
                 self.st.dedicated = Some(c);
             }
         }

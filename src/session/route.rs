@@ -81,7 +81,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             // None accepted: this recipient's route is the transaction's.
             if let Some(t) = self.st.txn.take() {
-                self.st.dedicated = t.end();
+                self.st.dedicated = t.end(&mut self.st.held);
             }
         }
         if self.st.txn.is_none() && !self.begin_route(&backends, g).await {
@@ -129,7 +129,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         let span = self.st.txn_span.clone().unwrap_or_else(tracing::Span::none);
         let begin = (g, id, dedicated);
-        let Some(begun) = begin_txn(&mut self.io, &mut self.inbuf, backends, begin, &span).await
+        let held = &mut self.st.held;
+        let Some(begun) =
+            begin_txn(&mut self.io, &mut self.inbuf, backends, begin, held, &span).await
         else {
             self.client_gone = true;
             return false;
@@ -170,7 +172,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if abort {
                 t.abort();
             } else {
-                self.st.dedicated = t.end();
+                self.st.dedicated = t.end(&mut self.st.held);
             }
         }
         if let (false, Some(r)) = (carried, self.st.routed.as_mut()) {
