@@ -3,7 +3,8 @@
 //! (two cores serving sessions of one busy sender): prometheus-client's
 //! own counter and histogram (one atomic or one mutex for all threads)
 //! against `telemetry::sharded` (one cache line per core), and the
-//! `/top` entries of one address. Time per message per thread: with no
+//! `/top` entries of one address (each event added at once, and in a
+//! session's batches). Time per message per thread: with no
 //! sharing, two threads take as long per message as one.
 
 use std::sync::Barrier;
@@ -91,16 +92,23 @@ impl LockedEntry {
 
 /// `iters` messages on each of `threads` threads, started together: the
 /// wall time per message per thread.
-fn run(threads: usize, iters: u64, f: &(dyn Fn() + Sync)) -> Duration {
+fn run<S>(
+    threads: usize,
+    iters: u64,
+    init: &(dyn Fn() -> S + Sync),
+    f: &(dyn Fn(&mut S) + Sync),
+) -> Duration {
     let start = Barrier::new(threads + 1);
     std::thread::scope(|s| {
         let hs: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| {
+                    // Each thread's own state (a session's `/top` place).
+                    let mut state = init();
                     start.wait();
                     let t0 = Instant::now();
                     for _ in 0..iters {
-                        f();
+                        f(&mut state);
                     }
                     t0.elapsed()
                 })
@@ -127,7 +135,7 @@ fn metrics(c: &mut Criterion) {
     // Made in a runtime: its ticker keeps the epoch, events read no clock
     // (as in the proxy).
     let top = rt.block_on(async { Top::new(1000, 24, 64) });
-    let open = top.open("192.0.2.7".parse().unwrap());
+    let open = || top.open("192.0.2.7".parse().unwrap());
     let locked = (LockedEntry::default(), LockedEntry::default());
     let epoch = || {
         std::time::SystemTime::now()
@@ -140,14 +148,14 @@ fn metrics(c: &mut Criterion) {
     let mut g = c.benchmark_group("per_message");
     for threads in [1, 2] {
         g.bench_function(format!("prometheus_client/{threads}"), |b| {
-            b.iter_custom(|n| run(threads, n, &|| shared.message()))
+            b.iter_custom(|n| run(threads, n, &|| (), &|_| shared.message()))
         });
         g.bench_function(format!("sharded/{threads}"), |b| {
-            b.iter_custom(|n| run(threads, n, &|| sharded.message()))
+            b.iter_custom(|n| run(threads, n, &|| (), &|_| sharded.message()))
         });
         g.bench_function(format!("top_locked/{threads}"), |b| {
             b.iter_custom(|n| {
-                run(threads, n, &|| {
+                run(threads, n, &|| (), &|_| {
                     for x in [&locked.0, &locked.1] {
                         x.with(e, |s| s.1 += 1);
                     }
@@ -157,11 +165,22 @@ fn metrics(c: &mut Criterion) {
                 })
             })
         });
+        // Each event added to the entries at once (a flush per message),
+        // as before the batches.
         g.bench_function(format!("top/{threads}"), |b| {
             b.iter_custom(|n| {
-                run(threads, n, &|| {
-                    open.message();
-                    open.recipient();
+                run(threads, n, &open, &|o| {
+                    o.message();
+                    o.recipient();
+                    o.flush();
+                })
+            })
+        });
+        g.bench_function(format!("top_batched/{threads}"), |b| {
+            b.iter_custom(|n| {
+                run(threads, n, &open, &|o| {
+                    o.message();
+                    o.recipient();
                 })
             })
         });

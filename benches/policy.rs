@@ -263,7 +263,7 @@ fn top_view(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     g.bench_function("session_same_address", |b| {
         b.iter(|| {
-            let open = top.open(black_box(ip));
+            let mut open = top.open(black_box(ip));
             open.recipient();
             open.message();
             drop(open);
@@ -274,7 +274,7 @@ fn top_view(c: &mut Criterion) {
         b.iter(|| {
             n = n.wrapping_add(1);
             let ip = IpAddr::V4(Ipv4Addr::from(0x0b00_0000 | (n & 0x00ff_ffff)));
-            let open = top.open(black_box(ip));
+            let mut open = top.open(black_box(ip));
             open.recipient();
             open.message();
             drop(open);

@@ -30,7 +30,7 @@ fn main() {
     for i in 0..n {
         // Spread over the whole IPv4 space: as many prefixes as addresses.
         let ip = IpAddr::V4(Ipv4Addr::from(i.wrapping_mul(2_654_435_761)));
-        let open = top.open(ip);
+        let mut open = top.open(ip);
         open.recipient();
         open.message();
         drop(open);

@@ -215,6 +215,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Command::Quit => {
                 self.end_txn();
                 self.pol.release();
+                // In `/top` before the client has the reply.
+                self.top.flush();
                 self.reply(221, "2.0.0", "Bye");
                 return Step::Quit;
             }

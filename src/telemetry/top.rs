@@ -130,24 +130,44 @@ impl Activity {
         self.refusals.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The slot of epoch `e`, emptied first when it holds an older one.
-    fn slot(&self, e: u64) -> &Slot {
+    /// The slot of epoch `e`, emptied first when it holds an older one;
+    /// None when it holds a later one (`e` is out of the window: a
+    /// session's batch held over a minute).
+    fn slot(&self, e: u64) -> Option<&Slot> {
         let s = &self.slots[slot_of(e)];
         if s.epoch.load(Ordering::Acquire) != e {
             let _order = self.refusals();
-            if s.epoch.load(Ordering::Acquire) != e {
-                s.sessions.store(0, Ordering::Relaxed);
-                s.messages.store(0, Ordering::Relaxed);
-                s.recipients.store(0, Ordering::Relaxed);
-                // Writers that see the new epoch add after the reset.
-                s.epoch.store(e, Ordering::Release);
+            match s.epoch.load(Ordering::Acquire) {
+                now if now > e => return None,
+                now if now < e => {
+                    s.sessions.store(0, Ordering::Relaxed);
+                    s.messages.store(0, Ordering::Relaxed);
+                    s.recipients.store(0, Ordering::Relaxed);
+                    // Writers that see the new epoch add after the reset.
+                    s.epoch.store(e, Ordering::Release);
+                }
+                _ => {}
             }
         }
-        s
+        Some(s)
     }
 
     fn add(&self, e: u64, field: fn(&Slot) -> &AtomicU32) {
-        field(self.slot(e)).fetch_add(1, Ordering::Relaxed);
+        if let Some(s) = self.slot(e) {
+            field(s).fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A session's batch of epoch `e`.
+    fn add_batch(&self, e: u64, b: &Batch) {
+        if let Some(s) = self.slot(e) {
+            if b.messages > 0 {
+                s.messages.fetch_add(b.messages, Ordering::Relaxed);
+            }
+            if b.recipients > 0 {
+                s.recipients.fetch_add(b.recipients, Ordering::Relaxed);
+            }
+        }
     }
 
     fn refusal(&self, e: u64, why: &'static str) {
@@ -204,8 +224,58 @@ pub type Ranking = (Vec<(IpAddr, Counts)>, Vec<(IpNet, Counts)>);
 /// A session's place in the view (its address's and its prefix's entries,
 /// held: the session's events cost no lookup); its open count is given
 /// back on drop.
+///
+/// Messages and recipients are counted in the session first and added to
+/// the entries in batches (`BATCH` events, or when the 10-second slot
+/// turns, at QUIT, at the session's end): a busy sender's entries are
+/// shared by every core serving it, and one add per event on them was the
+/// last cache line every core wrote per message (loadtest/RESULTS.md
+/// section 29). The view lags by less than a batch per session.
 /// Boxed: one word in every session's future.
-pub struct Open(Option<Box<(Arc<Activity>, Arc<Activity>)>>);
+pub struct Open(Option<Box<Entries>>);
+
+struct Entries {
+    address: Arc<Activity>,
+    prefix: Arc<Activity>,
+    batch: Batch,
+}
+
+/// Events at most in a session's batch.
+const BATCH: u32 = 16;
+
+/// Counts of one epoch not yet added to the entries.
+#[derive(Default)]
+struct Batch {
+    epoch: u64,
+    messages: u32,
+    recipients: u32,
+}
+
+impl Entries {
+    fn flush(&mut self) {
+        let b = &mut self.batch;
+        if b.messages | b.recipients != 0 {
+            self.address.add_batch(b.epoch, b);
+            self.prefix.add_batch(b.epoch, b);
+            b.messages = 0;
+            b.recipients = 0;
+        }
+    }
+
+    fn count(&mut self, messages: u32, recipients: u32) {
+        let e = epoch();
+        if self.batch.epoch != e {
+            self.flush();
+            self.batch.epoch = e;
+        }
+        let b = &mut self.batch;
+        b.messages += messages;
+        b.recipients += recipients;
+        if b.messages + b.recipients >= BATCH {
+            self.flush();
+        }
+    }
+}
 
 impl Open {
     /// Not in any view (`top_size = 0`, and tests).
@@ -213,29 +283,41 @@ impl Open {
         Open(None)
     }
 
-    fn both(&self, f: impl Fn(&Activity, u64)) {
-        on_both(self.0.as_deref(), f);
+    pub fn message(&mut self) {
+        if let Some(x) = self.0.as_deref_mut() {
+            x.count(1, 0);
+        }
     }
 
-    pub fn message(&self) {
-        self.both(|x, e| x.add(e, |s| &s.messages));
+    pub fn recipient(&mut self) {
+        if let Some(x) = self.0.as_deref_mut() {
+            x.count(0, 1);
+        }
     }
 
-    pub fn recipient(&self) {
-        self.both(|x, e| x.add(e, |s| &s.recipients));
+    /// Adds the session's batch to the view now (QUIT: the client may
+    /// look at `/top` as soon as it has the reply).
+    pub fn flush(&mut self) {
+        if let Some(x) = self.0.as_deref_mut() {
+            x.flush();
+        }
     }
 
     pub fn refusal(&self, why: &'static str) {
-        self.both(|x, e| x.refusal(e, why));
+        if let Some(x) = self.0.as_deref() {
+            let e = epoch();
+            x.address.refusal(e, why);
+            x.prefix.refusal(e, why);
+        }
     }
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
-        if let Some(b) = self.0.take() {
-            let (a, p) = *b;
-            a.open.fetch_sub(1, Ordering::Relaxed);
-            p.open.fetch_sub(1, Ordering::Relaxed);
+        if let Some(mut x) = self.0.take() {
+            x.flush();
+            x.address.open.fetch_sub(1, Ordering::Relaxed);
+            x.prefix.open.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -318,7 +400,13 @@ impl Top {
             x.open.fetch_add(1, Ordering::Relaxed);
             x.add(e, |s| &s.sessions);
         });
-        Open(entries.map(Box::new))
+        Open(entries.map(|(address, prefix)| {
+            Box::new(Entries {
+                address,
+                prefix,
+                batch: Batch::default(),
+            })
+        }))
     }
 
     /// A connection refused at accept: a session begun and refused.
@@ -377,12 +465,14 @@ mod tests {
     #[test]
     fn counts_per_address_and_prefix() {
         let t = Top::new(100, 24, 64);
-        let a = t.open(ip("192.0.2.7"));
+        let mut a = t.open(ip("192.0.2.7"));
         let _b = t.open(ip("::ffff:192.0.2.8"));
         a.message();
         a.recipient();
         a.recipient();
         a.refusal("recipient_refused");
+        // Counts of an open session are in the view after a flush.
+        a.flush();
         t.refused_at_accept(ip("192.0.2.9"), "ban");
         let (addrs, prefixes) = t.read(By::Recipients, 10);
         assert_eq!(addrs[0].0, ip("192.0.2.7"));
@@ -435,6 +525,39 @@ mod tests {
         assert_eq!(c.messages, 3);
         assert_eq!(c.refusals, vec![("ban", 2), ("rate", 1)]);
         assert_eq!(a.counts(200), Counts::default());
+    }
+
+    /// A session's messages and recipients reach the view in batches:
+    /// a full one at once, the rest at a flush or the session's end; a
+    /// batch of an epoch whose slot was since reused is dropped, not
+    /// counted in the later epoch.
+    #[test]
+    fn a_session_counts_in_batches() {
+        let t = Top::new(100, 24, 64);
+        let mut o = t.open(ip("192.0.2.7"));
+        let messages = |t: &Top| t.read(By::Messages, 1).0[0].1.messages;
+        for _ in 0..BATCH - 1 {
+            o.message();
+        }
+        assert_eq!(messages(&t), 0);
+        o.message();
+        assert_eq!(messages(&t), u64::from(BATCH));
+        o.message();
+        o.recipient();
+        assert_eq!(messages(&t), u64::from(BATCH));
+        drop(o);
+        let c = &t.read(By::Messages, 1).0[0].1;
+        assert_eq!((c.messages, c.recipients), (u64::from(BATCH) + 1, 1));
+
+        let a = Activity::default();
+        a.add(107, |s| &s.messages);
+        let old = Batch {
+            epoch: 101,
+            messages: 5,
+            recipients: 5,
+        };
+        a.add_batch(101, &old);
+        assert_eq!(a.counts(107).messages, 1);
     }
 
     /// Events from several threads at once are all counted.
