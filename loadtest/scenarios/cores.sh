@@ -6,7 +6,8 @@
 # proxy's CPU seconds per 1 000 messages (--watch-pid; and its user-space
 # part, the rest being the kernel's) and the generator's
 # MAIL-to-final p50/p99; the table shows the medians of the repeats and the
-# edge / HAProxy ratios of the medians.
+# edge / HAProxy ratios of the medians, and each repeat's ratios to
+# HAProxy's run of the same repeat (their median and range).
 #
 # Core sets: with 16 or more cores, the proxy on 0..T-1, the sink on 8-11 and
 # the generator on 12-15 (the reference layout of the table); with
@@ -214,16 +215,33 @@ def get(t, mode, name):
     p99 = [r[lat]["mail_to_final"]["p99"] / 1000 for r in rs]
     rss = [r["server"].get("rss_kib_end", float("nan")) / 1024 for r in rs if r.get("server")]
     return med(mps), med(cpu), med(p50), med(p99), len(rs), med(user), med(rss)
+def paired(t, mode, name):
+    # Each repeat's ratio to HAProxy's run of the same repeat (run minutes
+    # apart at most: the host's drift between repeats cancels out).
+    def per_rep(n):
+        out = {}
+        for f in glob.glob(f"{runs}/{t}.{mode}.{n}.*.json"):
+            r = json.load(open(f))
+            cpu = 1000 * r["server"]["cpu_s"] / max(1, r["messages"]["accepted"]) if r.get("server") else float("nan")
+            out[f.rsplit(".", 2)[-2]] = (r["msgs_per_sec"], cpu)
+        return out
+    h, e = per_rep("haproxy"), per_rep(name)
+    reps = [k for k in e if k in h and h[k][0] and h[k][1]]
+    m = [e[k][0] / h[k][0] for k in reps]
+    c = [e[k][1] / h[k][1] for k in reps]
+    fmt = lambda xs: f"{med(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})" if xs else "nan"
+    return fmt(m), fmt(c)
 print()
-print("| load | T | edge | HAProxy msgs/s | smtp-edge msgs/s | edge / HAProxy | CPU s per 1k msgs HAProxy / edge | p50 MAIL→final ms HAProxy / edge | p99 MAIL→final ms HAProxy / edge | user-space CPU s per 1k HAProxy / edge | RSS MiB at the end HAProxy / edge | runs |")
-print("|---|---|---|---:|---:|---:|---|---|---|---|---|---|")
+print("| load | T | edge | HAProxy msgs/s | smtp-edge msgs/s | edge / HAProxy | CPU s per 1k msgs HAProxy / edge | p50 MAIL→final ms HAProxy / edge | p99 MAIL→final ms HAProxy / edge | user-space CPU s per 1k HAProxy / edge | RSS MiB at the end HAProxy / edge | runs | per repeat: msgs/s, CPU per msg edge / HAProxy, median (range) |")
+print("|---|---|---|---:|---:|---:|---|---|---|---|---|---|---|")
 for mode in modes:
     for t in threads:
         h = get(t, mode, "haproxy")
         for name in edges:
             e = get(t, mode, name)
             r = e[0] / h[0] if h[0] else float("nan")
-            print(f"| {mode} | {t} | {name} | {h[0]:,.0f} | {e[0]:,.0f} | {r:.2f} | {h[1]:.4f} / {e[1]:.4f} | {h[2]:.2f} / {e[2]:.2f} | {h[3]:.2f} / {e[3]:.2f} | {h[5]:.4f} / {e[5]:.4f} | {h[6]:.0f} / {e[6]:.0f} | {h[4]}+{e[4]} |")
+            pm, pc = paired(t, mode, name)
+            print(f"| {mode} | {t} | {name} | {h[0]:,.0f} | {e[0]:,.0f} | {r:.2f} | {h[1]:.4f} / {e[1]:.4f} | {h[2]:.2f} / {e[2]:.2f} | {h[3]:.2f} / {e[3]:.2f} | {h[5]:.4f} / {e[5]:.4f} | {h[6]:.0f} / {e[6]:.0f} | {h[4]}+{e[4]} | {pm}; {pc} |")
 if glob.glob(f"{runs}/*.perf"):
     print()
     print("System calls and context switches per message (perf stat over the measured interval; medians of the repeats):")
