@@ -24,7 +24,10 @@ kill $EPID $SPID 2>/dev/null; wait 2>/dev/null || true
 grep -m1 '^rate' "$W/load.txt"
 echo "-- by process and object (CPU 1, idle included):"
 perf report -i "$W/perf.data" --sort comm,dso --no-children -q 2>/dev/null | head -6
+# The process's name is the binary's (EDGE_BIN=/tmp/edge-x: edge-x), cut
+# to the kernel's 15 characters.
+COMM=$(basename "$EDGE" | cut -c1-15)
 echo "-- smtp-edge, user space:"
-perf report -i "$W/perf.data" --comm smtp-edge --sort sym --no-children -q 2>/dev/null | grep -v '\[k\]' | head -20
+perf report -i "$W/perf.data" --comm "$COMM" --sort sym --no-children -q 2>/dev/null | grep -v '\[k\]' | head -20
 echo "-- smtp-edge, kernel:"
-perf report -i "$W/perf.data" --comm smtp-edge --sort sym --no-children -q 2>/dev/null | grep '\[k\]' | head -12
+perf report -i "$W/perf.data" --comm "$COMM" --sort sym --no-children -q 2>/dev/null | grep '\[k\]' | head -12
