@@ -823,6 +823,7 @@ impl Pool {
     /// the idle list. Connections past their transaction cap or their
     /// `max_lifetime` are closed with QUIT (in the background; the backend
     /// still counts them).
+    #[inline]
     pub fn checkin(&self, mut conn: PooledConn) {
         let s = self.settings();
         let now = ticks();
