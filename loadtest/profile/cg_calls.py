@@ -2,17 +2,14 @@
 """cg_calls.py CALLGRIND_OUT NAME_PART N [callers|callees]: who calls the
 functions whose name holds NAME_PART (default), or what they call, with the
 inclusive cost and the calls per message."""
-import sys, re, collections
+import sys, collections
 names = {}; fn = None; cfn = None; skip = False; ncalls = 0
 acc = collections.Counter(); calls = collections.Counter()
 target, N = sys.argv[2], int(sys.argv[3])
 callees = len(sys.argv) > 4 and sys.argv[4] == "callees"
+from cgfile import name
 def nm(tok):
-    m = re.match(r'\((\d+)\)(?:\s+(.*))?', tok)
-    if m:
-        if m.group(2): names[m.group(1)] = m.group(2)
-        return names.get(m.group(1), m.group(1))
-    return tok
+    return name(tok, names)
 for line in open(sys.argv[1], errors='replace'):
     if line.startswith('fn='): fn = nm(line[3:].strip()); continue
     if line.startswith('cfn='): cfn = nm(line[4:].strip()); continue

@@ -8,18 +8,13 @@ they hold (utilisation: what a perfect hot/cold layout could pack them
 into), per object and per function (loadtest/RESULTS.md section 29).
 Instruction sizes are the gaps between the executed addresses (at most
 15), an estimate."""
-import sys, re, collections
+import sys, collections
 f=sys.argv[1]; N=int(sys.argv[2]); TH=float(sys.argv[3]) if len(sys.argv)>3 else 0.5
 cnt=collections.defaultdict(int)   # (ob,addr)->Ir
 fnof={}
 names={}
 ob=None; fn=None; last=0; skip=False
-def nm(tok,table):
-    m=re.match(r'\((\d+)\)(?:\s+(.*))?',tok)
-    if m:
-        if m.group(2): table[m.group(1)]=m.group(2)
-        return table.get(m.group(1),m.group(1))
-    return tok
+from cgfile import name as nm
 obn={}
 for line in open(f,errors='replace'):
     if line.startswith('ob='): ob=nm(line[3:].strip(),obn); continue

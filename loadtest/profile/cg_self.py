@@ -3,16 +3,11 @@
 
 EV=I1mr (or any event of the file's `events:` line, such as D1mr or DLmw
 from a `--cache-sim=yes` run) ranks by that event instead of Ir."""
-import os, sys, re, collections
+import os, sys, collections
 # self cost per function from a callgrind out file (Ir, or the event EV)
 names = {}; self_ = collections.Counter(); incl_calls = collections.Counter()
 fn = None; skip_next = False; cfn=None
-def nm(tok, table):
-    m = re.match(r'\((\d+)\)(?:\s+(.*))?', tok)
-    if m:
-        if m.group(2): table[m.group(1)] = m.group(2)
-        return table.get(m.group(1), m.group(1))
-    return tok
+from cgfile import name as nm
 files = {}
 col = 1
 for line in open(sys.argv[1], errors='replace'):
