@@ -112,7 +112,7 @@ fn start_ticker() {
 
 /// `f` on an address's and its prefix's entries at the current epoch;
 /// the epoch is read only when there are entries (`/top` on).
-fn on_both(entries: Option<&(Arc<Activity>, Arc<Activity>)>, f: impl Fn(&Activity, u64)) {
+fn on_both(entries: Option<(&Activity, &Activity)>, f: impl Fn(&Activity, u64)) {
     if let Some((a, p)) = entries {
         let e = epoch();
         f(a, e);
@@ -304,11 +304,8 @@ impl Open {
     }
 
     pub fn refusal(&self, why: &'static str) {
-        if let Some(x) = self.0.as_deref() {
-            let e = epoch();
-            x.address.refusal(e, why);
-            x.prefix.refusal(e, why);
-        }
+        let entries = self.0.as_deref().map(|x| (&*x.address, &*x.prefix));
+        on_both(entries, |x, e| x.refusal(e, why));
     }
 }
 
@@ -396,7 +393,7 @@ impl Top {
     /// A session begins: counted, and open until the guard drops.
     pub fn open(&self, ip: IpAddr) -> Open {
         let entries = self.entries(ip);
-        on_both(entries.as_ref(), |x, e| {
+        on_both(entries.as_ref().map(|(a, p)| (&**a, &**p)), |x, e| {
             x.open.fetch_add(1, Ordering::Relaxed);
             x.add(e, |s| &s.sessions);
         });
@@ -411,7 +408,8 @@ impl Top {
 
     /// A connection refused at accept: a session begun and refused.
     pub fn refused_at_accept(&self, ip: IpAddr, why: &'static str) {
-        on_both(self.entries(ip).as_ref(), |x, e| {
+        let entries = self.entries(ip);
+        on_both(entries.as_ref().map(|(a, p)| (&**a, &**p)), |x, e| {
             x.add(e, |s| &s.sessions);
             x.refusal(e, why);
         });
