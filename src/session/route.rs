@@ -129,26 +129,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         let span = self.st.txn_span.clone().unwrap_or_else(tracing::Span::none);
         let begin = (g, id, dedicated);
-        let held = &mut self.st.held;
-        let Some(begun) =
-            begin_txn(&mut self.io, &mut self.inbuf, backends, begin, held, &span).await
-        else {
-            self.client_gone = true;
-            return false;
-        };
-        let mut txn = match begun {
-            Ok(t) => t,
-            Err(reply) => {
+        let (held, slot) = (&mut self.st.held, &mut self.st.txn);
+        let begun = begin_txn(
+            &mut self.io,
+            &mut self.inbuf,
+            backends,
+            begin,
+            held,
+            &span,
+            slot,
+        );
+        match begun.await {
+            None => {
+                self.client_gone = true;
+                return false;
+            }
+            Some(Err(reply)) => {
                 self.st.rcpts_sent += 1;
                 reply.write_to(&mut self.out);
                 return false;
             }
+            Some(Ok(())) => {}
+        }
+        let Some(txn) = self.st.txn.as_mut() else {
+            return false;
         };
         span.record("server.address", &*txn.name);
         txn.queue_mail(&self.st.from, &params);
-        self.st.owed.push_back(Owed::DeferredMail);
         let pipelining = txn.pipelining();
-        self.st.txn = Some(txn);
+        self.st.owed.push_back(Owed::DeferredMail);
         if !pipelining {
             self.resolve().await;
             if self.st.txn.is_none() {
