@@ -1,8 +1,10 @@
 //! The sessions' input buffers, lent from a per-thread pool only while they
 //! hold input (HAProxy's way with its buffers). A session that waits for
-//! its client's next command or for a backend's reply with nothing
-//! buffered holds no buffer: a read of commands that finds no input gives
-//! the buffer back, and the next read takes the buffer given back last.
+//! its client's next command, for a backend's reply or for a message's
+//! data (one that fits a pooled buffer) with nothing buffered holds no
+//! buffer: a read that finds no input gives the buffer back, and the next
+//! read takes the buffer given back last, the one most likely still in
+//! the CPU's caches.
 //! A busy session no longer keeps the 64 KiB its first message grew its
 //! buffer to: 400 relaying sessions hold 30-33 MiB instead of 59, for
 //! about 2 % more instructions per message (loadtest/RESULTS.md section
@@ -85,9 +87,10 @@ pub(super) async fn read<S: AsyncRead + Unpin>(
     .await
 }
 
-/// `read` for message data: the buffer is kept while the read waits (a
-/// session in the middle of a message is busy, and its waits are short;
-/// two trips to the pool per wait would cost more than they save).
+/// `read` for a large message's data: the grown buffer is kept while the
+/// read waits (a session in the middle of such a message is busy, and
+/// its waits are short; given back, it would mix 64 KiB buffers into the
+/// pool's 16 KiB ones and the next large read would grow another).
 pub(super) async fn read_holding<S: AsyncRead + Unpin>(
     io: &mut S,
     buf: &mut BytesMut,
