@@ -8,7 +8,8 @@
 # replaced by the address of an `smtp-load otlp-sink` started for it).
 # Prints the total; per function: cg_self.py $PROF_DIR/NAME/cg.out.*.1 N.
 # EDGE_BIN=/path/to/smtp-edge profiles that binary instead (common.sh);
-# COPY=1 profiles `smtp-load copy`, a tokio byte copier, instead.
+# COPY=1 profiles `smtp-load copy`, a tokio byte copier, instead;
+# HAPROXY=1 HAProxy mode tcp (one thread).
 # Example: cg.sh exp '[telemetry]
 #   otlp_endpoint = "http://OTLP"
 #   sample_ratio = 1.0' 20000 info
@@ -20,6 +21,26 @@ source "$(dirname "$0")/common.sh"
 # tokio runtime, the floor of a tokio proxy) in smtp-edge's place.
 PROXY=("$EDGE" --config "$W/edge.toml")
 if [ "${COPY:-0}" = 1 ]; then PROXY=("$R/smtp-load" copy -l "127.0.0.1:$EP" -t "127.0.0.1:$SINKP"); fi
+# HAPROXY=1: HAProxy `mode tcp` (PEERS.md's config, one thread, in the
+# foreground) in smtp-edge's place: its instructions per message beside ours.
+if [ "${HAPROXY:-0}" = 1 ]; then
+  cat > "$W/haproxy.cfg" <<H
+global
+    maxconn 8000
+    nbthread 1
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+frontend smtp_in
+    bind 127.0.0.1:$EP
+    default_backend smtp_sink
+backend smtp_sink
+    server sink 127.0.0.1:$SINKP
+H
+  PROXY=(haproxy -db -f "$W/haproxy.cfg")
+fi
 TOKIO_WORKER_THREADS=1 RUST_LOG=$LOG valgrind --tool=callgrind ${CG_ARGS:-} --callgrind-out-file=$W/cg.out.%p "${PROXY[@]}" > $W/edge.log 2>&1 & EPID=$!
 # A failed step (set -e) must not leave the proxy under valgrind and the
 # sink running: they would skew every later measurement.

@@ -9,11 +9,13 @@ names = {}; self_ = collections.Counter(); incl_calls = collections.Counter()
 fn = None; skip_next = False; cfn=None
 from cgfile import name as nm
 files = {}
-col = 1
+npos, col = 1, 1
 for line in open(sys.argv[1], errors='replace'):
     line = line.rstrip('\n')
+    if line.startswith('positions:'):
+        npos = len(line.split()) - 1; continue
     if line.startswith('events:'):
-        col = 1 + line.split()[1:].index(os.environ.get('EV', 'Ir')); continue
+        col = npos + line.split()[1:].index(os.environ.get('EV', 'Ir')); continue
     if line.startswith('fn='):
         fn = nm(line[3:], names); continue
     if line.startswith('cfn='):
