@@ -13,6 +13,8 @@
 //!   (a log thread of its own, 64 KiB buffered writes; past `LOG_QUEUE`
 //!   lines it drops and counts them, `dropped_log_lines`, rather than stall
 //!   a session; `Telemetry` holds its guard, which flushes when dropped).
+//!   Its time stamp is `logtime::CachedSeconds` (the text of
+//!   tracing-subscriber's own, its seconds formatted once per second).
 //!   It filters out `smtp.backend`: that span is entered only around the
 //!   checkout (so a new connection's `tls.handshake` is its child), no log
 //!   line needs its fields, and the layer need not format them per message;
@@ -94,6 +96,7 @@ use tracing_subscriber::{EnvFilter, Layer};
 use settings::{LogFormat, OtlpProtocol, TelemetryConfig};
 
 mod http;
+mod logtime;
 pub mod metrics;
 mod otlp;
 pub mod settings;
@@ -167,6 +170,7 @@ pub fn install(cfg: &TelemetryConfig) -> Telemetry {
     let _ = LOG_DROPPED.set(writer.error_counter());
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(writer)
+        .with_timer(logtime::CachedSeconds)
         .with_target(false);
     // No log line needs the `smtp.backend` span's fields (it is entered
     // only around the checkout): the log layer need not format them for
