@@ -105,20 +105,19 @@ fn admit(
     let admitted = span.in_scope(|| shared.policy.admit(peer.ip()));
     match admitted {
         Ok(pol) => {
-            let done = done.clone();
-            tokio::spawn(async move {
-                let m = shared.metrics.clone();
-                m.connections_accepted.inc();
-                m.sessions_active.inc();
-                let t0 = std::time::Instant::now();
-                let open = shared.top.open(peer.ip());
-                let destination = proxied.map(|(_, d)| d);
-                let client = session::Admitted { pol, top: open };
-                session::handle(stream, peer, destination, shared, listener, client, span).await;
-                m.session_duration.observe(t0.elapsed().as_secs_f64());
-                m.sessions_active.dec();
-                drop(done);
-            });
+            let destination = proxied.map(|(_, d)| d);
+            // The session's future is the task's: no wrapper around it
+            // (its metrics and `done` are held in it till it ends).
+            tokio::spawn(session::handle(
+                stream,
+                peer,
+                destination,
+                shared,
+                listener,
+                pol,
+                span,
+                done.clone(),
+            ));
         }
         Err(v) => {
             shared.metrics.refused(v.check.name());

@@ -94,20 +94,33 @@ pub struct Listener {
     pub require_tls: bool,
 }
 
-/// Serves one accepted connection to its end.
+/// Serves one accepted connection to its end: the whole of its task.
 /// `pol` is the client's admission state, from `Policy::admit`.
 /// `peer` is the client; `destination` the address it connected to when a
-/// PROXY header said so (else the socket's own address).
-pub async fn handle(
+/// PROXY header said so (else the socket's own address). `held` is
+/// dropped when the session ends (the server's count of open sessions).
+///
+/// The task's future is this one, not an `async` block of the server's
+/// around it: each poll of a session walks down its nested futures, and
+/// with 400 sessions each level's state is a cache line that other
+/// sessions' work evicted since (loadtest/RESULTS.md sections 30-31).
+#[allow(clippy::too_many_arguments)]
+pub fn handle<G: Send + 'static>(
     stream: TcpStream,
     peer: SocketAddr,
     destination: Option<SocketAddr>,
     shared: Arc<Shared>,
     listener: Listener,
-    client: Admitted,
+    pol: ClientPolicy,
     span: Span,
-) {
+    held: G,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     async move {
+        let _end = SessionEnd::begin(&shared, held);
+        let client = Admitted {
+            pol,
+            top: shared.top.open(peer.ip()),
+        };
         let _ = stream.set_nodelay(true);
         let local_addr = destination.map_or_else(|| stream.local_addr(), Ok);
         if let Ok(a) = &local_addr {
@@ -148,7 +161,35 @@ pub async fn handle(
         }
     }
     .instrument(span)
-    .await
+}
+
+/// A session's count in the metrics, from its start to its end however
+/// it ends, and what the server asked it to hold till then.
+struct SessionEnd<G> {
+    metrics: Arc<crate::telemetry::metrics::Metrics>,
+    t0: std::time::Instant,
+    _held: G,
+}
+
+impl<G> SessionEnd<G> {
+    fn begin(shared: &Shared, held: G) -> SessionEnd<G> {
+        let m = shared.metrics.clone();
+        m.connections_accepted.inc();
+        m.sessions_active.inc();
+        SessionEnd {
+            metrics: m,
+            t0: std::time::Instant::now(),
+            _held: held,
+        }
+    }
+}
+
+impl<G> Drop for SessionEnd<G> {
+    fn drop(&mut self) {
+        let m = &self.metrics;
+        m.session_duration.observe(self.t0.elapsed().as_secs_f64());
+        m.sessions_active.dec();
+    }
 }
 
 /// What was negotiated, for the Received header and logs.
@@ -855,11 +896,9 @@ mod size_probe {
                 None,
                 shared,
                 listener,
-                super::Admitted {
-                    pol,
-                    top: crate::telemetry::top::Open::none(),
-                },
+                pol,
                 super::session_span(a, None),
+                (),
             );
             let n = size(&f);
             assert!(n <= 4096, "session future grew to {n} bytes");
