@@ -33,7 +33,9 @@
 #      total with the machine's segments and wake-ups, smtp-edge and
 #      HAProxy only),
 #      KEEP_RUNS=DIR (each run's smtp-load JSON copied there, named
-#      T.MODE.PROXY.REPEAT.json, for the spread behind the medians),
+#      T.MODE.PROXY.REPEAT.json, for the spread behind the medians; with
+#      two or more smtp-edge entries in PROXIES a second table pairs each
+#      with the first, repeat by repeat),
 #      PERF_RECORD=1 (`perf record -e cpu-clock`, PERF_ARGS added, samples
 #      each proxy over the measured interval, kernel included, into
 #      runs/*.data, or PERF_KEEP if set: profile/timeprof.sh's time
@@ -215,9 +217,10 @@ def get(t, mode, name):
     p99 = [r[lat]["mail_to_final"]["p99"] / 1000 for r in rs]
     rss = [r["server"].get("rss_kib_end", float("nan")) / 1024 for r in rs if r.get("server")]
     return med(mps), med(cpu), med(p50), med(p99), len(rs), med(user), med(rss)
-def paired(t, mode, name):
-    # Each repeat's ratio to HAProxy's run of the same repeat (run minutes
-    # apart at most: the host's drift between repeats cancels out).
+def paired(t, mode, name, base="haproxy", ahead=False):
+    # Each repeat's ratio to HAProxy's (or base's) run of the same repeat
+    # (run minutes apart at most: the host's drift between repeats cancels
+    # out).
     def per_rep(n):
         out = {}
         for f in glob.glob(f"{runs}/{t}.{mode}.{n}.*.json"):
@@ -225,11 +228,13 @@ def paired(t, mode, name):
             cpu = 1000 * r["server"]["cpu_s"] / max(1, r["messages"]["accepted"]) if r.get("server") else float("nan")
             out[f.rsplit(".", 2)[-2]] = (r["msgs_per_sec"], cpu)
         return out
-    h, e = per_rep("haproxy"), per_rep(name)
+    h, e = per_rep(base), per_rep(name)
     reps = [k for k in e if k in h and h[k][0] and h[k][1]]
     m = [e[k][0] / h[k][0] for k in reps]
     c = [e[k][1] / h[k][1] for k in reps]
     fmt = lambda xs: f"{med(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})" if xs else "nan"
+    if ahead:
+        return fmt(m), fmt(c), sum(x > 1 for x in m), sum(x < 1 for x in c), len(reps)
     return fmt(m), fmt(c)
 print()
 print("| load | T | edge | HAProxy msgs/s | smtp-edge msgs/s | edge / HAProxy | CPU s per 1k msgs HAProxy / edge | p50 MAIL→final ms HAProxy / edge | p99 MAIL→final ms HAProxy / edge | user-space CPU s per 1k HAProxy / edge | RSS MiB at the end HAProxy / edge | runs | per repeat: msgs/s, CPU per msg edge / HAProxy, median (range) |")
@@ -242,6 +247,17 @@ for mode in modes:
             r = e[0] / h[0] if h[0] else float("nan")
             pm, pc = paired(t, mode, name)
             print(f"| {mode} | {t} | {name} | {h[0]:,.0f} | {e[0]:,.0f} | {r:.2f} | {h[1]:.4f} / {e[1]:.4f} | {h[2]:.2f} / {e[2]:.2f} | {h[3]:.2f} / {e[3]:.2f} | {h[5]:.4f} / {e[5]:.4f} | {h[6]:.0f} / {e[6]:.0f} | {h[4]}+{e[4]} | {pm}; {pc} |")
+if len(edges) > 1:
+    # Two builds or flavors in one run: each against the first, repeat by
+    # repeat (what a change is judged by on a noisy host).
+    print()
+    print(f"| load | T | against {edges[0]}, per repeat | msgs/s, median (range) | ahead in | CPU per msg, median (range) | less CPU in |")
+    print("|---|---|---|---|---|---|---|")
+    for mode in modes:
+        for t in threads:
+            for name in edges[1:]:
+                pm, pc, up, down, n = paired(t, mode, name, edges[0], ahead=True)
+                print(f"| {mode} | {t} | {name} | {pm} | {up} of {n} | {pc} | {down} of {n} |")
 if glob.glob(f"{runs}/*.perf"):
     print()
     print("System calls and context switches per message (perf stat over the measured interval; medians of the repeats):")
