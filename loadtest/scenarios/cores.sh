@@ -160,10 +160,16 @@ for t in "${THREADS[@]}"; do
     m=0
     [ "$mode" = new ] && m=1
     for rep in $(seq 1 "$REPS"); do
-      # Rotated each repeat: no proxy always runs first.
+      # Rotated each repeat: no proxy always runs first. Every other
+      # round of rotations runs the rest in reverse: with three or more
+      # proxies a plain rotation would keep each one's predecessor (the
+      # same build always right after HAProxy). Balanced over 2 x n repeats.
       n=${#PROXIES[@]}
-      order=()
-      for i in $(seq 0 $((n - 1))); do order+=("${PROXIES[$(((i + k) % n))]}"); done
+      order=("${PROXIES[$((k % n))]}")
+      for i in $(seq 1 $((n - 1))); do
+        if [ $(((k / n) % 2)) = 0 ]; then j=$(((k + i) % n)); else j=$(((k + n - i) % n)); fi
+        order+=("${PROXIES[$j]}")
+      done
       k=$((k + 1))
       for name in "${order[@]}"; do
         start_proxy "$name" "$t"
