@@ -98,7 +98,8 @@ pub struct Listener {
 /// `pol` is the client's admission state, from `Policy::admit`.
 /// `peer` is the client; `destination` the address it connected to when a
 /// PROXY header said so (else the socket's own address). `held` is
-/// dropped when the session ends (the server's count of open sessions).
+/// dropped when the session ends (the server's graceful stop waits until
+/// every session's is).
 ///
 /// The task's future is this one, not an `async` block of the server's
 /// around it: each poll of a session walks down its nested futures, and
