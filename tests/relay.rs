@@ -1186,3 +1186,76 @@ async fn a_client_half_closing_after_pipelining_gets_every_reply() {
     assert_eq!(codes, vec![250, 250, 250, 221]);
     assert_eq!(rec.messages.lock().unwrap().len(), 1);
 }
+
+/// The threads of process `pid` (Linux: /proc/PID/task).
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// One worker and nothing to log: the proxy relays as a single thread (no
+/// log thread until the first line: a single-threaded process pays less
+/// per system call, `telemetry/logwriter.rs`). The first line starts the
+/// log thread and is written; so is every line after it.
+#[tokio::test]
+async fn one_worker_stays_one_thread_until_it_has_a_line_to_log() {
+    let rec = Recorder::start(Script::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let file = dir.path().join("smtp-edge.toml");
+    let good = format!(
+        "hostname = \"edge.test\"\n[runtime]\nworker_threads = 1\n\
+         [[listener]]\naddress = \"{addr}\"\n[[backend]]\naddress = \"{}\"\n\
+         identity = \"none\"\n",
+        rec.addr
+    );
+    std::fs::write(&file, &good).unwrap();
+    let log = dir.path().join("smtp-edge.log");
+    let edge = Running::listening(
+        std::process::Command::new(env!("CARGO_BIN_EXE_smtp-edge"))
+            .arg("--config")
+            .arg(&file)
+            .env("RUST_LOG", "warn"),
+        &log,
+        addr,
+    )
+    .await;
+    let pid = edge.0.id();
+    let mut c = Raw::greeted(addr).await;
+    assert_eq!(c.cmd("EHLO one.example").await.code, 250);
+    numbered_transactions(&mut c, "single", 0..3).await;
+    assert_eq!(c.cmd("QUIT").await.code, 221);
+    assert_eq!(rec.messages().len(), 3);
+    assert_eq!(
+        threads(pid),
+        1,
+        "log: {}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "");
+
+    // An invalid file on SIGHUP: refused, and said at `error`.
+    std::fs::write(&file, "hostname = 7\n").unwrap();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let end = std::time::Instant::now() + WAIT;
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        if text.contains("reload refused") || std::time::Instant::now() > end {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(text.contains("reload refused"), "log: {text}");
+    assert!(text.contains("hostname"), "the key named: {text}");
+    assert_eq!(threads(pid), 2, "the log thread, started by the line");
+    // Mail still flows, on the configuration it had.
+    let mut c = Raw::greeted(addr).await;
+    assert_eq!(c.cmd("EHLO two.example").await.code, 250);
+    numbered_transactions(&mut c, "after", 0..1).await;
+    assert_eq!(rec.messages().len(), 4);
+}

@@ -10,9 +10,10 @@
 //! # The pipeline
 //! `install` (called by `main` inside the runtime) sets up one subscriber:
 //! - the fmt layer, writing through tracing-appender's non-blocking writer
-//!   (a log thread of its own, 64 KiB buffered writes; past `LOG_QUEUE`
-//!   lines it drops and counts them, `dropped_log_lines`, rather than stall
-//!   a session; `Telemetry` holds its guard, which flushes when dropped).
+//!   (`logwriter`: a log thread of its own, started by the first line, 64
+//!   KiB buffered writes; past `LOG_QUEUE` lines it drops and counts them,
+//!   `dropped_log_lines`, rather than stall a session; `Telemetry` holds
+//!   `logwriter::Flush`, which flushes when dropped).
 //!   Its time stamp is `logline::CachedSeconds` (the text of
 //!   tracing-subscriber's own, its seconds formatted once per second);
 //!   text lines not for a terminal are laid out by `logline::Plain` (the
@@ -99,6 +100,7 @@ use settings::{LogFormat, OtlpProtocol, TelemetryConfig};
 
 mod http;
 mod logline;
+pub mod logwriter;
 pub mod metrics;
 mod otlp;
 pub mod settings;
@@ -124,7 +126,7 @@ pub fn dropped_spans() -> u64 {
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
     /// Flushes the log lines still queued when dropped.
-    _log: tracing_appender::non_blocking::WorkerGuard,
+    _log: logwriter::Flush,
 }
 
 impl Telemetry {
@@ -137,19 +139,10 @@ impl Telemetry {
     }
 }
 
-/// Log lines queued for the log thread at most; beyond, lines are dropped
-/// and counted (`smtp_edge_log_lines_dropped_total`) rather than stall a
-/// session.
-const LOG_QUEUE: usize = 65_536;
-
-/// The log thread's count of dropped lines, once installed.
-static LOG_DROPPED: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter> =
-    std::sync::OnceLock::new();
-
 /// Log lines dropped because the log queue was full (stderr not read fast
 /// enough).
 pub fn dropped_log_lines() -> u64 {
-    LOG_DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
+    logwriter::dropped_lines()
 }
 
 /// Installs the global subscriber for `cfg`, with OTLP export when an
@@ -157,21 +150,10 @@ pub fn dropped_log_lines() -> u64 {
 /// it). An exporter that cannot be built is reported and mail goes on.
 pub fn install(cfg: &TelemetryConfig) -> Telemetry {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Lines go to stderr from a thread of their own, buffered and written
-    // in batches: a session never waits for a write(2) per line, nor for a
-    // slow reader of stderr (a full pipe to journald), whose lines are
-    // then dropped and counted.
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(LOG_QUEUE)
-        .thread_name("smtp-edge-log")
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stderr(),
-        ));
-    let _ = LOG_DROPPED.set(writer.error_counter());
+    // Lines go to stderr from a thread of their own, started by the first
+    // line (`logwriter`: until then the process may stay one thread).
     let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(writer)
+        .with_writer(logwriter::LateStderr)
         .with_timer(logline::CachedSeconds)
         .with_target(false);
     // No log line needs the `smtp.backend` span's fields (it is entered
@@ -249,7 +231,7 @@ pub fn install(cfg: &TelemetryConfig) -> Telemetry {
     };
     Telemetry {
         provider,
-        _log: guard,
+        _log: logwriter::Flush,
     }
 }
 
