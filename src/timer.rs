@@ -14,10 +14,7 @@ use tokio::time::{Instant, Sleep};
 /// The deadline of one connection's reads. `within` bounds one wait; the
 /// underlying timer keeps the earliest deadline set since it last fired,
 /// and when it fires before the current wait's deadline it is re-armed to
-/// it, so a read that completes costs no timer operation at all, and one
-/// that blocks while the timer is armed in time and already holds the
-/// task's waker does not touch the timer either (reading the boxed
-/// `Sleep` was a cache miss per blocked wait at 400 sessions).
+/// it, so a read that completes costs no timer operation at all.
 ///
 /// The clock is read only when a wait blocks: a future ready at its first
 /// poll (data already in the socket, a write the socket takes at once)
@@ -26,20 +23,7 @@ use tokio::time::{Instant, Sleep};
 /// several waits and for timing them without a clock read of its own.
 pub struct ReadTimer {
     sleep: Pin<Box<Sleep>>,
-    /// The deadline `sleep` is armed for, kept here: reading it from the
-    /// boxed timer was a cache miss per blocked wait at 400 sessions.
-    armed: Instant,
-    /// Which waker `sleep` was last polled with while it stayed pending
-    /// (its data and vtable addresses), or None since it fired or was
-    /// reset. A blocked wait of the same task finding it still armed in
-    /// time need not poll it again: it already holds that task's waker.
-    polled: Option<(usize, usize)>,
     blocked: Option<Blocked>,
-}
-
-/// A waker's identity: what `Waker::will_wake` compares.
-fn identity(w: &std::task::Waker) -> (usize, usize) {
-    (w.data() as usize, w.vtable() as *const _ as usize)
 }
 
 /// How long one wait may last.
@@ -85,7 +69,7 @@ pub struct Blocked {
 impl std::fmt::Debug for ReadTimer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReadTimer")
-            .field("armed", &self.armed)
+            .field("armed", &self.sleep.deadline())
             .field("blocked", &self.blocked)
             .finish()
     }
@@ -105,8 +89,6 @@ impl ReadTimer {
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
         ReadTimer {
             sleep: Box::pin(tokio::time::sleep_until(far)),
-            armed: far,
-            polled: None,
             blocked: None,
         }
     }
@@ -122,12 +104,7 @@ impl ReadTimer {
         let limit = limit.into();
         self.blocked = None;
         let mut fut = pin!(fut);
-        let ReadTimer {
-            sleep,
-            armed,
-            polled,
-            blocked,
-        } = self;
+        let ReadTimer { sleep, blocked } = self;
         std::future::poll_fn(|cx| {
             if let Poll::Ready(v) = fut.as_mut().poll(cx) {
                 return Poll::Ready(Some(v));
@@ -141,37 +118,19 @@ impl ReadTimer {
                         Limit::Until(t) => t,
                     };
                     *blocked = Some(Blocked { since, until });
-                    if *armed > until {
+                    if sleep.deadline() > until {
                         // Armed for later than this wait allows: move it earlier.
                         sleep.as_mut().reset(until);
-                        *armed = until;
-                        *polled = None;
-                    } else if *armed > since && *polled == Some(identity(cx.waker())) {
-                        // Armed in time, not fired (tokio never fires a timer
-                        // before its deadline), and holding this task's
-                        // waker from an earlier poll: it will wake us, and
-                        // the re-poll then polls it. Nothing to touch now.
-                        return Poll::Pending;
                     }
                     until
                 }
             };
             loop {
                 match sleep.as_mut().poll(cx) {
-                    Poll::Pending => {
-                        *polled = Some(identity(cx.waker()));
-                        return Poll::Pending;
-                    }
-                    Poll::Ready(()) if Instant::now() >= deadline => {
-                        *polled = None;
-                        return Poll::Ready(None);
-                    }
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(()) if Instant::now() >= deadline => return Poll::Ready(None),
                     // Fired for an earlier wait's deadline: re-arm for ours.
-                    Poll::Ready(()) => {
-                        sleep.as_mut().reset(deadline);
-                        *armed = deadline;
-                        *polled = None;
-                    }
+                    Poll::Ready(()) => sleep.as_mut().reset(deadline),
                 }
             }
         })
@@ -316,31 +275,6 @@ mod tests {
         let e = t0.elapsed();
         assert!(e >= ms(300) && e < ms(1200), "{e:?}");
         assert_eq!(t.blocked().map(|b| b.until), Some(b.until));
-    }
-
-    /// Waits that block after the first find the timer armed and holding
-    /// the task's waker and leave it alone; it still ends a wait at that
-    /// wait's own deadline (firing early for an earlier one, re-armed).
-    #[tokio::test]
-    async fn an_armed_timer_is_left_alone_and_still_ends_waits() {
-        let mut t = ReadTimer::new();
-        for i in 0..5 {
-            let slow = async {
-                tokio::time::sleep(ms(5)).await;
-                i
-            };
-            assert_eq!(t.within(ms(150), slow).await, Some(i));
-            assert!(t.polled.is_some(), "the timer holds this task's waker");
-        }
-        let armed = t.armed;
-        assert_eq!(armed, t.sleep.deadline());
-        let t0 = Instant::now();
-        let r = t.within(ms(150), std::future::pending::<()>()).await;
-        assert_eq!(r, None);
-        let e = t0.elapsed();
-        assert!(e >= ms(150) && e < ms(1100), "{e:?}");
-        assert!(t.armed > armed && t.armed == t.sleep.deadline());
-        assert!(t.polled.is_none(), "fired: no waker held");
     }
 
     #[tokio::test]
