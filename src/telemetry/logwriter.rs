@@ -56,9 +56,9 @@ fn writer() -> &'static NonBlocking {
                 std::io::stderr(),
             ));
         let _ = DROPPED.set(writer.error_counter());
-        if let Ok(mut g) = GUARD.lock() {
-            *g = Some(guard);
-        }
+        // Nothing panics while holding the lock; a poisoned one is still
+        // sound, and dropping the guard here would end the log thread.
+        *GUARD.lock().unwrap_or_else(|e| e.into_inner()) = Some(guard);
         writer
     })
 }
@@ -69,11 +69,6 @@ pub(super) fn dropped_lines() -> u64 {
     DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
 }
 
-/// True once the log thread has been started (a line was written).
-pub fn started() -> bool {
-    WRITER.get().is_some()
-}
-
 /// Held by `Telemetry`: when dropped, the lines still queued are written
 /// and the log thread ends (lines after that are lost, as at any exit).
 #[derive(Debug)]
@@ -81,7 +76,7 @@ pub(super) struct Flush;
 
 impl Drop for Flush {
     fn drop(&mut self) {
-        let guard = GUARD.lock().ok().and_then(|mut g| g.take());
+        let guard = GUARD.lock().unwrap_or_else(|e| e.into_inner()).take();
         drop(guard);
     }
 }

@@ -100,7 +100,7 @@ use settings::{LogFormat, OtlpProtocol, TelemetryConfig};
 
 mod http;
 mod logline;
-pub mod logwriter;
+mod logwriter;
 pub mod metrics;
 mod otlp;
 pub mod settings;
