@@ -14,6 +14,10 @@
 //! it asks, counting down from the last, so a multi-thread runtime's
 //! workers get shards of their own too. More threads than shards share
 //! (still correct: the shards are atomics).
+//!
+//! And how a thread of the proxy starts: `no_cancellation`, called by
+//! `main` for its own thread, by `enter` for a core's and by the runtime's
+//! thread-start hook for its workers.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -31,8 +35,49 @@ static OTHERS: AtomicUsize = AtomicUsize::new(0);
 
 /// Marks the current thread as serving core `k` (0-based), for life.
 pub fn enter(k: usize) {
+    no_cancellation();
     CORE.with(|c| c.set(k));
     SHARD.with(|s| s.set(k % SHARDS));
+}
+
+/// Turns POSIX thread cancellation off for the calling thread, for good.
+/// Nothing in a Rust program cancels a thread, but once a process has two
+/// threads glibc brackets every system call that is a cancellation point
+/// (`recv`, `send`, `writev`, `epoll_wait`: all of a socket's I/O) with
+/// two atomic updates of the thread's cancellation state; with the state
+/// disabled and the type asynchronous, both find nothing to change and
+/// return at once (loadtest/RESULTS.md section 32: about 0.4 µs per
+/// relayed message). The type is set after the state, so cancellation is
+/// never enabled while asynchronous. Elsewhere than glibc, nothing.
+pub fn no_cancellation() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use cancel::*;
+        let mut old: std::ffi::c_int = 0;
+        // SAFETY: both only change the calling thread's own cancellation
+        // state, and `old` is a valid place for the previous value. With
+        // cancellation disabled, the asynchronous type never acts.
+        unsafe {
+            pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &mut old);
+            pthread_setcanceltype(PTHREAD_CANCEL_ASYNCHRONOUS, &mut old);
+        }
+    }
+}
+
+/// glibc's thread cancellation calls and values (<pthread.h>).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+mod cancel {
+    use std::ffi::c_int;
+    extern "C" {
+        pub fn pthread_setcancelstate(state: c_int, oldstate: *mut c_int) -> c_int;
+        pub fn pthread_setcanceltype(kind: c_int, oldtype: *mut c_int) -> c_int;
+    }
+    #[cfg(test)]
+    pub const PTHREAD_CANCEL_ENABLE: c_int = 0;
+    pub const PTHREAD_CANCEL_DISABLE: c_int = 1;
+    #[cfg(test)]
+    pub const PTHREAD_CANCEL_DEFERRED: c_int = 0;
+    pub const PTHREAD_CANCEL_ASYNCHRONOUS: c_int = 1;
 }
 
 /// The core the current thread serves: 0 outside a core's thread.
@@ -57,6 +102,35 @@ pub fn shard() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A new thread starts with cancellation enabled and deferred (glibc's
+    /// default); after `no_cancellation` it is disabled and asynchronous,
+    /// the pair that makes glibc's wrappers skip their atomic updates.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn no_cancellation_disables_it_and_makes_it_asynchronous() {
+        use cancel::*;
+        fn now() -> (std::ffi::c_int, std::ffi::c_int) {
+            let (mut state, mut kind) = (-1, -1);
+            // SAFETY: set to what it was, reading the previous values.
+            unsafe {
+                pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &mut state);
+                pthread_setcancelstate(state, &mut -1);
+                pthread_setcanceltype(PTHREAD_CANCEL_DEFERRED, &mut kind);
+                pthread_setcanceltype(kind, &mut -1);
+            }
+            (state, kind)
+        }
+        let (before, after) = std::thread::spawn(|| {
+            let before = now();
+            no_cancellation();
+            (before, now())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(before, (PTHREAD_CANCEL_ENABLE, PTHREAD_CANCEL_DEFERRED));
+        assert_eq!(after, (PTHREAD_CANCEL_DISABLE, PTHREAD_CANCEL_ASYNCHRONOUS));
+    }
 
     #[test]
     fn each_thread_has_its_own_core() {

@@ -135,6 +135,8 @@ fn main() -> ExitCode {
         },
         None => Config::embedded_default(),
     };
+    // The thread that runs the runtime (all of it, with one worker).
+    smtp_edge::cores::no_cancellation();
     let rt = match cfg.runtime.build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -23,7 +23,8 @@ const RULES: &[(&str, &[&str])] = &[
     ("telemetry", &["smtp", "cores"]),
     ("tls", &[]),
     ("policy", &["smtp", "telemetry"]),
-    ("config", &["smtp", "telemetry", "tls", "policy"]),
+    // `cores` for the runtime's thread-start hook (`no_cancellation`).
+    ("config", &["smtp", "telemetry", "tls", "policy", "cores"]),
     // `tls` for loading a client certificate pair (TLS to the backends).
     (
         "relay",

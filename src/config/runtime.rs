@@ -140,6 +140,9 @@ impl RuntimeConfig {
 
     fn tune(&self, b: &mut tokio::runtime::Builder) {
         b.enable_all();
+        // Workers and blocking threads (`main` and each core's thread do
+        // their own).
+        b.on_thread_start(crate::cores::no_cancellation);
         if self.event_interval > 0 {
             b.event_interval(self.event_interval);
         }
