@@ -565,11 +565,20 @@ async fn recorder_conn(
                 buf = all.split_off(consumed_total.min(total));
                 all.truncate(msg_len);
                 in_data = false;
-                if act(&mut s, &sc.dot, "250 2.0.0 Ok: queued").await? {
-                    messages.lock().unwrap().push(all);
-                } else {
-                    return Ok(());
+                match &sc.dot {
+                    Some(Act::Drop) => return Ok(()),
+                    Some(Act::Delay(d)) => tokio::time::sleep(*d).await,
+                    _ => {}
                 }
+                // Recorded before the reply is written: a client that has
+                // seen the final reply finds the message here (recorded
+                // after it, a test on another worker could look first).
+                messages.lock().unwrap().push(all);
+                let line = match &sc.dot {
+                    Some(Act::Reply(r)) => r.as_str(),
+                    _ => "250 2.0.0 Ok: queued",
+                };
+                s.write_all(format!("{line}\r\n").as_bytes()).await?;
                 continue;
             }
             let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
