@@ -44,15 +44,7 @@ impl Edge {
         let file = dir.path().join("smtp-edge.toml");
         std::fs::write(&file, config(addr, admin, &dir.path().join("mail"), policy)).unwrap();
         let log = dir.path().join("smtp-edge.log");
-        let proc = Running::listening(
-            Command::new(env!("CARGO_BIN_EXE_smtp-edge"))
-                .arg("--config")
-                .arg(&file)
-                .env("RUST_LOG", "info"),
-            &log,
-            addr,
-        )
-        .await;
+        let proc = Running::edge(&file, "info", &log, addr).await;
         Edge {
             proc,
             addr,

@@ -472,15 +472,7 @@ async fn identity_not_offered_is_logged_once_per_backend() {
     )
     .unwrap();
     let log = dir.path().join("smtp-edge.log");
-    let _edge = Running::listening(
-        std::process::Command::new(env!("CARGO_BIN_EXE_smtp-edge"))
-            .arg("--config")
-            .arg(&file)
-            .env("RUST_LOG", "info"),
-        &log,
-        addr,
-    )
-    .await;
+    let _edge = Running::edge(&file, "info", &log, addr).await;
     // Round robin: sessions alternate between the two backends; each
     // XCLIENT session opens a connection of its own.
     for s in 0..6 {
@@ -1212,15 +1204,7 @@ async fn one_worker_stays_one_thread_until_it_has_a_line_to_log() {
     );
     std::fs::write(&file, &good).unwrap();
     let log = dir.path().join("smtp-edge.log");
-    let edge = Running::listening(
-        std::process::Command::new(env!("CARGO_BIN_EXE_smtp-edge"))
-            .arg("--config")
-            .arg(&file)
-            .env("RUST_LOG", "warn"),
-        &log,
-        addr,
-    )
-    .await;
+    let edge = Running::edge(&file, "warn", &log, addr).await;
     let pid = edge.0.id();
     let mut c = Raw::greeted(addr).await;
     assert_eq!(c.cmd("EHLO one.example").await.code, 250);

@@ -201,15 +201,7 @@ async fn sighup_reloads_the_binary_and_keeps_it_on_errors() {
     );
     std::fs::write(&file, &base).unwrap();
     let log_path = dir.path().join("smtp-edge.log");
-    let mut proc = Running::listening(
-        Command::new(env!("CARGO_BIN_EXE_smtp-edge"))
-            .arg("--config")
-            .arg(&file)
-            .env("RUST_LOG", "info"),
-        &log_path,
-        addr,
-    )
-    .await;
+    let mut proc = Running::edge(&file, "info", &log_path, addr).await;
     let log_text = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let mut a = greeted_from("127.0.0.20", addr).await;
     assert_eq!(a.cmd("EHLO client.example.org").await.code, 250);

@@ -7,7 +7,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::otlp::{Got, Receiver};
@@ -47,15 +46,7 @@ async fn start_edge_with(backend: &str, telemetry: &str, extra: &str, level: &st
     )
     .unwrap();
     let log = dir.path().join("smtp-edge.log");
-    let proc = Running::listening(
-        Command::new(env!("CARGO_BIN_EXE_smtp-edge"))
-            .arg("--config")
-            .arg(&file)
-            .env("RUST_LOG", level),
-        &log,
-        addr,
-    )
-    .await;
+    let proc = Running::edge(&file, level, &log, addr).await;
     Edge {
         _proc: proc,
         addr,

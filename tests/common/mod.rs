@@ -501,23 +501,27 @@ impl Drop for Recorder {
     }
 }
 
-async fn act(s: &mut TcpStream, a: &Option<Act>, normal: &str) -> std::io::Result<bool> {
+/// The line `a` answers with (after its delay), or None when it drops the
+/// connection instead.
+async fn scripted<'a>(a: &'a Option<Act>, normal: &'a str) -> Option<&'a str> {
     match a {
-        None => s
-            .write_all(format!("{normal}\r\n").as_bytes())
-            .await
-            .map(|_| true),
-        Some(Act::Reply(r)) => s
-            .write_all(format!("{r}\r\n").as_bytes())
-            .await
-            .map(|_| true),
-        Some(Act::Drop) => Ok(false),
+        None => Some(normal),
+        Some(Act::Reply(r)) => Some(r),
+        Some(Act::Drop) => None,
         Some(Act::Delay(d)) => {
             tokio::time::sleep(*d).await;
-            s.write_all(format!("{normal}\r\n").as_bytes())
-                .await
-                .map(|_| true)
+            Some(normal)
         }
+    }
+}
+
+async fn act(s: &mut TcpStream, a: &Option<Act>, normal: &str) -> std::io::Result<bool> {
+    match scripted(a, normal).await {
+        Some(line) => s
+            .write_all(format!("{line}\r\n").as_bytes())
+            .await
+            .map(|_| true),
+        None => Ok(false),
     }
 }
 
@@ -565,19 +569,13 @@ async fn recorder_conn(
                 buf = all.split_off(consumed_total.min(total));
                 all.truncate(msg_len);
                 in_data = false;
-                match &sc.dot {
-                    Some(Act::Drop) => return Ok(()),
-                    Some(Act::Delay(d)) => tokio::time::sleep(*d).await,
-                    _ => {}
-                }
+                let Some(line) = scripted(&sc.dot, "250 2.0.0 Ok: queued").await else {
+                    return Ok(());
+                };
                 // Recorded before the reply is written: a client that has
                 // seen the final reply finds the message here (recorded
                 // after it, a test on another worker could look first).
                 messages.lock().unwrap().push(all);
-                let line = match &sc.dot {
-                    Some(Act::Reply(r)) => r.as_str(),
-                    _ => "250 2.0.0 Ok: queued",
-                };
                 s.write_all(format!("{line}\r\n").as_bytes()).await?;
                 continue;
             }
@@ -859,6 +857,20 @@ impl Running {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         proc
+    }
+
+    /// The built smtp-edge on the config file `config` at `RUST_LOG =
+    /// rust_log`, as `listening` starts it.
+    pub async fn edge(config: &Path, rust_log: &str, log: &Path, addr: SocketAddr) -> Running {
+        Running::listening(
+            Command::new(env!("CARGO_BIN_EXE_smtp-edge"))
+                .arg("--config")
+                .arg(config)
+                .env("RUST_LOG", rust_log),
+            log,
+            addr,
+        )
+        .await
     }
 }
 
