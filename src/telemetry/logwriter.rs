@@ -14,7 +14,7 @@
 
 use std::sync::{Mutex, OnceLock};
 
-use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, WorkerGuard};
+use tracing_appender::non_blocking::{NonBlocking, WorkerGuard};
 use tracing_subscriber::fmt::MakeWriter;
 
 /// Log lines queued for the log thread at most; beyond, lines are dropped
@@ -25,7 +25,6 @@ const LOG_QUEUE: usize = 65_536;
 static WRITER: OnceLock<NonBlocking> = OnceLock::new();
 /// Flushes the lines still queued when taken and dropped (`Flush`).
 static GUARD: Mutex<Option<WorkerGuard>> = Mutex::new(None);
-static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
 
 /// The `MakeWriter` of the log layer: the shared non-blocking writer,
 /// started on the first line.
@@ -55,7 +54,6 @@ fn writer() -> &'static NonBlocking {
                 64 * 1024,
                 std::io::stderr(),
             ));
-        let _ = DROPPED.set(writer.error_counter());
         // Nothing panics while holding the lock; a poisoned one is still
         // sound, and dropping the guard here would end the log thread.
         *GUARD.lock().unwrap_or_else(|e| e.into_inner()) = Some(guard);
@@ -66,7 +64,9 @@ fn writer() -> &'static NonBlocking {
 /// Log lines dropped because the log queue was full (stderr not read fast
 /// enough); 0 before the first line.
 pub(super) fn dropped_lines() -> u64 {
-    DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
+    WRITER
+        .get()
+        .map_or(0, |w| w.error_counter().dropped_lines() as u64)
 }
 
 /// Held by `Telemetry`: when dropped, the lines still queued are written
