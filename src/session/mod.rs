@@ -399,6 +399,24 @@ struct Session<S> {
     shutdown_wait: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>>,
     /// The client hung up while the session waited for the backend.
     client_gone: bool,
+    /// The command loop's own state, kept here rather than in its future
+    /// so that future's state byte opens its box (RESULTS.md section 33).
+    cmd: CommandWait,
+}
+
+/// The wait for a command line (`Session::run`).
+#[derive(Default)]
+struct CommandWait {
+    /// `timeouts.command`.
+    timeout: Duration,
+    /// The command timeout bounds the wait for a whole command line, not
+    /// each read: a client dribbling a byte at a time (slowloris) does
+    /// not extend it. None: a new wait, whose deadline is set when its
+    /// read first blocks (no clock read while commands are waiting in
+    /// the socket already).
+    deadline: Option<tokio::time::Instant>,
+    /// Input buffered before the last lines were processed.
+    before: usize,
 }
 
 /// A session ending action decided while handling a command.
@@ -518,6 +536,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             shutdown,
             shutdown_wait: None,
             client_gone: false,
+            cmd: CommandWait::default(),
         }
     }
 
@@ -785,15 +804,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn run(&mut self) -> Outcome {
-        let cmd_timeout = Duration::from_secs_f64(self.cfg().timeouts.command);
-        // The command timeout bounds the wait for a whole command line, not
-        // each read: a client dribbling a byte at a time (slowloris) does
-        // not extend it. None: a new wait, whose deadline is set when its
-        // read first blocks (no clock read while commands are waiting in
-        // the socket already).
-        let mut cmd_deadline: Option<tokio::time::Instant> = None;
+        self.cmd = CommandWait {
+            timeout: Duration::from_secs_f64(self.cfg().timeouts.command),
+            ..CommandWait::default()
+        };
         loop {
-            let before = self.inbuf.len();
+            self.cmd.before = self.inbuf.len();
             match self.process_lines().await {
                 Step::Continue => {}
                 Step::Quit => {
@@ -826,7 +842,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 match self.data_phase().await {
                     Ok(reply) => {
                         reply.write_to(&mut self.out);
-                        cmd_deadline = None;
+                        self.cmd.deadline = None;
                         self.st.messages += 1;
                         self.top.message();
                         self.end_txn();
@@ -859,11 +875,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Outcome::Closed;
             }
             let idle = self.st.mail.is_none();
-            if !self.st.skipping_line && (self.inbuf.is_empty() || self.inbuf.len() < before) {
+            if !self.st.skipping_line
+                && (self.inbuf.is_empty() || self.inbuf.len() < self.cmd.before)
+            {
                 // A command was taken, or none is begun: a new wait starts.
-                cmd_deadline = None;
+                self.cmd.deadline = None;
             }
-            let mut limit = Limit::or_until(cmd_timeout, cmd_deadline);
+            let mut limit = Limit::or_until(self.cmd.timeout, self.cmd.deadline);
             // Inside a BDAT transaction the minimum data rate bounds the
             // wait for the next chunk's command as well.
             let mut paced = false;
@@ -886,9 +904,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if let (Some(ch), Some(b)) = (self.st.chunking.as_mut(), blocked) {
                 ch.waited(b.since.elapsed());
             }
-            if cmd_deadline.is_none() {
+            if self.cmd.deadline.is_none() {
                 // A new wait's deadline, from when its read first blocked.
-                cmd_deadline = blocked.map(|b| b.since + cmd_timeout);
+                self.cmd.deadline = blocked.map(|b| b.since + self.cmd.timeout);
             }
             match read {
                 Ok(0) | Err(ReadErr::Io) => return Outcome::Closed,
