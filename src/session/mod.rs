@@ -839,23 +839,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 if !self.flush().await {
                     return Outcome::Closed;
                 }
-                match self.data_phase().await {
+                // The final reply is written before any other await: it
+                // is not kept in this future (whose state byte would move
+                // past it).
+                let delivered = match self.data_phase().await {
                     Ok(reply) => {
                         reply.write_to(&mut self.out);
-                        self.cmd.deadline = None;
-                        self.st.messages += 1;
-                        self.top.message();
-                        self.end_txn();
-                        if *self.shutdown.borrow() {
-                            self.reply(421, "4.3.2", "Service shutting down, closing connection");
-                            self.flush().await;
-                            return Outcome::Closed;
-                        }
+                        true
                     }
-                    Err(()) => {
-                        self.flush().await;
-                        return Outcome::Closed;
-                    }
+                    Err(()) => false,
+                };
+                if !delivered {
+                    self.flush().await;
+                    return Outcome::Closed;
+                }
+                self.cmd.deadline = None;
+                self.st.messages += 1;
+                self.top.message();
+                self.end_txn();
+                if *self.shutdown.borrow() {
+                    self.reply(421, "4.3.2", "Service shutting down, closing connection");
+                    self.flush().await;
+                    return Outcome::Closed;
                 }
                 continue;
             }
