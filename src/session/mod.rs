@@ -29,7 +29,8 @@
 //! backend's `ClientIdentity` at the first MAIL after each HELO. The TLS
 //! path, the command loop (`run`) and the rarer or larger futures (BDAT,
 //! `Backends::begin`, policy lookups) are boxed: an idle connection holds
-//! only the session future, which a unit test keeps small. The DATA phase
+//! a small task future and the box it points to (`Begun`: the session),
+//! which a unit test keeps small. The DATA phase
 //! and `resolve`'s replies are awaited inline (a few hundred bytes per
 //! idle connection against two allocations per message: loadtest/README.md,
 //! "Performance notes for developers").
