@@ -698,9 +698,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.st.owed.clear();
             return;
         };
-        let mut replies = std::mem::take(&mut self.replies);
-        txn.replies(&mut replies).await;
+        // Read into the session's own vector, taken out only after the
+        // await: a local moved across it would put this future's state
+        // byte behind the transaction's read (RESULTS.md section 33).
+        txn.replies(&mut self.replies).await;
         let broken = txn.is_broken();
+        let mut replies = std::mem::take(&mut self.replies);
         let mut mail_failed = false;
         let mut desync = false;
         // A deferred MAIL the backend refused, and whether a RCPT carried it.
