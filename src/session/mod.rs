@@ -136,32 +136,23 @@ pub fn handle<G: Send + 'static>(
         .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
     let at = Endpoints { peer, local };
     let start = match (listener.tls, shared.tls.clone()) {
-        (TlsMode::Implicit, Some(acceptor)) => Start::Tls(stream, acceptor, client),
-        _ => Start::Plain(Session::new(
-            stream,
-            at,
-            shared.clone(),
-            listener,
-            None,
+        (TlsMode::Implicit, Some(acceptor)) => Start::Tls {
+            io: stream,
+            acceptor,
             client,
-        )),
+            shared,
+            at,
+            listener,
+        },
+        _ => Start::Plain(Session::new(stream, at, shared, listener, None, client)),
     };
-    let begun = Box::new(Begun {
-        start,
-        shared,
-        at,
-        listener,
-        _end: end,
-    });
+    let begun = Box::new(Begun { start, _end: end });
     begun.serve().instrument(span)
 }
 
 /// A session as its task holds it, in one allocation.
 struct Begun<G> {
     start: Start,
-    shared: Arc<Shared>,
-    at: Endpoints,
-    listener: Listener,
     _end: SessionEnd<G>,
 }
 
@@ -170,7 +161,14 @@ struct Begun<G> {
 #[allow(clippy::large_enum_variant)]
 enum Start {
     Plain(Session<TcpStream>),
-    Tls(TcpStream, tokio_rustls::TlsAcceptor, Admitted),
+    Tls {
+        io: TcpStream,
+        acceptor: tokio_rustls::TlsAcceptor,
+        client: Admitted,
+        shared: Arc<Shared>,
+        at: Endpoints,
+        listener: Listener,
+    },
     Taken,
 }
 
@@ -200,12 +198,18 @@ impl<G> Begun<G> {
     fn hand_over(
         &mut self,
     ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> {
-        let (shared, at, listener) = (self.shared.clone(), self.at, self.listener);
         match std::mem::replace(&mut self.start, Start::Taken) {
-            Start::Tls(io, acceptor, client) => Some(Box::pin(
+            Start::Tls {
+                io,
+                acceptor,
+                client,
+                shared,
+                at,
+                listener,
+            } => Some(Box::pin(
                 shared.serve_tls(io, acceptor, at, listener, true, client),
             )),
-            Start::Plain(s) => Some(Box::pin(s.start_tls(shared, at, listener))),
+            Start::Plain(s) => Some(Box::pin(s.start_tls())),
             Start::Taken => None,
         }
     }
@@ -214,10 +218,19 @@ impl<G> Begun<G> {
 impl Session<TcpStream> {
     /// After STARTTLS's 220: the handshake and a fresh session over TLS
     /// (the client must EHLO again, RFC 3207).
-    async fn start_tls(self, shared: Arc<Shared>, at: Endpoints, listener: Listener) {
+    async fn start_tls(self) {
         let Session {
-            io, st, pol, top, ..
+            io,
+            st,
+            pol,
+            top,
+            shared,
+            listener,
+            peer,
+            local,
+            ..
         } = self;
+        let at = Endpoints { peer, local };
         if let Some(c) = st.dedicated {
             Box::pin(c.quit()).await;
         }
