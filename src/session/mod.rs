@@ -421,7 +421,7 @@ struct Session<S> {
 /// The wait for a command line (`Session::run`).
 #[derive(Default)]
 struct CommandWait {
-    /// `timeouts.command`.
+    /// `timeouts.command`, converted once per session (`Session::new`).
     timeout: Duration,
     /// The command timeout bounds the wait for a whole command line, not
     /// each read: a client dribbling a byte at a time (slowloris) does
@@ -526,6 +526,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let Admitted { pol, top } = client;
         let shutdown = shared.shutdown.clone();
         let data_block = std::time::Duration::from_secs_f64(shared.cfg.timeouts.data_block);
+        let command_timeout = shared.cfg.timeouts.command;
         Session {
             io,
             peer: at.peer,
@@ -550,7 +551,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             shutdown,
             shutdown_wait: None,
             client_gone: false,
-            cmd: CommandWait::default(),
+            cmd: CommandWait {
+                timeout: Duration::from_secs_f64(command_timeout),
+                ..CommandWait::default()
+            },
         }
     }
 
@@ -821,10 +825,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn run(&mut self) -> Outcome {
-        self.cmd = CommandWait {
-            timeout: Duration::from_secs_f64(self.cfg().timeouts.command),
-            ..CommandWait::default()
-        };
         loop {
             self.cmd.before = self.inbuf.len();
             match self.process_lines().await {
