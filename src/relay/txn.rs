@@ -6,6 +6,7 @@
 //! reply read; `end` gives the connection back only after a clean end,
 //! `abort` drops it without ending the data.
 
+use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -171,27 +172,34 @@ impl Txn {
     /// is replaced by a fresh one and the commands replayed; any other
     /// failure turns every owed reply into a 451.
     pub async fn replies(&mut self, out: &mut Vec<Reply>) {
-        if let Inner::Maildir { replies, .. } = &mut self.inner {
-            out.extend(replies.drain(..));
-            return;
-        }
-        // Without PIPELINING at the backend, one command per round trip.
-        let pipelining = self.pipelining();
         let queued = match &mut self.inner {
-            Inner::Smtp { wbuf, .. } => std::mem::take(wbuf),
-            Inner::Maildir { .. } => Vec::new(),
+            Inner::Maildir { replies, .. } => {
+                out.extend(replies.drain(..));
+                return;
+            }
+            Inner::Smtp { wbuf, .. } => wbuf.len(),
         };
+        // The batch stays in `wbuf` and goes by its range: no buffer is
+        // moved across the awaits (RESULTS.md section 33's layout rule).
         // Pipelined: all of it at once (even nothing: replies may be owed);
-        // else line by line.
-        let failed = if pipelining {
+        // else, without PIPELINING at the backend, one line per round trip.
+        let failed = if self.pipelining() {
             let owed = self.pending.len();
-            !self.exchange(&queued, owed, out).await
+            !self.exchange(0..queued, owed, out).await
         } else {
+            let mut at = 0;
             let mut failed = false;
-            for line in queued.split_inclusive(|&b| b == b'\n') {
-                if failed || !self.exchange(line, 1, out).await {
+            while at < queued {
+                let end = match &self.inner {
+                    Inner::Smtp { wbuf, .. } => {
+                        memchr::memchr(b'\n', &wbuf[at..queued]).map_or(queued, |i| at + i + 1)
+                    }
+                    Inner::Maildir { .. } => queued,
+                };
+                if failed || !self.exchange(at..end, 1, out).await {
                     failed = true;
                 }
+                at = end;
             }
             failed
         };
@@ -206,38 +214,32 @@ impl Txn {
             }
         }
         if let Inner::Smtp { wbuf, .. } = &mut self.inner {
-            *wbuf = queued;
             wbuf.clear();
         }
     }
 
-    /// Sends `bytes` and reads `owed` replies. A reused connection that
-    /// proves dead before its first reply is replaced by a fresh one and
-    /// everything since checkout replayed. False when the backend failed.
-    async fn exchange(&mut self, bytes: &[u8], owed: usize, out: &mut Vec<Reply>) -> bool {
+    /// Sends `wbuf[sent]` and reads `owed` replies into `out`. A reused
+    /// connection that proves dead before its first reply (or refuses the
+    /// RSET queued first) is replaced by a fresh one and everything since
+    /// checkout replayed. False when the backend failed.
+    ///
+    /// Only the read loop is here; what a reply means is `take_reply`'s, so
+    /// that this future keeps a few words across its awaits.
+    async fn exchange(&mut self, sent: Range<usize>, owed: usize, out: &mut Vec<Reply>) -> bool {
         // The fields apart, not a clone of `backends`: its reference count
         // is one cache line every core would write per message.
-        let Txn {
-            backends,
-            group,
-            inner,
-            pending,
-            ..
-        } = self;
-        let t = backends.command_timeout;
+        let t = self.backends.command_timeout;
         let Inner::Smtp {
-            conn,
+            conn: Some(c),
+            wbuf,
             replay,
             replaying,
-            reused,
             ..
-        } = inner
+        } = &mut self.inner
         else {
             return false;
         };
-        let Some(c) = conn.as_mut() else {
-            return false;
-        };
+        let bytes = &wbuf[sent.clone()];
         if *replaying {
             replay.extend_from_slice(bytes);
         }
@@ -245,87 +247,29 @@ impl Txn {
             tracing::debug!("backend write failed: {e}");
         }
         let mut got = 0;
-        // Where the next RCPT's address is looked for in `bytes`, and the
+        // Where the next RCPT's address is looked for in the batch, and the
         // RCPT replies since, whose addresses were not needed.
-        let (mut rcpt_at, mut rcpt_skip) = (0, 0usize);
-        while got < owed && !pending.is_empty() {
-            let c = conn.as_mut().expect("conn");
-            match c.read_reply(t).await {
-                Ok(reply) => {
-                    let first = std::mem::take(replaying);
-                    got += 1;
-                    let pend = pending.pop_front();
-                    // A refused RSET (queued first on a reused connection)
-                    // leaves the backend's state unknown: what follows could
-                    // be refused for it, and the client must never hear a
-                    // refusal the backend did not mean for its message. The
-                    // connection is dropped; on a reused one the rest is
-                    // replayed on a fresh one, as for a dead one.
-                    if matches!(pend, Some(Pend::Internal("RSET"))) && reply.code / 100 != 2 {
-                        tracing::warn!(
-                            backend = %c.peer,
-                            "RSET refused: {} {}; dropping the connection",
-                            reply.code,
-                            reply.text()
-                        );
-                        if !(first && *reused) {
-                            return false;
-                        }
-                        *reused = false;
-                        let rest = replay.strip_prefix(b"RSET\r\n").unwrap_or(replay);
-                        if replace(backends, c, rest).await.is_err() {
-                            *conn = None;
-                            return false;
-                        }
-                        continue;
-                    }
-                    // 421: the backend is closing; the client gets a 451 (its
-                    // own session goes on) and the connection is not reused.
-                    let closing = reply.code == 421;
-                    let reply = if closing {
-                        closing_to_451(&reply)
-                    } else {
-                        reply
-                    };
-                    match pend {
-                        Some(Pend::Client) => out.push(reply),
-                        Some(Pend::Rcpt) => {
-                            // The address is read back only for a refusal.
-                            match &backends.unknown {
-                                Some(u) if reply.code / 100 == 5 => {
-                                    let to = (0..=rcpt_skip)
-                                        .map(|_| next_rcpt(bytes, &mut rcpt_at))
-                                        .last()
-                                        .flatten();
-                                    rcpt_skip = 0;
-                                    if let Some(to) = to {
-                                        u.note(*group, to, &reply);
-                                    }
-                                }
-                                _ => rcpt_skip += 1,
-                            }
-                            out.push(reply);
-                        }
-                        Some(Pend::Internal(what)) if !reply.is_positive() => {
-                            tracing::warn!(backend = %c.peer, "{what} refused: {} {}", reply.code, reply.text());
-                        }
-                        Some(Pend::Internal(_)) => {}
-                        None => {}
-                    }
-                    if closing {
-                        tracing::warn!(backend = %c.peer, "backend said 421; dropping the connection");
-                        return false;
-                    }
-                }
-                Err(e) => {
-                    if !(*reused && std::mem::take(replaying)) {
-                        tracing::warn!(backend = %c.peer, "backend failed: {e}");
-                        return false;
-                    }
-                    tracing::debug!(backend = %c.peer, "reused connection dead ({e}), reconnecting");
-                    *reused = false;
-                    if replace(backends, c, replay).await.is_err() {
-                        *conn = None;
+        let mut rcpts = RcptCursor {
+            at: sent.start,
+            end: sent.end,
+            skip: 0,
+        };
+        while got < owed && !self.pending.is_empty() {
+            // In a block of its own: the reply's storage ends before the
+            // reconnect's await below (else kept beside it in this future).
+            let next = {
+                let read = match &mut self.inner {
+                    Inner::Smtp { conn: Some(c), .. } => c.read_reply(t).await,
+                    _ => return false,
+                };
+                got += usize::from(read.is_ok());
+                self.take_reply(read, &mut rcpts, out)
+            };
+            match next {
+                Next::Read => {}
+                Next::Fail => return false,
+                Next::Replace { after_rset } => {
+                    if !self.reconnect(after_rset).await {
                         return false;
                     }
                 }
@@ -333,6 +277,150 @@ impl Txn {
         }
         true
     }
+
+    /// What one reply (or a failed read) means for the transaction: passed
+    /// on to `out`, consumed (RSET, XFORWARD), or the connection replaced
+    /// or given up.
+    fn take_reply(
+        &mut self,
+        read: Result<Reply, BackendError>,
+        rcpts: &mut RcptCursor,
+        out: &mut Vec<Reply>,
+    ) -> Next {
+        let Txn {
+            backends,
+            group,
+            inner,
+            pending,
+            ..
+        } = self;
+        let Inner::Smtp {
+            conn: Some(c),
+            wbuf,
+            replaying,
+            reused,
+            ..
+        } = inner
+        else {
+            return Next::Fail;
+        };
+        let reply = match read {
+            Ok(reply) => reply,
+            Err(e) => {
+                if !(*reused && std::mem::take(replaying)) {
+                    tracing::warn!(backend = %c.peer, "backend failed: {e}");
+                    return Next::Fail;
+                }
+                tracing::debug!(backend = %c.peer, "reused connection dead ({e}), reconnecting");
+                *reused = false;
+                return Next::Replace { after_rset: false };
+            }
+        };
+        let first = std::mem::take(replaying);
+        let pend = pending.pop_front();
+        // A refused RSET (queued first on a reused connection) leaves the
+        // backend's state unknown: what follows could be refused for it,
+        // and the client must never hear a refusal the backend did not mean
+        // for its message. The connection is dropped; on a reused one the
+        // rest is replayed on a fresh one, as for a dead one.
+        if matches!(pend, Some(Pend::Internal("RSET"))) && reply.code / 100 != 2 {
+            tracing::warn!(
+                backend = %c.peer,
+                "RSET refused: {} {}; dropping the connection",
+                reply.code,
+                reply.text()
+            );
+            if !(first && *reused) {
+                return Next::Fail;
+            }
+            *reused = false;
+            return Next::Replace { after_rset: true };
+        }
+        // 421: the backend is closing; the client gets a 451 (its own
+        // session goes on) and the connection is not reused.
+        let closing = reply.code == 421;
+        let reply = if closing {
+            closing_to_451(&reply)
+        } else {
+            reply
+        };
+        match pend {
+            Some(Pend::Client) => out.push(reply),
+            Some(Pend::Rcpt) => {
+                // The address is read back only for a refusal.
+                match &backends.unknown {
+                    Some(u) if reply.code / 100 == 5 => {
+                        let bytes = &wbuf[..rcpts.end];
+                        let to = (0..=rcpts.skip)
+                            .map(|_| next_rcpt(bytes, &mut rcpts.at))
+                            .last()
+                            .flatten();
+                        rcpts.skip = 0;
+                        if let Some(to) = to {
+                            u.note(*group, to, &reply);
+                        }
+                    }
+                    _ => rcpts.skip += 1,
+                }
+                out.push(reply);
+            }
+            Some(Pend::Internal(what)) if !reply.is_positive() => {
+                tracing::warn!(backend = %c.peer, "{what} refused: {} {}", reply.code, reply.text());
+            }
+            Some(Pend::Internal(_)) => {}
+            None => {}
+        }
+        if closing {
+            tracing::warn!(backend = %c.peer, "backend said 421; dropping the connection");
+            return Next::Fail;
+        }
+        Next::Read
+    }
+
+    /// `Next::Replace`: the reused connection replaced by a fresh one in the
+    /// same slot, which is sent everything since checkout (after a refused
+    /// RSET, the RSET left out). False (the connection dropped) when that
+    /// fails.
+    async fn reconnect(&mut self, after_rset: bool) -> bool {
+        let Txn {
+            backends, inner, ..
+        } = self;
+        let Inner::Smtp { conn, replay, .. } = inner else {
+            return false;
+        };
+        let Some(c) = conn.as_mut() else {
+            return false;
+        };
+        let sent = if after_rset {
+            replay.strip_prefix(b"RSET\r\n").unwrap_or(replay)
+        } else {
+            replay
+        };
+        if replace(backends, c, sent).await.is_err() {
+            *conn = None;
+            return false;
+        }
+        true
+    }
+}
+
+/// Where `take_reply` looks for the next refused RCPT's address in the
+/// batch (`wbuf[at..end]`), and the RCPT replies since, whose addresses
+/// were not needed.
+struct RcptCursor {
+    at: usize,
+    end: usize,
+    skip: usize,
+}
+
+/// What `exchange` does after `take_reply`.
+enum Next {
+    /// Read the next reply owed.
+    Read,
+    /// Give the connection up: every reply still owed becomes a 451.
+    Fail,
+    /// Replace the reused connection and replay (`Txn::reconnect`).
+    Replace { after_rset: bool },
 }
 
 /// Replaces a reused connection (dead, or its RSET refused) by a fresh one
