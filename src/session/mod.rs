@@ -803,6 +803,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             inbuf::read(&mut self.io, &mut self.inbuf, inbuf::room_for_commands),
         );
         if watch_shutdown {
+            // Read first (`biased`): a read that is ready at once leaves the
+            // shutdown future (its box, the watch's waiter list) untouched;
+            // one atomic load instead sees a shutdown signalled meanwhile,
+            // so a client that always has more to send still hears it.
+            if self.shutdown.has_changed().unwrap_or(false) && *self.shutdown.borrow() {
+                self.shutdown_wait = None;
+                return Err(ReadErr::Shutdown);
+            }
             let shutdown = &self.shutdown;
             let sd = self.shutdown_wait.get_or_insert_with(|| {
                 let mut rx = shutdown.clone();
@@ -811,6 +819,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 })
             });
             let r = tokio::select! {
+                biased;
                 r = read => map_read(r),
                 _ = sd.as_mut() => Err(ReadErr::Shutdown),
             };
