@@ -57,29 +57,46 @@ pub(super) async fn while_client_stays<S: AsyncRead + Unpin, T>(
     }
 }
 
-/// A transaction begun on group `g` for `id`: at once when
+/// What `begin_txn` is given: the group, the client, and a connection
+/// kept for this client (`dedicated`) if any.
+pub(super) type Begin<'a> = (GroupId, &'a ClientIdentity, Option<PooledConn>);
+
+/// A transaction begun on group `g` for `id` at once, when
 /// `Backends::begin_now` can (the usual case: nothing boxed, no future of
-/// the relay's polled), else `Backends::begin` boxed and awaited while
-/// the client stays (None: it left). `span` is the transaction's, the
-/// parent of the backend's. The transaction goes straight into `slot`
-/// (the session's): returned, it would be moved through the command
-/// future's state three times before it got there, a few hundred bytes
-/// of cold lines written per message (RESULTS.md section 30).
-pub(super) async fn begin_txn<S: AsyncRead + Unpin>(
-    io: &mut S,
-    inbuf: &mut BytesMut,
+/// the relay's polled or made): None. Else `begin` back, for
+/// `begin_wait`. `span` is the transaction's, the parent of the
+/// backend's. The transaction goes straight into `slot` (the session's):
+/// returned, it would be moved through the command future's state three
+/// times before it got there, a few hundred bytes of cold lines written
+/// per message (RESULTS.md section 30). Not async: a future made for the
+/// usual case would have its arguments written into the command's state,
+/// on lines nothing else of the message touches.
+pub(super) fn begin_txn<'a>(
     relay: &Arc<Backends>,
-    (g, id, dedicated): (GroupId, &ClientIdentity, Option<PooledConn>),
+    begin: Begin<'a>,
     held: &mut Option<Arc<Backends>>,
     span: &Span,
     slot: &mut Option<Txn>,
-) -> Option<Result<(), Reply>> {
-    if dedicated.is_none() {
-        if let Some(txn) = span.in_scope(|| relay.begin_now(g, id, held)) {
+) -> Option<Begin<'a>> {
+    if begin.2.is_none() {
+        if let Some(txn) = span.in_scope(|| relay.begin_now(begin.0, begin.1, held)) {
             *slot = Some(txn);
-            return Some(Ok(()));
+            return None;
         }
     }
+    Some(begin)
+}
+
+/// The transaction `begin_txn` could not begin at once: `Backends::begin`
+/// boxed and awaited while the client stays (None: it left).
+pub(super) async fn begin_wait<S: AsyncRead + Unpin>(
+    io: &mut S,
+    inbuf: &mut BytesMut,
+    relay: &Arc<Backends>,
+    (g, id, dedicated): Begin<'_>,
+    span: &Span,
+    slot: &mut Option<Txn>,
+) -> Option<Result<(), Reply>> {
     // Boxed (`while_client_stays` takes it `Unpin`): the one allocation
     // of a message that does not begin at once (tests/allocs.rs).
     let begin = Box::pin(relay.begin(g, id, dedicated).instrument(span.clone()));
@@ -406,16 +423,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // fewer per message (RESULTS.md section 24).
         let begin = (GroupId::UNROUTED, &**id, dedicated);
         let (held, slot) = (&mut st.held, &mut st.txn);
-        let begun = begin_txn(
-            &mut self.io,
-            &mut self.inbuf,
-            &relay,
-            begin,
-            held,
-            &span,
-            slot,
-        );
-        let begun = begun.await;
+        let begun = match begin_txn(&relay, begin, held, &span, slot) {
+            None => Some(Ok(())),
+            Some(begin) => {
+                begin_wait(&mut self.io, &mut self.inbuf, &relay, begin, &span, slot).await
+            }
+        };
         drop(relay);
         match begun {
             None => {

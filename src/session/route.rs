@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::commands::begin_txn;
+use super::commands::{begin_txn, begin_wait};
 use super::{Owed, Session};
 use crate::relay::route::GroupId;
 use crate::relay::{backend_lost, Backends};
@@ -130,16 +130,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let span = self.st.txn_span.clone().unwrap_or_else(tracing::Span::none);
         let begin = (g, id, dedicated);
         let (held, slot) = (&mut self.st.held, &mut self.st.txn);
-        let begun = begin_txn(
-            &mut self.io,
-            &mut self.inbuf,
-            backends,
-            begin,
-            held,
-            &span,
-            slot,
-        );
-        match begun.await {
+        let begun = match begin_txn(backends, begin, held, &span, slot) {
+            None => Some(Ok(())),
+            Some(begin) => {
+                begin_wait(&mut self.io, &mut self.inbuf, backends, begin, &span, slot).await
+            }
+        };
+        match begun {
             None => {
                 self.client_gone = true;
                 return false;
