@@ -200,9 +200,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             max_line,
         });
         let mut pace = self.new_pace();
+        // The forward list stays in the session (taken out only for the
+        // header, before any await): kept in this future, it would be
+        // written back to a line the message's bytes have evicted.
         let mut fwd = std::mem::take(&mut self.fwd);
         fwd.clear();
         fwd.push_literal(|out| self.received_header(out));
+        self.fwd = fwd;
         let mut too_big = false;
         let mut backend_ok = true;
         // The transaction stays in the session's state: moved out into this
@@ -216,14 +220,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     // The backend is in command mode: read the client's
                     // message to its end and send nothing.
                     scanner.set_discard();
-                    fwd.clear();
+                    self.fwd.clear();
                     backend_refusal = Some(r);
                 }
             }
         }
         loop {
             if !self.inbuf.is_empty() {
-                let scan = scanner.feed_into(&self.inbuf, &mut fwd);
+                let scan = scanner.feed_into(&self.inbuf, &mut self.fwd);
                 let consumed = match scan {
                     Scan::More => self.inbuf.len(),
                     Scan::End { consumed } => consumed,
@@ -235,18 +239,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let refused = too_big
                     || (mode == BareLineEndings::Reject && scanner.bare_line_ending_seen())
                     || scanner.long_line_seen();
-                if backend_ok && !refused && backend_refusal.is_none() && !fwd.is_empty() {
+                if backend_ok && !refused && backend_refusal.is_none() && !self.fwd.is_empty() {
                     if let Some(t) = self.st.txn.as_mut() {
                         // Straight from the input buffer: the message's
                         // bytes are not copied on their way through.
-                        let mut bufs = fwd.io_slices(&self.inbuf);
+                        let mut bufs = self.fwd.io_slices(&self.inbuf);
                         if let Err(e) = t.send_data_vectored(&mut bufs).await {
                             warn!("backend failed during DATA: {e}");
                             backend_ok = false;
                         }
                     }
                 }
-                fwd.clear();
+                self.fwd.clear();
                 self.inbuf.advance(consumed);
                 if let Scan::End { .. } = scan {
                     break;
@@ -304,8 +308,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // The backend's refusal of DATA, or its reply after the dot.
         reply.ensure_enhanced(Answered::Message);
         self.message_done(&reply, size);
-        fwd.clear();
-        self.fwd = fwd;
         Ok(reply)
     }
 
