@@ -190,12 +190,10 @@ impl Txn {
             let mut at = 0;
             let mut failed = false;
             while at < queued {
-                let end = match &self.inner {
-                    Inner::Smtp { wbuf, .. } => {
-                        memchr::memchr(b'\n', &wbuf[at..queued]).map_or(queued, |i| at + i + 1)
-                    }
-                    Inner::Maildir { .. } => queued,
+                let Inner::Smtp { wbuf, .. } = &self.inner else {
+                    break;
                 };
+                let end = memchr::memchr(b'\n', &wbuf[at..queued]).map_or(queued, |i| at + i + 1);
                 if failed || !self.exchange(at..end, 1, out).await {
                     failed = true;
                 }
