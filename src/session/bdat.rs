@@ -108,7 +108,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.chunking_reply(&ch, reply, last);
         if !last {
             self.st.chunking = Some(ch);
-        } else if *self.shutdown.borrow() {
+        } else if self.shutting_down() {
             self.reply(421, "4.3.2", "Service shutting down, closing connection");
             return Step::Close;
         }

@@ -27,12 +27,12 @@
 //! The `Received:` header's prefix is built once per HELO
 //! (`State.received`), its date at most once per second per thread; the
 //! backend's `ClientIdentity` at the first MAIL after each HELO. The TLS
-//! path, the command loop (`run`) and the rarer or larger futures (BDAT,
-//! `Backends::begin`, policy lookups) are boxed: an idle connection holds
-//! a small task future and the box it points to (`Begun`: the session),
-//! which a unit test keeps small. The DATA phase
-//! and `resolve`'s replies are awaited inline (a few hundred bytes per
-//! idle connection against two allocations per message: loadtest/README.md,
+//! path and the rarer or larger futures (BDAT, `Backends::begin`, policy
+//! lookups) are boxed: an idle connection holds the task's future (the
+//! command loop `run` inline in it) and the box it points to (`Begun`:
+//! the session), which a unit test keeps small. The DATA phase and
+//! `resolve`'s replies are awaited inline (a few hundred bytes per idle
+//! connection against two allocations per message: loadtest/README.md,
 //! "Performance notes for developers").
 
 use std::collections::VecDeque;
@@ -416,7 +416,8 @@ struct Session<S> {
     /// The client hung up while the session waited for the backend.
     client_gone: bool,
     /// The command loop's own state, kept here rather than in its future
-    /// so that future's state byte opens its box (RESULTS.md section 33).
+    /// so that future's state byte sits at its start (RESULTS.md section
+    /// 33).
     cmd: CommandWait,
 }
 
@@ -562,6 +563,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     fn cfg(&self) -> &Config {
         &self.shared.cfg
+    }
+
+    /// Whether the server is shutting down. Asked once per message: the
+    /// version check is one atomic load, and the value (behind the watch's
+    /// lock, a line every core would write) is read only once the version
+    /// moved; the sender only ever sends `true`.
+    fn shutting_down(&self) -> bool {
+        self.shutdown.has_changed().unwrap_or(false) && *self.shutdown.borrow()
     }
 
     fn reply(&mut self, code: u16, enh: &str, text: &str) {
@@ -800,19 +809,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn read_more(&mut self, limit: Limit, watch_shutdown: bool) -> Result<usize, ReadErr> {
+        // The read goes first below (`biased`): a read that is ready at once
+        // leaves the shutdown future (its box, the watch's waiter list)
+        // untouched; `shutting_down` instead sees a shutdown signalled
+        // meanwhile, so a client that always has more to send still hears it.
+        if watch_shutdown && self.shutting_down() {
+            self.shutdown_wait = None;
+            return Err(ReadErr::Shutdown);
+        }
         let read = self.read_timer.within(
             limit,
             inbuf::read(&mut self.io, &mut self.inbuf, inbuf::room_for_commands),
         );
         if watch_shutdown {
-            // Read first (`biased`): a read that is ready at once leaves the
-            // shutdown future (its box, the watch's waiter list) untouched;
-            // one atomic load instead sees a shutdown signalled meanwhile,
-            // so a client that always has more to send still hears it.
-            if self.shutdown.has_changed().unwrap_or(false) && *self.shutdown.borrow() {
-                self.shutdown_wait = None;
-                return Err(ReadErr::Shutdown);
-            }
             let shutdown = &self.shutdown;
             let sd = self.shutdown_wait.get_or_insert_with(|| {
                 let mut rx = shutdown.clone();
@@ -885,7 +894,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.st.messages += 1;
                 self.top.message();
                 self.end_txn();
-                if *self.shutdown.borrow() {
+                if self.shutting_down() {
                     self.reply(421, "4.3.2", "Service shutting down, closing connection");
                     self.flush().await;
                     return Outcome::Closed;
