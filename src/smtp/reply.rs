@@ -278,12 +278,14 @@ impl Reply {
             return Ok(None);
         }
         // A complete one-line reply (the usual case) in one pass.
-        if let Some(lf) = memchr::memchr(b'\n', &buf[..buf.len().min(MAX_REPLY_LINE)]) {
+        if let Some((lf, plain)) = first_line(buf) {
             let line = strip_cr(&buf[..lf]);
             if line.get(3) != Some(&b'-') {
                 let (code, _, text) = split_line(line)?;
-                if let Some(reply) = Reply::wired(code, line, text) {
-                    return Ok(Some((reply, lf + 1)));
+                if plain {
+                    if let Some(reply) = Reply::wired(code, line, text) {
+                        return Ok(Some((reply, lf + 1)));
+                    }
                 }
                 let mut reply = Reply {
                     code,
@@ -349,14 +351,17 @@ impl Reply {
     /// same bytes: an enhanced code of the code's class spelled without
     /// leading zeros, then nothing or a space and some text (or, for a 1xx
     /// or 3xx reply, which gets no enhanced code, any text after the
-    /// space), all of it ASCII with no CR, and no longer than the inline
-    /// buffer. Otherwise None (`push_line` builds the plain form).
+    /// space). `line` is plain (`first_line`: ASCII, no CR, no longer than
+    /// the inline buffer). Otherwise None (`push_line` builds the plain
+    /// form).
     fn wired(code: u16, line: &[u8], text: &[u8]) -> Option<Reply> {
+        debug_assert!(line.len() <= INLINE && line.is_ascii() && !line.contains(&b'\r'));
         let (enhanced, head) = match parse_enhanced(text, code) {
             Some((enh, len)) => {
-                let spelled = 3 + digits(enh.1) + digits(enh.2);
+                // Five bytes are a digit each, spelled as `write_to` would.
+                let spelled = len == 5 || len == 3 + digits(enh.1) + digits(enh.2);
                 // `250 2.1.0 ` with nothing after: written without the space.
-                if len != spelled || text.len() == len + 1 {
+                if !spelled || text.len() == len + 1 {
                     return None;
                 }
                 (Some(enh), (4 + len + 1).min(line.len()))
@@ -366,11 +371,6 @@ impl Reply {
             None if matches!(code / 100, 1 | 3) && line.len() > 3 => (None, 4),
             None => return None,
         };
-        // A line past the inline buffer would allocate where the text
-        // alone might not: the plain form then.
-        if line.len() > INLINE || !line.is_ascii() || memchr::memchr(b'\r', line).is_some() {
-            return None;
-        }
         Some(Reply {
             code,
             enhanced,
@@ -535,6 +535,28 @@ fn write_dec(out: &mut Vec<u8>, n: u16) {
     out.extend_from_slice(&buf[..k]);
 }
 
+/// Where the first line of `buf` ends (its LF, within `MAX_REPLY_LINE`
+/// bytes), and whether it is plain enough for `Reply::wired`: ASCII, no
+/// CR but one right before the LF, at most `INLINE` bytes without its
+/// ending (a longer line would allocate where its text alone might not).
+/// One `memchr2` for the first CR or LF answers both the end and the CR
+/// question of a usual reply (`250 2.0.0 Ok: queued as 4XyZ\r\n`): a
+/// `memchr` for each cost twice as much (RESULTS.md section 35).
+#[inline]
+fn first_line(buf: &[u8]) -> Option<(usize, bool)> {
+    let window = &buf[..buf.len().min(MAX_REPLY_LINE)];
+    let i = memchr::memchr2(b'\r', b'\n', window)?;
+    let plain = |end: usize| end <= INLINE && window[..end].is_ascii();
+    if window[i] == b'\n' {
+        return Some((i, plain(i)));
+    }
+    if window.get(i + 1) == Some(&b'\n') {
+        return Some((i + 1, plain(i)));
+    }
+    // A CR inside the line: not plain.
+    memchr::memchr(b'\n', &window[i + 1..]).map(|k| (i + 1 + k, false))
+}
+
 fn strip_cr(line: &[u8]) -> &[u8] {
     line.strip_suffix(b"\r").unwrap_or(line)
 }
@@ -590,8 +612,24 @@ fn check_partial(rest: &[u8], code: Option<u16>) -> Result<(), ReplyError> {
 
 /// Parses `x.y.z` followed by a space or the end of the text, where `x` is
 /// the first digit of `code`. Returns the code and the length of `x.y.z`.
+#[inline]
 fn parse_enhanced(text: &[u8], code: u16) -> Option<(EnhancedCode, usize)> {
     let class = (code / 100) as u8;
+    // The usual spelling, a digit each (`2.1.0`), inline; longer numbers
+    // in a call of their own.
+    if let [c, b'.', s @ b'0'..=b'9', b'.', d @ b'0'..=b'9', rest @ ..] = text {
+        if *c == b'0' + class && matches!(rest.first(), None | Some(b' ')) {
+            let (s, d) = (u16::from(s - b'0'), u16::from(d - b'0'));
+            return Some((EnhancedCode(class, s, d), 5));
+        }
+    }
+    parse_enhanced_long(text, class)
+}
+
+/// `parse_enhanced` for a code spelled with more than one digit in its
+/// second or third number (`5.7.26`), or for what is none.
+#[inline(never)]
+fn parse_enhanced_long(text: &[u8], class: u8) -> Option<(EnhancedCode, usize)> {
     let first = *text.first()?;
     if first != b'0' + class || text.get(1) != Some(&b'.') {
         return None;
@@ -884,6 +922,42 @@ mod tests {
         assert_eq!(r.enhanced, None);
         let (r, _) = parse_all("451 4.01.001 x\r\n");
         assert_eq!(r.enhanced, Some(EnhancedCode(4, 1, 1)));
+    }
+
+    #[test]
+    fn first_line_ends_and_plainness() {
+        // (input, LF's index and plain)
+        let long = format!("250 {}\r\n", "x".repeat(INLINE - 4));
+        let longer = format!("250 {}\r\n", "x".repeat(INLINE - 3));
+        let cases: [(&[u8], Option<(usize, bool)>); 10] = [
+            (b"", None),
+            (b"250 ok", None),
+            (b"250 ok\r", None),
+            (b"250 ok\r\n", Some((7, true))),
+            (b"250 ok\n250 more\r\n", Some((6, true))),
+            (b"250 o\rk\r\n", Some((8, false))),
+            (b"250 o\rk", None),
+            ("250 \u{e9}\r\n".as_bytes(), Some((7, false))),
+            (long.as_bytes(), Some((INLINE + 1, true))),
+            (longer.as_bytes(), Some((INLINE + 2, false))),
+        ];
+        for (input, want) in cases {
+            assert_eq!(
+                first_line(input),
+                want,
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
+        // A one-digit enhanced code and a longer one read the same way.
+        let (r, _) = parse_all("250 2.1.0 Ok\r\n");
+        assert_eq!(r.enhanced, Some(EnhancedCode(2, 1, 0)));
+        let (r, _) = parse_all("550 5.7.26 Unauthenticated\r\n");
+        assert_eq!(r.enhanced, Some(EnhancedCode(5, 7, 26)));
+        assert_eq!(r.lines().collect::<Vec<_>>(), vec!["Unauthenticated"]);
+        let (r, _) = parse_all("250 2.1.05 x\r\n");
+        assert_eq!(r.enhanced, Some(EnhancedCode(2, 1, 5)));
+        assert_eq!(wire(&r), "250 2.1.5 x\r\n");
     }
 
     #[test]
