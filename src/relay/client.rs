@@ -146,7 +146,11 @@ impl Caps {
 /// One connection to a backend, greeted and EHLO'd.
 pub struct BackendConn {
     pub(crate) stream: BackendStream,
+    /// Bytes read and not yet parsed start at `rpos`; both go back to
+    /// empty once every reply read is parsed, so `rbuf.is_empty()` means
+    /// nothing is pending.
     rbuf: Vec<u8>,
+    rpos: usize,
     pub caps: Caps,
     /// Transactions started on this connection.
     pub txns: u32,
@@ -235,6 +239,7 @@ impl BackendConn {
         let mut conn = BackendConn {
             stream,
             rbuf: Vec::with_capacity(512),
+            rpos: 0,
             caps: Caps::default(),
             txns: 0,
             needs_rset: false,
@@ -361,10 +366,18 @@ impl BackendConn {
         let mut first: Option<crate::timer::Blocked> = None;
         self.waited_since = None;
         loop {
-            if let Some((reply, used)) = Reply::parse(&self.rbuf)? {
-                self.rbuf.drain(..used);
-                self.waited_since = first.map(|b| b.since);
-                return Ok(reply);
+            match self.buffered_reply() {
+                Some(Ok(reply)) => {
+                    self.waited_since = first.map(|b| b.since);
+                    return Ok(reply);
+                }
+                Some(Err(e)) => return Err(e),
+                None => {}
+            }
+            if self.rpos > 0 {
+                // Part of a reply after whole ones (rare): to the front.
+                self.rbuf.drain(..self.rpos);
+                self.rpos = 0;
             }
             self.rbuf.reserve(512);
             let limit = Limit::or_until(t, first.map(|b| b.until));
@@ -378,6 +391,29 @@ impl BackendConn {
             if n == 0 {
                 return Err(BackendError::Closed);
             }
+        }
+    }
+
+    /// A whole reply already read, taken without a future or a clock read
+    /// (a pipelined batch's second and later replies came with the
+    /// first): None when the buffer holds none yet. `waited_since` is then
+    /// None, as after a `read_reply` that did not wait.
+    #[inline]
+    pub fn buffered_reply(&mut self) -> Option<Result<Reply, BackendError>> {
+        match Reply::parse(&self.rbuf[self.rpos..]) {
+            Ok(Some((reply, used))) => {
+                // Parsed where they lie: no move of the rest per reply,
+                // one clear after the last.
+                self.rpos += used;
+                if self.rpos == self.rbuf.len() {
+                    self.rbuf.clear();
+                    self.rpos = 0;
+                }
+                self.waited_since = None;
+                Some(Ok(reply))
+            }
+            Ok(None) => None,
+            Err(e) => Some(Err(e.into())),
         }
     }
 
@@ -539,6 +575,48 @@ mod tests {
             Some("client+x.example".into()),
             "ESMTP",
         )
+    }
+
+    /// Replies parsed where they lie: whole ones taken from the buffer,
+    /// a part after them kept and completed by the next read.
+    #[tokio::test]
+    async fn replies_whole_and_split_across_reads() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            s.write_all(b"220 hi\r\n").await.unwrap();
+            let mut buf = [0u8; 512];
+            let _ = s.read(&mut buf).await.unwrap(); // EHLO
+            s.write_all(b"250 ok\r\n").await.unwrap();
+            let _ = s.read(&mut buf).await.unwrap(); // the batch
+            s.write_all(b"250 2.1.0 a\r\n250 2.1.5 b\r\n35")
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            s.write_all(b"4 go\r\n").await.unwrap();
+            let _ = s.read(&mut buf).await.unwrap();
+        });
+        let t = Duration::from_secs(5);
+        let mut c = BackendConn::open(&addr, 0, "edge.test", t, t, None)
+            .await
+            .unwrap();
+        assert!(c.buffered_reply().is_none());
+        c.send(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
+            .await
+            .unwrap();
+        let a = c.read_reply(t).await.unwrap();
+        assert_eq!((a.code, a.text()), (250, "a".to_string()));
+        let b = c.buffered_reply().unwrap().unwrap();
+        assert_eq!((b.code, b.text()), (250, "b".to_string()));
+        // `35` is in the buffer: not a whole reply yet.
+        assert!(c.buffered_reply().is_none());
+        let d = c.read_reply(t).await.unwrap();
+        assert_eq!((d.code, d.text()), (354, "go".to_string()));
+        assert!(c.rbuf.is_empty() && c.rpos == 0);
+        drop(c);
+        server.await.unwrap();
     }
 
     #[test]

@@ -257,7 +257,11 @@ impl Txn {
             // reconnect's await below (else kept beside it in this future).
             let next = {
                 let read = match &mut self.inner {
-                    Inner::Smtp { conn: Some(c), .. } => c.read_reply(t).await,
+                    // A batch's later replies are in the buffer already.
+                    Inner::Smtp { conn: Some(c), .. } => match c.buffered_reply() {
+                        Some(read) => read,
+                        None => c.read_reply(t).await,
+                    },
                     _ => return false,
                 };
                 got += usize::from(read.is_ok());
