@@ -927,9 +927,10 @@ mod tests {
     #[test]
     fn first_line_ends_and_plainness() {
         // (input, LF's index and plain)
+        type Case<'a> = (&'a [u8], Option<(usize, bool)>);
         let long = format!("250 {}\r\n", "x".repeat(INLINE - 4));
         let longer = format!("250 {}\r\n", "x".repeat(INLINE - 3));
-        let cases: [(&[u8], Option<(usize, bool)>); 10] = [
+        let cases: [Case; 10] = [
             (b"", None),
             (b"250 ok", None),
             (b"250 ok\r", None),
