@@ -1,8 +1,9 @@
 //! A reusable read deadline: one tokio timer per connection that is armed
 //! once and moved only when it fires early, instead of a timer entry put
-//! into and taken out of tokio's wheel for every read that waits, and that
-//! reads the clock only when a wait blocks; `timeout` for futures mostly
-//! ready at once; and `Pace`, the minimum average rate of a message's data.
+//! into and taken out of tokio's wheel for every read that waits, that
+//! reads the clock only when a wait blocks and is not polled again while
+//! it holds the waiting task's waker; `timeout` for futures mostly ready
+//! at once; and `Pace`, the minimum average rate of a message's data.
 
 use std::future::Future;
 use std::pin::{pin, Pin};
@@ -24,6 +25,10 @@ use tokio::time::{Instant, Sleep};
 pub struct ReadTimer {
     sleep: Pin<Box<Sleep>>,
     blocked: Option<Blocked>,
+    /// The waker (data and vtable addresses) the timer was last polled
+    /// with while it stayed pending: the one it will wake. (0, 0) when
+    /// none is known (see `within`).
+    polled_by: (usize, usize),
 }
 
 /// How long one wait may last.
@@ -90,6 +95,7 @@ impl ReadTimer {
         ReadTimer {
             sleep: Box::pin(tokio::time::sleep_until(far)),
             blocked: None,
+            polled_by: (0, 0),
         }
     }
 
@@ -104,11 +110,19 @@ impl ReadTimer {
         let limit = limit.into();
         self.blocked = None;
         let mut fut = pin!(fut);
-        let ReadTimer { sleep, blocked } = self;
+        let ReadTimer {
+            sleep,
+            blocked,
+            polled_by,
+        } = self;
         std::future::poll_fn(|cx| {
             if let Poll::Ready(v) = fut.as_mut().poll(cx) {
                 return Poll::Ready(Some(v));
             }
+            let waker = (
+                cx.waker().data() as usize,
+                cx.waker().vtable() as *const _ as usize,
+            );
             let deadline = match blocked {
                 Some(b) => b.until,
                 None => {
@@ -121,14 +135,35 @@ impl ReadTimer {
                     if sleep.deadline() > until {
                         // Armed for later than this wait allows: move it earlier.
                         sleep.as_mut().reset(until);
+                    } else if *polled_by == waker && !sleep.is_elapsed() {
+                        // Armed no later than this wait's deadline, still
+                        // in tokio's wheel and holding this task's waker
+                        // from an earlier wait: it will wake this task when
+                        // it fires (or re-arm on the poll after). No poll
+                        // of the timer (its waker check and coop budget),
+                        // the usual case for a connection's every wait. A
+                        // waker held keeps its task alive, so no other task
+                        // can have the same addresses meanwhile.
+                        return Poll::Pending;
                     }
                     until
                 }
             };
             loop {
-                match sleep.as_mut().poll(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(()) if Instant::now() >= deadline => return Poll::Ready(None),
+                // Unconstrained: a poll refused by the task's coop budget
+                // returns Pending without taking the waker, which
+                // `polled_by` must then not claim (tokio's
+                // `has_budget_remaining` docs show the same for a delay).
+                match pin!(tokio::task::coop::unconstrained(sleep.as_mut())).poll(cx) {
+                    Poll::Pending => {
+                        *polled_by = waker;
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(()) if Instant::now() >= deadline => {
+                        // Fired: its waker was taken.
+                        *polled_by = (0, 0);
+                        return Poll::Ready(None);
+                    }
                     // Fired for an earlier wait's deadline: re-arm for ours.
                     Poll::Ready(()) => sleep.as_mut().reset(deadline),
                 }
@@ -275,6 +310,55 @@ mod tests {
         let e = t0.elapsed();
         assert!(e >= ms(300) && e < ms(1200), "{e:?}");
         assert_eq!(t.blocked().map(|b| b.until), Some(b.until));
+    }
+
+    /// A timer that fired between two waits (its waker taken) is polled
+    /// again by the next wait, which still ends at its own deadline.
+    #[tokio::test]
+    async fn a_timer_fired_between_waits_still_bounds_the_next() {
+        let mut t = ReadTimer::new();
+        let slow = async {
+            tokio::time::sleep(ms(10)).await;
+            1
+        };
+        // Armed for ~100 ms from now, polled by this task.
+        assert_eq!(t.within(ms(100), slow).await, Some(1));
+        tokio::time::sleep(ms(150)).await;
+        let t0 = Instant::now();
+        let wait = t.within(ms(100), std::future::pending::<()>());
+        let r = tokio::time::timeout(ms(5000), wait)
+            .await
+            .expect("the wait ended by its own timer");
+        assert_eq!(r, None);
+        let e = t0.elapsed();
+        assert!(e >= ms(100) && e < ms(1000), "{e:?}");
+    }
+
+    /// A timer last polled by another task (a pooled backend connection's,
+    /// taken by the next session) is polled by the new one, which it then
+    /// wakes: the wait ends at its deadline instead of never.
+    #[tokio::test]
+    async fn a_timer_moved_to_another_task_wakes_that_task() {
+        let mut t = ReadTimer::new();
+        let slow = async {
+            tokio::time::sleep(ms(10)).await;
+            1
+        };
+        // Armed for ~200 ms from now with this task's waker.
+        assert_eq!(t.within(ms(200), slow).await, Some(1));
+        let other = tokio::spawn(async move {
+            let t0 = Instant::now();
+            // A later deadline than the armed one: no reset, and the waker
+            // held is the first task's.
+            let r = t.within(ms(400), std::future::pending::<()>()).await;
+            (r, t0.elapsed())
+        });
+        let (r, e) = tokio::time::timeout(ms(5000), other)
+            .await
+            .expect("the moved timer woke its new task")
+            .unwrap();
+        assert_eq!(r, None);
+        assert!(e >= ms(400) && e < ms(1500), "{e:?}");
     }
 
     #[tokio::test]
