@@ -453,7 +453,8 @@ pub struct ClientIdentity {
     pub helo: Option<String>,
     /// `SMTP` or `ESMTP`.
     pub proto: &'static str,
-    xforward: std::sync::OnceLock<(Attrs, Vec<u8>)>,
+    /// The attributes they were built for, the lines, how many.
+    xforward: std::sync::OnceLock<(Attrs, Vec<u8>, usize)>,
 }
 
 impl ClientIdentity {
@@ -472,18 +473,24 @@ impl ClientIdentity {
         }
     }
 
-    /// The XFORWARD lines for a backend offering `offered`, from the cache
-    /// when it was built for the same attributes.
-    pub fn xforward_lines(&self, offered: Attrs, out: &mut Vec<u8>) {
-        let (for_offered, lines) = self.xforward.get_or_init(|| {
+    /// Appends the XFORWARD lines for a backend offering `offered`, from
+    /// the cache when it was built for the same attributes; returns how
+    /// many lines (a reply is owed for each).
+    pub fn xforward_lines(&self, offered: Attrs, out: &mut Vec<u8>) -> usize {
+        let count = |lines: &[u8]| memchr::memchr_iter(b'\n', lines).count();
+        let (for_offered, lines, n) = self.xforward.get_or_init(|| {
             let mut lines = Vec::with_capacity(128);
             identity_commands("XFORWARD", offered, self, &mut lines);
-            (offered, lines)
+            let n = count(&lines);
+            (offered, lines, n)
         });
         if *for_offered == offered {
             out.extend_from_slice(lines);
+            *n
         } else {
+            let start = out.len();
             identity_commands("XFORWARD", offered, self, out);
+            count(&out[start..])
         }
     }
 }

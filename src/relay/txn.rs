@@ -80,10 +80,9 @@ impl Txn {
         if conn.caps.xforward.is_empty() {
             return false;
         }
-        // Straight into the batch, a reply owed per line.
-        let start = wbuf.len();
-        id.xforward_lines(conn.caps.xforward, wbuf);
-        for _ in memchr::memchr_iter(b'\n', &wbuf[start..]) {
+        // Straight into the batch, a reply owed per line (counted once
+        // per session, with the cached lines).
+        for _ in 0..id.xforward_lines(conn.caps.xforward, wbuf) {
             self.pending.push_back(Pend::Internal("XFORWARD"));
         }
         true
