@@ -285,10 +285,36 @@ impl Postfix {
         }
     }
 
+    /// The files in its queue directories with their modes, for a failure
+    /// message: what `wait_queue_empty` waited for.
+    pub fn queue_files(&self) -> String {
+        use std::os::unix::fs::PermissionsExt;
+        fn walk(p: &Path, out: &mut Vec<String>) {
+            for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
+                match e.metadata() {
+                    Ok(m) if m.is_dir() => walk(&e.path(), out),
+                    Ok(m) => out.push(format!(
+                        "{} {:o} {} bytes",
+                        e.path().display(),
+                        m.permissions().mode() & 0o7777,
+                        m.len()
+                    )),
+                    Err(err) => out.push(format!("{}: {err}", e.path().display())),
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for d in ["maildrop", "incoming", "active", "deferred", "hold"] {
+            walk(&self.dir.path().join("queue").join(d), &mut out);
+        }
+        out.join("\n")
+    }
+
     /// Waits until its queue holds no message (every one accepted has been
     /// delivered or bounced); false after `t`.
     pub fn wait_queue_empty(&self, t: Duration) -> bool {
         fn files(p: &Path) -> usize {
+            use std::os::unix::fs::PermissionsExt;
             let Ok(rd) = std::fs::read_dir(p) else {
                 return 0;
             };
@@ -301,6 +327,16 @@ impl Postfix {
                     // given for it (the file is renamed to its queue ID
                     // before cleanup answers), so it is not waited for.
                     _ if e.file_name().to_string_lossy().contains('.') => 0,
+                    // Or the file already under its queue ID but not yet
+                    // marked complete: cleanup sets the owner's execute bit
+                    // (Postfix's MAIL_QUEUE_STAT_READY, rwx) last, before
+                    // its 250; qmgr never opens a file without it.
+                    _ if e
+                        .metadata()
+                        .is_ok_and(|m| m.permissions().mode() & 0o700 != 0o700) =>
+                    {
+                        0
+                    }
                     _ => 1,
                 })
                 .sum()
