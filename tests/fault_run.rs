@@ -311,13 +311,9 @@ async fn no_message_lost_or_duplicated_while_backends_fail() {
 /// clone once saw). It must start at once.
 #[test]
 fn postfix_starts_again_over_a_half_written_queue_file() {
-    let Some(pf) = Postfix::start("") else {
+    let Some((pf, _)) = stopped_with_incoming("609135.21425") else {
         return;
     };
-    pf.stop();
-    let queue = pf.conf_dir().parent().unwrap().join("queue/incoming");
-    std::fs::create_dir_all(&queue).unwrap();
-    std::fs::write(queue.join("609135.21425"), "half").unwrap();
     let t = Instant::now();
     pf.start_again();
     assert!(
@@ -337,17 +333,13 @@ fn postfix_starts_again_over_a_half_written_queue_file() {
 #[test]
 fn an_incomplete_queue_file_is_not_waited_for() {
     use std::os::unix::fs::PermissionsExt;
-    let Some(pf) = Postfix::start("") else {
+    let Some((pf, half)) = stopped_with_incoming("4dQfWk1pGVzFbYP") else {
         return;
     };
-    pf.stop();
-    let queue = pf.conf_dir().parent().unwrap().join("queue/incoming");
-    std::fs::create_dir_all(&queue).unwrap();
-    let half = queue.join("4dQfWk1pGVzFbYP");
-    std::fs::write(&half, "half").unwrap();
     std::fs::set_permissions(&half, std::fs::Permissions::from_mode(0o600)).unwrap();
     // Owned as cleanup leaves it: by the queue's owner (Postfix's user).
-    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&queue).unwrap());
+    let queue = half.parent().unwrap();
+    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(queue).unwrap());
     std::os::unix::fs::chown(&half, Some(owner), None).unwrap();
     pf.start_again();
     assert!(
@@ -359,4 +351,16 @@ fn an_incomplete_queue_file_is_not_waited_for() {
     // Postfix keeps it (postsuper may rename it to match its inode), not
     // delivered.
     assert!(pf.queue_files().contains(" 600 "), "{}", pf.log());
+}
+
+/// A Postfix stopped with a half-written file `name` left in its
+/// `incoming/` queue, as an abort leaves one (None: no Postfix here).
+fn stopped_with_incoming(name: &str) -> Option<(Postfix, std::path::PathBuf)> {
+    let pf = Postfix::start("")?;
+    pf.stop();
+    let queue = pf.conf_dir().parent().unwrap().join("queue/incoming");
+    std::fs::create_dir_all(&queue).unwrap();
+    let file = queue.join(name);
+    std::fs::write(&file, "half").unwrap();
+    Some((pf, file))
 }

@@ -285,69 +285,68 @@ impl Postfix {
         }
     }
 
-    /// The files in its queue directories with their modes, for a failure
-    /// message: what `wait_queue_empty` waited for.
-    pub fn queue_files(&self) -> String {
+    /// Every file in its message queues (maildrop, incoming, active,
+    /// deferred, hold), with its permission bits and length (None: its
+    /// metadata could not be read).
+    fn queue_entries(&self) -> Vec<(PathBuf, Option<(u32, u64)>)> {
         use std::os::unix::fs::PermissionsExt;
-        fn walk(p: &Path, out: &mut Vec<String>) {
+        fn walk(p: &Path, out: &mut Vec<(PathBuf, Option<(u32, u64)>)>) {
             for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
                 match e.metadata() {
                     Ok(m) if m.is_dir() => walk(&e.path(), out),
-                    Ok(m) => out.push(format!(
-                        "{} {:o} {} bytes",
-                        e.path().display(),
-                        m.permissions().mode() & 0o7777,
-                        m.len()
-                    )),
-                    Err(err) => out.push(format!("{}: {err}", e.path().display())),
+                    Ok(m) => out.push((e.path(), Some((m.permissions().mode() & 0o7777, m.len())))),
+                    Err(_) => out.push((e.path(), None)),
                 }
             }
         }
+        let q = self.dir.path().join("queue");
         let mut out = Vec::new();
         for d in ["maildrop", "incoming", "active", "deferred", "hold"] {
-            walk(&self.dir.path().join("queue").join(d), &mut out);
+            walk(&q.join(d), &mut out);
         }
-        out.join("\n")
+        out
+    }
+
+    /// The files in its queue directories with their modes, for a failure
+    /// message: what `wait_queue_empty` waited for.
+    pub fn queue_files(&self) -> String {
+        self.queue_entries()
+            .iter()
+            .map(|(p, meta)| match meta {
+                Some((mode, len)) => format!("{} {mode:o} {len} bytes", p.display()),
+                None => format!("{} (no metadata)", p.display()),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Waits until its queue holds no message (every one accepted has been
     /// delivered or bounced); false after `t`.
     pub fn wait_queue_empty(&self, t: Duration) -> bool {
-        fn files(p: &Path) -> usize {
-            use std::os::unix::fs::PermissionsExt;
-            let Ok(rd) = std::fs::read_dir(p) else {
-                return 0;
-            };
-            rd.flatten()
-                .map(|e| match e.file_type() {
-                    Ok(ft) if ft.is_dir() => files(&e.path()),
-                    // A cleanup killed mid-write leaves its temporary file
-                    // (`incoming/PID.USEC`, never a queue ID, which has no
-                    // dot) that nothing will deliver or remove: no 250 was
-                    // given for it (the file is renamed to its queue ID
-                    // before cleanup answers), so it is not waited for.
-                    _ if e.file_name().to_string_lossy().contains('.') => 0,
-                    // Or the file already under its queue ID but not yet
-                    // marked complete: cleanup sets the owner's execute bit
-                    // (Postfix's MAIL_QUEUE_STAT_READY, rwx) last, before
-                    // its 250; qmgr never opens a file without it.
-                    _ if e
-                        .metadata()
-                        .is_ok_and(|m| m.permissions().mode() & 0o700 != 0o700) =>
-                    {
-                        0
-                    }
-                    _ => 1,
-                })
-                .sum()
+        /// Whether a 250 was given for the file, so it must be delivered.
+        fn accepted(path: &Path, meta: Option<(u32, u64)>) -> bool {
+            // A cleanup killed mid-write leaves its temporary file
+            // (`incoming/PID.USEC`, never a queue ID, which has no dot)
+            // that nothing will deliver or remove: no 250 was given for it
+            // (the file is renamed to its queue ID before cleanup answers).
+            let temporary = path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().contains('.'));
+            // Or the file already under its queue ID but not yet marked
+            // complete: cleanup sets the owner's execute bit (Postfix's
+            // MAIL_QUEUE_STAT_READY, rwx) last, before its 250; qmgr never
+            // opens a file without it.
+            // (A file whose mode cannot be read is waited for.)
+            let complete = meta.is_none_or(|(mode, _)| mode & 0o700 == 0o700);
+            !temporary && complete
         }
-        let q = self.dir.path().join("queue");
         let end = Instant::now() + t;
         loop {
-            let left: usize = ["maildrop", "incoming", "active", "deferred", "hold"]
-                .iter()
-                .map(|d| files(&q.join(d)))
-                .sum();
+            let left = self
+                .queue_entries()
+                .into_iter()
+                .filter(|(path, meta)| accepted(path, *meta))
+                .count();
             if left == 0 {
                 return true;
             }
