@@ -253,6 +253,12 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    /// A future that is pending for `d`, then gives `v`.
+    async fn ready_after<T>(d: Duration, v: T) -> T {
+        tokio::time::sleep(d).await;
+        v
+    }
+
     #[test]
     fn a_limit_carries_a_deadline_over() {
         assert_eq!(Limit::or_until(ms(5), None), Limit::For(ms(5)));
@@ -279,10 +285,7 @@ mod tests {
         // Armed for 200 ms, then a wait of 300 ms started ~100 ms later:
         // the timer fires early, is re-armed, and the wait ends at ~400.
         let t0 = Instant::now();
-        let slow = async {
-            tokio::time::sleep(ms(100)).await;
-            1
-        };
+        let slow = ready_after(ms(100), 1);
         assert_eq!(t.within(ms(200), slow).await, Some(1));
         let r = t.within(ms(300), std::future::pending::<()>()).await;
         assert_eq!(r, None);
@@ -305,10 +308,7 @@ mod tests {
         assert_eq!(t.within(ms(100), async { 1 }).await, Some(1));
         assert_eq!(t.blocked(), None);
         let t0 = Instant::now();
-        let slow = async {
-            tokio::time::sleep(ms(50)).await;
-            2
-        };
+        let slow = ready_after(ms(50), 2);
         assert_eq!(t.within(ms(300), slow).await, Some(2));
         let b = t.blocked().expect("it blocked");
         assert!(b.since >= t0 && b.until == b.since + ms(300), "{b:?}");
@@ -327,10 +327,7 @@ mod tests {
     #[tokio::test]
     async fn a_timer_fired_between_waits_still_bounds_the_next() {
         let mut t = ReadTimer::new();
-        let slow = async {
-            tokio::time::sleep(ms(10)).await;
-            1
-        };
+        let slow = ready_after(ms(10), 1);
         // Armed for ~100 ms from now, polled by this task.
         assert_eq!(t.within(ms(100), slow).await, Some(1));
         tokio::time::sleep(ms(150)).await;
@@ -350,10 +347,7 @@ mod tests {
     #[tokio::test]
     async fn a_timer_moved_to_another_task_wakes_that_task() {
         let mut t = ReadTimer::new();
-        let slow = async {
-            tokio::time::sleep(ms(10)).await;
-            1
-        };
+        let slow = ready_after(ms(10), 1);
         // Armed for ~200 ms from now with this task's waker.
         assert_eq!(t.within(ms(200), slow).await, Some(1));
         let other = tokio::spawn(async move {
@@ -375,10 +369,7 @@ mod tests {
     async fn timeout_is_tokios_for_pending_futures() {
         assert_eq!(timeout(ms(10), async { 3 }).await, Some(3));
         assert_eq!(timeout(ms(10), std::future::pending::<()>()).await, None);
-        let slow = async {
-            tokio::time::sleep(ms(20)).await;
-            4
-        };
+        let slow = ready_after(ms(20), 4);
         assert_eq!(timeout(ms(2000), slow).await, Some(4));
     }
 
