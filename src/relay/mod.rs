@@ -136,9 +136,10 @@ enum Inner {
     Smtp {
         conn: Option<PooledConn>,
         wbuf: Vec<u8>,
-        /// Everything sent since checkout until the first reply, to replay
-        /// on a fresh connection if a reused one turns out dead (while
-        /// `replaying`).
+        /// What earlier batches sent since checkout before any reply came
+        /// (seldom any), to replay with the current batch in `wbuf` on a
+        /// fresh connection if a reused one turns out dead (while
+        /// `replaying`; `Txn::reconnect`).
         replay: Vec<u8>,
         replaying: bool,
         reused: bool,

@@ -210,7 +210,18 @@ impl Txn {
                 }
             }
         }
-        if let Inner::Smtp { wbuf, .. } = &mut self.inner {
+        if let Inner::Smtp {
+            wbuf,
+            replay,
+            replaying,
+            ..
+        } = &mut self.inner
+        {
+            // Sent with no reply read yet (nothing was owed): kept for a
+            // replay, as the batch in `wbuf` goes.
+            if *replaying {
+                replay.extend_from_slice(&wbuf[..queued]);
+            }
             wbuf.clear();
         }
     }
@@ -229,18 +240,14 @@ impl Txn {
         let Inner::Smtp {
             conn: Some(c),
             wbuf,
-            replay,
-            replaying,
             ..
         } = &mut self.inner
         else {
             return false;
         };
-        let bytes = &wbuf[sent.clone()];
-        if *replaying {
-            replay.extend_from_slice(bytes);
-        }
-        if let Err(e) = c.send(bytes).await {
+        // Not copied for a replay: until the first reply, what was sent
+        // since checkout is still in `wbuf` (`reconnect`).
+        if let Err(e) = c.send(&wbuf[sent.clone()]).await {
             tracing::debug!("backend write failed: {e}");
         }
         let mut got = 0;
@@ -270,7 +277,7 @@ impl Txn {
                 Next::Read => {}
                 Next::Fail => return false,
                 Next::Replace { after_rset } => {
-                    if !self.reconnect(after_rset).await {
+                    if !self.reconnect(after_rset, sent.end).await {
                         return false;
                     }
                 }
@@ -380,22 +387,34 @@ impl Txn {
 
     /// `Next::Replace`: the reused connection replaced by a fresh one in the
     /// same slot, which is sent everything since checkout (after a refused
-    /// RSET, the RSET left out). False (the connection dropped) when that
-    /// fails.
-    async fn reconnect(&mut self, after_rset: bool) -> bool {
+    /// RSET, the RSET left out): `replay` (earlier batches, seldom any) and
+    /// `wbuf[..upto]`, this batch as far as it was sent. False (the
+    /// connection dropped) when that fails.
+    async fn reconnect(&mut self, after_rset: bool, upto: usize) -> bool {
         let Txn {
             backends, inner, ..
         } = self;
-        let Inner::Smtp { conn, replay, .. } = inner else {
+        let Inner::Smtp {
+            conn, replay, wbuf, ..
+        } = inner
+        else {
             return false;
         };
         let Some(c) = conn.as_mut() else {
             return false;
         };
-        let sent = if after_rset {
-            replay.strip_prefix(b"RSET\r\n").unwrap_or(replay)
+        if !replay.is_empty() {
+            replay.extend_from_slice(&wbuf[..upto]);
+        }
+        let all = if replay.is_empty() {
+            &wbuf[..upto]
         } else {
-            replay
+            &replay[..]
+        };
+        let sent = if after_rset {
+            all.strip_prefix(b"RSET\r\n").unwrap_or(all)
+        } else {
+            all
         };
         if replace(backends, c, sent).await.is_err() {
             *conn = None;
