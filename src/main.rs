@@ -23,6 +23,9 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 
 /// mimalloc: per-connection buffers come and go with every session; glibc's
 /// malloc returned them to the kernel and faulted them back in (measured).
+/// The feature `system-alloc` leaves it out, for DHAT
+/// (loadtest/profile/dhat.sh).
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
