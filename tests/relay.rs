@@ -1149,6 +1149,46 @@ async fn shutdown_lets_a_message_in_data_finish_then_says_421() {
     );
 }
 
+/// Sessions idle between commands when the stop comes (one fresh after
+/// EHLO, one after a whole message, each having waited for input several
+/// times) hear 421 4.3.2 at once, not at their command timeout: the wait
+/// for shutdown they keep registered wakes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_says_421_to_idle_sessions_at_once() {
+    let rec = Recorder::start(Script::default()).await;
+    let proxy = Proxy::to_backend(&rec.addr, "[timeouts]\ncommand = 60").await;
+    let mut fresh = Raw::greeted(proxy.addr).await;
+    assert_eq!(fresh.cmd("EHLO idle.client.example").await.code, 250);
+    assert_eq!(fresh.cmd("NOOP").await.code, 250);
+    let mut done = Raw::greeted(proxy.addr).await;
+    assert_eq!(done.cmd("EHLO busy.client.example").await.code, 250);
+    let r = transaction(
+        &mut done,
+        "busy@client.example",
+        &["rcpt@dest.example"],
+        b"Subject: before the stop\r\n\r\nbody\r\n",
+    )
+    .await;
+    assert_eq!(r.code, 250, "{r:?}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    let stop = tokio::spawn(proxy.stop());
+    for c in [&mut fresh, &mut done] {
+        let r = tokio::time::timeout(Duration::from_secs(5), c.reply())
+            .await
+            .expect("no 421 within 5 s of the stop");
+        assert_eq!(r.code, 421, "{r:?}");
+        assert!(r.text.starts_with("4.3.2"), "{r:?}");
+        assert!(c.closed(WAIT).await, "connection not closed after 421");
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    tokio::time::timeout(WAIT, stop)
+        .await
+        .expect("stop did not return after the sessions ended")
+        .unwrap();
+    assert_eq!(rec.messages().len(), 1);
+}
+
 /// A client that pipelines a whole transaction and QUIT, then shuts its
 /// side down before reading (as Exim does), while the MAIL waits for a new
 /// backend connection: every reply arrives and the message is delivered.

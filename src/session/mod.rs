@@ -36,8 +36,10 @@
 //! "Performance notes for developers").
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -413,6 +415,10 @@ struct Session<S> {
     /// signal's waiter list instead of joining and leaving it (and
     /// touching its neighbours in that list) at every message.
     shutdown_wait: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>>,
+    /// `shutdown_wait` was polled and is in the waiter list with this
+    /// task's waker (a session never leaves its task): until the watch
+    /// changes, polling it again would change nothing (`read_more`).
+    shutdown_waiting: bool,
     /// The client hung up while the session waited for the backend.
     client_gone: bool,
     /// The command loop's own state, kept here rather than in its future
@@ -553,6 +559,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             st: State::default(),
             shutdown,
             shutdown_wait: None,
+            shutdown_waiting: false,
             client_gone: false,
             cmd: CommandWait {
                 timeout: Duration::from_secs_f64(command_timeout),
@@ -815,6 +822,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // meanwhile, so a client that always has more to send still hears it.
         if watch_shutdown && self.shutting_down() {
             self.shutdown_wait = None;
+            self.shutdown_waiting = false;
             return Err(ReadErr::Shutdown);
         }
         let read = self.read_timer.within(
@@ -829,14 +837,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     let _ = rx.wait_for(|v| *v).await;
                 })
             });
-            let r = tokio::select! {
-                biased;
-                r = read => map_read(r),
-                _ = sd.as_mut() => Err(ReadErr::Shutdown),
-            };
+            let waiting = &mut self.shutdown_waiting;
+            let mut read = std::pin::pin!(read);
+            let r = std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = read.as_mut().poll(cx) {
+                    return Poll::Ready(map_read(r));
+                }
+                // Left alone while it waits with this task's waker and the
+                // watch is unchanged (one atomic load): a signal (or the
+                // sender gone) wakes the task, and then it is polled.
+                if !(*waiting && matches!(shutdown.has_changed(), Ok(false))) {
+                    if sd.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Err(ReadErr::Shutdown));
+                    }
+                    *waiting = true;
+                }
+                Poll::Pending
+            })
+            .await;
             if let Err(ReadErr::Shutdown) = r {
                 // Finished: never polled again.
                 self.shutdown_wait = None;
+                self.shutdown_waiting = false;
             }
             r
         } else {
