@@ -3,7 +3,8 @@
 //! into and taken out of tokio's wheel for every read that waits, that
 //! reads the clock only when a wait blocks and is not polled again while
 //! it holds the waiting task's waker; `timeout` for futures mostly ready
-//! at once; and `Pace`, the minimum average rate of a message's data.
+//! at once; `Pace`, the minimum average rate of a message's data; and
+//! `Stamp`, a clock reading for what is measured rather than awaited.
 
 use std::future::Future;
 use std::pin::{pin, Pin};
@@ -11,6 +12,50 @@ use std::task::Poll;
 use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
+
+/// A reading of the monotonic clock (the one `Instant` reads) in
+/// nanoseconds, for what is measured rather than awaited: ages, durations
+/// for metrics. Two of them differ by a `u64` subtraction, where std
+/// normalizes two `timespec`s (`Instant - Instant`: ~37 instructions) and
+/// `as_millis` divides a `u128` (RESULTS.md section 36).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Stamp(u64);
+
+impl Stamp {
+    pub fn now() -> Stamp {
+        let ts = clock(libc::CLOCK_MONOTONIC);
+        Stamp(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+    }
+
+    /// Seconds from this reading to now.
+    pub fn elapsed_secs(self) -> f64 {
+        Stamp::now().0.saturating_sub(self.0) as f64 * 1e-9
+    }
+
+    /// Tenths of a second, wrapping after 13 years: a 4-byte age
+    /// (`relay::client::ticks`).
+    pub fn ticks(self) -> u32 {
+        (self.0 / 100_000_000) as u32
+    }
+}
+
+/// Whole seconds since the Unix epoch (the clock `SystemTime` reads).
+pub fn unix_secs() -> u64 {
+    clock(libc::CLOCK_REALTIME).tv_sec as u64
+}
+
+fn clock(id: libc::clockid_t) -> libc::timespec {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec, the only memory the call writes;
+    // both clocks exist on every Linux (std's `Instant` and `SystemTime`
+    // read them the same way).
+    let r = unsafe { libc::clock_gettime(id, &mut ts) };
+    debug_assert_eq!(r, 0, "clock_gettime({id})");
+    ts
+}
 
 /// The deadline of one connection's reads. `within` bounds one wait; the
 /// underlying timer keeps the earliest deadline set since it last fired,
@@ -251,6 +296,30 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    /// `Stamp` reads the clock `Instant` reads, and `unix_secs` the one
+    /// `SystemTime` reads.
+    #[test]
+    fn stamps_measure_as_instant_does() {
+        let (s0, i0) = (Stamp::now(), std::time::Instant::now());
+        std::thread::sleep(ms(30));
+        let (by_stamp, by_instant) = (s0.elapsed_secs(), i0.elapsed().as_secs_f64());
+        assert!(by_stamp >= 0.030, "{by_stamp}");
+        assert!(
+            (by_stamp - by_instant).abs() < 0.005,
+            "{by_stamp} {by_instant}"
+        );
+        assert!(Stamp::now() > s0);
+        let t0 = s0.ticks();
+        std::thread::sleep(ms(250));
+        let dt = Stamp::now().ticks().wrapping_sub(t0);
+        assert!((2..=4).contains(&dt), "{dt} ticks in 250 ms");
+        let sys = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(unix_secs().abs_diff(sys) <= 1, "{} {sys}", unix_secs());
     }
 
     /// A future that is pending for `d`, then gives `v`.

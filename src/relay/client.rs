@@ -13,7 +13,7 @@
 //! xtext-encoded, each under 512 octets.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -196,12 +196,11 @@ async fn timed<T>(
     }
 }
 
-/// The pool's coarse clock: tenths of a second since its first reading, in
+/// The pool's coarse clock: tenths of a second of the monotonic clock, in
 /// 4 bytes (a connection is held inline in the session future, which must
-/// stay small), wrapping after 13 years.
+/// stay small), wrapping after 13 years (ages are wrapping differences).
 pub(crate) fn ticks() -> u32 {
-    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    (BASE.get_or_init(Instant::now).elapsed().as_millis() / 100) as u32
+    crate::timer::Stamp::now().ticks()
 }
 
 /// The next backend connection's `id`.

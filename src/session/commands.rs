@@ -459,7 +459,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// A MAIL taken (relayed, or answered by the edge with routes): the
     /// transaction's state begins.
     pub(super) fn mail_taken(&mut self, from: &str, smtputf8: bool) {
-        self.st.txn_started = Some(std::time::Instant::now());
+        self.st.txn_started = Some(crate::timer::Stamp::now());
         self.st.mail = Some(smtputf8);
         self.st.mail_refused = false;
         self.st.from.clear();

@@ -317,7 +317,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let m = &self.shared.metrics;
         m.transaction(reply.code);
         if let Some(t0) = self.st.txn_started {
-            m.transaction_duration.observe(t0.elapsed().as_secs_f64());
+            m.transaction_duration.observe(t0.elapsed_secs());
         }
         if reply.is_positive() {
             m.messages_relayed.inc();
@@ -341,13 +341,11 @@ fn rfc5322_now(out: &mut Vec<u8>) {
     thread_local! {
         static DATE: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
     }
-    let now = std::time::SystemTime::now();
-    let secs = now
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let secs = crate::timer::unix_secs();
     DATE.with(|d| {
         let mut d = d.borrow_mut();
         if d.0 != secs {
+            let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
             d.1 = httpdate::fmt_http_date(now).replace(" GMT", " +0000");
             d.0 = secs;
         }

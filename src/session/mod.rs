@@ -325,7 +325,7 @@ struct State {
     rcpts_ok: usize,
     txn: Option<Txn>,
     txn_span: Option<Span>,
-    txn_started: Option<std::time::Instant>,
+    txn_started: Option<crate::timer::Stamp>,
     owed: VecDeque<Owed>,
     /// DATA got its 354: read the message next.
     data_go: bool,
