@@ -329,6 +329,24 @@ mod tests {
         v
     }
 
+    /// A wait for nothing under `limit` ends by its timer (within 5 s at
+    /// most, not hanging), between `lo` and `hi` after `t0`.
+    async fn ends_between(
+        t: &mut ReadTimer,
+        limit: impl Into<Limit>,
+        t0: Instant,
+        lo: Duration,
+        hi: Duration,
+    ) {
+        let wait = t.within(limit, std::future::pending::<()>());
+        let r = tokio::time::timeout(ms(5000), wait)
+            .await
+            .expect("the wait ended by its own timer");
+        assert_eq!(r, None);
+        let e = t0.elapsed();
+        assert!(e >= lo && e < hi, "{e:?}");
+    }
+
     #[test]
     fn a_limit_carries_a_deadline_over() {
         assert_eq!(Limit::or_until(ms(5), None), Limit::For(ms(5)));
@@ -348,26 +366,17 @@ mod tests {
         let mut t = ReadTimer::new();
         assert_eq!(t.within(ms(200), async { 7 }).await, Some(7));
         let t0 = Instant::now();
-        let r = t.within(ms(100), std::future::pending::<()>()).await;
-        assert_eq!(r, None);
-        let e = t0.elapsed();
-        assert!(e >= ms(100) && e < ms(1000), "{e:?}");
+        ends_between(&mut t, ms(100), t0, ms(100), ms(1000)).await;
         // Armed for 200 ms, then a wait of 300 ms started ~100 ms later:
         // the timer fires early, is re-armed, and the wait ends at ~400.
         let t0 = Instant::now();
         let slow = ready_after(ms(100), 1);
         assert_eq!(t.within(ms(200), slow).await, Some(1));
-        let r = t.within(ms(300), std::future::pending::<()>()).await;
-        assert_eq!(r, None);
-        let e = t0.elapsed();
-        assert!(e >= ms(400) && e < ms(1300), "{e:?}");
+        ends_between(&mut t, ms(300), t0, ms(400), ms(1300)).await;
         // A shorter wait after a longer one moves the timer earlier.
         let t0 = Instant::now();
         assert_eq!(t.within(ms(5000), async {}).await, Some(()));
-        let r = t.within(ms(100), std::future::pending::<()>()).await;
-        assert_eq!(r, None);
-        let e = t0.elapsed();
-        assert!(e >= ms(100) && e < ms(1000), "{e:?}");
+        ends_between(&mut t, ms(100), t0, ms(100), ms(1000)).await;
     }
 
     /// A wait ready at once reads no clock and reports no block; one that
@@ -383,12 +392,7 @@ mod tests {
         let b = t.blocked().expect("it blocked");
         assert!(b.since >= t0 && b.until == b.since + ms(300), "{b:?}");
         // The rest of that deadline, carried over: ends at ~300 ms from t0.
-        let r = t
-            .within(Limit::Until(b.until), std::future::pending::<()>())
-            .await;
-        assert_eq!(r, None);
-        let e = t0.elapsed();
-        assert!(e >= ms(300) && e < ms(1200), "{e:?}");
+        ends_between(&mut t, Limit::Until(b.until), t0, ms(300), ms(1200)).await;
         assert_eq!(t.blocked().map(|b| b.until), Some(b.until));
     }
 
@@ -402,13 +406,7 @@ mod tests {
         assert_eq!(t.within(ms(100), slow).await, Some(1));
         tokio::time::sleep(ms(150)).await;
         let t0 = Instant::now();
-        let wait = t.within(ms(100), std::future::pending::<()>());
-        let r = tokio::time::timeout(ms(5000), wait)
-            .await
-            .expect("the wait ended by its own timer");
-        assert_eq!(r, None);
-        let e = t0.elapsed();
-        assert!(e >= ms(100) && e < ms(1000), "{e:?}");
+        ends_between(&mut t, ms(100), t0, ms(100), ms(1000)).await;
     }
 
     /// A timer last polled by another task (a pooled backend connection's,
