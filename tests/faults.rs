@@ -93,6 +93,29 @@ async fn ehlo(c: &mut Raw) {
     assert_eq!(r.code, 250, "EHLO: {r:?}");
 }
 
+/// A Recorder playing `script`, a proxy in front of it (`extra` added to
+/// its config) and a client that has been greeted and said EHLO.
+async fn scripted(extra: &str, script: Script) -> (Recorder, Proxy, Raw) {
+    let rec = Recorder::start(script).await;
+    let (proxy, c) = front(&rec.addr, extra).await;
+    (rec, proxy, c)
+}
+
+/// `scripted` with a SeqRecorder: one script per backend connection.
+async fn scripted_seq(extra: &str, scripts: Vec<Script>) -> (SeqRecorder, Proxy, Raw) {
+    let rec = SeqRecorder::start(scripts).await;
+    let (proxy, c) = front(&rec.addr, extra).await;
+    (rec, proxy, c)
+}
+
+/// A proxy in front of `backend` and a client that said EHLO to it.
+async fn front(backend: &str, extra: &str) -> (Proxy, Raw) {
+    let proxy = Proxy::to_backend(backend, extra).await;
+    let mut c = Raw::greeted(proxy.addr).await;
+    ehlo(&mut c).await;
+    (proxy, c)
+}
+
 /// MAIL, RCPT, DATA, all positive; returns once the 354 arrived.
 async fn begin(c: &mut Raw, tag: &str) {
     let r = c.cmd(&format!("MAIL FROM:<{tag}@client.test>")).await;
@@ -319,14 +342,11 @@ async fn backend_down_gives_451_and_session_continues() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_greeting_554_gives_451_at_mail() {
-    let rec = Recorder::start(Script {
+    let script = Script {
         greeting: Some(Act::Reply("554 5.3.2 Service not available".into())),
         ..Script::default()
-    })
-    .await;
-    let proxy = Proxy::to_backend(&rec.addr, "").await;
-    let mut c = Raw::greeted(proxy.addr).await;
-    ehlo(&mut c).await;
+    };
+    let (rec, _proxy, mut c) = scripted("", script).await;
     let r = c.cmd("MAIL FROM:<a@client.test>").await;
     expect(&r, 451, "4.4.1");
     expect(&c.cmd("RSET").await, 250, "2.0.0");
@@ -379,14 +399,11 @@ async fn backend_refuses_mail() {
         "451 4.3.0 Mail temporarily refused here",
         "550 5.7.1 Sender <a@client.test> rejected",
     ] {
-        let rec = Recorder::start(Script {
+        let script = Script {
             mail: Some(Act::Reply(line.into())),
             ..Script::default()
-        })
-        .await;
-        let proxy = Proxy::to_backend(&rec.addr, "").await;
-        let mut c = Raw::greeted(proxy.addr).await;
-        ehlo(&mut c).await;
+        };
+        let (rec, _proxy, mut c) = scripted("", script).await;
         let r = c.cmd("MAIL FROM:<a@client.test>").await;
         assert_eq!(
             r.raw,
@@ -420,14 +437,11 @@ async fn backend_refuses_rcpt() {
         "450 4.2.0 <b@backend.test>: Recipient address rejected: Mailbox busy",
         "550 5.1.1 <b@backend.test>: Recipient address rejected: User unknown in local recipient table",
     ] {
-        let rec = Recorder::start(Script {
+        let script = Script {
             rcpt: Some(Act::Reply(line.into())),
             ..Script::default()
-        })
-        .await;
-        let proxy = Proxy::to_backend(&rec.addr, "").await;
-        let mut c = Raw::greeted(proxy.addr).await;
-        ehlo(&mut c).await;
+        };
+        let (rec, _proxy, mut c) = scripted("", script).await;
         expect(&c.cmd("MAIL FROM:<a@client.test>").await, 250, "2.1.0");
         let r = c.cmd("RCPT TO:<b@backend.test>").await;
         assert_eq!(r.raw, format!("{line}\r\n"), "backend reply not passed through");
@@ -454,14 +468,11 @@ async fn backend_refuses_data_command() {
         "451 4.3.0 Try again later",
         "554 5.5.1 Error: no valid recipients",
     ] {
-        let rec = Recorder::start(Script {
+        let script = Script {
             data: Some(Act::Reply(line.into())),
             ..Script::default()
-        })
-        .await;
-        let proxy = Proxy::to_backend(&rec.addr, "").await;
-        let mut c = Raw::greeted(proxy.addr).await;
-        ehlo(&mut c).await;
+        };
+        let (rec, _proxy, mut c) = scripted("", script).await;
         expect(&c.cmd("MAIL FROM:<a@client.test>").await, 250, "2.1.0");
         expect(&c.cmd("RCPT TO:<b@backend.test>").await, 250, "2.1.5");
         let r = data_then_final(&mut c).await;
@@ -497,14 +508,11 @@ async fn backend_refuses_final_dot() {
         "554 5.7.1 Message rejected as spam",
         "550-5.7.1 Message rejected: first line of the reason\r\n550 5.7.1 second line",
     ] {
-        let rec = Recorder::start(Script {
+        let script = Script {
             dot: Some(Act::Reply(line.into())),
             ..Script::default()
-        })
-        .await;
-        let proxy = Proxy::to_backend(&rec.addr, "").await;
-        let mut c = Raw::greeted(proxy.addr).await;
-        ehlo(&mut c).await;
+        };
+        let (rec, _proxy, mut c) = scripted("", script).await;
         let body = clean_body("refused-at-dot");
         let r = send_message(&mut c, "dot", &body).await;
         assert_eq!(
@@ -540,9 +548,7 @@ async fn sink_refuses_each_stage() {
         let Some(sink) = Sink::start(&[opt, stage]) else {
             return;
         };
-        let proxy = Proxy::to_backend(&sink.addr, "").await;
-        let mut c = Raw::greeted(proxy.addr).await;
-        ehlo(&mut c).await;
+        let (_proxy, mut c) = front(&sink.addr, "").await;
         let (class, enh) = if opt == "-r" {
             (4, "4.3.0")
         } else {
@@ -596,10 +602,7 @@ async fn sink_refuses_each_stage() {
 // Backend drops the connection; the next transaction uses a new connection.
 
 async fn drop_case(stage: &str, first: Script) {
-    let rec = SeqRecorder::start(vec![first, Script::default()]).await;
-    let proxy = Proxy::to_backend(&rec.addr, "").await;
-    let mut c = Raw::greeted(proxy.addr).await;
-    ehlo(&mut c).await;
+    let (rec, _proxy, mut c) = scripted_seq("", vec![first, Script::default()]).await;
     let r = c.cmd("MAIL FROM:<a@client.test>").await;
     if stage == "MAIL" {
         expect_backend_lost(&r);
@@ -731,9 +734,7 @@ async fn sink_drops_after_each_command() {
         let Some(sink) = Sink::start(&["-q", stage]) else {
             return;
         };
-        let proxy = Proxy::to_backend(&sink.addr, "").await;
-        let mut c = Raw::greeted(proxy.addr).await;
-        ehlo(&mut c).await;
+        let (proxy, mut c) = front(&sink.addr, "").await;
         let r = c.cmd("MAIL FROM:<a@client.test>").await;
         if stage == "MAIL" {
             expect_backend_lost(&r);
@@ -768,9 +769,7 @@ async fn sink_421_after_rcpt() {
     let Some(sink) = Sink::start(&["-Q", "RCPT"]) else {
         return;
     };
-    let proxy = Proxy::to_backend(&sink.addr, "").await;
-    let mut c = Raw::greeted(proxy.addr).await;
-    ehlo(&mut c).await;
+    let (proxy, mut c) = front(&sink.addr, "").await;
     expect(&c.cmd("MAIL FROM:<a@client.test>").await, 250, "2.1.0");
     let r = c.cmd("RCPT TO:<b@backend.test>").await;
     assert!(
@@ -791,14 +790,11 @@ async fn sink_421_after_rcpt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_slow_final_reply_gives_451() {
-    let rec = Recorder::start(Script {
+    let script = Script {
         dot: Some(Act::Delay(Duration::from_secs(4))),
         ..Script::default()
-    })
-    .await;
-    let proxy = Proxy::to_backend(&rec.addr, "[timeouts]\nbackend_data_end = 1.0").await;
-    let mut c = Raw::greeted(proxy.addr).await;
-    ehlo(&mut c).await;
+    };
+    let (rec, proxy, mut c) = scripted("[timeouts]\nbackend_data_end = 1.0", script).await;
     begin(&mut c, "slow").await;
     c.send(b"Subject: slow\r\n\r\nslow backend\r\n.\r\n").await;
     let t0 = Instant::now();
@@ -821,14 +817,11 @@ async fn backend_slow_final_reply_gives_451() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_slow_mail_reply_gives_451() {
-    let rec = Recorder::start(Script {
+    let script = Script {
         mail: Some(Act::Delay(Duration::from_secs(4))),
         ..Script::default()
-    })
-    .await;
-    let proxy = Proxy::to_backend(&rec.addr, "[timeouts]\nbackend_command = 1.0").await;
-    let mut c = Raw::greeted(proxy.addr).await;
-    ehlo(&mut c).await;
+    };
+    let (rec, _proxy, mut c) = scripted("[timeouts]\nbackend_command = 1.0", script).await;
     let t0 = Instant::now();
     let r = c.cmd("MAIL FROM:<a@client.test>").await;
     expect_backend_lost(&r);
@@ -847,9 +840,7 @@ async fn sink_slow_data_reply_gives_451() {
     let Some(sink) = Sink::start(&["-w", "4"]) else {
         return;
     };
-    let proxy = Proxy::to_backend(&sink.addr, "[timeouts]\nbackend_command = 1.0").await;
-    let mut c = Raw::greeted(proxy.addr).await;
-    ehlo(&mut c).await;
+    let (_proxy, mut c) = front(&sink.addr, "[timeouts]\nbackend_command = 1.0").await;
     expect(&c.cmd("MAIL FROM:<a@client.test>").await, 250, "2.1.0");
     expect(&c.cmd("RCPT TO:<b@backend.test>").await, 250, "2.1.5");
     let t0 = Instant::now();
@@ -933,9 +924,7 @@ async fn client_disconnect_mid_data_never_delivers() {
 async fn pooled_connection_closed_by_backend_is_replaced() {
     let rec = Recorder::start(Script::default()).await;
     let mb = Middlebox::start(rec.addr.clone()).await;
-    let proxy = Proxy::to_backend(&mb.addr, "").await;
-    let mut c = Raw::greeted(proxy.addr).await;
-    ehlo(&mut c).await;
+    let (proxy, mut c) = front(&mb.addr, "").await;
     deliver_clean(&mut c, "pool-one").await;
     expect(&c.cmd("QUIT").await, 221, "2.0.0");
     assert!(c.closed(Duration::from_secs(2)).await);
@@ -970,9 +959,7 @@ async fn pooled_connection_silently_dead_is_replaced() {
         }])
         .await;
         let mb = Middlebox::start(rec.addr.clone()).await;
-        let proxy = Proxy::to_backend(&mb.addr, "[timeouts]\nbackend_command = 1.0").await;
-        let mut c = Raw::greeted(proxy.addr).await;
-        ehlo(&mut c).await;
+        let (proxy, mut c) = front(&mb.addr, "[timeouts]\nbackend_command = 1.0").await;
         deliver_clean(&mut c, "stall-one").await;
         assert_eq!(
             proxy.backends.idle_counts(),
@@ -1058,15 +1045,12 @@ async fn pooled_connection_refusing_rset_is_replaced() {
     ] {
         let ctx = format!("{refusal}, no_pipelining={no_pipelining}");
         // Every connection refuses RSET; only a reused one is sent one.
-        let rec = SeqRecorder::start(vec![Script {
+        let scripts = vec![Script {
             rset: Some(Act::Reply(refusal.into())),
             no_pipelining,
             ..Script::default()
-        }])
-        .await;
-        let proxy = Proxy::to_backend(&rec.addr, "").await;
-        let mut c = Raw::greeted(proxy.addr).await;
-        ehlo(&mut c).await;
+        }];
+        let (rec, proxy, mut c) = scripted_seq("", scripts).await;
         expect(
             &c.cmd("MAIL FROM:<abandoned@client.test>").await,
             250,
@@ -1149,9 +1133,7 @@ async fn dedicated_xclient_connection_refusing_rset_gives_451() {
 async fn pooled_connection_to_restarted_sink_is_replaced() {
     let Some(sink) = Sink::start(&[]) else { return };
     let addr = sink.addr.clone();
-    let proxy = Proxy::to_backend(&addr, "").await;
-    let mut c = Raw::greeted(proxy.addr).await;
-    ehlo(&mut c).await;
+    let (proxy, mut c) = front(&addr, "").await;
     deliver_clean(&mut c, "before-restart").await;
     let first = sink.wait_messages(1, Duration::from_secs(5));
     assert_eq!(first.len(), 1);
@@ -1238,10 +1220,7 @@ async fn smuggling_rejected_by_default() {
     for (name, v) in VECTORS {
         for split in [false, true] {
             let ctx = format!("{name} split={split}");
-            let rec = Recorder::start(Script::default()).await;
-            let proxy = Proxy::to_backend(&rec.addr, "").await;
-            let mut c = Raw::greeted(proxy.addr).await;
-            ehlo(&mut c).await;
+            let (rec, _proxy, mut c) = scripted("", Script::default()).await;
             begin(&mut c, "smuggler").await;
             send_smuggle(&mut c, v, split).await;
             let r = c.reply().await;
@@ -1504,10 +1483,7 @@ async fn require_tls_refuses_mail_before_starttls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlong_command_line_refused_session_continues() {
-    let rec = Recorder::start(Script::default()).await;
-    let proxy = Proxy::to_backend(&rec.addr, "").await;
-    let mut c = Raw::greeted(proxy.addr).await;
-    ehlo(&mut c).await;
+    let (rec, _proxy, mut c) = scripted("", Script::default()).await;
     // 600 octets with CRLF.
     let mut line = b"MAIL FROM:<".to_vec();
     line.resize(600 - 3, b'a');
@@ -1530,10 +1506,7 @@ async fn overlong_command_line_refused_session_continues() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endless_line_refused_once() {
-    let rec = Recorder::start(Script::default()).await;
-    let proxy = Proxy::to_backend(&rec.addr, "").await;
-    let mut c = Raw::greeted(proxy.addr).await;
-    ehlo(&mut c).await;
+    let (rec, _proxy, mut c) = scripted("", Script::default()).await;
     let blob = vec![b'A'; 100 * 1024];
     for chunk in blob.chunks(8192) {
         c.send(chunk).await;
@@ -1679,10 +1652,8 @@ async fn size_parameter_over_limit_refused_at_mail() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn body_over_limit_refused_after_dot() {
-    let rec = Recorder::start(Script::default()).await;
-    let proxy = Proxy::to_backend(&rec.addr, "[limits]\nmax_message_size = 10000").await;
-    let mut c = Raw::greeted(proxy.addr).await;
-    ehlo(&mut c).await;
+    let (rec, _proxy, mut c) =
+        scripted("[limits]\nmax_message_size = 10000", Script::default()).await;
     begin(&mut c, "big").await;
     let mut body = Vec::with_capacity(20_003);
     for i in 0..200 {
@@ -1713,10 +1684,7 @@ async fn body_over_limit_refused_after_dot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_many_recipients() {
-    let rec = Recorder::start(Script::default()).await;
-    let proxy = Proxy::to_backend(&rec.addr, "[limits]\nmax_recipients = 3").await;
-    let mut c = Raw::greeted(proxy.addr).await;
-    ehlo(&mut c).await;
+    let (rec, _proxy, mut c) = scripted("[limits]\nmax_recipients = 3", Script::default()).await;
     expect(&c.cmd("MAIL FROM:<a@client.test>").await, 250, "2.1.0");
     for i in 0..3 {
         expect(
@@ -1739,10 +1707,7 @@ async fn too_many_recipients() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_data_line_refused() {
-    let rec = Recorder::start(Script::default()).await;
-    let proxy = Proxy::to_backend(&rec.addr, "").await;
-    let mut c = Raw::greeted(proxy.addr).await;
-    ehlo(&mut c).await;
+    let (rec, _proxy, mut c) = scripted("", Script::default()).await;
     // 1000 octets with CRLF: allowed.
     let mut ok = b"Subject: limit\r\n\r\n".to_vec();
     ok.extend_from_slice(&[b'k'; 998]);
@@ -1856,10 +1821,8 @@ async fn idle_client_times_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_stalling_mid_data_times_out() {
-    let rec = SeqRecorder::start(vec![Script::default()]).await;
-    let proxy = Proxy::to_backend(&rec.addr, "[timeouts]\ndata_block = 1.0").await;
-    let mut c = Raw::greeted(proxy.addr).await;
-    ehlo(&mut c).await;
+    let (rec, proxy, mut c) =
+        scripted_seq("[timeouts]\ndata_block = 1.0", vec![Script::default()]).await;
     begin(&mut c, "staller").await;
     c.send(b"Subject: stalled\r\n\r\nfirst part of the body\r\n")
         .await;
@@ -2056,10 +2019,7 @@ async fn backend_garbage_reply_gives_451() {
                 ..Script::default()
             }
         };
-        let rec = Recorder::start(script).await;
-        let proxy = Proxy::to_backend(&rec.addr, "").await;
-        let mut c = Raw::greeted(proxy.addr).await;
-        ehlo(&mut c).await;
+        let (_rec, proxy, mut c) = scripted("", script).await;
         if stage == "MAIL" {
             let r = c.cmd("MAIL FROM:<a@client.test>").await;
             expect_backend_lost(&r);
@@ -2081,14 +2041,11 @@ async fn backend_garbage_reply_gives_451() {
 /// still deciding: answered in order after the final reply.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_pipelined_after_end_of_data() {
-    let rec = Recorder::start(Script {
+    let script = Script {
         dot: Some(Act::Delay(Duration::from_millis(300))),
         ..Script::default()
-    })
-    .await;
-    let proxy = Proxy::to_backend(&rec.addr, "").await;
-    let mut c = Raw::greeted(proxy.addr).await;
-    ehlo(&mut c).await;
+    };
+    let (rec, _proxy, mut c) = scripted("", script).await;
     begin(&mut c, "pipelined").await;
     let mut data = clean_body("pipelined");
     data.extend_from_slice(
@@ -2184,10 +2141,7 @@ async fn smuggling_at_data_start_and_dot_lines() {
         let mut wire = data.to_vec();
         wire.extend_from_slice(b"\r\n.\r\n");
         // Reject mode.
-        let rec = Recorder::start(Script::default()).await;
-        let proxy = Proxy::to_backend(&rec.addr, "").await;
-        let mut c = Raw::greeted(proxy.addr).await;
-        ehlo(&mut c).await;
+        let (rec, proxy, mut c) = scripted("", Script::default()).await;
         begin(&mut c, "start").await;
         c.send(&wire).await;
         expect(&c.reply().await, 550, "5.5.2");
@@ -2208,10 +2162,11 @@ async fn smuggling_at_data_start_and_dot_lines() {
         );
         drop(proxy);
         // Normalize mode.
-        let rec = Recorder::start(Script::default()).await;
-        let proxy = Proxy::to_backend(&rec.addr, "[smtp]\nbare_line_endings = \"normalize\"").await;
-        let mut c = Raw::greeted(proxy.addr).await;
-        ehlo(&mut c).await;
+        let (rec, _proxy, mut c) = scripted(
+            "[smtp]\nbare_line_endings = \"normalize\"",
+            Script::default(),
+        )
+        .await;
         begin(&mut c, "start").await;
         c.send(&wire).await;
         expect(&c.reply().await, 250, "2.0.0");
@@ -2238,7 +2193,7 @@ async fn smuggling_at_data_start_and_dot_lines() {
 /// commands are pipelined together.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_errors_keep_reply_order() {
-    let rec = Recorder::start(Script {
+    let script = Script {
         rcpt_for: vec![(
             "bad@backend.test".into(),
             Act::Reply(
@@ -2246,11 +2201,8 @@ async fn pipelined_errors_keep_reply_order() {
             ),
         )],
         ..Script::default()
-    })
-    .await;
-    let proxy = Proxy::to_backend(&rec.addr, "").await;
-    let mut c = Raw::greeted(proxy.addr).await;
-    ehlo(&mut c).await;
+    };
+    let (rec, _proxy, mut c) = scripted("", script).await;
     let mut batch = b"MAIL FROM:<a@client.test>\r\nRCPT TO:<good@backend.test>\r\nFOOBAR\r\nRCPT TO:<bad@backend.test>\r\n".to_vec();
     let mut long = b"RCPT TO:<".to_vec();
     long.resize(597, b'l');
@@ -2290,10 +2242,7 @@ async fn pipelined_errors_keep_reply_order() {
 /// a CR-as-line-end reader would see a second, injected command.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bare_cr_in_commands_never_relayed() {
-    let rec = Recorder::start(Script::default()).await;
-    let proxy = Proxy::to_backend(&rec.addr, "").await;
-    let mut c = Raw::greeted(proxy.addr).await;
-    ehlo(&mut c).await;
+    let (rec, _proxy, mut c) = scripted("", Script::default()).await;
     let lines: [&[u8]; 4] = [
         b"MAIL FROM:<a@client.test>\rRCPT TO:<victim@y>\r\n",
         b"MAIL FROM:<a\rRCPT TO:<victim@y>@client.test>\r\n",
@@ -2425,9 +2374,7 @@ async fn fragmented_message_arrives_intact() {
     for mode in ["reject", "normalize"] {
         let rec = Recorder::start(Script::default()).await;
         let extra = format!("[smtp]\nbare_line_endings = \"{mode}\"");
-        let proxy = Proxy::to_backend(&rec.addr, &extra).await;
-        let mut c = Raw::greeted(proxy.addr).await;
-        ehlo(&mut c).await;
+        let (_proxy, mut c) = front(&rec.addr, &extra).await;
         let mut rng = Rng(0x5151_7777_0000_0001 ^ mode.len() as u64);
         for round in 0..3 {
             begin(&mut c, &format!("frag{round}")).await;
@@ -2460,14 +2407,11 @@ async fn fragmented_message_arrives_intact() {
 /// connection (now inside DATA) is dropped and nothing is delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_354_with_no_recipient_is_refused() {
-    let rec = Recorder::start(Script {
+    let script = Script {
         rcpt: Some(Act::Reply("550 5.1.1 no such user".into())),
         ..Script::default()
-    })
-    .await;
-    let proxy = Proxy::to_backend(&rec.addr, "").await;
-    let mut c = Raw::greeted(proxy.addr).await;
-    ehlo(&mut c).await;
+    };
+    let (rec, proxy, mut c) = scripted("", script).await;
     c.send(b"MAIL FROM:<a@client.test>\r\nRCPT TO:<b@backend.test>\r\nDATA\r\n")
         .await;
     expect(&c.reply().await, 250, "2.1.0");
