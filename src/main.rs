@@ -158,8 +158,9 @@ fn main() -> ExitCode {
         if cli.config.is_none() {
             tracing::info!("no --config given: running the embedded default (127.0.0.1:2525, STARTTLS, Maildir ./var/mail)");
         }
-        // Before the listeners exist: SIGHUP's default action would end
-        // the process.
+        // Before the listeners exist: the default action of SIGHUP, SIGTERM
+        // and SIGINT would end the process, cutting off a client already
+        // accepted, where a stop must be graceful.
         let hup = match signal(SignalKind::hangup()) {
             Ok(s) => Some(s),
             Err(e) => {
@@ -167,6 +168,7 @@ fn main() -> ExitCode {
                 None
             }
         };
+        let stop = shutdown_signal();
         let mut server = match Server::bind(cfg).await {
             Ok(s) => s,
             Err(e) => {
@@ -181,7 +183,7 @@ fn main() -> ExitCode {
         if let Some(hup) = hup {
             tokio::spawn(reload_on_sighup(hup, cli.config, server.reload_handle()));
         }
-        server.serve(shutdown_signal()).await;
+        server.serve(stop).await;
         // Flush the spans still queued; the exporters block.
         let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
         ExitCode::SUCCESS
@@ -238,13 +240,32 @@ fn reload(path: &Path, reloader: &Reloader) -> Result<(), String> {
     }
 }
 
-async fn shutdown_signal() {
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
+/// Resolves at the first SIGTERM or SIGINT. Both are handled from this
+/// call on (not from the first poll), so that one arriving while the
+/// server starts is a graceful stop. One that cannot be handled keeps its
+/// default action (logged).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    let handle = |kind: SignalKind, name: &str| match signal(kind) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("cannot handle {name} (it ends the process at once): {e}");
+            None
+        }
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    let term = handle(SignalKind::terminate(), "SIGTERM");
+    let int = handle(SignalKind::interrupt(), "SIGINT");
+    async move {
+        let recv = |s: Option<Signal>| async move {
+            match s {
+                Some(mut s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = recv(term) => {}
+            _ = recv(int) => {}
+        }
     }
 }

@@ -371,3 +371,62 @@ async fn runs_on_a_current_thread_runtime() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A SIGTERM that comes as soon as the listener answers is a graceful stop
+/// (exit 0), never the signal's default action: the handlers are in place
+/// before any socket is bound. Ten starts, the signal sent the moment a
+/// connect succeeds.
+#[test]
+fn sigterm_right_after_the_listener_answers_is_a_graceful_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    for round in 0..10 {
+        let port = free_port();
+        let cfg = dir.path().join(format!("edge{round}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "hostname = \"edge.test\"\n[[listener]]\naddress = \"127.0.0.1:{port}\"\n\
+                 [[backend]]\nmaildir = \"{}\"\n",
+                dir.path().join("mail").display()
+            ),
+        )
+        .unwrap();
+        let log = dir.path().join(format!("edge{round}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(&cfg)
+            .stdin(std::process::Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("spawn smtp-edge");
+        let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+        let end = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!("smtp-edge exited early: {st}\n{}", log_text());
+            }
+            assert!(Instant::now() < end, "not listening:\n{}", log_text());
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        // SAFETY: kill has no memory preconditions; the pid is our child's.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > end {
+                let _ = child.kill();
+                panic!("round {round}: no stop on SIGTERM:\n{}", log_text());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "round {round}: {status} after a SIGTERM at the first connect\n{}",
+            log_text()
+        );
+    }
+}
