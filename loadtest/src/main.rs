@@ -78,19 +78,25 @@ fn print_report<T: serde::Serialize>(json: bool, r: &T, table: impl FnOnce() -> 
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn interrupted() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
+/// Resolves on SIGINT or SIGTERM, both handled from this call on (not
+/// from the first poll): call it before saying "listening", so that a
+/// signal right after that line ends the command as it should rather than
+/// by the signal's default action.
+fn interrupted() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let [term, int] = [SignalKind::terminate(), SignalKind::interrupt()].map(|k| signal(k).ok());
+    async move {
+        let wait = |s: Option<tokio::signal::unix::Signal>| async move {
+            if let Some(mut s) = s {
                 s.recv().await;
+            } else {
+                std::future::pending::<()>().await;
             }
-            Err(_) => std::future::pending().await,
+        };
+        tokio::select! {
+            _ = wait(term) => {}
+            _ = wait(int) => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
     }
 }
 
@@ -102,8 +108,9 @@ async fn run(a: RunArgs) -> ExitCode {
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
     let quiet = a.quiet;
+    let interrupt = interrupted();
     tokio::spawn(async move {
-        interrupted().await;
+        interrupt.await;
         if !quiet {
             eprintln!("smtp-load: interrupted, finishing the messages in progress");
         }
@@ -142,11 +149,12 @@ async fn sink(a: SinkArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot listen on {}: {e}", a.listen)),
     };
+    let interrupt = interrupted();
     if !a.quiet {
         eprintln!("smtp-load sink: listening on {}", server.local_addr());
     }
     tokio::select! {
-        _ = interrupted() => {}
+        _ = interrupt => {}
         _ = server.reached() => {
             // Let the last replies and QUITs go out.
             server.drain(Duration::from_secs(2)).await;
@@ -199,6 +207,7 @@ async fn otlp_sink(a: OtlpSinkArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot listen on {}: {e}", a.listen)),
     };
+    let interrupt = interrupted();
     if !a.quiet {
         eprintln!(
             "smtp-load otlp-sink: listening on {} (OTLP/{})",
@@ -206,7 +215,7 @@ async fn otlp_sink(a: OtlpSinkArgs) -> ExitCode {
             a.protocol().name()
         );
     }
-    interrupted().await;
+    interrupt.await;
     server.stop();
     let r = server.report();
     print_report(a.json, &r, || r.to_table());
@@ -230,13 +239,14 @@ fn copy(a: CopyArgs) -> ExitCode {
         Err(e) => return fail(format!("cannot start the runtime: {e}")),
     };
     rt.block_on(async {
+        let interrupt = interrupted();
         let listener = match tokio::net::TcpListener::bind(listen).await {
             Ok(l) => l,
             Err(e) => return fail(format!("cannot listen on {}: {e}", a.listen)),
         };
         tokio::select! {
             _ = smtp_load::copy::copy(listener, target) => {}
-            _ = interrupted() => {}
+            _ = interrupt => {}
         }
         ExitCode::SUCCESS
     })

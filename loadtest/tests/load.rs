@@ -846,12 +846,18 @@ async fn otlp_sink_binary_prints_the_count_on_sigterm() {
     let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
         .await
         .unwrap();
-    assert!(out.status.success());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    assert!(
+        out.status.success(),
+        "{:?}, stdout {:?}, stderr {rest:?}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["tool"], "smtp-load-otlp-sink");
     assert_eq!(v["spans"], 2);
     assert_eq!(v["exports"], 1);
     assert_eq!(v["spans_by_name"]["smtp.session"], 1);
     assert!(v["cpu_s"].as_f64().is_some());
-    drop(stderr);
 }
