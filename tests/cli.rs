@@ -6,7 +6,7 @@ use common::*;
 
 use std::path::Path;
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_smtp-edge");
 
@@ -273,24 +273,7 @@ async fn runs_embedded_default_without_config_and_stops_on_sigterm() {
     );
     assert!(msgs[0].contains("Subject: default config"), "{}", msgs[0]);
 
-    let pid = proc.0.id().to_string();
-    let st = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("run kill");
-    assert!(st.success(), "kill -TERM {pid} failed");
-    let end = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(st) = proc.0.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            Instant::now() < end,
-            "smtp-edge did not stop on SIGTERM:\n{}",
-            log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = proc.terminated(Duration::from_secs(10), &log_path).await;
     assert_eq!(
         status.code(),
         Some(0),
@@ -361,23 +344,16 @@ async fn runs_on_a_current_thread_runtime() {
     // thread (and none of a worker pool: on 2 cores a multi-thread runtime
     // would add 2).
     assert!(threads <= 3, "{threads} threads");
-    Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    let end = Instant::now() + Duration::from_secs(10);
-    while proc.0.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < end, "no stop on SIGTERM");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    proc.terminated(Duration::from_secs(10), &dir.path().join("edge.log"))
+        .await;
 }
 
 /// A SIGTERM that comes as soon as the listener answers is a graceful stop
 /// (exit 0), never the signal's default action: the handlers are in place
 /// before any socket is bound. Ten starts, the signal sent the moment a
 /// connect succeeds.
-#[test]
-fn sigterm_right_after_the_listener_answers_is_a_graceful_stop() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_right_after_the_listener_answers_is_a_graceful_stop() {
     let dir = tempfile::tempdir().unwrap();
     for round in 0..10 {
         let port = free_port();
@@ -392,41 +368,15 @@ fn sigterm_right_after_the_listener_answers_is_a_graceful_stop() {
         )
         .unwrap();
         let log = dir.path().join(format!("edge{round}.log"));
-        let file = std::fs::File::create(&log).unwrap();
-        let mut child = Command::new(BIN)
-            .arg("--config")
-            .arg(&cfg)
-            .stdin(std::process::Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .expect("spawn smtp-edge");
-        let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
-        let end = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(st) = child.try_wait().unwrap() {
-                panic!("smtp-edge exited early: {st}\n{}", log_text());
-            }
-            assert!(Instant::now() < end, "not listening:\n{}", log_text());
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        // SAFETY: kill has no memory preconditions; the pid is our child's.
-        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-        let status = loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                break st;
-            }
-            if Instant::now() > end {
-                let _ = child.kill();
-                panic!("round {round}: no stop on SIGTERM:\n{}", log_text());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let addr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut proc =
+            Running::listening(Command::new(BIN).arg("--config").arg(&cfg), &log, addr).await;
+        let status = proc.terminated(Duration::from_secs(10), &log).await;
         assert_eq!(
             status.code(),
             Some(0),
             "round {round}: {status} after a SIGTERM at the first connect\n{}",
-            log_text()
+            std::fs::read_to_string(&log).unwrap_or_default()
         );
     }
 }

@@ -201,18 +201,7 @@ log_format = "{format}"
     assert_eq!(c.cmd("EHLO mail.example.org").await.code, 250);
     assert_eq!(c.cmd("QUIT").await.code, 221);
 
-    let pid = proc.0.id().to_string();
-    let st = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(st.success(), "kill -TERM {pid}");
-    let end = Instant::now() + Duration::from_secs(10);
-    while proc.0.try_wait().unwrap().is_none() {
-        assert!(
-            Instant::now() < end,
-            "no exit after SIGTERM:\n{}",
-            log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    proc.terminated(Duration::from_secs(10), &log).await;
     log_text()
 }
 

@@ -11,7 +11,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use lettre::message::Mailbox;
@@ -206,22 +206,7 @@ async fn the_binary_runs_a_thread_per_core_and_stops_on_sigterm() {
         .collect();
     names.sort();
     assert_eq!(names, ["edge-core-0", "edge-core-1"]);
-    Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    let end = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(st) = proc.0.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            Instant::now() < end,
-            "no stop on SIGTERM:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = proc.terminated(Duration::from_secs(15), &log).await;
     assert!(
         status.success(),
         "{status}\n{}",

@@ -265,14 +265,6 @@ async fn sighup_reloads_the_binary_and_keeps_it_on_errors() {
     assert_eq!(a.cmd("QUIT").await.code, 221);
     assert_eq!(delivered(dir.path()), 1);
 
-    signal(&proc.0, "-TERM");
-    let end = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(st) = proc.0.try_wait().unwrap() {
-            break st;
-        }
-        assert!(Instant::now() < end, "no stop on SIGTERM:\n{}", log_text());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = proc.terminated(Duration::from_secs(10), &log_path).await;
     assert_eq!(status.code(), Some(0), "{status}\n{}", log_text());
 }

@@ -854,9 +854,31 @@ impl Running {
                 "smtp-edge is not listening on {addr}:\n{}",
                 log_text()
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // Soon after it listens: a test may act at its first moment
+            // (tests/cli.rs sends SIGTERM then).
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
         proc
+    }
+
+    /// Sends it SIGTERM and returns its exit status once it ends; panics
+    /// with the log `log` when it still runs `within` later.
+    pub async fn terminated(&mut self, within: Duration, log: &Path) -> std::process::ExitStatus {
+        // SAFETY: kill has no memory preconditions; the pid is our child's.
+        let sent = unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        assert_eq!(sent, 0, "kill -TERM {}", self.0.id());
+        let end = Instant::now() + within;
+        loop {
+            if let Some(st) = self.0.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                Instant::now() < end,
+                "smtp-edge still runs {within:?} after SIGTERM:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The built smtp-edge on the config file `config` at `RUST_LOG =
