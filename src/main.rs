@@ -161,13 +161,7 @@ fn main() -> ExitCode {
         // Before the listeners exist: the default action of SIGHUP, SIGTERM
         // and SIGINT would end the process, cutting off a client already
         // accepted, where a stop must be graceful.
-        let hup = match signal(SignalKind::hangup()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!("cannot handle SIGHUP (no policy reload): {e}");
-                None
-            }
-        };
+        let hup = handled(SignalKind::hangup(), "SIGHUP (no policy reload)");
         let stop = shutdown_signal();
         let mut server = match Server::bind(cfg).await {
             Ok(s) => s,
@@ -240,20 +234,27 @@ fn reload(path: &Path, reloader: &Reloader) -> Result<(), String> {
     }
 }
 
+/// The signal `kind` handled from now on; None, logged as "cannot handle
+/// `what`", when it cannot be.
+fn handled(kind: SignalKind, what: &str) -> Option<Signal> {
+    signal(kind)
+        .map_err(|e| tracing::warn!("cannot handle {what}: {e}"))
+        .ok()
+}
+
 /// Resolves at the first SIGTERM or SIGINT. Both are handled from this
 /// call on (not from the first poll), so that one arriving while the
 /// server starts is a graceful stop. One that cannot be handled keeps its
 /// default action (logged).
 fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    let handle = |kind: SignalKind, name: &str| match signal(kind) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!("cannot handle {name} (it ends the process at once): {e}");
-            None
-        }
-    };
-    let term = handle(SignalKind::terminate(), "SIGTERM");
-    let int = handle(SignalKind::interrupt(), "SIGINT");
+    let term = handled(
+        SignalKind::terminate(),
+        "SIGTERM (it ends the process at once)",
+    );
+    let int = handled(
+        SignalKind::interrupt(),
+        "SIGINT (it ends the process at once)",
+    );
     async move {
         let recv = |s: Option<Signal>| async move {
             match s {
