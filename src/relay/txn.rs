@@ -403,12 +403,10 @@ impl Txn {
         let Some(c) = conn.as_mut() else {
             return false;
         };
-        if !replay.is_empty() {
-            replay.extend_from_slice(&wbuf[..upto]);
-        }
         let all = if replay.is_empty() {
             &wbuf[..upto]
         } else {
+            replay.extend_from_slice(&wbuf[..upto]);
             &replay[..]
         };
         let sent = if after_rset {
